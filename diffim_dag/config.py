@@ -1,0 +1,334 @@
+"""Pipeline configuration: one frozen, keyword-only dataclass per stage, loaded from YAML.
+
+A pipeline YAML file maps 1:1 onto :class:`PipelineConfig`::
+
+    method: al
+    kernel:
+      spatial_kernel_order: 1
+    subtract:
+      mode: auto
+
+Overrides use dotted keys (``-c kernel.spatial_kernel_order=2``); values are
+parsed as YAML scalars.  An unknown key is a :class:`~diffim_dag.errors.ConfigError`
+naming it and the nearest valid key.  Defaults are LSST's effective production
+defaults (``ip_diffim``) where LSST has one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+from .masks import DEFAULT_MASK_PLANES
+
+__all__ = [
+    "KernelSourceConfig",
+    "KernelConfig",
+    "SubtractConfig",
+    "DecorrelationConfig",
+    "DetectionConfig",
+    "ClusterConfig",
+    "PipelineConfig",
+    "load_config",
+    "config_to_dict",
+    "apply_overrides",
+]
+
+METHODS = ("al", "al-preconvolve", "zogy")
+MODES = ("auto", "convolveTemplate", "convolveScience")
+BASES = ("alard-lupton", "delta-function")
+
+
+def _check(cond: bool, cls: str, name: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{cls}.{name}: {message}")
+
+
+def _check_planes(cls: str, name: str, planes) -> None:
+    for p in planes:
+        if p not in DEFAULT_MASK_PLANES:
+            close = difflib.get_close_matches(p, list(DEFAULT_MASK_PLANES), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{cls}.{name}: unknown mask plane {p!r}{hint}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class KernelSourceConfig:
+    """Selection of the stars that constrain the PSF-matching kernel."""
+
+    detection_threshold: float = 10.0  # σ, on the science image smoothed with its PSF
+    min_snr: float = 10.0  # PSF-flux S/N
+    max_snr: float = 500.0
+    max_sources: int = 1000
+    isolation_factor: float = 1.0  # no other detection within isolation_factor × stamp half-size
+    max_size_ratio: float = 1.5  # point-like: footprint second moments ≤ this × PSF moments
+    bad_mask_planes: tuple[str, ...] = ("NO_DATA", "BAD", "SAT", "EDGE", "HIGH_VARIANCE")
+
+    def __post_init__(self):
+        n = type(self).__name__
+        _check(self.detection_threshold > 0, n, "detection_threshold", "must be > 0")
+        _check(0 < self.min_snr < self.max_snr, n, "min_snr", "must satisfy 0 < min_snr < max_snr")
+        _check(self.max_sources >= 3, n, "max_sources", "must be ≥ 3")
+        _check(self.isolation_factor >= 0, n, "isolation_factor", "must be ≥ 0")
+        _check(self.max_size_ratio >= 1, n, "max_size_ratio", "must be ≥ 1")
+        _check_planes(n, "bad_mask_planes", self.bad_mask_planes)
+
+
+@dataclass(frozen=True, kw_only=True)
+class KernelConfig:
+    """Alard–Lupton kernel basis, per-cell candidate fits and spatial solve."""
+
+    basis: str = "alard-lupton"
+    gaussian_degrees: tuple[int, ...] = (4, 2, 2)
+    width_multipliers: tuple[float, ...] = (1.0, 2.0, 4.0)
+    min_sigma: float = 0.7  # s = max(min_sigma, σ_K / 2)
+    sigma_floor: float = 0.4  # σ_K floor when the convolved image is the sharper one
+    kernel_size_factor: float = 6.0  # size = odd(factor × largest Gaussian width)
+    min_kernel_size: int = 21
+    max_kernel_size: int = 35
+    regularization_lambda: float = 0.2  # delta-function basis only
+    cell_size: int = 128
+    candidates_per_cell: int = 5
+    max_residual_mean: float = 0.25  # |mean(D/σ)| over the stamp
+    max_residual_std: float = 1.5  # std(D/σ) over the stamp
+    kernel_sum_clip_nsigma: float = 3.0
+    spatial_kernel_order: int = 1
+    spatial_background_order: int = 2
+    fit_background: bool = True
+    max_spatial_iterations: int = 3
+
+    def __post_init__(self):
+        n = type(self).__name__
+        _check(self.basis in BASES, n, "basis", f"must be one of {BASES}, got {self.basis!r}")
+        _check(len(self.gaussian_degrees) == len(self.width_multipliers) >= 1, n, "gaussian_degrees",
+               "needs one degree per width multiplier")
+        _check(all(d >= 0 for d in self.gaussian_degrees), n, "gaussian_degrees", "degrees must be ≥ 0")
+        _check(self.min_sigma > 0 and self.sigma_floor > 0, n, "min_sigma", "widths must be > 0")
+        _check(self.min_kernel_size % 2 == 1 and self.max_kernel_size % 2 == 1, n, "min_kernel_size",
+               "kernel sizes must be odd")
+        _check(3 <= self.min_kernel_size <= self.max_kernel_size, n, "max_kernel_size", "must be ≥ min_kernel_size ≥ 3")
+        _check(self.regularization_lambda >= 0, n, "regularization_lambda", "must be ≥ 0")
+        _check(self.cell_size >= 16, n, "cell_size", "must be ≥ 16 px")
+        _check(self.candidates_per_cell >= 1, n, "candidates_per_cell", "must be ≥ 1")
+        _check(self.max_residual_mean > 0 and self.max_residual_std > 0, n, "max_residual_std", "must be > 0")
+        _check(self.kernel_sum_clip_nsigma > 0, n, "kernel_sum_clip_nsigma", "must be > 0")
+        _check(0 <= self.spatial_kernel_order <= 4, n, "spatial_kernel_order", "must be in [0, 4]")
+        _check(0 <= self.spatial_background_order <= 4, n, "spatial_background_order", "must be in [0, 4]")
+        _check(self.max_spatial_iterations >= 1, n, "max_spatial_iterations", "must be ≥ 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SubtractConfig:
+    """Convolution and subtraction of one detector."""
+
+    mode: str = "auto"
+    subtract_background: bool = False  # subtract the fitted differential background
+    tile_size: int = 1024
+    min_template_coverage: float = 0.10
+    min_coverage_on_kernel_failure: float = 0.20
+    scale_variance: bool = True
+    max_variance_scale: float = 10.0
+    template_mask_planes_kept: tuple[str, ...] = ("NO_DATA", "BAD", "HIGH_VARIANCE")
+    bad_subtraction_ratio_mean: float = 0.2
+    bad_subtraction_ratio_std: float = 0.4
+
+    def __post_init__(self):
+        n = type(self).__name__
+        _check(self.mode in MODES, n, "mode", f"must be one of {MODES}, got {self.mode!r}")
+        _check(self.tile_size >= 64, n, "tile_size", "must be ≥ 64 px")
+        _check(0 <= self.min_template_coverage <= 1, n, "min_template_coverage", "must be in [0, 1]")
+        _check(0 <= self.min_coverage_on_kernel_failure <= 1, n, "min_coverage_on_kernel_failure", "must be in [0, 1]")
+        _check(self.max_variance_scale >= 1, n, "max_variance_scale", "must be ≥ 1")
+        _check_planes(n, "template_mask_planes_kept", self.template_mask_planes_kept)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecorrelationConfig:
+    """The decorrelation afterburner (Reiss & Lupton 2016)."""
+
+    enabled: bool = True
+    spatially_varying: bool = False
+    grid_cells: int = 4  # cells per axis for the spatially varying version
+
+    def __post_init__(self):
+        n = type(self).__name__
+        _check(self.grid_cells >= 1, n, "grid_cells", "must be ≥ 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DetectionConfig:
+    """Detection and measurement on the difference."""
+
+    threshold: float = 5.0
+    bad_peak_mask_planes: tuple[str, ...] = ("NO_DATA", "BAD", "SAT", "EDGE")
+    footprint_grow_sigma: float = 2.4
+    n_sky_sources: int = 100
+
+    def __post_init__(self):
+        n = type(self).__name__
+        _check(self.threshold > 0, n, "threshold", "must be > 0")
+        _check(self.n_sky_sources >= 0, n, "n_sky_sources", "must be ≥ 0")
+        _check_planes(n, "bad_peak_mask_planes", self.bad_peak_mask_planes)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterConfig:
+    """Where the graphs run."""
+
+    scheduler: str | None = None  # address of an existing scheduler; None → LocalCluster
+    n_workers: int | None = None  # LocalCluster workers (default: cores)
+    threads_per_worker: int = 1
+    memory_limit: str = "auto"
+
+    def __post_init__(self):
+        n = type(self).__name__
+        _check(self.n_workers is None or self.n_workers >= 1, n, "n_workers", "must be ≥ 1")
+        _check(self.threads_per_worker >= 1, n, "threads_per_worker", "must be ≥ 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineConfig:
+    """The whole pipeline: method plus one section per stage."""
+
+    method: str = "al"
+    sources: KernelSourceConfig = field(default_factory=KernelSourceConfig)
+    kernel: KernelConfig = field(default_factory=KernelConfig)
+    subtract: SubtractConfig = field(default_factory=SubtractConfig)
+    decorrelation: DecorrelationConfig = field(default_factory=DecorrelationConfig)
+    detection: DetectionConfig = field(default_factory=DetectionConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def __post_init__(self):
+        _check(self.method in METHODS, "PipelineConfig", "method", f"must be one of {METHODS}, got {self.method!r}")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _resolve_type(cls, name: str):
+    hints = typing.get_type_hints(cls)
+    return hints[name]
+
+
+def _coerce(value: Any, tp, where: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of fields, got {value!r}")
+        return _build(tp, value, where)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        return tuple(_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls, data: dict, where: str):
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean '{where + '.' if where else ''}{close[0]}'?" if close else f" (valid: {', '.join(names)})"
+            raise ConfigError(f"unknown config key '{where + '.' if where else ''}{key}'{hint}")
+        kwargs[key] = _coerce(value, _resolve_type(cls, key), f"{where + '.' if where else ''}{key}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{where + ': ' if where else ''}{exc}") from None
+
+
+def config_to_dict(config) -> dict:
+    """Plain nested dict (tuples as lists) of a config, for YAML/JSON output."""
+    def conv(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        return v
+
+    return conv(config)
+
+
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a nested dict."""
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for item in overrides or ():
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. kernel.spatial_kernel_order=2)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        parts = key.split(".")
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p!r} is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Load a pipeline YAML file (optional) and apply ``key=value`` overrides."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"{p}: pipeline file not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections")
+        data = {k: v for k, v in data.items() if k not in ("description",)}
+    data = apply_overrides(data, overrides)
+    return _build(PipelineConfig, data, "")

@@ -1,0 +1,411 @@
+"""FITS readers and writers.
+
+* LSST-layout multi-extension FITS: ``IMAGE``, ``MASK`` (plane names in ``MP_*``
+  keywords), ``VARIANCE``; WCS in the IMAGE header; origin in ``LTV1/LTV2``
+  (``= -xy0``) and the ``A`` (PHYSICAL) WCS, as ``lsst.afw`` writes them; the
+  PSF optionally in a ``PSF`` extension.
+* Plain single-image FITS (float or scaled integer) with optional separate
+  variance, inverse-variance weight or 1σ noise map, mask and PSF files.  With no
+  variance the plane is built from GAIN and RDNOISE/READNOIS plus the source
+  Poisson term, or from the measured sky noise (see :func:`diffim_dag.noise.build_variance`).
+
+Every problem is raised as :class:`~diffim_dag.errors.InputError` naming the file
+and the extension, keyword or plane at fault.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+
+from ..errors import InputError, PsfError
+from ..exposure import Exposure, ExposureInfo, PhotoCalib, validate_planes
+from ..masks import MASK_DTYPE, MaskPlanes, unknown_plane_message
+from ..noise import build_variance
+from ..psf import ImagePsf, Psf, psf_from_payload
+from .atomic import atomic_path
+from .wcs import wcs_from_header, wcs_to_header
+
+__all__ = [
+    "read_exposure",
+    "write_exposure",
+    "read_psf",
+    "read_image_hdu",
+    "open_fits",
+]
+
+log = logging.getLogger(__name__)
+
+GAIN_KEYS = ("GAIN", "EGAIN", "CCDGAIN")
+READ_NOISE_KEYS = ("RDNOISE", "READNOIS", "RON", "READNOISE")
+SATURATION_KEYS = ("SATURATE", "SATURATN", "SATLEVEL")
+ZERO_POINT_KEYS = ("MAGZERO", "MAGZP", "ZEROPT", "ZP", "MAGZPT")
+BAND_KEYS = ("BAND", "FILTER")
+VISIT_KEYS = ("VISIT", "EXPNUM", "EXPID")
+DETECTOR_KEYS = ("DETECTOR", "CCDNUM", "CHIPID")
+
+
+def open_fits(path: str | os.PathLike) -> fits.HDUList:
+    """Open a FITS file or raise an :class:`InputError` that names it."""
+    path = str(path)
+    if not os.path.exists(path):
+        raise InputError(f"{path}: no such file")
+    try:
+        hdul = fits.open(path, memmap=False, lazy_load_hdus=False)
+    except (OSError, ValueError, TypeError) as exc:
+        raise InputError(f"{path}: not a FITS file ({exc})") from None
+    if len(hdul) == 0:
+        raise InputError(f"{path}: not a FITS file (no HDU)")
+    return hdul
+
+
+def _native_float32(data, *, source: str) -> np.ndarray:
+    if data is None:
+        raise InputError(f"{source}: extension holds no data")
+    arr = np.asarray(data)
+    if arr.ndim != 2:
+        squeezed = np.squeeze(arr)
+        if squeezed.ndim != 2:
+            raise InputError(f"{source}: expected a 2-D image, got shape {arr.shape}")
+        arr = squeezed
+    if not np.issubdtype(arr.dtype, np.number):
+        raise InputError(f"{source}: data of type {arr.dtype} is not numeric")
+    return np.asarray(arr, dtype=np.float32).astype(np.float32, copy=False).view(np.float32).copy()
+
+
+def _first(header: fits.Header, keys, cast=float):
+    for key in keys:
+        if key in header and header[key] not in (None, ""):
+            value = header[key]
+            try:
+                return cast(value)
+            except (TypeError, ValueError):
+                continue
+    return None
+
+
+def _info_from_header(header: fits.Header, *, filename: str | None) -> ExposureInfo:
+    band = _first(header, BAND_KEYS, cast=str)
+    if band is not None:
+        band = band.split()[0] if band.strip() else None
+    zp = _first(header, ZERO_POINT_KEYS)
+    int_or_none = lambda v: int(v)  # noqa: E731
+    return ExposureInfo(
+        band=band,
+        visit=_first(header, VISIT_KEYS, cast=int_or_none),
+        detector=_first(header, DETECTOR_KEYS, cast=int_or_none),
+        gain=_first(header, GAIN_KEYS),
+        read_noise=_first(header, READ_NOISE_KEYS),
+        saturation=_first(header, SATURATION_KEYS),
+        exposure_time=_first(header, ("EXPTIME", "EXPOSURE")),
+        date_obs=_first(header, ("DATE-OBS", "DATE-BEG"), cast=str),
+        mjd_obs=_first(header, ("MJD-OBS", "MJD-BEG", "MJD-AVG")),
+        photo_calib=None if zp is None else PhotoCalib(zero_point=zp),
+        filename=filename,
+    )
+
+
+def _info_to_header(info: ExposureInfo, header: fits.Header) -> None:
+    cards = {
+        "BAND": (info.band, "band / filter"),
+        "VISIT": (info.visit, "visit id"),
+        "DETECTOR": (info.detector, "detector id"),
+        "GAIN": (info.gain, "[e-/count] gain"),
+        "RDNOISE": (info.read_noise, "[e-] read noise"),
+        "SATURATE": (info.saturation, "[count] saturation level"),
+        "EXPTIME": (info.exposure_time, "[s] exposure time"),
+        "DATE-OBS": (info.date_obs, "observation start (UTC)"),
+        "MJD-OBS": (info.mjd_obs, "observation start (MJD)"),
+        "MAGZERO": (None if info.photo_calib is None else info.photo_calib.zero_point, "AB mag of 1 count"),
+        "VARSRC": (info.variance_source, "how the variance plane was obtained"),
+    }
+    for key, (value, comment) in cards.items():
+        if value is not None:
+            header[key] = (value, comment)
+
+
+def _read_mask_planes(header: fits.Header, mask: np.ndarray, *, source: str) -> MaskPlanes:
+    planes = {}
+    for key, value in header.items():
+        if key.startswith("MP_"):
+            planes[key[3:]] = int(value)
+    if not planes:
+        planes = None
+    mp = MaskPlanes(planes)
+    used = int(np.bitwise_or.reduce(mask.ravel())) if mask.size else 0
+    declared = 0
+    for bit in mp.values():
+        declared |= 1 << bit
+    stray = used & ~declared
+    if stray:
+        bits = [b for b in range(32) if stray & (1 << b)]
+        raise InputError(f"{source}: MASK pixels use bit(s) {bits} that no MP_* keyword names")
+    return mp
+
+
+def _origin(header: fits.Header) -> tuple[int, int]:
+    if str(header.get("WCSNAMEA", "")).strip().upper() == "PHYSICAL" and "CRVAL1A" in header:
+        return int(round(header["CRVAL1A"])), int(round(header["CRVAL2A"]))
+    return int(round(-header.get("LTV1", 0))), int(round(-header.get("LTV2", 0)))
+
+
+def _read_psf_hdu(hdu, *, source: str) -> Psf:
+    meta_text = hdu.header.get("PSFMETA")
+    if meta_text is None:
+        return ImagePsf(_as_float64(hdu.data, source=source), source=source)
+    try:
+        meta = json.loads(meta_text)
+    except ValueError:
+        raise InputError(f"{source}: PSFMETA keyword is not valid JSON") from None
+    data = None if hdu.data is None else np.asarray(hdu.data, dtype=np.float64)
+    return psf_from_payload(meta, data, source=source)
+
+
+def _as_float64(data, *, source: str) -> np.ndarray:
+    if data is None:
+        raise PsfError(f"{source}: PSF extension holds no data")
+    return np.asarray(data, dtype=np.float64)
+
+
+def read_psf(path: str | os.PathLike, *, hdu: int | str | None = None) -> Psf:
+    """Read a PSF from a FITS file: a ``PSF`` extension written by diffim_dag, or a plain PSF image."""
+    path = str(path)
+    with open_fits(path) as hdul:
+        if hdu is None:
+            hdu = "PSF" if "PSF" in hdul else next((i for i, h in enumerate(hdul) if h.data is not None), None)
+            if hdu is None:
+                raise PsfError(f"{path}: no PSF image in any extension")
+        try:
+            h = hdul[hdu]
+        except (KeyError, IndexError):
+            raise PsfError(f"{path}: no extension {hdu!r}") from None
+        return _read_psf_hdu(h, source=f"{path}[{hdu}]")
+
+
+def read_image_hdu(path: str | os.PathLike, hdu: int | str | None = None) -> tuple[np.ndarray, fits.Header]:
+    """Read one 2-D image (native float32) and its header, merging the primary header for inheritance."""
+    path = str(path)
+    with open_fits(path) as hdul:
+        if hdu is None:
+            candidates = [i for i, h in enumerate(hdul) if h.data is not None and np.ndim(h.data) >= 2]
+            if not candidates:
+                raise InputError(f"{path}: no image data in any extension")
+            if len(candidates) > 1:
+                names = [hdul[i].name or str(i) for i in candidates]
+                raise InputError(
+                    f"{path}: has no IMAGE extension and several image HDUs ({', '.join(names)}); choose one (hdu=...)"
+                )
+            hdu = candidates[0]
+        try:
+            h = hdul[hdu]
+        except (KeyError, IndexError):
+            names = [x.name for x in hdul]
+            raise InputError(f"{path}: no extension {hdu!r} (extensions: {', '.join(names)})") from None
+        data = _native_float32(h.data, source=f"{path}[{hdu}]")
+        header = h.header.copy()
+        if h is not hdul[0]:
+            for key, value in hdul[0].header.items():
+                if key not in header and key not in ("SIMPLE", "BITPIX", "NAXIS", "EXTEND", "COMMENT", "HISTORY", ""):
+                    header[key] = value
+    return data, header
+
+
+def read_exposure(
+    path: str | os.PathLike,
+    *,
+    hdu: int | str | None = None,
+    variance: str | os.PathLike | None = None,
+    noise: str | os.PathLike | None = None,
+    weight: str | os.PathLike | None = None,
+    mask: str | os.PathLike | None = None,
+    mask_plane: str = "BAD",
+    psf: str | os.PathLike | Psf | None = None,
+    xy0: tuple[int, int] | None = None,
+) -> Exposure:
+    """Read an exposure from FITS.
+
+    Parameters
+    ----------
+    path : path
+        LSST-layout MEF (has an ``IMAGE`` extension) or a plain FITS image.
+    hdu : int or str, optional
+        The image HDU of a plain file with several images (e.g. ``"SCIENCE"`` of a ZTF alert).
+    variance, noise, weight : path, optional
+        A separate variance map, 1σ noise map or inverse-variance weight map (at most one).
+    mask : path, optional
+        A separate mask: integer bit planes with ``MP_*`` keywords, or any nonzero value → ``mask_plane``.
+    psf : path or Psf, optional
+        PSF model or PSF image file.
+    xy0 : (int, int), optional
+        Origin of a plain image in its parent frame (default (0, 0); IRAF LTV keywords are not trusted).
+    """
+    path = str(path)
+    given = [n for n, v in (("variance", variance), ("noise", noise), ("weight", weight)) if v is not None]
+    if len(given) > 1:
+        raise InputError(f"{path}: give at most one of variance, noise and weight maps (got {', '.join(given)})")
+    with open_fits(path) as hdul:
+        names = [h.name.upper() for h in hdul]
+        is_lsst = "IMAGE" in names and hdu is None
+        lsst_like = hdu is None and ("MASK" in names or "VARIANCE" in names)
+        if lsst_like and not is_lsst:
+            raise InputError(f"{path}: missing IMAGE extension (extensions: {', '.join(n or '(primary)' for n in names)})")
+    if is_lsst:
+        exposure = _read_lsst(path)
+    else:
+        exposure = _read_plain(path, hdu=hdu, xy0=xy0 or (0, 0))
+    exposure = _attach_aux(exposure, path, variance=variance, noise=noise, weight=weight, mask=mask, mask_plane=mask_plane)
+    if psf is not None:
+        p = psf if isinstance(psf, Psf) else read_psf(psf)
+        exposure = exposure.with_attrs(psf=p)
+    return exposure
+
+
+def _read_lsst(path: str) -> Exposure:
+    with open_fits(path) as hdul:
+        primary = hdul[0].header
+        img_hdu = hdul["IMAGE"]
+        image = _native_float32(img_hdu.data, source=f"{path}[IMAGE]")
+        header = img_hdu.header
+        xy0 = _origin(header)
+        if "MASK" not in hdul:
+            raise InputError(f"{path}: LSST-layout file has IMAGE but no MASK extension")
+        if "VARIANCE" not in hdul:
+            raise InputError(f"{path}: LSST-layout file has IMAGE but no VARIANCE extension")
+        mask_data = hdul["MASK"].data
+        if mask_data is None:
+            raise InputError(f"{path}[MASK]: extension holds no data")
+        mask_arr = np.asarray(mask_data)
+        if not np.issubdtype(mask_arr.dtype, np.integer):
+            raise InputError(f"{path}[MASK]: mask must hold integers, got {mask_arr.dtype}")
+        mask_arr = mask_arr.astype(MASK_DTYPE)
+        var = _native_float32(hdul["VARIANCE"].data, source=f"{path}[VARIANCE]")
+        validate_planes(image, var, mask_arr, source=path)
+        planes = _read_mask_planes(hdul["MASK"].header, mask_arr, source=f"{path}[MASK]")
+        wcs = wcs_from_header(header, xy0, source=f"{path}[IMAGE]")
+        psf = _read_psf_hdu(hdul["PSF"], source=f"{path}[PSF]") if "PSF" in hdul else None
+        merged = primary.copy()
+        merged.update(header)
+        info = _info_from_header(merged, filename=path)
+    return Exposure.from_arrays(
+        image, var, mask_arr, xy0=xy0, mask_planes=planes, wcs=wcs, psf=psf, info=info, source=path
+    )
+
+
+def _read_plain(path: str, *, hdu, xy0) -> Exposure:
+    image, header = read_image_hdu(path, hdu)
+    source = path if hdu is None else f"{path}[{hdu}]"
+    validate_planes(image, None, None, source=source)
+    info = _info_from_header(header, filename=path)
+    try:
+        wcs = wcs_from_header(header, xy0, source=source)
+    except InputError:
+        log.warning("%s: WCS keywords could not be parsed; continuing without a WCS", source)
+        wcs = None
+    planes = MaskPlanes()
+    mask = np.zeros(image.shape, dtype=MASK_DTYPE)
+    if info.saturation is not None:
+        mask[np.isfinite(image) & (image >= info.saturation)] |= planes.bitmask("SAT")
+    exp = Exposure.from_arrays(image, None, mask, xy0=xy0, mask_planes=planes, wcs=wcs, info=info, source=source)
+    return exp.with_info(variance_source=None)
+
+
+def _attach_aux(exposure: Exposure, path: str, *, variance, noise, weight, mask, mask_plane) -> Exposure:
+    img, var, msk = exposure.arrays()
+    planes = exposure.mask_planes
+    nodata = (msk & planes.bitmask("NO_DATA")) != 0
+    if mask is not None:
+        extra, extra_header = read_image_hdu(mask)
+        if extra.shape != img.shape:
+            raise InputError(f"{mask}: MASK has shape {extra.shape} but {path} IMAGE has shape {img.shape}")
+        mp = {k[3:]: int(v) for k, v in extra_header.items() if k.startswith("MP_")}
+        if mp:
+            planes = planes.merged(mp)
+            msk = msk | np.nan_to_num(extra).astype(MASK_DTYPE)
+        else:
+            if mask_plane not in planes:
+                raise InputError(f"{mask}: " + unknown_plane_message(mask_plane, planes))
+            msk = msk | np.where(np.nan_to_num(extra) != 0, planes.bitmask(mask_plane), 0).astype(MASK_DTYPE)
+    how = exposure.info.variance_source
+    if variance is not None or noise is not None or weight is not None:
+        aux_path = str(variance or noise or weight)
+        kind = "VARIANCE" if variance is not None else ("noise" if noise is not None else "weight")
+        aux, _ = read_image_hdu(aux_path)
+        if aux.shape != img.shape:
+            raise InputError(f"{aux_path}: {kind} map has shape {aux.shape} but {path} IMAGE has shape {img.shape}")
+        aux = aux.astype(np.float64)
+        if noise is not None:
+            aux = aux**2
+        elif weight is not None:
+            with np.errstate(divide="ignore"):
+                zero = aux <= 0
+                aux = np.where(zero, 0.0, 1.0 / np.where(zero, 1.0, aux))
+            msk = msk | np.where(zero & ~nodata, planes.bitmask("NO_DATA"), 0).astype(MASK_DTYPE)
+            nodata = nodata | zero
+        check = np.where(nodata, 0.0, aux)
+        validate_planes(np.where(nodata, np.nan, img) if not nodata.all() else img, check, None, source=f"{aux_path} ({kind} map)")
+        var = np.where(nodata, 0.0, aux).astype(np.float32)
+        how = f"{kind} map"
+    elif how is None:
+        bad = (msk & planes.bitmask(["NO_DATA", "BAD", "SAT"])) != 0
+        info = exposure.info
+        var, how = build_variance(img, gain=info.gain, read_noise=info.read_noise, bad=bad, source=path)
+        var = np.where(nodata, 0.0, var).astype(np.float32)
+    out = Exposure.from_arrays(
+        img, var, msk, xy0=exposure.xy0, mask_planes=planes, wcs=exposure.wcs, psf=exposure.psf,
+        info=exposure.info.replace(variance_source=how), source=path, validate=False,
+    )
+    return out
+
+
+def write_exposure(exposure: Exposure, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
+    """Write an LSST-layout MEF (IMAGE, MASK, VARIANCE[, PSF]) atomically."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise InputError(f"{path}: exists (overwrite=False)")
+    img, var, msk = exposure.arrays()
+    x0, y0 = exposure.xy0
+    primary = fits.PrimaryHDU()
+    _info_to_header(exposure.info, primary.header)
+    primary.header["ORIGIN"] = ("diffim_dag", "software that wrote this file")
+    img_header = fits.Header()
+    if exposure.wcs is not None:
+        img_header.extend(wcs_to_header(exposure.wcs, (x0, y0)), update=True)
+    img_header["LTV1"] = (-x0, "-x0: parent-frame origin (LSST convention)")
+    img_header["LTV2"] = (-y0, "-y0: parent-frame origin (LSST convention)")
+    img_header["CRPIX1A"] = 1.0
+    img_header["CRPIX2A"] = 1.0
+    img_header["CRVAL1A"] = float(x0)
+    img_header["CRVAL2A"] = float(y0)
+    img_header["CTYPE1A"] = "LINEAR"
+    img_header["CTYPE2A"] = "LINEAR"
+    img_header["CUNIT1A"] = "PIXEL"
+    img_header["CUNIT2A"] = "PIXEL"
+    img_header["WCSNAMEA"] = "PHYSICAL"
+    img_header["EXTTYPE"] = "IMAGE"
+    mask_header = fits.Header()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fits.verify.VerifyWarning)  # long names become HIERARCH cards
+        for name, bit in exposure.mask_planes.items():
+            mask_header[f"MP_{name}"] = bit
+    mask_header["EXTTYPE"] = "MASK"
+    hdus = [
+        primary,
+        fits.ImageHDU(np.asarray(img, dtype=np.float32), header=img_header, name="IMAGE"),
+        fits.ImageHDU(np.asarray(msk, dtype=np.int32), header=mask_header, name="MASK"),
+        fits.ImageHDU(np.asarray(var, dtype=np.float32), header=fits.Header([("EXTTYPE", "VARIANCE")]), name="VARIANCE"),
+    ]
+    if exposure.psf is not None:
+        meta, data = exposure.psf.to_payload()
+        psf_header = fits.Header()
+        psf_header["PSFMETA"] = json.dumps(meta, separators=(",", ":"))
+        hdus.append(fits.ImageHDU(data, header=psf_header, name="PSF"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fits.verify.VerifyWarning)
+        with atomic_path(path) as tmp:
+            fits.HDUList(hdus).writeto(tmp, overwrite=True, output_verify="silentfix")
+    return path
