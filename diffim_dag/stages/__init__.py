@@ -1,0 +1,1 @@
+"""Pipeline stages: each takes exposures and a frozen config and calls the pure kernels."""
