@@ -1,0 +1,196 @@
+"""``diffim-dag``: the command line.
+
+Subcommands
+-----------
+simulate   write a simulated science/template pair and its truth table
+subtract   subtract a template from a science exposure and write the output contract
+demo       simulate a pair and run every built stage on a LocalCluster
+info       say what a FITS/zarr file holds: planes, WCS, PSF, noise, saturation
+
+Common options: ``--pipeline FILE.yaml``, ``-c key=value`` (repeatable),
+``--scheduler ADDRESS``, ``--out DIR``, ``-v``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import DiffimError
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger("diffim_dag")
+
+
+def _common(p: argparse.ArgumentParser, *, out_default: str | None = None) -> None:
+    p.add_argument("--pipeline", metavar="FILE.yaml", help="pipeline definition (see pipelines/)")
+    p.add_argument("-c", "--config", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. -c kernel.spatial_kernel_order=2 (repeatable)")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="address of a running Dask scheduler (default: a LocalCluster)")
+    p.add_argument("--out", metavar="DIR", default=out_default, required=out_default is None, help="output folder")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+
+
+def _exposure_options(p: argparse.ArgumentParser, role: str) -> None:
+    pre = f"{role}-" if role else ""
+    who = f"{role} " if role else ""
+    p.add_argument(f"--{pre}hdu", help=f"HDU of the {who}image in a multi-image file (e.g. SCIENCE)")
+    p.add_argument(f"--{pre}psf", metavar="FILE", help=f"{who}PSF image (FITS)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(f"--{pre}variance", metavar="FILE", help=f"{who}variance map")
+    g.add_argument(f"--{pre}noise", metavar="FILE", help=f"{who}1-sigma noise map")
+    g.add_argument(f"--{pre}weight", metavar="FILE", help=f"{who}inverse-variance weight map")
+    p.add_argument(f"--{pre}mask", metavar="FILE", help=f"{who}mask (bit planes with MP_* keys, or nonzero = BAD)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffim-dag", description="Image differencing as Dask graphs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("simulate", help="write a simulated science/template pair and its truth table")
+    _common(p)
+    p.add_argument("--size", type=int, default=1024, help="image side in pixels (256 to 8192)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", dest="sim_overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="simulator field, e.g. --set n_transients=20 (repeatable)")
+
+    p = sub.add_parser("subtract", help="subtract TEMPLATE from SCIENCE and write the output contract")
+    _common(p)
+    p.add_argument("science", help="science exposure (LSST MEF, plain FITS or zarr)")
+    p.add_argument("template", help="template exposure on the same pixel grid")
+    _exposure_options(p, "science")
+    _exposure_options(p, "template")
+    p.add_argument("--plots", action="store_true", help="also write plots/*.png")
+
+    p = sub.add_parser("demo", help="simulate a pair and run every built stage on a LocalCluster")
+    _common(p, out_default="demo_out")
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--plots", action="store_true")
+
+    p = sub.add_parser("info", help="what a file holds: planes, WCS, PSF, noise, saturation")
+    p.add_argument("path")
+    _exposure_options(p, "")  # --hdu, --psf, --variance/--noise/--weight, --mask
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    return parser
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("diffim_dag").setLevel(level)
+
+
+def _read_any(path: str, args, role: str):
+    from .io import read_exposure, read_zarr
+
+    def opt(name):
+        return getattr(args, f"{role}_{name}" if role else name, None)
+
+    if Path(path).is_dir():
+        return read_zarr(path)
+    return read_exposure(
+        path,
+        hdu=opt("hdu"),
+        psf=opt("psf"),
+        variance=opt("variance"),
+        noise=opt("noise"),
+        weight=opt("weight"),
+        mask=opt("mask"),
+    )
+
+
+def _print_info(path: str, desc: dict) -> None:
+    print(f"{path}")
+    ny, nx = desc["shape"]
+    print(f"  size      : {nx} x {ny} px, xy0 = {tuple(desc['xy0'])}")
+    planes = desc["planes"]
+    print(f"  planes    : image ({planes['image']['dtype']}), variance ({planes['variance']['dtype']}, "
+          f"from {planes['variance']['source']}), mask ({planes['mask']['dtype']})")
+    fr = planes["mask"]["fractions"]
+    print("  mask      : " + (", ".join(f"{k} {100 * v:.2f}%" for k, v in fr.items()) if fr else "no pixel flagged"))
+    n = desc["noise"]
+    print(f"  noise     : measured sky std {n['measured_sky_std']:.4g}, median sqrt(variance) {n['median_sqrt_variance']:.4g}")
+    w = desc["wcs"]
+    if w:
+        print(f"  WCS       : {'/'.join(w['ctype'])}, centre RA {w['center_ra_dec'][0]:.6f} Dec {w['center_ra_dec'][1]:.6f}, "
+              f"scale {w['pixel_scale_arcsec'][0]:.4f}\"/px")
+    else:
+        print("  WCS       : none")
+    p = desc["psf"]
+    print(f"  PSF       : {p['model']}, FWHM {p['fwhm_pixels']:.3f} px at centre" if p else "  PSF       : none")
+    info = desc["info"]
+    sat = desc.get("saturation")
+    print(f"  saturation: {sat if sat is not None else 'unknown'}")
+    print(f"  metadata  : band={info['band']} visit={info['visit']} detector={info['detector']} gain={info['gain']} "
+          f"exptime={info['exposure_time']} date={info['date_obs']}")
+
+
+def _cmd_info(args) -> int:
+    exposure = _read_any(args.path, args, "")
+    desc = exposure.describe()
+    if args.json:
+        print(json.dumps(desc, indent=2, default=str))
+    else:
+        _print_info(args.path, desc)
+    return 0
+
+
+def _cmd_simulate(args) -> int:
+    from .sim import SimConfig, simulate_pair, write_pair
+    from .config import apply_overrides, _build
+
+    data = apply_overrides({"size": args.size, "seed": args.seed}, args.sim_overrides)
+    sim_config = _build(SimConfig, data, "sim")
+    pair = simulate_pair(sim_config)
+    paths = write_pair(pair, args.out)
+    for name, path in paths.items():
+        print(f"wrote {name}: {path}")
+    return 0
+
+
+def _cmd_subtract(args) -> int:
+    from .config import load_config
+    from .pipeline import run_subtraction
+
+    config = load_config(args.pipeline, args.overrides)
+    science = _read_any(args.science, args, "science")
+    template = _read_any(args.template, args, "template")
+    result = run_subtraction(science, template, config=config, out_dir=args.out, scheduler=args.scheduler, plots=args.plots)
+    for line in result.summary_lines():
+        print(line)
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .pipeline import run_demo
+
+    return run_demo(
+        out_dir=args.out,
+        size=args.size,
+        seed=args.seed,
+        pipeline=args.pipeline,
+        overrides=args.overrides,
+        scheduler=args.scheduler,
+        plots=args.plots,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    handlers = {"info": _cmd_info, "simulate": _cmd_simulate, "subtract": _cmd_subtract, "demo": _cmd_demo}
+    try:
+        return handlers[args.command](args)
+    except DiffimError as exc:
+        print(f"diffim-dag {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
