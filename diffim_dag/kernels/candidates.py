@@ -1,0 +1,483 @@
+r"""Per-candidate kernel fits, their quality cuts, per-cell fitting and kernel-sum clipping.
+
+Model (Alard & Lupton 1998)
+---------------------------
+For a candidate stamp, with ``R`` the reference (the image that is convolved), ``T``
+the target and basis images :math:`B_i`,
+
+.. math::  T(x) \approx \sum_i a_i\, (R \otimes B_i)(x) + b ,
+
+fitted on the stamp *interior* (the stamp shrunk by the kernel half-width ``h``, where
+the convolution is fully defined), with weights :math:`w = 1/\sigma^2`,
+:math:`\sigma^2 = V_T + V_R` (the sum of the two variance planes, as ``ip_diffim``).
+With the design matrix :math:`A = [R \otimes B_0, …, R \otimes B_{n-1}, 1]` the normal
+equations are
+
+.. math::  M = A^T W A, \qquad \mathbf b = A^T W T, \qquad M \mathbf a = \mathbf b .
+
+Each column :math:`R \otimes B_i` is one FFT product per basis (the FFTs of the basis
+are computed once and cached).  The normal equations are Jacobi-equilibrated and
+solved by LU; a singular or non-finite result falls back to the pseudo-inverse, and a
+candidate whose solution is still not finite is rejected (``"singular"``).
+
+Residual statistics from sufficient statistics
+----------------------------------------------
+With :math:`D = T - A\mathbf a` and :math:`N` pixels, the mean and standard deviation of
+:math:`D/\sigma` are exact functions of :math:`M, \mathbf b`,
+:math:`\mathbf s = A^T \sigma^{-1}`, :math:`t_1 = \sum T/\sigma` and
+:math:`t_2 = \sum T^2/\sigma^2`:
+
+.. math::
+    \overline{D/\sigma} = (t_1 - \mathbf a\cdot\mathbf s)/N, \qquad
+    \overline{(D/\sigma)^2} = (t_2 - 2\,\mathbf a\cdot\mathbf b + \mathbf a^T M \mathbf a)/N .
+
+So a candidate can be re-assessed against any coefficient vector (e.g. the spatial
+model's) without its pixels (:class:`NormalEquations` is all that travels).
+A candidate is rejected when :math:`|\overline{D/\sigma}|` > ``max_residual_mean`` or
+:math:`\mathrm{std}(D/\sigma)` > ``max_residual_std``.
+
+Kernel-sum clipping
+-------------------
+Variables and transients give kernel sums far from the flux ratio of the rest:
+iterated :math:`n\sigma`-clipped mean and standard deviation of the sums, then reject
+:math:`|\Sigma k - \mathrm{mean}| > n\,\mathrm{std}` (:func:`clip_kernel_sums`).
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.fft
+
+from .basis import KernelBasis, regularize
+
+__all__ = [
+    "CellStamps",
+    "NormalEquations",
+    "CandidateFit",
+    "CellFit",
+    "convolve_stamps",
+    "candidate_normal_equations",
+    "solve_normal_equations",
+    "residual_statistics",
+    "fit_candidates",
+    "fit_cell",
+    "clipped_mean_std",
+    "clip_kernel_sums",
+    "assign_cells",
+]
+
+#: Relative eigenvalue cut of the pseudo-inverse fallback (of the equilibrated matrix).
+PINV_RCOND = 1e-12
+#: Floor of the kernel-sum scatter, relative to |mean|, so that identical (noise-free)
+#: kernel sums are not rejected for round-off differences.
+MIN_KERNEL_SUM_SCATTER = 1e-6
+#: Iterations of the σ-clipped kernel-sum statistics.
+KERNEL_SUM_CLIP_ITERATIONS = 10
+
+USED = "used"
+REJECTED = "rejected"
+
+
+@dataclass(frozen=True, eq=False)
+class CellStamps:
+    """The candidate stamps of one spatial cell, brightest first (plain arrays; picklable).
+
+    Attributes
+    ----------
+    cell : int
+        Cell index (row-major over the cell grid).
+    ids : ndarray of int, shape (N,)
+    x, y : ndarray of float, shape (N,)
+        Parent-frame pixel positions of the stamp centres.
+    reference, target, variance : ndarray, shape (N, S, S)
+        Reference (convolved) and target stamps, and the summed variance ``V_T + V_R``.
+    """
+
+    cell: int
+    ids: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+    reference: np.ndarray
+    target: np.ndarray
+    variance: np.ndarray
+
+    def __len__(self) -> int:
+        return int(len(self.ids))
+
+
+@dataclass(frozen=True, eq=False)
+class NormalEquations:
+    """Per-candidate normal equations and the sufficient statistics of the residuals.
+
+    Shapes for a stack of N candidates and p = n_basis (+1 with a background):
+    ``matrix (N, p, p)``, ``vector (N, p)``, ``sigma_sums (N, p)`` (:math:`A^T\\sigma^{-1}`),
+    ``target_sum (N,)`` (:math:`\\sum T/\\sigma`), ``target_square (N,)``
+    (:math:`\\sum T^2/\\sigma^2`), ``npix (N,)``.
+    """
+
+    matrix: np.ndarray
+    vector: np.ndarray
+    sigma_sums: np.ndarray
+    target_sum: np.ndarray
+    target_square: np.ndarray
+    npix: np.ndarray
+
+    def take(self, index) -> NormalEquations:
+        return NormalEquations(
+            self.matrix[index],
+            self.vector[index],
+            self.sigma_sums[index],
+            self.target_sum[index],
+            self.target_square[index],
+            self.npix[index],
+        )
+
+    @staticmethod
+    def stack(items) -> NormalEquations:
+        items = list(items)
+        return NormalEquations(
+            *[np.stack([getattr(it, f) for it in items]) for f in
+              ("matrix", "vector", "sigma_sums", "target_sum", "target_square", "npix")]
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class CandidateFit:
+    """The outcome of fitting one candidate.
+
+    ``status`` is ``"used"`` or ``"rejected"``; ``reason`` names the cut (``""`` when used):
+    ``"singular"``, ``"residual_mean"``, ``"residual_std"`` (single-candidate fit).
+    ``equations`` holds this candidate's :class:`NormalEquations` (unstacked arrays).
+    """
+
+    id: int
+    cell: int
+    x: float
+    y: float
+    status: str
+    reason: str
+    kernel_sum: float
+    background: float
+    residual_mean: float
+    residual_std: float
+    coefficients: np.ndarray
+    equations: NormalEquations
+
+
+@dataclass(frozen=True, eq=False)
+class CellFit:
+    """Candidates fitted in one cell (in the order tried); at most ``candidates_per_cell`` used."""
+
+    cell: int
+    fits: tuple[CandidateFit, ...]
+    n_available: int
+
+    @property
+    def used(self) -> tuple[CandidateFit, ...]:
+        return tuple(f for f in self.fits if f.status == USED)
+
+
+# ------------------------------------------------------------------------ convolution
+
+_FFT_CACHE: OrderedDict = OrderedDict()
+_FFT_CACHE_SIZE = 8
+
+
+def _basis_fft(basis_images: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    key = (hashlib.blake2b(np.ascontiguousarray(basis_images).view(np.uint8), digest_size=16).digest(),
+           basis_images.shape, shape)
+    hit = _FFT_CACHE.get(key)
+    if hit is None:
+        hit = scipy.fft.rfft2(basis_images, s=shape, axes=(-2, -1), workers=1)
+        _FFT_CACHE[key] = hit
+        while len(_FFT_CACHE) > _FFT_CACHE_SIZE:
+            _FFT_CACHE.popitem(last=False)
+    else:
+        _FFT_CACHE.move_to_end(key)
+    return hit
+
+
+def convolve_stamps(stamps: np.ndarray, basis_images: np.ndarray) -> np.ndarray:
+    """``stamps ⊗ B_i`` on the valid interior, shape ``(N, n, S - 2h, S - 2h)``.
+
+    True convolution; the interior pixel ``[j, i]`` is stamp pixel ``[j + h, i + h]``.
+    """
+    stamps = np.asarray(stamps, dtype=np.float64)
+    n_s, s, _ = stamps.shape
+    k = basis_images.shape[-1]
+    full = s + k - 1
+    shape = (scipy.fft.next_fast_len(full, real=True),) * 2
+    fb = _basis_fft(basis_images, shape)
+    fs = scipy.fft.rfft2(stamps, s=shape, axes=(-2, -1), workers=1)
+    out = scipy.fft.irfft2(fs[:, None] * fb[None], s=shape, axes=(-2, -1), workers=1)
+    return out[:, :, k - 1 : s, k - 1 : s]
+
+
+# ------------------------------------------------------------------------ fits
+
+
+def candidate_normal_equations(
+    reference: np.ndarray,
+    target: np.ndarray,
+    variance: np.ndarray,
+    basis_images: np.ndarray,
+    *,
+    fit_background: bool = True,
+) -> NormalEquations:
+    """Weighted normal equations of the kernel (+ background) fit for a stack of stamps.
+
+    Parameters
+    ----------
+    reference, target, variance : ndarray, shape (N, S, S)
+        ``variance`` is ``V_T + V_R``; pixels with ``variance ≤ 0`` get zero weight.
+    basis_images : ndarray, shape (n, k, k)
+    """
+    reference = np.asarray(reference, dtype=np.float64)
+    if reference.ndim == 2:
+        reference, target, variance = reference[None], np.asarray(target)[None], np.asarray(variance)[None]
+    h = basis_images.shape[-1] // 2
+    s = reference.shape[-1]
+    conv = convolve_stamps(reference, basis_images)  # (N, n, P, P)
+    n_c, n_b = conv.shape[:2]
+    t = np.asarray(target, dtype=np.float64)[:, h : s - h, h : s - h].reshape(n_c, -1)
+    var = np.asarray(variance, dtype=np.float64)[:, h : s - h, h : s - h].reshape(n_c, -1)
+    good = var > 0
+    inv_sigma = np.zeros_like(var)
+    inv_sigma[good] = 1.0 / np.sqrt(var[good])
+    w = inv_sigma**2
+    cols = conv.reshape(n_c, n_b, -1)
+    if fit_background:
+        cols = np.concatenate([cols, np.ones((n_c, 1, cols.shape[-1]))], axis=1)
+    aw = cols * w[:, None, :]
+    matrix = aw @ cols.transpose(0, 2, 1)
+    vector = np.einsum("cip,cp->ci", aw, t)
+    sigma_sums = np.einsum("cip,cp->ci", cols, inv_sigma)
+    return NormalEquations(
+        matrix=matrix,
+        vector=vector,
+        sigma_sums=sigma_sums,
+        target_sum=(t * inv_sigma).sum(axis=1),
+        target_square=(t * t * w).sum(axis=1),
+        npix=good.sum(axis=1).astype(np.float64),
+    )
+
+
+def _solve_one(m: np.ndarray, b: np.ndarray) -> np.ndarray:
+    d = np.sqrt(np.abs(np.diag(m)))
+    d[~(d > 0)] = 1.0
+    ms = m / d[:, None] / d[None, :]
+    bs = b / d
+    try:
+        x = np.linalg.solve(ms, bs)
+        if np.all(np.isfinite(x)):
+            return x / d
+    except np.linalg.LinAlgError:
+        pass
+    try:
+        x = np.linalg.pinv(ms, rcond=PINV_RCOND, hermitian=True) @ bs
+    except np.linalg.LinAlgError:
+        return np.full_like(b, np.nan)
+    return x / d
+
+
+def solve_normal_equations(matrix: np.ndarray, vector: np.ndarray) -> np.ndarray:
+    """Solve ``M a = b`` robustly (one system or a stack); non-finite rows mean failure.
+
+    Jacobi equilibration, LU solve, pseudo-inverse fallback (eigenvalues below
+    ``PINV_RCOND`` × the largest are dropped).
+    """
+    matrix = np.asarray(matrix, dtype=np.float64)
+    vector = np.asarray(vector, dtype=np.float64)
+    if matrix.ndim == 2:
+        return _solve_one(matrix, vector)
+    out = np.empty_like(vector)
+    for i in range(matrix.shape[0]):
+        out[i] = _solve_one(matrix[i], vector[i])
+    return out
+
+
+def residual_statistics(equations: NormalEquations, coefficients: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    r"""Mean and standard deviation of :math:`D/\sigma` for given coefficients (see module doc)."""
+    a = np.atleast_2d(coefficients)
+    n = np.maximum(equations.npix, 1.0)
+    mean = (equations.target_sum - np.einsum("ci,ci->c", a, equations.sigma_sums)) / n
+    chi2 = (
+        equations.target_square
+        - 2.0 * np.einsum("ci,ci->c", a, equations.vector)
+        + np.einsum("ci,cij,cj->c", a, equations.matrix, a)
+    )
+    var = np.maximum(chi2 / n - mean**2, 0.0)
+    return mean, np.sqrt(var)
+
+
+def _quality_reasons(coefficients, mean, std, max_mean, max_std) -> list[str]:
+    reasons = []
+    for a, m, s in zip(coefficients, mean, std):
+        if not np.all(np.isfinite(a)):
+            reasons.append("singular")
+        elif not abs(m) <= max_mean:
+            reasons.append("residual_mean")
+        elif not s <= max_std:
+            reasons.append("residual_std")
+        else:
+            reasons.append("")
+    return reasons
+
+
+def fit_candidates(
+    reference: np.ndarray,
+    target: np.ndarray,
+    variance: np.ndarray,
+    basis: KernelBasis,
+    *,
+    fit_background: bool = True,
+    max_residual_mean: float = 0.25,
+    max_residual_std: float = 1.5,
+    ids=None,
+    x=None,
+    y=None,
+    cell: int = -1,
+) -> list[CandidateFit]:
+    """Fit a stack of candidate stamps independently and apply the residual cuts.
+
+    Returns one :class:`CandidateFit` per stamp (``status`` ``"used"`` or ``"rejected"``).
+    """
+    eq = candidate_normal_equations(reference, target, variance, basis.images, fit_background=fit_background)
+    matrix = eq.matrix
+    if basis.regularization is not None and basis.regularization_lambda > 0:
+        matrix = regularize(matrix, basis.regularization, basis.regularization_lambda)
+    coeffs = solve_normal_equations(matrix, eq.vector)
+    finite = np.all(np.isfinite(coeffs), axis=1)
+    safe = np.where(finite[:, None], coeffs, 0.0)
+    mean, std = residual_statistics(eq, safe)
+    reasons = _quality_reasons(coeffs, mean, std, max_residual_mean, max_residual_std)
+    sums = safe[:, : basis.n] @ basis.sums
+    n_c = len(coeffs)
+    ids = np.arange(n_c) if ids is None else np.asarray(ids)
+    x = np.full(n_c, np.nan) if x is None else np.asarray(x, dtype=np.float64)
+    y = np.full(n_c, np.nan) if y is None else np.asarray(y, dtype=np.float64)
+    out = []
+    for c in range(n_c):
+        out.append(
+            CandidateFit(
+                id=int(ids[c]),
+                cell=int(cell),
+                x=float(x[c]),
+                y=float(y[c]),
+                status=USED if not reasons[c] else REJECTED,
+                reason=reasons[c],
+                kernel_sum=float(sums[c]) if finite[c] else float("nan"),
+                background=float(coeffs[c, basis.n]) if fit_background and finite[c] else 0.0,
+                residual_mean=float(mean[c]) if finite[c] else float("nan"),
+                residual_std=float(std[c]) if finite[c] else float("nan"),
+                coefficients=coeffs[c],
+                equations=eq.take(c),
+            )
+        )
+    return out
+
+
+def fit_cell(cell: CellStamps, basis: KernelBasis, config, exclude=frozenset()) -> CellFit:
+    """Fit the candidates of one cell, brightest first, until ``candidates_per_cell`` are used.
+
+    A rejected candidate is replaced by the next one of the cell.  Candidates whose id is
+    in ``exclude`` (rejected by a later, global step) are skipped.  A pure function of
+    picklable inputs: one Dask task per cell.
+
+    Parameters
+    ----------
+    cell : CellStamps
+    basis : KernelBasis
+    config : KernelConfig
+        Uses ``candidates_per_cell``, ``fit_background``, ``max_residual_mean``, ``max_residual_std``.
+    exclude : collection of int
+    """
+    exclude = set(int(i) for i in exclude)
+    order = [i for i in range(len(cell)) if int(cell.ids[i]) not in exclude]
+    want = int(config.candidates_per_cell)
+    fits: list[CandidateFit] = []
+    n_used = 0
+    pos = 0
+    while n_used < want and pos < len(order):
+        batch = order[pos : pos + (want - n_used)]
+        pos += len(batch)
+        idx = np.asarray(batch)
+        results = fit_candidates(
+            cell.reference[idx],
+            cell.target[idx],
+            cell.variance[idx],
+            basis,
+            fit_background=config.fit_background,
+            max_residual_mean=config.max_residual_mean,
+            max_residual_std=config.max_residual_std,
+            ids=cell.ids[idx],
+            x=cell.x[idx],
+            y=cell.y[idx],
+            cell=cell.cell,
+        )
+        fits.extend(results)
+        n_used += sum(r.status == USED for r in results)
+    return CellFit(cell=int(cell.cell), fits=tuple(fits), n_available=len(order))
+
+
+# ------------------------------------------------------------------------ kernel-sum clipping
+
+
+def clipped_mean_std(values, *, nsigma: float = 3.0, iterations: int = KERNEL_SUM_CLIP_ITERATIONS) -> tuple[float, float]:
+    """Iterated ``nsigma``-clipped mean and sample standard deviation.
+
+    Starts from the median and the MAD-based σ; iterates until the kept set is stable.
+    When more than half of the values are identical (MAD = 0), the kept set is those
+    values (mean = median, std = 0).
+    """
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return float("nan"), float("nan")
+    center = float(np.median(v))
+    scale = 1.4826 * float(np.median(np.abs(v - center)))
+    keep = np.abs(v - center) <= nsigma * scale
+    for _ in range(iterations):
+        sel = v[keep]
+        if sel.size < 2:
+            break
+        center, scale = float(sel.mean()), float(sel.std(ddof=1))
+        new_keep = np.abs(v - center) <= nsigma * scale
+        if np.array_equal(new_keep, keep) or new_keep.sum() < 2:
+            break
+        keep = new_keep
+    sel = v[keep]
+    return float(sel.mean()), float(sel.std(ddof=1)) if sel.size > 1 else 0.0
+
+
+def clip_kernel_sums(sums, *, nsigma: float = 3.0) -> tuple[np.ndarray, float, float]:
+    r"""Reject kernel sums with :math:`|\Sigma k - \mathrm{mean}| > n\,\mathrm{std}` (clipped stats).
+
+    Returns
+    -------
+    keep : ndarray of bool
+    mean, std : float
+        The clipped statistics (``std`` floored at ``MIN_KERNEL_SUM_SCATTER × |mean|``).
+    """
+    s = np.asarray(sums, dtype=np.float64)
+    mean, std = clipped_mean_std(s, nsigma=nsigma)
+    std = max(std, MIN_KERNEL_SUM_SCATTER * abs(mean))
+    keep = np.isfinite(s) & (np.abs(s - mean) <= nsigma * std)
+    return keep, mean, std
+
+
+def assign_cells(x, y, bbox, cell_size: int) -> tuple[np.ndarray, int, int]:
+    """Row-major cell index of parent positions (x, y) in ``cell_size`` cells over ``bbox``.
+
+    ``bbox`` is ``(x_min, x_max, y_min, y_max)`` inclusive-exclusive.  Returns
+    ``(cell, n_cells_x, n_cells_y)``.
+    """
+    x0, x1, y0, y1 = bbox
+    ncx = max(1, int(np.ceil((x1 - x0) / cell_size)))
+    ncy = max(1, int(np.ceil((y1 - y0) / cell_size)))
+    cx = np.clip(((np.asarray(x, dtype=np.float64) - x0) // cell_size).astype(int), 0, ncx - 1)
+    cy = np.clip(((np.asarray(y, dtype=np.float64) - y0) // cell_size).astype(int), 0, ncy - 1)
+    return cy * ncx + cx, ncx, ncy

@@ -1,0 +1,484 @@
+r"""The Alard–Lupton PSF-matching kernel stage: sources → cells → candidate fits → spatial solve.
+
+Fits :math:`T \approx R \otimes K(x, y) + b(x, y)` (Alard & Lupton 1998; Alard 2000),
+where in ``convolveTemplate`` mode the reference ``R`` is the template and the target
+``T`` the science image, and the other way round in ``convolveScience`` mode.
+
+1. Basis from the two PSFs' FWHMs at the centre of the overlap
+   (:func:`~diffim_dag.kernels.basis.basis_from_config`).
+2. Kernel sources (:func:`~diffim_dag.stages.kernel_sources.select_kernel_sources`) with
+   stamps of side ``2 × kernel_size + 1``.
+3. Cells of ``cell_size`` px over the overlap; in each, candidates are fitted brightest
+   first until ``candidates_per_cell`` pass the residual cuts
+   (:func:`~diffim_dag.kernels.candidates.fit_cell`, a pure function: one Dask task per cell).
+4. Kernel-sum clipping over all used candidates; each rejected candidate is replaced by
+   the next one of its cell (its cell is refitted), until no new rejection.
+5. Spatial solve and re-assessment of every candidate against the spatial model; the
+   rejected are replaced and the whole repeated, at most ``max_spatial_iterations`` times.
+
+:func:`fit_psf_matching_kernel` is the eager one-call entry point; :func:`extract_cell_stamps`
+and :func:`solve_kernel` (with a ``map_cells`` hook) are what a task graph calls.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from ..config import KernelConfig, KernelSourceConfig
+from ..errors import NoKernelCandidatesError
+from ..exposure import Exposure
+from ..kernels.basis import KernelBasis, basis_from_config
+from ..kernels.candidates import (
+    USED,
+    CandidateFit,
+    CellFit,
+    CellStamps,
+    NormalEquations,
+    assign_cells,
+    clip_kernel_sums,
+    fit_cell,
+)
+from ..kernels.solution import CONVOLVE_SCIENCE, CONVOLVE_TEMPLATE, KernelSolution
+from ..kernels.spatial import SpatialFit, assess_spatial, solve_spatial
+from .kernel_sources import overlap_bbox, select_kernel_sources
+
+__all__ = [
+    "KernelFitResult",
+    "resolve_mode",
+    "extract_cell_stamps",
+    "solve_kernel",
+    "fit_psf_matching_kernel",
+    "plot_kernel_grid",
+    "plot_candidates",
+]
+
+log = logging.getLogger(__name__)
+
+#: Arguments of one cell task: ``fit_cell(cell, basis, config, exclude)``.
+CellTask = tuple[CellStamps, KernelBasis, KernelConfig, frozenset]
+#: ``map_cells(tasks) -> [fit_cell(*task) for task in tasks]``, e.g. through Dask.
+CellMapper = Callable[[Sequence[CellTask]], Sequence[CellFit]]
+
+
+def _map_eager(tasks: Sequence[CellTask]) -> list[CellFit]:
+    return [fit_cell(*task) for task in tasks]
+
+
+@dataclass(frozen=True, eq=False)
+class KernelFitResult:
+    """Result of :func:`fit_psf_matching_kernel`.
+
+    Attributes
+    ----------
+    solution : KernelSolution
+    candidates : DataFrame
+        ``id, x, y, cell, flux, snr, kernel_sum, status, reason``; ``status`` is ``"used"``,
+        ``"rejected"`` or ``"unused"`` (never fitted: its cell already had enough candidates).
+    diagnostics : dict
+        JSON-able counts, kernel size, widths, kernel sum at the centre, condition number.
+    """
+
+    solution: KernelSolution
+    candidates: pd.DataFrame
+    diagnostics: dict
+
+
+def resolve_mode(science: Exposure, template: Exposure, mode: str = CONVOLVE_TEMPLATE) -> str:
+    """``"auto"`` → convolve the template unless its PSF is broader than the science PSF."""
+    if mode in (CONVOLVE_TEMPLATE, CONVOLVE_SCIENCE):
+        return mode
+    if mode != "auto":
+        raise ValueError(f"mode must be 'auto', {CONVOLVE_TEMPLATE!r} or {CONVOLVE_SCIENCE!r}, got {mode!r}")
+    cx, cy = science.center
+    return CONVOLVE_TEMPLATE if template.psf.fwhm(cx, cy) <= science.psf.fwhm(cx, cy) else CONVOLVE_SCIENCE
+
+
+def extract_cell_stamps(
+    reference: Exposure,
+    target: Exposure,
+    sources: pd.DataFrame,
+    kernel_size: int,
+    bbox: tuple[int, int, int, int],
+    cell_size: int,
+) -> list[CellStamps]:
+    """Cut the candidate stamps (side ``2 × kernel_size + 1``) and group them by cell.
+
+    ``sources`` needs ``id, x, y`` and ``flux`` (candidates are ordered brightest first
+    within a cell).  Every stamp must lie inside both exposures (as
+    :func:`select_kernel_sources` guarantees).
+    """
+    half = int(kernel_size)
+    r_img, r_var, _ = reference.arrays()
+    t_img, t_var, _ = target.arrays()
+    rx0, ry0 = reference.xy0
+    tx0, ty0 = target.xy0
+    ix = np.round(sources["x"].to_numpy()).astype(int)
+    iy = np.round(sources["y"].to_numpy()).astype(int)
+    cells, _, _ = assign_cells(ix, iy, bbox, cell_size)
+    order = np.lexsort((-sources["flux"].to_numpy(), cells))
+    ids = sources["id"].to_numpy()
+    out: list[CellStamps] = []
+    for cell in np.unique(cells):
+        sel = order[cells[order] == cell]
+        refs, tgts, vars_ = [], [], []
+        for k in sel:
+            rs = (slice(iy[k] - ry0 - half, iy[k] - ry0 + half + 1), slice(ix[k] - rx0 - half, ix[k] - rx0 + half + 1))
+            ts = (slice(iy[k] - ty0 - half, iy[k] - ty0 + half + 1), slice(ix[k] - tx0 - half, ix[k] - tx0 + half + 1))
+            refs.append(r_img[rs])
+            tgts.append(t_img[ts])
+            vars_.append(r_var[rs].astype(np.float64) + t_var[ts])
+        out.append(
+            CellStamps(
+                cell=int(cell),
+                ids=ids[sel].astype(np.int64),
+                x=ix[sel].astype(np.float64),
+                y=iy[sel].astype(np.float64),
+                reference=np.asarray(refs, dtype=np.float64),
+                target=np.asarray(tgts, dtype=np.float64),
+                variance=np.asarray(vars_, dtype=np.float64),
+            )
+        )
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class KernelSolve:
+    """What :func:`solve_kernel` returns: the spatial fit, every candidate's fate and counts."""
+
+    spatial: SpatialFit
+    fits: dict[int, CandidateFit]  # latest single-candidate fit of every fitted candidate
+    rejected: dict[int, str]  # id → reason (single fit, kernel sum or spatial)
+    used_ids: list[int]
+    iterations: int
+    kernel_sum_mean: float
+    kernel_sum_std: float
+
+
+def solve_kernel(
+    cells: Sequence[CellStamps],
+    basis: KernelBasis,
+    config: KernelConfig,
+    bbox: tuple[float, float, float, float],
+    *,
+    mode: str = CONVOLVE_TEMPLATE,
+    map_cells: CellMapper | None = None,
+) -> KernelSolve:
+    """Per-cell fits, kernel-sum clipping, spatial solve and re-assessment (see module doc).
+
+    Parameters
+    ----------
+    cells : sequence of CellStamps
+    basis : KernelBasis
+    config : KernelConfig
+    bbox : (x_min, x_max, y_min, y_max)
+        Chebyshev box of the solution (max = last pixel index).
+    map_cells : callable, optional
+        Runs a list of ``(cell, basis, config, exclude)`` tasks through
+        :func:`~diffim_dag.kernels.candidates.fit_cell` (eagerly by default; graph.py passes
+        a Dask-backed mapper).
+
+    Raises
+    ------
+    NoKernelCandidatesError
+        No candidate survives; ``rejected`` counts the reasons.
+    """
+    mapper = map_cells or _map_eager
+    by_cell = {c.cell: c for c in cells}
+    cell_fits: dict[int, CellFit] = {}
+    fits: dict[int, CandidateFit] = {}
+    rejected: dict[int, str] = {}
+    late_rejected: dict[int, str] = {}  # kernel sum and spatial: excluded from later cell fits
+
+    def refit(cell_ids):
+        cell_ids = sorted(cell_ids)
+        tasks = [(by_cell[c], basis, config, frozenset(i for i in by_cell[c].ids.tolist() if i in late_rejected))
+                 for c in cell_ids]
+        for c, cf in zip(cell_ids, mapper(tasks)):
+            cell_fits[c] = cf
+            for f in cf.fits:
+                fits[f.id] = f
+                if f.status != USED:
+                    rejected[f.id] = f.reason
+
+    def used_fits() -> list[CandidateFit]:
+        return [f for c in sorted(cell_fits) for f in cell_fits[c].used if f.id not in late_rejected]
+
+    def counts() -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in rejected.values():
+            out[r] = out.get(r, 0) + 1
+        return out
+
+    def spatial_of(used):
+        eq = NormalEquations.stack(f.equations for f in used)
+        x = np.array([f.x for f in used])
+        y = np.array([f.y for f in used])
+        sp = solve_spatial(
+            eq, x, y, basis,
+            spatial_order=config.spatial_kernel_order,
+            background_order=config.spatial_background_order,
+            bbox=bbox,
+            fit_background=config.fit_background,
+            mode=mode,
+        )
+        return sp, eq, x, y
+
+    refit(by_cell)
+    k_mean = k_std = float("nan")
+    spatial = None
+    used: list[CandidateFit] = []
+    iterations = 0
+    for it in range(config.max_spatial_iterations):
+        iterations = it + 1
+        for _ in range(config.max_spatial_iterations):
+            used = used_fits()
+            if len(used) < 1:
+                break
+            keep, k_mean, k_std = clip_kernel_sums([f.kernel_sum for f in used], nsigma=config.kernel_sum_clip_nsigma)
+            newly = [f for f, k in zip(used, keep) if not k]
+            if not newly:
+                break
+            for f in newly:
+                late_rejected[f.id] = rejected[f.id] = "kernel_sum"
+            refit({f.cell for f in newly})
+        used = used_fits()
+        if not used:
+            raise NoKernelCandidatesError(
+                f"no kernel candidate survived the candidate fits (rejected: {counts()})", rejected=counts()
+            )
+        spatial, eq, x, y = spatial_of(used)
+        _, _, reasons = assess_spatial(
+            spatial, eq, x, y,
+            fit_background=config.fit_background,
+            max_residual_mean=config.max_residual_mean,
+            max_residual_std=config.max_residual_std,
+        )
+        bad = [(f, r) for f, r in zip(used, reasons) if r]
+        if not bad:
+            break
+        for f, r in bad:
+            late_rejected[f.id] = rejected[f.id] = str(r)
+        if it + 1 < config.max_spatial_iterations:
+            refit({f.cell for f, _ in bad})
+        else:
+            used = [f for f in used if f.id not in late_rejected]
+            if not used:
+                raise NoKernelCandidatesError(
+                    f"no kernel candidate survived the spatial re-assessment (rejected: {counts()})", rejected=counts()
+                )
+            spatial, _, _, _ = spatial_of(used)
+    return KernelSolve(
+        spatial=spatial,
+        fits=fits,
+        rejected=rejected,
+        used_ids=[f.id for f in used],
+        iterations=iterations,
+        kernel_sum_mean=k_mean,
+        kernel_sum_std=k_std,
+    )
+
+
+SINGLE_REASONS = ("singular", "residual_mean", "residual_std")
+SPATIAL_REASONS = ("spatial_residual_mean", "spatial_residual_std")
+
+
+def fit_psf_matching_kernel(
+    science: Exposure,
+    template: Exposure,
+    *,
+    config: KernelConfig = KernelConfig(),
+    source_config: KernelSourceConfig = KernelSourceConfig(),
+    sources: pd.DataFrame | None = None,
+    mode: str = CONVOLVE_TEMPLATE,
+    map_cells: CellMapper | None = None,
+) -> KernelFitResult:
+    """Fit the spatially varying Alard–Lupton PSF-matching kernel of a science/template pair.
+
+    Parameters
+    ----------
+    science, template : Exposure
+        In-memory or lazy exposures with PSFs; the fit covers their overlap.
+    config : KernelConfig
+    source_config : KernelSourceConfig
+    sources : DataFrame, optional
+        Kernel-source catalog (``x``, ``y`` parent pixels, optional ``id``); detection
+        on the science image when None.
+    mode : {"convolveTemplate", "convolveScience", "auto"}
+    map_cells : callable, optional
+        See :func:`solve_kernel`.
+
+    Returns
+    -------
+    KernelFitResult
+
+    Raises
+    ------
+    InsufficientKernelSourcesError, NoKernelCandidatesError
+    """
+    t0 = time.perf_counter()
+    if science.psf is None or template.psf is None:
+        raise ValueError("PSF matching needs the PSFs of both exposures")
+    mode = resolve_mode(science, template, mode)
+    if science.is_lazy:
+        science = science.load()
+    if template.is_lazy:
+        template = template.load()
+    box = overlap_bbox(science, template)
+    cx, cy = 0.5 * (box[0] + box[1] - 1), 0.5 * (box[2] + box[3] - 1)
+    fwhm_sci, fwhm_tmpl = science.psf.fwhm(cx, cy), template.psf.fwhm(cx, cy)
+    reference, target = (template, science) if mode == CONVOLVE_TEMPLATE else (science, template)
+    fwhm_ref, fwhm_tgt = (fwhm_tmpl, fwhm_sci) if mode == CONVOLVE_TEMPLATE else (fwhm_sci, fwhm_tmpl)
+    basis = basis_from_config(config, fwhm_ref, fwhm_tgt)
+    table, source_stats = select_kernel_sources(science, template, basis.size, source_config, sources)
+    t_sources = time.perf_counter()
+    cells = extract_cell_stamps(reference, target, table, basis.size, box, config.cell_size)
+    sol_bbox = (float(box[0]), float(box[1] - 1), float(box[2]), float(box[3] - 1))
+    result = solve_kernel(cells, basis, config, sol_bbox, mode=mode, map_cells=map_cells)
+    t_solve = time.perf_counter()
+    solution = result.spatial.solution
+
+    cell_of = {int(i): c.cell for c in cells for i in c.ids.tolist()}
+    status, reason, ksum = [], [], []
+    used = set(result.used_ids)
+    for i in table["id"].to_numpy().tolist():
+        f = result.fits.get(int(i))
+        ksum.append(f.kernel_sum if f is not None else np.nan)
+        if int(i) in used:
+            status.append("used")
+            reason.append("")
+        elif int(i) in result.rejected:
+            status.append("rejected")
+            reason.append(result.rejected[int(i)])
+        else:
+            status.append("unused")
+            reason.append("")
+    candidates = pd.DataFrame(
+        {
+            "id": table["id"].to_numpy(),
+            "x": table["x"].to_numpy(),
+            "y": table["y"].to_numpy(),
+            "cell": [cell_of[int(i)] for i in table["id"].to_numpy()],
+            "flux": table["flux"].to_numpy(),
+            "snr": table["snr"].to_numpy(),
+            "kernel_sum": ksum,
+            "status": status,
+            "reason": reason,
+        }
+    )
+    by_reason: dict[str, int] = {}
+    for r in result.rejected.values():
+        by_reason[r] = by_reason.get(r, 0) + 1
+    diagnostics = {
+        "mode": mode,
+        "basis": basis.kind,
+        "kernel_size": basis.size,
+        "gaussian_sigmas": [float(s) for s in basis.sigmas],
+        "n_basis": basis.n,
+        "fwhm_science": float(fwhm_sci),
+        "fwhm_template": float(fwhm_tmpl),
+        "sources": {
+            "found": int(source_stats["found"]),
+            "used": int(source_stats["used"]),
+            "origin": source_stats["origin"],
+            "rejected": {k: int(v) for k, v in source_stats["rejected"].items()},
+        },
+        "candidates": {
+            "available": int(len(table)),
+            "fitted": int(len(result.fits)),
+            "used": int(len(result.used_ids)),
+            "rejected": {k: int(v) for k, v in sorted(by_reason.items())},
+            "rejected_by_stage": {
+                "single_fit": int(sum(by_reason.get(r, 0) for r in SINGLE_REASONS)),
+                "kernel_sum": int(by_reason.get("kernel_sum", 0)),
+                "spatial": int(sum(by_reason.get(r, 0) for r in SPATIAL_REASONS)),
+            },
+        },
+        "n_cells": int(len(cells)),
+        "kernel_sum_center": float(solution.kernel_sum_at_center()),
+        "background_center": float(solution.background_at(*solution.center)),
+        "kernel_sum_clip": {"mean": float(result.kernel_sum_mean), "std": float(result.kernel_sum_std)},
+        "spatial_condition_number": float(result.spatial.condition_number),
+        "spatial_condition_number_raw": float(result.spatial.condition_number_raw),
+        "spatial_iterations": int(result.iterations),
+        "timings_s": {"sources": t_sources - t0, "kernel_solve": t_solve - t_sources},
+    }
+    return KernelFitResult(solution=solution, candidates=candidates, diagnostics=diagnostics)
+
+
+# ------------------------------------------------------------------------ plots
+
+
+def plot_kernel_grid(solution: KernelSolution, bbox, path, *, n: int = 5) -> None:
+    """PNG of the kernel realized on an ``n × n`` grid over ``bbox`` = (x_min, x_max, y_min, y_max)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x0, x1, y0, y1 = [float(b) for b in bbox]
+    xs = np.linspace(x0, x1, n)
+    ys = np.linspace(y0, y1, n)
+    kernels = np.array([[solution.kernel_at(x, y) for x in xs] for y in ys])
+    vmin, vmax = float(kernels.min()), float(kernels.max())
+    fig, axes = plt.subplots(n, n, figsize=(2 * n, 2 * n), squeeze=False)
+    for j in range(n):
+        for i in range(n):
+            ax = axes[n - 1 - j, i]
+            ax.imshow(kernels[j, i], origin="lower", vmin=vmin, vmax=vmax, cmap="viridis")
+            ax.set_title(f"({xs[i]:.0f},{ys[j]:.0f}) Σ={kernels[j, i].sum():.4f}", fontsize=7)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(f"PSF-matching kernel ({solution.mode}, {solution.size} px)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_candidates(science_image, candidates_table: pd.DataFrame, path) -> None:
+    """PNG of the kernel candidates over the science image: used vs rejected, by reason.
+
+    ``science_image`` is an :class:`Exposure` (parent coordinates) or a 2-D array (xy0 = 0).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if isinstance(science_image, Exposure):
+        img = science_image.arrays()[0]
+        x0, y0 = science_image.xy0
+    else:
+        img = np.asarray(science_image)
+        x0 = y0 = 0
+    ny, nx = img.shape
+    step = max(1, int(np.ceil(max(nx, ny) / 2048)))
+    shown = img[::step, ::step]
+    lo, hi = np.nanpercentile(shown, [1.0, 99.5])
+    fig, ax = plt.subplots(figsize=(9, 9))
+    ax.imshow(shown, origin="lower", cmap="gray", vmin=lo, vmax=hi,
+              extent=(x0 - 0.5, x0 + nx - 0.5, y0 - 0.5, y0 + ny - 0.5))
+    tab = candidates_table
+    groups = [("used", tab["status"] == "used", "lime", "o")]
+    if "unused" in set(tab["status"]):
+        groups.append(("unused", tab["status"] == "unused", "cyan", "."))
+    markers = "xs^vD*P"
+    colors = ["red", "orange", "magenta", "yellow", "deepskyblue", "white", "brown"]
+    for k, r in enumerate(sorted(set(tab.loc[tab["status"] == "rejected", "reason"]))):
+        groups.append((f"rejected: {r}", (tab["status"] == "rejected") & (tab["reason"] == r),
+                       colors[k % len(colors)], markers[k % len(markers)]))
+    for label, sel, color, marker in groups:
+        style = {"facecolors": "none", "edgecolors": color} if marker in "osD^v" else {"c": color}
+        ax.scatter(tab.loc[sel, "x"], tab.loc[sel, "y"], s=30, marker=marker, label=f"{label} ({int(sel.sum())})",
+                   linewidths=1, **style)
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_xlabel("x (parent pixels)")
+    ax.set_ylabel("y (parent pixels)")
+    ax.set_title("Kernel candidates")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

@@ -1,0 +1,265 @@
+r"""Selection of the stars that constrain the PSF-matching kernel.
+
+Given a catalog (columns ``x``, ``y`` in parent pixels) or, when none is given,
+detections on the science image (``sep.extract`` with the PSF as matched filter,
+threshold ``detection_threshold`` σ of the filtered background noise), every source
+is measured and cut, in this order (the count each cut removes is recorded):
+
+``outside``
+    the stamp (side ``2 × kernel_size + 1``) leaves either image;
+``masked``
+    the stamp touches any of ``bad_mask_planes`` in either image;
+``saturated``
+    a stamp pixel reaches the saturation level of either image (when known);
+``not_point_like``
+    PSF-weighted second moments: :math:`T = I_{xx} + I_{yy}` of the data over that of
+    the PSF model rendered at the same sub-pixel position, outside
+    ``[1 / max_size_ratio, max_size_ratio]``;
+``not_isolated``
+    another source (before any cut) within ``isolation_factor × kernel_size`` pixels;
+``snr_low`` / ``snr_high``
+    PSF-flux S/N outside ``[min_snr, max_snr]``, from the linear PSF fit
+    :math:`\hat F = \sum P I/\sigma^2 / \sum P^2/\sigma^2`,
+    :math:`\sigma_F = (\sum P^2/\sigma^2)^{-1/2}`;
+``max_sources``
+    beyond the ``max_sources`` highest-S/N sources.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import pandas as pd
+from scipy.signal import fftconvolve
+
+from ..config import KernelSourceConfig
+from ..errors import InsufficientKernelSourcesError
+from ..exposure import Exposure
+from ..noise import measure_background
+
+__all__ = ["select_kernel_sources", "detect_sources", "measure_sources", "overlap_bbox", "SOURCE_CUTS"]
+
+log = logging.getLogger(__name__)
+
+SOURCE_CUTS = ("outside", "masked", "saturated", "not_point_like", "not_isolated", "snr_low", "snr_high", "max_sources")
+#: Background mesh size (pixels) for detection and local sky.
+BACKGROUND_BOX = 64
+#: sep's pixel stack (large images with many sources overflow the default).
+SEP_PIXSTACK = 10_000_000
+#: Minimum number of kernel sources (the issue's "fewer than 3").
+MIN_KERNEL_SOURCES = 3
+
+
+def overlap_bbox(a: Exposure, b: Exposure) -> tuple[int, int, int, int]:
+    """Intersection of the two parent boxes ``(x_min, x_max, y_min, y_max)``; empty → ValueError."""
+    ax0, ax1, ay0, ay1 = a.bbox
+    bx0, bx1, by0, by1 = b.bbox
+    box = (max(ax0, bx0), min(ax1, bx1), max(ay0, by0), min(ay1, by1))
+    if box[1] <= box[0] or box[3] <= box[2]:
+        raise ValueError(f"the exposures do not overlap ({a.bbox} vs {b.bbox})")
+    return box
+
+
+def detect_sources(science: Exposure, config: KernelSourceConfig) -> pd.DataFrame:
+    """Detect on the background-subtracted science image smoothed with its PSF (matched filter).
+
+    Returns a table with ``x``, ``y`` (parent pixels).
+    """
+    import sep
+
+    img, var, msk = science.arrays()
+    bad = (msk & science.bitmask(list(config.bad_mask_planes))) != 0
+    bkg = measure_background(img, bad, box=BACKGROUND_BOX)
+    data = np.ascontiguousarray(np.where(bad, 0.0, img - bkg.level), dtype=np.float32)
+    cx, cy = science.center
+    psf = science.psf.kernel_image(cx, cy)
+    # Matched filter by FFT (sep's direct filtering is ~15x slower on 4k² images): the smoothed
+    # image S = I ⊗ P has noise σ_S = rms √(Σ P²) for white sky noise, so thresholding S at
+    # detection_threshold × σ_S is the "N σ after smoothing with the PSF" criterion.
+    smoothed = fftconvolve(data, psf[::-1, ::-1], mode="same")
+    smoothed[bad] = 0.0
+    err_s = np.ascontiguousarray(bkg.rms * math.sqrt(float((psf**2).sum())), dtype=np.float32)
+    sep.set_extract_pixstack(SEP_PIXSTACK)
+    sep.set_sub_object_limit(4096)
+    objects = sep.extract(
+        np.ascontiguousarray(smoothed, dtype=np.float32),
+        float(config.detection_threshold),
+        err=err_s,
+        mask=bad,
+        filter_kernel=None,
+    )
+    x0, y0 = science.xy0
+    return pd.DataFrame({"x": objects["x"] + x0, "y": objects["y"] + y0})
+
+
+def _weighted_trace(stamp: np.ndarray, xc: float, yc: float, sigma_w: float) -> float:
+    s = stamp.shape[0]
+    g = np.arange(s, dtype=np.float64)
+    dx = g[None, :] - xc
+    dy = g[:, None] - yc
+    w = np.exp(-0.5 * (dx * dx + dy * dy) / sigma_w**2) * stamp
+    tot = w.sum()
+    if not tot > 0:
+        return float("nan")
+    mx = (w * dx).sum() / tot
+    my = (w * dy).sum() / tot
+    return float((w * ((dx - mx) ** 2 + (dy - my) ** 2)).sum() / tot)
+
+
+def measure_sources(
+    science: Exposure,
+    x: np.ndarray,
+    y: np.ndarray,
+    half: int,
+) -> pd.DataFrame:
+    """PSF flux, S/N, peak and size ratio of sources at parent (x, y) on the science image.
+
+    Measured in a ``2·half + 1`` box (which must lie inside the image) after
+    subtracting the mesh background.
+    """
+    img, var, msk = science.arrays()
+    bkg = measure_background(img, None, box=BACKGROUND_BOX)
+    sub = img - bkg.level
+    x0, y0 = science.xy0
+    psf = science.psf
+    size = 2 * half + 1
+    flux = np.full(len(x), np.nan)
+    snr = np.full(len(x), np.nan)
+    ratio = np.full(len(x), np.nan)
+    for k, (xs, ys) in enumerate(zip(x, y)):
+        ix, iy = int(round(xs)), int(round(ys))
+        sl = (slice(iy - y0 - half, iy - y0 + half + 1), slice(ix - x0 - half, ix - x0 + half + 1))
+        stamp = sub[sl].astype(np.float64)
+        v = var[sl].astype(np.float64)
+        offset = (xs - ix, ys - iy)
+        p = psf.kernel_image(xs, ys, size=size, offset=offset)
+        w = np.where(v > 0, 1.0 / np.where(v > 0, v, 1.0), 0.0)
+        ppw = (p * p * w).sum()
+        if ppw > 0:
+            flux[k] = (p * stamp * w).sum() / ppw
+            snr[k] = flux[k] * math.sqrt(ppw)
+        sigma_w = psf.sigma(xs, ys)
+        t_data = _weighted_trace(stamp, half + offset[0], half + offset[1], sigma_w)
+        t_psf = _weighted_trace(p, half + offset[0], half + offset[1], sigma_w)
+        ratio[k] = t_data / t_psf if t_psf > 0 else np.nan
+    return pd.DataFrame({"flux": flux, "snr": snr, "size_ratio": ratio})
+
+
+def _stamp_checks(exp: Exposure, ix, iy, half, bad_bits):
+    """(inside, clean, peak) for integer centres on one exposure."""
+    img, _, msk = exp.arrays()
+    x0, x1, y0, y1 = exp.bbox
+    inside = (ix - half >= x0) & (ix + half < x1) & (iy - half >= y0) & (iy + half < y1)
+    clean = np.zeros(len(ix), dtype=bool)
+    peak = np.full(len(ix), np.nan)
+    for k in np.flatnonzero(inside):
+        sl = (slice(iy[k] - y0 - half, iy[k] - y0 + half + 1), slice(ix[k] - x0 - half, ix[k] - x0 + half + 1))
+        clean[k] = not np.any(msk[sl] & bad_bits)
+        peak[k] = float(np.max(img[sl]))
+    return inside, clean, peak
+
+
+def select_kernel_sources(
+    science: Exposure,
+    template: Exposure,
+    kernel_size: int,
+    config: KernelSourceConfig = KernelSourceConfig(),
+    catalog: pd.DataFrame | None = None,
+) -> tuple[pd.DataFrame, dict]:
+    """Kernel sources: detected (or given), measured and cut; highest S/N first.
+
+    Parameters
+    ----------
+    science, template : Exposure
+    kernel_size : int
+        Kernel side; stamps have side ``2 × kernel_size + 1``.
+    config : KernelSourceConfig
+    catalog : DataFrame, optional
+        Columns ``x``, ``y`` (parent pixels); detection on the science image when None.
+
+    Returns
+    -------
+    sources : DataFrame
+        ``id, x, y, flux, snr, size_ratio``, sorted by decreasing S/N.
+    stats : dict
+        ``{"found": n, "used": m, "rejected": {cut: count}}``.
+
+    Raises
+    ------
+    InsufficientKernelSourcesError
+        Fewer than 3 sources survive; the message and the attributes carry the counts.
+    """
+    if science.psf is None:
+        raise ValueError("kernel source selection needs the science PSF")
+    half = int(kernel_size)
+    if catalog is None:
+        table = detect_sources(science, config)
+        origin = "detected on the science image"
+    else:
+        if not {"x", "y"} <= set(catalog.columns):
+            raise ValueError(f"kernel source catalog needs columns 'x' and 'y', has {list(catalog.columns)}")
+        table = pd.DataFrame({"x": np.asarray(catalog["x"], float), "y": np.asarray(catalog["y"], float)})
+        origin = "given"
+    table = table.reset_index(drop=True)
+    table.insert(0, "id", np.asarray(catalog["id"]) if catalog is not None and "id" in catalog else np.arange(len(table)))
+    found = len(table)
+    rejected = {c: 0 for c in SOURCE_CUTS}
+    all_xy = table[["x", "y"]].to_numpy()
+    ix = np.round(table["x"].to_numpy()).astype(int)
+    iy = np.round(table["y"].to_numpy()).astype(int)
+    keep = np.ones(found, dtype=bool)
+
+    def cut(name, bad):
+        nonlocal keep
+        bad = bad & keep
+        rejected[name] += int(bad.sum())
+        keep = keep & ~bad
+
+    checks = []
+    for exp in (science, template):
+        bits = exp.bitmask(list(config.bad_mask_planes))
+        checks.append(_stamp_checks(exp, ix, iy, half, bits))
+    cut("outside", ~(checks[0][0] & checks[1][0]))
+    cut("masked", ~(checks[0][1] & checks[1][1]))
+    sat = np.zeros(found, dtype=bool)
+    for exp, (_, _, peak) in zip((science, template), checks):
+        level = exp.info.saturation
+        if level is not None:
+            sat |= peak >= level
+    cut("saturated", sat)
+    meas = pd.DataFrame({"flux": np.full(found, np.nan), "snr": np.full(found, np.nan), "size_ratio": np.full(found, np.nan)})
+    idx = np.flatnonzero(keep)
+    if idx.size:
+        m = measure_sources(science, table["x"].to_numpy()[idx], table["y"].to_numpy()[idx], half)
+        meas.iloc[idx] = m.to_numpy()
+    table = pd.concat([table, meas], axis=1)
+    r = table["size_ratio"].to_numpy()
+    cut("not_point_like", ~((r <= config.max_size_ratio) & (r >= 1.0 / config.max_size_ratio)))
+    radius = config.isolation_factor * half
+    if radius > 0 and found > 1:
+        from scipy.spatial import cKDTree
+
+        tree = cKDTree(all_xy)
+        counts = np.asarray([len(n) for n in tree.query_ball_point(all_xy, r=radius)])
+        cut("not_isolated", counts > 1)
+    snr = table["snr"].to_numpy()
+    cut("snr_low", ~(snr >= config.min_snr))
+    cut("snr_high", ~(snr <= config.max_snr))
+    kept = table[keep].sort_values("snr", ascending=False, kind="stable")
+    if len(kept) > config.max_sources:
+        rejected["max_sources"] = len(kept) - config.max_sources
+        kept = kept.iloc[: config.max_sources]
+    kept = kept.reset_index(drop=True)
+    stats = {"found": found, "used": len(kept), "rejected": rejected, "origin": origin}
+    if len(kept) < MIN_KERNEL_SOURCES:
+        detail = ", ".join(f"{k}: {v}" for k, v in rejected.items() if v)
+        raise InsufficientKernelSourcesError(
+            f"only {len(kept)} kernel source(s) left of {found} {origin} (need ≥ {MIN_KERNEL_SOURCES}); "
+            f"removed by cut: {detail or 'none'}",
+            found=found,
+            used=len(kept),
+            rejected=rejected,
+        )
+    log.info("kernel sources: %d of %d %s kept (%s)", len(kept), found, origin, rejected)
+    return kept, stats

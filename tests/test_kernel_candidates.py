@@ -1,0 +1,125 @@
+"""Single-candidate fits, cell fitting and kernel-sum clipping."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.signal import fftconvolve
+
+from diffim_dag.config import KernelConfig
+from diffim_dag.kernels.basis import KernelBasis, alard_lupton_basis, basis_from_config, delta_function_basis
+from diffim_dag.kernels.candidates import (
+    CellStamps,
+    clip_kernel_sums,
+    convolve_stamps,
+    fit_candidates,
+    fit_cell,
+)
+from diffim_dag.psf import FWHM_PER_SIGMA, GaussianPsf
+
+SIGMA_T, SIGMA_S = 1.4, 2.0
+SIGMA_K = np.sqrt(SIGMA_S**2 - SIGMA_T**2)
+
+
+def test_convolve_stamps_matches_scipy():
+    rng = np.random.default_rng(0)
+    stamps = rng.normal(size=(2, 31, 31))
+    basis = alard_lupton_basis(11, [0.8, 1.6], [2, 1])
+    out = convolve_stamps(stamps, basis)
+    assert out.shape == (2, len(basis), 21, 21)
+    ref = fftconvolve(stamps[1], basis[4], mode="same")[5:-5, 5:-5]
+    np.testing.assert_allclose(out[1, 4], ref, atol=1e-12)
+
+
+def test_delta_function_stamps_scale_and_background():
+    """White-noise reference (every pixel a delta): science = 2.7 × template; then + 11.3."""
+    rng = np.random.default_rng(1)
+    size = 9
+    basis = KernelBasis(images=delta_function_basis(size), kind="delta-function")
+    ref = rng.normal(100.0, 10.0, size=(1, 2 * size + 1 + 10, 2 * size + 1 + 10))
+    var = np.ones_like(ref)
+    fit = fit_candidates(ref, 2.7 * ref, var, basis)[0]
+    assert fit.kernel_sum == pytest.approx(2.7, abs=1e-5)
+    assert fit.background == pytest.approx(0.0, abs=1e-4)
+    fit = fit_candidates(ref, ref + 11.3, var, basis)[0]
+    assert fit.kernel_sum == pytest.approx(1.0, abs=1e-5)
+    assert fit.background == pytest.approx(11.3, abs=1e-4)
+    assert fit.status == "used" and abs(fit.residual_mean) < 1e-6
+
+
+def _star_pair(kernel_size=21, noise=0.0, seed=0, offset=(0.3, -0.2), scale=1.0, template_noise=True, flux=1e5):
+    s = 2 * kernel_size + 1
+    ref = flux * GaussianPsf(SIGMA_T).kernel_image(size=s, offset=offset)
+    true_k = GaussianPsf(SIGMA_K).kernel_image(size=kernel_size)
+    tgt = scale * fftconvolve(ref, true_k, mode="same")
+    rng = np.random.default_rng(seed)
+    var = np.full((s, s), max(noise, 1.0) ** 2 * 2)
+    if noise:
+        if template_noise:
+            ref = ref + rng.normal(0, noise, ref.shape)
+        tgt = tgt + rng.normal(0, noise, tgt.shape)
+    return ref[None], tgt[None], var[None], true_k
+
+
+def test_known_gaussian_kernel_recovered_exactly_without_noise():
+    fwhm_t, fwhm_s = SIGMA_T * FWHM_PER_SIGMA, SIGMA_S * FWHM_PER_SIGMA
+    basis = basis_from_config(KernelConfig(), fwhm_t, fwhm_s)
+    assert basis.size == 21
+    ref, tgt, var, true_k = _star_pair(basis.size)
+    fit = fit_candidates(ref, tgt, var, basis)[0]
+    kernel = np.tensordot(fit.coefficients[:-1], basis.images, axes=(0, 0))
+    assert np.abs(kernel - true_k).max() < 1e-3 * true_k.max()
+    assert fit.kernel_sum == pytest.approx(true_k.sum(), abs=1e-8)
+    assert fit.background == pytest.approx(0.0, abs=1e-6)
+    assert fit.status == "used"
+
+
+def test_known_gaussian_kernel_with_noise_sum_within_1e3():
+    basis = basis_from_config(KernelConfig(), SIGMA_T * FWHM_PER_SIGMA, SIGMA_S * FWHM_PER_SIGMA)
+    # noise in the science (target) image only: the template is a deep coadd
+    ref, tgt, var, true_k = _star_pair(basis.size, noise=5.0, seed=3, scale=1.7, template_noise=False,
+                                     flux=1e6)
+    fit = fit_candidates(ref, tgt, var, basis)[0]
+    assert fit.kernel_sum == pytest.approx(1.7, abs=1.7e-3)
+    # var = 2 noise² but only the target is noisy: std(D/σ) ≈ sqrt((529 - 28) / 529 / 2) = 0.69
+    assert fit.status == "used" and 0.6 < fit.residual_std < 0.78
+
+
+def test_residual_cuts_reject_bad_candidates():
+    basis = basis_from_config(KernelConfig(), SIGMA_T * FWHM_PER_SIGMA, SIGMA_S * FWHM_PER_SIGMA)
+    ref, tgt, var, _ = _star_pair(basis.size, noise=5.0, seed=4)
+    bad = tgt.copy()
+    c = bad.shape[-1] // 2
+    bad[0, c + 4, c - 3] += 3000.0  # a cosmic ray in the target interior
+    fits = fit_candidates(np.concatenate([ref, ref]), np.concatenate([tgt, bad]), np.concatenate([var, var]), basis)
+    assert fits[0].status == "used"
+    assert fits[1].status == "rejected" and fits[1].reason == "residual_std"
+    # a NaN stamp → singular
+    nan_ref = ref.copy()
+    nan_ref[0, 0, 0] = np.nan
+    f = fit_candidates(nan_ref, tgt, var, basis)[0]
+    assert f.status == "rejected" and f.reason == "singular"
+
+
+def test_fit_cell_replaces_rejected_candidates_and_caps_per_cell():
+    basis = basis_from_config(KernelConfig(), SIGMA_T * FWHM_PER_SIGMA, SIGMA_S * FWHM_PER_SIGMA)
+    stamps = [_star_pair(basis.size, noise=5.0, seed=s) for s in range(8)]
+    ref = np.concatenate([s[0] for s in stamps])
+    tgt = np.concatenate([s[1] for s in stamps])
+    var = np.concatenate([s[2] for s in stamps])
+    tgt[1, 21 + 3, 21 + 2] += 3000.0  # candidate 11 is bad
+    cell = CellStamps(cell=4, ids=np.arange(10, 18), x=np.arange(8.0), y=np.arange(8.0),
+                      reference=ref, target=tgt, variance=var)
+    cf = fit_cell(cell, basis, KernelConfig())
+    assert [f.id for f in cf.used] == [10, 12, 13, 14, 15]
+    assert [(f.id, f.reason) for f in cf.fits if f.status == "rejected"] == [(11, "residual_std")]
+    cf = fit_cell(cell, basis, KernelConfig(candidates_per_cell=2), exclude={10})
+    assert [f.id for f in cf.used] == [12, 13] and len(cf.fits) == 3
+
+
+def test_kernel_sum_clipping_rejects_only_the_outlier():
+    keep, mean, std = clip_kernel_sums([1, 1, 1, 1, 2, 3, 4, 50], nsigma=3.0)
+    assert keep.tolist() == [True] * 7 + [False]
+    assert mean == pytest.approx(13 / 7)
+    # identical (noise-free) sums are all kept
+    keep, _, _ = clip_kernel_sums(np.ones(9) + 1e-13 * np.arange(9))
+    assert keep.all()

@@ -1,0 +1,151 @@
+"""Kernel-source selection, plus the simulated science/template pairs the kernel tests share."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from diffim_dag.config import KernelSourceConfig
+from diffim_dag.errors import InsufficientKernelSourcesError
+from diffim_dag.exposure import Exposure, ExposureInfo
+from diffim_dag.psf import GaussianPsf
+from diffim_dag.stages.kernel_sources import select_kernel_sources
+
+STAR_STAMP = 41
+
+
+def star_positions(shape, n_stars, rng, *, margin=48):
+    """Jittered grid of ``n_stars`` positions (array frame), spaced for isolation."""
+    ny, nx = shape
+    nside = int(np.ceil(np.sqrt(n_stars)))
+    gx = np.linspace(margin, nx - 1 - margin, nside)
+    gy = np.linspace(margin, ny - 1 - margin, nside)
+    xx, yy = np.meshgrid(gx, gy)
+    pos = np.column_stack([xx.ravel(), yy.ravel()])
+    pick = rng.choice(len(pos), size=n_stars, replace=False)
+    jitter = 0.15 * min(gx[1] - gx[0] if nside > 1 else 0, gy[1] - gy[0] if nside > 1 else 0)
+    return pos[pick] + rng.uniform(-jitter, jitter, size=(n_stars, 2))
+
+
+def render(shape, xy, fluxes, psf, *, xy0=(0, 0), size=STAR_STAMP):
+    """Sum of PSF stars at array positions ``xy`` (PSF evaluated at parent positions)."""
+    img = np.zeros(shape)
+    h = size // 2
+    ny, nx = shape
+    for (x, y), f in zip(xy, fluxes):
+        ix, iy = int(round(x)), int(round(y))
+        stamp = psf.kernel_image(x + xy0[0], y + xy0[1], size=size, offset=(x - ix, y - iy))
+        y0, y1, x0, x1 = iy - h, iy + h + 1, ix - h, ix + h + 1
+        sy0, sx0 = max(0, -y0), max(0, -x0)
+        sy1, sx1 = size - max(0, y1 - ny), size - max(0, x1 - nx)
+        img[max(y0, 0) : min(y1, ny), max(x0, 0) : min(x1, nx)] += f * stamp[sy0:sy1, sx0:sx1]
+    return img
+
+
+def make_pair(
+    shape=(512, 512),
+    n_stars=40,
+    *,
+    psf_science=GaussianPsf(2.0),
+    psf_template=GaussianPsf(1.4),
+    seed=1,
+    xy0=(100, 200),
+    sky_science=5.0,
+    sky_template=2.5,
+    snr_range=(60.0, 400.0),
+    scale=1.0,
+    background=0.0,
+    variable=None,
+    positions=None,
+):
+    """A science/template pair of Gaussian-PSF stars with Gaussian sky noise.
+
+    science = scale × (template stars, re-rendered with the science PSF) + background;
+    ``variable`` maps star index → extra flux factor in the science image.
+    Returns ``(science, template, truth)``; truth has parent ``x, y, flux``.
+    """
+    rng = np.random.default_rng(seed)
+    xy = star_positions(shape, n_stars, rng) if positions is None else np.asarray(positions, float)
+    sigma = psf_science.sigma()
+    snr = np.exp(rng.uniform(*np.log(snr_range), size=len(xy)))
+    flux = snr * sky_science * np.sqrt(4 * np.pi * sigma**2)
+    sci_flux = scale * flux.copy()
+    for k, f in (variable or {}).items():
+        sci_flux[k] *= f
+    sci = render(shape, xy, sci_flux, psf_science, xy0=xy0) + background
+    tmp = render(shape, xy, flux, psf_template, xy0=xy0)
+    sci += rng.normal(0.0, sky_science, shape)
+    tmp += rng.normal(0.0, sky_template, shape)
+    science = Exposure.from_arrays(sci, np.full(shape, sky_science**2), xy0=xy0, psf=psf_science,
+                                   info=ExposureInfo(band="r", visit=1))
+    template = Exposure.from_arrays(tmp, np.full(shape, sky_template**2), xy0=xy0, psf=psf_template,
+                                    info=ExposureInfo(band="r"))
+    truth = pd.DataFrame({"x": xy[:, 0] + xy0[0], "y": xy[:, 1] + xy0[1], "flux": flux})
+    return science, template, truth
+
+
+def test_detection_finds_stars_with_parent_coordinates():
+    sci, tmp, truth = make_pair(n_stars=36, seed=3)
+    sources, stats = select_kernel_sources(sci, tmp, 21)
+    assert stats["origin"].startswith("detected")
+    assert len(sources) >= 30
+    # every selected source is one of the injected stars (parent frame, xy0 != 0)
+    d = np.hypot(sources["x"].to_numpy()[:, None] - truth["x"].to_numpy()[None],
+                 sources["y"].to_numpy()[:, None] - truth["y"].to_numpy()[None]).min(axis=1)
+    assert np.all(d < 0.5)
+    snr = sources["snr"].to_numpy()
+    assert np.all(np.diff(snr) <= 0) and snr.min() >= 10 and snr.max() <= 500
+    # measured S/N follows the injected one (flux / (sky sqrt(4 pi sigma^2)))
+    k = np.argmin(np.hypot(truth["x"].to_numpy()[:, None] - sources["x"].to_numpy()[None],
+                           truth["y"].to_numpy()[:, None] - sources["y"].to_numpy()[None]), axis=0)
+    expected = truth["flux"].to_numpy()[k] / (5.0 * np.sqrt(4 * np.pi * 4.0))
+    assert np.median(snr / expected) == pytest.approx(1.0, abs=0.1)
+
+
+def test_cuts_edge_mask_isolation_snr_and_max_sources():
+    shape = (400, 400)
+    pos = [(200, 200), (10, 200), (300, 100), (100, 300), (112, 300), (300, 300), (150, 100), (200, 330), (250, 250)]
+    sci, tmp, truth = make_pair(shape, positions=pos, seed=7, snr_range=(100, 100.0001))
+    img, var, msk = tmp.arrays()
+    msk = msk.copy()
+    msk[100 - 15, 300 + 3] |= tmp.bitmask("SAT")  # template SAT pixel in the stamp of (300, 100)
+    tmp = tmp.with_planes(mask=msk)
+    cat = truth[["x", "y"]].copy()
+    cat.loc[len(cat)] = (cat.x.iloc[-1] + 0.0, cat.y.iloc[-1] + 0.0)
+    faint = pd.DataFrame({"x": [50.0 + 100], "y": [50.0 + 200]})  # a star at S/N ≈ 6
+    img = sci.arrays()[0] + render(shape, [(50.0, 50.0)], [6.0 * 5.0 * np.sqrt(4 * np.pi * 4.0)], GaussianPsf(2.0))
+    sci = sci.with_planes(image=img)
+    cat = pd.concat([cat, faint], ignore_index=True)
+    cfg = KernelSourceConfig(max_sources=3)
+    sources, stats = select_kernel_sources(sci, tmp, 21, cfg, catalog=cat)
+    r = stats["rejected"]
+    assert stats["found"] == len(cat)
+    assert r["outside"] == 1  # (10, 200): 43-px stamp leaves the image
+    assert r["masked"] == 1  # SAT pixel in the template stamp
+    assert r["not_isolated"] == 4  # the (100,300)/(112,300) pair and the duplicated last star
+    assert r["snr_low"] == 1
+    assert len(sources) == 3 and r["max_sources"] == 1
+    assert sum(r.values()) + len(sources) == stats["found"]
+
+
+def test_not_point_like_source_is_cut():
+    pos = [(100, 100), (200, 100), (300, 100), (100, 250), (250, 250)]
+    sci, tmp, truth = make_pair((400, 400), positions=pos, seed=2, snr_range=(150, 150.001))
+    img = sci.arrays()[0].copy()
+    galaxy = GaussianPsf(6.0).kernel_image(size=41) * 60000.0
+    img[300 - 20 : 300 + 21, 300 - 20 : 300 + 21] += galaxy
+    sci = sci.with_planes(image=img)
+    cat = pd.concat([truth[["x", "y"]], pd.DataFrame({"x": [300.0 + 100], "y": [300.0 + 200]})], ignore_index=True)
+    sources, stats = select_kernel_sources(sci, tmp, 21, catalog=cat)
+    assert stats["rejected"]["not_point_like"] == 1
+    assert len(sources) == 5
+
+
+def test_too_few_sources_raises_with_counts():
+    sci, tmp, truth = make_pair((300, 300), positions=[(150, 150), (15, 150), (150, 60), (5, 5)], seed=4)
+    with pytest.raises(InsufficientKernelSourcesError) as info:
+        select_kernel_sources(sci, tmp, 21, catalog=truth)
+    err = info.value
+    assert err.found == 4 and err.used == 2
+    assert err.rejected["outside"] == 2  # (15, 150) and (5, 5): their 43-px stamps leave the image
+    assert "only 2 kernel source(s) left of 4" in str(err) and "outside: 2" in str(err)
