@@ -83,6 +83,9 @@ def _setup_logging(verbosity: int) -> None:
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("diffim_dag").setLevel(level)
+    # Dask's own chatter only with -vv
+    for name in ("distributed", "dask"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbosity >= 2 else logging.WARNING)
 
 
 def _read_any(path: str, args, role: str):

@@ -19,7 +19,8 @@ def atomic_path(path: str | os.PathLike, *, directory: bool = False):
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # keep the real suffixes last: writers infer the format from them (".png", ".fits.gz")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + "".join(path.suffixes), dir=path.parent)
     os.close(fd)
     os.unlink(tmp)
     tmp_path = Path(tmp)

@@ -1,0 +1,238 @@
+"""Acceptance tests of the AL subtraction of one detector (ip_diffim's thresholds).
+
+Fixtures are analytic: Gaussian PSFs (the matching kernel is then a Gaussian of
+σ² = σ_sci² − σ_tmpl²), white Gaussian noise of known σ, stars injected with
+:func:`diffim_dag.sim.add_sources`.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from diffim_dag import Exposure, ExposureInfo, GaussianPsf, NoWorkFound, VaryingPsf
+from diffim_dag.config import PipelineConfig, SubtractConfig, KernelConfig
+from diffim_dag.kernels.chebyshev import chebyshev_terms
+from diffim_dag.noise import clipped_stats, robust_std
+from diffim_dag.pipeline import subtract_exposures
+from diffim_dag.sim import add_sources
+
+
+def make_pair(*, sigma_science=2.4, sigma_template=2.0, noise_science=1.0, noise_template=1.0, size=512, n_stars=120,
+              seed=0, science_background=None, xy0=(0, 0), psf_gradient=0.0, no_data_fraction=0.0, fluxes=None):
+    """Science and template of the same star field with Gaussian PSFs and white noise."""
+    rng = np.random.default_rng(seed)
+    margin = 30
+    x = rng.uniform(margin, size - margin, n_stars) + xy0[0]
+    y = rng.uniform(margin, size - margin, n_stars) + xy0[1]
+    noisiest = max(noise_science, noise_template)
+    if fluxes is None:
+        # S/N in the noisier image between ~15 and ~400 (NEA ≈ 4πσ²)
+        nea = 4 * np.pi * max(sigma_science, sigma_template) ** 2
+        fluxes = noisiest * np.sqrt(nea) * 10 ** rng.uniform(np.log10(15), np.log10(400), n_stars)
+    bbox = (xy0[0], xy0[0] + size - 1, xy0[1], xy0[1] + size - 1)
+
+    def psf(sigma):
+        if psf_gradient:
+            f = sigma * 2.3548
+            return VaryingPsf(profile="gaussian", fwhm_coeffs=[f, psf_gradient * f / 2, psf_gradient * f / 2], bbox=bbox)
+        return GaussianPsf(sigma_x=sigma)
+
+    def exposure(sigma, noise, background, visit):
+        p = psf(sigma)
+        img = np.zeros((size, size))
+        add_sources(img, x, y, fluxes, p, xy0=xy0)
+        if background is not None:
+            img += background
+        img += rng.normal(0.0, noise, img.shape)
+        var = np.full(img.shape, noise**2, dtype=np.float32)
+        return Exposure.from_arrays(img.astype(np.float32), var, None, xy0=xy0, psf=p, info=ExposureInfo(visit=visit))
+
+    science = exposure(sigma_science, noise_science, science_background, 1)
+    template = exposure(sigma_template, noise_template, None, 2)
+    if no_data_fraction:
+        # NO_DATA over the right-hand part of the template
+        tmask = template.mask.values.copy()
+        ncols = int(round(no_data_fraction * size))
+        tmask[:, size - ncols :] |= template.bitmask("NO_DATA")
+        timg = template.image.values.copy()
+        timg[:, size - ncols :] = 0
+        template = template.with_planes(image=timg, mask=tmask)
+    return science, template
+
+
+def _good(diff: Exposure) -> np.ndarray:
+    _, var, msk = diff.arrays()
+    return ((msk & diff.bitmask(["NO_DATA", "BAD", "SAT", "EDGE"])) == 0) & (var > 0)
+
+
+def _config(**subtract):
+    return PipelineConfig(subtract=SubtractConfig(**subtract))
+
+
+def test_equal_images():
+    sigma = 1.0
+    science, template = make_pair(sigma_science=2.4, sigma_template=2.4, noise_science=sigma, noise_template=sigma, seed=1)
+    result = subtract_exposures(science, template, tiled=False)
+    img, var, msk = result.difference.arrays()
+    assert np.all(np.isfinite(img)) and np.all(np.isfinite(var))
+    mean, std, n = clipped_stats(img[_good(result.difference)])
+    assert abs(mean) < 5 * sigma / np.sqrt(n)
+    assert std == pytest.approx(np.sqrt(2) * sigma, rel=0.1)
+    assert result.solution.size == 21
+
+
+@pytest.mark.parametrize("noises", [(1.0, 1.0), (1.0, 0.1), (0.1, 0.1)])
+@pytest.mark.parametrize("sigmas,mode", [((2.4, 2.0), "convolveTemplate"), ((2.0, 2.4), "convolveScience")])
+def test_modes_noise_and_variance(noises, sigmas, mode):
+    ns, nt = noises
+    science, template = make_pair(sigma_science=sigmas[0], sigma_template=sigmas[1], noise_science=ns,
+                                  noise_template=nt, seed=2)
+    result = subtract_exposures(science, template, config=_config(mode=mode), tiled=False)
+    assert result.mode == mode
+    img, var, _ = result.difference.arrays()
+    good = _good(result.difference)
+    expected = ns**2 + nt**2
+    assert float(np.mean(var[good])) == pytest.approx(expected, rel=0.1)
+    _, std, _ = clipped_stats(img[good])
+    assert std == pytest.approx(np.sqrt(expected), rel=0.1)
+
+
+@pytest.mark.parametrize("sigmas,explicit", [((2.4, 2.0), "convolveTemplate"), ((2.0, 2.4), "convolveScience")])
+def test_auto_mode_matches_explicit(sigmas, explicit):
+    science, template = make_pair(sigma_science=sigmas[0], sigma_template=sigmas[1], seed=3, size=384, n_stars=80)
+    auto = subtract_exposures(science, template, config=_config(mode="auto"), tiled=False)
+    fixed = subtract_exposures(science, template, config=_config(mode=explicit), tiled=False)
+    assert auto.mode == explicit
+    for a, b in zip(auto.difference.arrays(), fixed.difference.arrays()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_swapping_science_and_template():
+    sigma = 1.0
+    a, b = make_pair(sigma_science=2.4, sigma_template=2.0, noise_science=sigma, noise_template=sigma, seed=4)
+    ab = subtract_exposures(a, b, tiled=False)
+    ba = subtract_exposures(b, a, tiled=False)
+    assert {ab.mode, ba.mode} == {"convolveTemplate", "convolveScience"}
+    good = _good(ab.difference) & _good(ba.difference)
+    delta = (ab.difference.arrays()[0] - ba.difference.arrays()[0])[good]
+    mean, std, n = clipped_stats(delta)
+    assert abs(mean) < 5 * std / np.sqrt(n)
+    assert std == pytest.approx(2 * np.sqrt(2) * sigma, rel=0.1)
+
+
+def test_background_fit_and_subtraction():
+    size, sigma = 512, 1.0
+    bbox = (0.0, size - 1.0, 0.0, size - 1.0)
+    truth = np.array([10.0, 2.0, -3.0, 1.5, 1.0, -2.0])  # Chebyshev order 2
+    yy, xx = np.mgrid[0:size, 0:size]
+    background = np.tensordot(truth, chebyshev_terms(xx, yy, 2, bbox), axes=(0, 0))
+    science, template = make_pair(sigma_science=2.4, sigma_template=2.0, seed=5, science_background=background)
+    result = subtract_exposures(science, template, config=_config(subtract_background=True), tiled=False)
+    fitted = result.solution.background_coefficients
+    np.testing.assert_allclose(fitted, truth, rtol=0.3)
+    _, std, _ = clipped_stats(result.difference.arrays()[0][_good(result.difference)])
+    assert std == pytest.approx(np.sqrt(2) * sigma, rel=0.1)
+
+
+def test_background_kept_unless_asked():
+    size = 512
+    background = np.full((size, size), 25.0)
+    science, template = make_pair(seed=6, science_background=background)
+    result = subtract_exposures(science, template, tiled=False)
+    mean, _, _ = clipped_stats(result.difference.arrays()[0][_good(result.difference)])
+    assert mean == pytest.approx(25.0, abs=0.5)
+
+
+def test_coverage_too_small_is_no_work():
+    science, template = make_pair(seed=7, no_data_fraction=0.91)
+    with pytest.raises(NoWorkFound) as info:
+        subtract_exposures(science, template, tiled=False)
+    assert info.value.coverage == pytest.approx(0.09, abs=0.005)
+
+
+def test_kernel_failure_with_low_coverage_is_no_work():
+    science, template = make_pair(seed=8, no_data_fraction=0.85)
+    too_few = pd.DataFrame({"x": [100.0, 120.0], "y": [100.0, 300.0]})
+    with pytest.raises(NoWorkFound, match="kernel fit failed"):
+        subtract_exposures(science, template, sources=too_few, tiled=False)
+
+
+def test_kernel_failure_with_good_coverage_is_the_error_itself():
+    from diffim_dag.errors import InsufficientKernelSourcesError
+
+    science, template = make_pair(seed=8)
+    too_few = pd.DataFrame({"x": [100.0, 120.0], "y": [100.0, 300.0]})
+    with pytest.raises(InsufficientKernelSourcesError):
+        subtract_exposures(science, template, sources=too_few, tiled=False)
+
+
+def test_coverage_70_percent_succeeds():
+    science, template = make_pair(seed=9, no_data_fraction=0.30)
+    result = subtract_exposures(science, template, tiled=False)
+    assert result.metrics["template_coverage"] == pytest.approx(0.70, abs=0.005)
+    msk = result.difference.arrays()[2]
+    nodata = (msk & result.difference.bitmask("NO_DATA")) != 0
+    assert nodata[:, -100:].all() and not nodata[:, :300].any()
+
+
+@pytest.mark.parametrize("tile", [512, 256, 128])
+def test_tiled_equals_eager(tile):
+    """1, 4 and 16 tiles, spatially varying PSFs (so a spatially varying kernel), non-zero origin."""
+    science, template = make_pair(seed=10, psf_gradient=0.2, xy0=(1000, -300))
+    config = _config(tile_size=tile)
+    eager = subtract_exposures(science, template, config=config, tiled=False)
+    tiled = subtract_exposures(science, template, config=config, tiled=True)
+    assert np.any(eager.solution.kernel_coefficients[1:, 1:] != 0)  # the kernel does vary
+    for role in ("difference", "matched_template"):
+        e_img, e_var, e_msk = getattr(eager, role).arrays()
+        t_img, t_var, t_msk = getattr(tiled, role).arrays()
+        np.testing.assert_array_equal(e_msk, t_msk)
+        np.testing.assert_allclose(t_img, e_img, rtol=0, atol=1e-5 * np.abs(e_img).max())
+        np.testing.assert_allclose(t_var, e_var, rtol=0, atol=1e-5 * np.abs(e_var).max())
+
+
+def test_masks_edge_and_template_rules():
+    science, template = make_pair(seed=11)
+    tmask = template.mask.values.copy()
+    tmask[200, 200] |= template.bitmask("SAT")
+    tmask[300, 300] |= template.bitmask("CR")  # cleared: template planes other than NO_DATA/BAD/HIGH_VARIANCE
+    template = template.with_planes(mask=tmask)
+    result = subtract_exposures(science, template, tiled=False)
+    msk = result.difference.arrays()[2]
+    planes = result.difference.mask_planes
+    h = result.solution.half_width
+    edge = (msk & planes.bitmask("EDGE")) != 0
+    assert edge[:h].all() and edge[-h:].all() and edge[:, :h].all() and edge[:, -h:].all()
+    assert not edge[h:-h, h:-h].any()
+    sat_t = (msk & planes.bitmask("SAT_TEMPLATE")) != 0
+    assert sat_t[200, 200] and sat_t[200 + h, 200 + h] and not sat_t[200 + h + 1, 200]  # dilated by the footprint
+    assert not (msk & planes.bitmask("SAT")).any()
+    assert not (msk & planes.bitmask("CR")).any()
+
+
+def test_variance_scale_recorded_and_refused():
+    from diffim_dag.errors import InputError
+
+    science, template = make_pair(seed=12)
+    var = science.variance.values * 0.5  # declared variance too small by 2 → factor ≈ 2
+    result = subtract_exposures(science.with_planes(variance=var), template, tiled=False)
+    assert result.metrics["science_variance_scale"] == pytest.approx(2.0, rel=0.05)
+    with pytest.raises(InputError, match="factor"):
+        subtract_exposures(science.with_planes(variance=science.variance.values * 0.05), template, tiled=False)
+
+
+def test_quality_metrics_flag_bad_subtraction():
+    science, template = make_pair(seed=13)
+    good = subtract_exposures(science, template, tiled=False)
+    assert good.metrics["quality"]["verdict"] == "ok"
+    assert good.metrics["quality"]["sky_ratio"] == pytest.approx(1.0, abs=0.1)
+    # a kernel forced to a wrong shape: a much too wide template PSF model misleads the basis
+    bad_cfg = PipelineConfig(kernel=KernelConfig(gaussian_degrees=(0,), width_multipliers=(1.0,)),
+                             subtract=SubtractConfig(mode="convolveTemplate"))
+    broad, _ = make_pair(sigma_science=4.5, sigma_template=1.2, seed=13)
+    bad = subtract_exposures(broad, template, config=bad_cfg, tiled=False)
+    q = bad.metrics["quality"]
+    assert q["footprint_residual_ratio_mean"] > good.metrics["quality"]["footprint_residual_ratio_mean"]
