@@ -104,6 +104,9 @@ class KernelConfig:
     spatial_background_order: int = 2
     fit_background: bool = True
     max_spatial_iterations: int = 3
+    # Lower the spatial orders when there are fewer than this many kernel sources per spatial
+    # term (a 256² stamp with 5 stars cannot constrain a linearly varying 27-function kernel).
+    min_sources_per_spatial_term: float = 3.0
 
     def __post_init__(self):
         n = type(self).__name__
@@ -123,6 +126,7 @@ class KernelConfig:
         _check(0 <= self.spatial_kernel_order <= 4, n, "spatial_kernel_order", "must be in [0, 4]")
         _check(0 <= self.spatial_background_order <= 4, n, "spatial_background_order", "must be in [0, 4]")
         _check(self.max_spatial_iterations >= 1, n, "max_spatial_iterations", "must be ≥ 1")
+        _check(self.min_sources_per_spatial_term >= 0, n, "min_sources_per_spatial_term", "must be ≥ 0 (0 disables)")
 
 
 @dataclass(frozen=True, kw_only=True)

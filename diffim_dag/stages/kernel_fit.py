@@ -287,6 +287,32 @@ SINGLE_REASONS = ("singular", "residual_mean", "residual_std")
 SPATIAL_REASONS = ("spatial_residual_mean", "spatial_residual_std")
 
 
+def adapt_spatial_orders(config: KernelConfig, n_sources: int) -> tuple[KernelConfig, bool]:
+    """Lower the kernel and background spatial orders until each spatial term has enough sources.
+
+    A term of the kernel's spatial polynomial is constrained only by the candidates spread over
+    the image; with fewer than ``min_sources_per_spatial_term × n_terms(order)`` sources the
+    order is reduced (down to 0, a constant kernel/background).  Returns the config actually
+    used and whether anything was lowered.
+    """
+    import dataclasses
+
+    from ..kernels.chebyshev import n_terms
+
+    per = config.min_sources_per_spatial_term
+    if per <= 0:
+        return config, False
+    k, b = config.spatial_kernel_order, config.spatial_background_order
+    while k > 0 and n_sources < per * n_terms(k):
+        k -= 1
+    while b > 0 and n_sources < per * n_terms(b):
+        b -= 1
+    if (k, b) == (config.spatial_kernel_order, config.spatial_background_order):
+        return config, False
+    log.info("only %d kernel sources: spatial orders lowered to kernel %d, background %d", n_sources, k, b)
+    return dataclasses.replace(config, spatial_kernel_order=k, spatial_background_order=b), True
+
+
 def fit_psf_matching_kernel(
     science: Exposure,
     template: Exposure,
@@ -335,6 +361,7 @@ def fit_psf_matching_kernel(
     fwhm_ref, fwhm_tgt = (fwhm_tmpl, fwhm_sci) if mode == CONVOLVE_TEMPLATE else (fwhm_sci, fwhm_tmpl)
     basis = basis_from_config(config, fwhm_ref, fwhm_tgt)
     table, source_stats = select_kernel_sources(science, template, basis.size, source_config, sources)
+    config, reduced = adapt_spatial_orders(config, len(table))
     t_sources = time.perf_counter()
     cells = extract_cell_stamps(reference, target, table, basis.size, box, config.cell_size)
     sol_bbox = (float(box[0]), float(box[1] - 1), float(box[2]), float(box[3] - 1))
@@ -405,6 +432,9 @@ def fit_psf_matching_kernel(
         "spatial_condition_number": float(result.spatial.condition_number),
         "spatial_condition_number_raw": float(result.spatial.condition_number_raw),
         "spatial_iterations": int(result.iterations),
+        "spatial_kernel_order": int(config.spatial_kernel_order),
+        "spatial_background_order": int(config.spatial_background_order),
+        "spatial_orders_reduced": reduced,
         "timings_s": {"sources": t_sources - t0, "kernel_solve": t_solve - t_sources},
     }
     return KernelFitResult(solution=solution, candidates=candidates, diagnostics=diagnostics)
