@@ -172,7 +172,8 @@ def cell_mapper(client=None, *, prefix: str = "fit-cell"):
     def run(tasks):
         if not tasks:
             return []
-        keys = [f"{prefix}-{tasks[i][0].cell}-{dask.base.tokenize(tasks[i])}" for i in range(len(tasks))]
+        # readable keys: stage, cell and the candidates it fits (hashing the stamps would cost seconds)
+        keys = [f"{prefix}-{t[0].cell}-{dask.base.tokenize(t[0].ids.tolist(), sorted(t[3]))}" for t in tasks]
         if client is not None:
             futures = client.map(_fit_cell_task, list(tasks), key=keys)
             return client.gather(futures)

@@ -31,24 +31,40 @@ log = logging.getLogger(__name__)
 MAD_TO_SIGMA = 1.4826
 
 
-def robust_std(values: np.ndarray) -> float:
-    """σ from the median absolute deviation (finite values only)."""
-    v = np.asarray(values, dtype=np.float64).ravel()
-    v = v[np.isfinite(v)]
+#: Statistics of more values than this use a deterministic strided subsample (a 4096² image has
+#: 16.8M pixels; 1M samples pin a σ to 0.1% and cost 1/16 of the medians).
+MAX_STAT_SAMPLES = 1 << 20
+
+
+def _finite_sample(values, max_samples: int | None) -> np.ndarray:
+    v = np.asarray(values).ravel()
+    if max_samples is not None and v.size > max_samples:
+        v = v[:: -(-v.size // max_samples)]
+    v = v.astype(np.float64, copy=False)
+    return v[np.isfinite(v)]
+
+
+def robust_std(values: np.ndarray, *, max_samples: int | None = MAX_STAT_SAMPLES) -> float:
+    """σ from the median absolute deviation (finite values only; strided subsample above ``max_samples``)."""
+    v = _finite_sample(values, max_samples)
     if v.size == 0:
         return float("nan")
     return float(MAD_TO_SIGMA * np.median(np.abs(v - np.median(v))))
 
 
-def clipped_stats(values: np.ndarray, *, nsigma: float = 3.0, iterations: int = 5) -> tuple[float, float, int]:
+def clipped_stats(
+    values: np.ndarray, *, nsigma: float = 3.0, iterations: int = 5, max_samples: int | None = MAX_STAT_SAMPLES
+) -> tuple[float, float, int]:
     """Iterative σ-clipped mean and standard deviation (as afw's MEANCLIP/STDEVCLIP).
+
+    Above ``max_samples`` values a deterministic strided subsample is used (``None``: all).
 
     Returns
     -------
     mean, std, n : float, float, int
+        ``n`` is the number of values kept (of the subsample, when one was taken).
     """
-    v = np.asarray(values, dtype=np.float64).ravel()
-    v = v[np.isfinite(v)]
+    v = _finite_sample(values, max_samples)
     if v.size == 0:
         return float("nan"), float("nan"), 0
     center = np.median(v)
