@@ -1,0 +1,470 @@
+r"""Measurement of sources on one tile of a difference (or direct) image.
+
+All positions are parent-frame pixels; a tile's ``image[0, 0]`` sits at ``origin``.
+
+PSF photometry
+--------------
+At a centroid :math:`\mathbf{x}` with the unit-sum PSF :math:`P_\mathbf{x}` rendered
+there (sub-pixel offset), the maximum-likelihood flux and its error are
+
+.. math::
+
+    F = \frac{\sum_i P_i D_i / V_i}{\sum_i P_i^2 / V_i}, \qquad
+    \sigma_F = \Big(\sum_i P_i^2 / V_i\Big)^{-1/2},
+
+over the good pixels of a PSF-sized stamp (LSST ``PsfFlux``).
+
+Centroid
+--------
+Gauss–Newton fit of :math:`F P_{\mathbf{x}}` to the stamp: linearising
+:math:`P_{\mathbf{x}+\delta} \approx P_\mathbf{x} - \delta_x \partial_x P - \delta_y \partial_y P`
+(derivatives by central differences of rendered PSFs), the weighted linear model
+:math:`D \approx F P + a\,(-\partial_x P) + b\,(-\partial_y P)` gives
+:math:`\delta = (a, b) / F`; iterate to :math:`|\delta| < 10^{-4}` px.  The centroid
+errors are :math:`\sqrt{C_{aa}}/|F|`, :math:`\sqrt{C_{bb}}/|F|` with
+:math:`C = (A^T W A)^{-1}`.  Sources of either sign are fitted the same way.
+
+Second moments
+--------------
+Adaptive Gaussian-weighted moments (Bernstein & Jarvis 2002; LSST ``SdssShape``):
+the weight's covariance is iterated to twice the weighted moments,
+:math:`C_w \leftarrow 2 M(C_w)`; at the fixed point :math:`C_w` equals the
+covariance of a Gaussian source, which is reported as ``(ixx, iyy, ixy)``.
+
+Apertures
+---------
+Exact circular-aperture sums (``photutils``) of radius 12 px and 2×FWHM, with
+error :math:`\sqrt{\sum V}`; masked (no-data) pixels are excluded and flagged.
+
+Pixel flags
+-----------
+For each plane, ``pixel_flags_<plane>`` is set when any footprint pixel (or, without a
+footprint, any pixel within the PSF half-width) has it, ``pixel_flags_<plane>_center``
+when any pixel of the 3×3 box at the centroid has it (LSST ``PixelFlags``).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from ..masks import DEFAULT_MASK_PLANES
+from ..psf import Psf
+from .detection import Footprint
+from .maskops import bits_of
+
+__all__ = [
+    "FLAG_PLANES",
+    "render_psf",
+    "psf_fit",
+    "forced_psf_flux",
+    "aperture_fluxes",
+    "adaptive_moments",
+    "measure_sources",
+    "measurement_columns",
+]
+
+#: Planes reported as pixel flags (anywhere / centre).
+FLAG_PLANES: tuple[str, ...] = (
+    "BAD",
+    "SAT",
+    "INTRP",
+    "CR",
+    "EDGE",
+    "SUSPECT",
+    "NO_DATA",
+    "SAT_TEMPLATE",
+    "INJECTED",
+    "INJECTED_TEMPLATE",
+    "STREAK",
+    "HIGH_VARIANCE",
+)
+#: Pixels with these planes get zero weight in fits and are excluded from apertures.
+DEFAULT_EXCLUDED_PLANES: tuple[str, ...] = ("NO_DATA", "BAD", "SAT")
+
+_DERIV_STEP = 0.05
+
+
+def render_psf(psf: Psf, x: float, y: float, bbox: tuple[int, int, int, int], *, size: int | None = None) -> np.ndarray:
+    """The unit-sum PSF centred at parent ``(x, y)``, sampled on the parent box ``bbox``.
+
+    The kernel (``size``², default ``psf.default_size``) is rendered at the nearest pixel
+    with the sub-pixel offset and pasted into the box (parts outside it are cut).
+    """
+    bx0, bx1, by0, by1 = bbox
+    out = np.zeros((by1 - by0, bx1 - bx0), dtype=np.float64)
+    size = psf.default_size(x, y) if size is None else int(size)
+    h = size // 2
+    ix, iy = int(math.floor(x + 0.5)), int(math.floor(y + 0.5))
+    k = psf.kernel_image(x, y, size=size, offset=(x - ix, y - iy))
+    xa, xb, ya, yb = ix - h, ix + h + 1, iy - h, iy + h + 1
+    cxa, cxb, cya, cyb = max(xa, bx0), min(xb, bx1), max(ya, by0), min(yb, by1)
+    if cxa < cxb and cya < cyb:
+        out[cya - by0 : cyb - by0, cxa - bx0 : cxb - bx0] = k[cya - ya : cyb - ya, cxa - xa : cxb - xa]
+    return out
+
+
+def _stamp(shape, origin, x, y, half):
+    """Parent box of half-width ``half`` around the nearest pixel to (x, y), clipped to the tile."""
+    ny, nx = shape
+    x0, y0 = origin
+    ix, iy = int(math.floor(x + 0.5)), int(math.floor(y + 0.5))
+    return (max(ix - half, x0), min(ix + half + 1, x0 + nx), max(iy - half, y0), min(iy + half + 1, y0 + ny))
+
+
+def _cut(arr, bbox, origin):
+    bx0, bx1, by0, by1 = bbox
+    return arr[by0 - origin[1] : by1 - origin[1], bx0 - origin[0] : bx1 - origin[0]]
+
+
+def _weights(var, good):
+    w = np.zeros(var.shape, dtype=np.float64)
+    ok = good & (var > 0) & np.isfinite(var)
+    w[ok] = 1.0 / var[ok]
+    return w
+
+
+def psf_fit(
+    image: np.ndarray,
+    variance: np.ndarray,
+    good: np.ndarray,
+    psf: Psf,
+    x: float,
+    y: float,
+    *,
+    origin: tuple[int, int] = (0, 0),
+    fit_centroid: bool = True,
+    max_iter: int = 10,
+    size: int | None = None,
+) -> dict[str, float]:
+    r"""PSF flux (and optionally centroid) of one source.
+
+    Parameters
+    ----------
+    image, variance : ndarray
+        Tile planes.
+    good : ndarray of bool
+        Pixels usable in the fit.
+    psf : Psf
+        PSF model (parent frame).
+    x, y : float
+        Starting (or, with ``fit_centroid=False``, fixed) parent position.
+    fit_centroid : bool
+        Fit the centroid by Gauss–Newton (see module notes); else forced photometry.
+
+    Returns
+    -------
+    dict
+        ``x, y, x_err, y_err, flux, flux_err, chi2, dof, centroid_flag, flux_flag``.
+    """
+    size = psf.default_size(x, y) if size is None else int(size)
+    half = size // 2
+    x_start, y_start = float(x), float(y)
+    bbox = _stamp(image.shape, origin, x, y, half)
+    d = _cut(image, bbox, origin).astype(np.float64)
+    w = _weights(_cut(variance, bbox, origin).astype(np.float64), _cut(good, bbox, origin))
+    res = {"x": x, "y": y, "x_err": np.nan, "y_err": np.nan, "centroid_flag": not fit_centroid}
+    if fit_centroid:
+        converged = False
+        for _ in range(max_iter):
+            p = render_psf(psf, x, y, bbox, size=size)
+            dpx = (render_psf(psf, x + _DERIV_STEP, y, bbox, size=size) - render_psf(psf, x - _DERIV_STEP, y, bbox, size=size)) / (2 * _DERIV_STEP)
+            dpy = (render_psf(psf, x, y + _DERIV_STEP, bbox, size=size) - render_psf(psf, x, y - _DERIV_STEP, bbox, size=size)) / (2 * _DERIV_STEP)
+            a = np.stack([p.ravel(), dpx.ravel(), dpy.ravel()], axis=1)
+            ww = w.ravel()
+            ata = a.T @ (a * ww[:, None])
+            atb = a.T @ (d.ravel() * ww)
+            try:
+                cov = np.linalg.inv(ata)
+            except np.linalg.LinAlgError:
+                break
+            sol = cov @ atb
+            f = sol[0]
+            if not (np.isfinite(f) and f != 0 and np.sqrt(max(cov[0, 0], 0)) < abs(f)):
+                break
+            # D ≈ F P + a ∂P/∂x0 → the model centre moves by δ = a / F
+            dx, dy = sol[1] / f, sol[2] / f
+            step = math.hypot(dx, dy)
+            if step > 1.0:
+                dx, dy = dx / step, dy / step
+            x, y = x + dx, y + dy
+            res["x_err"] = math.sqrt(max(cov[1, 1], 0.0)) / abs(f)
+            res["y_err"] = math.sqrt(max(cov[2, 2], 0.0)) / abs(f)
+            if math.hypot(x - x_start, y - y_start) > half / 2:
+                break
+            if step < 1e-4:
+                converged = True
+                break
+        if converged and np.isfinite(x) and np.isfinite(y):
+            res.update(x=x, y=y, centroid_flag=False)
+        else:
+            res.update(x=x_start, y=y_start, x_err=np.nan, y_err=np.nan, centroid_flag=True)
+            x, y = x_start, y_start
+        bbox_new = _stamp(image.shape, origin, x, y, half)
+        if bbox_new != bbox:
+            bbox = bbox_new
+            d = _cut(image, bbox, origin).astype(np.float64)
+            w = _weights(_cut(variance, bbox, origin).astype(np.float64), _cut(good, bbox, origin))
+    p = render_psf(psf, x, y, bbox, size=size)
+    spp = float(np.sum(p * p * w))
+    if spp > 0:
+        flux = float(np.sum(p * d * w)) / spp
+        flux_err = 1.0 / math.sqrt(spp)
+        chi2 = float(np.sum((d - flux * p) ** 2 * w))
+    else:
+        flux = flux_err = chi2 = np.nan
+    # flag when the stamp lost more than half of the PSF's weight (masked or cut pixels)
+    full = render_psf(psf, x, y, _stamp((10**9, 10**9), (-(10**8), -(10**8)), x, y, half), size=size)
+    covered = float(np.sum(p * p * (w > 0))) / max(float(np.sum(full * full)), 1e-300)
+    res.update(flux=flux, flux_err=flux_err, chi2=chi2, dof=int(np.count_nonzero(w)) - (3 if fit_centroid else 1),
+               flux_flag=bool(not np.isfinite(flux) or covered < 0.5))
+    return res
+
+
+def forced_psf_flux(
+    image: np.ndarray,
+    variance: np.ndarray,
+    good: np.ndarray,
+    psf: Psf,
+    x: Sequence[float],
+    y: Sequence[float],
+    *,
+    origin: tuple[int, int] = (0, 0),
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    r"""Forced PSF photometry :math:`F = \sum PD/V / \sum P^2/V` at fixed positions.
+
+    Returns
+    -------
+    flux, flux_err : ndarray
+    flag : ndarray of bool
+        Set where under half the PSF weight fell on good pixels of the tile.
+    """
+    n = len(x)
+    flux, err, flag = np.full(n, np.nan), np.full(n, np.nan), np.ones(n, dtype=bool)
+    ny, nx = image.shape
+    for i in range(n):
+        xi, yi = float(x[i]), float(y[i])
+        if not (np.isfinite(xi) and np.isfinite(yi)):
+            continue
+        if not (origin[0] - 0.5 <= xi < origin[0] + nx - 0.5 and origin[1] - 0.5 <= yi < origin[1] + ny - 0.5):
+            continue
+        r = psf_fit(image, variance, good, psf, xi, yi, origin=origin, fit_centroid=False)
+        flux[i], err[i], flag[i] = r["flux"], r["flux_err"], r["flux_flag"]
+    return flux, err, flag
+
+
+def aperture_fluxes(
+    image: np.ndarray,
+    variance: np.ndarray,
+    good: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    radius: float,
+    *,
+    origin: tuple[int, int] = (0, 0),
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    r"""Exact circular-aperture sums :math:`\sum_{r\le R} D` and errors :math:`\sqrt{\sum_{r \le R} V}`.
+
+    Returns
+    -------
+    flux, flux_err : ndarray
+    flag : ndarray of bool
+        The aperture touched excluded pixels or the tile edge (those pixels count as 0).
+    """
+    from photutils.geometry import circular_overlap_grid
+
+    n = len(x)
+    flux, err, flag = np.full(n, np.nan), np.full(n, np.nan), np.zeros(n, dtype=bool)
+    ny, nx = image.shape
+    r = float(radius)
+    for i in range(n):
+        xl, yl = float(x[i]) - origin[0], float(y[i]) - origin[1]
+        if not (np.isfinite(xl) and np.isfinite(yl)):
+            flag[i] = True
+            continue
+        # pixel grid [xa, xb) × [ya, yb) covering the circle; pixel centres at integers
+        xa, xb = int(math.floor(xl - r + 0.5)), int(math.floor(xl + r + 0.5)) + 1
+        ya, yb = int(math.floor(yl - r + 0.5)), int(math.floor(yl + r + 0.5)) + 1
+        wgt_full = circular_overlap_grid(xa - 0.5 - xl, xb - 0.5 - xl, ya - 0.5 - yl, yb - 0.5 - yl,
+                                         xb - xa, yb - ya, r, 1, 1)
+        cya, cyb, cxa, cxb = max(ya, 0), min(yb, ny), max(xa, 0), min(xb, nx)
+        if cya >= cyb or cxa >= cxb:
+            flag[i] = True
+            continue
+        wgt = wgt_full[cya - ya : cyb - ya, cxa - xa : cxb - xa]
+        cut = float(wgt.sum()) < float(wgt_full.sum()) - 1e-9
+        g = good[cya:cyb, cxa:cxb]
+        d = np.where(g, image[cya:cyb, cxa:cxb], 0.0).astype(np.float64)
+        v = np.where(g, variance[cya:cyb, cxa:cxb], 0.0).astype(np.float64)
+        flux[i] = float(np.sum(wgt * d))
+        err[i] = math.sqrt(max(float(np.sum(wgt * v)), 0.0))
+        flag[i] = bool(cut or np.any(~g & (wgt > 0)))
+    return flux, err, flag
+
+
+def adaptive_moments(
+    image: np.ndarray,
+    good: np.ndarray,
+    x: float,
+    y: float,
+    *,
+    origin: tuple[int, int] = (0, 0),
+    sigma0: float = 2.0,
+    sign: float = 1.0,
+    half: int = 12,
+    max_iter: int = 30,
+    tol: float = 1e-4,
+) -> tuple[float, float, float, bool]:
+    r"""Adaptive second moments ``(ixx, iyy, ixy, flag)`` about the fixed centre ``(x, y)``.
+
+    Iterates :math:`C_w \leftarrow 2 M(C_w)` where
+    :math:`M = \sum W I\, \mathbf{d}\mathbf{d}^T / \sum W I`,
+    :math:`W = \exp(-\tfrac12 \mathbf{d}^T C_w^{-1} \mathbf{d})`, ``I = sign × image``.
+    ``flag`` is set (and NaNs returned) when the weighted flux is not positive, the
+    matrix stops being positive definite or the iteration does not converge.
+    """
+    bbox = _stamp(image.shape, origin, x, y, half)
+    d = sign * _cut(image, bbox, origin).astype(np.float64)
+    g = _cut(good, bbox, origin)
+    d = np.where(g, d, 0.0)
+    yy, xx = np.mgrid[bbox[2] : bbox[3], bbox[0] : bbox[1]]
+    dx, dy = xx - x, yy - y
+    cxx = cyy = sigma0 * sigma0
+    cxy = 0.0
+    for _ in range(max_iter):
+        det = cxx * cyy - cxy * cxy
+        if not det > 0:
+            break
+        q = (cyy * dx * dx - 2 * cxy * dx * dy + cxx * dy * dy) / det
+        wgt = np.exp(-0.5 * q) * d
+        s = wgt.sum()
+        if not s > 0:
+            break
+        mxx, myy, mxy = (wgt * dx * dx).sum() / s, (wgt * dy * dy).sum() / s, (wgt * dx * dy).sum() / s
+        nxx, nyy, nxy = 2 * mxx, 2 * myy, 2 * mxy
+        if not (nxx > 0 and nyy > 0 and nxx * nyy - nxy * nxy > 0) or max(nxx, nyy) > 4 * half * half:
+            break
+        change = abs(nxx - cxx) + abs(nyy - cyy) + abs(nxy - cxy)
+        cxx, cyy, cxy = nxx, nyy, nxy
+        if change < tol * (cxx + cyy):
+            return float(cxx), float(cyy), float(cxy), False
+    return np.nan, np.nan, np.nan, True
+
+
+def measurement_columns(flag_planes: Sequence[str] = FLAG_PLANES) -> dict[str, str]:
+    """Column name → dtype of :func:`measure_sources`'s table."""
+    cols = {
+        "x": "float64",
+        "y": "float64",
+        "x_err": "float64",
+        "y_err": "float64",
+        "centroid_flag": "bool",
+        "psf_flux": "float64",
+        "psf_flux_err": "float64",
+        "psf_chi2": "float64",
+        "psf_dof": "int64",
+        "psf_flux_flag": "bool",
+        "snr": "float64",
+        "ap12_flux": "float64",
+        "ap12_flux_err": "float64",
+        "ap12_flag": "bool",
+        "ap2fwhm_flux": "float64",
+        "ap2fwhm_flux_err": "float64",
+        "ap2fwhm_flag": "bool",
+        "ixx": "float64",
+        "iyy": "float64",
+        "ixy": "float64",
+        "shape_flag": "bool",
+    }
+    for plane in flag_planes:
+        cols[f"pixel_flags_{plane.lower()}"] = "bool"
+        cols[f"pixel_flags_{plane.lower()}_center"] = "bool"
+    return cols
+
+
+def measure_sources(
+    image: np.ndarray,
+    variance: np.ndarray,
+    mask: np.ndarray,
+    psf: Psf,
+    *,
+    x: Sequence[float],
+    y: Sequence[float],
+    footprints: Sequence[Footprint] | None = None,
+    origin: tuple[int, int] = (0, 0),
+    mask_planes: Mapping[str, int] | None = None,
+    fit_centroid: bool = True,
+    aperture_radius: float = 12.0,
+    excluded_planes: Sequence[str] = DEFAULT_EXCLUDED_PLANES,
+    flag_planes: Sequence[str] = FLAG_PLANES,
+) -> pd.DataFrame:
+    """Measure sources at (starting) parent positions ``x, y`` on one tile.
+
+    Runs the centroid/PSF fit, the two apertures (``aperture_radius`` and 2×FWHM),
+    adaptive moments (of ``sign(flux) × image``) and pixel flags (over ``footprints[i]``
+    when given, else the PSF half-width disc).  A failed centroid falls back to the
+    starting position with ``centroid_flag`` set, so every row has a finite centroid.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns :func:`measurement_columns`, one row per input position.
+    """
+    planes = dict(DEFAULT_MASK_PLANES if mask_planes is None else mask_planes)
+    image = np.asarray(image)
+    variance = np.asarray(variance)
+    mask = np.asarray(mask)
+    good = (mask & bits_of(planes, excluded_planes)) == 0
+    n = len(x)
+    cols = measurement_columns(flag_planes)
+    out: dict[str, np.ndarray] = {k: np.zeros(n, dtype=v) if v != "float64" else np.full(n, np.nan) for k, v in cols.items()}
+    ny, nx = image.shape
+    for i in range(n):
+        r = psf_fit(image, variance, good, psf, float(x[i]), float(y[i]), origin=origin, fit_centroid=fit_centroid)
+        out["x"][i], out["y"][i] = r["x"], r["y"]
+        out["x_err"][i], out["y_err"][i] = r["x_err"], r["y_err"]
+        out["centroid_flag"][i] = r["centroid_flag"]
+        out["psf_flux"][i], out["psf_flux_err"][i] = r["flux"], r["flux_err"]
+        out["psf_chi2"][i], out["psf_dof"][i], out["psf_flux_flag"][i] = r["chi2"], r["dof"], r["flux_flag"]
+        sign = -1.0 if (np.isfinite(r["flux"]) and r["flux"] < 0) else 1.0
+        ixx, iyy, ixy, sflag = adaptive_moments(
+            image, good, r["x"], r["y"], origin=origin, sigma0=psf.sigma(r["x"], r["y"]), sign=sign,
+            half=max(psf.default_size(r["x"], r["y"]) // 2, 6),
+        )
+        out["ixx"][i], out["iyy"][i], out["ixy"][i], out["shape_flag"][i] = ixx, iyy, ixy, sflag
+    out["snr"] = out["psf_flux"] / out["psf_flux_err"]
+    xs, ys = out["x"], out["y"]
+    out["ap12_flux"], out["ap12_flux_err"], out["ap12_flag"] = aperture_fluxes(
+        image, variance, good, xs, ys, aperture_radius, origin=origin
+    )
+    ap2_flux, ap2_err, ap2_flag = np.full(n, np.nan), np.full(n, np.nan), np.ones(n, dtype=bool)
+    for i in range(n):
+        f, e, fl = aperture_fluxes(image, variance, good, xs[i : i + 1], ys[i : i + 1], 2.0 * psf.fwhm(xs[i], ys[i]), origin=origin)
+        ap2_flux[i], ap2_err[i], ap2_flag[i] = f[0], e[0], fl[0]
+    out["ap2fwhm_flux"], out["ap2fwhm_flux_err"], out["ap2fwhm_flag"] = ap2_flux, ap2_err, ap2_flag
+    # pixel flags
+    x0, y0 = origin
+    for i in range(n):
+        ix, iy = int(math.floor(xs[i] + 0.5)) - x0, int(math.floor(ys[i] + 0.5)) - y0
+        centre = mask[max(iy - 1, 0) : min(iy + 2, ny), max(ix - 1, 0) : min(ix + 2, nx)]
+        centre_bits = int(np.bitwise_or.reduce(centre.ravel())) if centre.size else 0
+        if footprints is not None:
+            fp = footprints[i]
+            sub = _cut(mask, fp.bbox, origin)
+            vals = sub[fp.spans]
+        else:
+            h = psf.default_size(xs[i], ys[i]) // 2
+            bb = _stamp(mask.shape, origin, xs[i], ys[i], h)
+            sub = _cut(mask, bb, origin)
+            yy, xx = np.mgrid[bb[2] : bb[3], bb[0] : bb[1]]
+            vals = sub[(xx - xs[i]) ** 2 + (yy - ys[i]) ** 2 <= h * h]
+        any_bits = int(np.bitwise_or.reduce(vals.ravel())) if vals.size else 0
+        for plane in flag_planes:
+            if plane not in planes:
+                continue
+            bit = 1 << planes[plane]
+            out[f"pixel_flags_{plane.lower()}"][i] = bool(any_bits & bit)
+            out[f"pixel_flags_{plane.lower()}_center"][i] = bool(centre_bits & bit)
+    return pd.DataFrame({k: pd.Series(v, dtype=cols[k]) for k, v in out.items()})

@@ -1,0 +1,600 @@
+r"""Detection and measurement stage: difference exposure → DiaSource catalogue (``dia_sources.parquet``).
+
+Flow (LSST ``DetectAndMeasureTask``):
+
+1. optional two-pass background on the whole difference (bins 8 then 40);
+2. per tile (core + halo, see :func:`tile_boxes`), :func:`detect_measure_tile`:
+   optional cosmic-ray masking; matched-filter detection at ``threshold`` σ of both
+   polarities (or thresholding a supplied score image); footprints grown by
+   2.4 σ_PSF and merged across polarities; peaks on NO_DATA/BAD/SAT/EDGE dropped;
+   measurement (centroid, PSF flux, apertures 12 px and 2×FWHM, S/N, moments, pixel
+   flags); dipole fit of merged ± footprints up to 1200 px (jointly with science and
+   template when given); forced PSF photometry on the science and the matched template;
+3. :func:`stitch_catalogs` concatenates the tiles (a source belongs to the tile whose
+   core holds its primary peak; duplicates by peak position are dropped);
+4. sky sources (positions avoiding detections and bad pixels), measured the same way
+   at fixed positions and flagged ``sky_source``;
+5. ids, visit/detector, RA/Dec (and their errors) through the WCS; rows without a
+   finite centroid are dropped.
+
+The per-tile function is pure (numpy arrays and PSF models in, DataFrame out), so the
+graph builder can map it over tiles as Dask tasks; :func:`detect_and_measure` runs the
+same tiles eagerly.  ``DetectionConfig`` (config.py) lacks several fields, so the stage
+has its own frozen :class:`DetectMeasureConfig` (built from a ``DetectionConfig`` with
+:meth:`DetectMeasureConfig.from_detection_config`).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from ..errors import ConfigError
+from ..exposure import Exposure
+from ..kernels import detection as det
+from ..kernels.dipole import DIPOLE_COLUMNS, empty_dipole, fit_dipole
+from ..kernels.maskops import bits_of
+from ..kernels.measure import DEFAULT_EXCLUDED_PLANES, forced_psf_flux, measure_sources, measurement_columns
+from ..masks import DEFAULT_MASK_PLANES
+from ..psf import Psf
+
+__all__ = [
+    "DetectMeasureConfig",
+    "DIA_SOURCE_COLUMNS",
+    "TileResult",
+    "tile_boxes",
+    "detect_measure_tile",
+    "stitch_catalogs",
+    "place_sky_sources",
+    "detect_and_measure",
+    "empty_dia_sources",
+    "write_dia_sources",
+    "read_dia_sources",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DetectMeasureConfig:
+    """Detection and measurement on a difference image.
+
+    Attributes
+    ----------
+    threshold : float
+        Detection threshold in matched-filter σ (both polarities).
+    footprint_grow_sigma : float
+        Footprints grown by ``ceil(footprint_grow_sigma × σ_PSF)`` pixels.
+    bad_peak_mask_planes : tuple of str
+        Peaks on these planes are dropped before measuring.
+    n_sky_sources : int
+        Sky sources to place (0: none).
+    sky_source_seed : int
+        Seed of the sky-source placement.
+    subtract_background : bool
+        Two-pass background subtraction on the difference (bins ``background_bin_sizes``).
+    background_bin_sizes : (int, int)
+    mask_cosmic_rays : bool
+        Find cosmic rays on the difference; their pixels get plane CR and zero weight.
+    aperture_radius : float
+        Radius (px) of the fixed aperture (the other is 2×FWHM).
+    max_dipole_area : int
+        Merged ± footprints up to this many pixels get a dipole fit.
+    dipole_direct_weight : float
+        Weight of the science/template residuals relative to the difference.
+    tile_size : int or None
+        Core side of the tiles (None: one tile, the whole image).
+    halo : int or None
+        Halo around each core (None: :func:`~diffim_dag.kernels.detection.required_halo`).
+    fft_workers : int
+        FFT threads for the matched filter (keep 1 inside Dask workers; -1: all cores).
+    """
+
+    threshold: float = 5.0
+    footprint_grow_sigma: float = 2.4
+    bad_peak_mask_planes: tuple[str, ...] = ("NO_DATA", "BAD", "SAT", "EDGE")
+    n_sky_sources: int = 100
+    sky_source_seed: int = 0
+    subtract_background: bool = False
+    background_bin_sizes: tuple[int, int] = (8, 40)
+    mask_cosmic_rays: bool = False
+    aperture_radius: float = 12.0
+    max_dipole_area: int = 1200
+    dipole_direct_weight: float = 0.5
+    tile_size: int | None = None
+    halo: int | None = None
+    fft_workers: int = 1
+
+    def __post_init__(self):
+        n = type(self).__name__
+
+        def check(ok, fld, msg):
+            if not ok:
+                raise ConfigError(f"{n}.{fld} {msg}")
+
+        check(self.threshold > 0, "threshold", f"must be > 0, got {self.threshold}")
+        check(self.footprint_grow_sigma >= 0, "footprint_grow_sigma", "must be ≥ 0")
+        check(self.n_sky_sources >= 0, "n_sky_sources", "must be ≥ 0")
+        check(len(self.background_bin_sizes) == 2 and all(b >= 2 for b in self.background_bin_sizes),
+              "background_bin_sizes", "must be two bin sizes ≥ 2")
+        check(self.aperture_radius > 0, "aperture_radius", "must be > 0")
+        check(self.max_dipole_area >= 0, "max_dipole_area", "must be ≥ 0")
+        check(self.dipole_direct_weight >= 0, "dipole_direct_weight", "must be ≥ 0")
+        check(self.tile_size is None or self.tile_size >= 16, "tile_size", "must be None or ≥ 16")
+        check(self.halo is None or self.halo >= 0, "halo", "must be None or ≥ 0")
+        check(self.fft_workers == -1 or self.fft_workers >= 1, "fft_workers", "must be -1 or ≥ 1")
+        for p in self.bad_peak_mask_planes:
+            check(p in DEFAULT_MASK_PLANES, "bad_peak_mask_planes", f"has unknown plane {p!r}")
+
+    @classmethod
+    def from_detection_config(cls, config, **changes) -> DetectMeasureConfig:
+        """Build from :class:`diffim_dag.config.DetectionConfig` (plus any field of this class)."""
+        return cls(
+            threshold=config.threshold,
+            footprint_grow_sigma=config.footprint_grow_sigma,
+            bad_peak_mask_planes=tuple(config.bad_peak_mask_planes),
+            n_sky_sources=config.n_sky_sources,
+            **changes,
+        )
+
+
+# --------------------------------------------------------------------------- schema
+
+_SOURCE_DOC: dict[str, tuple[str, str]] = {
+    "id": ("int64", "source id, unique within (visit, detector); real sources by peak (y, x), then sky sources"),
+    "visit": ("int64", "visit id (-1 unknown)"),
+    "detector": ("int64", "detector id (-1 unknown)"),
+    "x": ("float64", "centroid x, parent pixels (dipoles: flux-weighted lobe centre)"),
+    "y": ("float64", "centroid y, parent pixels"),
+    "x_err": ("float64", "1σ error of x (px); NaN when the centroid fit failed"),
+    "y_err": ("float64", "1σ error of y (px)"),
+    "ra": ("float64", "right ascension of (x, y), degrees (NaN without a WCS)"),
+    "dec": ("float64", "declination, degrees"),
+    "ra_err": ("float64", "1σ error of ra·cos(dec), degrees, from x_err, y_err through the local WCS Jacobian"),
+    "dec_err": ("float64", "1σ error of dec, degrees"),
+    "peak_x": ("int64", "primary (most significant) peak x"),
+    "peak_y": ("int64", "primary peak y"),
+    "peak_significance": ("float64", "matched-filter significance at the primary peak (signed)"),
+    "n_peaks_positive": ("int64", "positive peaks in the footprint"),
+    "n_peaks_negative": ("int64", "negative peaks in the footprint"),
+    "is_negative": ("bool", "footprint has negative peaks only"),
+    "footprint_area": ("int64", "footprint pixels"),
+    "bbox_x_min": ("int64", "footprint bbox, parent pixels, [min, max)"),
+    "bbox_x_max": ("int64", ""),
+    "bbox_y_min": ("int64", ""),
+    "bbox_y_max": ("int64", ""),
+    "footprint_truncated": ("bool", "footprint reached a cut tile edge (halo too small)"),
+}
+_MEASURE_DOC = {
+    "centroid_flag": "centroid fit failed (x, y = peak) or was not fitted (sky sources)",
+    "psf_flux": "PSF flux ΣPD/V / ΣP²/V (counts)",
+    "psf_flux_err": "1/√(ΣP²/V)",
+    "psf_chi2": "χ² of the PSF model in its stamp",
+    "psf_dof": "degrees of freedom of psf_chi2",
+    "psf_flux_flag": "PSF flux failed or < half the PSF weight on good pixels",
+    "snr": "psf_flux / psf_flux_err",
+    "ap12_flux": "circular aperture flux, radius 12 px",
+    "ap12_flux_err": "",
+    "ap12_flag": "aperture touched excluded pixels or the tile edge",
+    "ap2fwhm_flux": "circular aperture flux, radius 2 × FWHM",
+    "ap2fwhm_flux_err": "",
+    "ap2fwhm_flag": "",
+    "ixx": "adaptive second moment xx (px²)",
+    "iyy": "adaptive second moment yy",
+    "ixy": "adaptive second moment xy",
+    "shape_flag": "adaptive moments failed",
+}
+_FORCED_DOC = {
+    "science_forced_flux": ("float64", "forced PSF flux on the science image at (x, y)"),
+    "science_forced_flux_err": ("float64", ""),
+    "science_forced_flag": ("bool", "no science image, or forced flux failed"),
+    "template_forced_flux": ("float64", "forced PSF flux on the matched template at (x, y)"),
+    "template_forced_flux_err": ("float64", ""),
+    "template_forced_flag": ("bool", "no template image, or forced flux failed"),
+    "sky_source": ("bool", "sky source (blank-sky position), not a DiaSource"),
+}
+
+
+def _build_columns() -> dict[str, tuple[str, str]]:
+    cols = dict(_SOURCE_DOC)
+    for name, dtype in measurement_columns().items():
+        doc = _MEASURE_DOC.get(name)
+        if doc is None and name.startswith("pixel_flags_"):
+            plane = name[len("pixel_flags_") :].removesuffix("_center").upper()
+            doc = f"{plane} set {'in the 3×3 centre' if name.endswith('_center') else 'anywhere in the footprint'}"
+        cols[name] = (dtype, doc or "")
+    for name, dtype in DIPOLE_COLUMNS.items():
+        cols[name] = (dtype, f"dipole fit: {name[len('dipole_'):].replace('_', ' ')}" if name.startswith("dipole_") else
+                      "classified as a dipole (S/N > 5√2, each lobe < 0.65 of the total)")
+    cols.update(_FORCED_DOC)
+    return cols
+
+
+#: Column → (dtype, description) of ``dia_sources.parquet``.
+DIA_SOURCE_COLUMNS: dict[str, tuple[str, str]] = _build_columns()
+
+
+def empty_dia_sources() -> pd.DataFrame:
+    """A zero-row catalogue with the full schema."""
+    return pd.DataFrame({k: pd.Series([], dtype=v[0]) for k, v in DIA_SOURCE_COLUMNS.items()})
+
+
+def _conform(df: pd.DataFrame) -> pd.DataFrame:
+    out = {}
+    for k, (dtype, _) in DIA_SOURCE_COLUMNS.items():
+        if k in df:
+            col = df[k]
+            if dtype == "bool":
+                col = col.fillna(False)
+            elif dtype == "int64":
+                col = col.fillna(-1)  # e.g. footprint fields of sky sources
+            out[k] = col.astype(dtype).to_numpy()
+        else:
+            out[k] = np.full(len(df), False if dtype == "bool" else (-1 if dtype == "int64" else np.nan)).astype(dtype)
+    return pd.DataFrame(out)
+
+
+def write_dia_sources(catalog: pd.DataFrame, path: str | os.PathLike) -> str:
+    """Write the catalogue to Parquet (full schema, column descriptions in the metadata).
+
+    An empty catalogue is written with every column and ``n_dia_sources = 0`` in the
+    metadata (and a log line saying so).
+    """
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    df = _conform(catalog)
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    n_real = int((~df["sky_source"]).sum()) if len(df) else 0
+    meta = dict(table.schema.metadata or {})
+    meta[b"diffim_dag.columns"] = json.dumps({k: v[1] for k, v in DIA_SOURCE_COLUMNS.items()}).encode()
+    meta[b"diffim_dag.n_dia_sources"] = str(n_real).encode()
+    table = table.replace_schema_metadata(meta)
+    if n_real == 0:
+        log.warning("%s: no DiaSource detected; writing a catalogue with the full schema and %d sky source rows",
+                    path, len(df))
+    tmp = f"{os.fspath(path)}.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return os.fspath(path)
+
+
+def read_dia_sources(path: str | os.PathLike) -> pd.DataFrame:
+    """Read ``dia_sources.parquet`` back (pandas)."""
+    return pd.read_parquet(path)
+
+
+# --------------------------------------------------------------------------- tiles
+
+
+def tile_boxes(
+    bbox: tuple[int, int, int, int], tile_size: int | None, halo: int
+) -> list[tuple[tuple[int, int, int, int], tuple[int, int, int, int]]]:
+    """``(core_bbox, halo_bbox)`` pairs whose cores partition ``bbox`` (parent pixels, [min, max)).
+
+    Cores are ``tile_size``² (the last row/column ragged); halo boxes are the cores grown
+    by ``halo`` and clipped to ``bbox``.
+    """
+    x0, x1, y0, y1 = bbox
+    if tile_size is None:
+        return [(bbox, bbox)]
+    out = []
+    for ty in range(y0, y1, tile_size):
+        for tx in range(x0, x1, tile_size):
+            core = (tx, min(tx + tile_size, x1), ty, min(ty + tile_size, y1))
+            hb = (max(core[0] - halo, x0), min(core[1] + halo, x1), max(core[2] - halo, y0), min(core[3] + halo, y1))
+            out.append((core, hb))
+    return out
+
+
+@dataclass
+class TileResult:
+    """What one tile returns: the measured catalogue (rows aligned with ``footprints``)."""
+
+    catalog: pd.DataFrame
+    footprints: list = field(default_factory=list)
+
+
+def _planes_good(mask, planes, excluded):
+    return (mask & bits_of(planes, excluded)) == 0
+
+
+def detect_measure_tile(
+    image: np.ndarray,
+    variance: np.ndarray,
+    mask: np.ndarray,
+    *,
+    psf: Psf,
+    origin: tuple[int, int],
+    core_bbox: tuple[int, int, int, int] | None = None,
+    parent_bbox: tuple[int, int, int, int] | None = None,
+    config: DetectMeasureConfig = DetectMeasureConfig(),
+    mask_planes: Mapping[str, int] | None = None,
+    science: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    template: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    science_psf: Psf | None = None,
+    template_psf: Psf | None = None,
+    score: np.ndarray | None = None,
+) -> TileResult:
+    """Detect, measure, fit dipoles and force-photometer the sources of one tile (with halo).
+
+    Parameters
+    ----------
+    image, variance, mask : ndarray
+        The difference on the tile's halo box, ``image[0, 0]`` at parent ``origin``.
+    psf : Psf
+        PSF of the difference; the detection kernel is rendered at the core's centre.
+    core_bbox, parent_bbox : (x_min, x_max, y_min, y_max)
+        The tile's core and the whole image (parent pixels); see
+        :func:`~diffim_dag.kernels.detection.detect_tile`.
+    science, template : (image, variance, mask), optional
+        Direct images on the same box: joint dipole fits and forced photometry.
+    score : ndarray, optional
+        Precomputed detection significance on the same box (ZOGY).
+
+    Returns
+    -------
+    TileResult
+        Sources whose primary peak lies in the core.
+    """
+    planes = dict(DEFAULT_MASK_PLANES if mask_planes is None else mask_planes)
+    ny, nx = image.shape
+    x0, y0 = origin
+    core = core_bbox if core_bbox is not None else (x0, x0 + nx, y0, y0 + ny)
+    cx, cy = 0.5 * (core[0] + core[1] - 1), 0.5 * (core[2] + core[3] - 1)
+    psf_image = psf.kernel_image(cx, cy)
+    psf_sigma = psf.sigma(cx, cy)
+    mask = np.asarray(mask)
+    no_data = ["NO_DATA"]
+    excluded = list(DEFAULT_EXCLUDED_PLANES)
+    if config.mask_cosmic_rays and "CR" in planes:
+        cr = det.find_cosmic_rays(image, variance, psf_image, bad=_planes_good(mask, planes, ["NO_DATA"]) == 0)
+        mask = mask | np.where(cr, np.int32(1 << planes["CR"]), np.int32(0)).astype(mask.dtype)
+        no_data.append("CR")
+        excluded.append("CR")
+    footprints = det.detect_tile(
+        image, variance, mask, psf_image, origin=origin, threshold=config.threshold, psf_sigma=psf_sigma,
+        grow_sigma=config.footprint_grow_sigma, core_bbox=core, parent_bbox=parent_bbox, mask_planes=planes,
+        bad_peak_planes=config.bad_peak_mask_planes, no_data_planes=no_data, score=score,
+        workers=config.fft_workers,
+    )
+    base = det.footprints_table(footprints)
+    xs = base["peak_x"].to_numpy(dtype=np.float64)
+    ys = base["peak_y"].to_numpy(dtype=np.float64)
+    meas = measure_sources(image, variance, mask, psf, x=xs, y=ys, footprints=footprints, origin=origin,
+                           mask_planes=planes, aperture_radius=config.aperture_radius, excluded_planes=excluded)
+    good = _planes_good(mask, planes, excluded)
+    sci_g = tmp_g = None
+    if science is not None:
+        sci_g = _planes_good(np.asarray(science[2]), planes, DEFAULT_EXCLUDED_PLANES)
+    if template is not None:
+        tmp_g = _planes_good(np.asarray(template[2]), planes, DEFAULT_EXCLUDED_PLANES)
+    joint = science is not None and template is not None
+    rows = []
+    for fp in footprints:
+        if fp.has_both_polarities and fp.area <= config.max_dipole_area:
+            rows.append(fit_dipole(
+                image, variance, good, psf, fp, origin=origin,
+                science=(science[0], science[1], sci_g) if joint else None,
+                template=(template[0], template[1], tmp_g) if joint else None,
+                direct_weight=config.dipole_direct_weight,
+            ))
+        else:
+            rows.append(empty_dipole())
+    dip = pd.DataFrame({k: pd.Series([r[k] for r in rows], dtype=v) for k, v in DIPOLE_COLUMNS.items()})
+    cat = pd.concat([base, meas, dip], axis=1)
+    # dipoles: the centroid is the flux-weighted centre of the lobes
+    isd = cat["is_dipole"].to_numpy(dtype=bool)
+    if isd.any():
+        for a, b in (("x", "dipole_x"), ("y", "dipole_y"), ("x_err", "dipole_x_err"), ("y_err", "dipole_y_err")):
+            cat.loc[isd, a] = cat.loc[isd, b]
+        cat.loc[isd, "centroid_flag"] = False
+    _forced(cat, origin, science, science_psf, sci_g, "science")
+    _forced(cat, origin, template, template_psf, tmp_g, "template")
+    cat["sky_source"] = False
+    return TileResult(catalog=cat, footprints=list(footprints))
+
+
+def _forced(cat, origin, planes3, psf, good, prefix):
+    n = len(cat)
+    if planes3 is None or psf is None:
+        cat[f"{prefix}_forced_flux"] = np.full(n, np.nan)
+        cat[f"{prefix}_forced_flux_err"] = np.full(n, np.nan)
+        cat[f"{prefix}_forced_flag"] = np.ones(n, dtype=bool)
+        return
+    f, e, fl = forced_psf_flux(planes3[0], planes3[1], good, psf, cat["x"].to_numpy(), cat["y"].to_numpy(),
+                               origin=origin)
+    cat[f"{prefix}_forced_flux"], cat[f"{prefix}_forced_flux_err"], cat[f"{prefix}_forced_flag"] = f, e, fl
+
+
+def stitch_catalogs(results: Sequence[TileResult]) -> TileResult:
+    """Concatenate tile results, dropping duplicate primary peaks, sorted by peak ``(y, x)``."""
+    cats = [r.catalog for r in results if len(r.catalog)]
+    fps = [fp for r in results for fp in r.footprints]
+    if not cats:
+        return TileResult(catalog=results[0].catalog.iloc[0:0] if results else pd.DataFrame(), footprints=[])
+    cat = pd.concat(cats, ignore_index=True)
+    cat["_i"] = np.arange(len(cat))
+    cat = cat.drop_duplicates(subset=["peak_x", "peak_y"], keep="first")
+    cat = cat.sort_values(["peak_y", "peak_x"], kind="stable")
+    order = cat["_i"].to_numpy()
+    return TileResult(catalog=cat.drop(columns="_i").reset_index(drop=True), footprints=[fps[i] for i in order])
+
+
+def place_sky_sources(
+    n: int,
+    footprints_mask: np.ndarray,
+    bad: np.ndarray,
+    *,
+    avoid_radius: int,
+    origin: tuple[int, int] = (0, 0),
+    seed: int = 0,
+    source_xy: np.ndarray | None = None,
+    max_tries: int = 200,
+) -> np.ndarray:
+    """``n`` parent positions ``(x, y)`` on blank sky.
+
+    A position is accepted when no footprint or ``bad`` pixel lies within
+    ``avoid_radius`` (a disc), it is more than ``avoid_radius`` from the image edge,
+    from every ``source_xy`` and from the sky sources already placed.  Positions are
+    pixel centres drawn uniformly (seeded); fewer than ``n`` come back when the image
+    has no room (after ``max_tries × n`` draws).
+    """
+    ny, nx = footprints_mask.shape
+    r = int(avoid_radius)
+    blocked = footprints_mask | bad
+    dsk = det.disc(r)
+    rng = np.random.default_rng(seed)
+    placed: list[tuple[int, int]] = []
+    src = np.empty((0, 2)) if source_xy is None else np.asarray(source_xy, dtype=np.float64).reshape(-1, 2)
+    if n == 0 or nx <= 2 * r + 1 or ny <= 2 * r + 1:
+        return np.empty((0, 2))
+    tries = 0
+    while len(placed) < n and tries < max_tries * n:
+        xs = rng.integers(r, nx - r, 256)
+        ys = rng.integers(r, ny - r, 256)
+        for ix, iy in zip(xs, ys):
+            tries += 1
+            if np.any(blocked[iy - r : iy + r + 1, ix - r : ix + r + 1] & dsk):
+                continue
+            px, py = ix + origin[0], iy + origin[1]
+            if len(src) and np.min((src[:, 0] - px) ** 2 + (src[:, 1] - py) ** 2) <= r * r:
+                continue
+            if placed and min((qx - px) ** 2 + (qy - py) ** 2 for qx, qy in placed) <= (2 * r) ** 2:
+                continue
+            placed.append((px, py))
+            if len(placed) == n:
+                break
+    if len(placed) < n:
+        log.warning("placed only %d of %d sky sources (no more blank sky)", len(placed), n)
+    return np.asarray(placed, dtype=np.float64).reshape(-1, 2)
+
+
+def _sky_to_radec(cat: pd.DataFrame, wcs) -> None:
+    n = len(cat)
+    for c in ("ra", "dec", "ra_err", "dec_err"):
+        cat[c] = np.full(n, np.nan)
+    if wcs is None or n == 0:
+        return
+    import copy
+
+    w = copy.deepcopy(wcs)  # astropy WCS is not thread-safe
+    x = cat["x"].to_numpy()
+    y = cat["y"].to_numpy()
+    ra, dec = w.all_pix2world(x, y, 0)
+    step = 0.5
+    ra_x, dec_x = w.all_pix2world(x + step, y, 0)
+    ra_y, dec_y = w.all_pix2world(x, y + step, 0)
+    cosd = np.cos(np.radians(dec))
+    dra_dx = ((ra_x - ra + 180.0) % 360.0 - 180.0) * cosd / step
+    dra_dy = ((ra_y - ra + 180.0) % 360.0 - 180.0) * cosd / step
+    ddec_dx = (dec_x - dec) / step
+    ddec_dy = (dec_y - dec) / step
+    sx, sy = cat["x_err"].to_numpy(), cat["y_err"].to_numpy()
+    cat["ra"], cat["dec"] = ra, dec
+    cat["ra_err"] = np.sqrt((dra_dx * sx) ** 2 + (dra_dy * sy) ** 2)
+    cat["dec_err"] = np.sqrt((ddec_dx * sx) ** 2 + (ddec_dy * sy) ** 2)
+
+
+def detect_and_measure(
+    difference: Exposure,
+    *,
+    science: Exposure | None = None,
+    template: Exposure | None = None,
+    config: DetectMeasureConfig = DetectMeasureConfig(),
+    score: np.ndarray | None = None,
+) -> pd.DataFrame:
+    """Detect and measure DiaSources on a difference exposure (tiles run in turn).
+
+    Parameters
+    ----------
+    difference : Exposure
+        The (decorrelated) difference; its PSF is the detection and measurement PSF.
+    science, template : Exposure, optional
+        The science and the PSF-matched template on the same pixel grid: joint dipole
+        fits and forced photometry (each with its own PSF).
+    config : DetectMeasureConfig
+    score : ndarray, optional
+        A score image to threshold instead of the matched filter (same shape).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns :data:`DIA_SOURCE_COLUMNS`; ``attrs["n_dia_sources"]`` counts the real sources.
+    """
+    img, var, msk = difference.arrays()
+    img = np.asarray(img, dtype=np.float64)
+    planes = difference.mask_planes.as_dict()
+    psf = difference.psf
+    if psf is None:
+        raise ConfigError("detect_and_measure: the difference exposure has no PSF")
+    x0, y0 = difference.xy0
+    bbox = difference.bbox
+    cx, cy = difference.center
+    psf_image = psf.kernel_image(cx, cy)
+    if config.subtract_background:
+        bad = (msk & bits_of(planes, ["NO_DATA", "BAD", "SAT", "EDGE"])) != 0
+        img = img - det.two_pass_background(img, var, bad, psf_image, threshold=config.threshold,
+                                            bin_sizes=tuple(config.background_bin_sizes), psf_sigma=psf.sigma(cx, cy))
+    sci = science.arrays() if science is not None else None
+    tmp = template.arrays() if template is not None else None
+    halo = config.halo if config.halo is not None else det.required_halo(psf_image.shape[0],
+                                                                          measure_radius=config.aperture_radius + 2)
+    results = []
+    for core, hb in tile_boxes(bbox, config.tile_size, halo):
+        sl = (slice(hb[2] - y0, hb[3] - y0), slice(hb[0] - x0, hb[1] - x0))
+        results.append(detect_measure_tile(
+            img[sl], var[sl], msk[sl], psf=psf, origin=(hb[0], hb[2]), core_bbox=core, parent_bbox=bbox,
+            config=config, mask_planes=planes,
+            science=None if sci is None else tuple(a[sl] for a in sci),
+            template=None if tmp is None else tuple(a[sl] for a in tmp),
+            science_psf=None if science is None else science.psf,
+            template_psf=None if template is None else template.psf,
+            score=None if score is None else score[sl],
+        ))
+    stitched = stitch_catalogs(results)
+    cat = stitched.catalog
+    n_trunc = int(cat["footprint_truncated"].sum()) if len(cat) else 0
+    if n_trunc:
+        log.warning("%d footprint(s) reached a cut tile edge; raise DetectMeasureConfig.halo (now %d)", n_trunc, halo)
+    parts = [cat] if len(cat) else []
+    if config.n_sky_sources > 0:
+        fpm = det.footprint_mask(stitched.footprints, difference.shape, origin=(x0, y0))
+        bad = (msk & bits_of(planes, list(config.bad_peak_mask_planes))) != 0
+        xy = place_sky_sources(
+            config.n_sky_sources, fpm, bad, avoid_radius=psf_image.shape[0] // 2, origin=(x0, y0),
+            seed=config.sky_source_seed, source_xy=cat[["x", "y"]].to_numpy() if len(cat) else None,
+        )
+        if len(xy):
+            sky = measure_sources(img, var, msk, psf, x=xy[:, 0], y=xy[:, 1], origin=(x0, y0), mask_planes=planes,
+                                  fit_centroid=False, aperture_radius=config.aperture_radius)
+            for c in ("peak_x", "peak_y"):
+                sky[c] = np.rint(xy[:, 0 if c == "peak_x" else 1]).astype(np.int64)
+            for k, v in empty_dipole().items():
+                sky[k] = v
+            good_all = lambda m: _planes_good(m, planes, DEFAULT_EXCLUDED_PLANES)  # noqa: E731
+            _forced(sky, (x0, y0), sci, None if science is None else science.psf,
+                    None if sci is None else good_all(sci[2]), "science")
+            _forced(sky, (x0, y0), tmp, None if template is None else template.psf,
+                    None if tmp is None else good_all(tmp[2]), "template")
+            sky["sky_source"] = True
+            parts.append(sky)
+    out = _conform(pd.concat(parts, ignore_index=True)) if parts else empty_dia_sources()
+    out = out[np.isfinite(out["x"]) & np.isfinite(out["y"])].reset_index(drop=True)
+    out["id"] = np.arange(1, len(out) + 1, dtype=np.int64)
+    info = difference.info
+    out["visit"] = np.int64(-1 if info.visit is None else info.visit)
+    out["detector"] = np.int64(-1 if info.detector is None else info.detector)
+    _sky_to_radec(out, difference.wcs)
+    out = _conform(out)
+    n_real = int((~out["sky_source"]).sum())
+    out.attrs["n_dia_sources"] = n_real
+    if n_real == 0:
+        log.warning("no DiaSource detected on the difference (%d sky sources)", len(out))
+    return out

@@ -1,0 +1,232 @@
+"""Detection on synthetic differences: matched filter, polarity merging, masks, tiles."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from diffim_dag import Exposure, GaussianPsf
+from diffim_dag.kernels import detection as det
+from diffim_dag.masks import DEFAULT_MASK_PLANES
+from diffim_dag.sim import add_sources
+from diffim_dag.stages.detect import DetectMeasureConfig, detect_and_measure, stitch_catalogs, TileResult
+
+PSF = GaussianPsf(2.0)
+NOISE = 5.0
+
+
+def isolated_positions(rng, n, lo, hi, sep):
+    out = []
+    while len(out) < n:
+        x, y = rng.uniform(lo, hi, 2)
+        if all((x - a) ** 2 + (y - b) ** 2 > sep * sep for a, b in out):
+            out.append((x, y))
+    return np.array(out)
+
+
+def make_difference(rng, shape, xy0, xs, ys, fluxes, noise=NOISE, mask=None):
+    img = rng.normal(0.0, noise, shape)
+    add_sources(img, xs, ys, fluxes, PSF, xy0=xy0)
+    var = np.full(shape, noise**2)
+    return Exposure.from_arrays(img, var, mask, xy0=xy0, psf=PSF)
+
+
+@pytest.fixture
+def transients(rng):
+    xy0 = (300, 1200)
+    pos = isolated_positions(rng, 10, 25, 231, 40) + np.array(xy0)
+    flux = rng.uniform(1000, 2000, 10) * np.where(np.arange(10) % 2 == 0, 1, -1)
+    return xy0, pos, flux
+
+
+def match(cat, xs, ys, radius=1.0):
+    """Index into cat of each truth (or -1), and how many catalogue rows matched anything."""
+    idx = []
+    used = np.zeros(len(cat), dtype=bool)
+    for x, y in zip(xs, ys):
+        d = np.hypot(cat["x"].to_numpy() - x, cat["y"].to_numpy() - y)
+        hits = np.flatnonzero(d <= radius)
+        idx.append(int(hits[0]) if len(hits) == 1 else (-1 if len(hits) == 0 else -2))
+        used[hits] = True
+    return np.array(idx), int(used.sum())
+
+
+def test_ten_transients_found_once_with_psf_flux(rng, transients):
+    xy0, pos, flux = transients
+    # σ = 1: PSF-flux S/N 140-280, so that 2.5 % is > 3σ (at σ = 5 the flux error alone is 1.8-3.5 %)
+    exp = make_difference(rng, (256, 256), xy0, pos[:, 0], pos[:, 1], flux, noise=1.0)
+    cat = detect_and_measure(exp, config=DetectMeasureConfig(n_sky_sources=0))
+    idx, n_used = match(cat, pos[:, 0], pos[:, 1])
+    assert np.all(idx >= 0), idx  # each found exactly once within 1 px
+    assert len(cat) == 10 and n_used == 10  # nothing else
+    rel = cat["psf_flux"].to_numpy()[idx] / flux - 1
+    assert np.max(np.abs(rel)) < 0.025, rel
+    flux_pull = (cat["psf_flux"].to_numpy()[idx] - flux) / cat["psf_flux_err"].to_numpy()[idx]
+    assert np.max(np.abs(flux_pull)) < 4.0
+    assert np.array_equal(cat["is_negative"].to_numpy()[idx], flux < 0)
+    assert np.all(cat["snr"].abs() > 20)
+    assert not cat["is_dipole"].any()
+    assert np.all(np.isfinite(cat[["x", "y", "x_err", "y_err"]].to_numpy()))
+    # centroid errors are honest: pulls of order 1
+    pulls = np.concatenate([(cat["x"].to_numpy()[idx] - pos[:, 0]) / cat["x_err"].to_numpy()[idx],
+                            (cat["y"].to_numpy()[idx] - pos[:, 1]) / cat["y_err"].to_numpy()[idx]])
+    assert np.std(pulls) < 2.0
+
+
+def test_matched_filter_significance_is_unit_normal_on_noise(rng):
+    img = rng.normal(0, 3.0, (300, 300))
+    var = np.full(img.shape, 9.0)
+    sm, sv = det.matched_filter(img, var, PSF.kernel_image())
+    nu = det.significance_image(sm, sv)[20:-20, 20:-20]
+    assert abs(np.std(nu) - 1.0) < 0.05
+    # a wrong (unpropagated) σ would be √ΣP² times smaller: ~7x too large a significance
+    assert abs(np.std(sm[20:-20, 20:-20] / 3.0) - 1.0) > 0.5
+    # no 5σ false positives in 90k pixels of pure noise
+    fps = det.detect_tile(img, var, np.zeros(img.shape, np.int32), PSF.kernel_image(), threshold=5.0)
+    assert fps == []
+
+
+def test_positive_and_negative_footprints_merge_with_ordered_peaks(rng):
+    img = rng.normal(0, 1.0, (120, 120))
+    add_sources(img, [55.0, 62.0], [60.0, 60.0], [900.0, -1500.0], PSF)
+    fps = det.detect_tile(img, np.ones_like(img), np.zeros(img.shape, np.int32), PSF.kernel_image())
+    assert len(fps) == 1
+    fp = fps[0]
+    assert fp.has_both_polarities and not fp.is_negative
+    s = np.abs(fp.peak_significance)
+    assert np.all(np.diff(s) <= 0)  # ordered by significance
+    assert fp.peak_significance[0] < 0  # the brighter negative lobe leads
+    assert abs(fp.primary[0] - 62) <= 1
+    # far apart: two sources, the negative one flagged
+    img2 = rng.normal(0, 1.0, (120, 120))
+    add_sources(img2, [30.0, 90.0], [60.0, 60.0], [900.0, -1500.0], PSF)
+    fps2 = det.detect_tile(img2, np.ones_like(img2), np.zeros(img2.shape, np.int32), PSF.kernel_image())
+    assert [f.is_negative for f in sorted(fps2, key=lambda f: f.primary[0])] == [False, True]
+
+
+def test_footprints_grown_by_2p4_sigma():
+    img = np.zeros((80, 80))
+    img[40, 40] = 1.0
+    # a single pixel above threshold grows into a disc of radius ceil(2.4 σ) = 5
+    fps = det.detect_tile(img * 1e4, np.ones_like(img), np.zeros(img.shape, np.int32), np.ones((1, 1)),
+                          psf_sigma=2.0, threshold=5.0)
+    assert len(fps) == 1
+    assert fps[0].area == int(det.disc(5).sum())
+
+
+@pytest.mark.parametrize("plane", ["EDGE", "BAD", "SAT", "NO_DATA"])
+def test_peaks_on_bad_planes_are_dropped(rng, transients, plane):
+    xy0, pos, flux = transients
+    shape = (256, 256)
+    mask = np.zeros(shape, np.int32)
+    hit = [0, 3, 7]
+    for i in hit:
+        ix, iy = int(round(pos[i, 0])) - xy0[0], int(round(pos[i, 1])) - xy0[1]
+        mask[iy - 3 : iy + 4, ix - 3 : ix + 4] |= 1 << DEFAULT_MASK_PLANES[plane]
+    exp = make_difference(rng, shape, xy0, pos[:, 0], pos[:, 1], flux, mask=mask)
+    cat = detect_and_measure(exp, config=DetectMeasureConfig(n_sky_sources=0))
+    idx, _ = match(cat, pos[:, 0], pos[:, 1])
+    assert np.all(idx[hit] == -1)
+    assert np.all(np.delete(idx, hit) >= 0)
+    # configurable: not dropping that plane finds them again (except NO_DATA, which has no signal)
+    if plane != "NO_DATA":
+        keep = tuple(p for p in ("NO_DATA", "BAD", "SAT", "EDGE") if p != plane)
+        cat2 = detect_and_measure(exp, config=DetectMeasureConfig(n_sky_sources=0, bad_peak_mask_planes=keep))
+        idx2, _ = match(cat2, pos[:, 0], pos[:, 1])
+        assert np.all(idx2 >= 0)
+        assert cat2[f"pixel_flags_{plane.lower()}_center"].to_numpy()[idx2[hit]].all()
+
+
+def _tiled_fixture(rng, n=1024):
+    xy0 = (64, 96)
+    # sources exactly on 256- and 512-pixel tile borders (core edges), plus random ones
+    border = []
+    for b in (256, 512, 768):
+        for t in (100.0, 300.3, 620.7, 900.2):
+            border.append((xy0[0] + b, xy0[1] + t))
+            border.append((xy0[0] + t + 11.0, xy0[1] + b - 0.5))
+    border.append((xy0[0] + 512.0, xy0[1] + 512.0))  # a corner of four tiles
+    border.append((xy0[0] + 256.4, xy0[1] + 768.6))
+    rand = isolated_positions(rng, 30, 30, n - 30, 30) + np.array(xy0)
+    pos = np.vstack([border, rand])
+    keep = [0]
+    for i in range(1, len(pos)):
+        if np.min(np.hypot(*(pos[keep] - pos[i]).T)) > 25:
+            keep.append(i)
+    pos = pos[keep]
+    flux = rng.uniform(800, 3000, len(pos)) * rng.choice([-1, 1], len(pos))
+    # a dipole straddling the 512 border
+    exp = make_difference(rng, (n, n), xy0, pos[:, 0], pos[:, 1], flux)
+    img = exp.image.values.copy()
+    add_sources(img, [xy0[0] + 510.5, xy0[0] + 513.5], [xy0[1] + 140.0, xy0[1] + 141.0], [2000.0, -2000.0], PSF, xy0=xy0)
+    return exp.with_planes(image=img), pos
+
+
+@pytest.mark.parametrize("tile_size", [512, 256])
+def test_tiled_equals_untiled(rng, tile_size):
+    exp, pos = _tiled_fixture(rng)
+    cfg = DetectMeasureConfig(n_sky_sources=0)
+    full = detect_and_measure(exp, config=cfg)
+    tiled = detect_and_measure(exp, config=DetectMeasureConfig(n_sky_sources=0, tile_size=tile_size))
+    assert len(full) >= len(pos)  # every source (plus the dipole)
+    idx, _ = match(full, pos[:, 0], pos[:, 1])
+    assert np.all(idx >= 0)
+    assert full["dipole_fitted"].sum() == 1
+    assert not tiled["footprint_truncated"].any()
+    key = ["peak_y", "peak_x"]
+    a = full.sort_values(key).reset_index(drop=True)
+    b = tiled.sort_values(key).reset_index(drop=True)
+    assert len(a) == len(b)
+    assert not b.duplicated(key).any()
+    pd.testing.assert_frame_equal(a.drop(columns="id"), b.drop(columns="id"), check_exact=False, rtol=1e-6, atol=1e-9)
+
+
+def test_stitch_drops_duplicate_peaks():
+    fp = det.Footprint(bbox=(0, 1, 0, 1), spans=np.ones((1, 1), bool), peak_x=np.array([5]), peak_y=np.array([7]),
+                       peak_significance=np.array([9.0]), peak_value=np.array([1.0]))
+    fp2 = det.Footprint(bbox=(0, 1, 0, 1), spans=np.ones((1, 1), bool), peak_x=np.array([2]), peak_y=np.array([3]),
+                        peak_significance=np.array([-9.0]), peak_value=np.array([-1.0]))
+    assert [f.primary for f in det.stitch_footprints([[fp], [fp, fp2]])] == [(2, 3), (5, 7)]
+    c1 = pd.DataFrame({"peak_x": [5], "peak_y": [7], "v": [1.0]})
+    c2 = pd.DataFrame({"peak_x": [5, 2], "peak_y": [7, 3], "v": [1.0, 2.0]})
+    out = stitch_catalogs([TileResult(c1, [fp]), TileResult(c2, [fp, fp2])])
+    assert out.catalog["peak_x"].tolist() == [2, 5] and [f.primary for f in out.footprints] == [(2, 3), (5, 7)]
+
+
+def test_two_pass_background_removes_offset_and_gradient(rng):
+    ny = nx = 200
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    bg = 8.0 + 0.02 * xx - 0.01 * yy
+    pos = isolated_positions(rng, 6, 30, 170, 40)
+    flux = np.array([2000.0, -1800.0, 1500.0, 2500.0, -2200.0, 1200.0])
+    img = rng.normal(0, 2.0, (ny, nx)) + bg
+    add_sources(img, pos[:, 0], pos[:, 1], flux, PSF)
+    est = det.two_pass_background(img, np.full(img.shape, 4.0), np.zeros(img.shape, bool), PSF.kernel_image())
+    resid = (est - bg)[20:-20, 20:-20]
+    assert np.max(np.abs(resid)) < 0.6
+    exp = Exposure.from_arrays(img, np.full(img.shape, 4.0), psf=PSF)
+    cat = detect_and_measure(exp, config=DetectMeasureConfig(n_sky_sources=0, subtract_background=True))
+    idx, used = match(cat, pos[:, 0], pos[:, 1])
+    assert np.all(idx >= 0) and len(cat) == 6
+    assert np.max(np.abs(cat["psf_flux"].to_numpy()[idx] / flux - 1)) < 0.05
+    # without background subtraction the offset (8σ of the filter) floods the detection
+    cat_raw = detect_and_measure(exp, config=DetectMeasureConfig(n_sky_sources=0))
+    assert len(cat_raw) != 6 or np.max(np.abs(cat_raw["psf_flux"].to_numpy() / flux[idx] - 1)) > 0.05
+
+
+def test_cosmic_rays_are_masked_not_detected(rng):
+    img = rng.normal(0, 2.0, (160, 160))
+    add_sources(img, [50.0, 110.0], [60.0, 100.0], [3000.0, -2500.0], PSF)
+    crs = [(20, 130), (140, 30), (90, 40)]
+    for x, y in crs:
+        img[y, x] += 400.0
+    img[41, 90] += 250.0  # a two-pixel track
+    var = np.full(img.shape, 4.0)
+    cr = det.find_cosmic_rays(img, var, PSF.kernel_image())
+    assert all(cr[y, x] for x, y in crs)
+    assert not cr[55:66, 45:56].any() and not cr[95:106, 105:116].any()
+    exp = Exposure.from_arrays(img, var, psf=PSF)
+    with_cr = detect_and_measure(exp, config=DetectMeasureConfig(n_sky_sources=0, mask_cosmic_rays=True))
+    without = detect_and_measure(exp, config=DetectMeasureConfig(n_sky_sources=0))
+    assert len(with_cr) == 2
+    assert len(without) > 2

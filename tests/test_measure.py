@@ -1,0 +1,174 @@
+"""Measurement: PSF/aperture fluxes, moments, flags, forced photometry, sky sources, RA/Dec, parquet."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from astropy.wcs import WCS
+
+from diffim_dag import Exposure, ExposureInfo, GaussianPsf
+from diffim_dag.kernels.measure import aperture_fluxes, adaptive_moments, forced_psf_flux, psf_fit
+from diffim_dag.masks import DEFAULT_MASK_PLANES
+from diffim_dag.sim import add_sources
+from diffim_dag.stages.detect import (
+    DIA_SOURCE_COLUMNS,
+    DetectMeasureConfig,
+    detect_and_measure,
+    empty_dia_sources,
+    read_dia_sources,
+    write_dia_sources,
+)
+
+PSF = GaussianPsf(2.0)
+
+
+def _wcs(xy0=(0, 0)):
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = [150.0, 2.0]
+    w.wcs.crpix = [xy0[0] + 100.0, xy0[1] + 100.0]
+    w.wcs.cd = np.array([[-0.2, 0.01], [0.012, 0.2]]) / 3600.0
+    return w
+
+
+def _scene(rng, noise=3.0, n=8, shape=(240, 240), xy0=(50, 80)):
+    pos = []
+    while len(pos) < n:
+        x, y = rng.uniform(30, shape[1] - 30), rng.uniform(30, shape[0] - 30)
+        if all((x - a) ** 2 + (y - b) ** 2 > 40**2 for a, b in pos):
+            pos.append((x, y))
+    pos = np.array(pos) + np.array(xy0)
+    flux = rng.uniform(1500, 4000, n) * np.where(np.arange(n) % 3 == 0, -1, 1)
+    img = rng.normal(0, noise, shape)
+    add_sources(img, pos[:, 0], pos[:, 1], flux, PSF, xy0=xy0)
+    var = np.full(shape, noise**2)
+    return img, var, pos, flux, xy0
+
+
+def test_psf_fit_and_apertures_on_noiseless_source():
+    img = np.zeros((61, 61))
+    add_sources(img, 130.3, 229.6, 1000.0, PSF, xy0=(100, 200), size=41)
+    var = np.ones_like(img)
+    good = np.ones(img.shape, bool)
+    r = psf_fit(img, var, good, PSF, 130.0, 230.0, origin=(100, 200))
+    assert abs(r["x"] - 130.3) < 1e-3 and abs(r["y"] - 229.6) < 1e-3
+    assert abs(r["flux"] / 1000.0 - 1) < 1e-4
+    assert abs(r["flux_err"] - math.sqrt(4 * math.pi * 4.0)) < 0.05  # 1/√ΣP² = √(4πσ²) for V = 1
+    f, e, fl = aperture_fluxes(img, var, good, np.array([130.3]), np.array([229.6]), 12.0, origin=(100, 200))
+    assert abs(f[0] - 1000.0 * (1 - math.exp(-(12.0**2) / 8))) < 1.0 and not fl[0]
+    assert abs(e[0] - math.sqrt(math.pi * 144)) < 0.1
+    ixx, iyy, ixy, flag = adaptive_moments(img, good, r["x"], r["y"], origin=(100, 200))
+    assert not flag and abs(ixx - 4.0) < 0.05 and abs(iyy - 4.0) < 0.05 and abs(ixy) < 0.02
+    # negative source: same numbers with the opposite sign
+    r2 = psf_fit(-img, var, good, PSF, 130.0, 230.0, origin=(100, 200))
+    assert abs(r2["flux"] + 1000.0) < 0.1 and abs(r2["x"] - 130.3) < 1e-3
+
+
+def test_catalog_columns_flags_and_radec(rng):
+    img, var, pos, flux, xy0 = _scene(rng)
+    mask = np.zeros(img.shape, np.int32)
+    ix, iy = int(round(pos[1, 0])) - xy0[0], int(round(pos[1, 1])) - xy0[1]
+    mask[iy, ix] |= 1 << DEFAULT_MASK_PLANES["INJECTED"]  # at the centre
+    mask[iy + 4, ix + 1] |= 1 << DEFAULT_MASK_PLANES["STREAK"]  # in the footprint, off centre
+    mask[iy - 3, ix] |= 1 << DEFAULT_MASK_PLANES["SAT_TEMPLATE"]
+    wcs = _wcs(xy0)
+    exp = Exposure.from_arrays(img, var, mask, xy0=xy0, psf=PSF, wcs=wcs,
+                               info=ExposureInfo(visit=4242, detector=17))
+    cat = detect_and_measure(exp, config=DetectMeasureConfig(n_sky_sources=0))
+    assert len(cat) == len(pos)
+    assert list(cat.columns) == list(DIA_SOURCE_COLUMNS)
+    i = int(np.argmin(np.hypot(cat["x"] - pos[1, 0], cat["y"] - pos[1, 1])))
+    row = cat.iloc[i]
+    assert row["pixel_flags_injected"] and row["pixel_flags_injected_center"]
+    assert row["pixel_flags_streak"] and not row["pixel_flags_streak_center"]
+    assert row["pixel_flags_sat_template"] and not row["pixel_flags_sat_template_center"]
+    others = cat.drop(index=i)
+    assert not others["pixel_flags_injected"].any() and not others["pixel_flags_streak"].any()
+    assert (cat["visit"] == 4242).all() and (cat["detector"] == 17).all()
+    assert cat["id"].is_unique
+    ra, dec = wcs.all_pix2world(cat["x"], cat["y"], 0)
+    assert np.allclose(cat["ra"], ra, atol=1e-10) and np.allclose(cat["dec"], dec, atol=1e-10)
+    scale = 0.2 / 3600.0
+    assert np.allclose(cat["dec_err"] / scale, cat["y_err"], rtol=0.1)
+    # moments near the PSF's, aperture and PSF fluxes agree with the truth
+    assert np.allclose(cat["ixx"], 4.0, atol=0.5) and np.allclose(cat["iyy"], 4.0, atol=0.5)
+    order = [int(np.argmin(np.hypot(cat["x"] - x, cat["y"] - y))) for x, y in pos]
+    assert np.allclose(cat["ap12_flux"].to_numpy()[order], flux, atol=5 * cat["ap12_flux_err"].max())
+    fwhm2 = 2 * PSF.fwhm()
+    enclosed = 1 - math.exp(-(fwhm2**2) / 8)
+    assert np.allclose(cat["ap2fwhm_flux"].to_numpy()[order], flux * enclosed, atol=5 * cat["ap2fwhm_flux_err"].max())
+    assert np.allclose(cat["snr"], cat["psf_flux"] / cat["psf_flux_err"])
+
+
+def test_forced_photometry_on_science_and_template(rng):
+    shape, xy0, noise = (160, 160), (0, 0), 2.0
+    stars = np.array([[50.2, 60.7], [110.6, 100.1]])
+    sci = rng.normal(0, noise, shape)
+    tmp = rng.normal(0, noise, shape)
+    add_sources(sci, stars[:, 0], stars[:, 1], [5000.0, 3000.0], PSF)  # variable star brightened by 2000
+    add_sources(tmp, stars[:, 0], stars[:, 1], [3000.0, 3000.0], PSF)  # and a constant one
+    var = np.full(shape, noise**2)
+    science = Exposure.from_arrays(sci, var, psf=PSF)
+    template = Exposure.from_arrays(tmp, var, psf=PSF)
+    diff = Exposure.from_arrays(sci - tmp, 2 * var, psf=PSF)
+    cat = detect_and_measure(diff, science=science, template=template, config=DetectMeasureConfig(n_sky_sources=0))
+    assert len(cat) == 1
+    row = cat.iloc[0]
+    assert abs(row["psf_flux"] - 2000.0) < 4 * row["psf_flux_err"]
+    assert abs(row["science_forced_flux"] - 5000.0) < 4 * row["science_forced_flux_err"]
+    assert abs(row["template_forced_flux"] - 3000.0) < 4 * row["template_forced_flux_err"]
+    assert not row["science_forced_flag"] and not row["template_forced_flag"]
+    f, e, fl = forced_psf_flux(tmp, var, np.ones(shape, bool), PSF, [110.6], [100.1])
+    assert abs(f[0] - 3000.0) < 4 * e[0]
+
+
+def test_sky_sources(rng):
+    img, var, pos, flux, xy0 = _scene(rng, n=10, shape=(400, 400))
+    mask = np.zeros(img.shape, np.int32)
+    mask[:, :30] |= 1 << DEFAULT_MASK_PLANES["BAD"]
+    exp = Exposure.from_arrays(img, var, mask, xy0=xy0, psf=PSF)
+    n_sky = 100
+    cat = detect_and_measure(exp, config=DetectMeasureConfig(n_sky_sources=n_sky, sky_source_seed=3))
+    sky = cat[cat["sky_source"]]
+    real = cat[~cat["sky_source"]]
+    assert len(sky) == n_sky
+    assert len(real) == len(pos)
+    half = PSF.default_size() // 2
+    d = np.hypot(sky["x"].to_numpy()[:, None] - pos[:, 0][None], sky["y"].to_numpy()[:, None] - pos[:, 1][None])
+    assert d.min() > half
+    assert (sky["x"] - xy0[0] >= 30 + half).all()  # away from the BAD columns
+    pull = sky["psf_flux"] / sky["psf_flux_err"]
+    assert abs(pull.mean()) < 0.35 and 0.75 < pull.std() < 1.25
+    assert not sky["is_dipole"].any() and sky["centroid_flag"].all()
+    assert cat["id"].is_unique
+    # deterministic: same seed, same positions
+    again = detect_and_measure(exp, config=DetectMeasureConfig(n_sky_sources=n_sky, sky_source_seed=3))
+    assert np.array_equal(again.loc[again["sky_source"], "x"], sky["x"])
+
+
+def test_parquet_roundtrip_and_empty_run(rng, tmp_path, caplog):
+    img, var, pos, flux, xy0 = _scene(rng)
+    exp = Exposure.from_arrays(img, var, xy0=xy0, psf=PSF, wcs=_wcs(xy0), info=ExposureInfo(visit=1, detector=2))
+    cat = detect_and_measure(exp, config=DetectMeasureConfig(n_sky_sources=20))
+    path = tmp_path / "dia_sources.parquet"
+    write_dia_sources(cat, path)
+    back = read_dia_sources(path)
+    pd.testing.assert_frame_equal(back, cat.reset_index(drop=True), check_like=False)
+    assert np.all(np.isfinite(back[["x", "y"]].to_numpy()))
+    meta = pq.read_schema(path).metadata
+    assert int(meta[b"diffim_dag.n_dia_sources"]) == len(pos)
+    # a run on pure noise: no DiaSource, only sky sources; with no sky sources, an empty table
+    noise = Exposure.from_arrays(rng.normal(0, 3.0, (128, 128)), np.full((128, 128), 9.0), psf=PSF)
+    with caplog.at_level("WARNING"):
+        empty = detect_and_measure(noise, config=DetectMeasureConfig(n_sky_sources=0))
+    assert len(empty) == 0 and empty.attrs["n_dia_sources"] == 0
+    assert any("no DiaSource" in r.message for r in caplog.records)
+    p2 = tmp_path / "empty.parquet"
+    write_dia_sources(empty, p2)
+    back2 = pd.read_parquet(p2)
+    assert list(back2.columns) == list(DIA_SOURCE_COLUMNS) and len(back2) == 0
+    assert dict(back2.dtypes.astype(str)) == dict(empty_dia_sources().dtypes.astype(str))
+    assert int(pq.read_schema(p2).metadata[b"diffim_dag.n_dia_sources"]) == 0
