@@ -1,0 +1,224 @@
+"""Lanczos warping of one tile: exactness, variance, masks, tiling, round trip, warped PSF."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from astropy.wcs import WCS
+
+from diffim_dag.kernels.warp import (
+    AffineMapping,
+    WarpedPsf,
+    WcsMapping,
+    lanczos,
+    lanczos_table,
+    source_bbox,
+    warp_tile,
+)
+from diffim_dag.psf import GaussianPsf, ImagePsf, image_moments
+from diffim_dag.sim import add_sources
+
+ND = 1 << 8
+BAD = 1 << 0
+SAT = 1 << 1
+
+
+def tan_wcs(crpix, *, scale=0.2, rotation_deg=0.0):
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = [150.0, 2.0]
+    w.wcs.crpix = list(crpix)
+    t = np.deg2rad(rotation_deg)
+    s = scale / 3600.0
+    w.wcs.cd = s * np.array([[-np.cos(t), np.sin(t)], [np.sin(t), np.cos(t)]])
+    w.wcs.set()
+    return w
+
+
+def test_lanczos_table_rows_sum_to_one_and_match_formula():
+    w, _, first, last = lanczos_table(3)
+    assert np.allclose(w.sum(axis=1), 1.0, atol=1e-12)
+    b = int(round(0.3 * (w.shape[0] - 1)))
+    f = b / (w.shape[0] - 1)
+    taps = np.arange(-2, 4)
+    raw = lanczos(f - taps, 3)
+    raw /= raw.sum()
+    delta = f - (raw * taps).sum()
+    assert 0.005 < abs(delta) < 0.03  # the truncated sinc's shift bias that the table corrects
+    raw[3] += delta / 2
+    raw[1] -= delta / 2
+    assert np.allclose(w[b], raw, atol=1e-12)
+    fs = np.arange(w.shape[0]) / (w.shape[0] - 1)
+    assert np.allclose((w * np.arange(-2, 4)).sum(axis=1), fs, atol=1e-12)
+    assert first[0] == 2 and last[0] == 2  # f = 0: only the centre tap is needed
+    assert first[b] == 0 and last[b] == 5
+
+
+@pytest.mark.parametrize("kernel", ["lanczos3", "lanczos5"])
+def test_constant_surface_exact_and_variance_formula(kernel):
+    rng = np.random.default_rng(0)
+    img = np.full((120, 150), 250.0, np.float32)
+    var = rng.uniform(1, 5, img.shape).astype(np.float32)
+    msk = np.zeros(img.shape, np.int32)
+    m = AffineMapping.similarity(rotation=0.4, shift=(2.3, -1.7), center=(80, 60))
+    out, ov, om = warp_tile(img, var, msk, m, out_origin=(10, 5), out_shape=(100, 130), src_origin=(10, 5),
+                            kernel=kernel)
+    good = om == 0
+    assert good.mean() > 0.5
+    assert np.allclose(out[good], 250.0, rtol=1e-6)
+    assert np.all(out[~good] == 0) and np.all(ov[~good] == 0) and np.all(om[~good] == ND)
+    # variance of one pixel by the explicit double sum  Σ w_y² w_x² V
+    a = int(kernel[-1])
+    yy, xx = np.argwhere(good)[len(np.argwhere(good)) // 2]
+    u, v = m(np.array(xx + 10.0), np.array(yy + 5.0))
+    u, v = float(u) - 10, float(v) - 5
+    iu, iv = int(np.floor(u)), int(np.floor(v))
+    taps = np.arange(-a + 1, a + 1)
+    def weights(f):
+        w = lanczos(f - taps, a)
+        w /= w.sum()
+        d = f - (w * taps).sum()
+        w[a] += d / 2
+        w[a - 2] -= d / 2
+        return w
+
+    wx, wy = weights(u - iu), weights(v - iv)
+    expect = float((np.outer(wy**2, wx**2) * var[iv + taps[:, None], iu + taps[None, :]]).sum())
+    assert ov[yy, xx] == pytest.approx(expect, rel=2e-3)
+
+
+def test_masks_propagate_and_no_data_outside():
+    img = np.ones((60, 60), np.float32)
+    var = np.ones_like(img)
+    msk = np.zeros(img.shape, np.int32)
+    msk[30, 30] = SAT
+    shift = AffineMapping.shift(0.5, 0.0)  # output x reads source x + 0.5
+    out, ov, om = warp_tile(img, var, msk, shift, out_origin=(0, 0), out_shape=(60, 60), src_origin=(0, 0))
+    flagged = np.argwhere(om & SAT)
+    # with f = 0.5 all 6 x-taps contribute, only row 30 along y
+    assert set(flagged[:, 0]) == {30}
+    assert sorted(flagged[:, 1]) == list(range(27, 33))
+    # the last 3 columns need source x ≥ 60: NO_DATA; the first two need x ≥ -2 ... ≥ 0 → x ≥ 2
+    assert np.all(om[:, -3:] & ND) and np.all(om[:, :2] & ND) and not np.any(om[:, 2:-3] & ND)
+    # integer shift: only one tap needed, no edge loss beyond the shift itself
+    out, ov, om = warp_tile(img, var, msk, AffineMapping.shift(2, 0), out_origin=(0, 0), out_shape=(60, 60),
+                            src_origin=(0, 0))
+    assert np.all(om[:, -2:] & ND) and not np.any(om[:, :-2] & ND)
+    assert np.argwhere(om & SAT).tolist() == [[30, 28]]
+
+
+def test_nan_variance_and_nan_image_give_finite_outputs():
+    rng = np.random.default_rng(3)
+    img = rng.normal(100, 5, (80, 80)).astype(np.float32)
+    var = np.full(img.shape, 25.0, np.float32)
+    var[10:14, 20:25] = np.nan
+    var[50, 50] = -1.0
+    img[40, 10] = np.nan
+    msk = np.zeros(img.shape, np.int32)
+    m = AffineMapping.similarity(rotation=0.1, shift=(0.3, 0.2), center=(40, 40))
+    out, ov, om = warp_tile(img, var, msk, m, out_origin=(0, 0), out_shape=(80, 80), src_origin=(0, 0))
+    data = (om & ND) == 0
+    assert data.mean() > 0.8
+    assert np.all(np.isfinite(out)) and np.all(np.isfinite(ov)) and np.all(ov[data] > 0)
+    assert np.any(om & BAD)  # pixels fed by the invalid variances are flagged
+    xs, ys = m(np.arange(80.0)[None, :], np.arange(80.0)[:, None])
+    near_nan = (np.abs(xs - 10) < 1.5) & (np.abs(ys - 40) < 1.5)
+    assert np.all(om[near_nan] & ND)  # a NaN image pixel is missing data
+
+
+@pytest.mark.parametrize("tile", [37, 64, 100])
+def test_tiled_equals_eager(tile):
+    rng = np.random.default_rng(5)
+    n = 150
+    img = rng.normal(0, 1, (n, n)).astype(np.float32)
+    var = rng.uniform(1, 2, (n, n)).astype(np.float32)
+    msk = (rng.random((n, n)) < 0.01).astype(np.int32) * BAD
+    wo, ws = tan_wcs((80.3, 70.1), rotation_deg=3), tan_wcs((75, 75))
+    for mapping, atol in ((AffineMapping.similarity(rotation=0.05, shift=(1.3, -0.4), center=(75, 75)), 0.0),
+                          (WcsMapping(wo, ws), 2e-4)):
+        eager = warp_tile(img, var, msk, mapping, out_origin=(-5, 3), out_shape=(n, n), src_origin=(0, 0))
+        tiled = [np.zeros_like(e) for e in eager]
+        for y in range(0, n, tile):
+            for x in range(0, n, tile):
+                shape = (min(tile, n - y), min(tile, n - x))
+                bx0, bx1, by0, by1 = source_bbox(mapping, out_origin=(x - 5, y + 3), out_shape=shape)
+                bx0, by0, bx1, by1 = max(bx0, 0), max(by0, 0), min(bx1, n), min(by1, n)
+                parts = warp_tile(img[by0:by1, bx0:bx1], var[by0:by1, bx0:bx1], msk[by0:by1, bx0:bx1], mapping,
+                                  out_origin=(x - 5, y + 3), out_shape=shape, src_origin=(bx0, by0))
+                for t, p in zip(tiled, parts):
+                    t[y:y + shape[0], x:x + shape[1]] = p
+        assert np.array_equal(eager[2], tiled[2])
+        np.testing.assert_allclose(tiled[0], eager[0], atol=atol + 1e-5)
+        np.testing.assert_allclose(tiled[1], eager[1], atol=atol + 1e-5)
+
+
+def _aperture(img, x, y, r, sky):
+    yy, xx = np.mgrid[0:img.shape[0], 0:img.shape[1]]
+    sel = (xx - x) ** 2 + (yy - y) ** 2 <= r * r
+    w = img[sel] - sky
+    return w.sum(), (w * xx[sel]).sum() / w.sum(), (w * yy[sel]).sum() / w.sum()
+
+
+def test_round_trip_rotated_scaled_shifted_wcs():
+    n = 1001
+    sky = 100.0
+    img = np.full((n, n), sky, np.float32)
+    psf = GaussianPsf(sigma_x=2.0)
+    grid = np.arange(50, n - 50 + 1, 100, dtype=np.float64)
+    xs, ys = np.meshgrid(grid + 0.27, grid - 0.41)
+    flux = 1.0e5
+    add_sources(img, xs.ravel(), ys.ravel(), flux, psf, size=41)
+    var = img.copy()
+    msk = np.zeros(img.shape, np.int32)
+    w_orig = tan_wcs((501.0, 501.0))
+    # intermediate: pixels 0.9× the size (oversampled), rotated 30°, shifted
+    m = 1560
+    w_mid = tan_wcs((m / 2 + 3.3, m / 2 - 7.7), scale=0.2 * 0.9, rotation_deg=30.0)
+    fwd = WcsMapping(w_mid, w_orig)
+    mid = warp_tile(img, var, msk, fwd, out_origin=(0, 0), out_shape=(m, m), src_origin=(0, 0))
+    # flux conserved in the intermediate as well (counts, pixel area 0.81)
+    back = warp_tile(*mid, WcsMapping(w_orig, w_mid), out_origin=(0, 0), out_shape=(n, n), src_origin=(0, 0))
+    out, ov, om = back
+    good = om == 0
+    assert good[60:-60, 60:-60].all()
+    assert np.allclose(out[good], img[good], rtol=0.1, atol=4)
+    for x, y in zip(xs.ravel(), ys.ravel()):
+        f0, x0, y0 = _aperture(img, x, y, 12, sky)
+        f1, x1, y1 = _aperture(out, x, y, 12, sky)
+        assert f1 == pytest.approx(f0, rel=0.01)
+        assert abs(x1 - x0) < 0.02 and abs(y1 - y0) < 0.02
+    # surface-brightness convention: the intermediate keeps pixel values, so its sums are 1/0.81× larger
+    mid_sb = warp_tile(img[400:601, 400:601], var[400:601, 400:601], msk[400:601, 400:601], fwd,
+                       out_origin=(m // 2 - 60, m // 2 - 60), out_shape=(120, 120), src_origin=(400, 400),
+                       conserve="surface_brightness")
+    mid_fx = warp_tile(img[400:601, 400:601], var[400:601, 400:601], msk[400:601, 400:601], fwd,
+                       out_origin=(m // 2 - 60, m // 2 - 60), out_shape=(120, 120), src_origin=(400, 400))
+    g = (mid_sb[2] == 0) & (mid_fx[2] == 0)
+    assert np.allclose(mid_fx[0][g], 0.81 * mid_sb[0][g], rtol=1e-4)
+
+
+def test_warped_psf_follows_the_jacobian():
+    src = GaussianPsf(sigma_x=2.5, sigma_y=1.5, theta=0.3)
+    m = AffineMapping([[0.9, -0.2], [0.15, 1.1]], (3.0, -4.0))
+    wp = WarpedPsf(src, m, (0, 200, 0, 200))
+    k = wp.kernel_image(100, 100, size=41)
+    _, _, ixx, iyy, ixy = image_moments(k)
+    # source covariance Σ_s; output offsets d with J d ~ Σ_s → Σ_o = J⁻¹ Σ_s J⁻ᵀ
+    c, s = np.cos(0.3), np.sin(0.3)
+    rot = np.array([[c, -s], [s, c]])
+    sigma_s = rot @ np.diag([2.5**2, 1.5**2]) @ rot.T
+    ji = np.linalg.inv(m.matrix)
+    sigma_o = ji @ sigma_s @ ji.T
+    assert np.allclose([ixx, iyy, ixy], [sigma_o[0, 0], sigma_o[1, 1], sigma_o[0, 1]], rtol=0.02, atol=0.02)
+    # a pixelized source PSF gives the same answer
+    wi = WarpedPsf(ImagePsf(src.kernel_image(size=41)), m, (0, 200, 0, 200))
+    assert np.abs(wi.kernel_image(100, 100, size=41) - k).max() < 2e-3 * k.max() * 10
+    # and the warped PSF matches a warped star
+    img = np.zeros((200, 200), np.float32)
+    ux, uy = m(100.0, 100.0)
+    add_sources(img, ux, uy, 1.0, src, size=41)
+    out, _, _ = warp_tile(img, np.ones_like(img), np.zeros(img.shape, np.int32), m, out_origin=(0, 0),
+                          out_shape=(200, 200), src_origin=(0, 0), conserve="surface_brightness")
+    stamp = out[80:121, 80:121]
+    assert np.abs(stamp / stamp.sum() - k).max() < 0.02 * k.max()
+    payload_meta, data = wp.to_payload()
+    assert payload_meta["kind"] == "grid" and data.shape[:2] == (5, 5)
