@@ -60,9 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("subtract", help="subtract TEMPLATE from SCIENCE and write the output contract")
     _common(p)
     p.add_argument("science", help="science exposure (LSST MEF, plain FITS or zarr)")
-    p.add_argument("template", help="template exposure on the same pixel grid")
+    p.add_argument("template", nargs="?", help="template exposure (warped onto the science grid when the grids differ)")
     _exposure_options(p, "science")
     _exposure_options(p, "template")
+    p.add_argument("--template-store", metavar="DIR", help="folder of template patches (FITS/zarr) to fetch and warp")
+    p.add_argument("--no-warp", action="store_true",
+                   help="the two images share one pixel grid: never warp (a WCS disagreement is only warned about)")
     p.add_argument("--plots", action="store_true", help="also write plots/*.png")
 
     p = sub.add_parser("demo", help="simulate a pair and run every built stage on a LocalCluster")
@@ -160,10 +163,15 @@ def _cmd_subtract(args) -> int:
     from .config import load_config
     from .pipeline import run_subtraction
 
+    from .errors import InputError
+
     config = load_config(args.pipeline, args.overrides)
+    if (args.template is None) == (args.template_store is None):
+        raise InputError("give either a TEMPLATE file or --template-store DIR (exactly one)")
     science = _read_any(args.science, args, "science")
-    template = _read_any(args.template, args, "template")
-    result = run_subtraction(science, template, config=config, out_dir=args.out, scheduler=args.scheduler, plots=args.plots)
+    template = _read_any(args.template, args, "template") if args.template else None
+    result = run_subtraction(science, template, config=config, out_dir=args.out, scheduler=args.scheduler,
+                             plots=args.plots, warp=False if args.no_warp else None, template_store=args.template_store)
     for line in result.summary_lines():
         print(line)
     return 0

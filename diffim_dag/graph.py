@@ -146,6 +146,10 @@ def make_client(scheduler: str | None = None, *, n_workers: int | None = None, t
 
     from distributed import Client, LocalCluster
 
+    import logging
+
+    if not logging.getLogger("diffim_dag").isEnabledFor(logging.DEBUG):
+        logging.getLogger("distributed").setLevel(logging.WARNING)  # the in-process scheduler's INFO chatter
     if scheduler:
         return Client(scheduler), None
     env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -178,6 +182,20 @@ def cell_mapper(client=None, *, prefix: str = "fit-cell"):
             futures = client.map(_fit_cell_task, list(tasks), key=keys)
             return client.gather(futures)
         delayed = [dask.delayed(_fit_cell_task, pure=True)(t, dask_key_name=k) for t, k in zip(tasks, keys)]
+        return list(dask.compute(*delayed, scheduler="threads"))
+
+    return run
+
+
+def tile_mapper(client=None, *, prefix: str = "detect-measure"):
+    """A ``map_tiles(function, tasks)`` hook: each task (a kwargs dict) becomes one Dask task."""
+    def run(function, tasks):
+        if not tasks:
+            return []
+        keys = [f"{prefix}-{i}-{dask.base.tokenize(t.get('origin'), t.get('core_bbox'))}" for i, t in enumerate(tasks)]
+        if client is not None:
+            return client.gather(client.map(function, list(tasks), key=keys))
+        delayed = [dask.delayed(function, pure=True)(t, dask_key_name=k) for t, k in zip(tasks, keys)]
         return list(dask.compute(*delayed, scheduler="threads"))
 
     return run

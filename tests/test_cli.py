@@ -14,21 +14,31 @@ from diffim_dag.cli import main
 
 def test_simulate_then_subtract_writes_the_output_contract(tmp_path, capsys):
     sim_dir = tmp_path / "sim"
-    assert main(["simulate", "--size", "384", "--seed", "4", "--out", str(sim_dir), "--set", "n_transients=5"]) == 0
+    assert main(["simulate", "--size", "384", "--seed", "4", "--out", str(sim_dir), "--set", "n_transients=5",
+                 "--set", "sky_subtracted=true"]) == 0
     for name in ("science.fits", "template.fits", "truth.csv"):
         assert (sim_dir / name).is_file()
     out = tmp_path / "out"
     rc = main(["subtract", str(sim_dir / "science.fits"), str(sim_dir / "template.fits"), "--out", str(out),
                "--plots", "-c", "subtract.tile_size=128", "--scheduler", ""])
     assert rc == 0
-    for name in ("difference.fits", "matched_template.fits", "kernel.fits", "metrics.json"):
+    for name in ("difference.fits", "matched_template.fits", "kernel.fits", "metrics.json", "dia_sources.parquet"):
         assert (out / name).is_file(), name
+    import pandas as pd
+
+    cat = pd.read_parquet(out / "dia_sources.parquet")
+    truth = pd.read_csv(sim_dir / "truth.csv")
+    transients = truth[(truth["kind"] == "transient") & (truth["snr_difference"] >= 10)]
+    real = cat[~cat["sky_source"]]
+    for _, t in transients.iterrows():
+        assert (np.hypot(real["x"] - t["x"], real["y"] - t["y"]) < 1.5).any(), "injected transient not found"
     assert sorted(p.name for p in (out / "plots").glob("*.png")) == [
         "difference.png", "kernel_candidates.png", "kernel_grid.png", "matched_template.png", "residual_stamps.png"]
     assert not list(out.glob(".*tmp*")), "temporary files left behind"
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("template_coverage", "science_variance_scale", "template_variance_scale", "mode", "kernel",
-                "quality", "limiting_magnitude", "timings_s", "decorrelation"):
+                "quality", "limiting_magnitude", "timings_s", "decorrelation", "template", "dia_sources",
+                "differential_background"):
         assert key in metrics, key
     kernel = metrics["kernel"]
     for key in ("kernel_size", "gaussian_sigmas", "kernel_sum_center", "spatial_condition_number", "candidates"):
@@ -85,3 +95,16 @@ def test_console_script_entry_point():
     assert proc.returncode == 0
     for sub in ("simulate", "subtract", "demo", "info"):
         assert sub in proc.stdout
+
+
+def test_no_warp_and_missing_template(tmp_path, capsys):
+    sim_dir = tmp_path / "sim"
+    assert main(["simulate", "--size", "256", "--seed", "5", "--out", str(sim_dir), "--set", "sky_subtracted=true",
+                 "--set", "template_offset=[0.0,0.0]"]) == 0
+    out = tmp_path / "out"
+    assert main(["subtract", str(sim_dir / "science.fits"), str(sim_dir / "template.fits"), "--out", str(out),
+                 "--no-warp", "--scheduler", ""]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["template"]["warped"] is False
+    assert main(["subtract", str(sim_dir / "science.fits"), "--out", str(out)]) == 2
+    assert "--template-store" in capsys.readouterr().err

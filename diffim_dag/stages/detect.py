@@ -259,9 +259,10 @@ def write_dia_sources(catalog: pd.DataFrame, path: str | os.PathLike) -> str:
     if n_real == 0:
         log.warning("%s: no DiaSource detected; writing a catalogue with the full schema and %d sky source rows",
                     path, len(df))
-    tmp = f"{os.fspath(path)}.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    from ..io.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
     return os.fspath(path)
 
 
@@ -502,6 +503,10 @@ def _sky_to_radec(cat: pd.DataFrame, wcs) -> None:
     cat["dec_err"] = np.sqrt((ddec_dx * sx) ** 2 + (ddec_dy * sy) ** 2)
 
 
+def _detect_measure_task(kwargs: dict) -> TileResult:
+    return detect_measure_tile(**kwargs)
+
+
 def detect_and_measure(
     difference: Exposure,
     *,
@@ -509,8 +514,9 @@ def detect_and_measure(
     template: Exposure | None = None,
     config: DetectMeasureConfig = DetectMeasureConfig(),
     score: np.ndarray | None = None,
+    map_tiles=None,
 ) -> pd.DataFrame:
-    """Detect and measure DiaSources on a difference exposure (tiles run in turn).
+    """Detect and measure DiaSources on a difference exposure, tile by tile.
 
     Parameters
     ----------
@@ -522,6 +528,10 @@ def detect_and_measure(
     config : DetectMeasureConfig
     score : ndarray, optional
         A score image to threshold instead of the matched filter (same shape).
+    map_tiles : callable, optional
+        ``map_tiles(function, list_of_kwargs) -> list of results``: how the per-tile tasks
+        (:func:`detect_measure_tile`) run; in turn when None, as Dask tasks with
+        :func:`diffim_dag.graph.tile_mapper`.
 
     Returns
     -------
@@ -546,18 +556,22 @@ def detect_and_measure(
     tmp = template.arrays() if template is not None else None
     halo = config.halo if config.halo is not None else det.required_halo(psf_image.shape[0],
                                                                           measure_radius=config.aperture_radius + 2)
-    results = []
+    tasks = []
     for core, hb in tile_boxes(bbox, config.tile_size, halo):
         sl = (slice(hb[2] - y0, hb[3] - y0), slice(hb[0] - x0, hb[1] - x0))
-        results.append(detect_measure_tile(
-            img[sl], var[sl], msk[sl], psf=psf, origin=(hb[0], hb[2]), core_bbox=core, parent_bbox=bbox,
-            config=config, mask_planes=planes,
+        tasks.append(dict(
+            image=img[sl], variance=var[sl], mask=msk[sl], psf=psf, origin=(hb[0], hb[2]), core_bbox=core,
+            parent_bbox=bbox, config=config, mask_planes=planes,
             science=None if sci is None else tuple(a[sl] for a in sci),
             template=None if tmp is None else tuple(a[sl] for a in tmp),
             science_psf=None if science is None else science.psf,
             template_psf=None if template is None else template.psf,
             score=None if score is None else score[sl],
         ))
+    if map_tiles is None:
+        results = [detect_measure_tile(**kw) for kw in tasks]
+    else:
+        results = list(map_tiles(_detect_measure_task, tasks))
     stitched = stitch_catalogs(results)
     cat = stitched.catalog
     n_trunc = int(cat["footprint_truncated"].sum()) if len(cat) else 0
