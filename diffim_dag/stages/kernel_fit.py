@@ -89,13 +89,14 @@ class KernelFitResult:
 
 
 def resolve_mode(science: Exposure, template: Exposure, mode: str = CONVOLVE_TEMPLATE) -> str:
-    """``"auto"`` → convolve the template unless its PSF is broader than the science PSF."""
-    if mode in (CONVOLVE_TEMPLATE, CONVOLVE_SCIENCE):
-        return mode
-    if mode != "auto":
+    """Resolve ``"auto"`` with the subtraction's rule (:func:`diffim_dag.stages.subtract.choose_mode`):
+    convolve the science only when the template PSF is wider on both axes."""
+    from .subtract import choose_mode
+
+    if mode not in ("auto", CONVOLVE_TEMPLATE, CONVOLVE_SCIENCE):
         raise ValueError(f"mode must be 'auto', {CONVOLVE_TEMPLATE!r} or {CONVOLVE_SCIENCE!r}, got {mode!r}")
     cx, cy = science.center
-    return CONVOLVE_TEMPLATE if template.psf.fwhm(cx, cy) <= science.psf.fwhm(cx, cy) else CONVOLVE_SCIENCE
+    return choose_mode(mode, science.psf, template.psf, cx, cy)
 
 
 def extract_cell_stamps(
