@@ -138,21 +138,24 @@ class Exposure:
         info: ExposureInfo | None = None,
         source: str = "exposure",
         validate: bool = True,
+        copy: bool = True,
     ) -> Exposure:
         """Make an exposure from numpy (or dask) arrays.
 
         Non-finite image pixels are set to 0 with NO_DATA and zero variance.
-        ``variance`` defaults to ones (callers that know better pass it).
+        ``variance`` defaults to ones (callers that know better pass it).  With
+        ``copy=False`` arrays already of the right dtype are used as they are (and may be
+        modified in place for non-finite pixels): for callers that own them.
         """
         is_lazy = hasattr(image, "dask")
         planes = mask_planes if isinstance(mask_planes, MaskPlanes) else MaskPlanes(mask_planes)
         if not is_lazy:
             if validate:
                 validate_planes(image, variance, mask, source=source)
-            image = np.asarray(image)
-            img = np.array(image, dtype=np.float32)  # native byte order, copy
-            var = np.ones_like(img) if variance is None else np.array(variance, dtype=np.float32)
-            msk = np.zeros(img.shape, dtype=MASK_DTYPE) if mask is None else np.array(mask).astype(MASK_DTYPE)
+            conv = np.array if copy else np.asarray  # np.float32 / int32 are native byte order
+            img = conv(image, dtype=np.float32)
+            var = np.ones_like(img) if variance is None else conv(variance, dtype=np.float32)
+            msk = np.zeros(img.shape, dtype=MASK_DTYPE) if mask is None else conv(mask, dtype=MASK_DTYPE)
             nonfinite = ~np.isfinite(img)
             if nonfinite.any():
                 img[nonfinite] = 0.0

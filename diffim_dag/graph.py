@@ -39,14 +39,40 @@ def tile_starts(chunks: tuple[tuple[int, ...], tuple[int, ...]], xy0: tuple[int,
     return ys, xs
 
 
+def array_view(a: np.ndarray, chunks: tuple[int, int], *, prefix: str = "plane") -> da.Array:
+    """A dask array whose chunks are slices (views) of the in-memory array ``a``.
+
+    ``da.from_array`` and tokenizing both copy the whole array (67 MB for a 4096² float32
+    plane); here the array is referenced once in the graph and each tile task slices it.
+    """
+    import operator
+    import uuid
+
+    from dask.highlevelgraph import HighLevelGraph
+
+    a = np.asarray(a)
+    ty, tx = chunks
+    ny, nx = a.shape
+    cy = tuple(min(ty, ny - y) for y in range(0, ny, ty))
+    cx = tuple(min(tx, nx - x) for x in range(0, nx, tx))
+    name = f"{prefix}-{uuid.uuid4().hex}"
+    src = f"{name}-source"
+    dsk = {src: a}
+    for i, y in enumerate(range(0, ny, ty)):
+        for j, x in enumerate(range(0, nx, tx)):
+            dsk[(name, i, j)] = (operator.getitem, src, (slice(y, y + cy[i]), slice(x, x + cx[j])))
+    return da.Array(HighLevelGraph.from_collections(name, dsk, dependencies=()), name, (cy, cx), dtype=a.dtype,
+                    meta=np.empty((0, 0), dtype=a.dtype))
+
+
 def planes_to_dask(image, variance, mask, tile: int | tuple[int, int]):
-    """Dask arrays (chunks = tiles) from numpy or dask planes."""
+    """Dask arrays (chunks = tiles) from numpy or dask planes (numpy planes are not copied)."""
     ty, tx = (tile, tile) if isinstance(tile, int) else tile
 
     def conv(a):
         if isinstance(a, da.Array):
             return a.rechunk((ty, tx))
-        return da.from_array(np.asarray(a), chunks=(ty, tx))
+        return array_view(a, (ty, tx))
 
     return conv(image), conv(variance), conv(mask)
 
@@ -99,23 +125,44 @@ def difference_tiles(science, template, *, mode, kernel_sum, background_solution
     """Per-tile difference (see :func:`diffim_dag.stages.subtract.difference_tile`) plus EDGE.
 
     ``science`` and ``template`` are (image, variance, mask) triples of equally chunked dask arrays.
+    Returns float32 image and variance and the int32 mask as dask arrays.
     """
-    from .stages.subtract import combine_tile
+    from .stages.subtract import combine_tile, edge_bits_for_tile
 
     ys, xs = tile_starts(science[0].chunks, xy0)
 
-    def block(si, sv, sm, ti, tv, tm, sol, ksum, block_id=None):
+    def values(si, sv, sm, ti, tv, tm, sol, ksum, block_id=None):
         # the output has a new leading axis: block_id = (0, iy, ix)
         origin = (int(xs[block_id[-1]]), int(ys[block_id[-2]]))
-        return np.stack(
-            combine_tile(si, sv, sm, ti, tv, tm, sol, ksum, mode=mode, subtract_background=subtract_background,
-                         origin=origin, xy0=xy0, shape=shape, half_width=half_width, edge_bit=edge_bit)
-        ).astype(np.float64)
+        d, v, _ = combine_tile(si, sv, sm, ti, tv, tm, sol, ksum, mode=mode, subtract_background=subtract_background,
+                               origin=origin, xy0=xy0, shape=shape, half_width=half_width, edge_bit=edge_bit)
+        return np.stack((d, v))
 
-    stacked = da.map_blocks(block, *science, *template, background_solution, kernel_sum,
-                            new_axis=0, chunks=((3,),) + science[0].chunks, dtype=np.float64,
-                            meta=np.array((), dtype=np.float64))
-    return stacked[0].astype(np.float32), stacked[1].astype(np.float32), stacked[2].astype(np.int32)
+    def mask(sm, tm, block_id=None):
+        origin = (int(xs[block_id[1]]), int(ys[block_id[0]]))
+        return (sm | tm | edge_bits_for_tile(sm.shape, origin, xy0, shape, half_width, edge_bit)).astype(np.int32)
+
+    stacked = da.map_blocks(values, *science, *template, background_solution, kernel_sum,
+                            new_axis=0, chunks=((2,),) + science[0].chunks, dtype=np.float32,
+                            meta=np.array((), dtype=np.float32))
+    msk = da.map_blocks(mask, science[2], template[2], dtype=np.int32, meta=np.array((), dtype=np.int32))
+    return stacked[0], stacked[1], msk
+
+
+def template_mask_tiles(mask, mask_planes: dict, *, kept):
+    """Per-tile template mask rules (see :func:`diffim_dag.kernels.maskops.template_mask_for_difference`)."""
+    from .kernels.maskops import template_mask_for_difference
+
+    return da.map_blocks(template_mask_for_difference, mask, mask_planes, kept=tuple(kept), dtype=np.int32,
+                         meta=np.array((), dtype=np.int32))
+
+
+def decorrelated_variance_tiles(variance, mask, variance_unconvolved, variance_convolved, *, kappa, keep_bits):
+    """Per-tile :func:`diffim_dag.stages.subtract.decorrelated_variance`."""
+    from .stages.subtract import decorrelated_variance
+
+    return da.map_blocks(decorrelated_variance, variance, mask, variance_unconvolved, variance_convolved,
+                         kappa=kappa, keep_bits=keep_bits, dtype=np.float32, meta=np.array((), dtype=np.float32))
 
 
 def filter_tiles(image, kernel, *, half_width: int, xy0):
@@ -129,10 +176,18 @@ def filter_tiles(image, kernel, *, half_width: int, xy0):
 
 
 def compute(*collections, client=None):
-    """Compute on ``client`` when given, else with the threaded scheduler."""
+    """Compute on ``client`` when given, else with the threaded scheduler.
+
+    Without a client, arrays are stored tile by tile into preallocated numpy arrays
+    (``da.store``), so no output is ever held twice (chunk list + concatenation).
+    """
     if client is not None:
         futures = client.compute(list(collections))
         return tuple(client.gather(futures))
+    if all(isinstance(c, da.Array) for c in collections):
+        targets = [np.empty(c.shape, dtype=c.dtype) for c in collections]
+        da.store(list(collections), targets, lock=False, scheduler="threads")
+        return tuple(targets)
     return dask.compute(*collections, scheduler="threads")
 
 

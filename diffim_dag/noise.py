@@ -113,8 +113,8 @@ def measure_background(
     bad_mask = ~np.isfinite(img) if bad is None else (np.asarray(bad, dtype=bool) | ~np.isfinite(img))
     work = np.where(bad_mask, 0, img).astype(np.float32)
     bkg = sep.Background(work, mask=bad_mask, bw=box, bh=box, fw=filter_size, fh=filter_size)
-    level = np.asarray(bkg.back(), dtype=np.float64)
-    rms = np.asarray(bkg.rms(), dtype=np.float64)
+    level = np.asarray(bkg.back(), dtype=np.float32)  # float32 maps: a 4096² frame costs 64 MB each
+    rms = np.asarray(bkg.rms(), dtype=np.float32)
     return BackgroundModel(level=level, rms=rms, global_level=float(bkg.globalback), global_rms=float(bkg.globalrms))
 
 

@@ -75,7 +75,7 @@ def _native_float32(data, *, source: str) -> np.ndarray:
         arr = squeezed
     if not np.issubdtype(arr.dtype, np.number):
         raise InputError(f"{source}: data of type {arr.dtype} is not numeric")
-    return np.asarray(arr, dtype=np.float32).astype(np.float32, copy=False).view(np.float32).copy()
+    return np.array(arr, dtype=np.float32)  # one copy, native byte order (FITS is big-endian)
 
 
 def _first(header: fits.Header, keys, cast=float):
@@ -274,6 +274,7 @@ def _read_lsst(path: str) -> Exposure:
         primary = hdul[0].header
         img_hdu = hdul["IMAGE"]
         image = _native_float32(img_hdu.data, source=f"{path}[IMAGE]")
+        del img_hdu.data  # drop the raw (big-endian) buffer before the next plane is read
         header = img_hdu.header
         xy0 = _origin(header)
         if "MASK" not in hdul:
@@ -283,11 +284,12 @@ def _read_lsst(path: str) -> Exposure:
         mask_data = hdul["MASK"].data
         if mask_data is None:
             raise InputError(f"{path}[MASK]: extension holds no data")
-        mask_arr = np.asarray(mask_data)
-        if not np.issubdtype(mask_arr.dtype, np.integer):
-            raise InputError(f"{path}[MASK]: mask must hold integers, got {mask_arr.dtype}")
-        mask_arr = mask_arr.astype(MASK_DTYPE)
+        if not np.issubdtype(mask_data.dtype, np.integer):
+            raise InputError(f"{path}[MASK]: mask must hold integers, got {mask_data.dtype}")
+        mask_arr = np.array(mask_data, dtype=MASK_DTYPE)
+        del mask_data, hdul["MASK"].data
         var = _native_float32(hdul["VARIANCE"].data, source=f"{path}[VARIANCE]")
+        del hdul["VARIANCE"].data
         validate_planes(image, var, mask_arr, source=path)
         planes = _read_mask_planes(hdul["MASK"].header, mask_arr, source=f"{path}[MASK]")
         wcs = wcs_from_header(header, xy0, source=f"{path}[IMAGE]")
@@ -299,7 +301,7 @@ def _read_lsst(path: str) -> Exposure:
             # the file's VARIANCE plane is the variance: never rebuild it from a model
             info = info.replace(variance_source="VARIANCE plane")
     return Exposure.from_arrays(
-        image, var, mask_arr, xy0=xy0, mask_planes=planes, wcs=wcs, psf=psf, info=info, source=path
+        image, var, mask_arr, xy0=xy0, mask_planes=planes, wcs=wcs, psf=psf, info=info, source=path, copy=False
     )
 
 
@@ -317,7 +319,8 @@ def _read_plain(path: str, *, hdu, xy0) -> Exposure:
     mask = np.zeros(image.shape, dtype=MASK_DTYPE)
     if info.saturation is not None:
         mask[np.isfinite(image) & (image >= info.saturation)] |= planes.bitmask("SAT")
-    exp = Exposure.from_arrays(image, None, mask, xy0=xy0, mask_planes=planes, wcs=wcs, info=info, source=source)
+    exp = Exposure.from_arrays(image, None, mask, xy0=xy0, mask_planes=planes, wcs=wcs, info=info, source=source,
+                               copy=False)
     return exp.with_info(variance_source=None)
 
 
@@ -381,7 +384,7 @@ def _attach_aux(exposure: Exposure, path: str, *, variance, noise, weight, mask,
         var = np.where(nodata, 0.0, var).astype(np.float32)
     out = Exposure.from_arrays(
         img, var, msk, xy0=exposure.xy0, mask_planes=planes, wcs=exposure.wcs, psf=exposure.psf,
-        info=exposure.info.replace(variance_source=how), source=path, validate=False,
+        info=exposure.info.replace(variance_source=how), source=path, validate=False, copy=False,
     )
     return out
 

@@ -46,7 +46,7 @@ SOURCE_CUTS = ("outside", "masked", "saturated", "not_point_like", "not_isolated
 #: Background mesh size (pixels) for detection and local sky.
 BACKGROUND_BOX = 64
 #: sep's pixel stack (large images with many sources overflow the default).
-SEP_PIXSTACK = 10_000_000
+SEP_PIXSTACK = 1_000_000  # grown ×4 on overflow (sep allocates it up front)
 #: Minimum number of kernel sources (the issue's "fewer than 3").
 MIN_KERNEL_SOURCES = 3
 
@@ -61,7 +61,32 @@ def overlap_bbox(a: Exposure, b: Exposure) -> tuple[int, int, int, int]:
     return box
 
 
-def detect_sources(science: Exposure, config: KernelSourceConfig) -> pd.DataFrame:
+def science_background(science: Exposure, config: KernelSourceConfig):
+    """The mesh background of the science image (bad planes excluded), shared by detection and measurement."""
+    img, _, msk = science.arrays()
+    bad = (msk & science.bitmask(list(config.bad_mask_planes))) != 0
+    return measure_background(img, bad, box=BACKGROUND_BOX)
+
+
+def correlate_in_strips(image: np.ndarray, kernel: np.ndarray, *, strip: int = 1024) -> np.ndarray:
+    """``image ⋆ kernel`` (cross-correlation, zero padding) by FFT in row strips with a halo.
+
+    Equal to ``fftconvolve(image, kernel[::-1, ::-1], mode="same")`` but with the FFT buffers of
+    one strip at a time (a 4096² frame at once needs ~4.5× its size).
+    """
+    h = kernel.shape[0] // 2
+    flipped = np.ascontiguousarray(kernel[::-1, ::-1], dtype=image.dtype)
+    out = np.empty(image.shape, dtype=image.dtype)
+    ny = image.shape[0]
+    for y0 in range(0, ny, strip):
+        y1 = min(y0 + strip, ny)
+        a, b = max(y0 - h, 0), min(y1 + h, ny)
+        part = fftconvolve(image[a:b], flipped, mode="same")
+        out[y0:y1] = part[y0 - a : y0 - a + (y1 - y0)]
+    return out
+
+
+def detect_sources(science: Exposure, config: KernelSourceConfig, background=None) -> pd.DataFrame:
     """Detect on the background-subtracted science image smoothed with its PSF (matched filter).
 
     Returns a table with ``x``, ``y`` (parent pixels).
@@ -70,25 +95,31 @@ def detect_sources(science: Exposure, config: KernelSourceConfig) -> pd.DataFram
 
     img, var, msk = science.arrays()
     bad = (msk & science.bitmask(list(config.bad_mask_planes))) != 0
-    bkg = measure_background(img, bad, box=BACKGROUND_BOX)
-    data = np.ascontiguousarray(np.where(bad, 0.0, img - bkg.level), dtype=np.float32)
+    bkg = background if background is not None else science_background(science, config)
+    data = np.ascontiguousarray(np.where(bad, np.float32(0), img - bkg.level), dtype=np.float32)
     cx, cy = science.center
     psf = science.psf.kernel_image(cx, cy)
     # Matched filter by FFT (sep's direct filtering is ~15x slower on 4k² images): the smoothed
     # image S = I ⊗ P has noise σ_S = rms √(Σ P²) for white sky noise, so thresholding S at
     # detection_threshold × σ_S is the "N σ after smoothing with the PSF" criterion.
-    smoothed = fftconvolve(data, psf[::-1, ::-1], mode="same")
-    smoothed[bad] = 0.0
-    err_s = np.ascontiguousarray(bkg.rms * math.sqrt(float((psf**2).sum())), dtype=np.float32)
-    sep.set_extract_pixstack(SEP_PIXSTACK)
+    # Thresholding the significance S/σ_S at detection_threshold (sep with no err) is the same
+    # criterion and needs no second full-frame map.
+    significance = correlate_in_strips(data, psf)
+    del data
+    with np.errstate(divide="ignore", invalid="ignore"):
+        significance /= bkg.rms * np.float32(math.sqrt(float((psf**2).sum())))
+    significance[bad | ~np.isfinite(significance)] = 0.0
     sep.set_sub_object_limit(4096)
-    objects = sep.extract(
-        np.ascontiguousarray(smoothed, dtype=np.float32),
-        float(config.detection_threshold),
-        err=err_s,
-        mask=bad,
-        filter_kernel=None,
-    )
+    pixstack = SEP_PIXSTACK
+    while True:
+        sep.set_extract_pixstack(pixstack)
+        try:
+            objects = sep.extract(significance, float(config.detection_threshold), mask=bad, filter_kernel=None)
+            break
+        except Exception as exc:  # sep raises a bare Exception when its pixel buffer overflows
+            if "pixel buffer full" not in str(exc) or pixstack >= 64 * SEP_PIXSTACK:
+                raise
+            pixstack *= 4
     x0, y0 = science.xy0
     return pd.DataFrame({"x": objects["x"] + x0, "y": objects["y"] + y0})
 
@@ -112,6 +143,7 @@ def measure_sources(
     x: np.ndarray,
     y: np.ndarray,
     half: int,
+    background=None,
 ) -> pd.DataFrame:
     """PSF flux, S/N, peak and size ratio of sources at parent (x, y) on the science image.
 
@@ -119,8 +151,7 @@ def measure_sources(
     subtracting the mesh background.
     """
     img, var, msk = science.arrays()
-    bkg = measure_background(img, None, box=BACKGROUND_BOX)
-    sub = img - bkg.level
+    level = (background if background is not None else measure_background(img, None, box=BACKGROUND_BOX)).level
     x0, y0 = science.xy0
     psf = science.psf
     size = 2 * half + 1
@@ -130,7 +161,7 @@ def measure_sources(
     for k, (xs, ys) in enumerate(zip(x, y)):
         ix, iy = int(round(xs)), int(round(ys))
         sl = (slice(iy - y0 - half, iy - y0 + half + 1), slice(ix - x0 - half, ix - x0 + half + 1))
-        stamp = sub[sl].astype(np.float64)
+        stamp = img[sl].astype(np.float64) - level[sl]
         v = var[sl].astype(np.float64)
         offset = (xs - ix, ys - iy)
         p = psf.kernel_image(xs, ys, size=size, offset=offset)
@@ -193,8 +224,9 @@ def select_kernel_sources(
     if science.psf is None:
         raise ValueError("kernel source selection needs the science PSF")
     half = int(kernel_size)
+    background = science_background(science, config)
     if catalog is None:
-        table = detect_sources(science, config)
+        table = detect_sources(science, config, background)
         origin = "detected on the science image"
     else:
         if not {"x", "y"} <= set(catalog.columns):
@@ -231,7 +263,7 @@ def select_kernel_sources(
     meas = pd.DataFrame({"flux": np.full(found, np.nan), "snr": np.full(found, np.nan), "size_ratio": np.full(found, np.nan)})
     idx = np.flatnonzero(keep)
     if idx.size:
-        m = measure_sources(science, table["x"].to_numpy()[idx], table["y"].to_numpy()[idx], half)
+        m = measure_sources(science, table["x"].to_numpy()[idx], table["y"].to_numpy()[idx], half, background)
         meas.iloc[idx] = m.to_numpy()
     table = pd.concat([table, meas], axis=1)
     r = table["size_ratio"].to_numpy()
