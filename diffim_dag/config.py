@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -36,6 +37,7 @@ __all__ = [
     "DecorrelationConfig",
     "DetectionConfig",
     "ClusterConfig",
+    "ZogyConfig",
     "PipelineConfig",
     "load_config",
     "config_to_dict",
@@ -184,6 +186,89 @@ class DetectionConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ZogyConfig:
+    """ZOGY subtraction.
+
+    Attributes
+    ----------
+    grid_cells : int
+        Cells per axis (the PSFs are evaluated at every cell centre); fewer when the image
+        is smaller than ``grid_cells × overlap``.
+    psf_size_fwhm : float
+        Side of the PSF images, in units of the larger FWHM at the image centre (at least the
+        models' default sizes).  ZOGY divides PSF transforms at frequencies where both are
+        tiny, so a PSF cut where its wings still hold ~1e-6 of the flux rings in Fourier space
+        and gives the ZOGY kernels wings tens of pixels long; 8 FWHM (≈ 9.4σ of a Gaussian
+        radius) keeps the truncation below 1e-18.
+    overlap_psf_sizes : float
+        Width of the cosine blend between neighbouring cells *and* of the real-data margin
+        around each cell's support, in units of the PSF size (the larger PSF's kernel side).
+    max_centroid_offset : float
+        Largest allowed separation (px) of the two PSFs' centroids in any cell.
+    flux_ratio : float or None
+        κ = science counts / template counts of a constant source; None: from the
+        PhotoCalib zero points, else fitted from matched stars.
+    flux_ratio_min_snr : float
+        Aperture S/N (in both images) of the stars used to fit κ.
+    flux_ratio_match_radius : float
+        Matching radius (px) between science and template detections.
+    flux_ratio_detection_threshold : float
+        Detection threshold (σ, PSF-smoothed) for those stars.
+    flux_ratio_min_stars : int
+        Fewest matched stars for a fitted κ.
+    bad_mask_planes : tuple of str
+        Input pixels on these planes (and non-finite ones) are replaced by noise before the FFTs.
+    noise_seed : int
+        Seed of the noise fill and padding (per cell: ``(noise_seed, cell index)``).
+    fft_workers : int
+        ``scipy.fft`` threads per cell task (1 inside Dask workers).
+    """
+
+    grid_cells: int = 4
+    psf_size_fwhm: float = 8.0
+    overlap_psf_sizes: float = 2.0
+    max_centroid_offset: float = 0.2
+    flux_ratio: float | None = None
+    flux_ratio_min_snr: float = 30.0
+    flux_ratio_match_radius: float = 1.0
+    flux_ratio_detection_threshold: float = 10.0
+    flux_ratio_min_stars: int = 3
+    bad_mask_planes: tuple[str, ...] = ("NO_DATA", "BAD", "SAT")
+    noise_seed: int = 0
+    fft_workers: int = 1
+
+    def __post_init__(self):
+        n = type(self).__name__
+
+        def check(ok, fld, msg):
+            if not ok:
+                raise ConfigError(f"{n}.{fld}: {msg}")
+
+        check(isinstance(self.grid_cells, int) and self.grid_cells >= 1, "grid_cells",
+              f"must be an integer ≥ 1, got {self.grid_cells!r}")
+        check(math.isfinite(self.psf_size_fwhm) and self.psf_size_fwhm >= 2.0, "psf_size_fwhm",
+              f"must be ≥ 2, got {self.psf_size_fwhm!r}")
+        check(math.isfinite(self.overlap_psf_sizes) and self.overlap_psf_sizes >= 1.0, "overlap_psf_sizes",
+              f"must be ≥ 1 (the blend and margin must hold the PSF), got {self.overlap_psf_sizes!r}")
+        check(math.isfinite(self.max_centroid_offset) and self.max_centroid_offset > 0, "max_centroid_offset",
+              f"must be > 0, got {self.max_centroid_offset!r}")
+        check(self.flux_ratio is None or (math.isfinite(self.flux_ratio) and self.flux_ratio > 0), "flux_ratio",
+              f"must be None or > 0, got {self.flux_ratio!r}")
+        check(self.flux_ratio_min_snr > 0, "flux_ratio_min_snr", f"must be > 0, got {self.flux_ratio_min_snr!r}")
+        check(self.flux_ratio_match_radius > 0, "flux_ratio_match_radius",
+              f"must be > 0, got {self.flux_ratio_match_radius!r}")
+        check(self.flux_ratio_detection_threshold > 0, "flux_ratio_detection_threshold",
+              f"must be > 0, got {self.flux_ratio_detection_threshold!r}")
+        check(isinstance(self.flux_ratio_min_stars, int) and self.flux_ratio_min_stars >= 1, "flux_ratio_min_stars",
+              f"must be an integer ≥ 1, got {self.flux_ratio_min_stars!r}")
+        for p in self.bad_mask_planes:
+            check(p in DEFAULT_MASK_PLANES, "bad_mask_planes", f"unknown mask plane {p!r}")
+        check(self.fft_workers == -1 or self.fft_workers >= 1, "fft_workers",
+              f"must be -1 or ≥ 1, got {self.fft_workers!r}")
+
+
+
+@dataclass(frozen=True, kw_only=True)
 class ClusterConfig:
     """Where the graphs run."""
 
@@ -209,6 +294,7 @@ class PipelineConfig:
     decorrelation: DecorrelationConfig = field(default_factory=DecorrelationConfig)
     detection: DetectionConfig = field(default_factory=DetectionConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    zogy: ZogyConfig = field(default_factory=ZogyConfig)
 
     def __post_init__(self):
         _check(self.method in METHODS, "PipelineConfig", "method", f"must be one of {METHODS}, got {self.method!r}")

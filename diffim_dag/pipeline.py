@@ -77,9 +77,11 @@ class SubtractionResult:
     def summary_lines(self) -> list[str]:
         m = self.metrics
         q = m.get("quality", {})
+        k = m.get("kernel") or {}
         lines = [
-            f"mode {self.mode}; kernel {m['kernel'].get('kernel_size')} px, sum at centre {m['kernel'].get('kernel_sum_center', float('nan')):.4f}; "
-            f"{m['kernel'].get('candidates', {}).get('used')} kernel stars used",
+            f"method {m.get('method')}, mode {self.mode}"
+            + (f"; kernel {k.get('kernel_size')} px, sum at centre {k.get('kernel_sum_center', float('nan')):.4f}; "
+               f"{k.get('candidates', {}).get('used')} kernel stars used" if k else ""),
             f"difference: sky ratio {q.get('sky_ratio', float('nan')):.3f}, footprint residual ratio "
             f"{_fmt(q.get('footprint_residual_ratio_mean'))} ± {_fmt(q.get('footprint_residual_ratio_std'))}, verdict {q.get('verdict')}",
         ]
@@ -203,81 +205,105 @@ def subtract_exposures(
     metrics["kernel"]["kernel_sum_center"] = kernel_sum
     _check_differential_background(solution, science, template, config, metrics)
 
+    si, sv, sm = science.arrays()
+    ti, tv, tm = template.arrays()
+    decorr = config.decorrelation
+    decorr_kernel = None
+    if decorr.enabled:
+        with timings.stage("decorrelation_kernel"):
+            bad_s = (sm & planes.bitmask(["NO_DATA", "BAD", "SAT"])) != 0
+            bad_t = (tm & planes.bitmask(["NO_DATA", "BAD", "SAT"])) != 0
+            kernel, su2, sc2, kappa = _decorrelation_inputs(mode, science, template, solution, bad_s, bad_t)
+            del bad_s, bad_t
+            metrics["decorrelation"] = {"sigma_unconvolved2": su2, "sigma_convolved2": sc2, "kappa": kappa,
+                                        "spatially_varying": bool(decorr.spatially_varying)}
+            if not decorr.spatially_varying:
+                decorr_kernel = decorrelation_kernel_image(kernel, sigma_u2=su2, sigma_c2=sc2, kappa=kappa)
+    vu, vc = (sv, tv) if mode == CONVOLVE_TEMPLATE else (tv, sv)  # unconvolved / convolved input variances
+    skip_bits = planes.bitmask([p for p in ("INJECTED", "INJECTED_TEMPLATE") if p in planes])
+    kept = config.subtract.template_mask_planes_kept
+    h = solution.half_width
+    common = dict(mode=mode, subtract_background=config.subtract.subtract_background, xy0=science.xy0,
+                  shape=science.shape, half_width=h, edge_bit=planes["EDGE"])
+    keep_var_bits = planes.bitmask(["NO_DATA", "EDGE"])
+
     with timings.stage("convolve_subtract"):
-        si, sv, sm = science.arrays()
-        ti, tv, tm = template.arrays()
-        tm_rules = template_mask_for_difference(tm, planes.as_dict(), kept=config.subtract.template_mask_planes_kept)
-        skip_bits = planes.bitmask([p for p in ("INJECTED", "INJECTED_TEMPLATE") if p in planes])
-        h = solution.half_width
-        edge_bit = planes["EDGE"]
-        if mode == CONVOLVE_TEMPLATE:
-            ref_planes, other_planes = (ti, tv, tm_rules), (si, sv, sm)
-        else:
-            ref_planes, other_planes = (si, sv, sm), (ti, tv, tm_rules)
-        common = dict(mode=mode, subtract_background=config.subtract.subtract_background, xy0=science.xy0,
-                      shape=science.shape, half_width=h, edge_bit=edge_bit)
         if tiled:
+            # convolve → difference, stored tile by tile into preallocated outputs
             from . import graph
 
-            ref_d = graph.planes_to_dask(*ref_planes, config.subtract.tile_size)
-            other_d = graph.planes_to_dask(*other_planes, config.subtract.tile_size)
+            tile = config.subtract.tile_size
+            s_d = graph.planes_to_dask(si, sv, sm, tile)
+            t_d = graph.planes_to_dask(ti, tv, tm, tile)
+            t_d = (t_d[0], t_d[1], graph.template_mask_tiles(t_d[2], planes.as_dict(), kept=kept))
+            ref_d, other_d = (t_d, s_d) if mode == CONVOLVE_TEMPLATE else (s_d, t_d)
             conv = graph.convolve_tiles(*ref_d, solution, half_width=h, xy0=science.xy0, skip_bits=skip_bits)
+            # stored first: a single graph would hold every convolved tile until its difference tile ran
+            conv_img, conv_var, conv_msk = graph.compute(*conv, client=client)
+            conv = graph.planes_to_dask(conv_img, conv_var, conv_msk, tile)
             s_side, t_side = (other_d, conv) if mode == CONVOLVE_TEMPLATE else (conv, other_d)
-            diff_d = graph.difference_tiles(s_side, t_side, kernel_sum=kernel_sum, background_solution=solution, **common)
-            conv_img, conv_var, conv_msk, d_img, d_var, d_msk = graph.compute(*conv, *diff_d, client=client)
+            diff_d = graph.difference_tiles(s_side, t_side, kernel_sum=kernel_sum, background_solution=solution,
+                                            **common)
+            d_img, d_var, d_msk = graph.compute(*diff_d, client=client)
+            del s_d, t_d, ref_d, other_d, conv, s_side, t_side, diff_d
         else:
+            tm_rules = template_mask_for_difference(tm, planes.as_dict(), kept=kept)
+            ref_planes, other_planes = ((ti, tv, tm_rules), (si, sv, sm)) if mode == CONVOLVE_TEMPLATE else (
+                (si, sv, sm), (ti, tv, tm_rules))
             conv_img, conv_var, conv_msk = eager_convolve(ref_planes, solution, xy0=science.xy0, skip_bits=skip_bits)
             s_side, t_side = (other_planes, (conv_img, conv_var, conv_msk)) if mode == CONVOLVE_TEMPLATE else (
                 (conv_img, conv_var, conv_msk), other_planes)
             d_img, d_var, d_msk = st.combine_tile(*s_side, *t_side, solution, kernel_sum, origin=science.xy0, **common)
+            del tm_rules, ref_planes, other_planes, s_side, t_side
 
-    decorr_kernel = None
-    if config.decorrelation.enabled:
+    if decorr_kernel is not None:
         with timings.stage("decorrelate"):
-            bad_s = (sm & planes.bitmask(["NO_DATA", "BAD", "SAT"])) != 0
-            bad_t = (tm & planes.bitmask(["NO_DATA", "BAD", "SAT"])) != 0
-            kernel, su2, sc2, kappa = _decorrelation_inputs(mode, science, template, solution, bad_s, bad_t)
-            metrics["decorrelation"] = {"sigma_unconvolved2": su2, "sigma_convolved2": sc2, "kappa": kappa}
-            if config.decorrelation.spatially_varying:
-                from .kernels.decorrelate import decorrelate_spatial
+            if tiled:
+                from . import graph
 
-                kfun = (lambda x, y: solution.kernel_at(x, y)) if mode == CONVOLVE_TEMPLATE else (
-                    lambda x, y: solution.kernel_at(x, y) / solution.kernel_sum_at(x, y))
-                vu, vc = (sv, tv) if mode == CONVOLVE_TEMPLATE else (tv, sv)
-                d_img, d_var = decorrelate_spatial(
-                    d_img, kernel_at=kfun, origin=science.xy0, grid_cells=config.decorrelation.grid_cells,
-                    sigma_u2=su2, sigma_c2=sc2, variance_unconvolved=vu, variance_convolved=vc)
-                metrics["decorrelation"]["spatially_varying"] = True
+                tile = config.subtract.tile_size
+                d_d, dv_d, dm_d = graph.planes_to_dask(d_img, d_var, d_msk, tile)
+                vu_d = graph.planes_to_dask(vu, vu, vu, tile)[0]
+                vc_d = graph.planes_to_dask(vc, vc, vc, tile)[0]
+                d_img, d_var = graph.compute(
+                    graph.filter_tiles(d_d, decorr_kernel, half_width=decorr_kernel.shape[0] // 2, xy0=science.xy0),
+                    graph.decorrelated_variance_tiles(dv_d, dm_d, vu_d, vc_d, kappa=kappa, keep_bits=keep_var_bits),
+                    client=client)
+                del d_d, dv_d, dm_d, vu_d, vc_d
             else:
-                decorr_kernel = decorrelation_kernel_image(kernel, sigma_u2=su2, sigma_c2=sc2, kappa=kappa)
-                hk = decorr_kernel.shape[0] // 2
-                vu, vc = (sv, tv) if mode == CONVOLVE_TEMPLATE else (tv, sv)
-                new_var = (vu.astype(np.float64) + kappa**2 * vc).astype(np.float32)
-                if tiled:
-                    from . import graph
+                d_img = st.apply_small_kernel_padded(d_img, decorr_kernel).astype(np.float32)
+                d_var = st.decorrelated_variance(d_var, d_msk, vu, vc, kappa=kappa, keep_bits=keep_var_bits)
 
-                    d_dask = graph.planes_to_dask(d_img, d_var, d_msk, config.subtract.tile_size)[0]
-                    (d_img,) = graph.compute(graph.filter_tiles(d_dask, decorr_kernel, half_width=hk, xy0=science.xy0),
-                                             client=client)
-                else:
-                    d_img = st.apply_small_kernel_padded(d_img, decorr_kernel).astype(np.float32)
-                # keep the convolved-side noise where it is masked/edge (no meaningful inputs there)
-                d_var = np.where((d_msk & planes.bitmask(["NO_DATA", "EDGE"])) != 0, d_var, new_var).astype(np.float32)
+    if decorr.enabled and decorr.spatially_varying:
+        with timings.stage("decorrelate_spatial"):
+            from .kernels.decorrelate import decorrelate_spatial
+
+            kfun = (lambda x, y: solution.kernel_at(x, y)) if mode == CONVOLVE_TEMPLATE else (
+                lambda x, y: solution.kernel_at(x, y) / solution.kernel_sum_at(x, y))
+            d_img, d_var = decorrelate_spatial(
+                d_img, kernel_at=kfun, origin=science.xy0, grid_cells=decorr.grid_cells,
+                sigma_u2=su2, sigma_c2=sc2, variance_unconvolved=vu, variance_convolved=vc)
 
     unconvolved = science if mode == CONVOLVE_TEMPLATE else template
+    difference_psf = unconvolved.psf
+    if decorr_kernel is not None:
+        # decorrelation sharpens the difference: its PSF is the unconvolved PSF ⊗ the decorrelation kernel
+        difference_psf = decorrelated_psf(unconvolved.psf, decorr_kernel, science.bbox)
     difference = Exposure.from_arrays(
-        d_img, d_var, d_msk, xy0=science.xy0, mask_planes=planes, wcs=science.wcs, psf=unconvolved.psf,
-        info=science.info.replace(variance_source="propagated"), validate=False,
+        d_img, d_var, d_msk, xy0=science.xy0, mask_planes=planes, wcs=science.wcs, psf=difference_psf,
+        info=science.info.replace(variance_source="propagated"), validate=False, copy=False,
     )
     if mode == CONVOLVE_TEMPLATE:
         matched_template = Exposure.from_arrays(conv_img, conv_var, conv_msk, xy0=science.xy0, mask_planes=planes,
-                                                wcs=template.wcs, psf=science.psf, info=template.info, validate=False)
+                                                wcs=template.wcs, psf=science.psf, info=template.info, validate=False,
+                                                copy=False)
         matched_science = science
     else:
         matched_template = template
         matched_science = Exposure.from_arrays(conv_img / np.float32(kernel_sum), conv_var / np.float32(kernel_sum**2),
                                                conv_msk, xy0=science.xy0, mask_planes=planes, wcs=science.wcs,
-                                               psf=template.psf, info=science.info, validate=False)
+                                               psf=template.psf, info=science.info, validate=False,
+                                               copy=False)
 
     with timings.stage("metrics"):
         used = fit.candidates[fit.candidates["status"] == "used"] if len(fit.candidates) else fit.candidates
@@ -294,6 +320,8 @@ def subtract_exposures(
         limits = {}
         for role, exp in (("science", science), ("template", template), ("difference", difference)):
             img, var, msk = exp.arrays()
+            step = max(1, int(np.sqrt(var.size / 2**20)))  # ~1M samples pin a median variance
+            var, msk = var[::step, ::step], msk[::step, ::step]
             good = ((msk & good_bits) == 0) & (var > 0)
             sigma = float(np.sqrt(np.median(var[good]))) if good.any() else float("nan")
             zp = exp.info.photo_calib.zero_point if exp.info.photo_calib is not None else None
@@ -320,6 +348,29 @@ def subtract_exposures(
         difference=difference, matched_template=matched_template, matched_science=matched_science, mode=mode,
         kernel_fit=fit, decorrelation_kernel=decorr_kernel, metrics=metrics, dia_sources=dia_sources,
     )
+
+
+def decorrelated_psf(psf, decorrelation_kernel: np.ndarray, bbox, *, nodes: int = 5):
+    """``psf ⊗ φ`` as a :class:`~diffim_dag.psf.GridPsf` on ``nodes × nodes`` positions over ``bbox``
+    (a single :class:`~diffim_dag.psf.ImagePsf` when the PSF does not vary)."""
+    from scipy.signal import fftconvolve
+
+    from .psf import GaussianPsf, GridPsf, ImagePsf, MoffatPsf
+
+    x0, x1, y0, y1 = bbox
+    size = psf.default_size((x0 + x1) / 2, (y0 + y1) / 2) + decorrelation_kernel.shape[0] - 1
+    size += 1 - size % 2
+
+    def at(x, y):
+        img = fftconvolve(psf.kernel_image(x, y, size=size), decorrelation_kernel, mode="same")
+        return img / img.sum()
+
+    if isinstance(psf, (GaussianPsf, MoffatPsf, ImagePsf)):
+        return ImagePsf(at(None, None), source="decorrelated difference PSF", normalized=True)
+    xs = np.linspace(x0, x1 - 1, nodes)
+    ys = np.linspace(y0, y1 - 1, nodes)
+    images = np.stack([np.stack([at(x, y) for x in xs]) for y in ys])
+    return GridPsf(images, xs, ys, source="decorrelated difference PSF", normalized=True)
 
 
 def _check_differential_background(solution, science, template, config, metrics) -> None:
@@ -385,8 +436,11 @@ def write_outputs(result: SubtractionResult, out_dir, *, plots: bool = False, co
     t0 = time.perf_counter()
     paths["difference"] = write_exposure(result.difference, out / "difference.fits")
     paths["matched_template"] = write_exposure(result.matched_template, out / "matched_template.fits")
-    _write_kernel(result, out / "kernel.fits")
-    paths["kernel"] = out / "kernel.fits"
+    if getattr(result, "score", None) is not None:
+        paths["score"] = write_exposure(result.score, out / "score.fits")
+    if result.kernel_fit is not None:  # ZOGY has no matching kernel
+        _write_kernel(result, out / "kernel.fits")
+        paths["kernel"] = out / "kernel.fits"
     if result.dia_sources is not None:
         from .stages.detect import write_dia_sources
 
@@ -434,6 +488,8 @@ def _write_plots(result: SubtractionResult, folder: Path) -> dict:
             fig.savefig(tmp, dpi=100, format="png")
         plt.close(fig)
         paths[f"plot_{name}"] = p
+    if result.kernel_fit is None:
+        return paths
     p = folder / "kernel_grid.png"
     with atomic_path(p) as tmp:
         plot_kernel_grid(result.solution, result.solution.bbox, tmp)
@@ -515,6 +571,22 @@ def run_subtraction(science: Exposure, template: Exposure | None, *, config: Pip
     return result
 
 
+def subtract_by_method(science: Exposure, template: Exposure, *, config: PipelineConfig, client=None,
+                       tiled: bool = True, detect: bool = True) -> SubtractionResult:
+    """Dispatch on ``config.method``: ``al`` (:func:`subtract_exposures`), ``al-preconvolve`` (score image)
+    or ``zogy`` (D and S_corr); the score methods return a result with a ``score`` exposure."""
+    if config.method == "al":
+        return subtract_exposures(science, template, config=config, client=client, tiled=tiled, detect=detect)
+    if config.method == "al-preconvolve":
+        from .stages.preconvolve import subtract_al_preconvolve
+
+        return subtract_al_preconvolve(science, template, config=config, client=client, tiled=tiled, detect=detect)
+    from .stages.zogy import subtract_zogy
+
+    return subtract_zogy(science, template, config=config, zogy_config=config.zogy, client=client, tiled=tiled,
+                         detect=detect)
+
+
 def _prepare_and_subtract(science, template, config, client, warp, template_store):
     """Bring the template onto the science grid (warp / store / registration), then subtract and detect."""
     from .stages.template import prepare_template
@@ -522,7 +594,7 @@ def _prepare_and_subtract(science, template, config, client, warp, template_stor
     t0 = time.perf_counter()
     template, warp_metrics = prepare_template(science, template, store=template_store, warp=warp)
     t_warp = time.perf_counter() - t0
-    result = subtract_exposures(science, template, config=config, client=client, detect=True)
+    result = subtract_by_method(science, template, config=config, client=client, detect=True)
     result.metrics["template"] = warp_metrics
     result.metrics["timings_s"] = {"template_warp": t_warp, **result.metrics["timings_s"]}
     return result
@@ -530,7 +602,7 @@ def _prepare_and_subtract(science, template, config, client, warp, template_stor
 
 def run_demo(*, out_dir="demo_out", size: int = 1024, seed: int = 1, pipeline=None, overrides=(), scheduler=None,
              plots: bool = False) -> int:
-    """Simulate a pair, write it, read it back and run every built stage on a LocalCluster."""
+    """Simulate a pair, write it, read it back and run every stage of the configured method on a LocalCluster."""
     from .io.fits import read_exposure
     from .sim import SimConfig, simulate_pair, write_pair
 

@@ -347,7 +347,7 @@ class ImagePsf(Psf):
             raise PsfError(f"{source}: PSF image sums to {total:g}; it must have a positive sum")
         self.image = arr if normalized else arr / total
         self.source = source
-        self._fwhm = measure_fwhm(self.image)
+        self._fwhm_cache: float | None = None  # measured on first use (spline upsampling is not free)
 
     def _evaluate(self, x, y, dx, dy):  # pragma: no cover - kernel_image is overridden
         raise NotImplementedError
@@ -365,6 +365,12 @@ class ImagePsf(Psf):
 
     def default_size(self, x=None, y=None) -> int:
         return int(min(self.image.shape[0], self.image.shape[1], max(_odd(6.0 * self._fwhm), 15)))
+
+    @property
+    def _fwhm(self) -> float:
+        if self._fwhm_cache is None:
+            self._fwhm_cache = measure_fwhm(self.image)
+        return self._fwhm_cache
 
     def fwhm(self, x=None, y=None) -> float:
         return self._fwhm
@@ -516,13 +522,25 @@ class GridPsf(Psf):
         raise NotImplementedError
 
     def kernel_image(self, x=None, y=None, *, size=None, offset=(0.0, 0.0)):
+        size = self.default_size(x, y) if size is None else size
         return ImagePsf(self._image(x, y), source=self.source).kernel_image(size=size, offset=offset)
 
+    @property
+    def node_fwhm(self) -> np.ndarray:
+        """FWHM of every node image (measured once, on first use)."""
+        if getattr(self, "_node_fwhm", None) is None:
+            self._node_fwhm = np.array([[measure_fwhm(im) for im in row] for row in self.images])
+        return self._node_fwhm
+
     def default_size(self, x=None, y=None) -> int:
-        return ImagePsf(self._image(x, y), source=self.source).default_size()
+        n = self.images.shape[2]
+        return int(min(n, max(_odd(6.0 * float(self.node_fwhm.max())), 15)))
 
     def fwhm(self, x=None, y=None) -> float:
-        return measure_fwhm(self._image(x, y))
+        """FWHM at (x, y), bilinearly interpolated between the nodes' measured FWHMs."""
+        f = self.node_fwhm
+        return float(sum(wx * wy * f[j, i] for j, wy in self._weights(self.y_nodes, y)
+                         for i, wx in self._weights(self.x_nodes, x)))
 
     def to_payload(self):
         return {

@@ -1,0 +1,220 @@
+r"""Alard–Lupton subtraction with pre-convolution (score image), as LSST's ``AlardLuptonPreconvolveSubtractTask``.
+
+:func:`preconvolved_score`:
+
+1. pixels on ``NO_DATA``, ``BAD``, ``SAT`` and ``EDGE`` (and non-finite ones) of both
+   images are set to the median of the good pixels (:func:`~diffim_dag.kernels.preconvolve.median_fill`);
+2. the science is convolved with its own PSF at the image centre, reflected and normalized
+   (:math:`H`, odd size), tile by tile; its variance with :math:`H^2`, its mask dilated by
+   the footprint of :math:`H`; its PSF becomes :math:`P_s \otimes H`;
+3. kernel sources are selected on the original science (S/N window, isolation, masks) and
+   the AL kernel is fitted to match the template to the pre-convolved science at them
+   (:func:`~diffim_dag.stages.kernel_fit.fit_psf_matching_kernel`, ``convolveTemplate``:
+   the pre-convolved science is always the wider image, so no deconvolution is asked for);
+4. raw score :math:`\Sigma = S \otimes H - T \otimes K\;[-b]` on the same tiled graph as the
+   AL difference, ``EDGE`` within :math:`h_K + h_H` of the border;
+5. score correction :math:`\phi_S` and the propagated variance plane
+   (:mod:`diffim_dag.kernels.preconvolve`), applied tile by tile with a reflected halo.
+
+:func:`subtract_al_preconvolve` runs the AL subtraction (``subtract_exposures``) for the
+difference that DiaSources are *measured* on, adds the score exposure, and *detects* on
+the score's significance :math:`\phi_S\Sigma/\sqrt V` directly (no further smoothing).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+from scipy.signal import fftconvolve
+
+from ..config import PipelineConfig
+from ..errors import DiffimError
+from ..exposure import Exposure
+from ..kernels.decorrelate import clipped_mean_variance
+from ..kernels.maskops import dilate_mask, template_mask_for_difference
+from ..kernels.preconvolve import median_fill, preconvolution_kernel, score_correction_kernels
+from ..kernels.solution import CONVOLVE_TEMPLATE
+from ..pipeline import Timings, _variance_scaled, eager_convolve, subtract_exposures
+from ..psf import ImagePsf
+from . import subtract as st
+from .zogy import ScoreSubtractionResult, detect_on_score, score_significance
+
+__all__ = ["FILLED_PLANES", "preconvolved_score", "subtract_al_preconvolve"]
+
+log = logging.getLogger(__name__)
+
+#: Planes median-filled before convolving.
+FILLED_PLANES = ("NO_DATA", "BAD", "SAT", "EDGE")
+
+
+def _filter(image, kernel, *, tiled, tile_size, xy0, client):
+    """``image ⊗ kernel`` (same shape, reflected border), by tiles through graph.py or eagerly."""
+    h = kernel.shape[0] // 2
+    if tiled:
+        from .. import graph
+
+        d = graph.planes_to_dask(image, image, image, tile_size)[0]
+        (out,) = graph.compute(graph.filter_tiles(d, kernel, half_width=h, xy0=xy0), client=client)
+        return np.asarray(out, dtype=np.float32)
+    return st.apply_small_kernel_padded(image, kernel).astype(np.float32)
+
+
+def preconvolved_score(science: Exposure, template: Exposure, *, config: PipelineConfig, client=None,
+                       tiled: bool = True, sources=None, metrics: dict | None = None):
+    r"""The corrected pre-convolution score exposure (module doc, steps 1–5).
+
+    Returns
+    -------
+    score : Exposure
+        Image :math:`\phi_S \Sigma`, variance :math:`V_S \otimes c_S^2 + V_T \otimes c_T^2`,
+        mask; PSF :math:`P_s \otimes H` (at the centre).
+    fit : KernelFitResult
+        The pre-convolution kernel fit.
+    """
+    from ..stages.kernel_fit import fit_psf_matching_kernel
+
+    metrics = {} if metrics is None else metrics
+    timings = Timings()
+    if science.shape != template.shape or science.xy0 != template.xy0:
+        raise DiffimError(f"science {science.shape} at {science.xy0} and template {template.shape} at {template.xy0} "
+                          "are not on one pixel grid; warp the template first")
+    if science.psf is None or template.psf is None:
+        raise DiffimError("both exposures need a PSF model (give --science-psf / --template-psf)")
+    planes = science.mask_planes.merged(template.mask_planes)
+    for name in ("EDGE", "SAT_TEMPLATE", "INJECTED_TEMPLATE", "NO_DATA"):
+        planes = planes.with_plane(name)
+    xy0, shape = science.xy0, science.shape
+    tile = config.subtract.tile_size
+    scale_metrics: dict = {}
+    science = _variance_scaled(science, config, "science", scale_metrics)
+    template = _variance_scaled(template, config, "template", scale_metrics)
+    si, sv, sm = science.arrays()
+    ti, tv, tm = template.arrays()
+    fill_bits = planes.bitmask([p for p in FILLED_PLANES if p in planes])
+    bad_s = ((sm & fill_bits) != 0) | ~np.isfinite(si)
+    bad_t = ((tm & fill_bits) != 0) | ~np.isfinite(ti)
+    cx, cy = science.center
+    psf_s = science.psf.kernel_image(cx, cy)
+    h_kernel = preconvolution_kernel(psf_s)
+    hh = h_kernel.shape[0] // 2
+    skip_bits = planes.bitmask([p for p in ("INJECTED", "INJECTED_TEMPLATE") if p in planes])
+
+    with timings.stage("preconvolve"):
+        s_fill = median_fill(si, bad_s)
+        t_fill = median_fill(ti, bad_t)
+        s_pre = _filter(s_fill, h_kernel, tiled=tiled, tile_size=tile, xy0=xy0, client=client)
+        v_pre = _filter(sv, h_kernel**2, tiled=tiled, tile_size=tile, xy0=xy0, client=client)
+        m_pre = dilate_mask(sm, h_kernel.shape[0], skip_bits=skip_bits).astype(np.int32)
+        pre_psf = ImagePsf(fftconvolve(psf_s, h_kernel), source="science PSF ⊗ pre-convolution kernel")
+        pre_science = Exposure.from_arrays(s_pre, v_pre, m_pre, xy0=xy0, mask_planes=planes, wcs=science.wcs,
+                                           psf=pre_psf, info=science.info, validate=False, copy=False)
+        filled_template = template.with_planes(image=t_fill)
+
+    with timings.stage("kernel_fit"):
+        # Kernel sources are selected on the *original* science (as LSST passes its source catalog):
+        # on the pre-convolved image the per-pixel variance V ⊗ H² ignores the correlated noise, so
+        # its S/N would be overestimated by ~√NEA and the S/N window would drop the bright stars.
+        from ..kernels.basis import basis_from_config
+        from .kernel_sources import select_kernel_sources
+
+        basis_size = basis_from_config(config.kernel, template.psf.fwhm(cx, cy), pre_psf.fwhm()).size
+        table, _ = select_kernel_sources(science, template, basis_size, config.sources, sources)
+        pre_sources = dataclasses.replace(config.sources, min_snr=1e-6, max_snr=1e30)
+        map_cells = None
+        if tiled:
+            from ..graph import cell_mapper
+
+            map_cells = cell_mapper(client, prefix="fit-cell-preconvolved")
+        fit = fit_psf_matching_kernel(pre_science, filled_template, mode=CONVOLVE_TEMPLATE, config=config.kernel,
+                                      source_config=pre_sources, sources=table[["x", "y"]], map_cells=map_cells)
+    solution = fit.solution
+    kernel_sum = solution.kernel_sum_at_center()
+    hk = solution.half_width
+
+    with timings.stage("convolve_subtract"):
+        tm_rules = template_mask_for_difference(tm, planes.as_dict(), kept=config.subtract.template_mask_planes_kept)
+        common = dict(mode=CONVOLVE_TEMPLATE, subtract_background=config.subtract.subtract_background, xy0=xy0,
+                      shape=shape, half_width=hk + hh, edge_bit=planes["EDGE"])
+        if tiled:
+            from .. import graph
+
+            t_d = graph.planes_to_dask(t_fill, tv, tm_rules, tile)
+            s_d = graph.planes_to_dask(s_pre, v_pre, m_pre, tile)
+            conv = graph.convolve_tiles(*t_d, solution, half_width=hk, xy0=xy0, skip_bits=skip_bits)
+            diff_d = graph.difference_tiles(s_d, conv, kernel_sum=kernel_sum, background_solution=solution, **common)
+            raw, _, mask = graph.compute(*diff_d, client=client)
+        else:
+            conv = eager_convolve((t_fill, tv, tm_rules), solution, xy0=xy0, skip_bits=skip_bits)
+            raw, _, mask = st.combine_tile(s_pre, v_pre, m_pre, *conv, solution, kernel_sum, origin=xy0, **common)
+
+    with timings.stage("score_correction"):
+        kernel = solution.kernel_at(*solution.center)
+        ss2 = clipped_mean_variance(sv, (sm & planes.bitmask(["NO_DATA", "BAD", "SAT"])) != 0)
+        st2 = clipped_mean_variance(tv, (tm & planes.bitmask(["NO_DATA", "BAD", "SAT"])) != 0)
+        phi, c_science, c_template = score_correction_kernels(kernel, h_kernel, sigma_science2=ss2,
+                                                              sigma_template2=st2)
+        score_img = _filter(raw, phi, tiled=tiled, tile_size=tile, xy0=xy0, client=client)
+        score_var = (_filter(sv, c_science**2, tiled=tiled, tile_size=tile, xy0=xy0, client=client)
+                     + _filter(tv, c_template**2, tiled=tiled, tile_size=tile, xy0=xy0, client=client))
+    metrics["preconvolution"] = {
+        "preconvolution_kernel_size": int(h_kernel.shape[0]),
+        "kernel": {k: v for k, v in fit.diagnostics.items() if k != "timings_s"},
+        "kernel_sum_center": float(kernel_sum),
+        "sigma_science2": float(ss2), "sigma_template2": float(st2),
+        "score_correction_size": int(phi.shape[0]),
+        "variance_scale": scale_metrics,
+        "timings_s": dict(timings),
+    }
+    score = Exposure.from_arrays(score_img, np.maximum(score_var, 0).astype(np.float32), mask, xy0=xy0,
+                                 mask_planes=planes, wcs=science.wcs, psf=pre_psf,
+                                 info=science.info.replace(variance_source="propagated"), validate=False, copy=False)
+    return score, fit
+
+
+def subtract_al_preconvolve(science: Exposure, template: Exposure, *, config: PipelineConfig, client=None,
+                            tiled: bool = True, detect: bool = False, sources=None) -> ScoreSubtractionResult:
+    r"""AL subtraction plus the pre-convolution score; detection on the score, measurement on the difference.
+
+    Parameters
+    ----------
+    science, template : Exposure
+        On one pixel grid, with PSF models.
+    config : PipelineConfig
+        The AL configuration (``sources``, ``kernel``, ``subtract``, ``decorrelation``, ``detection``);
+        the same kernel settings are used for the pre-convolution fit.
+    client, tiled
+        As :func:`diffim_dag.pipeline.subtract_exposures`.
+    detect : bool
+        Detect on the score significance (threshold ``detection.threshold``, no smoothing) and
+        measure on the decorrelated AL difference.
+    sources : DataFrame, optional
+        Kernel-source catalog for both kernel fits.
+
+    Returns
+    -------
+    ScoreSubtractionResult
+        The AL result (difference, matched template/science, kernel fit, metrics) with
+        ``score`` and ``metrics["preconvolution"]``.
+    """
+    t = Timings()
+    with t.stage("al_subtraction"):
+        al = subtract_exposures(science, template, config=config, client=client, tiled=tiled, sources=sources,
+                                detect=False)
+    metrics = dict(al.metrics)
+    metrics["method"] = "al-preconvolve"
+    with t.stage("score"):
+        score, _ = preconvolved_score(science, template, config=config, client=client, tiled=tiled, sources=sources,
+                                      metrics=metrics)
+        significance = score_significance(score)
+    dia = None
+    if detect:
+        with t.stage("detect_measure"):
+            dia = detect_on_score(al.difference, al.matched_science, al.matched_template, significance, config=config,
+                                  client=client, tiled=tiled, metrics=metrics)
+    metrics["timings_s"] = {**metrics.get("timings_s", {}), **{f"preconvolve_{k}": v for k, v in t.items()}}
+    return ScoreSubtractionResult(
+        difference=al.difference, matched_template=al.matched_template, matched_science=al.matched_science,
+        mode=al.mode, kernel_fit=al.kernel_fit, decorrelation_kernel=al.decorrelation_kernel, metrics=metrics,
+        dia_sources=dia, score=score,
+    )
