@@ -64,6 +64,7 @@ __all__ = [
     "Footprint",
     "matched_filter",
     "significance_image",
+    "clipped_stdev",
     "grow_radius",
     "disc",
     "detect_tile",
@@ -155,24 +156,30 @@ def matched_filter(
 
     with :math:`w = 0` on ``bad`` or non-finite pixels and 1 elsewhere (true
     convolution, ``fftconvolve(mode="same")``, odd centred kernel; zero outside the
-    array).  Computed in float64 with ``workers`` FFT threads (1 inside Dask workers).
+    array).  The transforms run in float32 (relative error ~1e-7) with ``workers`` FFT threads
+    (1 inside Dask workers); the results are returned as float64.
 
     Returns
     -------
     smoothed, smoothed_variance : ndarray (float64)
     """
-    d = np.asarray(image, dtype=np.float64)
-    v = np.asarray(variance, dtype=np.float64)
     p = np.asarray(psf_image, dtype=np.float64)
     if p.ndim != 2 or p.shape[0] % 2 == 0 or p.shape[1] % 2 == 0:
         raise ValueError(f"psf_image must be 2-D with odd sides, got shape {p.shape}")
     p = p / p.sum()
+    # float32 transforms: ~5x faster than float64 and an error ~1e-7 of the smoothed values,
+    # far below the noise (the inputs are float32 planes anyway)
+    d = np.array(image, dtype=np.float32)
+    v = np.array(variance, dtype=np.float32)
     good = np.isfinite(d) & np.isfinite(v) & (v >= 0)
     if bad is not None:
         good &= ~np.asarray(bad, dtype=bool)
-    d = np.where(good, d, 0.0)
-    v = np.where(good, v, 0.0)
-    return _fftconvolve(d, p, workers), np.clip(_fftconvolve(v, p * p, workers), 0.0, None)
+    d[~good] = 0.0
+    v[~good] = 0.0
+    smoothed = _fftconvolve(d, p.astype(np.float32), workers).astype(np.float64)
+    svar = _fftconvolve(v, (p * p).astype(np.float32), workers).astype(np.float64)
+    np.clip(svar, 0.0, None, out=svar)
+    return smoothed, svar
 
 
 def significance_image(smoothed: np.ndarray, smoothed_variance: np.ndarray) -> np.ndarray:
@@ -186,6 +193,37 @@ def significance_image(smoothed: np.ndarray, smoothed_variance: np.ndarray) -> n
 
 
 # --------------------------------------------------------------------------- footprints
+
+
+def clipped_stdev(values: np.ndarray, *, nsigma: float = 3.0, iterations: int = 3) -> float:
+    r"""Sigma-clipped standard deviation (afw ``STDEVCLIP``: ``nsigma`` = 3, 3 iterations).
+
+    Starts from the median and the MAD-based σ (robust to the sources), then clips at
+    ``nsigma`` σ about the median and recomputes the standard deviation, corrected for the
+    truncation (÷ 0.9866 at 3σ, so that Gaussian noise gives its σ).  NaN when empty.
+    """
+    v = np.asarray(values, dtype=np.float64).ravel()
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return float("nan")
+    med = float(np.median(v))
+    sigma = 1.4826 * float(np.median(np.abs(v - med)))
+    for _ in range(iterations):
+        if not sigma > 0:
+            break
+        sel = v[np.abs(v - med) <= nsigma * sigma]
+        if sel.size < 2:
+            break
+        med, sigma = float(np.median(sel)), float(np.std(sel)) / _clip_factor(nsigma)
+    return sigma
+
+
+def _clip_factor(nsigma: float) -> float:
+    """Standard deviation of a unit normal truncated at ±nsigma (so white noise gives σ = 1)."""
+    from scipy.stats import norm
+
+    z = float(nsigma)
+    return math.sqrt(1.0 - 2.0 * z * norm.pdf(z) / (2.0 * norm.cdf(z) - 1.0))
 
 
 def grow_radius(psf_sigma: float, grow_sigma: float = 2.4) -> int:

@@ -2,7 +2,11 @@ r"""Detection and measurement stage: difference exposure → DiaSource catalogue
 
 Flow (LSST ``DetectAndMeasureTask``):
 
-1. optional two-pass background on the whole difference (bins 8 then 40);
+1. optional two-pass background on the whole difference (bins 8 then 40); optional cosmic-ray
+   masking; the matched-filter significance of the whole difference (float32 FFTs), divided by
+   its sigma-clipped standard deviation (``threshold_type="pixel_stdev"``, LSST's default for
+   DIA detection: correlated noise the variance plane does not describe does not become false
+   detections); the tiles threshold slices of this one image, so tiled == untiled;
 2. per tile (core + halo, see :func:`tile_boxes`), :func:`detect_measure_tile`:
    optional cosmic-ray masking; matched-filter detection at ``threshold`` σ of both
    polarities (or thresholding a supplied score image); footprints grown by
@@ -92,6 +96,12 @@ class DetectMeasureConfig:
         Halo around each core (None: :func:`~diffim_dag.kernels.detection.required_halo`).
     fft_workers : int
         FFT threads for the matched filter (keep 1 inside Dask workers; -1: all cores).
+    threshold_type : {'pixel_stdev', 'variance'}
+        ``'pixel_stdev'`` (LSST ``DetectAndMeasureTask``'s default): the threshold is in units of
+        the sigma-clipped standard deviation of the matched-filter significance over the good
+        pixels of the whole image, so that noise the variance plane does not describe (correlated
+        noise of resampled/drizzled inputs) does not turn into false detections.  ``'variance'``:
+        in units of the propagated variance alone.
     """
 
     threshold: float = 5.0
@@ -108,6 +118,7 @@ class DetectMeasureConfig:
     tile_size: int | None = None
     halo: int | None = None
     fft_workers: int = 1
+    threshold_type: str = "pixel_stdev"
 
     def __post_init__(self):
         n = type(self).__name__
@@ -127,6 +138,8 @@ class DetectMeasureConfig:
         check(self.tile_size is None or self.tile_size >= 16, "tile_size", "must be None or ≥ 16")
         check(self.halo is None or self.halo >= 0, "halo", "must be None or ≥ 0")
         check(self.fft_workers == -1 or self.fft_workers >= 1, "fft_workers", "must be -1 or ≥ 1")
+        check(self.threshold_type in ("pixel_stdev", "variance"), "threshold_type",
+              f"must be 'pixel_stdev' or 'variance', got {self.threshold_type!r}")
         for p in self.bad_peak_mask_planes:
             check(p in DEFAULT_MASK_PLANES, "bad_peak_mask_planes", f"has unknown plane {p!r}")
 
@@ -322,6 +335,7 @@ def detect_measure_tile(
     science_psf: Psf | None = None,
     template_psf: Psf | None = None,
     score: np.ndarray | None = None,
+    find_cosmic_rays: bool | None = None,
 ) -> TileResult:
     """Detect, measure, fit dipoles and force-photometer the sources of one tile (with halo).
 
@@ -337,7 +351,12 @@ def detect_measure_tile(
     science, template : (image, variance, mask), optional
         Direct images on the same box: joint dipole fits and forced photometry.
     score : ndarray, optional
-        Precomputed detection significance on the same box (ZOGY).
+        Precomputed detection significance on the same box (ZOGY, or the whole-image
+        significance :func:`detect_and_measure` computes).
+    find_cosmic_rays : bool, optional
+        Find cosmic rays on this tile (default ``config.mask_cosmic_rays``); ``False`` when the
+        caller already set the CR plane (CR pixels are still excluded when
+        ``config.mask_cosmic_rays``).
 
     Returns
     -------
@@ -355,8 +374,9 @@ def detect_measure_tile(
     no_data = ["NO_DATA"]
     excluded = list(DEFAULT_EXCLUDED_PLANES)
     if config.mask_cosmic_rays and "CR" in planes:
-        cr = det.find_cosmic_rays(image, variance, psf_image, bad=_planes_good(mask, planes, ["NO_DATA"]) == 0)
-        mask = mask | np.where(cr, np.int32(1 << planes["CR"]), np.int32(0)).astype(mask.dtype)
+        if find_cosmic_rays is None or find_cosmic_rays:
+            cr = det.find_cosmic_rays(image, variance, psf_image, bad=_planes_good(mask, planes, ["NO_DATA"]) == 0)
+            mask = mask | np.where(cr, np.int32(1 << planes["CR"]), np.int32(0)).astype(mask.dtype)
         no_data.append("CR")
         excluded.append("CR")
     footprints = det.detect_tile(
@@ -554,6 +574,33 @@ def detect_and_measure(
                                             bin_sizes=tuple(config.background_bin_sizes), psf_sigma=psf.sigma(cx, cy))
     sci = science.arrays() if science is not None else None
     tmp = template.arrays() if template is not None else None
+    find_crs = None
+    significance_stdev = None
+    if score is None:
+        # the significance of the whole image, once: the pixel_stdev threshold needs its global
+        # clipped σ, and every tile then thresholds the same values (tiled == untiled)
+        if config.mask_cosmic_rays and "CR" in planes:
+            nd = (msk & bits_of(planes, ["NO_DATA"])) != 0
+            cr = det.find_cosmic_rays(img, var, psf_image, bad=nd)
+            msk = msk | np.where(cr, np.int32(1 << planes["CR"]), np.int32(0)).astype(msk.dtype)
+            find_crs = False
+        no_data = ["NO_DATA", "CR"] if config.mask_cosmic_rays else ["NO_DATA"]
+        nodata = (msk & bits_of(planes, no_data)) != 0
+        smoothed, svar = det.matched_filter(img, var, psf_image, bad=nodata, workers=config.fft_workers)
+        score = det.significance_image(smoothed, svar)
+        del smoothed
+        if config.threshold_type == "pixel_stdev":
+            stat_bad = (msk & bits_of(planes, list(config.bad_peak_mask_planes) + no_data)) != 0
+            ok = ~stat_bad & (svar > 0)
+            vals = score[ok]
+            step = max(1, vals.size // 1_000_000)  # a deterministic strided sample is plenty for one σ
+            significance_stdev = det.clipped_stdev(vals[::step]) if vals.size else float("nan")
+            del vals
+            if np.isfinite(significance_stdev) and significance_stdev > 0:
+                score /= significance_stdev
+            else:
+                significance_stdev = None
+        del svar
     halo = config.halo if config.halo is not None else det.required_halo(psf_image.shape[0],
                                                                           measure_radius=config.aperture_radius + 2)
     tasks = []
@@ -567,6 +614,7 @@ def detect_and_measure(
             science_psf=None if science is None else science.psf,
             template_psf=None if template is None else template.psf,
             score=None if score is None else score[sl],
+            find_cosmic_rays=find_crs,
         ))
     if map_tiles is None:
         results = [detect_measure_tile(**kw) for kw in tasks]
@@ -609,6 +657,7 @@ def detect_and_measure(
     out = _conform(out)
     n_real = int((~out["sky_source"]).sum())
     out.attrs["n_dia_sources"] = n_real
+    out.attrs["significance_stdev"] = significance_stdev
     if n_real == 0:
         log.warning("no DiaSource detected on the difference (%d sky sources)", len(out))
     return out
