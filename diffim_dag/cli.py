@@ -6,6 +6,7 @@ simulate   write a simulated science/template pair and its truth table
 subtract   subtract a template from a science exposure and write the output contract
 demo       simulate a pair and run every built stage on a LocalCluster
 info       say what a FITS/zarr file holds: planes, WCS, PSF, noise, saturation
+run        run a pipeline over a manifest of (visit, detector) rows as one Dask batch
 
 Common options: ``--pipeline FILE.yaml``, ``-c key=value`` (repeatable),
 ``--scheduler ADDRESS``, ``--out DIR``, ``-v``.
@@ -29,6 +30,8 @@ def _common(p: argparse.ArgumentParser, *, out_default: str | None = None) -> No
     p.add_argument("--pipeline", metavar="FILE.yaml", help="pipeline definition (see pipelines/)")
     p.add_argument("-c", "--config", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. -c kernel.spatial_kernel_order=2 (repeatable)")
+    p.add_argument("--method", choices=("al", "al-preconvolve", "zogy"),
+                   help="subtraction method (default: the pipeline's, else al)")
     p.add_argument("--scheduler", metavar="ADDRESS", help="address of a running Dask scheduler (default: a LocalCluster)")
     p.add_argument("--out", metavar="DIR", default=out_default, required=out_default is None, help="output folder")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
@@ -78,6 +81,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     _exposure_options(p, "")  # --hdu, --psf, --variance/--noise/--weight, --mask
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+
+    p = sub.add_parser("run", help="run PIPELINE.yaml over a manifest of (visit, detector) rows as one Dask batch")
+    p.add_argument("pipeline", metavar="PIPELINE.yaml", help="pipeline definition (see pipelines/)")
+    p.add_argument("--manifest", required=True, metavar="FILE",
+                   help="CSV with columns visit,detector,science,template (paths relative to the manifest)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (DIR/visit=V/detector=D/, run_report.json)")
+    p.add_argument("-c", "--config", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field (repeatable)")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="tcp://HOST:PORT of a running Dask scheduler, or kubernetes://NAME?n_workers=N "
+                        "(default: the pipeline's cluster.scheduler, $DASK_SCHEDULER_ADDRESS, else a LocalCluster)")
+    p.add_argument("--method", choices=("al", "al-preconvolve", "zogy"),
+                   help="subtraction method (default: the pipeline's)")
+    p.add_argument("--workers", type=int, metavar="N", help="LocalCluster workers (default: cores)")
+    p.add_argument("--retries", type=int, default=2, help="retries of a visit after a transient error (default 2)")
+    p.add_argument("--report", metavar="FILE.html", help="write Dask's performance report")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="count", default=0)
     return parser
 
@@ -136,6 +157,12 @@ def _print_info(path: str, desc: dict) -> None:
           f"exptime={info['exposure_time']} date={info['date_obs']}")
 
 
+def _overrides(args) -> list[str]:
+    """``-c`` overrides, with ``--method`` as ``method=…`` (it wins over the pipeline file)."""
+    extra = [f"method={args.method}"] if getattr(args, "method", None) else []
+    return list(args.overrides) + extra
+
+
 def _cmd_info(args) -> int:
     exposure = _read_any(args.path, args, "")
     desc = exposure.describe()
@@ -165,7 +192,7 @@ def _cmd_subtract(args) -> int:
 
     from .errors import InputError
 
-    config = load_config(args.pipeline, args.overrides)
+    config = load_config(args.pipeline, _overrides(args))
     if (args.template is None) == (args.template_store is None):
         raise InputError("give either a TEMPLATE file or --template-store DIR (exactly one)")
     science = _read_any(args.science, args, "science")
@@ -185,17 +212,31 @@ def _cmd_demo(args) -> int:
         size=args.size,
         seed=args.seed,
         pipeline=args.pipeline,
-        overrides=args.overrides,
+        overrides=_overrides(args),
         scheduler=args.scheduler,
         plots=args.plots,
     )
+
+
+def _cmd_run(args) -> int:
+    from .batch import run_batch
+    from .config import load_config
+
+    config = load_config(args.pipeline, _overrides(args))
+    report = run_batch(args.manifest, config, args.out, scheduler=args.scheduler, n_workers=args.workers,
+                       retries=args.retries, progress=not args.no_progress, report_html=args.report)
+    print(report.table())
+    print(report.summary())
+    print(f"wrote {Path(args.out) / 'run_report.json'}" + (f" and {args.report}" if args.report else ""))
+    return 0 if report.ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
-    handlers = {"info": _cmd_info, "simulate": _cmd_simulate, "subtract": _cmd_subtract, "demo": _cmd_demo}
+    handlers = {"info": _cmd_info, "simulate": _cmd_simulate, "subtract": _cmd_subtract, "demo": _cmd_demo,
+                "run": _cmd_run}
     try:
         return handlers[args.command](args)
     except DiffimError as exc:

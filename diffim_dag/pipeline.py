@@ -30,18 +30,18 @@ __all__ = ["SubtractionResult", "subtract_exposures", "write_outputs", "run_subt
 
 log = logging.getLogger(__name__)
 
-#: Stages of one (visit, detector), in order; ``built`` says which exist in this version.
-STAGES = (
-    ("read", True),
-    ("template warp (when the grids differ)", True),
-    ("kernel-source selection", True),
-    ("per-cell kernel fits", True),
-    ("spatial solve", True),
-    ("convolve/subtract (tiled)", True),
-    ("decorrelate", True),
-    ("detect/measure", True),
-    ("write", True),
-)
+#: Stages of one (visit, detector) for each method, in order.
+STAGES = {
+    "al": ("read", "template warp (when the grids differ)", "kernel-source selection", "per-cell kernel fits",
+           "spatial solve", "convolve/subtract (tiled)", "decorrelate", "detect/measure", "write"),
+    "al-preconvolve": ("read", "template warp (when the grids differ)", "kernel-source selection",
+                       "per-cell kernel fits", "spatial solve", "convolve/subtract (tiled)", "decorrelate",
+                       "pre-convolve science", "pre-convolution kernel fit", "score and score decorrelation",
+                       "detect on the score / measure on the difference", "write"),
+    "zogy": ("read", "template warp (when the grids differ)", "flux ratio (zero points or matched stars)",
+             "ZOGY cells: D, P_D, S, S_corr (one task per cell)", "blend cells",
+             "detect on S_corr / measure on D", "write"),
+}
 
 
 class Timings(dict):
@@ -608,9 +608,9 @@ def run_demo(*, out_dir="demo_out", size: int = 1024, seed: int = 1, pipeline=No
 
     config = load_config(pipeline, list(overrides))
     out = Path(out_dir)
-    print("diffim-dag demo: stages of one (visit, detector):")
-    for name, built in STAGES:
-        print(f"  [{'run' if built else 'not built yet, skipped'}] {name}")
+    print(f"diffim-dag demo: method {config.method}; stages of one (visit, detector):")
+    for name in STAGES[config.method]:
+        print(f"  [run] {name}")
     t0 = time.perf_counter()
     # sky-subtracted, like the calibrated exposures and coadds a survey subtracts
     pair = simulate_pair(SimConfig(size=size, seed=seed, sky_subtracted=True))

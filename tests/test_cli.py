@@ -108,3 +108,25 @@ def test_no_warp_and_missing_template(tmp_path, capsys):
     assert metrics["template"]["warped"] is False
     assert main(["subtract", str(sim_dir / "science.fits"), "--out", str(out)]) == 2
     assert "--template-store" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["al-preconvolve", "zogy"])
+def test_score_methods_write_score(tmp_path, method):
+    sim_dir = tmp_path / "sim"
+    assert main(["simulate", "--size", "384", "--seed", "6", "--out", str(sim_dir), "--set", "sky_subtracted=true",
+                 "--set", "template_offset=[0.0,0.0]", "--set", "n_transients=6", "--set", "n_cosmic_rays=0"]) == 0
+    out = tmp_path / method
+    assert main(["subtract", str(sim_dir / "science.fits"), str(sim_dir / "template.fits"), "--out", str(out),
+                 "--method", method, "--no-warp", "--scheduler", "", "-c", "detection.n_sky_sources=10"]) == 0
+    assert (out / "score.fits").is_file() and (out / "difference.fits").is_file()
+    assert (out / "kernel.fits").is_file() == (method != "zogy")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == method
+    import pandas as pd
+
+    cat = pd.read_parquet(out / "dia_sources.parquet")
+    truth = pd.read_csv(sim_dir / "truth.csv")
+    bright = truth[(truth["kind"] == "transient") & (truth["snr_difference"] >= 15)]
+    real = cat[~cat["sky_source"]]
+    for _, t in bright.iterrows():
+        assert (np.hypot(real["x"] - t["x"], real["y"] - t["y"]) < 1.5).any(), f"{method} missed a transient"

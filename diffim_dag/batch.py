@@ -1,0 +1,777 @@
+"""Survey-scale execution: many (visit, detector) subtractions as one Dask batch.
+
+A batch is described by a **manifest** (CSV) with one row per (visit, detector)::
+
+    visit,detector,science,template
+    1001,0,raw/1001_0.fits,templates/patch_0.fits
+    1001,1,raw/1001_1.fits,store:templates/          # a template store (folder of patches)
+
+Paths are relative to the manifest's folder.  ``template`` may name a template store
+(``store:DIR``, or a folder that is not a ``.zarr`` store); a ``template_store`` column
+does the same.  Optional columns: ``science_psf``, ``science_variance``,
+``science_noise``, ``science_weight``, ``science_mask``, ``science_hdu`` and the
+``template_*`` twins (the options of ``diffim-dag subtract``).
+
+Graph
+-----
+Each row becomes **one task** (key ``visit-{visit}-det-{detector}``) that runs on a
+worker: read the inputs from their paths → template fetch/warp → kernel sources →
+per-cell kernel fits → spatial solve → convolve/subtract → decorrelate →
+detect/measure → write.  The graph holds only paths, the frozen config and the
+output folder — never pixels — so a 100-visit graph pickles to a few hundred kB
+and builds in milliseconds; pixels exist only inside the worker that owns the
+visit.  The stages inside a visit run eagerly on the worker's thread (``tiled=False``),
+which is the right grain when there are more visits than cores; per-stage wall
+times land in every ``metrics.json``.
+
+Nothing lost
+------------
+A visit's outputs are written into a hidden temporary folder beside
+``DIR/visit=V/detector=D/``, checksummed into ``_outputs.json`` (the outputs
+manifest) and the folder is renamed into place in one ``rename``; the visit's
+DiaSources also land in the batch dataset ``DIR/dia_sources/visit=V/detector=D.parquet``
+(written before the rename and listed, with its checksum, in the outputs manifest).
+A rerun verifies the outputs manifests and skips every visit whose files all match.
+
+Errors inside a visit that are :class:`~diffim_dag.errors.DiffimError` with
+``permanent=True`` (bad input, NoWorkFound, too few kernel sources) are caught in
+the task and returned as a ``failed`` record, so they are never retried; any other
+exception is transient and retried by the scheduler (``retries``, default 2).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from .config import PipelineConfig, config_to_dict
+from .errors import DiffimError, InputError
+
+__all__ = [
+    "VisitSpec",
+    "VisitRecord",
+    "BatchReport",
+    "read_manifest",
+    "visit_key",
+    "visit_dir",
+    "process_visit",
+    "verify_outputs",
+    "build_batch_graph",
+    "run_batch",
+    "dia_source_dataset",
+    "read_dia_source_dataset",
+    "simulate_batch",
+    "OUTPUTS_MANIFEST",
+    "RUN_REPORT",
+    "STATUSES",
+]
+
+log = logging.getLogger(__name__)
+
+#: Name of the per-visit outputs manifest (file → sha256, size).
+OUTPUTS_MANIFEST = "_outputs.json"
+#: Name of the batch report in the output folder.
+RUN_REPORT = "run_report.json"
+#: Folder (under the output folder) of the batch's DiaSource dataset.
+DIA_SOURCE_DATASET = "dia_sources"
+STATUSES = ("done", "skipped", "failed")
+
+_EXPOSURE_OPTIONS = ("psf", "variance", "noise", "weight", "mask", "hdu")
+_REQUIRED = ("visit", "detector", "science")
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+@dataclass(frozen=True, kw_only=True)
+class VisitSpec:
+    """One row of the manifest: where one (visit, detector)'s inputs are (absolute paths, no pixels)."""
+
+    visit: int
+    detector: int
+    science: str
+    template: str | None = None
+    template_store: str | None = None
+    science_options: tuple[tuple[str, str], ...] = ()
+    template_options: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def key(self) -> str:
+        return visit_key(self.visit, self.detector)
+
+
+def visit_key(visit: int, detector: int) -> str:
+    """The readable, stable Dask key of one (visit, detector) task."""
+    return f"visit-{visit}-det-{detector}"
+
+
+def visit_dir(out_dir: str | os.PathLike, visit: int, detector: int) -> Path:
+    """``out_dir/visit=V/detector=D`` (Hive-style, like the DiaSource dataset)."""
+    return Path(out_dir) / f"visit={visit}" / f"detector={detector}"
+
+
+def _int_field(value: str, column: str, where: str) -> int:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{where}: column {column!r} must be an integer, got {value!r}") from None
+    if not f.is_integer():
+        raise InputError(f"{where}: column {column!r} must be an integer, got {value!r}")
+    return int(f)
+
+
+def read_manifest(path: str | os.PathLike) -> list[VisitSpec]:
+    """Read a batch manifest (CSV); relative paths are taken from the manifest's folder.
+
+    Raises :class:`InputError` naming the file, line and column for a missing column,
+    a non-integer visit/detector, a row without a template, or a duplicated (visit, detector).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: manifest not found")
+    base = path.resolve().parent
+
+    def resolve(p: str) -> str:
+        p = p.strip()
+        return os.path.normpath(p if os.path.isabs(p) else os.path.join(base, p))
+
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        missing = [c for c in _REQUIRED if c not in columns]
+        if "template" not in columns and "template_store" not in columns:
+            missing.append("template")
+        if missing:
+            raise InputError(f"{path}: manifest lacks column(s) {', '.join(missing)} (has: {', '.join(columns) or 'none'})")
+        known = set(_REQUIRED) | {"template", "template_store"} | {
+            f"{role}_{o}" for role in ("science", "template") for o in _EXPOSURE_OPTIONS}
+        unknown = [c for c in columns if c not in known]
+        if unknown:
+            log.warning("%s: ignoring unknown manifest column(s) %s", path, ", ".join(unknown))
+        specs: list[VisitSpec] = []
+        seen: dict[tuple[int, int], int] = {}
+        for lineno, raw in enumerate(reader, start=2):
+            row = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
+            if not any(row.values()):
+                continue
+            where = f"{path}, line {lineno}"
+            visit = _int_field(row.get("visit", ""), "visit", where)
+            detector = _int_field(row.get("detector", ""), "detector", where)
+            if not row.get("science"):
+                raise InputError(f"{where}: empty 'science' path")
+            template = row.get("template") or None
+            store = row.get("template_store") or None
+            if template and template.startswith("store:"):
+                store, template = template[len("store:"):], None
+            elif template and Path(resolve(template)).is_dir() and not template.rstrip("/").endswith(".zarr"):
+                store, template = template, None
+            if (template is None) == (store is None):
+                raise InputError(f"{where}: give exactly one of a template file and a template store")
+            if (visit, detector) in seen:
+                raise InputError(f"{where}: (visit {visit}, detector {detector}) repeats line {seen[visit, detector]}")
+            seen[visit, detector] = lineno
+
+            def options(role):
+                out = []
+                for o in _EXPOSURE_OPTIONS:
+                    v = row.get(f"{role}_{o}")
+                    if v:
+                        out.append((o, v if o == "hdu" else resolve(v)))
+                return tuple(out)
+
+            specs.append(VisitSpec(
+                visit=visit, detector=detector, science=resolve(row["science"]),
+                template=resolve(template) if template else None, template_store=resolve(store) if store else None,
+                science_options=options("science"), template_options=options("template"),
+            ))
+    if not specs:
+        raise InputError(f"{path}: manifest has no rows")
+    return specs
+
+
+def write_manifest(specs: Iterable[VisitSpec], path: str | os.PathLike) -> Path:
+    """Write ``specs`` as a manifest CSV with paths relative to its folder (where possible)."""
+    from .io.atomic import atomic_path
+
+    path = Path(path)
+    specs = list(specs)
+    base = path.resolve().parent
+    opt_cols = sorted({f"{role}_{o}" for s in specs for role, opts in (("science", s.science_options),
+                                                                        ("template", s.template_options))
+                       for o, _ in opts})
+
+    def rel(p):
+        try:
+            r = os.path.relpath(p, base)
+        except ValueError:
+            return p
+        return p if r.startswith("..") else r
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.writer(fh, lineterminator="\n")
+            w.writerow(["visit", "detector", "science", "template", *opt_cols])
+            for s in specs:
+                opts = {f"science_{o}": v for o, v in s.science_options}
+                opts.update({f"template_{o}": v for o, v in s.template_options})
+                tmpl = rel(s.template) if s.template else f"store:{rel(s.template_store)}"
+                w.writerow([s.visit, s.detector, rel(s.science), tmpl,
+                            *[(rel(opts[c]) if opts.get(c) and not c.endswith("_hdu") else opts.get(c, ""))
+                              for c in opt_cols]])
+    return path
+
+
+# --------------------------------------------------------------------------- one visit (runs on a worker)
+
+
+@dataclass
+class VisitRecord:
+    """What happened to one (visit, detector)."""
+
+    visit: int
+    detector: int
+    status: str  # done | skipped | failed
+    reason: str = ""
+    error: str | None = None  # exception class for failures
+    outputs: dict = field(default_factory=dict)  # name -> path relative to the output folder
+    wall_s: float = 0.0
+    n_dia_sources: int | None = None
+    worker: str | None = None
+
+    @property
+    def key(self) -> str:
+        return visit_key(self.visit, self.detector)
+
+    def to_dict(self) -> dict:
+        return {"key": self.key, **dataclasses.asdict(self)}
+
+
+def _read_input(path: str, options: dict):
+    from .io import read_exposure, read_zarr
+
+    if Path(path).is_dir():
+        return read_zarr(path).load()
+    return read_exposure(path, **options)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _file_entry(path: Path, root: Path) -> dict:
+    return {"path": os.path.relpath(path, root), "sha256": _sha256(path), "size": path.stat().st_size}
+
+
+def _dataset_part(out_root: Path, visit: int, detector: int) -> Path:
+    return out_root / DIA_SOURCE_DATASET / f"visit={visit}" / f"detector={detector}.parquet"
+
+
+def verify_outputs(out_dir: str | os.PathLike, visit: int, detector: int, *, checksums: bool = True) -> dict | None:
+    """The outputs manifest of a completed (visit, detector), or None when anything is missing or differs.
+
+    ``checksums=False`` compares sizes only (cheaper on huge outputs).
+    """
+    root = Path(out_dir)
+    folder = visit_dir(root, visit, detector)
+    mpath = folder / OUTPUTS_MANIFEST
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (OSError, ValueError):
+        return None
+    if manifest.get("visit") != visit or manifest.get("detector") != detector or not manifest.get("files"):
+        return None
+    for entry in manifest["files"].values():
+        p = root / entry["path"]
+        try:
+            if p.stat().st_size != entry["size"]:
+                return None
+        except OSError:
+            return None
+        if checksums and _sha256(p) != entry["sha256"]:
+            return None
+    return manifest
+
+
+def _write_dataset_part(catalog, path: Path) -> Path:
+    """The visit's DiaSources for the batch dataset (Hive partition ``visit=V``: no ``visit`` column)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .io.atomic import atomic_path
+
+    table = pa.Table.from_pandas(catalog.drop(columns=["visit"], errors="ignore"), preserve_index=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return path
+
+
+def _subtract_visit(spec: VisitSpec, config: PipelineConfig, folder: Path, *, tiled: bool):
+    """read → template fetch/warp → subtract (sources, cell fits, spatial solve, convolve, decorrelate)
+    → detect/measure → write, into ``folder``.  Returns the SubtractionResult."""
+    from .pipeline import subtract_by_method, write_outputs
+    from .stages.template import prepare_template
+
+    t0 = time.perf_counter()
+    science = _read_input(spec.science, dict(spec.science_options))
+    template = _read_input(spec.template, dict(spec.template_options)) if spec.template else None
+    t_read = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    template, warp_metrics = prepare_template(science, template, store=spec.template_store,
+                                              min_coverage=config.subtract.min_template_coverage)
+    t_warp = time.perf_counter() - t0
+    result = subtract_by_method(science, template, config=config, client=None, tiled=tiled, detect=True)
+    # the manifest is the authority on (visit, detector)
+    result.dia_sources["visit"] = spec.visit
+    result.dia_sources["detector"] = spec.detector
+    result.metrics["template"] = warp_metrics
+    result.metrics["visit"] = spec.visit
+    result.metrics["detector"] = spec.detector
+    result.metrics["timings_s"] = {"read": t_read, "template_warp": t_warp, **result.metrics["timings_s"]}
+    write_outputs(result, folder, config=config)
+    return result
+
+
+def process_visit(spec: VisitSpec, config: PipelineConfig, out_dir: str, *, run_id: str = "",
+                  tiled: bool = False) -> dict:
+    """Run one (visit, detector) end to end and return its record (a dict).
+
+    Runs where it is called (a Dask worker in a batch).  Permanent errors
+    (:class:`DiffimError` with ``permanent``) become a ``failed`` record; anything else
+    is raised so that the scheduler retries it.  The outputs appear atomically.
+    """
+    t0 = time.perf_counter()
+    root = Path(out_dir)
+    final = visit_dir(root, spec.visit, spec.detector)
+    worker = _worker_name()
+    existing = verify_outputs(root, spec.visit, spec.detector, checksums=False) if run_id else None
+    if existing is not None and existing.get("run_id") == run_id:
+        # an earlier attempt of this very run finished (its worker died before reporting): done exactly once
+        return VisitRecord(spec.visit, spec.detector, "done", reason="written by an earlier attempt of this run",
+                           outputs={k: v["path"] for k, v in existing["files"].items()},
+                           wall_s=time.perf_counter() - t0, n_dia_sources=existing.get("n_dia_sources"),
+                           worker=worker).to_dict()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:12]}"
+    part = _dataset_part(root, spec.visit, spec.detector)
+    try:
+        try:
+            result = _subtract_visit(spec, config, tmp, tiled=tiled)
+        except DiffimError as exc:
+            if not getattr(exc, "permanent", True):
+                raise
+            return VisitRecord(spec.visit, spec.detector, "failed", reason=str(exc), error=type(exc).__name__,
+                               wall_s=time.perf_counter() - t0, worker=worker).to_dict()
+        catalog = result.dia_sources
+        n_real = int((~catalog["sky_source"]).sum()) if len(catalog) else 0
+        _write_dataset_part(catalog, part)
+        t_sum = time.perf_counter()
+        files = {}
+        for name, p in sorted(result.paths.items()):
+            rel = Path(p).relative_to(tmp)
+            files[name] = _file_entry(Path(p), root)
+            files[name]["path"] = os.path.relpath(final / rel, root)  # where it will live
+        files["dataset_part"] = _file_entry(part, root)
+        manifest = {
+            "visit": spec.visit, "detector": spec.detector, "run_id": run_id, "n_dia_sources": n_real,
+            "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "worker": worker, "checksum_s": time.perf_counter() - t_sum, "files": files,
+        }
+        (tmp / OUTPUTS_MANIFEST).write_text(json.dumps(manifest, indent=2))
+        _install(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    done = verify_outputs(root, spec.visit, spec.detector, checksums=False)
+    if done is None or (done.get("run_id") != run_id):
+        raise RuntimeError(f"{final}: outputs not in place after the rename")  # transient: retried
+    return VisitRecord(spec.visit, spec.detector, "done", outputs={k: v["path"] for k, v in files.items()},
+                       wall_s=time.perf_counter() - t0, n_dia_sources=n_real, worker=worker).to_dict()
+
+
+def _install(tmp: Path, final: Path) -> None:
+    """Rename the finished temporary folder onto ``final`` (an incomplete old one is moved aside first)."""
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:12]}"
+        os.replace(final, old)
+        try:
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def _worker_name() -> str:
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except (ImportError, ValueError):
+        return f"{socket.gethostname()}:{os.getpid()}"
+
+
+# --------------------------------------------------------------------------- the graph
+
+
+def build_batch_graph(specs: Sequence[VisitSpec], config: PipelineConfig, out_dir, *, run_id: str = "",
+                      tiled: bool = False) -> dict[str, Any]:
+    """``{key: dask.delayed}``: one task per (visit, detector), keyed ``visit-{visit}-det-{detector}``.
+
+    The tasks hold paths, the frozen config and the output folder only: no pixels travel
+    through the client or sit in the graph.
+    """
+    import dask
+
+    out = os.fspath(Path(out_dir).resolve())
+    task = dask.delayed(process_visit, pure=False)
+    return {s.key: task(s, config, out, run_id=run_id, tiled=tiled, dask_key_name=s.key) for s in specs}
+
+
+# --------------------------------------------------------------------------- running a batch
+
+
+@dataclass
+class BatchReport:
+    """The outcome of a batch: one record per (visit, detector) and totals."""
+
+    run_id: str
+    records: list[VisitRecord]
+    wall_s: float
+    out_dir: str
+    scheduler: str = ""
+    n_workers: int = 0
+    manifest: str = ""
+    pipeline: dict = field(default_factory=dict)
+    dataset: str | None = None
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.records)
+
+    @property
+    def ok(self) -> bool:
+        return self.count("failed") == 0
+
+    @property
+    def n_dia_sources(self) -> int:
+        return sum(r.n_dia_sources or 0 for r in self.records if r.status == "done")
+
+    @property
+    def throughput_per_minute(self) -> float:
+        """Visits processed (done) per minute of batch wall time."""
+        return 60.0 * self.count("done") / self.wall_s if self.wall_s > 0 else float("nan")
+
+    def to_dict(self) -> dict:
+        return {
+            "run_id": self.run_id, "out": self.out_dir, "manifest": self.manifest, "scheduler": self.scheduler,
+            "n_workers": self.n_workers, "wall_s": self.wall_s,
+            "counts": {s: self.count(s) for s in STATUSES}, "n_visits": len(self.records),
+            "n_dia_sources": self.n_dia_sources, "throughput_visits_per_minute": self.throughput_per_minute,
+            "dia_source_dataset": self.dataset, "pipeline": self.pipeline,
+            "entries": [r.to_dict() for r in self.records],
+        }
+
+    def table(self) -> str:
+        rows = [("visit", "detector", "status", "wall s", "DiaSources", "reason")]
+        for r in self.records:
+            rows.append((str(r.visit), str(r.detector), r.status, f"{r.wall_s:.1f}",
+                         "" if r.n_dia_sources is None else str(r.n_dia_sources), r.reason))
+        widths = [max(len(row[i]) for row in rows) for i in range(5)]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(row[:5], widths)) + "  " + row[5] for row in rows)
+
+    def summary(self) -> str:
+        return (f"{len(self.records)} visits: {self.count('done')} done, {self.count('skipped')} skipped, "
+                f"{self.count('failed')} failed; {self.n_dia_sources} DiaSources; wall time {self.wall_s:.1f} s; "
+                f"throughput {self.throughput_per_minute:.1f} visits/min on {self.n_workers} worker(s)")
+
+
+class _Progress:
+    """A one-line text progress bar (works under distributed, unlike dask.diagnostics.ProgressBar)."""
+
+    def __init__(self, total: int, stream=None, width: int = 30):
+        self.total, self.n, self.failed, self.width = total, 0, 0, width
+        self.stream = stream if stream is not None else sys.stderr
+        self.t0 = time.perf_counter()
+        self.draw()
+
+    def update(self, record: dict) -> None:
+        self.n += 1
+        self.failed += record["status"] == "failed"
+        self.draw()
+
+    def draw(self) -> None:
+        frac = self.n / self.total if self.total else 1.0
+        bar = "#" * int(round(frac * self.width))
+        end = "\n" if self.n >= self.total else ""
+        self.stream.write(f"\r[{bar:<{self.width}}] {self.n}/{self.total} visits, {self.failed} failed, "
+                          f"{time.perf_counter() - self.t0:.0f} s{end}")
+        self.stream.flush()
+
+
+def _failure_record(spec: VisitSpec, exc: BaseException, retries: int, wall: float) -> dict:
+    reason = f"{type(exc).__name__}: {exc} (transient; failed {retries + 1} attempt(s))"
+    return VisitRecord(spec.visit, spec.detector, "failed", reason=reason, error=type(exc).__name__,
+                       wall_s=wall).to_dict()
+
+
+def _scheduler_for(scheduler: str | None, config: PipelineConfig) -> str | None:
+    """--scheduler, else the pipeline's cluster.scheduler, else DASK_SCHEDULER_ADDRESS (set by a DaskJob)."""
+    return scheduler or config.cluster.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
+
+
+def kubernetes_cluster(spec: str, config: PipelineConfig):
+    """A dask-kubernetes operator ``KubeCluster`` from ``kubernetes[://NAME][?key=value&...]``.
+
+    Keys: ``image``, ``n_workers``, ``namespace``, ``resources_cpu``, ``resources_memory``.
+    The pipeline says ``cluster: {scheduler: "kubernetes://diffim?n_workers=8&image=..."}``.
+    """
+    from urllib.parse import parse_qsl, urlsplit
+
+    try:
+        from dask_kubernetes.operator import KubeCluster
+    except ImportError:
+        raise DiffimError("the pipeline asks for a Kubernetes cluster but dask-kubernetes is not installed "
+                          "(pip install 'diffim_dag[k8s]')") from None
+    parts = urlsplit(spec if "://" in spec else spec + "://")
+    q = dict(parse_qsl(parts.query))
+    kwargs: dict[str, Any] = {"name": parts.netloc or "diffim-dag",
+                              "image": q.get("image", "ghcr.io/diffim-dag/diffim-dag:latest"),
+                              "n_workers": int(q.get("n_workers", config.cluster.n_workers or 2)),
+                              "env": {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}}
+    if "namespace" in q:
+        kwargs["namespace"] = q["namespace"]
+    if "resources_cpu" in q or "resources_memory" in q:
+        r = {k: v for k, v in (("cpu", q.get("resources_cpu")), ("memory", q.get("resources_memory"))) if v}
+        kwargs["resources"] = {"requests": r, "limits": r}
+    return KubeCluster(**kwargs)
+
+
+def _open_client(scheduler: str | None, config: PipelineConfig, n_workers: int | None):
+    """(client, closers): a Kubernetes cluster, an existing scheduler, or a new LocalCluster (workers = cores)."""
+    import warnings
+
+    from distributed import Client
+
+    from .graph import make_client
+
+    warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
+    if scheduler and scheduler.startswith("kubernetes"):
+        cluster = kubernetes_cluster(scheduler, config)
+        client = Client(cluster)
+        return client, [client.close, cluster.close]
+    if scheduler:
+        client, _ = make_client(scheduler)
+        return client, [client.close]
+    cc = config.cluster
+    client, cluster = make_client(None, n_workers=n_workers or cc.n_workers, threads_per_worker=cc.threads_per_worker,
+                                  memory_limit=cc.memory_limit)
+    return client, [client.close, cluster.close]
+
+
+def _html_report(filename: str):
+    """Dask's performance report (needs bokeh); without bokeh, a task-stream table in plain HTML."""
+    import contextlib
+
+    try:
+        import bokeh  # noqa: F401
+    except ImportError:
+        bokeh = None
+    if bokeh is not None:
+        from distributed import performance_report
+
+        return performance_report(filename=filename)
+
+    @contextlib.contextmanager
+    def fallback():
+        from distributed import get_client, get_task_stream
+
+        client = get_client()
+        with get_task_stream(client) as ts:
+            yield
+        _write_task_stream_html(filename, ts.data)
+
+    return fallback()
+
+
+def _write_task_stream_html(filename: str, data: list[dict]) -> None:
+    import html
+
+    from .io.atomic import atomic_write_text
+
+    rows = []
+    for t in sorted(data, key=lambda d: min((s["start"] for s in d.get("startstops", ())), default=0)):
+        for s in t.get("startstops", ()):
+            rows.append(f"<tr><td>{html.escape(str(t.get('key')))}</td><td>{html.escape(str(t.get('worker')))}</td>"
+                        f"<td>{html.escape(s['action'])}</td><td>{s['stop'] - s['start']:.3f}</td></tr>")
+    atomic_write_text(filename, (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>diffim-dag performance report</title></head><body>"
+        "<h1>diffim-dag performance report</h1><p>Task stream (install bokeh for Dask's full performance report).</p>"
+        "<table border='1'><tr><th>key</th><th>worker</th><th>action</th><th>seconds</th></tr>"
+        + "".join(rows) + "</table></body></html>\n"))
+
+
+def run_batch(
+    specs: Sequence[VisitSpec] | str | os.PathLike,
+    config: PipelineConfig | None = None,
+    out_dir: str | os.PathLike = "batch_out",
+    *,
+    client=None,
+    scheduler: str | None = None,
+    n_workers: int | None = None,
+    retries: int = 2,
+    progress: bool = True,
+    report_html: str | os.PathLike | None = None,
+    verify_checksums: bool = True,
+    tiled: bool = False,
+    stream=None,
+) -> BatchReport:
+    """Run every (visit, detector) of ``specs`` (or of a manifest path) and write ``out_dir/run_report.json``.
+
+    Completed visits (outputs manifest verified) are skipped; the others run as one task
+    each on ``client``, or on ``scheduler`` (``tcp://HOST:PORT`` or ``kubernetes://...``),
+    or on a new LocalCluster with one worker per core.  Transient errors are retried
+    ``retries`` times; permanent ones are recorded and the batch carries on.
+    """
+    from distributed import as_completed
+
+    from .io.atomic import atomic_write_text
+
+    t_start = time.perf_counter()
+    config = config or PipelineConfig()
+    manifest_path = ""
+    if isinstance(specs, (str, os.PathLike)):
+        manifest_path = os.fspath(specs)
+        specs = read_manifest(specs)
+    specs = list(specs)
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    run_id = f"{_dt.datetime.now(_dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+    records: dict[str, dict] = {}
+    todo: list[VisitSpec] = []
+    for s in specs:
+        m = verify_outputs(out, s.visit, s.detector, checksums=verify_checksums)
+        if m is not None:
+            records[s.key] = VisitRecord(s.visit, s.detector, "skipped", reason="outputs complete (checksums verified)"
+                                         if verify_checksums else "outputs complete (sizes verified)",
+                                         outputs={k: v["path"] for k, v in m["files"].items()},
+                                         n_dia_sources=m.get("n_dia_sources")).to_dict()
+        else:
+            todo.append(s)
+    by_key = {s.key: s for s in specs}
+    closers: list = []
+    address, n_w = "", 0
+    try:
+        if todo:
+            if client is None:
+                client, closers = _open_client(_scheduler_for(scheduler, config), config, n_workers)
+            address = client.scheduler.address if client.scheduler is not None else ""
+            n_w = len(client.scheduler_info().get("workers", {}))
+            graph = build_batch_graph(todo, config, out, run_id=run_id, tiled=tiled)
+            bar = _Progress(len(graph), stream=stream) if progress else None
+            import contextlib
+
+            ctx = _html_report(os.fspath(report_html)) if report_html else contextlib.nullcontext()
+            submitted = {}
+            with ctx:
+                futures = client.compute(list(graph.values()), retries=retries)
+                submitted = {f.key: time.perf_counter() for f in futures}
+                for fut in as_completed(futures):
+                    key = fut.key
+                    try:
+                        rec = fut.result()
+                    except Exception as exc:  # transient error that outlived its retries (or a lost task)
+                        rec = _failure_record(by_key[key], exc, retries, time.perf_counter() - submitted[key])
+                    records[key] = rec
+                    if bar is not None:
+                        bar.update(rec)
+                    fut.release()
+    finally:
+        for close in closers:
+            with _suppress():
+                close()
+    ordered = [VisitRecord(**{k: v for k, v in records[s.key].items() if k != "key"}) for s in specs]
+    report = BatchReport(run_id=run_id, records=ordered, wall_s=time.perf_counter() - t_start, out_dir=str(out),
+                         scheduler=address, n_workers=n_w, manifest=manifest_path, pipeline=config_to_dict(config))
+    ds = out / DIA_SOURCE_DATASET
+    report.dataset = str(ds) if ds.is_dir() else None
+    atomic_write_text(out / RUN_REPORT, json.dumps(report.to_dict(), indent=2, default=str))
+    return report
+
+
+class _suppress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return exc[0] is not None and issubclass(exc[0], Exception)
+
+
+# --------------------------------------------------------------------------- the DiaSource dataset
+
+
+def dia_source_dataset(out_dir: str | os.PathLike) -> Path:
+    """The batch's DiaSource dataset folder (Hive-partitioned by ``visit``; one file per detector)."""
+    return Path(out_dir) / DIA_SOURCE_DATASET
+
+
+def read_dia_source_dataset(out_dir: str | os.PathLike, *, engine: str = "pandas", real_only: bool = False):
+    """Read the batch's DiaSources with pandas (default) or dask.dataframe (``engine="dask"``).
+
+    ``visit`` comes back from the partition folder names (``visit=V``).
+    """
+    path = dia_source_dataset(out_dir)
+    # both infer the Hive partitioning (visit=V) themselves; sharing one pyarrow Partitioning object
+    # between dask's reader threads crashed pyarrow here
+    if engine == "dask":
+        import dask.dataframe as dd
+
+        df = dd.read_parquet(str(path))
+    else:
+        import pandas as pd
+
+        df = pd.read_parquet(path)
+    if real_only:
+        df = df[~df["sky_source"]]
+    return df
+
+
+# --------------------------------------------------------------------------- simulated batches
+
+
+def simulate_batch(out_dir: str | os.PathLike, *, n_visits: int = 4, n_detectors: int = 1, size: int = 256,
+                   seed: int = 0, first_visit: int = 1000, sim_overrides: dict | None = None) -> Path:
+    """Simulate ``n_visits × n_detectors`` science/template pairs and write ``out_dir/manifest.csv``.
+
+    Each (visit, detector) gets its own seed; inputs live in ``out_dir/inputs/v{visit}_d{detector}/``.
+    Returns the manifest path.
+    """
+    from .sim import SimConfig, simulate_pair, write_pair
+
+    out = Path(out_dir)
+    specs = []
+    for i in range(n_visits):
+        visit = first_visit + i
+        for det in range(n_detectors):
+            cfg = SimConfig(size=size, seed=seed + 1000 * i + det, sky_subtracted=True, **(sim_overrides or {}))
+            pair = simulate_pair(cfg)
+            pair_sci = pair.science.with_info(visit=visit, detector=det)
+            paths = write_pair(dataclasses.replace(pair, science=pair_sci), out / "inputs" / f"v{visit}_d{det}")
+            specs.append(VisitSpec(visit=visit, detector=det, science=str(paths["science"].resolve()),
+                                   template=str(paths["template"].resolve())))
+    return write_manifest(specs, out / "manifest.csv")
