@@ -469,29 +469,37 @@ def place_sky_sources(
     """
     ny, nx = footprints_mask.shape
     r = int(avoid_radius)
-    blocked = footprints_mask | bad
-    dsk = det.disc(r)
-    rng = np.random.default_rng(seed)
-    placed: list[tuple[int, int]] = []
-    src = np.empty((0, 2)) if source_xy is None else np.asarray(source_xy, dtype=np.float64).reshape(-1, 2)
     if n == 0 or nx <= 2 * r + 1 or ny <= 2 * r + 1:
         return np.empty((0, 2))
-    tries = 0
-    while len(placed) < n and tries < max_tries * n:
-        xs = rng.integers(r, nx - r, 256)
-        ys = rng.integers(r, ny - r, 256)
-        for ix, iy in zip(xs, ys):
-            tries += 1
-            if np.any(blocked[iy - r : iy + r + 1, ix - r : ix + r + 1] & dsk):
-                continue
-            px, py = ix + origin[0], iy + origin[1]
-            if len(src) and np.min((src[:, 0] - px) ** 2 + (src[:, 1] - py) ** 2) <= r * r:
-                continue
-            if placed and min((qx - px) ** 2 + (qy - py) ** 2 for qx, qy in placed) <= (2 * r) ** 2:
-                continue
-            placed.append((px, py))
-            if len(placed) == n:
-                break
+    from scipy import ndimage
+
+    # allowed centres, all at once: no footprint/bad pixel within the disc, inside the margins,
+    # farther than r from every source position
+    blocked = ndimage.binary_dilation(footprints_mask | bad, structure=det.disc(r))
+    allowed = ~blocked
+    allowed[:r] = allowed[ny - r :] = False
+    allowed[:, :r] = allowed[:, nx - r :] = False
+    src = np.empty((0, 2)) if source_xy is None else np.asarray(source_xy, dtype=np.float64).reshape(-1, 2)
+    if len(src):
+        near = np.zeros_like(allowed)
+        sx = np.rint(src[:, 0] - origin[0]).astype(int)
+        sy = np.rint(src[:, 1] - origin[1]).astype(int)
+        inside = (sx >= 0) & (sx < nx) & (sy >= 0) & (sy < ny)
+        near[sy[inside], sx[inside]] = True
+        allowed &= ~ndimage.binary_dilation(near, structure=det.disc(r + 1))
+    candidates = np.flatnonzero(allowed)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(candidates.size)[: max_tries * n]
+    placed: list[tuple[int, int]] = []
+    min_sep2 = (2 * r) ** 2
+    for k in order:
+        iy, ix = divmod(int(candidates[k]), nx)
+        px, py = ix + origin[0], iy + origin[1]
+        if placed and min((qx - px) ** 2 + (qy - py) ** 2 for qx, qy in placed) <= min_sep2:
+            continue
+        placed.append((px, py))
+        if len(placed) == n:
+            break
     if len(placed) < n:
         log.warning("placed only %d of %d sky sources (no more blank sky)", len(placed), n)
     return np.asarray(placed, dtype=np.float64).reshape(-1, 2)
