@@ -223,21 +223,22 @@ def _fit_cell_task(task):
 
 
 def cell_mapper(client=None, *, prefix: str = "fit-cell"):
-    """A ``map_cells`` hook for :func:`~diffim_dag.stages.kernel_fit.solve_kernel`: one Dask task per cell.
+    """A ``map_cells`` hook for :func:`~diffim_dag.stages.kernel_fit.solve_kernel`.
 
-    With a distributed ``client`` the cells run on the workers; without one, on the
-    threaded scheduler through ``dask.delayed``.  Task keys name the stage and cell.
+    With a distributed ``client`` each cell is one task on the workers (keys name the stage,
+    cell and candidates); without one the cells are fitted in turn in this process.
     """
     def run(tasks):
         if not tasks:
             return []
+        if client is None:
+            # A cell fit is ~1 ms of small, GIL-bound numpy calls: threads only add scheduling
+            # overhead (measured 1.38 s vs 0.82 s for 1000 candidates), so run them in turn.
+            return [_fit_cell_task(t) for t in tasks]
         # readable keys: stage, cell and the candidates it fits (hashing the stamps would cost seconds)
         keys = [f"{prefix}-{t[0].cell}-{dask.base.tokenize(t[0].ids.tolist(), sorted(t[3]))}" for t in tasks]
-        if client is not None:
-            futures = client.map(_fit_cell_task, list(tasks), key=keys)
-            return client.gather(futures)
-        delayed = [dask.delayed(_fit_cell_task, pure=True)(t, dask_key_name=k) for t, k in zip(tasks, keys)]
-        return list(dask.compute(*delayed, scheduler="threads"))
+        futures = client.map(_fit_cell_task, list(tasks), key=keys)
+        return client.gather(futures)
 
     return run
 

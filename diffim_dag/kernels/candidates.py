@@ -44,6 +44,7 @@ iterated :math:`n\sigma`-clipped mean and standard deviation of the sums, then r
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -175,7 +176,7 @@ class CellFit:
     fits: tuple[CandidateFit, ...]
     n_available: int
 
-    @property
+    @functools.cached_property
     def used(self) -> tuple[CandidateFit, ...]:
         return tuple(f for f in self.fits if f.status == USED)
 
@@ -186,9 +187,16 @@ _FFT_CACHE: OrderedDict = OrderedDict()
 _FFT_CACHE_SIZE = 8
 
 
+_LAST_BASIS: list = [None, None]  # (array object, its content digest): skip re-hashing the same basis
+
+
 def _basis_fft(basis_images: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    key = (hashlib.blake2b(np.ascontiguousarray(basis_images).view(np.uint8), digest_size=16).digest(),
-           basis_images.shape, shape)
+    if _LAST_BASIS[0] is basis_images:
+        digest = _LAST_BASIS[1]
+    else:
+        digest = hashlib.blake2b(np.ascontiguousarray(basis_images).view(np.uint8), digest_size=16).digest()
+        _LAST_BASIS[0], _LAST_BASIS[1] = basis_images, digest
+    key = (digest, basis_images.shape, shape)
     hit = _FFT_CACHE.get(key)
     if hit is None:
         hit = scipy.fft.rfft2(basis_images, s=shape, axes=(-2, -1), workers=1)
@@ -208,8 +216,9 @@ def convolve_stamps(stamps: np.ndarray, basis_images: np.ndarray) -> np.ndarray:
     stamps = np.asarray(stamps, dtype=np.float64)
     n_s, s, _ = stamps.shape
     k = basis_images.shape[-1]
-    full = s + k - 1
-    shape = (scipy.fft.next_fast_len(full, real=True),) * 2
+    # A circular convolution of length L ≥ s equals the linear one on the valid interior
+    # [k-1, s-1] (wrap-around only reaches indices < k-1), so no padding to s + k - 1 is needed.
+    shape = (scipy.fft.next_fast_len(s, real=True),) * 2
     fb = _basis_fft(basis_images, shape)
     fs = scipy.fft.rfft2(stamps, s=shape, axes=(-2, -1), workers=1)
     out = scipy.fft.irfft2(fs[:, None] * fb[None], s=shape, axes=(-2, -1), workers=1)
