@@ -212,7 +212,7 @@ def make_client(scheduler: str | None = None, *, n_workers: int | None = None, t
         os.environ.setdefault(k, v)
     n = n_workers or os.cpu_count() or 1
     cluster = LocalCluster(n_workers=n, threads_per_worker=threads_per_worker, processes=True,
-                           memory_limit=memory_limit, dashboard_address=None)
+                           memory_limit=memory_limit, dashboard_address=":0")  # any free port
     return Client(cluster), cluster
 
 

@@ -225,7 +225,7 @@ def test_run_against_a_scheduler_with_a_worker_killed(inputs40, tmp_path):
     workers: list = []
     try:
         scheduler = _start([*dask_bin, "--host", "127.0.0.1", "--port", "0", "--scheduler-file", str(sched_file),
-                            "--no-dashboard"], env, logs)
+                            "--no-dashboard", "--idle-timeout", "180s"], env, logs)  # exits by itself if pytest is killed
         deadline = time.time() + 60
         while not sched_file.exists() and time.time() < deadline:
             time.sleep(0.2)
@@ -233,7 +233,8 @@ def test_run_against_a_scheduler_with_a_worker_killed(inputs40, tmp_path):
         for i in range(2):
             # no nanny: killing the process kills the worker for good
             workers.append(_start([*worker_bin, "--scheduler-file", str(sched_file), "--nthreads", "1",
-                                   "--no-nanny", "--no-dashboard", "--name", f"w{i}", "--host", "127.0.0.1"],
+                                   "--no-nanny", "--no-dashboard", "--name", f"w{i}", "--host", "127.0.0.1",
+                                   "--death-timeout", "60"],
                                   env, logs))
         from distributed import Client
 
