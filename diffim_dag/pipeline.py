@@ -112,6 +112,36 @@ def _variance_scaled(exposure: Exposure, config: PipelineConfig, role: str, metr
     return exposure.with_planes(variance=(var * np.float32(factor)).astype(np.float32))
 
 
+def prepare_inputs(science: Exposure, template: Exposure, config: PipelineConfig, timings: Timings, metrics: dict):
+    """Checks and steps every method starts with: one pixel grid, both PSFs, the merged mask planes,
+    template coverage (:class:`NoWorkFound` below the minimum) and variance scaling.
+
+    Returns ``(science, template, planes, coverage)`` (in-memory, variance-scaled exposures).
+    """
+    if science.shape != template.shape or science.xy0 != template.xy0:
+        raise DiffimError(
+            f"science {science.shape} at {science.xy0} and template {template.shape} at {template.xy0} "
+            "are not on one pixel grid; warp the template first"
+        )
+    if science.psf is None or template.psf is None:
+        raise DiffimError("both exposures need a PSF model (give --science-psf / --template-psf)")
+    if science.is_lazy:
+        science = science.load()
+    if template.is_lazy:
+        template = template.load()
+    planes = science.mask_planes.merged(template.mask_planes)
+    for name in ("EDGE", "SAT_TEMPLATE", "INJECTED_TEMPLATE", "NO_DATA"):
+        planes = planes.with_plane(name)
+    with timings.stage("coverage"):
+        coverage = st.template_coverage(template.arrays()[2], science.arrays()[2], planes)
+        metrics["template_coverage"] = coverage
+        st.check_coverage(coverage, config.subtract.min_template_coverage)
+    with timings.stage("variance_scaling"):
+        science = _variance_scaled(science, config, "science", metrics)
+        template = _variance_scaled(template, config, "template", metrics)
+    return science, template, planes, coverage
+
+
 def _decorrelation_inputs(mode, science, template, solution, bad_s, bad_t):
     from .kernels.decorrelate import clipped_mean_variance
 
@@ -158,27 +188,7 @@ def subtract_exposures(
     config = config or PipelineConfig()
     timings = Timings()
     metrics: dict = {"method": config.method}
-    if science.shape != template.shape or science.xy0 != template.xy0:
-        raise DiffimError(
-            f"science {science.shape} at {science.xy0} and template {template.shape} at {template.xy0} "
-            "are not on one pixel grid; warp the template first"
-        )
-    if science.psf is None or template.psf is None:
-        raise DiffimError("both exposures need a PSF model (give --science-psf / --template-psf)")
-    planes = science.mask_planes.merged(template.mask_planes)
-    for name in ("EDGE", "SAT_TEMPLATE", "INJECTED_TEMPLATE", "NO_DATA"):
-        planes = planes.with_plane(name)
-
-    with timings.stage("coverage"):
-        _, _, smask = science.arrays()
-        _, _, tmask = template.arrays()
-        coverage = st.template_coverage(tmask, smask, planes)
-        metrics["template_coverage"] = coverage
-        st.check_coverage(coverage, config.subtract.min_template_coverage)
-
-    with timings.stage("variance_scaling"):
-        science = _variance_scaled(science, config, "science", metrics)
-        template = _variance_scaled(template, config, "template", metrics)
+    science, template, planes, coverage = prepare_inputs(science, template, config, timings, metrics)
 
     cx, cy = science.center
     mode = st.choose_mode(config.subtract.mode, science.psf, template.psf, cx, cy)

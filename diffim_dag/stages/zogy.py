@@ -47,7 +47,7 @@ from ..kernels.decorrelate import clipped_mean_variance
 from ..kernels.maskops import dilate_mask, edge_mask, template_mask_for_difference
 from ..masks import DEFAULT_MASK_PLANES
 from ..noise import clipped_stats
-from ..pipeline import SubtractionResult, Timings, _variance_scaled
+from ..pipeline import SubtractionResult, Timings, _variance_scaled, prepare_inputs
 from ..psf import GridPsf, ImagePsf
 
 __all__ = ["ZogyConfig", "ScoreSubtractionResult", "CellPsf", "flux_ratio", "fit_flux_ratio", "zogy_cell_task",
@@ -340,29 +340,8 @@ def subtract_zogy(
 
     timings = Timings()
     metrics: dict = {"method": "zogy", "mode": "zogy", "kernel": {}}
-    if science.shape != template.shape or science.xy0 != template.xy0:
-        raise DiffimError(f"science {science.shape} at {science.xy0} and template {template.shape} at {template.xy0} "
-                          "are not on one pixel grid; warp the template first")
-    if science.psf is None or template.psf is None:
-        raise DiffimError("both exposures need a PSF model (give --science-psf / --template-psf)")
-    if science.is_lazy:
-        science = science.load()
-    if template.is_lazy:
-        template = template.load()
-    planes = science.mask_planes.merged(template.mask_planes)
-    for name in ("EDGE", "SAT_TEMPLATE", "INJECTED_TEMPLATE", "NO_DATA"):
-        planes = planes.with_plane(name)
-
-    with timings.stage("coverage"):
-        _, _, smask0 = science.arrays()
-        _, _, tmask0 = template.arrays()
-        coverage = st.template_coverage(tmask0, smask0, planes)
-        metrics["template_coverage"] = coverage
-        st.check_coverage(coverage, config.subtract.min_template_coverage)
-
-    with timings.stage("variance_scaling"):
-        science = _variance_scaled(science, config, "science", metrics)
-        template = _variance_scaled(template, config, "template", metrics)
+    science, template, planes, coverage = prepare_inputs(science, template, config, timings, metrics)
+    smask0, tmask0 = science.arrays()[2], template.arrays()[2]
 
     with timings.stage("flux_ratio"):
         kappa, origin, stars = flux_ratio(science, template, zogy_config)
