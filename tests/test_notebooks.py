@@ -18,6 +18,7 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 def test_notebook_runs(name, monkeypatch, tmp_path):
     monkeypatch.setenv("DIFFIM_NB_SIZE", "256")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # a non-interactive backend set by the caller draws nothing inline
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     t0 = time.perf_counter()
     client = nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
