@@ -46,7 +46,7 @@ from scipy.optimize import least_squares
 
 from ..psf import Psf
 from .detection import Footprint
-from .measure import render_psf
+from .measure import _weights, render_psf  # one inverse-variance weighting for both fits
 
 __all__ = ["DIPOLE_COLUMNS", "linear_background", "dipole_model", "fit_dipole", "classify_dipole", "empty_dipole"]
 
@@ -112,13 +112,6 @@ def classify_dipole(pos_flux: float, neg_flux: float, snr: float) -> bool:
     if not (np.isfinite(total) and total > 0 and np.isfinite(snr)):
         return False
     return bool(snr > SN_MIN and fp / total < MAX_FLUX_RATIO and fn / total < MAX_FLUX_RATIO)
-
-
-def _weights(var, good):
-    w = np.zeros(var.shape, dtype=np.float64)
-    ok = good & np.isfinite(var) & (var > 0)
-    w[ok] = 1.0 / var[ok]
-    return w
 
 
 def fit_dipole(
