@@ -7,7 +7,8 @@ r"""Alard–Lupton subtraction with pre-convolution (score image), as LSST's ``A
 2. the science is convolved with its own PSF at the image centre, reflected and normalized
    (:math:`H`, odd size), tile by tile; its variance with :math:`H^2`, its mask dilated by
    the footprint of :math:`H`; its PSF becomes :math:`P_s \otimes H`;
-3. kernel sources are selected on the original science (S/N window, isolation, masks) and
+3. kernel sources are selected on the original science (S/N window, masks, and isolation at
+   the stamp scale of the AL problem: :func:`preconvolution_kernel_sources`) and
    the AL kernel is fitted to match the template to the pre-convolved science at them
    (:func:`~diffim_dag.stages.kernel_fit.fit_psf_matching_kernel`, ``convolveTemplate``:
    the pre-convolved science is always the wider image, so no deconvolution is asked for);
@@ -40,7 +41,7 @@ from ..psf import ImagePsf
 from . import subtract as st
 from .zogy import ScoreSubtractionResult, detect_on_score, score_significance
 
-__all__ = ["FILLED_PLANES", "preconvolved_score", "subtract_al_preconvolve"]
+__all__ = ["FILLED_PLANES", "preconvolution_kernel_sources", "preconvolved_score", "subtract_al_preconvolve"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,59 @@ def _filter(image, kernel, *, tiled, tile_size, xy0, client):
         (out,) = graph.compute(graph.filter_tiles(d, kernel, half_width=h, xy0=xy0), client=client)
         return np.asarray(out, dtype=np.float32)
     return st.apply_small_kernel_padded(image, kernel).astype(np.float32)
+
+
+def preconvolution_kernel_sources(science: Exposure, template: Exposure, *, config: PipelineConfig, sources=None):
+    r"""Kernel sources of the pre-convolution fit, selected on the *original* science image.
+
+    The pre-convolution kernel :math:`K` maps :math:`P_t` onto :math:`P_s \otimes H`, so its
+    basis and size come from the FWHMs of the template and of the pre-convolved science
+    (:math:`\sqrt2\,\mathrm{FWHM}_s` for Gaussians): for template/science σ of 2.0/2.4 px,
+    :math:`\sigma_K = \sqrt{2 \cdot 2.4^2 - 2.0^2} = 2.74` px, widths 1.37, 2.74, 5.49 px and a
+    33-px kernel, against 21 px for the AL kernel of the same pair, hence stamps of
+    :math:`2 \times 33 + 1 = 67` px.
+
+    The cuts on the star itself are made on the original science, as LSST passes the
+    science source catalog to the pre-convolved fit:
+
+    * S/N: on the pre-convolved image the per-pixel variance :math:`V \otimes H^2` ignores the
+      correlated noise, so its PSF-flux S/N would be overestimated by :math:`\sim\sqrt{\mathrm{NEA}}`
+      and the S/N window would drop the bright stars;
+    * isolation (no other detection within ``isolation_factor`` × the stamp half-size) at the
+      stamp scale of the *AL* problem template → science (``basis_from_config`` with the
+      original FWHMs), the same protection the AL fit of the pair has.  Requiring it over the
+      wider pre-convolution stamp instead would starve the fit: isolated fractions fall as
+      :math:`e^{-\pi r^2 \rho}`, and with 100 stars on 400² the 33-px radius keeps ~10 stars
+      (vs ~40 at 21 px), too few and too unevenly spread for the spatially varying kernel,
+      whose errors the score — a matched filter — shows at each star's full S/N.  A neighbour
+      inside the wider stamp does not bias the fit: on the fit interior (the stamp shrunk by
+      :math:`h_K`) both :math:`S \otimes H` and :math:`T \otimes K` contain it in full, since
+      :math:`T \otimes K` there only needs template pixels within the stamp.
+
+    The caller fits at these positions with the pre-convolution stamps, which re-checks that
+    each stamp lies inside both images and is unmasked.
+
+    Parameters
+    ----------
+    science, template : Exposure
+        The original (not pre-convolved) exposures, with PSFs.
+    config : PipelineConfig
+        ``kernel`` (basis widths and sizes) and ``sources`` (cuts).
+    sources : DataFrame, optional
+        Candidate catalog (``x``, ``y``); detection on the science image when None.
+
+    Returns
+    -------
+    DataFrame
+        As :func:`~diffim_dag.stages.kernel_sources.select_kernel_sources`.
+    """
+    from ..kernels.basis import basis_from_config
+    from .kernel_sources import select_kernel_sources
+
+    cx, cy = science.center
+    al_size = basis_from_config(config.kernel, template.psf.fwhm(cx, cy), science.psf.fwhm(cx, cy)).size
+    table, _ = select_kernel_sources(science, template, al_size, config.sources, sources)
+    return table
 
 
 def preconvolved_score(science: Exposure, template: Exposure, *, config: PipelineConfig, client=None,
@@ -112,15 +166,10 @@ def preconvolved_score(science: Exposure, template: Exposure, *, config: Pipelin
         filled_template = template.with_planes(image=t_fill)
 
     with timings.stage("kernel_fit"):
-        # Kernel sources are selected on the *original* science (as LSST passes its source catalog):
-        # on the pre-convolved image the per-pixel variance V ⊗ H² ignores the correlated noise, so
-        # its S/N would be overestimated by ~√NEA and the S/N window would drop the bright stars.
-        from ..kernels.basis import basis_from_config
-        from .kernel_sources import select_kernel_sources
-
-        basis_size = basis_from_config(config.kernel, template.psf.fwhm(cx, cy), pre_psf.fwhm()).size
-        table, _ = select_kernel_sources(science, template, basis_size, config.sources, sources)
-        pre_sources = dataclasses.replace(config.sources, min_snr=1e-6, max_snr=1e30)
+        table = preconvolution_kernel_sources(science, template, config=config, sources=sources)
+        # The S/N window and the isolation were applied on the original science; the fit re-checks
+        # only what its wider stamps need (inside both images, unmasked, not saturated, point-like).
+        pre_sources = dataclasses.replace(config.sources, min_snr=1e-6, max_snr=1e30, isolation_factor=0.0)
         map_cells = None
         if tiled:
             from ..graph import cell_mapper
