@@ -4,6 +4,8 @@ Simulates ``--visits`` (visit, detector) pairs of ``--size``² pixels (default 2
 then runs the same manifest through :func:`diffim_dag.batch.run_batch` on a fresh LocalCluster of
 1 and of 2 single-threaded workers (each into a fresh output folder, so nothing is skipped).
 Throughput = visits done / batch wall time (cluster start included).  Target: ≥ 1.7× with 2 workers.
+The batch is one task graph (per visit: one task per stage, kernel cell and tile); its size and build
+time on the client are printed first.
 
     python benchmarks/bench_batch.py [--size 2048] [--visits 6] [--workers 1 2] [--keep DIR]
 """
@@ -29,7 +31,7 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", metavar="DIR", help="keep inputs and outputs here (default: a temporary folder)")
     args = ap.parse_args(argv)
 
-    from diffim_dag.batch import read_manifest, run_batch, simulate_batch
+    from diffim_dag.batch import build_batch_graph, read_manifest, run_batch, simulate_batch
     from diffim_dag.config import load_config
 
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_batch_"))
@@ -39,6 +41,12 @@ def main(argv=None) -> int:
         print(f"simulated {args.visits} visits of {args.size}² in {time.perf_counter() - t0:.1f} s", flush=True)
         specs = read_manifest(manifest)
         config = load_config(args.pipeline)
+        t0 = time.perf_counter()
+        graph = build_batch_graph(specs, config, root / "graph_out")
+        stages = sorted({k[0] for k in graph})
+        print(f"batch graph: {len(graph)} tasks for {len(specs)} visits ({', '.join(stages)}), "
+              f"built in {time.perf_counter() - t0:.2f} s", flush=True)
+        del graph
         rows = []
         for n in args.workers:
             out = root / f"out_{n}w"

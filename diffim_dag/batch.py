@@ -14,15 +14,18 @@ does the same.  Optional columns: ``science_psf``, ``science_variance``,
 
 Graph
 -----
-Each row becomes **one task** (key ``visit-{visit}-det-{detector}``) that runs on a
-worker: read the inputs from their paths → template fetch/warp → kernel sources →
-per-cell kernel fits → spatial solve → convolve/subtract → decorrelate →
-detect/measure → write.  The graph holds only paths, the frozen config and the
-output folder — never pixels — so a 100-visit graph pickles to a few hundred kB
-and builds in milliseconds; pixels exist only inside the worker that owns the
-visit.  The stages inside a visit run eagerly on the worker's thread (``tiled=False``),
-which is the right grain when there are more visits than cores; per-stage wall
-times land in every ``metrics.json``.
+Each row becomes one small graph of tasks (:func:`diffim_dag.graph.visit_graph`), keyed
+``(stage, visit, detector[, index...])``: ``("template", V, D)`` reads the inputs on a
+worker and fetches/warps the template; then ``("kernel-sources", V, D)``, one
+``("fit-cell", V, D, i)`` per kernel cell, ``("spatial-solve", V, D)``, one
+``("subtract", V, D, ty, tx)`` and ``("decorrelate", V, D, ty, tx)`` per tile,
+``("difference", V, D)``, ``("detect-prepare", V, D)``, one ``("detect", V, D, ty, tx)``
+per tile, ``("catalog", V, D)`` (the tiles stitched) and ``("write", V, D)``, whose result
+is the visit's record.  The batch is the union of these graphs.  The tile and cell counts
+come from the science header (``NAXIS`` cards, :func:`input_shape`); the graph holds only
+paths, the frozen config, the output folder and indices — never pixels — so a graph of
+100 visits of 2048² (256 kernel cells, 4 tiles each: 27 500 tasks) pickles to 1.5 MB and
+builds in about half a second; pixels exist only in the workers.  Per-stage wall times land in every ``metrics.json``.
 
 Nothing lost
 ------------
@@ -33,10 +36,14 @@ DiaSources also land in the batch dataset ``DIR/dia_sources/visit=V/detector=D.p
 (written before the rename and listed, with its checksum, in the outputs manifest).
 A rerun verifies the outputs manifests and skips every visit whose files all match.
 
-Errors inside a visit that are :class:`~diffim_dag.errors.DiffimError` with
+Errors inside a stage that are :class:`~diffim_dag.errors.DiffimError` with
 ``permanent=True`` (bad input, NoWorkFound, too few kernel sources) are caught in
-the task and returned as a ``failed`` record, so they are never retried; any other
-exception is transient and retried by the scheduler (``retries``, default 2).
+the task and returned as a :class:`~diffim_dag.graph.StageFailure` value that the
+visit's later tasks hand on, so the ``write`` task returns a ``failed`` record and
+nothing is retried; any other exception is transient and the scheduler retries that
+task (``retries``, default 2).  When a worker dies, the scheduler recomputes the
+results it held; a ``write`` task whose worker died after the install finds the
+outputs manifest of its own run and does not install twice.
 """
 from __future__ import annotations
 
@@ -322,63 +329,155 @@ def _write_dataset_part(catalog, path: Path) -> Path:
     return path
 
 
-def _subtract_visit(spec: VisitSpec, config: PipelineConfig, folder: Path, *, tiled: bool):
-    """read → template fetch/warp → subtract (sources, cell fits, spatial solve, convolve, decorrelate)
-    → detect/measure → write, into ``folder``.  Returns the SubtractionResult."""
-    from .pipeline import subtract_by_method, write_outputs
-    from .stages.template import prepare_template
+def input_shape(spec: VisitSpec) -> tuple[int, int] | None:
+    """``(ny, nx)`` of the visit's science image from its header alone, or None when it cannot be read.
 
-    t0 = time.perf_counter()
+    FITS: the ``NAXIS1``/``NAXIS2`` cards of the image HDU (``IMAGE`` of an LSST-layout file, the
+    ``hdu`` option, or the only image HDU); zarr: the image array's metadata.  No pixel is read;
+    the batch graph uses the shape for its tile and cell task counts (:func:`diffim_dag.graph.visit_grid`).
+    The template is brought onto the science grid, so the science shape is the visit's.
+    """
+    path = Path(spec.science)
+    try:
+        if path.is_dir():
+            for name in ("image/.zarray", "image/zarr.json"):
+                meta = path / name
+                if meta.is_file():
+                    shape = json.loads(meta.read_text()).get("shape")
+                    return (int(shape[0]), int(shape[1])) if shape and len(shape) == 2 else None
+            return None
+        import warnings
+
+        from astropy.io import fits
+
+        hdu = dict(spec.science_options).get("hdu")
+        with warnings.catch_warnings(), fits.open(path, memmap=True, lazy_load_hdus=True) as hdul:
+            warnings.simplefilter("ignore")  # a damaged file is the workers' to report
+            if hdu is not None:
+                header = hdul[int(hdu) if str(hdu).isdigit() else hdu].header
+            else:
+                names = [h.name.upper() for h in hdul]
+                if "IMAGE" in names:
+                    header = hdul["IMAGE"].header
+                else:
+                    images = [h.header for h in hdul if h.header.get("NAXIS", 0) >= 2]
+                    if len(images) != 1:
+                        return None
+                    header = images[0]
+            dims = [int(header.get(f"NAXIS{i}", 0)) for i in range(1, int(header.get("NAXIS", 0)) + 1)]
+        dims = [n for n in dims if n != 1]
+        return (dims[1], dims[0]) if len(dims) == 2 and min(dims) > 0 else None
+    except Exception:  # unreadable here (missing, corrupt, another filesystem): the workers will say why
+        return None
+
+
+def read_visit_inputs(spec: VisitSpec):
+    """Read the science exposure and the template exposure (None for a template store) of one visit."""
     science = _read_input(spec.science, dict(spec.science_options))
     template = _read_input(spec.template, dict(spec.template_options)) if spec.template else None
+    return science, template
+
+
+@dataclass(eq=False)
+class WarpedPair:
+    """The ``template`` stage's output for the score methods: science and template on one grid."""
+
+    science: Any
+    template: Any
+    metrics: dict  # template fetch/warp metrics
+    timings: dict
+
+    def __sizeof__(self) -> int:  # what Dask's memory accounting sees
+        return 1024 + sum(int(a.nbytes) for e in (self.science, self.template) for a in e.arrays())
+
+
+def template_stage(spec: VisitSpec, config: PipelineConfig, out_dir: str, run_id: str = ""):
+    """The first task of a visit: read its inputs, fetch/warp the template onto the science grid.
+
+    For ``method: al`` it also runs :func:`~diffim_dag.pipeline.prepare_subtraction` (coverage,
+    variance scaling, mode) and returns the :class:`~diffim_dag.pipeline.PreparedPair`; for the score
+    methods a :class:`WarpedPair`.  When this run already installed the visit's outputs (its worker
+    died before reporting) it returns :class:`~diffim_dag.graph.AlreadyWritten` instead, and the
+    visit's later tasks hand that on without doing anything.
+    """
+    from .graph import AlreadyWritten
+    from .pipeline import prepare_subtraction
+    from .stages.template import prepare_template
+
+    if run_id:
+        existing = verify_outputs(out_dir, spec.visit, spec.detector, checksums=False)
+        if existing is not None and existing.get("run_id") == run_id:
+            return AlreadyWritten(visit=spec.visit, detector=spec.detector, manifest=existing)
+    t0 = time.perf_counter()
+    science, template = read_visit_inputs(spec)
     t_read = time.perf_counter() - t0
     t0 = time.perf_counter()
     template, warp_metrics = prepare_template(science, template, store=spec.template_store,
                                               min_coverage=config.subtract.min_template_coverage)
-    t_warp = time.perf_counter() - t0
-    result = subtract_by_method(science, template, config=config, client=None, tiled=tiled, detect=True)
-    # the manifest is the authority on (visit, detector)
-    result.dia_sources["visit"] = spec.visit
-    result.dia_sources["detector"] = spec.detector
-    result.metrics["template"] = warp_metrics
-    result.metrics["visit"] = spec.visit
-    result.metrics["detector"] = spec.detector
-    result.metrics["timings_s"] = {"read": t_read, "template_warp": t_warp, **result.metrics["timings_s"]}
-    write_outputs(result, folder, config=config)
+    timings = {"read": t_read, "template_warp": time.perf_counter() - t0}
+    if config.method == "al":
+        return prepare_subtraction(science, template, config, metrics={"template": warp_metrics}, timings=timings)
+    return WarpedPair(science=science, template=template, metrics=warp_metrics, timings=timings)
+
+
+def score_subtract_stage(warped: WarpedPair, config: PipelineConfig):
+    """The ``subtract`` task of the score methods (``al-preconvolve``, ``zogy``): the whole subtraction, no detection."""
+    from .pipeline import subtract_by_method
+
+    result = subtract_by_method(warped.science, warped.template, config=config, client=None, tiled=False,
+                                detect=False)
+    result.metrics["template"] = warped.metrics
+    result.metrics["timings_s"] = {**warped.timings, **result.metrics.get("timings_s", {})}
     return result
 
 
-def process_visit(spec: VisitSpec, config: PipelineConfig, out_dir: str, *, run_id: str = "",
-                  tiled: bool = False) -> dict:
-    """Run one (visit, detector) end to end and return its record (a dict).
+def write_stage(spec: VisitSpec, config: PipelineConfig, out_dir: str, run_id: str, result, catalog) -> dict:
+    """The last task of a visit: write its outputs and install them atomically; returns the visit's record (a dict).
 
-    Runs where it is called (a Dask worker in a batch).  Permanent errors
-    (:class:`DiffimError` with ``permanent``) become a ``failed`` record; anything else
-    is raised so that the scheduler retries it.  The outputs appear atomically.
+    ``result`` is the :class:`~diffim_dag.pipeline.SubtractionResult` (without DiaSources) and
+    ``catalog`` the :class:`~diffim_dag.pipeline.CatalogStage`, or a
+    :class:`~diffim_dag.graph.StageFailure` (→ a ``failed`` record) or
+    :class:`~diffim_dag.graph.AlreadyWritten` (→ ``done``, nothing written) handed on by an earlier stage.
+    Outputs go to a hidden temporary folder, get checksummed into ``_outputs.json`` and the folder is
+    renamed into place; an install by an earlier attempt of this run is not repeated (exactly once).
+    Permanent errors while writing become a ``failed`` record; anything else is raised (retried).
     """
+    from .graph import AlreadyWritten, StageFailure
+    from .pipeline import with_catalog, write_outputs
+
     t0 = time.perf_counter()
     root = Path(out_dir)
     final = visit_dir(root, spec.visit, spec.detector)
     worker = _worker_name()
-    existing = verify_outputs(root, spec.visit, spec.detector, checksums=False) if run_id else None
+    marker = next((a for a in (result, catalog) if isinstance(a, (StageFailure, AlreadyWritten))), None)
+    if isinstance(marker, StageFailure):
+        return VisitRecord(spec.visit, spec.detector, "failed", reason=marker.reason, error=marker.error,
+                           worker=worker).to_dict()
+    existing = marker.manifest if isinstance(marker, AlreadyWritten) else (
+        verify_outputs(root, spec.visit, spec.detector, checksums=False) if run_id else None)
     if existing is not None and existing.get("run_id") == run_id:
         # an earlier attempt of this very run finished (its worker died before reporting): done exactly once
         return VisitRecord(spec.visit, spec.detector, "done", reason="written by an earlier attempt of this run",
                            outputs={k: v["path"] for k, v in existing["files"].items()},
                            wall_s=time.perf_counter() - t0, n_dia_sources=existing.get("n_dia_sources"),
                            worker=worker).to_dict()
+    result = with_catalog(result, catalog)
+    catalog = result.dia_sources = result.dia_sources.copy()  # the catalog task's frame stays as it was
+    # the manifest is the authority on (visit, detector)
+    catalog["visit"] = spec.visit
+    catalog["detector"] = spec.detector
+    result.metrics = {**result.metrics, "visit": spec.visit, "detector": spec.detector}
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:12]}"
     part = _dataset_part(root, spec.visit, spec.detector)
     try:
         try:
-            result = _subtract_visit(spec, config, tmp, tiled=tiled)
+            write_outputs(result, tmp, config=config)
         except DiffimError as exc:
             if not getattr(exc, "permanent", True):
                 raise
             return VisitRecord(spec.visit, spec.detector, "failed", reason=str(exc), error=type(exc).__name__,
-                               wall_s=time.perf_counter() - t0, worker=worker).to_dict()
-        catalog = result.dia_sources
+                               worker=worker).to_dict()
         n_real = int((~catalog["sky_source"]).sum()) if len(catalog) else 0
         _write_dataset_part(catalog, part)
         t_sum = time.perf_counter()
@@ -401,8 +500,22 @@ def process_visit(spec: VisitSpec, config: PipelineConfig, out_dir: str, *, run_
     done = verify_outputs(root, spec.visit, spec.detector, checksums=False)
     if done is None or (done.get("run_id") != run_id):
         raise RuntimeError(f"{final}: outputs not in place after the rename")  # transient: retried
+    # the visit's compute time: the sum of its stages' wall times (tasks may have run on several workers)
+    wall = float(sum(v for v in result.metrics.get("timings_s", {}).values() if isinstance(v, (int, float))))
     return VisitRecord(spec.visit, spec.detector, "done", outputs={k: v["path"] for k, v in files.items()},
-                       wall_s=time.perf_counter() - t0, n_dia_sources=n_real, worker=worker).to_dict()
+                       wall_s=wall + time.perf_counter() - t0, n_dia_sources=n_real, worker=worker).to_dict()
+
+
+def process_visit(spec: VisitSpec, config: PipelineConfig, out_dir: str, *, run_id: str = "") -> dict:
+    """Run one (visit, detector) end to end where it is called and return its record (a dict).
+
+    The visit's graph (:func:`diffim_dag.graph.visit_graph`) run in turn in this process: the same
+    stage functions a batch runs as separate tasks.  Permanent errors become a ``failed`` record;
+    anything else is raised.  The outputs appear atomically.
+    """
+    from .graph import compute_visit
+
+    return compute_visit(spec, config, os.fspath(Path(out_dir).resolve()), run_id=run_id)
 
 
 def _install(tmp: Path, final: Path) -> None:
@@ -431,17 +544,18 @@ def _worker_name() -> str:
 
 
 def build_batch_graph(specs: Sequence[VisitSpec], config: PipelineConfig, out_dir, *, run_id: str = "",
-                      tiled: bool = False) -> dict[str, Any]:
-    """``{key: dask.delayed}``: one task per (visit, detector), keyed ``visit-{visit}-det-{detector}``.
+                      grids: dict | None = None) -> dict:
+    """The batch's task graph (``{key: task}``): the union of every visit's graph.
 
-    The tasks hold paths, the frozen config and the output folder only: no pixels travel
-    through the client or sit in the graph.
+    See :func:`diffim_dag.graph.visit_graph` for the stages and keys (``(stage, visit, detector[,
+    index...])``); the result of ``("write", visit, detector)`` is the visit's record.  The tasks
+    hold paths, the frozen config, the output folder and tile/cell indices only: no pixels travel
+    through the client or sit in the graph.  The science headers are read here for the tile and
+    cell counts (``grids`` may give them instead, keyed by (visit, detector)).
     """
-    import dask
+    from .graph import batch_graph
 
-    out = os.fspath(Path(out_dir).resolve())
-    task = dask.delayed(process_visit, pure=False)
-    return {s.key: task(s, config, out, run_id=run_id, tiled=tiled, dask_key_name=s.key) for s in specs}
+    return batch_graph(specs, config, os.fspath(Path(out_dir).resolve()), run_id=run_id, grids=grids)
 
 
 # --------------------------------------------------------------------------- running a batch
@@ -638,18 +752,20 @@ def run_batch(
     progress: bool = True,
     report_html: str | os.PathLike | None = None,
     verify_checksums: bool = True,
-    tiled: bool = False,
     stream=None,
 ) -> BatchReport:
     """Run every (visit, detector) of ``specs`` (or of a manifest path) and write ``out_dir/run_report.json``.
 
-    Completed visits (outputs manifest verified) are skipped; the others run as one task
-    each on ``client``, or on ``scheduler`` (``tcp://HOST:PORT`` or ``kubernetes://...``),
-    or on a new LocalCluster with one worker per core.  Transient errors are retried
-    ``retries`` times; permanent ones are recorded and the batch carries on.
+    Completed visits (outputs manifest verified) are skipped; the others form one task graph
+    (:func:`build_batch_graph`: per visit, one task per stage, per cell and per tile) run on
+    ``client``, or on ``scheduler`` (``tcp://HOST:PORT`` or ``kubernetes://...``), or on a new
+    LocalCluster with one worker per core.  The records are collected from the visits'
+    ``("write", visit, detector)`` tasks as they finish.  Every task that raises is retried
+    ``retries`` times (transient errors); permanent ones are recorded and the batch carries on.
     """
     from distributed import as_completed
 
+    from .graph import write_key
     from .io.atomic import atomic_write_text
 
     t_start = time.perf_counter()
@@ -673,7 +789,7 @@ def run_batch(
                                          n_dia_sources=m.get("n_dia_sources")).to_dict()
         else:
             todo.append(s)
-    by_key = {s.key: s for s in specs}
+    by_key = {write_key(s.visit, s.detector): s for s in todo}
     closers: list = []
     address, n_w = "", 0
     try:
@@ -682,22 +798,23 @@ def run_batch(
                 client, closers = _open_client(_scheduler_for(scheduler, config), config, n_workers)
             address = client.scheduler.address if client.scheduler is not None else ""
             n_w = len(client.scheduler_info().get("workers", {}))
-            graph = build_batch_graph(todo, config, out, run_id=run_id, tiled=tiled)
-            bar = _Progress(len(graph), stream=stream) if progress else None
+            graph = build_batch_graph(todo, config, out, run_id=run_id)
+            bar = _Progress(len(by_key), stream=stream) if progress else None
             import contextlib
 
             ctx = _html_report(os.fspath(report_html)) if report_html else contextlib.nullcontext()
             submitted = {}
             with ctx:
-                futures = client.compute(list(graph.values()), retries=retries)
+                futures = client.get(graph, list(by_key), sync=False, retries=retries)
+                del graph
                 submitted = {f.key: time.perf_counter() for f in futures}
                 for fut in as_completed(futures):
-                    key = fut.key
+                    spec = by_key[fut.key]
                     try:
                         rec = fut.result()
                     except Exception as exc:  # transient error that outlived its retries (or a lost task)
-                        rec = _failure_record(by_key[key], exc, retries, time.perf_counter() - submitted[key])
-                    records[key] = rec
+                        rec = _failure_record(spec, exc, retries, time.perf_counter() - submitted[fut.key])
+                    records[spec.key] = rec
                     if bar is not None:
                         bar.update(rec)
                     fut.release()

@@ -4,7 +4,12 @@
 scaling → mode choice → kernel sources and per-cell kernel fits → spatial solve →
 tiled convolve/subtract → decorrelate → quality metrics — with the tiled steps
 as Dask graphs (``tiled=True``) or eagerly on one tile (``tiled=False``; the same
-pure functions, used to prove tiled == eager).
+pure functions, used to prove tiled == eager).  Each stage is a function here
+(:func:`prepare_subtraction`, :func:`kernel_sources_stage`, :func:`fit_cells_stage`,
+:func:`spatial_solve_stage`, :func:`subtract_tiles_stage`, :func:`decorrelate_tiles_stage`,
+:func:`difference_stage`, :func:`prepare_detection_stage`, :func:`detect_tiles_stage`,
+:func:`catalog_stage`) that the batch graph (:func:`diffim_dag.graph.visit_graph`) also
+calls, one task per stage, cell or tile.
 """
 from __future__ import annotations
 
@@ -24,9 +29,34 @@ from .exposure import Exposure
 from .io.atomic import atomic_path, atomic_write_text
 from .io.fits import write_exposure
 from .kernels.solution import CONVOLVE_SCIENCE, CONVOLVE_TEMPLATE, KernelSolution
+from .masks import MaskPlanes
 from .stages import subtract as st
 
-__all__ = ["SubtractionResult", "subtract_exposures", "write_outputs", "run_subtraction", "run_demo", "STAGES"]
+__all__ = [
+    "SubtractionResult",
+    "subtract_exposures",
+    "write_outputs",
+    "run_subtraction",
+    "run_demo",
+    "STAGES",
+    "PreparedPair",
+    "KernelStage",
+    "CellFits",
+    "DetectedTiles",
+    "CatalogStage",
+    "prepare_subtraction",
+    "kernel_sources_stage",
+    "fit_cells_stage",
+    "spatial_solve_stage",
+    "subtract_tiles_stage",
+    "decorrelate_tiles_stage",
+    "difference_stage",
+    "detection_config",
+    "prepare_detection_stage",
+    "detect_tiles_stage",
+    "catalog_stage",
+    "with_catalog",
+]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +103,10 @@ class SubtractionResult:
     @property
     def solution(self) -> KernelSolution:
         return self.kernel_fit.solution
+
+    def __sizeof__(self) -> int:  # what Dask's memory accounting sees when a task returns the result
+        exposures = [self.difference, self.matched_template, self.matched_science, getattr(self, "score", None)]
+        return 4096 + sum(_nbytes(e) for e in exposures if e is not None)
 
     def summary_lines(self) -> list[str]:
         m = self.metrics
@@ -155,135 +189,275 @@ def _decorrelation_inputs(mode, science, template, solution, bad_s, bad_t):
     return kernel / kappa, clipped_mean_variance(tv, bad_t), clipped_mean_variance(sv, bad_s), 1.0
 
 
-def subtract_exposures(
-    science: Exposure,
-    template: Exposure,
-    *,
-    config: PipelineConfig | None = None,
-    client=None,
-    tiled: bool = True,
-    sources=None,
-    detect: bool = False,
-) -> SubtractionResult:
-    """Alard–Lupton subtraction of ``template`` from ``science`` (same pixel grid).
+# --------------------------------------------------------------------------- the stages of one AL subtraction
+#
+# prepare → kernel sources → fit cells → spatial solve → subtract tiles → decorrelate tiles → difference
+# → detection (whole image) → detect tiles → catalogue.  subtract_exposures runs them in turn (the tile
+# steps on one tile, or through the tiled Dask arrays of graph.py); graph.visit_graph makes each one a task
+# of the batch graph.  Every stage returns a new object and never modifies its inputs (a task's result may
+# feed several tasks, or be recomputed after a worker is lost).
 
-    Parameters
+
+def _nbytes(exposure: Exposure) -> int:
+    return sum(int(getattr(a, "nbytes", 0)) for a in exposure.arrays())
+
+
+@dataclass(eq=False)
+class PreparedPair:
+    """The first stage's output: both exposures on one grid, checked and variance-scaled.
+
+    Attributes
     ----------
     science, template : Exposure
-        With PSF models; the template must share the science pixel grid (warping is a separate stage).
-    config : PipelineConfig
-    client : distributed.Client, optional
-        Where the tiled graphs run (threaded scheduler when None).
-    tiled : bool
-        Run convolution/subtraction/decorrelation tile by tile as Dask graphs (else eagerly on one tile).
-    sources : pandas.DataFrame, optional
-        Kernel-source catalog (columns x, y in parent pixels); detected on the science when None.
-    detect : bool
-        Also detect and measure DiaSources on the difference (``result.dia_sources``).
+        In memory, variance planes scaled to the measured noise.
+    planes : MaskPlanes
+        Merged mask planes, with EDGE, SAT_TEMPLATE, INJECTED_TEMPLATE and NO_DATA.
+    coverage : float
+        Fraction of science pixels with template data.
+    mode : str
+        ``convolveTemplate`` or ``convolveScience`` (``auto`` resolved).
+    metrics, timings : dict
+        What the later stages extend (copies, never in place).
     """
-    from .kernels.decorrelate import decorrelation_kernel_image
-    from .kernels.maskops import template_mask_for_difference
-    from .stages.kernel_fit import fit_psf_matching_kernel
 
-    config = config or PipelineConfig()
-    timings = Timings()
-    metrics: dict = {"method": config.method}
+    science: Exposure
+    template: Exposure
+    planes: MaskPlanes
+    coverage: float
+    mode: str
+    metrics: dict
+    timings: Timings
+
+    def __sizeof__(self) -> int:  # what Dask's memory accounting sees
+        return 1024 + _nbytes(self.science) + _nbytes(self.template)
+
+
+def prepare_subtraction(science: Exposure, template: Exposure, config: PipelineConfig, *,
+                        metrics: dict | None = None, timings: dict | None = None) -> PreparedPair:
+    """Stage 1: :func:`prepare_inputs` (grid, PSFs, coverage, variance scaling) and the mode choice.
+
+    ``metrics`` and ``timings`` (e.g. the read and warp times of a batch) start the result's.
+    """
+    timings = Timings(timings or {})
+    metrics = {"method": config.method, **(metrics or {})}
     science, template, planes, coverage = prepare_inputs(science, template, config, timings, metrics)
-
     cx, cy = science.center
     mode = st.choose_mode(config.subtract.mode, science.psf, template.psf, cx, cy)
     metrics["mode"] = mode
+    return PreparedPair(science=science, template=template, planes=planes, coverage=coverage, mode=mode,
+                        metrics=metrics, timings=timings)
 
-    with timings.stage("kernel_fit"):
-        try:
-            from .graph import cell_mapper
 
-            fit = fit_psf_matching_kernel(science, template, mode=mode, config=config.kernel,
-                                          source_config=config.sources, sources=sources,
-                                          map_cells=cell_mapper(client))
-        except DiffimError as exc:
-            if coverage < config.subtract.min_coverage_on_kernel_failure:
-                raise NoWorkFound(
-                    f"kernel fit failed ({exc}) with template coverage {100 * coverage:.1f}% "
-                    f"< {100 * config.subtract.min_coverage_on_kernel_failure:.0f}%",
-                    coverage=coverage,
-                ) from exc
-            raise
+def _raise_kernel_failure(exc: DiffimError, coverage: float, config: PipelineConfig):
+    """A failed kernel fit on a poorly covered template is :class:`NoWorkFound`; otherwise ``exc`` itself."""
+    if coverage < config.subtract.min_coverage_on_kernel_failure:
+        raise NoWorkFound(
+            f"kernel fit failed ({exc}) with template coverage {100 * coverage:.1f}% "
+            f"< {100 * config.subtract.min_coverage_on_kernel_failure:.0f}%",
+            coverage=coverage,
+        ) from exc
+    raise exc
+
+
+def kernel_sources_stage(prepared: PreparedPair, config: PipelineConfig, *, sources=None):
+    """Stage 2: kernel sources and their stamps by cell (:func:`~diffim_dag.stages.kernel_fit.select_kernel_cells`).
+
+    Returns
+    -------
+    KernelCells
+
+    Raises
+    ------
+    InsufficientKernelSourcesError, or NoWorkFound when the template coverage is low.
+    """
+    from .stages.kernel_fit import select_kernel_cells
+
+    try:
+        return select_kernel_cells(prepared.science, prepared.template, mode=prepared.mode, config=config.kernel,
+                                   source_config=config.sources, sources=sources)
+    except DiffimError as exc:
+        _raise_kernel_failure(exc, prepared.coverage, config)
+
+
+@dataclass(eq=False)
+class CellFits:
+    """Stage 3's output: the first fit of some cells (``{cell: CellFit}``) and its wall time."""
+
+    fits: dict
+    seconds: float
+
+    def __sizeof__(self) -> int:
+        return 1024 + 4096 * len(self.fits)
+
+
+def fit_cells_stage(cells, cell_ids=None, *, map_cells=None) -> CellFits:
+    """Stage 3: the first fit of the cells ``cell_ids`` (all when None; one graph task per cell)."""
+    from .stages.kernel_fit import fit_kernel_cells
+
+    t0 = time.perf_counter()
+    fits = fit_kernel_cells(cells, cell_ids, map_cells=map_cells)
+    return CellFits(fits=fits, seconds=time.perf_counter() - t0)
+
+
+@dataclass(eq=False)
+class KernelStage:
+    """Stage 4's output: the fitted kernel and what convolution and decorrelation need.
+
+    Attributes
+    ----------
+    fit : KernelFitResult
+    kernel_sum : float
+        Kernel sum at the image centre (κ).
+    decorrelation_kernel : ndarray or None
+        The (spatially constant) decorrelation kernel; None when decorrelation is off or spatially varying.
+    sigma_unconvolved2, sigma_convolved2, kappa : float or None
+        Inputs of the decorrelation (None when it is off).
+    metrics, timings : dict
+    """
+
+    fit: object
+    kernel_sum: float
+    decorrelation_kernel: np.ndarray | None
+    sigma_unconvolved2: float | None
+    sigma_convolved2: float | None
+    kappa: float | None
+    metrics: dict
+    timings: Timings
+
+    def __sizeof__(self) -> int:
+        return 65536
+
+
+def spatial_solve_stage(prepared: PreparedPair, cells, cell_fits, config: PipelineConfig, *,
+                        map_cells=None) -> KernelStage:
+    """Stage 4: clipping, refits, spatial solve (:func:`~diffim_dag.stages.kernel_fit.solve_kernel` started
+    from ``cell_fits``), the differential-background check and the decorrelation kernel.
+
+    Parameters
+    ----------
+    prepared : PreparedPair
+    cells : KernelCells
+    cell_fits : sequence of CellFits
+        Together the first fit of every cell of ``cells``.
+    config : PipelineConfig
+    map_cells : callable, optional
+        How the refits run (in turn when None).
+
+    Raises
+    ------
+    NoKernelCandidatesError, or NoWorkFound when the template coverage is low.
+    """
+    from .kernels.decorrelate import decorrelation_kernel_image
+    from .stages.kernel_fit import kernel_fit_result, solve_kernel
+
+    timings = Timings(prepared.timings)
+    metrics = dict(prepared.metrics)
+    t0 = time.perf_counter()
+    initial: dict = {}
+    for cf in cell_fits:
+        initial.update(cf.fits)
+    cell_seconds = sum(cf.seconds for cf in cell_fits)
+    try:
+        solve = solve_kernel(cells.cells, cells.basis, cells.config, cells.solution_bbox, mode=cells.mode,
+                             map_cells=map_cells, initial=initial)
+    except DiffimError as exc:
+        _raise_kernel_failure(exc, prepared.coverage, config)
+    fit = kernel_fit_result(cells, solve, solve_seconds=time.perf_counter() - t0 + cell_seconds)
+    timings["kernel_fit"] = timings.get("kernel_fit", 0.0) + cells.seconds + cell_seconds + time.perf_counter() - t0
     solution = fit.solution
     metrics["kernel"] = dict(fit.diagnostics)
     kernel_sum = solution.kernel_sum_at_center()
     metrics["kernel"]["kernel_sum_center"] = kernel_sum
+    science, template, planes = prepared.science, prepared.template, prepared.planes
     _check_differential_background(solution, science, template, config, metrics)
 
-    si, sv, sm = science.arrays()
-    ti, tv, tm = template.arrays()
     decorr = config.decorrelation
-    decorr_kernel = None
+    decorr_kernel = su2 = sc2 = kappa = None
     if decorr.enabled:
         with timings.stage("decorrelation_kernel"):
+            sm, tm = science.arrays()[2], template.arrays()[2]
             bad_s = (sm & planes.bitmask(["NO_DATA", "BAD", "SAT"])) != 0
             bad_t = (tm & planes.bitmask(["NO_DATA", "BAD", "SAT"])) != 0
-            kernel, su2, sc2, kappa = _decorrelation_inputs(mode, science, template, solution, bad_s, bad_t)
+            kernel, su2, sc2, kappa = _decorrelation_inputs(prepared.mode, science, template, solution, bad_s, bad_t)
             del bad_s, bad_t
             metrics["decorrelation"] = {"sigma_unconvolved2": su2, "sigma_convolved2": sc2, "kappa": kappa,
                                         "spatially_varying": bool(decorr.spatially_varying)}
             if not decorr.spatially_varying:
                 decorr_kernel = decorrelation_kernel_image(kernel, sigma_u2=su2, sigma_c2=sc2, kappa=kappa)
-    vu, vc = (sv, tv) if mode == CONVOLVE_TEMPLATE else (tv, sv)  # unconvolved / convolved input variances
-    skip_bits = planes.bitmask([p for p in ("INJECTED", "INJECTED_TEMPLATE") if p in planes])
-    kept = config.subtract.template_mask_planes_kept
-    h = solution.half_width
-    common = dict(mode=mode, subtract_background=config.subtract.subtract_background, xy0=science.xy0,
-                  shape=science.shape, half_width=h, edge_bit=planes["EDGE"])
-    keep_var_bits = planes.bitmask(["NO_DATA", "EDGE"])
+    return KernelStage(fit=fit, kernel_sum=kernel_sum, decorrelation_kernel=decorr_kernel, sigma_unconvolved2=su2,
+                       sigma_convolved2=sc2, kappa=kappa, metrics=metrics, timings=timings)
 
-    with timings.stage("convolve_subtract"):
-        if tiled:
-            # convolve → difference, stored tile by tile into preallocated outputs
-            from . import graph
 
-            tile = config.subtract.tile_size
-            s_d = graph.planes_to_dask(si, sv, sm, tile)
-            t_d = graph.planes_to_dask(ti, tv, tm, tile)
-            t_d = (t_d[0], t_d[1], graph.template_mask_tiles(t_d[2], planes.as_dict(), kept=kept))
-            ref_d, other_d = (t_d, s_d) if mode == CONVOLVE_TEMPLATE else (s_d, t_d)
-            conv = graph.convolve_tiles(*ref_d, solution, half_width=h, xy0=science.xy0, skip_bits=skip_bits)
-            # stored first: a single graph would hold every convolved tile until its difference tile ran
-            conv_img, conv_var, conv_msk = graph.compute(*conv, client=client)
-            conv = graph.planes_to_dask(conv_img, conv_var, conv_msk, tile)
-            s_side, t_side = (other_d, conv) if mode == CONVOLVE_TEMPLATE else (conv, other_d)
-            diff_d = graph.difference_tiles(s_side, t_side, kernel_sum=kernel_sum, background_solution=solution,
-                                            **common)
-            d_img, d_var, d_msk = graph.compute(*diff_d, client=client)
-            del s_d, t_d, ref_d, other_d, conv, s_side, t_side, diff_d
-        else:
-            tm_rules = template_mask_for_difference(tm, planes.as_dict(), kept=kept)
-            ref_planes, other_planes = ((ti, tv, tm_rules), (si, sv, sm)) if mode == CONVOLVE_TEMPLATE else (
-                (si, sv, sm), (ti, tv, tm_rules))
-            conv_img, conv_var, conv_msk = eager_convolve(ref_planes, solution, xy0=science.xy0, skip_bits=skip_bits)
-            s_side, t_side = (other_planes, (conv_img, conv_var, conv_msk)) if mode == CONVOLVE_TEMPLATE else (
-                (conv_img, conv_var, conv_msk), other_planes)
-            d_img, d_var, d_msk = st.combine_tile(*s_side, *t_side, solution, kernel_sum, origin=science.xy0, **common)
-            del tm_rules, ref_planes, other_planes, s_side, t_side
+def _variances(prepared: PreparedPair):
+    """``(unconvolved, convolved)`` input variance planes."""
+    sv, tv = prepared.science.arrays()[1], prepared.template.arrays()[1]
+    return (sv, tv) if prepared.mode == CONVOLVE_TEMPLATE else (tv, sv)
 
-    if decorr_kernel is not None:
-        with timings.stage("decorrelate"):
-            if tiled:
-                from . import graph
 
-                tile = config.subtract.tile_size
-                d_d, dv_d, dm_d = graph.planes_to_dask(d_img, d_var, d_msk, tile)
-                vu_d = graph.planes_to_dask(vu, vu, vu, tile)[0]
-                vc_d = graph.planes_to_dask(vc, vc, vc, tile)[0]
-                d_img, d_var = graph.compute(
-                    graph.filter_tiles(d_d, decorr_kernel, half_width=decorr_kernel.shape[0] // 2, xy0=science.xy0),
-                    graph.decorrelated_variance_tiles(dv_d, dm_d, vu_d, vc_d, kappa=kappa, keep_bits=keep_var_bits),
-                    client=client)
-                del d_d, dv_d, dm_d, vu_d, vc_d
-            else:
-                d_img = st.apply_small_kernel_padded(d_img, decorr_kernel).astype(np.float32)
-                d_var = st.decorrelated_variance(d_var, d_msk, vu, vc, kappa=kappa, keep_bits=keep_var_bits)
+def subtract_tiles_stage(prepared: PreparedPair, kernel: KernelStage, config: PipelineConfig, cores, *,
+                         halo: int | None = None) -> dict:
+    """Stage 5: convolve and subtract the tiles ``cores`` (:func:`~diffim_dag.stages.subtract.subtract_tile`).
 
+    ``halo=None`` reads the kernel half-width around each tile (tiles of a larger image);
+    ``halo=0`` with the whole image as the one core is the eager path.  Returns ``{core: DifferenceTile}``.
+    """
+    planes = prepared.planes
+    solution = kernel.fit.solution
+    params = dict(
+        xy0=prepared.science.xy0, shape=prepared.science.shape, mode=prepared.mode, kernel_sum=kernel.kernel_sum,
+        mask_planes=planes.as_dict(), kept=tuple(config.subtract.template_mask_planes_kept),
+        skip_bits=planes.bitmask([p for p in ("INJECTED", "INJECTED_TEMPLATE") if p in planes]),
+        subtract_background=config.subtract.subtract_background, edge_bit=planes["EDGE"],
+    )
+    h = solution.half_width if halo is None else int(halo)
+    science, template = prepared.science.arrays(), prepared.template.arrays()
+    return {tuple(c): st.subtract_tile(science, template, solution, core=tuple(c), halo=h, **params) for c in cores}
+
+
+def decorrelate_tiles_stage(prepared: PreparedPair, kernel: KernelStage, cores, tiles) -> dict:
+    """Stage 6: decorrelate the tiles ``cores`` (:func:`~diffim_dag.stages.subtract.decorrelate_tile`).
+
+    ``tiles`` maps cores to :class:`~diffim_dag.stages.subtract.DifferenceTile` and holds each core
+    and its neighbours.  Without a (spatially constant) decorrelation kernel the tiles pass unchanged.
+    """
+    if kernel.decorrelation_kernel is None:
+        return {tuple(c): tiles[tuple(c)] for c in cores}
+    vu, vc = _variances(prepared)
+    keep_bits = prepared.planes.bitmask(["NO_DATA", "EDGE"])
+    return {tuple(c): st.decorrelate_tile(tiles, tuple(c), bbox=prepared.science.bbox,
+                                          kernel=kernel.decorrelation_kernel, variance_unconvolved=vu,
+                                          variance_convolved=vc, xy0=prepared.science.xy0, kappa=kernel.kappa,
+                                          keep_bits=keep_bits)
+            for c in cores}
+
+
+def difference_stage(prepared: PreparedPair, kernel: KernelStage, config: PipelineConfig, tiles) -> SubtractionResult:
+    """Stage 7: the difference, matched template and matched science from their tiles; spatially varying
+    decorrelation (whole image), the difference PSF and the quality metrics.
+
+    ``tiles`` maps cores to :class:`~diffim_dag.stages.subtract.DifferenceTile` and covers the image.
+    Returns the :class:`SubtractionResult` without DiaSources (see :func:`with_catalog`).
+    """
+    timings = Timings(kernel.timings)
+    metrics = dict(kernel.metrics)
+    science, template, planes, mode = prepared.science, prepared.template, prepared.planes, prepared.mode
+    fit = kernel.fit
+    solution = fit.solution
+    decorr = config.decorrelation
+    pieces = list(tiles.values())
+    for t in pieces:
+        for k, v in t.seconds.items():
+            timings[k] = timings.get(k, 0.0) + v
+
+    def plane(name, dtype):
+        return st.assemble(((t.core, getattr(t, name)) for t in pieces), science.bbox, dtype=dtype)
+
+    d_img, d_var, d_msk = plane("image", np.float32), plane("variance", np.float32), plane("mask", np.int32)
+    conv_img = plane("convolved_image", np.float32)
+    conv_var = plane("convolved_variance", np.float32)
+    conv_msk = plane("convolved_mask", np.int32)
+    del pieces
+    vu, vc = _variances(prepared)
     if decorr.enabled and decorr.spatially_varying:
         with timings.stage("decorrelate_spatial"):
             from .kernels.decorrelate import decorrelate_spatial
@@ -292,8 +466,10 @@ def subtract_exposures(
                 lambda x, y: solution.kernel_at(x, y) / solution.kernel_sum_at(x, y))
             d_img, d_var = decorrelate_spatial(
                 d_img, kernel_at=kfun, origin=science.xy0, grid_cells=decorr.grid_cells,
-                sigma_u2=su2, sigma_c2=sc2, variance_unconvolved=vu, variance_convolved=vc)
+                sigma_u2=kernel.sigma_unconvolved2, sigma_c2=kernel.sigma_convolved2, variance_unconvolved=vu,
+                variance_convolved=vc)
 
+    decorr_kernel = kernel.decorrelation_kernel
     unconvolved = science if mode == CONVOLVE_TEMPLATE else template
     difference_psf = unconvolved.psf
     if decorr_kernel is not None:
@@ -303,6 +479,7 @@ def subtract_exposures(
         d_img, d_var, d_msk, xy0=science.xy0, mask_planes=planes, wcs=science.wcs, psf=difference_psf,
         info=science.info.replace(variance_source="propagated"), validate=False, copy=False,
     )
+    kernel_sum = kernel.kernel_sum
     if mode == CONVOLVE_TEMPLATE:
         matched_template = Exposure.from_arrays(conv_img, conv_var, conv_msk, xy0=science.xy0, mask_planes=planes,
                                                 wcs=template.wcs, psf=science.psf, info=template.info, validate=False,
@@ -316,6 +493,7 @@ def subtract_exposures(
                                                copy=False)
 
     with timings.stage("metrics"):
+        cx, cy = science.center
         used = fit.candidates[fit.candidates["status"] == "used"] if len(fit.candidates) else fit.candidates
         star_xy = np.column_stack([used["x"] - science.xy0[0], used["y"] - science.xy0[1]]) if len(used) else np.zeros((0, 2))
         psf_c = unconvolved.psf
@@ -337,27 +515,220 @@ def subtract_exposures(
             zp = exp.info.photo_calib.zero_point if exp.info.photo_calib is not None else None
             limits[role] = st.limiting_magnitude(sigma, exp.psf.kernel_image(cx, cy), zp)
         metrics["limiting_magnitude"] = limits
-    dia_sources = None
-    if detect:
-        from .graph import tile_mapper
-        from .stages.detect import DetectMeasureConfig, detect_and_measure
-
-        with timings.stage("detect_measure"):
-            dcfg = DetectMeasureConfig.from_detection_config(config.detection, tile_size=config.subtract.tile_size)
-            dia_sources = detect_and_measure(difference, science=matched_science, template=matched_template,
-                                             config=dcfg, map_tiles=tile_mapper(client) if tiled else None)
-            real = dia_sources[~dia_sources["sky_source"]]
-            metrics["dia_sources"] = {
-                "n": int(len(real)),
-                "n_negative": int(real["is_negative"].sum()),
-                "n_dipoles": int(real["is_dipole"].sum()) if "is_dipole" in real else None,
-                "n_sky_sources": int(dia_sources["sky_source"].sum()),
-            }
     metrics["timings_s"] = dict(timings)
     return SubtractionResult(
         difference=difference, matched_template=matched_template, matched_science=matched_science, mode=mode,
-        kernel_fit=fit, decorrelation_kernel=decorr_kernel, metrics=metrics, dia_sources=dia_sources,
+        kernel_fit=fit, decorrelation_kernel=decorr_kernel, metrics=metrics, dia_sources=None,
     )
+
+
+def detection_config(config: PipelineConfig):
+    """The :class:`~diffim_dag.stages.detect.DetectMeasureConfig` of a pipeline (tiles = subtraction tiles)."""
+    from .stages.detect import DetectMeasureConfig
+
+    return DetectMeasureConfig.from_detection_config(config.detection, tile_size=config.subtract.tile_size)
+
+
+def prepare_detection_stage(result: SubtractionResult, config: PipelineConfig):
+    """Stage 8: the whole-image part of detection (:func:`~diffim_dag.stages.detect.prepare_detection`).
+
+    Detection runs on the difference's matched filter, or on the significance of ``result.score``
+    when the method made a score image (``al-preconvolve``, ``zogy``); measurement is on the
+    difference, forced photometry on the matched science and template.
+    """
+    from .stages.detect import prepare_detection
+
+    score = None
+    if getattr(result, "score", None) is not None:
+        from .stages.zogy import score_significance
+
+        score = score_significance(result.score)
+    return prepare_detection(result.difference, science=result.matched_science, template=result.matched_template,
+                             config=detection_config(config), score=score)
+
+
+@dataclass(eq=False)
+class DetectedTiles:
+    """Stage 9's output: ``{tile index: TileResult}`` of some tiles and the wall time."""
+
+    tiles: dict
+    seconds: float
+
+    def __sizeof__(self) -> int:
+        return 1024 + sum(int(r.catalog.memory_usage(deep=False).sum()) + 2048 * len(r.footprints)
+                          for r in self.tiles.values())
+
+
+def detect_tiles_stage(inputs, indices=None, *, map_tiles=None) -> DetectedTiles:
+    """Stage 9: detect and measure the tiles ``indices`` (all when None) of the detection ``inputs``.
+
+    ``map_tiles(function, list_of_kwargs)`` runs them (:func:`diffim_dag.graph.tile_mapper`); in turn when None.
+    """
+    from .stages.detect import _detect_measure_task, detect_tiles
+
+    t0 = time.perf_counter()
+    if map_tiles is None:
+        tiles = detect_tiles(inputs, indices)
+    else:
+        idx = list(range(len(inputs.tiles()))) if indices is None else [int(k) for k in indices]
+        tiles = dict(zip(idx, map_tiles(_detect_measure_task, [inputs.tile_kwargs(k) for k in idx])))
+    return DetectedTiles(tiles=tiles, seconds=time.perf_counter() - t0)
+
+
+@dataclass(eq=False)
+class CatalogStage:
+    """Stage 10's output: the DiaSource catalogue, its counts (``metrics``) and the detection wall time."""
+
+    dia_sources: object
+    metrics: dict
+    seconds: float
+
+    def __sizeof__(self) -> int:
+        return 1024 + int(self.dia_sources.memory_usage(deep=False).sum())
+
+
+def catalog_stage(inputs, detected) -> CatalogStage:
+    """Stage 10: stitch the tiles of ``detected`` (sequence of :class:`DetectedTiles` covering every tile),
+    add sky sources, ids and RA/Dec (:func:`~diffim_dag.stages.detect.finish_catalog`)."""
+    from .stages.detect import finish_catalog
+
+    t0 = time.perf_counter()
+    results: dict = {}
+    for d in detected:
+        results.update(d.tiles)
+    dia_sources = finish_catalog(inputs, [results[k] for k in sorted(results)])
+    real = dia_sources[~dia_sources["sky_source"]]
+    metrics = {"dia_sources": {
+        "n": int(len(real)),
+        "n_negative": int(real["is_negative"].sum()),
+        "n_dipoles": int(real["is_dipole"].sum()) if "is_dipole" in real else None,
+        "n_sky_sources": int(dia_sources["sky_source"].sum()),
+    }}
+    seconds = inputs.seconds + sum(d.seconds for d in detected) + time.perf_counter() - t0
+    return CatalogStage(dia_sources=dia_sources, metrics=metrics, seconds=seconds)
+
+
+def with_catalog(result: SubtractionResult, catalog: CatalogStage) -> SubtractionResult:
+    """A copy of ``result`` with the catalogue, its counts and the ``detect_measure`` time."""
+    import dataclasses
+
+    metrics = {**result.metrics, **catalog.metrics}
+    timings = dict(metrics.get("timings_s", {}))
+    timings["detect_measure"] = timings.get("detect_measure", 0.0) + catalog.seconds
+    metrics["timings_s"] = timings
+    return dataclasses.replace(result, dia_sources=catalog.dia_sources, metrics=metrics)
+
+
+def _tiled_difference(prepared: PreparedPair, kernel: KernelStage, config: PipelineConfig, client) -> dict:
+    """Stages 5–6 as tiled Dask arrays (graph.py) in this process or on ``client``: ``{bbox: DifferenceTile}``.
+
+    Convolution, difference and decorrelation are each stored tile by tile into preallocated
+    arrays, so no tile is held twice; the tiles run the same kernels as
+    :func:`~diffim_dag.stages.subtract.subtract_tile` and :func:`~diffim_dag.stages.subtract.decorrelate_tile`.
+    """
+    from . import graph
+
+    science, template, planes, mode = prepared.science, prepared.template, prepared.planes, prepared.mode
+    solution = kernel.fit.solution
+    si, sv, sm = science.arrays()
+    ti, tv, tm = template.arrays()
+    skip_bits = planes.bitmask([p for p in ("INJECTED", "INJECTED_TEMPLATE") if p in planes])
+    h = solution.half_width
+    common = dict(mode=mode, subtract_background=config.subtract.subtract_background, xy0=science.xy0,
+                  shape=science.shape, half_width=h, edge_bit=planes["EDGE"])
+    tile = config.subtract.tile_size
+    t0 = time.perf_counter()
+    s_d = graph.planes_to_dask(si, sv, sm, tile)
+    t_d = graph.planes_to_dask(ti, tv, tm, tile)
+    t_d = (t_d[0], t_d[1], graph.template_mask_tiles(t_d[2], planes.as_dict(),
+                                                     kept=config.subtract.template_mask_planes_kept))
+    ref_d, other_d = (t_d, s_d) if mode == CONVOLVE_TEMPLATE else (s_d, t_d)
+    conv = graph.convolve_tiles(*ref_d, solution, half_width=h, xy0=science.xy0, skip_bits=skip_bits)
+    # stored first: a single graph would hold every convolved tile until its difference tile ran
+    conv_img, conv_var, conv_msk = graph.compute(*conv, client=client)
+    conv = graph.planes_to_dask(conv_img, conv_var, conv_msk, tile)
+    s_side, t_side = (other_d, conv) if mode == CONVOLVE_TEMPLATE else (conv, other_d)
+    diff_d = graph.difference_tiles(s_side, t_side, kernel_sum=kernel.kernel_sum, background_solution=solution,
+                                    **common)
+    d_img, d_var, d_msk = graph.compute(*diff_d, client=client)
+    del s_d, t_d, ref_d, other_d, conv, s_side, t_side, diff_d
+    seconds = {"convolve_subtract": time.perf_counter() - t0}
+    decorr_kernel = kernel.decorrelation_kernel
+    if decorr_kernel is not None:
+        t0 = time.perf_counter()
+        vu, vc = _variances(prepared)
+        d_d, dv_d, dm_d = graph.planes_to_dask(d_img, d_var, d_msk, tile)
+        vu_d = graph.planes_to_dask(vu, vu, vu, tile)[0]
+        vc_d = graph.planes_to_dask(vc, vc, vc, tile)[0]
+        d_img, d_var = graph.compute(
+            graph.filter_tiles(d_d, decorr_kernel, half_width=decorr_kernel.shape[0] // 2, xy0=science.xy0),
+            graph.decorrelated_variance_tiles(dv_d, dm_d, vu_d, vc_d, kappa=kernel.kappa,
+                                              keep_bits=planes.bitmask(["NO_DATA", "EDGE"])),
+            client=client)
+        del d_d, dv_d, dm_d, vu_d, vc_d
+        seconds["decorrelate"] = time.perf_counter() - t0
+    bbox = science.bbox
+    return {bbox: st.DifferenceTile(core=bbox, image=d_img, variance=d_var, mask=d_msk, convolved_image=conv_img,
+                                    convolved_variance=conv_var, convolved_mask=conv_msk, seconds=seconds)}
+
+
+def subtract_exposures(
+    science: Exposure,
+    template: Exposure,
+    *,
+    config: PipelineConfig | None = None,
+    client=None,
+    tiled: bool = True,
+    sources=None,
+    detect: bool = False,
+) -> SubtractionResult:
+    """Alard–Lupton subtraction of ``template`` from ``science`` (same pixel grid).
+
+    Runs the stages in turn: :func:`prepare_subtraction` → :func:`kernel_sources_stage` →
+    :func:`fit_cells_stage` → :func:`spatial_solve_stage` → convolve/subtract and decorrelate
+    (:func:`subtract_tiles_stage` and :func:`decorrelate_tiles_stage` on the whole image, or the
+    tiled Dask arrays of graph.py) → :func:`difference_stage` → detection
+    (:func:`prepare_detection_stage`, :func:`detect_tiles_stage`, :func:`catalog_stage`).  The batch
+    graph (:func:`diffim_dag.graph.visit_graph`) runs the same stage functions as separate tasks.
+
+    Parameters
+    ----------
+    science, template : Exposure
+        With PSF models; the template must share the science pixel grid (warping is a separate stage).
+    config : PipelineConfig
+    client : distributed.Client, optional
+        Where the tiled graphs run (threaded scheduler when None).
+    tiled : bool
+        Run convolution/subtraction/decorrelation tile by tile as Dask graphs (else eagerly on one tile).
+    sources : pandas.DataFrame, optional
+        Kernel-source catalog (columns x, y in parent pixels); detected on the science when None.
+    detect : bool
+        Also detect and measure DiaSources on the difference (``result.dia_sources``).
+    """
+    from .graph import cell_mapper
+
+    config = config or PipelineConfig()
+    prepared = prepare_subtraction(science, template, config)
+    map_cells = cell_mapper(client)
+    cells = kernel_sources_stage(prepared, config, sources=sources)
+    kernel = spatial_solve_stage(prepared, cells, [fit_cells_stage(cells, map_cells=map_cells)], config,
+                                 map_cells=map_cells)
+    del cells
+    if tiled:
+        tiles = _tiled_difference(prepared, kernel, config, client)
+    else:
+        whole = [prepared.science.bbox]
+        tiles = subtract_tiles_stage(prepared, kernel, config, whole, halo=0)
+        tiles = decorrelate_tiles_stage(prepared, kernel, whole, tiles)
+    result = difference_stage(prepared, kernel, config, tiles)
+    del tiles
+    if detect:
+        from .graph import tile_mapper
+
+        inputs = prepare_detection_stage(result, config)
+        detected = detect_tiles_stage(inputs, map_tiles=tile_mapper(client) if tiled else None)
+        result = with_catalog(result, catalog_stage(inputs, [detected]))
+    return result
 
 
 def decorrelated_psf(psf, decorrelation_kernel: np.ndarray, bbox, *, nodes: int = 5):
@@ -404,16 +775,8 @@ def _check_differential_background(solution, science, template, config, metrics)
 
 
 def eager_convolve(planes, solution: KernelSolution, *, xy0, skip_bits: int):
-    """The one-tile twin of :func:`diffim_dag.graph.convolve_tiles`."""
-    from .kernels.convolve import convolve_spatial, convolve_variance_spatial
-    from .kernels.maskops import dilate_mask
-
-    img, var, msk = planes
-    return (
-        convolve_spatial(img, solution, origin=xy0).astype(np.float32),
-        convolve_variance_spatial(var, solution, origin=xy0).astype(np.float32),
-        dilate_mask(msk, solution.size, skip_bits=skip_bits).astype(np.int32),
-    )
+    """The one-tile twin of :func:`diffim_dag.graph.convolve_tiles` (:func:`~diffim_dag.stages.subtract.convolve_planes`)."""
+    return st.convolve_planes(*planes, solution, origin=xy0, skip_bits=skip_bits)
 
 
 def _write_kernel(result: SubtractionResult, path: Path) -> None:

@@ -16,14 +16,16 @@ where in ``convolveTemplate`` mode the reference ``R`` is the template and the t
 5. Spatial solve and re-assessment of every candidate against the spatial model; the
    rejected are replaced and the whole repeated, at most ``max_spatial_iterations`` times.
 
-:func:`fit_psf_matching_kernel` is the eager one-call entry point; :func:`extract_cell_stamps`
-and :func:`solve_kernel` (with a ``map_cells`` hook) are what a task graph calls.
+:func:`fit_psf_matching_kernel` is the eager one-call entry point.  A task graph calls its steps:
+:func:`select_kernel_cells` (steps 1–3, one task), :func:`fit_kernel_cells` (the first fit of a cell,
+one task per cell), :func:`solve_kernel` with those fits as ``initial`` (steps 4–5, refits in the
+same task) and :func:`kernel_fit_result`.
 """
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,7 +51,11 @@ from .kernel_sources import overlap_bbox, select_kernel_sources
 
 __all__ = [
     "KernelFitResult",
+    "KernelCells",
     "resolve_mode",
+    "select_kernel_cells",
+    "fit_kernel_cells",
+    "kernel_fit_result",
     "extract_cell_stamps",
     "solve_kernel",
     "fit_psf_matching_kernel",
@@ -168,6 +174,7 @@ def solve_kernel(
     *,
     mode: str = CONVOLVE_TEMPLATE,
     map_cells: CellMapper | None = None,
+    initial: Mapping[int, CellFit] | None = None,
 ) -> KernelSolve:
     """Per-cell fits, kernel-sum clipping, spatial solve and re-assessment (see module doc).
 
@@ -182,6 +189,10 @@ def solve_kernel(
         Runs a list of ``(cell, basis, config, exclude)`` tasks through
         :func:`~diffim_dag.kernels.candidates.fit_cell` (eagerly by default; graph.py passes
         a Dask-backed mapper).
+    initial : mapping of int to CellFit, optional
+        The first fit of every cell (``fit_cell(cell, basis, config, frozenset())``, e.g. from
+        :func:`fit_kernel_cells` run as one graph task per cell); fitted here through
+        ``map_cells`` when None.  Refits after clipping always go through ``map_cells``.
 
     Raises
     ------
@@ -195,16 +206,19 @@ def solve_kernel(
     rejected: dict[int, str] = {}
     late_rejected: dict[int, str] = {}  # kernel sum and spatial: excluded from later cell fits
 
+    def record(c, cf):
+        cell_fits[c] = cf
+        for f in cf.fits:
+            fits[f.id] = f
+            if f.status != USED:
+                rejected[f.id] = f.reason
+
     def refit(cell_ids):
         cell_ids = sorted(cell_ids)
         tasks = [(by_cell[c], basis, config, frozenset(i for i in by_cell[c].ids.tolist() if i in late_rejected))
                  for c in cell_ids]
         for c, cf in zip(cell_ids, mapper(tasks)):
-            cell_fits[c] = cf
-            for f in cf.fits:
-                fits[f.id] = f
-                if f.status != USED:
-                    rejected[f.id] = f.reason
+            record(c, cf)
 
     def used_fits() -> list[CandidateFit]:
         return [f for c in sorted(cell_fits) for f in cell_fits[c].used if f.id not in late_rejected]
@@ -229,7 +243,14 @@ def solve_kernel(
         )
         return sp, eq, x, y
 
-    refit(by_cell)
+    if initial is None:
+        refit(by_cell)
+    else:
+        missing = sorted(set(by_cell) - set(initial))
+        if missing:
+            raise ValueError(f"solve_kernel: initial fits lack cell(s) {missing}")
+        for c in sorted(by_cell):
+            record(c, initial[c])
     k_mean = k_std = float("nan")
     spatial = None
     used: list[CandidateFit] = []
@@ -314,6 +335,205 @@ def adapt_spatial_orders(config: KernelConfig, n_sources: int) -> tuple[KernelCo
     return dataclasses.replace(config, spatial_kernel_order=k, spatial_background_order=b), True
 
 
+@dataclass(frozen=True, eq=False)
+class KernelCells:
+    """The kernel-source stage's output: everything the per-cell fits and the spatial solve need.
+
+    Attributes
+    ----------
+    mode : str
+        ``convolveTemplate`` or ``convolveScience`` (resolved).
+    basis : KernelBasis
+    config : KernelConfig
+        The kernel configuration actually used (spatial orders lowered by
+        :func:`adapt_spatial_orders` when the sources are few).
+    orders_reduced : bool
+    sources : DataFrame
+        The selected kernel sources (``id, x, y, flux, snr``).
+    source_stats : dict
+        Found / used / rejected counts of the source selection.
+    cells : list of CellStamps
+        The candidate stamps grouped by cell (only cells holding candidates).
+    bbox : (x_min, x_max, y_min, y_max)
+        The overlap of the two exposures (parent pixels, max exclusive): the cell grid.
+    solution_bbox : (x_min, x_max, y_min, y_max)
+        The Chebyshev box of the solution (max = last pixel index).
+    fwhm_science, fwhm_template : float
+        PSF FWHMs at the centre of the overlap.
+    seconds : float
+        Wall time of the source selection and stamp extraction.
+    """
+
+    mode: str
+    basis: KernelBasis
+    config: KernelConfig
+    orders_reduced: bool
+    sources: pd.DataFrame
+    source_stats: dict
+    cells: list[CellStamps]
+    bbox: tuple[int, int, int, int]
+    solution_bbox: tuple[float, float, float, float]
+    fwhm_science: float
+    fwhm_template: float
+    seconds: float = 0.0
+
+    @property
+    def cell_grid(self) -> tuple[int, int]:
+        """``(n_cells_x, n_cells_y)`` of the row-major cell numbering over :attr:`bbox`."""
+        _, ncx, ncy = assign_cells(np.zeros(0), np.zeros(0), self.bbox, self.config.cell_size)
+        return ncx, ncy
+
+    def __sizeof__(self) -> int:  # what Dask's memory accounting sees: the stamps
+        return 1024 + sum(c.reference.nbytes + c.target.nbytes + c.variance.nbytes for c in self.cells)
+
+
+def select_kernel_cells(
+    science: Exposure,
+    template: Exposure,
+    *,
+    config: KernelConfig = KernelConfig(),
+    source_config: KernelSourceConfig = KernelSourceConfig(),
+    sources: pd.DataFrame | None = None,
+    mode: str = CONVOLVE_TEMPLATE,
+) -> KernelCells:
+    """Steps 1–3 of the module doc: basis, kernel sources and their stamps grouped by cell.
+
+    Parameters
+    ----------
+    science, template : Exposure
+        In-memory or lazy exposures with PSFs; the fit covers their overlap.
+    config : KernelConfig
+    source_config : KernelSourceConfig
+    sources : DataFrame, optional
+        Kernel-source catalog (``x``, ``y`` parent pixels, optional ``id``); detection
+        on the science image when None.
+    mode : {"convolveTemplate", "convolveScience", "auto"}
+
+    Returns
+    -------
+    KernelCells
+
+    Raises
+    ------
+    InsufficientKernelSourcesError
+    """
+    t0 = time.perf_counter()
+    if science.psf is None or template.psf is None:
+        raise ValueError("PSF matching needs the PSFs of both exposures")
+    mode = resolve_mode(science, template, mode)
+    if science.is_lazy:
+        science = science.load()
+    if template.is_lazy:
+        template = template.load()
+    box = overlap_bbox(science, template)
+    cx, cy = 0.5 * (box[0] + box[1] - 1), 0.5 * (box[2] + box[3] - 1)
+    fwhm_sci, fwhm_tmpl = science.psf.fwhm(cx, cy), template.psf.fwhm(cx, cy)
+    reference, target = (template, science) if mode == CONVOLVE_TEMPLATE else (science, template)
+    fwhm_ref, fwhm_tgt = (fwhm_tmpl, fwhm_sci) if mode == CONVOLVE_TEMPLATE else (fwhm_sci, fwhm_tmpl)
+    basis = basis_from_config(config, fwhm_ref, fwhm_tgt)
+    table, source_stats = select_kernel_sources(science, template, basis.size, source_config, sources)
+    config, reduced = adapt_spatial_orders(config, len(table))
+    cells = extract_cell_stamps(reference, target, table, basis.size, box, config.cell_size)
+    sol_bbox = (float(box[0]), float(box[1] - 1), float(box[2]), float(box[3] - 1))
+    return KernelCells(mode=mode, basis=basis, config=config, orders_reduced=reduced, sources=table,
+                       source_stats=source_stats, cells=cells, bbox=box, solution_bbox=sol_bbox,
+                       fwhm_science=float(fwhm_sci), fwhm_template=float(fwhm_tmpl),
+                       seconds=time.perf_counter() - t0)
+
+
+def fit_kernel_cells(cells: KernelCells, cell_ids: Sequence[int] | None = None, *,
+                     map_cells: CellMapper | None = None) -> dict[int, CellFit]:
+    """The first fit of the cells ``cell_ids`` (all when None): ``{cell: CellFit}``.
+
+    Each cell is :func:`~diffim_dag.kernels.candidates.fit_cell` with nothing excluded, the
+    fit :func:`solve_kernel` starts from; a task graph runs one call per cell (``cell_ids``
+    of one element) and hands the union to :func:`solve_kernel` as ``initial``.  Cells
+    without candidates are absent from ``cells.cells`` and are skipped.
+    """
+    wanted = None if cell_ids is None else {int(c) for c in cell_ids}
+    chosen = [c for c in cells.cells if wanted is None or c.cell in wanted]
+    tasks = [(c, cells.basis, cells.config, frozenset()) for c in chosen]
+    return {c.cell: cf for c, cf in zip(chosen, (map_cells or _map_eager)(tasks))}
+
+
+def kernel_fit_result(cells: KernelCells, solve: KernelSolve, *, solve_seconds: float = 0.0) -> KernelFitResult:
+    """The :class:`KernelFitResult` (candidate table and diagnostics) of a solved kernel."""
+    table, config, basis = cells.sources, cells.config, cells.basis
+    solution = solve.spatial.solution
+    cell_of = {int(i): c.cell for c in cells.cells for i in c.ids.tolist()}
+    status, reason, ksum = [], [], []
+    used = set(solve.used_ids)
+    for i in table["id"].to_numpy().tolist():
+        f = solve.fits.get(int(i))
+        ksum.append(f.kernel_sum if f is not None else np.nan)
+        if int(i) in used:
+            status.append("used")
+            reason.append("")
+        elif int(i) in solve.rejected:
+            status.append("rejected")
+            reason.append(solve.rejected[int(i)])
+        else:
+            status.append("unused")
+            reason.append("")
+    candidates = pd.DataFrame(
+        {
+            "id": table["id"].to_numpy(),
+            "x": table["x"].to_numpy(),
+            "y": table["y"].to_numpy(),
+            "cell": [cell_of[int(i)] for i in table["id"].to_numpy()],
+            "flux": table["flux"].to_numpy(),
+            "snr": table["snr"].to_numpy(),
+            "kernel_sum": ksum,
+            "status": status,
+            "reason": reason,
+        }
+    )
+    by_reason: dict[str, int] = {}
+    for r in solve.rejected.values():
+        by_reason[r] = by_reason.get(r, 0) + 1
+    source_stats = cells.source_stats
+    diagnostics = {
+        "mode": cells.mode,
+        "basis": basis.kind,
+        "kernel_size": basis.size,
+        "gaussian_sigmas": [float(s) for s in basis.sigmas],
+        "n_basis": basis.n,
+        "fwhm_science": float(cells.fwhm_science),
+        "fwhm_template": float(cells.fwhm_template),
+        "sources": {
+            "found": int(source_stats["found"]),
+            "used": int(source_stats["used"]),
+            "origin": source_stats["origin"],
+            "rejected": {k: int(v) for k, v in source_stats["rejected"].items()},
+            "point_like": int(source_stats.get("point_like", source_stats["used"])),
+            "extended_admitted": int(source_stats.get("extended_admitted", 0)),
+        },
+        "candidates": {
+            "available": int(len(table)),
+            "fitted": int(len(solve.fits)),
+            "used": int(len(solve.used_ids)),
+            "rejected": {k: int(v) for k, v in sorted(by_reason.items())},
+            "rejected_by_stage": {
+                "single_fit": int(sum(by_reason.get(r, 0) for r in SINGLE_REASONS)),
+                "kernel_sum": int(by_reason.get("kernel_sum", 0)),
+                "spatial": int(sum(by_reason.get(r, 0) for r in SPATIAL_REASONS)),
+            },
+        },
+        "n_cells": int(len(cells.cells)),
+        "kernel_sum_center": float(solution.kernel_sum_at_center()),
+        "background_center": float(solution.background_at(*solution.center)),
+        "kernel_sum_clip": {"mean": float(solve.kernel_sum_mean), "std": float(solve.kernel_sum_std)},
+        "spatial_condition_number": float(solve.spatial.condition_number),
+        "spatial_condition_number_raw": float(solve.spatial.condition_number_raw),
+        "spatial_iterations": int(solve.iterations),
+        "spatial_kernel_order": int(config.spatial_kernel_order),
+        "spatial_background_order": int(config.spatial_background_order),
+        "spatial_orders_reduced": cells.orders_reduced,
+        "timings_s": {"sources": cells.seconds, "kernel_solve": solve_seconds},
+    }
+    return KernelFitResult(solution=solution, candidates=candidates, diagnostics=diagnostics)
+
+
 def fit_psf_matching_kernel(
     science: Exposure,
     template: Exposure,
@@ -325,6 +545,9 @@ def fit_psf_matching_kernel(
     map_cells: CellMapper | None = None,
 ) -> KernelFitResult:
     """Fit the spatially varying Alard–Lupton PSF-matching kernel of a science/template pair.
+
+    The three stage steps in one call: :func:`select_kernel_cells` → :func:`solve_kernel`
+    (per-cell fits through ``map_cells``, clipping, spatial solve) → :func:`kernel_fit_result`.
 
     Parameters
     ----------
@@ -347,98 +570,12 @@ def fit_psf_matching_kernel(
     ------
     InsufficientKernelSourcesError, NoKernelCandidatesError
     """
+    cells = select_kernel_cells(science, template, config=config, source_config=source_config, sources=sources,
+                                mode=mode)
     t0 = time.perf_counter()
-    if science.psf is None or template.psf is None:
-        raise ValueError("PSF matching needs the PSFs of both exposures")
-    mode = resolve_mode(science, template, mode)
-    if science.is_lazy:
-        science = science.load()
-    if template.is_lazy:
-        template = template.load()
-    box = overlap_bbox(science, template)
-    cx, cy = 0.5 * (box[0] + box[1] - 1), 0.5 * (box[2] + box[3] - 1)
-    fwhm_sci, fwhm_tmpl = science.psf.fwhm(cx, cy), template.psf.fwhm(cx, cy)
-    reference, target = (template, science) if mode == CONVOLVE_TEMPLATE else (science, template)
-    fwhm_ref, fwhm_tgt = (fwhm_tmpl, fwhm_sci) if mode == CONVOLVE_TEMPLATE else (fwhm_sci, fwhm_tmpl)
-    basis = basis_from_config(config, fwhm_ref, fwhm_tgt)
-    table, source_stats = select_kernel_sources(science, template, basis.size, source_config, sources)
-    config, reduced = adapt_spatial_orders(config, len(table))
-    t_sources = time.perf_counter()
-    cells = extract_cell_stamps(reference, target, table, basis.size, box, config.cell_size)
-    sol_bbox = (float(box[0]), float(box[1] - 1), float(box[2]), float(box[3] - 1))
-    result = solve_kernel(cells, basis, config, sol_bbox, mode=mode, map_cells=map_cells)
-    t_solve = time.perf_counter()
-    solution = result.spatial.solution
-
-    cell_of = {int(i): c.cell for c in cells for i in c.ids.tolist()}
-    status, reason, ksum = [], [], []
-    used = set(result.used_ids)
-    for i in table["id"].to_numpy().tolist():
-        f = result.fits.get(int(i))
-        ksum.append(f.kernel_sum if f is not None else np.nan)
-        if int(i) in used:
-            status.append("used")
-            reason.append("")
-        elif int(i) in result.rejected:
-            status.append("rejected")
-            reason.append(result.rejected[int(i)])
-        else:
-            status.append("unused")
-            reason.append("")
-    candidates = pd.DataFrame(
-        {
-            "id": table["id"].to_numpy(),
-            "x": table["x"].to_numpy(),
-            "y": table["y"].to_numpy(),
-            "cell": [cell_of[int(i)] for i in table["id"].to_numpy()],
-            "flux": table["flux"].to_numpy(),
-            "snr": table["snr"].to_numpy(),
-            "kernel_sum": ksum,
-            "status": status,
-            "reason": reason,
-        }
-    )
-    by_reason: dict[str, int] = {}
-    for r in result.rejected.values():
-        by_reason[r] = by_reason.get(r, 0) + 1
-    diagnostics = {
-        "mode": mode,
-        "basis": basis.kind,
-        "kernel_size": basis.size,
-        "gaussian_sigmas": [float(s) for s in basis.sigmas],
-        "n_basis": basis.n,
-        "fwhm_science": float(fwhm_sci),
-        "fwhm_template": float(fwhm_tmpl),
-        "sources": {
-            "found": int(source_stats["found"]),
-            "used": int(source_stats["used"]),
-            "origin": source_stats["origin"],
-            "rejected": {k: int(v) for k, v in source_stats["rejected"].items()},
-        },
-        "candidates": {
-            "available": int(len(table)),
-            "fitted": int(len(result.fits)),
-            "used": int(len(result.used_ids)),
-            "rejected": {k: int(v) for k, v in sorted(by_reason.items())},
-            "rejected_by_stage": {
-                "single_fit": int(sum(by_reason.get(r, 0) for r in SINGLE_REASONS)),
-                "kernel_sum": int(by_reason.get("kernel_sum", 0)),
-                "spatial": int(sum(by_reason.get(r, 0) for r in SPATIAL_REASONS)),
-            },
-        },
-        "n_cells": int(len(cells)),
-        "kernel_sum_center": float(solution.kernel_sum_at_center()),
-        "background_center": float(solution.background_at(*solution.center)),
-        "kernel_sum_clip": {"mean": float(result.kernel_sum_mean), "std": float(result.kernel_sum_std)},
-        "spatial_condition_number": float(result.spatial.condition_number),
-        "spatial_condition_number_raw": float(result.spatial.condition_number_raw),
-        "spatial_iterations": int(result.iterations),
-        "spatial_kernel_order": int(config.spatial_kernel_order),
-        "spatial_background_order": int(config.spatial_background_order),
-        "spatial_orders_reduced": reduced,
-        "timings_s": {"sources": t_sources - t0, "kernel_solve": t_solve - t_sources},
-    }
-    return KernelFitResult(solution=solution, candidates=candidates, diagnostics=diagnostics)
+    solve = solve_kernel(cells.cells, cells.basis, cells.config, cells.solution_bbox, mode=cells.mode,
+                         map_cells=map_cells)
+    return kernel_fit_result(cells, solve, solve_seconds=time.perf_counter() - t0)
 
 
 # ------------------------------------------------------------------------ plots

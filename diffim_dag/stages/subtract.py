@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -34,6 +35,14 @@ __all__ = [
     "difference_tile",
     "quality_metrics",
     "limiting_magnitude",
+    "combine_tile",
+    "convolve_planes",
+    "DifferenceTile",
+    "subtract_tile",
+    "decorrelate_tile",
+    "tile_grid",
+    "tile_cores",
+    "cores_of_task",
 ]
 
 log = logging.getLogger(__name__)
@@ -258,3 +267,231 @@ def decorrelated_variance(variance, mask, variance_unconvolved, variance_convolv
     keeping the propagated variance where ``keep_bits`` (NO_DATA, EDGE) are set."""
     new = variance_unconvolved + np.float32(kappa**2) * variance_convolved
     return np.where((mask & keep_bits) != 0, variance, new).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- tiles (shared by every path)
+
+
+Box = tuple[int, int, int, int]  # (x_min, x_max, y_min, y_max), parent pixels, max exclusive
+
+
+def tile_grid(bbox: Box, tile_size: int | None) -> tuple[int, int]:
+    """``(n_tiles_y, n_tiles_x)`` of :func:`tile_cores` (``(1, 1)`` when ``tile_size`` is None)."""
+    if tile_size is None:
+        return 1, 1
+    x0, x1, y0, y1 = bbox
+    return max(1, -(-(y1 - y0) // tile_size)), max(1, -(-(x1 - x0) // tile_size))
+
+
+def tile_cores(bbox: Box, tile_size: int | None) -> dict[tuple[int, int], Box]:
+    """``{(iy, ix): core}``: ``tile_size``² cores partitioning ``bbox`` (the last row/column ragged).
+
+    The same cores as :func:`diffim_dag.stages.detect.tile_boxes` and as the chunks of the
+    tiled Dask arrays; ``tile_size=None`` gives one tile, the whole box.
+    """
+    if tile_size is None:
+        return {(0, 0): tuple(int(v) for v in bbox)}
+    x0, x1, y0, y1 = bbox
+    return {(iy, ix): (tx, min(tx + tile_size, x1), ty, min(ty + tile_size, y1))
+            for iy, ty in enumerate(range(y0, y1, tile_size)) for ix, tx in enumerate(range(x0, x1, tile_size))}
+
+
+def cores_of_task(bbox: Box, tile_size: int | None, task: tuple[int, int], tasks: tuple[int, int]) -> dict:
+    """The tiles a graph task ``task = (ty, tx)`` of a ``tasks = (n_y, n_x)`` task grid owns.
+
+    Tile ``(iy, ix)`` belongs to task ``(iy mod n_y, ix mod n_x)``: one tile per task when the
+    task grid is the tile grid (the graph builder read the image shape), all tiles in one task
+    for a ``(1, 1)`` task grid (shape unknown when the graph was built).  A tile's neighbours
+    belong to the neighbouring tasks (modulo the grid), which is what the halo steps depend on.
+    """
+    ny, nx = tasks
+    return {k: c for k, c in tile_cores(bbox, tile_size).items() if (k[0] % ny, k[1] % nx) == tuple(task)}
+
+
+def cut_box(array: np.ndarray, xy0: tuple[int, int], box: Box, *, fill=0) -> np.ndarray:
+    """``array`` (``array[0, 0]`` at parent ``xy0``) on ``box``; pixels outside it are ``fill``.
+
+    A view when ``box`` lies inside the array.
+    """
+    bx0, bx1, by0, by1 = box
+    ny, nx = array.shape
+    ax0, ay0 = xy0
+    ix0, ix1 = max(bx0 - ax0, 0), min(bx1 - ax0, nx)
+    iy0, iy1 = max(by0 - ay0, 0), min(by1 - ay0, ny)
+    if (ix0, ix1, iy0, iy1) == (bx0 - ax0, bx1 - ax0, by0 - ay0, by1 - ay0):
+        return array[iy0:iy1, ix0:ix1]
+    out = np.full((by1 - by0, bx1 - bx0), fill, dtype=array.dtype)
+    if ix1 > ix0 and iy1 > iy0:
+        out[iy0 + ay0 - by0 : iy1 + ay0 - by0, ix0 + ax0 - bx0 : ix1 + ax0 - bx0] = array[iy0:iy1, ix0:ix1]
+    return out
+
+
+def assemble(pieces, box: Box, *, dtype) -> np.ndarray:
+    """One array on ``box`` from ``(core, array)`` pieces (each array on its core); uncovered pixels are 0.
+
+    A piece that is exactly ``box`` is returned as it is (no copy).
+    """
+    pieces = list(pieces)
+    for core, arr in pieces:
+        if tuple(core) == tuple(box):
+            return arr
+    bx0, bx1, by0, by1 = box
+    out = np.zeros((by1 - by0, bx1 - bx0), dtype=dtype)
+    for (x0, x1, y0, y1), arr in pieces:
+        ix0, ix1, iy0, iy1 = max(x0, bx0), min(x1, bx1), max(y0, by0), min(y1, by1)
+        if ix1 > ix0 and iy1 > iy0:
+            out[iy0 - by0 : iy1 - by0, ix0 - bx0 : ix1 - bx0] = arr[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0]
+    return out
+
+
+def convolve_planes(image, variance, mask, solution, *, origin, skip_bits: int = 0):
+    """``image ⊗ K``, ``variance ⊗ K²`` (float32) and the mask dilated by the kernel footprint (int32).
+
+    One tile with its halo (``origin`` = parent position of ``image[0, 0]``, which the spatial
+    terms need) or the whole image; pixels beyond the array count as zero.
+    """
+    from ..kernels.convolve import convolve_spatial, convolve_variance_spatial
+    from ..kernels.maskops import dilate_mask
+
+    return (
+        convolve_spatial(image, solution, origin=origin).astype(np.float32),
+        convolve_variance_spatial(variance, solution, origin=origin).astype(np.float32),
+        dilate_mask(mask, solution.size, skip_bits=skip_bits).astype(np.int32),
+    )
+
+
+@dataclass(eq=False)
+class DifferenceTile:
+    """One tile of the difference and of the convolved input, on the tile's core.
+
+    Attributes
+    ----------
+    core : (x_min, x_max, y_min, y_max)
+        Parent pixels, max exclusive.
+    image, variance, mask : ndarray
+        The difference (decorrelated once :func:`decorrelate_tile` has run).
+    convolved_image, convolved_variance, convolved_mask : ndarray
+        The convolved image (template in convolveTemplate mode, science in convolveScience
+        mode): the matched template / matched science of the output.
+    seconds : dict
+        Wall time of the steps that made the tile (``convolve_subtract``, ``decorrelate``).
+    """
+
+    core: Box
+    image: np.ndarray
+    variance: np.ndarray
+    mask: np.ndarray
+    convolved_image: np.ndarray
+    convolved_variance: np.ndarray
+    convolved_mask: np.ndarray
+    seconds: dict
+
+    def __sizeof__(self) -> int:  # what Dask's memory accounting sees
+        return 256 + sum(a.nbytes for a in (self.image, self.variance, self.mask, self.convolved_image,
+                                            self.convolved_variance, self.convolved_mask))
+
+
+def subtract_tile(science, template, solution, *, core: Box, halo: int, xy0, shape, mode: str, kernel_sum: float,
+                  mask_planes: dict, kept, skip_bits: int, subtract_background: bool, edge_bit: int) -> DifferenceTile:
+    """Convolve and subtract one tile: the step every path (eager, tiled, batch graph) runs.
+
+    Parameters
+    ----------
+    science, template : (image, variance, mask)
+        The whole planes (``[0, 0]`` at parent ``xy0``, image ``shape``), on one grid.
+    solution : KernelSolution
+    core : (x_min, x_max, y_min, y_max)
+        The tile (the whole image for the eager path).
+    halo : int
+        Pixels of the convolved image read around the core (the kernel half-width for tiles,
+        zero beyond the image as in :func:`diffim_dag.graph.convolve_tiles`; 0 for the whole
+        image, whose convolution treats the outside as zero itself).
+    mode, kernel_sum, subtract_background, edge_bit
+        As :func:`combine_tile`.
+    mask_planes, kept
+        Template mask rules (:func:`~diffim_dag.kernels.maskops.template_mask_for_difference`).
+    skip_bits : int
+        Mask bits not dilated by the kernel footprint (INJECTED planes).
+
+    Returns
+    -------
+    DifferenceTile
+    """
+    import time
+
+    from ..kernels.maskops import template_mask_for_difference
+
+    t0 = time.perf_counter()
+    x0, x1, y0, y1 = core
+    grown = (x0 - halo, x1 + halo, y0 - halo, y1 + halo)
+
+    def planes_on(planes, box, rules):
+        img, var, msk = (cut_box(np.asarray(a), xy0, box) for a in planes)
+        if rules:
+            msk = template_mask_for_difference(msk, mask_planes, kept=tuple(kept))
+        return img, var, msk
+
+    convolve_template = mode == CONVOLVE_TEMPLATE
+    ref, other = (template, science) if convolve_template else (science, template)
+    conv = convolve_planes(*planes_on(ref, grown, convolve_template), solution, origin=(grown[0], grown[2]),
+                           skip_bits=skip_bits)
+    if halo:
+        conv = tuple(np.ascontiguousarray(a[halo:-halo, halo:-halo]) for a in conv)
+    direct = planes_on(other, core, not convolve_template)
+    s_side, t_side = (direct, conv) if convolve_template else (conv, direct)
+    d, v, m = combine_tile(*s_side, *t_side, solution, kernel_sum, mode=mode, subtract_background=subtract_background,
+                           origin=(x0, y0), xy0=xy0, shape=shape, half_width=solution.half_width, edge_bit=edge_bit)
+    return DifferenceTile(core=tuple(core), image=d, variance=v, mask=m, convolved_image=conv[0],
+                          convolved_variance=conv[1], convolved_mask=conv[2],
+                          seconds={"convolve_subtract": time.perf_counter() - t0})
+
+
+def decorrelate_tile(tiles, core: Box, *, bbox: Box, kernel: np.ndarray, variance_unconvolved: np.ndarray,
+                     variance_convolved: np.ndarray, xy0, kappa: float, keep_bits: int) -> DifferenceTile:
+    """Decorrelate the difference tile ``core``: ``D ⊗ φ`` with a mirrored border, and its white variance.
+
+    Parameters
+    ----------
+    tiles : mapping of core to DifferenceTile
+        The tile and its neighbours (the halo of ``φ``'s half-width is read from them; at the
+        image border the difference is mirrored, as :func:`apply_small_kernel_padded` and
+        :func:`diffim_dag.graph.filter_tiles` do).
+    core : (x_min, x_max, y_min, y_max)
+    bbox : (x_min, x_max, y_min, y_max)
+        The whole image.
+    kernel : ndarray
+        The decorrelation kernel φ (odd-sized).
+    variance_unconvolved, variance_convolved : ndarray
+        The whole input variance planes (``[0, 0]`` at ``xy0``): :func:`decorrelated_variance`.
+    kappa, keep_bits
+        As :func:`decorrelated_variance`.
+
+    Returns
+    -------
+    DifferenceTile
+        The tile with the decorrelated image and variance (mask and convolved planes shared).
+    """
+    import dataclasses
+    import time
+
+    t0 = time.perf_counter()
+    tile = tiles[tuple(core)]
+    h = kernel.shape[0] // 2
+    x0, x1, y0, y1 = core
+    bx0, bx1, by0, by1 = bbox
+    grown = (max(x0 - h, bx0), min(x1 + h, bx1), max(y0 - h, by0), min(y1 + h, by1))
+    covered = sum(max(0, min(c[1], grown[1]) - max(c[0], grown[0])) * max(0, min(c[3], grown[3]) - max(c[2], grown[2]))
+                  for c in tiles)
+    if covered != (grown[1] - grown[0]) * (grown[3] - grown[2]):
+        raise RuntimeError(f"decorrelate_tile: the tiles given do not cover the halo {grown} of tile {tuple(core)} "
+                           "(was the image's shape different when the graph was built?)")
+    region = assemble(((t.core, t.image) for t in tiles.values()), grown, dtype=tile.image.dtype)
+    pads = ((h - (y0 - grown[2]), h - (grown[3] - y1)), (h - (x0 - grown[0]), h - (grown[1] - x1)))
+    block = np.pad(region, pads, mode="symmetric") if any(p for pair in pads for p in pair) else region
+    image = apply_small_kernel(block, kernel).astype(np.float32)
+    if h:
+        image = np.ascontiguousarray(image[h:-h, h:-h])
+    variance = decorrelated_variance(tile.variance, tile.mask, cut_box(variance_unconvolved, xy0, core),
+                                     cut_box(variance_convolved, xy0, core), kappa=kappa, keep_bits=keep_bits)
+    return dataclasses.replace(tile, image=image, variance=variance,
+                               seconds={**tile.seconds, "decorrelate": time.perf_counter() - t0})

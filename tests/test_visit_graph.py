@@ -1,0 +1,221 @@
+"""The task graph of one (visit, detector) (``diffim_dag.graph.visit_graph``): keys, failures, and results
+equal to the in-process subtraction.
+
+One simulated 300² pair with tiles of 128 px (3 × 3 tiles, the last row and column ragged) and kernel cells
+of 64 px (5 × 5 cells), so that every tile stage has neighbours and the cell fits are spread over tasks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import dask
+import numpy as np
+import pandas as pd
+import pytest
+
+from diffim_dag.batch import (
+    VisitSpec,
+    build_batch_graph,
+    input_shape,
+    process_visit,
+    read_manifest,
+    read_visit_inputs,
+    run_batch,
+    simulate_batch,
+    visit_dir,
+)
+from diffim_dag.config import load_config
+from diffim_dag.errors import InputError
+from diffim_dag.graph import AlreadyWritten, StageFailure, VisitGrid, run_stage, visit_graph, visit_grid, write_key
+from diffim_dag.io import read_exposure
+from diffim_dag.pipeline import subtract_by_method, subtract_exposures
+from diffim_dag.stages.template import prepare_template
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE, TILE, CELL = 300, 128, 64
+
+
+def _config(method: str = "al", **decorrelation):
+    config = load_config(REPO / "pipelines" / ("al.yaml" if method == "al" else f"{method}.yaml"))
+    return dataclasses.replace(
+        config,
+        subtract=dataclasses.replace(config.subtract, tile_size=TILE),
+        kernel=dataclasses.replace(config.kernel, cell_size=CELL),
+        decorrelation=dataclasses.replace(config.decorrelation, **decorrelation),
+        detection=dataclasses.replace(config.detection, n_sky_sources=20),
+    )
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory) -> VisitSpec:
+    root = tmp_path_factory.mktemp("visit_graph")
+    manifest = simulate_batch(root, n_visits=1, n_detectors=1, size=SIZE, seed=11,
+                              sim_overrides={"template_offset": (0.0, 0.0), "n_stars": 120})
+    return read_manifest(manifest)[0]
+
+
+@pytest.fixture(scope="module")
+def inputs(spec):
+    """The science and the template on its grid, as the graph's template stage makes them."""
+    science, template = read_visit_inputs(spec)
+    template, _ = prepare_template(science, template, min_coverage=0.1)
+    return science, template
+
+
+def _keys(dsk, stage):
+    return sorted(k for k in dsk if k[0] == stage)
+
+
+def test_keys_name_stage_visit_detector_and_tile(spec, tmp_path):
+    config = _config()
+    assert input_shape(spec) == (SIZE, SIZE)
+    grid = visit_grid(input_shape(spec), config)
+    assert grid == VisitGrid(tiles=(3, 3), cells=25, shape=(SIZE, SIZE))
+    dsk = visit_graph(spec, config, tmp_path, run_id="a")
+    v, d = spec.visit, spec.detector
+    tiles = [(ty, tx) for ty in range(3) for tx in range(3)]
+    assert _keys(dsk, "fit-cell") == [("fit-cell", v, d, i) for i in range(25)]
+    for stage in ("subtract", "decorrelate", "detect"):
+        assert _keys(dsk, stage) == [(stage, v, d, *t) for t in tiles]
+    for stage in ("template", "kernel-sources", "spatial-solve", "difference", "detect-prepare", "catalog", "write"):
+        assert _keys(dsk, stage) == [(stage, v, d)]
+    assert len(dsk) == 7 + 25 + 3 * 9
+    # a decorrelate tile reads its neighbours' edges
+    def deps(key):
+        return sorted([a for a in dsk[key] if isinstance(a, list)][0])
+
+    assert deps(("decorrelate", v, d, 1, 1)) == [("subtract", v, d, ty, tx) for ty in range(3) for tx in range(3)]
+    assert deps(("decorrelate", v, d, 0, 0)) == [("subtract", v, d, ty, tx) for ty in range(2) for tx in range(2)]
+    assert deps(("decorrelate", v, d, 2, 1)) == [("subtract", v, d, ty, tx) for ty in (1, 2) for tx in range(3)]
+    # a task grid coarser than the tiles (shape unknown): the neighbours wrap around it
+    coarse = visit_graph(spec, config, tmp_path, grid=VisitGrid(tiles=(2, 2), cells=3))
+    assert sorted([a for a in coarse[("decorrelate", v, d, 0, 0)] if isinstance(a, list)][0]) == [
+        ("subtract", v, d, ty, tx) for ty in range(2) for tx in range(2)]
+    assert _keys(coarse, "fit-cell") == [("fit-cell", v, d, i) for i in range(3)]
+    assert write_key(v, d) == ("write", v, d)
+    # stable: the same keys and the same tasks for another build (the run id is an argument, not a key)
+    again = visit_graph(spec, config, tmp_path, run_id="b")
+    assert list(again) == list(dsk)
+
+    # spatially varying decorrelation runs on the whole difference: no per-tile decorrelate tasks
+    sv = visit_graph(spec, _config(spatially_varying=True), tmp_path)
+    assert not _keys(sv, "decorrelate") and _keys(sv, "subtract")
+    # the score methods: one subtract task, then the same detection tiles, catalogue and write
+    for method in ("zogy", "al-preconvolve"):
+        zg = visit_graph(spec, _config(method), tmp_path)
+        assert sorted({k[0] for k in zg}) == ["catalog", "detect", "detect-prepare", "subtract", "template", "write"]
+        assert _keys(zg, "subtract") == [("subtract", v, d)]
+        assert len(_keys(zg, "detect")) == 9
+
+
+def test_graph_equals_the_in_process_subtraction(spec, inputs, tmp_path):
+    """The visit's graph (run in turn here) writes the difference and catalogue of ``subtract_exposures``."""
+    config = _config()
+    record = process_visit(spec, config, tmp_path / "out", run_id="r1")
+    assert record["status"] == "done", record
+    folder = visit_dir(tmp_path / "out", spec.visit, spec.detector)
+    written = read_exposure(folder / "difference.fits").arrays()
+    catalog = pd.read_parquet(folder / "dia_sources.parquet")
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert {"read", "template_warp", "kernel_fit", "convolve_subtract", "decorrelate", "detect_measure",
+            "write"} <= set(metrics["timings_s"])
+
+    science, template = inputs
+    tiled = subtract_exposures(science, template, config=config, tiled=True, detect=True)
+    eager = subtract_exposures(science, template, config=config, tiled=False, detect=True)
+    # same tiles as the in-process tiled path: identical
+    for a, b in zip(written, tiled.difference.arrays()):
+        np.testing.assert_array_equal(a, b)
+    expected = tiled.dia_sources.copy()
+    expected["visit"], expected["detector"] = spec.visit, spec.detector
+    pd.testing.assert_frame_equal(catalog, expected, check_dtype=False)
+    assert len(catalog) > 20 and (~catalog["sky_source"]).sum() > 5
+    # and the eager path (the whole image as one tile) to round-off
+    for a, b in zip(written[:2], eager.difference.arrays()[:2]):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
+    np.testing.assert_array_equal(written[2], eager.difference.arrays()[2])
+    pd.testing.assert_frame_equal(catalog[["peak_x", "peak_y", "sky_source"]],
+                                  eager.dia_sources[["peak_x", "peak_y", "sky_source"]], check_dtype=False)
+    # fluxes to a percent of their error (the tiles' FFTs round differently from the whole image's)
+    assert (np.abs(catalog["psf_flux"] - eager.dia_sources["psf_flux"]) <= 0.01 * catalog["psf_flux_err"]).all()
+
+    # the grid only sets how many tasks share the work: one task for all tiles and cells (shape unknown), or a
+    # task grid coarser than the tiles, gives the same result
+    for i, grid in enumerate((VisitGrid(), VisitGrid(tiles=(2, 2), cells=3))):
+        coarse = visit_graph(spec, config, tmp_path / f"coarse{i}", run_id="r2", grid=grid)
+        assert len(_keys(coarse, "subtract")) == grid.tiles[0] * grid.tiles[1]
+        assert len(_keys(coarse, "fit-cell")) == grid.cells
+        assert dask.get(coarse, write_key(spec.visit, spec.detector))["status"] == "done"
+        folder2 = visit_dir(tmp_path / f"coarse{i}", spec.visit, spec.detector)
+        for a, b in zip(read_exposure(folder2 / "difference.fits").arrays(), written):
+            np.testing.assert_array_equal(a, b)
+        pd.testing.assert_frame_equal(pd.read_parquet(folder2 / "dia_sources.parquet"), catalog)
+
+    # a rerun of the write task of the same run does not install again (exactly once)
+    before = (folder / "_outputs.json").stat().st_mtime_ns
+    again = dask.get(visit_graph(spec, config, tmp_path / "out", run_id="r1"), write_key(spec.visit, spec.detector))
+    assert again["status"] == "done" and again["reason"] == "written by an earlier attempt of this run"
+    assert (folder / "_outputs.json").stat().st_mtime_ns == before
+
+
+def test_batch_on_a_cluster_equals_the_in_process_subtraction(spec, inputs, tmp_path):
+    """The same visit as a batch on a (threaded) LocalCluster: tasks spread over two workers."""
+    from distributed import Client, LocalCluster
+
+    config = _config()
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        with Client(cluster) as client:
+            report = run_batch([spec], config, tmp_path / "out", client=client, progress=False)
+    assert [r.status for r in report.records] == ["done"]
+    folder = visit_dir(tmp_path / "out", spec.visit, spec.detector)
+    science, template = inputs
+    tiled = subtract_exposures(science, template, config=config, tiled=True, detect=True)
+    for a, b in zip(read_exposure(folder / "difference.fits").arrays(), tiled.difference.arrays()):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(read_exposure(folder / "matched_template.fits").arrays(), tiled.matched_template.arrays()):
+        np.testing.assert_array_equal(a, b)
+    expected = tiled.dia_sources.copy()
+    expected["visit"], expected["detector"] = spec.visit, spec.detector
+    pd.testing.assert_frame_equal(pd.read_parquet(folder / "dia_sources.parquet"), expected, check_dtype=False)
+
+
+@pytest.mark.parametrize("method", ["zogy", "al-preconvolve"])
+def test_score_methods_detect_and_write_as_separate_tasks(spec, inputs, tmp_path, method):
+    config = _config(method)
+    record = process_visit(spec, config, tmp_path / "out", run_id="r1")
+    assert record["status"] == "done", record
+    folder = visit_dir(tmp_path / "out", spec.visit, spec.detector)
+    assert (folder / "score.fits").is_file()
+    science, template = inputs
+    direct = subtract_by_method(science, template, config=config, tiled=False, detect=True)
+    expected = direct.dia_sources.copy()
+    expected["visit"], expected["detector"] = spec.visit, spec.detector
+    pd.testing.assert_frame_equal(pd.read_parquet(folder / "dia_sources.parquet"), expected, check_dtype=False)
+
+
+def test_a_permanent_error_becomes_a_value_that_reaches_the_write_task(spec, tmp_path):
+    junk = tmp_path / "junk.fits"
+    junk.write_bytes(b"not FITS\n" * 50)
+    bad = VisitSpec(visit=9, detector=1, science=str(junk), template=spec.template)
+    assert input_shape(bad) is None
+    config = _config()
+    dsk = build_batch_graph([bad], config, tmp_path / "out", run_id="r")
+    assert len(_keys(dsk, "subtract")) == 1  # shape unknown here: one task for all tiles
+    catalog, record = dask.get(dsk, [("catalog", 9, 1), ("write", 9, 1)])
+    assert isinstance(catalog, StageFailure) and catalog.stage == "template" and catalog.error == "InputError"
+    assert record["status"] == "failed" and record["error"] == "InputError" and "junk.fits" in record["reason"]
+    assert not visit_dir(tmp_path / "out", 9, 1).exists()
+
+    # run_stage: permanent → value, transient → raised (the scheduler retries it), markers pass through
+    def boom(exc):
+        raise exc
+
+    failure = run_stage("kernel-sources", 9, 1, boom, InputError("bad"))
+    assert failure == StageFailure(stage="kernel-sources", visit=9, detector=1, error="InputError", reason="bad")
+    with pytest.raises(OSError):
+        run_stage("subtract", 9, 1, boom, OSError("NFS hiccup"))
+    assert run_stage("catalog", 9, 1, boom, 1, [2, failure]) is failure
+    done = AlreadyWritten(visit=9, detector=1, manifest={})
+    assert run_stage("detect", 9, 1, boom, done) is done
