@@ -15,7 +15,10 @@ stars of 1e4–5e4 counts of |Σ D| / F within 2 FWHM); wall time of the method 
 Targets (issue 6): every method ≥ 95 % completeness with ≤ 10 false positives; ZOGY on 4096² with a
 4×4 PSF grid ≤ 2 GB peak and ≤ 2× the AL time.
 
-    python benchmarks/bench_methods.py [--size 2048] [--workers 2] [--methods al al-preconvolve zogy]
+    python benchmarks/bench_methods.py [--size 2048] [--workers 2] [--methods al al-preconvolve zogy] [--profile]
+
+``--profile`` adds each method's peak RSS per pipeline stage (the ``Timings`` stages the method
+reports, plus ``read``), to find which stage sets the peak.
 """
 from __future__ import annotations
 
@@ -36,7 +39,38 @@ import dask
 from diffim_dag.config import PipelineConfig
 from diffim_dag.io import read_exposure
 method, sci, tmp, workers, out = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+profile = len(sys.argv) > 6 and sys.argv[6] == "1"
+stage_peaks = {}
+if profile:
+    # --profile: the RSS sampled every 2 ms by a thread, its maximum over each Timings stage
+    import contextlib, os, threading
+    from diffim_dag import pipeline as _pipeline
+    page = os.sysconf("SC_PAGE_SIZE")
+    samples = []
+    def _poll():
+        with open("/proc/self/statm") as f:
+            while True:
+                f.seek(0)
+                samples.append((time.perf_counter(), int(f.read().split()[1]) * page))
+                time.sleep(0.002)
+    threading.Thread(target=_poll, daemon=True).start()
+    _stage = _pipeline.Timings.stage
+    @contextlib.contextmanager
+    def _profiled(self, name):
+        t0 = time.perf_counter()
+        with _stage(self, name):
+            yield
+        t1 = time.perf_counter()
+        seen = list(samples)
+        inside = [r for t, r in seen if t0 <= t <= t1] or [r for t, r in seen if t <= t1][-1:]  # short stages
+        peak = max(inside, default=0) / 1024**3
+        stage_peaks[name] = max(stage_peaks.get(name, 0.0), peak)
+    _pipeline.Timings.stage = _profiled
+t_read = time.perf_counter()
 science, template = read_exposure(sci), read_exposure(tmp)
+if profile:
+    t_done = time.perf_counter()
+    stage_peaks["read"] = max((r for t, r in list(samples) if t_read <= t <= t_done), default=0) / 1024**3
 config = PipelineConfig(method=method)
 with dask.config.set(num_workers=workers, scheduler="threads"):
     t0 = time.perf_counter()
@@ -54,7 +88,8 @@ with dask.config.set(num_workers=workers, scheduler="threads"):
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 r.dia_sources.to_parquet(out + "/dia.parquet")
 np.save(out + "/difference.npy", r.difference.arrays()[0])
-print(json.dumps({"total": total, "peak_gb": peak, "timings": r.metrics.get("timings_s", {})}, default=float))
+print(json.dumps({"total": total, "peak_gb": peak, "timings": r.metrics.get("timings_s", {}),
+                  "stage_peak_gb": stage_peaks}, default=float))
 """
 
 
@@ -98,6 +133,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=6)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--methods", nargs="+", default=["al", "al-preconvolve", "zogy"])
+    ap.add_argument("--profile", action="store_true",
+                    help="also print each method's peak RSS per pipeline stage (RSS sampled every 2 ms; Linux)")
     args = ap.parse_args()
     import pandas as pd
 
@@ -118,19 +155,27 @@ def main() -> None:
             out = Path(tmp) / method
             out.mkdir()
             proc = subprocess.run([sys.executable, "-c", CHILD, method, str(paths["science"]), str(paths["template"]),
-                                   str(args.workers), str(out)], capture_output=True, text=True, env=env)
+                                   str(args.workers), str(out), "1" if args.profile else "0"],
+                                  capture_output=True, text=True, env=env)
             if proc.returncode != 0:
                 print(f"{method} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
                 continue
             run = json.loads(proc.stdout.strip().splitlines()[-1])
             quality = evaluate(truth, pd.read_parquet(out / "dia.parquet"), np.load(out / "difference.npy"), xy0, fwhm)
-            rows.append({"method": method, **quality, "time_s": run["total"], "peak_gb": run["peak_gb"]})
+            rows.append({"method": method, **quality, "time_s": run["total"], "peak_gb": run["peak_gb"],
+                         "stage_peak_gb": run.get("stage_peak_gb", {}), "timings": run.get("timings", {})})
             print(f"  done {method}: {run['timings']}", file=sys.stderr)
     print(f"pair {args.size}² seed {args.seed}, {args.workers} worker thread(s)")
     print(f"{'method':>15} {'complete':>9} {'found':>9} {'FPs':>5} {'DiaSrc':>7} {'star res':>9} {'time s':>7} {'peak GB':>8}")
     for r in rows:
         print(f"{r['method']:>15} {100 * r['completeness']:>8.1f}% {r['found']:>4}/{r['n_injected']:<4} "
               f"{r['false_positives']:>5} {r['n_dia']:>7} {r['star_residual']:>9.4f} {r['time_s']:>7.2f} {r['peak_gb']:>8.2f}")
+    if args.profile:
+        print("peak RSS per stage (GB; wall s), in the order the stages finished:")
+        for r in rows:
+            cells = [f"{k} {v:.2f} ({r['timings'].get(k, float('nan')):.1f} s)" if k in r["timings"] else f"{k} {v:.2f}"
+                     for k, v in r["stage_peak_gb"].items()]
+            print(f"{r['method']:>15}: " + ", ".join(cells))
     by = {r["method"]: r for r in rows}
     if "al" in by and "zogy" in by:
         print(f"ZOGY / AL time: {by['zogy']['time_s'] / by['al']['time_s']:.2f} (target ≤ 2 at 4096²); "

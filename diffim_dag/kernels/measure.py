@@ -57,6 +57,7 @@ from .maskops import bits_of
 
 __all__ = [
     "FLAG_PLANES",
+    "pixels_without",
     "render_psf",
     "psf_fit",
     "forced_psf_flux",
@@ -117,6 +118,35 @@ def _stamp(shape, origin, x, y, half):
 def _cut(arr, bbox, origin):
     bx0, bx1, by0, by1 = bbox
     return arr[by0 - origin[1] : by1 - origin[1], bx0 - origin[0] : bx1 - origin[0]]
+
+
+def pixels_without(mask: np.ndarray, bits: int, *, block_pixels: int = 1 << 20) -> np.ndarray:
+    """Boolean image, True where ``mask`` has none of ``bits`` (``(mask & bits) == 0``).
+
+    Computed in blocks of rows of about ``block_pixels`` pixels, so that a whole-image mask
+    (sky sources, forced photometry of the whole frame) needs no full-size integer temporary.
+
+    Parameters
+    ----------
+    mask : ndarray of int
+        Bit-field mask, any shape (blocks run along the first axis).
+    bits : int
+        OR of the plane bit values to test.
+
+    Returns
+    -------
+    ndarray of bool, shape of ``mask``
+    """
+    mask = np.asarray(mask)
+    out = np.empty(mask.shape, dtype=bool)
+    if mask.ndim < 2:
+        np.equal(mask & mask.dtype.type(bits), 0, out=out)
+        return out
+    bits = mask.dtype.type(bits)
+    step = max(1, int(block_pixels) // max(int(np.prod(mask.shape[1:])), 1))
+    for y0 in range(0, mask.shape[0], step):
+        np.equal(mask[y0 : y0 + step] & bits, 0, out=out[y0 : y0 + step])
+    return out
 
 
 def _weights(var, good):
@@ -416,7 +446,7 @@ def measure_sources(
     image = np.asarray(image)
     variance = np.asarray(variance)
     mask = np.asarray(mask)
-    good = (mask & bits_of(planes, excluded_planes)) == 0
+    good = pixels_without(mask, bits_of(planes, excluded_planes))
     n = len(x)
     cols = measurement_columns(flag_planes)
     out: dict[str, np.ndarray] = {k: np.zeros(n, dtype=v) if v != "float64" else np.full(n, np.nan) for k, v in cols.items()}

@@ -167,7 +167,10 @@ def _pad_with_noise(a: np.ndarray, pads: tuple[tuple[int, int], tuple[int, int]]
                     rng: np.random.Generator) -> np.ndarray:
     (b, t), (l, r) = pads
     ny, nx = a.shape
-    out = level + sigma * rng.standard_normal((ny + b + t, nx + l + r))
+    # level + σ·N(0, 1), built in place (one padded array, no temporaries)
+    out = rng.standard_normal((ny + b + t, nx + l + r))
+    out *= sigma
+    out += level
     out[b : b + ny, l : l + nx] = a
     return out
 
@@ -219,19 +222,34 @@ def zogy_fourier_terms(psf_new: np.ndarray, psf_reference: np.ndarray, shape: tu
     # Where both PSFs are at the rounding floor their ratio is noise: take them as equal there
     # (LSST's ZogyTask does so at exact zeros), which keeps D white with unit variance.
     floor = (pn2 < power_floor) & (pr2 < power_floor)
+    del pn2, pr2
     denom = np.sqrt(np.where(floor, 1.0, denom2))
+    del denom2
     f_d = fr * fn / np.sqrt(sn2 * fr * fr + sr2 * fn * fn)
     p_d = np.where(floor, 0.0, fr * fn * pr * pn / (f_d * denom))
     scale = fn / f_d
-    c_new = np.where(floor, scale * f_d / fn, scale * fr * pr / denom)
-    c_reference = np.where(floor, scale * f_d / fr, scale * fn * pn / denom)
+    # the half planes are built one at a time, each with in-place steps (same operations in the
+    # same order as the formulas), so that few full-size temporaries coexist
     conj_pd = np.conj(p_d)
+    k_new = f_d * conj_pd
+    k_new *= fr
+    k_new *= pr
+    k_new /= denom
+    k_reference = f_d * conj_pd
+    del conj_pd
+    k_reference *= fn
+    k_reference *= pn
+    k_reference /= denom
+    c_new = np.where(floor, scale * f_d / fn, scale * fr * pr / denom)
+    del pr
+    c_reference = np.where(floor, scale * f_d / fr, scale * fn * pn / denom)
+    del pn, denom, floor
     return ZogyFourier(
         shape=(int(shape[0]), int(shape[1])),
         c_new=c_new,
         c_reference=c_reference,
-        k_new=f_d * conj_pd * fr * pr / denom,
-        k_reference=f_d * conj_pd * fn * pn / denom,
+        k_new=k_new,
+        k_reference=k_reference,
         psf_difference=p_d,
         flux_difference=float(f_d),
     )
@@ -265,13 +283,23 @@ class ZogyCellResult:
     flux_difference: float
 
 
-def _apply(ft_image: np.ndarray, ft_kernel: np.ndarray, shape, workers) -> np.ndarray:
-    return scipy.fft.irfft2(ft_image * ft_kernel, s=shape, workers=workers)
+def _combine(ft_a: np.ndarray, kernel_a: np.ndarray, ft_b: np.ndarray, kernel_b: np.ndarray, sign: float,
+             shape, workers) -> np.ndarray:
+    r"""``irfft2(â k̂_a ± b̂ k̂_b)``: one half-plane accumulator, no other full-size temporary kept."""
+    acc = ft_a * kernel_a
+    term = ft_b * kernel_b
+    if sign < 0:
+        acc -= term
+    else:
+        acc += term
+    del term
+    return scipy.fft.irfft2(acc, s=shape, workers=workers)
 
 
 def _square_kernel_ft(ft_kernel: np.ndarray, shape, workers) -> np.ndarray:
     k = _image_of(ft_kernel, shape, workers)
-    return scipy.fft.rfft2(k * k, workers=workers)
+    np.multiply(k, k, out=k)
+    return scipy.fft.rfft2(k, workers=workers)
 
 
 def zogy_cell(
@@ -323,6 +351,13 @@ def zogy_cell(
     Returns
     -------
     ZogyCellResult
+        The four planes are float64 views of the cell's core in the padded transforms.
+
+    Notes
+    -----
+    Each operator and transform is freed once used, so the working set peaks near ten
+    padded planes (complex128 half planes or float64 images of the FFT shape; fourteen
+    before), e.g. ≈ 140 MB for a 1198² cell padded to 1320².
     """
     n = np.asarray(new)
     ny, nx = n.shape
@@ -333,6 +368,7 @@ def zogy_cell(
     fx = scipy.fft.next_fast_len(nx + 2 * pad, real=True)
     pads = ((pad, fy - ny - pad), (pad, fx - nx - pad))
     shape = (fy, fx)
+    core = (slice(pad, pad + ny), slice(pad, pad + nx))
     rng = np.random.default_rng(seed)
     sn, sr = float(np.sqrt(sigma_new2)), float(np.sqrt(sigma_reference2))
 
@@ -343,39 +379,53 @@ def zogy_cell(
         return _pad_with_noise(fill_with_noise(img, ~good, sigma, rng, level), pads, sigma, level, rng)
 
     def prepare_var(var, sigma2):
-        v = np.array(var, dtype=np.float64, copy=True)
-        v[~np.isfinite(v) | (v < 0)] = sigma2
-        return np.pad(v, pads, mode="constant", constant_values=sigma2)
+        # the padded plane directly (σ² around the cell), then the cell's values with their
+        # non-finite and negative pixels set to σ²
+        v = np.full(shape, float(sigma2), dtype=np.float64)
+        inner = v[core]
+        inner[...] = var
+        inner[~np.isfinite(inner) | (inner < 0)] = sigma2
+        return v
 
     ops = zogy_fourier_terms(psf_new, psf_reference, shape, sigma_new2=sigma_new2, sigma_reference2=sigma_reference2,
                              flux_new=flux_new, flux_reference=flux_reference, workers=workers)
-    core = (slice(pad, pad + ny), slice(pad, pad + nx))
-
-    n_ft = scipy.fft.rfft2(prepare(n, bad_new, sn), workers=workers)
-    r_ft = scipy.fft.rfft2(prepare(reference, bad_reference, sr), workers=workers)
-    difference = _apply(n_ft * ops.c_new - r_ft * ops.c_reference, 1.0, shape, workers)[core]
-    score = _apply(n_ft * ops.k_new - r_ft * ops.k_reference, 1.0, shape, workers)[core]
-    del n_ft, r_ft
-
-    vn_ft = scipy.fft.rfft2(prepare_var(new_variance, sigma_new2), workers=workers)
-    vr_ft = scipy.fft.rfft2(prepare_var(reference_variance, sigma_reference2), workers=workers)
-    difference_variance = _apply(vn_ft * _square_kernel_ft(ops.c_new, shape, workers)
-                                 + vr_ft * _square_kernel_ft(ops.c_reference, shape, workers), 1.0, shape, workers)[core]
-    score_variance = _apply(vn_ft * _square_kernel_ft(ops.k_new, shape, workers)
-                            + vr_ft * _square_kernel_ft(ops.k_reference, shape, workers), 1.0, shape, workers)[core]
-
+    # take the operators out of the (frozen) container so that each is freed once used
+    c_new, c_reference, k_new, k_reference = ops.c_new, ops.c_reference, ops.k_new, ops.k_reference
+    flux_difference = ops.flux_difference
     size = max(np.shape(psf_new)[0], np.shape(psf_reference)[0])
     pd_img = scipy.fft.fftshift(_image_of(ops.psf_difference, shape, workers))
+    del ops
     h = size // 2
     pd_img = pd_img[fy // 2 - h : fy // 2 + h + 1, fx // 2 - h : fx // 2 + h + 1]
     pd_img = pd_img / pd_img.sum()
+
+    # D_N and S (the cores are views of the padded transforms' outputs)
+    n_ft = scipy.fft.rfft2(prepare(n, bad_new, sn), workers=workers)
+    r_ft = scipy.fft.rfft2(prepare(reference, bad_reference, sr), workers=workers)
+    difference = _combine(n_ft, c_new, r_ft, c_reference, -1.0, shape, workers)[core]
+    score = _combine(n_ft, k_new, r_ft, k_reference, -1.0, shape, workers)[core]
+    del n_ft, r_ft
+
+    # V(D_N) and V(S) through the squared image-space kernels; each operator is freed once squared
+    vn_ft = scipy.fft.rfft2(prepare_var(new_variance, sigma_new2), workers=workers)
+    vr_ft = scipy.fft.rfft2(prepare_var(reference_variance, sigma_reference2), workers=workers)
+    c_new = _square_kernel_ft(c_new, shape, workers)
+    c_reference = _square_kernel_ft(c_reference, shape, workers)
+    difference_variance = _combine(vn_ft, c_new, vr_ft, c_reference, 1.0, shape, workers)[core]
+    del c_new, c_reference
+    k_new = _square_kernel_ft(k_new, shape, workers)
+    k_reference = _square_kernel_ft(k_reference, shape, workers)
+    score_variance = _combine(vn_ft, k_new, vr_ft, k_reference, 1.0, shape, workers)[core]
+    del k_new, k_reference, vn_ft, vr_ft
+    np.maximum(difference_variance, 0.0, out=difference_variance)
+    np.maximum(score_variance, 0.0, out=score_variance)
     return ZogyCellResult(
         difference=difference,
-        difference_variance=np.maximum(difference_variance, 0.0),
+        difference_variance=difference_variance,
         score=score,
-        score_variance=np.maximum(score_variance, 0.0),
+        score_variance=score_variance,
         psf_difference=pd_img,
-        flux_difference=ops.flux_difference,
+        flux_difference=flux_difference,
     )
 
 

@@ -21,6 +21,9 @@ This stage
    pixels of real data, padded with noise to a fast FFT length;
 5. blends the weighted cells into :math:`D_N`, :math:`V(D_N)`, :math:`S`, :math:`V(S)` and
    forms :math:`S_\mathrm{corr} = S / \sqrt{V(S)}`;
+   the cells run in batches of about twice the worker threads, each batch's float32
+   planes added into the preallocated full-frame planes before the next batch starts (so
+   the cell results held at once are one batch's, and the sums are the same bit for bit);
 6. masks: science mask OR the template's kept planes (``SAT`` → ``SAT_TEMPLATE``), both
    dilated by the PSF footprint; noise-filled input pixels (non-finite, ``NO_DATA``,
    ``BAD``, ``SAT``) are ``NO_DATA`` when non-finite; ``EDGE`` within the PSF half-width
@@ -32,8 +35,11 @@ differential-background term.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
+import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -218,14 +224,133 @@ def zogy_cell_task(task: dict) -> dict:
     y0, y1, x0, x1 = task["support"]
     w = task["weight_y"][:, None] * task["weight_x"][None, :]
     sl = (slice(y0, y1), slice(x0, x1))
-    return {
-        "difference": (w * res.difference[sl]).astype(np.float32),
-        "difference_variance": (w * res.difference_variance[sl]).astype(np.float32),
-        "score": (w * res.score[sl]).astype(np.float32),
-        "score_variance": (w * res.score_variance[sl]).astype(np.float32),
-        "psf_difference": res.psf_difference,
-        "flux_difference": res.flux_difference,
-    }
+    out = {}
+    for name in ("difference", "difference_variance", "score", "score_variance"):
+        # w·plane in float64, rounded once to float32, with no float64 temporary of the support
+        out[name] = np.multiply(w, getattr(res, name)[sl], out=np.empty(w.shape, dtype=np.float32),
+                                casting="same_kind")
+    out["psf_difference"] = res.psf_difference
+    out["flux_difference"] = res.flux_difference
+    del res, w
+    _release_free_memory()
+    return out
+
+
+_LIBC = None
+
+
+def _release_free_memory() -> bool:
+    """Return the freed pages of the C heap to the operating system (glibc ``malloc_trim``).
+
+    A ZOGY cell's FFT working set (about ten float64/complex128 arrays of the cell's padded
+    size, 10–20 MB each for a 4×4 grid on 4096²) is allocated by glibc below its mmap
+    threshold, from the worker thread's arena.  Once freed those pages stay resident in
+    the process (≈ 0.25 GB after the 16 cells of a 4096² image, with two threads) unless
+    the heap is trimmed; this does so after each cell and after the cell stage.  Live
+    memory is untouched; the call is a no-op (returns False) where the C library has no
+    ``malloc_trim``.
+
+    Returns
+    -------
+    bool
+        Whether the C library released any memory.
+    """
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = False
+        if sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL("libc.so.6")
+                libc.malloc_trim.argtypes = [ctypes.c_size_t]
+                libc.malloc_trim.restype = ctypes.c_int
+                _LIBC = libc
+            except (OSError, AttributeError):
+                _LIBC = False
+    return bool(_LIBC and _LIBC.malloc_trim(0))
+
+
+#: The weighted planes a cell task returns, blended into full-frame float32 planes.
+_CELL_PLANES = ("difference", "difference_variance", "score", "score_variance")
+
+
+def _flag_nonfinite(mask: np.ndarray, image: np.ndarray, bit: int) -> np.ndarray:
+    """``mask`` as int32 with ``bit`` set where ``image`` is not finite (``mask`` itself, no copy, when none is)."""
+    nonfinite = ~np.isfinite(image)
+    if mask.dtype == np.int32 and not nonfinite.any():
+        return mask
+    out = mask.astype(np.int32)
+    out[nonfinite] |= np.int32(bit)
+    return out
+
+
+def _difference_mask(science_mask: np.ndarray, template_mask: np.ndarray, mask_planes: dict, *, size: int,
+                     skip_bits: int, kept, rows: int = 512) -> np.ndarray:
+    """``dilate(science) | dilate(template rules)`` (int32), built in bands of ``rows`` rows.
+
+    Each band is dilated with ``size // 2`` rows of context on either side (clipped at the
+    image edges), which is all the square footprint reads, so the result equals the
+    whole-frame :func:`~diffim_dag.kernels.maskops.dilate_mask` of both masks OR-ed together
+    while the temporaries stay the size of a band.
+    """
+    ny = science_mask.shape[0]
+    h = int(size) // 2
+    out = np.empty(science_mask.shape, dtype=np.int32)
+    for a in range(0, ny, rows):
+        b = min(a + rows, ny)
+        a0, b0 = max(a - h, 0), min(b + h, ny)
+        band = dilate_mask(science_mask[a0:b0], size, skip_bits=skip_bits)
+        band |= dilate_mask(template_mask_for_difference(template_mask[a0:b0], mask_planes, kept=kept), size,
+                            skip_bits=skip_bits)
+        out[a:b] = band[a - a0 : b - a0]
+    return out
+
+
+def _cells_per_batch(n_cells: int, client) -> int:
+    """Cells submitted together: twice the worker threads (all of them with more threads than cells).
+
+    Each batch's weighted planes are blended before the next batch runs, so the cell results
+    held at once are those of one batch, not of the whole image.
+    """
+    threads = 0
+    if client is not None:
+        try:
+            threads = int(sum(client.nthreads().values()))
+        except Exception:  # noqa: BLE001 - any client without nthreads(): fall back to the cores
+            threads = 0
+    threads = threads or os.cpu_count() or 1
+    return max(1, min(n_cells, 2 * threads))
+
+
+def _run_cells(tasks: list[dict], shape: tuple[int, int], *, client=None, tiled: bool = True):
+    """Run the cell tasks and blend their weighted planes into preallocated float32 images.
+
+    Returns ``(planes, psf_differences, flux_differences)``: ``planes`` maps each of
+    :data:`_CELL_PLANES` to a full-frame float32 image (the sum of the cells' weighted planes,
+    added in task order, so the batching does not change a bit of it); the lists are in task order.
+    """
+    planes = {name: np.zeros(shape, dtype=np.float32) for name in _CELL_PLANES}
+    psf_differences, flux_differences = [], []
+    if tiled:
+        from ..graph import tile_mapper
+
+        run = tile_mapper(client, prefix="zogy-cell")
+        step = _cells_per_batch(len(tasks), client)
+        batches = [tasks[i : i + step] for i in range(0, len(tasks), step)]
+    else:
+        batches = [[t] for t in tasks]  # eager: one cell at a time
+    for batch in batches:
+        results = run(zogy_cell_task, batch) if tiled else [zogy_cell_task(batch[0])]
+        for i, task in enumerate(batch):
+            res, results[i] = results[i], None  # drop each cell's planes once blended
+            y0, y1, x0, x1 = task["support_parent"]
+            sl = (slice(y0, y1), slice(x0, x1))
+            for name in _CELL_PLANES:
+                planes[name][sl] += res[name]
+            psf_differences.append(res["psf_difference"])
+            flux_differences.append(float(res["flux_difference"]))
+            del res
+        del results
+    return planes, psf_differences, flux_differences
 
 
 def _psf_size(science: Exposure, template: Exposure, fwhm_factor: float) -> int:
@@ -327,7 +452,16 @@ def subtract_zogy(
         ``difference`` (:math:`D_N`, science flux units, PSF :math:`P_D` per cell),
         ``matched_template`` (the template scaled by κ), ``matched_science`` (the science),
         ``mode = "zogy"``, ``kernel_fit = None``, and ``score`` (image :math:`S`, variance
-        :math:`V(S)`).
+        :math:`V(S)`).  ``score`` and ``difference`` share one mask array, and
+        ``matched_template`` the template's mask array (none is modified in place downstream).
+
+    Notes
+    -----
+    Peak memory on a 4096² pair with a 4×4 grid and two threads is ≈ 1.5 GB (inputs
+    included): the full-frame planes are float32 (:math:`D_N`, :math:`V(D_N)`, :math:`S`,
+    :math:`V(S)`, the mask, the κ-scaled template and :math:`S_\mathrm{corr}`), each cell's
+    float64 FFT work is freed (and the heap trimmed) as soon as its weighted planes are
+    made, the cells run in batches, and the masks are dilated in bands of rows.
 
     Raises
     ------
@@ -341,7 +475,6 @@ def subtract_zogy(
     timings = Timings()
     metrics: dict = {"method": "zogy", "mode": "zogy", "kernel": {}}
     science, template, planes, coverage = prepare_inputs(science, template, config, timings, metrics)
-    smask0, tmask0 = science.arrays()[2], template.arrays()[2]
 
     with timings.stage("flux_ratio"):
         kappa, origin, stars = flux_ratio(science, template, zogy_config)
@@ -352,57 +485,54 @@ def subtract_zogy(
     si, sv, sm = science.arrays()
     ti, tv, tm = template.arrays()
     no_data = planes.bitmask("NO_DATA")
-    smask = np.where(np.isfinite(si), sm, sm | no_data).astype(np.int32)
-    tmask = np.where(np.isfinite(ti), tm, tm | no_data).astype(np.int32)
+    smask = _flag_nonfinite(sm, si, no_data)
+    tmask = _flag_nonfinite(tm, ti, no_data)
     bad_bits = planes.bitmask([p for p in zogy_config.bad_mask_planes if p in planes])
     psf_size = _psf_size(science, template, zogy_config.psf_size_fwhm)
+    shape = science.shape
 
     with timings.stage("zogy_cells"):
         tasks, grid = _cell_tasks(science, template, smask, tmask, kappa=kappa, config=zogy_config,
                                   psf_size=psf_size, bad_bits=bad_bits)
-        if tiled:
-            from ..graph import tile_mapper
-
-            results = tile_mapper(client, prefix="zogy-cell")(zogy_cell_task, tasks)
-        else:
-            results = [zogy_cell_task(t) for t in tasks]
-        shape = science.shape
-        d_img = np.zeros(shape, dtype=np.float32)
-        d_var = np.zeros(shape, dtype=np.float32)
-        s_img = np.zeros(shape, dtype=np.float32)
-        s_var = np.zeros(shape, dtype=np.float32)
-        for t, r in zip(tasks, results):
-            y0, y1, x0, x1 = t["support_parent"]
-            sl = (slice(y0, y1), slice(x0, x1))
-            d_img[sl] += r["difference"]
-            d_var[sl] += r["difference_variance"]
-            s_img[sl] += r["score"]
-            s_var[sl] += r["score_variance"]
+        blended, pd_list, fd_list = _run_cells(tasks, shape, client=client, tiled=tiled)
+        _release_free_memory()
+        d_img, d_var, s_img, s_var = (blended[k] for k in _CELL_PLANES)
+        del blended
         gy, gx = grid["cells"]
-        pd_images = np.array([r["psf_difference"] for r in results]).reshape(gy, gx, psf_size, psf_size)
+        pd_images = np.array(pd_list).reshape(gy, gx, psf_size, psf_size)
         metrics["zogy"].update({
             "grid_cells": [gy, gx], "overlap": grid["overlap"], "margin": grid["margin"], "psf_size": psf_size,
-            "flux_difference": [float(r["flux_difference"]) for r in results],
+            "flux_difference": fd_list,
             "sigma_science2": [t["sigma_new2"] for t in tasks],
             "sigma_template2": [t["sigma_reference2"] for t in tasks],
         })
+        del tasks  # views of the input planes and masks
 
     with timings.stage("masks"):
         skip_bits = planes.bitmask([p for p in ("INJECTED", "INJECTED_TEMPLATE") if p in planes])
-        t_rules = template_mask_for_difference(tmask, planes.as_dict(), kept=config.subtract.template_mask_planes_kept)
-        mask = (dilate_mask(smask, psf_size, skip_bits=skip_bits) | dilate_mask(t_rules, psf_size, skip_bits=skip_bits))
-        mask = (mask | edge_mask(shape, psf_size // 2, planes["EDGE"])).astype(np.int32)
+        mask = _difference_mask(smask, tmask, planes.as_dict(), size=psf_size, skip_bits=skip_bits,
+                                kept=config.subtract.template_mask_planes_kept)
+        del smask, tmask
+        mask |= edge_mask(shape, psf_size // 2, planes["EDGE"])
 
     psf_d = CellPsf(pd_images, grid["x_nodes"], grid["y_nodes"])
+    # D_N and S share the one mask plane (from_arrays flags non-finite pixels in place, so a
+    # plane is shared only when neither image has any)
+    shared = bool(np.isfinite(d_img).all() and np.isfinite(s_img).all())
     difference = Exposure.from_arrays(d_img, d_var, mask, xy0=science.xy0, mask_planes=planes, wcs=science.wcs,
                                       psf=psf_d, info=science.info.replace(variance_source="propagated"),
                                       validate=False, copy=False)
-    score = Exposure.from_arrays(s_img, s_var, mask.copy(), xy0=science.xy0, mask_planes=planes, wcs=science.wcs,
-                                 psf=psf_d, info=science.info.replace(variance_source="propagated"),
+    score = Exposure.from_arrays(s_img, s_var, mask if shared else mask.copy(), xy0=science.xy0, mask_planes=planes,
+                                 wcs=science.wcs, psf=psf_d, info=science.info.replace(variance_source="propagated"),
                                  validate=False, copy=False)
     k = np.float32(kappa)
-    matched_template = Exposure.from_arrays(ti * k, tv * k * k, tm, xy0=science.xy0, mask_planes=planes,
-                                            wcs=template.wcs, psf=template.psf, info=template.info, validate=False)
+    mt_img = ti * k
+    mt_var = tv * k * k
+    mt_mask = tm if (tm.dtype == np.int32 and np.isfinite(mt_img).all()) else tm.copy()
+    matched_template = Exposure.from_arrays(mt_img, mt_var, mt_mask, xy0=science.xy0, mask_planes=planes,
+                                            wcs=template.wcs, psf=template.psf, info=template.info, validate=False,
+                                            copy=False)
+    del mt_img, mt_var, mt_mask
     significance = score_significance(score)
 
     with timings.stage("metrics"):
@@ -418,6 +548,7 @@ def subtract_zogy(
         )
         good = ((mask & planes.bitmask(["NO_DATA", "BAD", "SAT", "EDGE"])) == 0) & (s_var > 0)
         q["score_significance_std"] = float(clipped_stats(significance[good])[1]) if good.any() else None
+        del good
         metrics["quality"] = q
 
     dia_sources = None
@@ -433,11 +564,19 @@ def subtract_zogy(
 def score_significance(score: Exposure) -> np.ndarray:
     """``image / sqrt(variance)`` of a score exposure; 0 where the variance is not positive or NO_DATA."""
     img, var, msk = score.arrays()
-    nodata = (msk & score.bitmask("NO_DATA")) != 0
-    ok = (var > 0) & np.isfinite(img) & ~nodata
+    bit = score.bitmask("NO_DATA")
     out = np.zeros(img.shape, dtype=np.float32)
-    out[ok] = img[ok] / np.sqrt(var[ok])
+    step = max(1, _SIGNIFICANCE_PIXELS // max(img.shape[1], 1))
+    for y0 in range(0, img.shape[0], step):  # row blocks: no full-frame temporaries
+        sl = slice(y0, y0 + step)
+        i, v = img[sl], var[sl]
+        ok = (v > 0) & np.isfinite(i) & ((msk[sl] & bit) == 0)
+        out[sl][ok] = i[ok] / np.sqrt(v[ok])
     return out
+
+
+#: Pixels per row block of :func:`score_significance`.
+_SIGNIFICANCE_PIXELS = 1 << 20
 
 
 def detect_on_score(difference: Exposure, science: Exposure, matched_template: Exposure, significance: np.ndarray,
