@@ -230,3 +230,79 @@ def test_cosmic_rays_are_masked_not_detected(rng):
     without = detect_and_measure(exp, config=DetectMeasureConfig(n_sky_sources=0))
     assert len(with_cr) == 2
     assert len(without) > 2
+
+
+# ------------------------------------------------------------------ systematic fraction ε
+
+
+def test_systematic_fraction_recovers_injected_scatter():
+    rng = np.random.default_rng(11)
+    sigma = rng.uniform(0.003, 0.03, 300)
+    noise_only = rng.normal(0.0, sigma)
+    assert det.systematic_fraction(noise_only, sigma) == 0.0  # residuals consistent with noise
+    eps = 0.04
+    r = rng.normal(0.0, np.sqrt(sigma**2 + eps**2))
+    got = det.systematic_fraction(r, sigma)
+    assert abs(got - eps) < 0.2 * eps, got
+    # 10 % genuinely variable sources (±50 %) barely move the median-based estimate
+    r_var = r.copy()
+    r_var[::10] = rng.choice([-0.5, 0.5], r_var[::10].size)
+    assert abs(det.systematic_fraction(r_var, sigma) - eps) < 0.3 * eps
+    assert det.systematic_fraction(r[:5], sigma[:5]) == 0.0  # fewer than min_sources
+
+
+def _static_residual_scene(eps: float, seed: int = 3, n: int = 512):
+    """A matched template of 120 bright stars, and a difference holding ε-scaled residuals of them
+    (r_j ~ N(0, ε) times each star) plus a transient of S/N ≈ 30 on blank sky."""
+    rng = np.random.default_rng(seed)
+    var = np.full((n, n), 4.0)
+    xs, ys = rng.uniform(20, n - 20, 120), rng.uniform(20, n - 20, 120)
+    flux = 10 ** rng.uniform(3.5, 5.0, 120)
+    tmpl = np.zeros((n, n))
+    add_sources(tmpl, xs, ys, flux, PSF)
+    diff = rng.normal(0.0, 2.0, (n, n))
+    add_sources(diff, xs, ys, flux * rng.normal(0.0, eps, 120), PSF)
+    # blank-sky transient: ~ 30σ with the matched filter (σ_F = 2 sqrt(4π σ_psf²) ≈ 14.2)
+    blank = None
+    while blank is None:
+        x, y = rng.uniform(40, n - 40, 2)
+        if np.min(np.hypot(xs - x, ys - y)) > 30:
+            blank = (x, y)
+    add_sources(diff, [blank[0]], [blank[1]], [30 * 2.0 * np.sqrt(4 * np.pi * 4.0)], PSF)
+    tmpl_var = var + np.clip(tmpl, 0, None)
+    difference = Exposure.from_arrays(diff, var + tmpl_var, psf=PSF)
+    template = Exposure.from_arrays(tmpl, tmpl_var, psf=PSF)
+    return difference, template, blank
+
+
+def test_systematic_fraction_suppresses_static_residuals_not_transients():
+    difference, template, (bx, by) = _static_residual_scene(0.05)
+    cfg = dict(n_sky_sources=0, threshold_type="variance")
+    plain = detect_and_measure(difference, template=template, config=DetectMeasureConfig(**cfg))
+    auto = detect_and_measure(difference, template=template,
+                              config=DetectMeasureConfig(systematic_fraction="auto", **cfg))
+    eps = auto.attrs["systematic_fraction"]
+    assert 0.035 < eps < 0.065, eps
+    assert plain.attrs["systematic_fraction"] is None
+    assert len(plain) >= 30  # most 5 % residuals of 10^3.5–10^5 stars are far above 5σ
+    assert len(auto) <= 8, auto[["x", "y", "peak_significance"]]
+    # the blank-sky transient keeps its significance (no static flux under it)
+    for cat in (plain, auto):
+        d = np.hypot(cat["x"] - bx, cat["y"] - by)
+        assert d.min() < 1.0
+    sig = [cat.loc[np.hypot(cat["x"] - bx, cat["y"] - by).idxmin(), "peak_significance"] for cat in (plain, auto)]
+    assert abs(sig[1] - sig[0]) < 0.01 * abs(sig[0])
+    # a fixed ε is used as given; without residual scatter "auto" measures 0
+    fixed = detect_and_measure(difference, template=template, config=DetectMeasureConfig(systematic_fraction=0.05, **cfg))
+    assert fixed.attrs["systematic_fraction"] == 0.05
+    clean, template0, _ = _static_residual_scene(0.0)
+    none = detect_and_measure(clean, template=template0, config=DetectMeasureConfig(systematic_fraction="auto", **cfg))
+    assert none.attrs["systematic_fraction"] == 0.0
+
+
+def test_systematic_fraction_config_is_checked():
+    from diffim_dag.errors import ConfigError
+
+    for bad in ("sometimes", 1.5, -0.1, True):
+        with pytest.raises(ConfigError, match="systematic_fraction"):
+            DetectMeasureConfig(systematic_fraction=bad)

@@ -136,9 +136,19 @@ def test_not_point_like_source_is_cut():
     img[300 - 20 : 300 + 21, 300 - 20 : 300 + 21] += galaxy
     sci = sci.with_planes(image=img)
     cat = pd.concat([truth[["x", "y"]], pd.DataFrame({"x": [300.0 + 100], "y": [300.0 + 200]})], ignore_index=True)
-    sources, stats = select_kernel_sources(sci, tmp, 21, catalog=cat)
+    strict = KernelSourceConfig(min_point_snr2=0)  # never admit extended sources
+    sources, stats = select_kernel_sources(sci, tmp, 21, strict, catalog=cat)
     assert stats["rejected"]["not_point_like"] == 1
-    assert len(sources) == 5
+    assert len(sources) == 5 and stats["extended_admitted"] == 0
+    # 5 stars at S/N 150: Σ S/N² ≈ 1.1e5 is enough under the default (1e5)
+    sources, stats = select_kernel_sources(sci, tmp, 21, catalog=cat)
+    assert stats["point_like"] == 5 and abs(stats["point_snr2"] / (5 * 150**2) - 1) < 0.1
+    assert stats["rejected"]["not_point_like"] == 1 and stats["extended_admitted"] == 0
+    # ask for more point-source signal than they carry: the isolated galaxy is admitted as well
+    sources, stats = select_kernel_sources(sci, tmp, 21, KernelSourceConfig(min_point_snr2=1e6), catalog=cat)
+    assert stats["extended_admitted"] == 1
+    assert stats["rejected"]["not_point_like"] == 0 and len(sources) == 6
+    assert sources["size_ratio"].max() > KernelSourceConfig().max_size_ratio
 
 
 def test_too_few_sources_raises_with_counts():

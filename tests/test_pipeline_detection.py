@@ -197,14 +197,53 @@ def jwst(shared_data):
     return science, template, subtract_exposures(science, template, detect=True)
 
 
+def _strong(cat: pd.DataFrame) -> pd.DataFrame:
+    real = _unmasked(_real(cat))
+    return real[np.abs(real["peak_significance"]) >= 5.0]
+
+
+def _jwst_auto_systematics(result):
+    from diffim_dag.config import DetectionConfig
+    from diffim_dag.stages.detect import DetectMeasureConfig, detect_and_measure
+
+    cfg = DetectMeasureConfig.from_detection_config(DetectionConfig(systematic_fraction="auto"))
+    return detect_and_measure(result.difference, science=result.matched_science, template=result.matched_template,
+                              config=cfg)
+
+
 @pytest.mark.realdata
-@pytest.mark.xfail(strict=True, reason="known gap (issue 5): ~50 extended residuals on the cluster galaxies of the "
-                   "JWST null pair; subtraction of extended sources on this drizzled pair is not good enough yet")
-def test_jwst_null_pair_has_few_dia_sources(jwst):
-    """The two epochs of Abell 2744 (no known transient): ≤ 5 DiaSources at ≥ 5σ outside masked pixels."""
+def test_jwst_kernel_and_systematics(jwst):
+    """What holds on the JWST null pair.
+
+    * Only 22 faint stars (Σ S/N² = 3.3e4) pass the point-source cut, so compact galaxies are admitted as kernel
+      sources (``sources.min_point_snr2``): the kernel sum is then within 1 % of the measured
+      flux ratio (aperture photometry of the brightest objects gives 1.005–1.02; the 22 stars alone
+      gave 0.92, which left ~8 % of every galaxy in the difference).
+    * The residuals at the static sources are ~8–10 % of their matched-filtered flux (undersampled,
+      differently drizzled PSFs), which ``detection.systematic_fraction="auto"`` measures and puts
+      into the detection variance: the ≥ 5σ DiaSources drop at least three-fold.
+    """
     _, _, result = jwst
-    real = _unmasked(_real(result.dia_sources))
-    strong = real[np.abs(real["peak_significance"]) >= 5.0]
+    kernel = result.metrics["kernel"]
+    assert kernel["sources"]["extended_admitted"] > 0
+    assert abs(kernel["kernel_sum_center"] - 1.0) < 0.015, kernel["kernel_sum_center"]
+    plain = _strong(result.dia_sources)
+    auto = _jwst_auto_systematics(result)
+    eps = auto.attrs["systematic_fraction"]
+    assert 0.03 < eps < 0.2, eps
+    assert len(_strong(auto)) <= 10 and 3 * len(_strong(auto)) <= len(plain), (len(_strong(auto)), len(plain))
+
+
+@pytest.mark.realdata
+@pytest.mark.xfail(strict=True, reason="known gap (issue 5): ~9 DiaSources ≥ 5σ remain on the JWST null pair even "
+                   "with detection.systematic_fraction=auto (37 without it): the bright star's rotated diffraction "
+                   "spikes, a faint diffuse feature present only in the template epoch, two sources at the mosaic "
+                   "edges and a 5.1σ noise peak; ≤ 5 is not reached")
+def test_jwst_null_pair_has_few_dia_sources(jwst):
+    """The two epochs of Abell 2744 (no known transient): ≤ 5 DiaSources at ≥ 5σ outside masked pixels
+    (with the systematic term that drizzled space data call for)."""
+    _, _, result = jwst
+    strong = _strong(_jwst_auto_systematics(result))
     assert len(strong) <= 5, strong[["x", "y", "peak_significance", "psf_flux", "footprint_area"]].to_string()
 
 

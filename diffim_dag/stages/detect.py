@@ -42,7 +42,13 @@ from ..exposure import Exposure
 from ..kernels import detection as det
 from ..kernels.dipole import DIPOLE_COLUMNS, empty_dipole, fit_dipole
 from ..kernels.maskops import bits_of
-from ..kernels.measure import DEFAULT_EXCLUDED_PLANES, forced_psf_flux, measure_sources, measurement_columns
+from ..kernels.measure import (
+    DEFAULT_EXCLUDED_PLANES,
+    forced_psf_flux,
+    measure_sources,
+    measurement_columns,
+    pixels_without,
+)
 from ..masks import DEFAULT_MASK_PLANES
 from ..psf import Psf
 
@@ -52,6 +58,10 @@ __all__ = [
     "TileResult",
     "tile_boxes",
     "detect_measure_tile",
+    "DetectionInputs",
+    "prepare_detection",
+    "detect_tiles",
+    "finish_catalog",
     "stitch_catalogs",
     "place_sky_sources",
     "detect_and_measure",
@@ -65,7 +75,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, kw_only=True)
 class DetectMeasureConfig:
-    """Detection and measurement on a difference image.
+    r"""Detection and measurement on a difference image.
 
     Attributes
     ----------
@@ -102,6 +112,19 @@ class DetectMeasureConfig:
         pixels of the whole image, so that noise the variance plane does not describe (correlated
         noise of resampled/drizzled inputs) does not turn into false detections.  ``'variance'``:
         in units of the propagated variance alone.
+    systematic_fraction : float or 'auto'
+        Fractional systematic error :math:`\epsilon` of the difference at static sources (kernel
+        and PSF mismatch).  The matched-filter variance becomes
+        :math:`s^2 V_S + \epsilon^2 M_S^2` with :math:`M_S` the matched-filtered matched template,
+        so a residual that is a fixed fraction of a bright galaxy's or star's flux is not taken for
+        a transient.  ``'auto'``: measured on the bright static peaks of the matched template
+        (:func:`~diffim_dag.kernels.detection.systematic_fraction`; 0 when their residuals are
+        consistent with noise); a number fixes it; 0 (the default, LSST's behaviour) turns it off.
+        It trades sensitivity to small fractional variability of bright sources for fewer false
+        detections on their residuals.  Only the matched-filter path
+        (not a score supplied by ZOGY or pre-convolution) uses it, and only with a template.
+    systematic_min_snr : float
+        Smallest matched-filter S/N (in the matched template) of the peaks that measure it.
     """
 
     threshold: float = 5.0
@@ -119,6 +142,8 @@ class DetectMeasureConfig:
     halo: int | None = None
     fft_workers: int = 1
     threshold_type: str = "pixel_stdev"
+    systematic_fraction: float | str = 0.0
+    systematic_min_snr: float = 50.0
 
     def __post_init__(self):
         n = type(self).__name__
@@ -133,6 +158,10 @@ class DetectMeasureConfig:
         check(len(self.background_bin_sizes) == 2 and all(b >= 2 for b in self.background_bin_sizes),
               "background_bin_sizes", "must be two bin sizes ≥ 2")
         check(self.aperture_radius > 0, "aperture_radius", "must be > 0")
+        check(self.systematic_fraction == "auto"
+              or (not isinstance(self.systematic_fraction, (str, bool)) and 0 <= self.systematic_fraction < 1),
+              "systematic_fraction", f"must be 'auto' or a number in [0, 1), got {self.systematic_fraction!r}")
+        check(self.systematic_min_snr > 0, "systematic_min_snr", "must be > 0")
         check(self.max_dipole_area >= 0, "max_dipole_area", "must be ≥ 0")
         check(self.dipole_direct_weight >= 0, "dipole_direct_weight", "must be ≥ 0")
         check(self.tile_size is None or self.tile_size >= 16, "tile_size", "must be None or ≥ 16")
@@ -151,6 +180,8 @@ class DetectMeasureConfig:
             footprint_grow_sigma=config.footprint_grow_sigma,
             bad_peak_mask_planes=tuple(config.bad_peak_mask_planes),
             n_sky_sources=config.n_sky_sources,
+            systematic_fraction=getattr(config, "systematic_fraction", 0.0),
+            systematic_min_snr=getattr(config, "systematic_min_snr", 50.0),
             **changes,
         )
 
@@ -316,7 +347,7 @@ class TileResult:
 
 
 def _planes_good(mask, planes, excluded):
-    return (mask & bits_of(planes, excluded)) == 0
+    return pixels_without(mask, bits_of(planes, excluded))
 
 
 def detect_measure_tile(
@@ -487,13 +518,20 @@ def place_sky_sources(
         inside = (sx >= 0) & (sx < nx) & (sy >= 0) & (sy < ny)
         near[sy[inside], sx[inside]] = True
         allowed &= ~ndimage.binary_dilation(near, structure=det.disc(r + 1))
-    candidates = np.flatnonzero(allowed)
+    # the k-th allowed pixel in raster order, found through per-row counts (no index array of
+    # every allowed pixel: 128 MB for a 4096² image)
+    row_start = np.concatenate([[0], np.cumsum(np.count_nonzero(allowed, axis=1))])
+    n_candidates = int(row_start[-1])
     rng = np.random.default_rng(seed)
-    order = rng.permutation(candidates.size)[: max_tries * n]
+    # rng.permutation(n_candidates), shuffled in the narrowest index type (same draws, same order)
+    order = np.arange(n_candidates, dtype=np.int32 if n_candidates < 2**31 else np.int64)
+    rng.shuffle(order)
+    order = order[: max_tries * n].copy()
     placed: list[tuple[int, int]] = []
     min_sep2 = (2 * r) ** 2
     for k in order:
-        iy, ix = divmod(int(candidates[k]), nx)
+        iy = int(np.searchsorted(row_start, k, side="right")) - 1
+        ix = int(np.flatnonzero(allowed[iy])[k - row_start[iy]])
         px, py = ix + origin[0], iy + origin[1]
         if placed and min((qx - px) ** 2 + (qy - py) ** 2 for qx, qy in placed) <= min_sep2:
             continue
@@ -535,6 +573,246 @@ def _detect_measure_task(kwargs: dict) -> TileResult:
     return detect_measure_tile(**kwargs)
 
 
+@dataclass(eq=False)
+class DetectionInputs:
+    """The whole-image part of detection (:func:`prepare_detection`), which every tile slices.
+
+    Attributes
+    ----------
+    image : ndarray
+        The difference plane as it is (no copy), or float64 and background-subtracted when
+        ``config.subtract_background``.
+    variance, mask : ndarray
+        Its variance and mask (CR plane set when cosmic rays were masked on the whole image).
+    score : ndarray or None
+        The detection significance of the whole image (matched filter divided by its clipped σ
+        under ``threshold_type="pixel_stdev"``, or the score the caller supplied).
+    significance_stdev : float or None
+        The clipped σ the matched-filter significance was divided by.
+    mask_planes : dict
+    psf : Psf
+        The difference PSF; ``psf_image`` its image at the centre.
+    bbox : (x_min, x_max, y_min, y_max)
+        The difference's parent box; ``shape`` and ``xy0`` as the exposure's.
+    halo : int
+        Halo of the tiles (:func:`tile_boxes`).
+    config : DetectMeasureConfig
+    science, template : (image, variance, mask) or None
+        The direct images for dipole fits and forced photometry; ``science_psf``/``template_psf``.
+    find_cosmic_rays : bool or None
+        Passed to every tile (False when the whole image was already searched).
+    info, wcs
+        The difference's metadata (visit/detector ids, RA/Dec of the catalogue).
+    seconds : float
+        Wall time of :func:`prepare_detection`.
+    systematic : dict or None
+        ``{"fraction": ε, "n_static_peaks": n}`` of the matched-filter variance (see
+        ``DetectMeasureConfig.systematic_fraction``); None when not applied.
+    """
+
+    image: np.ndarray
+    variance: np.ndarray
+    mask: np.ndarray
+    score: np.ndarray | None
+    significance_stdev: float | None
+    mask_planes: dict
+    psf: Psf
+    psf_image: np.ndarray
+    bbox: tuple[int, int, int, int]
+    shape: tuple[int, int]
+    xy0: tuple[int, int]
+    halo: int
+    config: DetectMeasureConfig
+    science: tuple | None = None
+    template: tuple | None = None
+    science_psf: Psf | None = None
+    template_psf: Psf | None = None
+    find_cosmic_rays: bool | None = None
+    info: object = None
+    wcs: object = None
+    seconds: float = 0.0
+    systematic: dict | None = None
+
+    def tiles(self) -> list[tuple[tuple[int, int, int, int], tuple[int, int, int, int]]]:
+        """``(core_bbox, halo_bbox)`` of every tile, in :func:`tile_boxes` order (rows, then columns)."""
+        return tile_boxes(self.bbox, self.config.tile_size, self.halo)
+
+    def tile_kwargs(self, index: int) -> dict:
+        """The keyword arguments of :func:`detect_measure_tile` for tile ``index`` (views, no copies)."""
+        core, hb = self.tiles()[index]
+        x0, y0 = self.xy0
+        sl = (slice(hb[2] - y0, hb[3] - y0), slice(hb[0] - x0, hb[1] - x0))
+        return dict(
+            image=self.image[sl], variance=self.variance[sl], mask=self.mask[sl], psf=self.psf,
+            origin=(hb[0], hb[2]), core_bbox=core, parent_bbox=self.bbox, config=self.config,
+            mask_planes=self.mask_planes,
+            science=None if self.science is None else tuple(a[sl] for a in self.science),
+            template=None if self.template is None else tuple(a[sl] for a in self.template),
+            science_psf=self.science_psf, template_psf=self.template_psf,
+            score=None if self.score is None else self.score[sl],
+            find_cosmic_rays=self.find_cosmic_rays,
+        )
+
+    def __sizeof__(self) -> int:  # what Dask's memory accounting sees
+        arrays = [self.image, self.variance, self.mask, self.score, *(self.science or ()), *(self.template or ())]
+        return 1024 + sum(a.nbytes for a in arrays if a is not None)
+
+
+def prepare_detection(
+    difference: Exposure,
+    *,
+    science: Exposure | None = None,
+    template: Exposure | None = None,
+    config: DetectMeasureConfig = DetectMeasureConfig(),
+    score: np.ndarray | None = None,
+) -> DetectionInputs:
+    """Step 1 of the module doc on the whole image: background, cosmic rays, significance, halo.
+
+    Parameters are those of :func:`detect_and_measure`; the result feeds :func:`detect_tiles`
+    (any subset of the tiles, e.g. one graph task per tile) and :func:`finish_catalog`.
+    """
+    import time
+
+    t0 = time.perf_counter()
+    img, var, msk = difference.arrays()  # no float64 copy: every consumer casts its stamps/tiles itself
+    planes = difference.mask_planes.as_dict()
+    psf = difference.psf
+    if psf is None:
+        raise ConfigError("detect_and_measure: the difference exposure has no PSF")
+    bbox = difference.bbox
+    cx, cy = difference.center
+    psf_image = psf.kernel_image(cx, cy)
+    if config.subtract_background:
+        img = np.asarray(img, dtype=np.float64)
+        bad = (msk & bits_of(planes, ["NO_DATA", "BAD", "SAT", "EDGE"])) != 0
+        img = img - det.two_pass_background(img, var, bad, psf_image, threshold=config.threshold,
+                                            bin_sizes=tuple(config.background_bin_sizes), psf_sigma=psf.sigma(cx, cy))
+    sci = science.arrays() if science is not None else None
+    tmp = template.arrays() if template is not None else None
+    find_crs = None
+    significance_stdev = None
+    systematic = None
+    if score is None:
+        # the significance of the whole image, once: the pixel_stdev threshold needs its global
+        # clipped σ, and every tile then thresholds the same values (tiled == untiled)
+        if config.mask_cosmic_rays and "CR" in planes:
+            nd = (msk & bits_of(planes, ["NO_DATA"])) != 0
+            cr = det.find_cosmic_rays(img, var, psf_image, bad=nd)
+            msk = msk | np.where(cr, np.int32(1 << planes["CR"]), np.int32(0)).astype(msk.dtype)
+            find_crs = False
+        no_data = ["NO_DATA", "CR"] if config.mask_cosmic_rays else ["NO_DATA"]
+        nodata = (msk & bits_of(planes, no_data)) != 0
+        smoothed, svar = det.matched_filter(img, var, psf_image, bad=nodata, workers=config.fft_workers)
+        score = det.significance_image(smoothed, svar)
+        if config.threshold_type == "pixel_stdev":
+            stat_bad = (msk & bits_of(planes, list(config.bad_peak_mask_planes) + no_data)) != 0
+            ok = ~stat_bad & (svar > 0)
+            vals = score[ok]
+            step = max(1, vals.size // 1_000_000)  # a deterministic strided sample is plenty for one σ
+            significance_stdev = det.clipped_stdev(vals[::step]) if vals.size else float("nan")
+            del vals
+            if not (np.isfinite(significance_stdev) and significance_stdev > 0):
+                significance_stdev = None
+        factor = significance_stdev or 1.0
+        if tmp is not None and config.systematic_fraction != 0:
+            # ν = S / sqrt(s² V_S + ε² M_S²): residuals that scale with the static source
+            m_s, mv_s = det.matched_filter(tmp[0], tmp[1], psf_image, bad=nodata, workers=config.fft_workers)
+            if config.systematic_fraction == "auto":
+                bad_pk = (msk & bits_of(planes, list(config.bad_peak_mask_planes) + no_data + ["SAT"]
+                                        + [p for p in ("SAT_TEMPLATE", "INJECTED", "INJECTED_TEMPLATE")
+                                           if p in planes])) != 0
+                iy, ix = det.bright_static_peaks(m_s, mv_s, bad_pk, min_snr=config.systematic_min_snr,
+                                                 border=psf_image.shape[0] // 2)
+                mpk = m_s[iy, ix]
+                epsilon = det.systematic_fraction(smoothed[iy, ix] / mpk, factor * np.sqrt(svar[iy, ix]) / mpk)
+                n_peaks = int(iy.size)
+            else:
+                epsilon, n_peaks = float(config.systematic_fraction), None
+            del mv_s
+            systematic = {"fraction": float(epsilon), "n_static_peaks": n_peaks}
+            if epsilon > 0:
+                total = factor * factor * svar + (epsilon * epsilon) * (m_s * m_s)
+                score = det.significance_image(smoothed, total)
+                del total
+            elif significance_stdev is not None:
+                score /= significance_stdev
+            del m_s
+        elif significance_stdev is not None:
+            score /= significance_stdev
+        del svar, smoothed
+    halo = config.halo if config.halo is not None else det.required_halo(psf_image.shape[0],
+                                                                          measure_radius=config.aperture_radius + 2)
+    return DetectionInputs(
+        image=img, variance=var, mask=msk, score=score, significance_stdev=significance_stdev, mask_planes=planes,
+        psf=psf, psf_image=psf_image, bbox=bbox, shape=difference.shape, xy0=difference.xy0, halo=halo,
+        config=config, science=sci, template=tmp, science_psf=None if science is None else science.psf,
+        template_psf=None if template is None else template.psf, find_cosmic_rays=find_crs,
+        info=difference.info, wcs=difference.wcs, seconds=time.perf_counter() - t0, systematic=systematic,
+    )
+
+
+def detect_tiles(inputs: DetectionInputs, indices: Sequence[int] | None = None) -> dict[int, TileResult]:
+    """Step 2 of the module doc on the tiles ``indices`` (all when None): ``{tile index: TileResult}``."""
+    if indices is None:
+        indices = range(len(inputs.tiles()))
+    return {int(k): detect_measure_tile(**inputs.tile_kwargs(int(k))) for k in indices}
+
+
+def finish_catalog(inputs: DetectionInputs, results: Sequence[TileResult]) -> pd.DataFrame:
+    """Steps 3–5 of the module doc: stitch the tiles (``results`` in tile order), sky sources, ids, RA/Dec.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns :data:`DIA_SOURCE_COLUMNS`; ``attrs["n_dia_sources"]`` counts the real sources.
+    """
+    config, planes, psf = inputs.config, inputs.mask_planes, inputs.psf
+    img, var, msk = inputs.image, inputs.variance, inputs.mask
+    sci, tmp = inputs.science, inputs.template
+    x0, y0 = inputs.xy0
+    stitched = stitch_catalogs(results)
+    cat = stitched.catalog
+    n_trunc = int(cat["footprint_truncated"].sum()) if len(cat) else 0
+    if n_trunc:
+        log.warning("%d footprint(s) reached a cut tile edge; raise DetectMeasureConfig.halo (now %d)", n_trunc,
+                    inputs.halo)
+    parts = [cat] if len(cat) else []
+    if config.n_sky_sources > 0:
+        fpm = det.footprint_mask(stitched.footprints, inputs.shape, origin=(x0, y0))
+        bad = ~pixels_without(msk, bits_of(planes, list(config.bad_peak_mask_planes)))
+        xy = place_sky_sources(
+            config.n_sky_sources, fpm, bad, avoid_radius=inputs.psf_image.shape[0] // 2, origin=(x0, y0),
+            seed=config.sky_source_seed, source_xy=cat[["x", "y"]].to_numpy() if len(cat) else None,
+        )
+        if len(xy):
+            sky = measure_sources(img, var, msk, psf, x=xy[:, 0], y=xy[:, 1], origin=(x0, y0), mask_planes=planes,
+                                  fit_centroid=False, aperture_radius=config.aperture_radius)
+            for c in ("peak_x", "peak_y"):
+                sky[c] = np.rint(xy[:, 0 if c == "peak_x" else 1]).astype(np.int64)
+            for k, v in empty_dipole().items():
+                sky[k] = v
+            good_all = lambda m: _planes_good(m, planes, DEFAULT_EXCLUDED_PLANES)  # noqa: E731
+            _forced(sky, (x0, y0), sci, inputs.science_psf, None if sci is None else good_all(sci[2]), "science")
+            _forced(sky, (x0, y0), tmp, inputs.template_psf, None if tmp is None else good_all(tmp[2]), "template")
+            sky["sky_source"] = True
+            parts.append(sky)
+    out = _conform(pd.concat(parts, ignore_index=True)) if parts else empty_dia_sources()
+    out = out[np.isfinite(out["x"]) & np.isfinite(out["y"])].reset_index(drop=True)
+    out["id"] = np.arange(1, len(out) + 1, dtype=np.int64)
+    info = inputs.info
+    out["visit"] = np.int64(-1 if info is None or info.visit is None else info.visit)
+    out["detector"] = np.int64(-1 if info is None or info.detector is None else info.detector)
+    _sky_to_radec(out, inputs.wcs)
+    out = _conform(out)
+    n_real = int((~out["sky_source"]).sum())
+    out.attrs["n_dia_sources"] = n_real
+    out.attrs["significance_stdev"] = inputs.significance_stdev
+    out.attrs["systematic_fraction"] = None if inputs.systematic is None else inputs.systematic["fraction"]
+    if n_real == 0:
+        log.warning("no DiaSource detected on the difference (%d sky sources)", len(out))
+    return out
+
+
 def detect_and_measure(
     difference: Exposure,
     *,
@@ -545,6 +823,10 @@ def detect_and_measure(
     map_tiles=None,
 ) -> pd.DataFrame:
     """Detect and measure DiaSources on a difference exposure, tile by tile.
+
+    :func:`prepare_detection` (whole image) → :func:`detect_measure_tile` per tile →
+    :func:`finish_catalog` (stitch, sky sources, ids, RA/Dec); a task graph runs the same three
+    steps as separate tasks.
 
     Parameters
     ----------
@@ -566,106 +848,11 @@ def detect_and_measure(
     pandas.DataFrame
         Columns :data:`DIA_SOURCE_COLUMNS`; ``attrs["n_dia_sources"]`` counts the real sources.
     """
-    img, var, msk = difference.arrays()
-    img = np.asarray(img, dtype=np.float64)
-    planes = difference.mask_planes.as_dict()
-    psf = difference.psf
-    if psf is None:
-        raise ConfigError("detect_and_measure: the difference exposure has no PSF")
-    x0, y0 = difference.xy0
-    bbox = difference.bbox
-    cx, cy = difference.center
-    psf_image = psf.kernel_image(cx, cy)
-    if config.subtract_background:
-        bad = (msk & bits_of(planes, ["NO_DATA", "BAD", "SAT", "EDGE"])) != 0
-        img = img - det.two_pass_background(img, var, bad, psf_image, threshold=config.threshold,
-                                            bin_sizes=tuple(config.background_bin_sizes), psf_sigma=psf.sigma(cx, cy))
-    sci = science.arrays() if science is not None else None
-    tmp = template.arrays() if template is not None else None
-    find_crs = None
-    significance_stdev = None
-    if score is None:
-        # the significance of the whole image, once: the pixel_stdev threshold needs its global
-        # clipped σ, and every tile then thresholds the same values (tiled == untiled)
-        if config.mask_cosmic_rays and "CR" in planes:
-            nd = (msk & bits_of(planes, ["NO_DATA"])) != 0
-            cr = det.find_cosmic_rays(img, var, psf_image, bad=nd)
-            msk = msk | np.where(cr, np.int32(1 << planes["CR"]), np.int32(0)).astype(msk.dtype)
-            find_crs = False
-        no_data = ["NO_DATA", "CR"] if config.mask_cosmic_rays else ["NO_DATA"]
-        nodata = (msk & bits_of(planes, no_data)) != 0
-        smoothed, svar = det.matched_filter(img, var, psf_image, bad=nodata, workers=config.fft_workers)
-        score = det.significance_image(smoothed, svar)
-        del smoothed
-        if config.threshold_type == "pixel_stdev":
-            stat_bad = (msk & bits_of(planes, list(config.bad_peak_mask_planes) + no_data)) != 0
-            ok = ~stat_bad & (svar > 0)
-            vals = score[ok]
-            step = max(1, vals.size // 1_000_000)  # a deterministic strided sample is plenty for one σ
-            significance_stdev = det.clipped_stdev(vals[::step]) if vals.size else float("nan")
-            del vals
-            if np.isfinite(significance_stdev) and significance_stdev > 0:
-                score /= significance_stdev
-            else:
-                significance_stdev = None
-        del svar
-    halo = config.halo if config.halo is not None else det.required_halo(psf_image.shape[0],
-                                                                          measure_radius=config.aperture_radius + 2)
-    tasks = []
-    for core, hb in tile_boxes(bbox, config.tile_size, halo):
-        sl = (slice(hb[2] - y0, hb[3] - y0), slice(hb[0] - x0, hb[1] - x0))
-        tasks.append(dict(
-            image=img[sl], variance=var[sl], mask=msk[sl], psf=psf, origin=(hb[0], hb[2]), core_bbox=core,
-            parent_bbox=bbox, config=config, mask_planes=planes,
-            science=None if sci is None else tuple(a[sl] for a in sci),
-            template=None if tmp is None else tuple(a[sl] for a in tmp),
-            science_psf=None if science is None else science.psf,
-            template_psf=None if template is None else template.psf,
-            score=None if score is None else score[sl],
-            find_cosmic_rays=find_crs,
-        ))
+    inputs = prepare_detection(difference, science=science, template=template, config=config, score=score)
+    tasks = [inputs.tile_kwargs(k) for k in range(len(inputs.tiles()))]
     if map_tiles is None:
         results = [detect_measure_tile(**kw) for kw in tasks]
     else:
         results = list(map_tiles(_detect_measure_task, tasks))
-    stitched = stitch_catalogs(results)
-    cat = stitched.catalog
-    n_trunc = int(cat["footprint_truncated"].sum()) if len(cat) else 0
-    if n_trunc:
-        log.warning("%d footprint(s) reached a cut tile edge; raise DetectMeasureConfig.halo (now %d)", n_trunc, halo)
-    parts = [cat] if len(cat) else []
-    if config.n_sky_sources > 0:
-        fpm = det.footprint_mask(stitched.footprints, difference.shape, origin=(x0, y0))
-        bad = (msk & bits_of(planes, list(config.bad_peak_mask_planes))) != 0
-        xy = place_sky_sources(
-            config.n_sky_sources, fpm, bad, avoid_radius=psf_image.shape[0] // 2, origin=(x0, y0),
-            seed=config.sky_source_seed, source_xy=cat[["x", "y"]].to_numpy() if len(cat) else None,
-        )
-        if len(xy):
-            sky = measure_sources(img, var, msk, psf, x=xy[:, 0], y=xy[:, 1], origin=(x0, y0), mask_planes=planes,
-                                  fit_centroid=False, aperture_radius=config.aperture_radius)
-            for c in ("peak_x", "peak_y"):
-                sky[c] = np.rint(xy[:, 0 if c == "peak_x" else 1]).astype(np.int64)
-            for k, v in empty_dipole().items():
-                sky[k] = v
-            good_all = lambda m: _planes_good(m, planes, DEFAULT_EXCLUDED_PLANES)  # noqa: E731
-            _forced(sky, (x0, y0), sci, None if science is None else science.psf,
-                    None if sci is None else good_all(sci[2]), "science")
-            _forced(sky, (x0, y0), tmp, None if template is None else template.psf,
-                    None if tmp is None else good_all(tmp[2]), "template")
-            sky["sky_source"] = True
-            parts.append(sky)
-    out = _conform(pd.concat(parts, ignore_index=True)) if parts else empty_dia_sources()
-    out = out[np.isfinite(out["x"]) & np.isfinite(out["y"])].reset_index(drop=True)
-    out["id"] = np.arange(1, len(out) + 1, dtype=np.int64)
-    info = difference.info
-    out["visit"] = np.int64(-1 if info.visit is None else info.visit)
-    out["detector"] = np.int64(-1 if info.detector is None else info.detector)
-    _sky_to_radec(out, difference.wcs)
-    out = _conform(out)
-    n_real = int((~out["sky_source"]).sum())
-    out.attrs["n_dia_sources"] = n_real
-    out.attrs["significance_stdev"] = significance_stdev
-    if n_real == 0:
-        log.warning("no DiaSource detected on the difference (%d sky sources)", len(out))
-    return out
+    del tasks
+    return finish_catalog(inputs, results)

@@ -14,7 +14,10 @@ is measured and cut, in this order (the count each cut removes is recorded):
 ``not_point_like``
     PSF-weighted second moments: :math:`T = I_{xx} + I_{yy}` of the data over that of
     the PSF model rendered at the same sub-pixel position, outside
-    ``[1 / max_size_ratio, max_size_ratio]``;
+    ``[1 / max_size_ratio, max_size_ratio]`` — or ``extended_max_size_ratio`` when the point-like
+    sources that survive the other cuts carry :math:`\sum \mathrm{S/N}^2 <` ``min_point_snr2``
+    (compact galaxies are static too and obey the same matching relation; a few faint stars cannot
+    fix the kernel sum);
 ``not_isolated``
     another source (before any cut) within ``isolation_factor × kernel_size`` pixels;
 ``snr_low`` / ``snr_high``
@@ -267,15 +270,28 @@ def select_kernel_sources(
         meas.iloc[idx] = m.to_numpy()
     table = pd.concat([table, meas], axis=1)
     r = table["size_ratio"].to_numpy()
-    cut("not_point_like", ~((r <= config.max_size_ratio) & (r >= 1.0 / config.max_size_ratio)))
+    isolated = np.ones(found, dtype=bool)
     radius = config.isolation_factor * half
     if radius > 0 and found > 1:
         from scipy.spatial import cKDTree
 
         tree = cKDTree(all_xy)
-        counts = np.asarray([len(n) for n in tree.query_ball_point(all_xy, r=radius)])
-        cut("not_isolated", counts > 1)
+        isolated = np.asarray([len(n) for n in tree.query_ball_point(all_xy, r=radius)]) <= 1
     snr = table["snr"].to_numpy()
+    snr_ok = (snr >= config.min_snr) & (snr <= config.max_snr)
+
+    def sized(limit, ratio=None):
+        ratio = r if ratio is None else ratio
+        return (ratio <= limit) & (ratio >= 1.0 / limit)
+
+    point_like = sized(config.max_size_ratio)
+    usable = keep & point_like & isolated & snr_ok
+    n_point = int(usable.sum())
+    point_snr2 = float(np.sum(snr[usable] ** 2))
+    extended = point_snr2 < config.min_point_snr2 and config.extended_max_size_ratio > config.max_size_ratio
+    size_ok = sized(config.extended_max_size_ratio) if extended else point_like
+    cut("not_point_like", ~size_ok)
+    cut("not_isolated", ~isolated)
     cut("snr_low", ~(snr >= config.min_snr))
     cut("snr_high", ~(snr <= config.max_snr))
     kept = table[keep].sort_values("snr", ascending=False, kind="stable")
@@ -283,7 +299,10 @@ def select_kernel_sources(
         rejected["max_sources"] = len(kept) - config.max_sources
         kept = kept.iloc[: config.max_sources]
     kept = kept.reset_index(drop=True)
-    stats = {"found": found, "used": len(kept), "rejected": rejected, "origin": origin}
+    stats = {"found": found, "used": len(kept), "rejected": rejected, "origin": origin,
+             "point_like": n_point, "point_snr2": point_snr2,
+             "extended_admitted": int((~sized(config.max_size_ratio, kept["size_ratio"].to_numpy())).sum())
+             if extended else 0}
     if len(kept) < MIN_KERNEL_SOURCES:
         detail = ", ".join(f"{k}: {v}" for k, v in rejected.items() if v)
         raise InsufficientKernelSourcesError(
