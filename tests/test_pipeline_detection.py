@@ -58,25 +58,29 @@ def sim_result():
     return pair, result
 
 
+def _completeness(pair, real):
+    """(found mask, matched catalogue rows, truth rows) of the transients with truth S/N ≥ 7."""
+    tr = pair.truth_of("transient")
+    bright = tr[tr["snr_difference"].to_numpy() >= 7]
+    d, i = _nearest(real, bright["x"], bright["y"])
+    return d <= MATCH_RADIUS, i, bright
+
+
 @pytest.mark.slow
 def test_sim_transients_found_and_measured(sim_result):
     pair, result = sim_result
     real = _real(result.dia_sources)
-    tr = pair.truth_of("transient")
-    snr = tr["snr_difference"].to_numpy()
+    snr = pair.truth_of("transient")["snr_difference"].to_numpy()
     assert snr.min() < 7 and snr.max() > 45  # the S/N range the issue asks for (~5–50)
-    bright = tr[snr >= 7]
+    found, i, bright = _completeness(pair, real)
     assert len(bright) >= 120
-    d, i = _nearest(real, bright["x"], bright["y"])
-    found = d <= MATCH_RADIUS
     assert found.mean() >= 0.95, f"found {found.sum()}/{len(bright)} transients with S/N ≥ 7"
     ratio = real["psf_flux"].to_numpy()[i[found]] / bright["difference_flux"].to_numpy()[found]
     assert abs(np.median(ratio) - 1.0) <= 0.02, f"median psf_flux / truth = {np.median(ratio):.4f}"
 
 
-@pytest.mark.slow
-def test_sim_false_positives_away_from_bright_stars(sim_result):
-    """≤ 10 DiaSources that are no injected truth, away from bright stars.
+def _false_positives(pair, real):
+    """DiaSources that are no injected truth, away from bright stars: (mask, near-bright mask).
 
     * Truths that are not false positives: transients, negative transients, variables (within 2 px) and
       movers (dipoles: within 3 FWHM + 2 px of either epoch's position).
@@ -84,8 +88,6 @@ def test_sim_false_positives_away_from_bright_stars(sim_result):
       saturated) whose noiseless peak pixel exceeds 50σ of the sky noise, and not on a BAD column
       (detections with ``pixel_flags_bad``).
     """
-    pair, result = sim_result
-    real = _real(result.dia_sources)
     truth = pair.truth
     cfg = pair.config
     sigma = cfg.sky_noise("science")
@@ -108,10 +110,43 @@ def test_sim_false_positives_away_from_bright_stars(sim_result):
     for _, s in bright.iterrows():
         near_bright |= np.hypot(x - s["x"], y - s["y"]) <= 3 * fwhm + half
     on_bad = real["pixel_flags_bad"].to_numpy()
-    false = ~explained & ~near_bright & ~on_bad
+    return ~explained & ~near_bright & ~on_bad, near_bright
+
+
+@pytest.mark.slow
+def test_sim_false_positives_away_from_bright_stars(sim_result):
+    """≤ 10 DiaSources that are no injected truth, away from bright stars (see :func:`_false_positives`)."""
+    pair, result = sim_result
+    real = _real(result.dia_sources)
+    false, near_bright = _false_positives(pair, real)
     assert false.sum() <= 10, real.loc[false, ["x", "y", "peak_significance", "psf_flux"]].to_string()
     # the definition leaves most of the image: the false-positive count means something
     assert near_bright.mean() < 0.9
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [
+    "al-preconvolve",
+    pytest.param("zogy", marks=pytest.mark.xfail(strict=True, reason=(
+        "known gap (issue 6): ZOGY finds 100 % of the transients but leaves ~340 residuals on field stars of "
+        "~9000 counts in this pair (science FWHM gradient 20 %); an 8×8 PSF grid does not change it, AL leaves "
+        "≤ 10. bench_methods' looser false-positive count (5) does not show it."))),
+])
+def test_sim_score_methods_complete_with_few_false_positives(sim_result, method):
+    """Issue 6: on the same 4096² pair with 200 transients, AL with pre-convolution and ZOGY (4×4 PSF
+    grid, detection on their score images) each find ≥ 95 % of the transients with S/N ≥ 7 and leave
+    ≤ 10 false positives away from bright stars, as AL does above."""
+    from diffim_dag.config import PipelineConfig
+    from diffim_dag.pipeline import subtract_by_method
+
+    pair, _ = sim_result
+    result = subtract_by_method(pair.science, pair.template, config=PipelineConfig(method=method), detect=True)
+    assert result.score is not None
+    real = _real(result.dia_sources)
+    found, _, bright = _completeness(pair, real)
+    assert found.mean() >= 0.95, f"{method}: found {found.sum()}/{len(bright)} transients with S/N ≥ 7"
+    false, _ = _false_positives(pair, real)
+    assert false.sum() <= 10, real.loc[false, ["x", "y", "peak_significance", "psf_flux"]].to_string()
 
 
 # ------------------------------------------------------------------------------------ tiles
