@@ -125,13 +125,7 @@ def test_sim_false_positives_away_from_bright_stars(sim_result):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", [
-    "al-preconvolve",
-    pytest.param("zogy", marks=pytest.mark.xfail(strict=True, reason=(
-        "known gap (issue 6): ZOGY finds 100 % of the transients but leaves ~340 residuals on field stars of "
-        "~9000 counts in this pair (science FWHM gradient 20 %); an 8×8 PSF grid does not change it, AL leaves "
-        "≤ 10. bench_methods' looser false-positive count (5) does not show it."))),
-])
+@pytest.mark.parametrize("method", ["al-preconvolve", "zogy"])
 def test_sim_score_methods_complete_with_few_false_positives(sim_result, method):
     """Issue 6: on the same 4096² pair with 200 transients, AL with pre-convolution and ZOGY (4×4 PSF
     grid, detection on their score images) each find ≥ 95 % of the transients with S/N ≥ 7 and leave
@@ -139,8 +133,14 @@ def test_sim_score_methods_complete_with_few_false_positives(sim_result, method)
     from diffim_dag.config import PipelineConfig
     from diffim_dag.pipeline import subtract_by_method
 
+    from diffim_dag.stages.template import prepare_template
+
     pair, _ = sim_result
-    result = subtract_by_method(pair.science, pair.template, config=PipelineConfig(method=method), detect=True)
+    # the simulated template grid is offset by (0.3, -0.2) px: the pipeline warps it first (AL's kernel
+    # absorbs such a shift, ZOGY's PSF-model filters cannot)
+    template, warp = prepare_template(pair.science, pair.template)
+    assert warp["warped"]
+    result = subtract_by_method(pair.science, template, config=PipelineConfig(method=method), detect=True)
     assert result.score is not None
     real = _real(result.dia_sources)
     found, _, bright = _completeness(pair, real)

@@ -136,10 +136,13 @@ def test_detection_on_score_measurement_on_difference():
     hit = np.hypot(dia["x"] - transient[0][0], dia["y"] - transient[1][0]) <= 2.0
     assert hit.sum() == 1
     row = dia[hit].iloc[0]
-    # detected on the score: the peak significance is the score's S/N, not a re-smoothed one
+    # detected on the score: the peak significance is the score's S/N (in units of its clipped σ,
+    # the pixel_stdev threshold), not a re-smoothed one
     img, var, _ = result.score.arrays()
     iy, ix = int(row["peak_y"]) - XY0[1], int(row["peak_x"]) - XY0[0]
-    assert row["peak_significance"] == pytest.approx(img[iy, ix] / np.sqrt(var[iy, ix]), rel=1e-4)
+    stdev = result.dia_sources.attrs["significance_stdev"]
+    assert 0.9 < stdev < 1.1
+    assert row["peak_significance"] == pytest.approx(img[iy, ix] / np.sqrt(var[iy, ix]) / stdev, rel=1e-4)
     # measured on the (decorrelated AL) difference: PSF flux of the transient
     assert row["psf_flux"] == pytest.approx(600.0, abs=4 * row["psf_flux_err"])
     assert result.metrics["method"] == "al-preconvolve" and "preconvolution" in result.metrics

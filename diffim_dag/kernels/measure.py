@@ -365,7 +365,9 @@ def adaptive_moments(
     cxy = 0.0
     for _ in range(max_iter):
         det = cxx * cyy - cxy * cxy
-        if not det > 0:
+        # a weight narrower than ~1e-3 px (a one-pixel spike) is no moment measurement: flag it
+        # instead of overflowing the quadratic form
+        if not (det > 1e-12 * cxx * cyy and min(cxx, cyy) > 1e-6):
             break
         q = (cyy * dx * dx - 2 * cxy * dx * dy + cxx * dy * dy) / det
         wgt = np.exp(-0.5 * q) * d

@@ -585,8 +585,8 @@ class DetectionInputs:
     variance, mask : ndarray
         Its variance and mask (CR plane set when cosmic rays were masked on the whole image).
     score : ndarray or None
-        The detection significance of the whole image (matched filter divided by its clipped σ
-        under ``threshold_type="pixel_stdev"``, or the score the caller supplied).
+        The detection significance of the whole image: the matched filter, or the score the
+        caller supplied, divided by its clipped σ under ``threshold_type="pixel_stdev"``.
     significance_stdev : float or None
         The clipped σ the matched-filter significance was divided by.
     mask_planes : dict
@@ -740,6 +740,19 @@ def prepare_detection(
         elif significance_stdev is not None:
             score /= significance_stdev
         del svar, smoothed
+    elif config.threshold_type == "pixel_stdev":
+        # a score supplied by the method (ZOGY S_corr, pre-convolution) is thresholded in the same
+        # units: its clipped σ over the good pixels (warped or drizzled inputs leave it a few % above 1)
+        stat_bad = (msk & bits_of(planes, list(config.bad_peak_mask_planes) + ["NO_DATA"])) != 0
+        vals = score[~stat_bad]
+        vals = vals[np.isfinite(vals) & (vals != 0)]
+        step = max(1, vals.size // 1_000_000)
+        significance_stdev = det.clipped_stdev(vals[::step]) if vals.size else float("nan")
+        del vals, stat_bad
+        if np.isfinite(significance_stdev) and significance_stdev > 0:
+            score = np.asarray(score, dtype=np.float64) / significance_stdev
+        else:
+            significance_stdev = None
     halo = config.halo if config.halo is not None else det.required_halo(psf_image.shape[0],
                                                                           measure_radius=config.aperture_radius + 2)
     return DetectionInputs(
