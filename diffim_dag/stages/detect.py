@@ -502,11 +502,10 @@ def place_sky_sources(
     r = int(avoid_radius)
     if n == 0 or nx <= 2 * r + 1 or ny <= 2 * r + 1:
         return np.empty((0, 2))
-    from scipy import ndimage
 
     # allowed centres, all at once: no footprint/bad pixel within the disc, inside the margins,
     # farther than r from every source position
-    blocked = ndimage.binary_dilation(footprints_mask | bad, structure=det.disc(r))
+    blocked = det.dilate_disc(footprints_mask | bad, r)
     allowed = ~blocked
     allowed[:r] = allowed[ny - r :] = False
     allowed[:, :r] = allowed[:, nx - r :] = False
@@ -517,7 +516,7 @@ def place_sky_sources(
         sy = np.rint(src[:, 1] - origin[1]).astype(int)
         inside = (sx >= 0) & (sx < nx) & (sy >= 0) & (sy < ny)
         near[sy[inside], sx[inside]] = True
-        allowed &= ~ndimage.binary_dilation(near, structure=det.disc(r + 1))
+        allowed &= ~det.dilate_disc(near, r + 1)
     # the k-th allowed pixel in raster order, found through per-row counts (no index array of
     # every allowed pixel: 128 MB for a 4096² image)
     row_start = np.concatenate([[0], np.cumsum(np.count_nonzero(allowed, axis=1))])
