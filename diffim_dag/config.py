@@ -181,6 +181,13 @@ class DecorrelationConfig:
         _check(self.grid_cells >= 1, n, "grid_cells", "must be ≥ 1")
 
 
+def is_systematic_fraction(value) -> bool:
+    """A valid ``systematic_fraction``: ``'auto'`` or a number in [0, 1)."""
+    if value == "auto":
+        return True
+    return not isinstance(value, (str, bool)) and 0 <= value < 1
+
+
 @dataclass(frozen=True, kw_only=True)
 class DetectionConfig:
     """Detection and measurement on the difference."""
@@ -200,9 +207,8 @@ class DetectionConfig:
         n = type(self).__name__
         _check(self.threshold > 0, n, "threshold", "must be > 0")
         _check(self.n_sky_sources >= 0, n, "n_sky_sources", "must be ≥ 0")
-        _check(self.systematic_fraction == "auto"
-               or (not isinstance(self.systematic_fraction, (str, bool)) and 0 <= self.systematic_fraction < 1),
-               n, "systematic_fraction", f"must be 'auto' or a number in [0, 1), got {self.systematic_fraction!r}")
+        _check(is_systematic_fraction(self.systematic_fraction), n, "systematic_fraction",
+               f"must be 'auto' or a number in [0, 1), got {self.systematic_fraction!r}")
         _check(self.systematic_min_snr > 0, n, "systematic_min_snr", "must be > 0")
         _check_planes(n, "bad_peak_mask_planes", self.bad_peak_mask_planes)
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from ..config import is_systematic_fraction
 from ..errors import ConfigError
 from ..exposure import Exposure
 from ..kernels import detection as det
@@ -158,9 +159,8 @@ class DetectMeasureConfig:
         check(len(self.background_bin_sizes) == 2 and all(b >= 2 for b in self.background_bin_sizes),
               "background_bin_sizes", "must be two bin sizes ≥ 2")
         check(self.aperture_radius > 0, "aperture_radius", "must be > 0")
-        check(self.systematic_fraction == "auto"
-              or (not isinstance(self.systematic_fraction, (str, bool)) and 0 <= self.systematic_fraction < 1),
-              "systematic_fraction", f"must be 'auto' or a number in [0, 1), got {self.systematic_fraction!r}")
+        check(is_systematic_fraction(self.systematic_fraction), "systematic_fraction",
+              f"must be 'auto' or a number in [0, 1), got {self.systematic_fraction!r}")
         check(self.systematic_min_snr > 0, "systematic_min_snr", "must be > 0")
         check(self.max_dipole_area >= 0, "max_dipole_area", "must be ≥ 0")
         check(self.dipole_direct_weight >= 0, "dipole_direct_weight", "must be ≥ 0")
