@@ -657,6 +657,15 @@ class DetectionInputs:
         return 1024 + sum(a.nbytes for a in arrays if a is not None)
 
 
+def _significance_stdev(score: np.ndarray, good: np.ndarray) -> float | None:
+    """Clipped σ of ``score`` over ``good`` (a deterministic strided sample of ≤ ~1e6 values is
+    plenty for one σ); None when it is not a positive number."""
+    vals = score[good]
+    step = max(1, vals.size // 1_000_000)
+    sigma = det.clipped_stdev(vals[::step]) if vals.size else float("nan")
+    return sigma if np.isfinite(sigma) and sigma > 0 else None
+
+
 def prepare_detection(
     difference: Exposure,
     *,
@@ -705,13 +714,7 @@ def prepare_detection(
         score = det.significance_image(smoothed, svar)
         if config.threshold_type == "pixel_stdev":
             stat_bad = (msk & bits_of(planes, list(config.bad_peak_mask_planes) + no_data)) != 0
-            ok = ~stat_bad & (svar > 0)
-            vals = score[ok]
-            step = max(1, vals.size // 1_000_000)  # a deterministic strided sample is plenty for one σ
-            significance_stdev = det.clipped_stdev(vals[::step]) if vals.size else float("nan")
-            del vals
-            if not (np.isfinite(significance_stdev) and significance_stdev > 0):
-                significance_stdev = None
+            significance_stdev = _significance_stdev(score, ~stat_bad & (svar > 0))
         factor = significance_stdev or 1.0
         if tmp is not None and config.systematic_fraction != 0:
             # ν = S / sqrt(s² V_S + ε² M_S²): residuals that scale with the static source
@@ -743,15 +746,10 @@ def prepare_detection(
         # a score supplied by the method (ZOGY S_corr, pre-convolution) is thresholded in the same
         # units: its clipped σ over the good pixels (warped or drizzled inputs leave it a few % above 1)
         stat_bad = (msk & bits_of(planes, list(config.bad_peak_mask_planes) + ["NO_DATA"])) != 0
-        vals = score[~stat_bad]
-        vals = vals[np.isfinite(vals) & (vals != 0)]
-        step = max(1, vals.size // 1_000_000)
-        significance_stdev = det.clipped_stdev(vals[::step]) if vals.size else float("nan")
-        del vals, stat_bad
-        if np.isfinite(significance_stdev) and significance_stdev > 0:
+        significance_stdev = _significance_stdev(score, ~stat_bad & np.isfinite(score) & (score != 0))
+        del stat_bad
+        if significance_stdev is not None:
             score = np.asarray(score, dtype=np.float64) / significance_stdev
-        else:
-            significance_stdev = None
     halo = config.halo if config.halo is not None else det.required_halo(psf_image.shape[0],
                                                                           measure_radius=config.aperture_radius + 2)
     return DetectionInputs(
