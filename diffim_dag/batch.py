@@ -468,7 +468,7 @@ def write_stage(spec: VisitSpec, config: PipelineConfig, out_dir: str, run_id: s
     catalog["detector"] = spec.detector
     result.metrics = {**result.metrics, "visit": spec.visit, "detector": spec.detector}
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp = final.parent / f".{final.name}.tmp-{run_id + '-' if run_id else ''}{uuid.uuid4().hex[:12]}"
     part = _dataset_part(root, spec.visit, spec.detector)
     try:
         try:
@@ -740,6 +740,17 @@ def _write_task_stream_html(filename: str, data: list[dict]) -> None:
         + "".join(rows) + "</table></body></html>\n"))
 
 
+def _remove_orphans(out: Path, run_id: str) -> None:
+    """Remove this run's temporary visit folders that a worker left when it died mid-write.
+
+    Called once every task of the run has finished, so none of them is still being written; the
+    run id in their names keeps other runs' folders out of it.
+    """
+    for tmp in out.glob(f"visit=*/.detector=*.tmp-{run_id}-*"):
+        log.info("removing %s, left by a worker lost while writing it", tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def run_batch(
     specs: Sequence[VisitSpec] | str | os.PathLike,
     config: PipelineConfig | None = None,
@@ -822,6 +833,8 @@ def run_batch(
         for close in closers:
             with _suppress():
                 close()
+    if todo:
+        _remove_orphans(out, run_id)
     ordered = [VisitRecord(**{k: v for k, v in records[s.key].items() if k != "key"}) for s in specs]
     report = BatchReport(run_id=run_id, records=ordered, wall_s=time.perf_counter() - t_start, out_dir=str(out),
                          scheduler=address, n_workers=n_w, manifest=manifest_path, pipeline=config_to_dict(config))

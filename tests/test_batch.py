@@ -464,3 +464,16 @@ def test_kubernetes_scheduler_needs_dask_kubernetes(inputs40, tmp_path, monkeypa
     monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", "tcp://10.0.0.1:8786")
     assert batch._scheduler_for(None, PipelineConfig()) == "tcp://10.0.0.1:8786"
     assert batch._scheduler_for("tcp://h:1", PipelineConfig()) == "tcp://h:1"
+
+
+def test_orphaned_temporary_folders_of_the_run_are_removed(tmp_path):
+    """A worker killed mid-write leaves ``.detector=D.tmp-<run>-<uuid>``; the run removes its own, not others'."""
+    from diffim_dag.batch import _remove_orphans
+
+    mine = tmp_path / "visit=1" / ".detector=0.tmp-RUN1-abc"
+    other = tmp_path / "visit=1" / ".detector=1.tmp-RUN2-def"
+    for d in (mine, other):
+        d.mkdir(parents=True)
+        (d / "difference.fits").write_bytes(b"partial")
+    _remove_orphans(tmp_path, "RUN1")
+    assert not mine.exists() and other.is_dir()
