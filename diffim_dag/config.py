@@ -202,10 +202,25 @@ class DetectionConfig:
     # undersampled data — and, by design, fractional variability below ~ε of a source's flux.
     systematic_fraction: float | str = 0.0
     systematic_min_snr: float = 50.0
+    # Reach (px) of a static source's systematic residual: the variance term uses the largest
+    # matched-template value within this radius, so rings and rotated diffraction spikes in a bright
+    # source's wings are weighed against its core.  "kernel": the PSF-matching kernel's half-width
+    # (a kernel moves flux no farther); 0: the value at the pixel.  Only used when ε > 0.
+    systematic_radius: int | str = "kernel"
+    # Two-pass background subtraction on the difference (LSST's initial/final background passes).
+    subtract_background: bool = False
+    background_bin_sizes: tuple[int, int] = (8, 40)
+    # Find cosmic rays on the difference (CR plane, zero weight in the matched filter).
+    mask_cosmic_rays: bool = False
 
     def __post_init__(self):
         n = type(self).__name__
         _check(self.threshold > 0, n, "threshold", "must be > 0")
+        _check(self.systematic_radius == "kernel"
+               or (not isinstance(self.systematic_radius, (str, bool, float)) and self.systematic_radius >= 0),
+               n, "systematic_radius", f"must be 'kernel' or an integer ≥ 0, got {self.systematic_radius!r}")
+        _check(len(self.background_bin_sizes) == 2 and all(int(b) >= 2 for b in self.background_bin_sizes), n,
+               "background_bin_sizes", f"must be two bin sizes ≥ 2, got {self.background_bin_sizes!r}")
         _check(self.n_sky_sources >= 0, n, "n_sky_sources", "must be ≥ 0")
         _check(is_systematic_fraction(self.systematic_fraction), n, "systematic_fraction",
                f"must be 'auto' or a number in [0, 1), got {self.systematic_fraction!r}")

@@ -522,11 +522,19 @@ def difference_stage(prepared: PreparedPair, kernel: KernelStage, config: Pipeli
     )
 
 
-def detection_config(config: PipelineConfig):
-    """The :class:`~diffim_dag.stages.detect.DetectMeasureConfig` of a pipeline (tiles = subtraction tiles)."""
+def detection_config(config: PipelineConfig, result=None):
+    """The :class:`~diffim_dag.stages.detect.DetectMeasureConfig` of a pipeline (tiles = subtraction tiles).
+
+    ``result`` (a subtraction result) supplies the PSF-matching kernel's size for
+    ``detection.systematic_radius="kernel"``.
+    """
     from .stages.detect import DetectMeasureConfig
 
-    return DetectMeasureConfig.from_detection_config(config.detection, tile_size=config.subtract.tile_size)
+    kernel_size = None
+    if result is not None:
+        kernel_size = (getattr(result, "metrics", None) or {}).get("kernel", {}).get("kernel_size")
+    return DetectMeasureConfig.from_detection_config(config.detection, tile_size=config.subtract.tile_size,
+                                                     kernel_size=kernel_size)
 
 
 def prepare_detection_stage(result: SubtractionResult, config: PipelineConfig):
@@ -544,7 +552,7 @@ def prepare_detection_stage(result: SubtractionResult, config: PipelineConfig):
 
         score = score_significance(result.score)
     return prepare_detection(result.difference, science=result.matched_science, template=result.matched_template,
-                             config=detection_config(config), score=score)
+                             config=detection_config(config, result), score=score)
 
 
 @dataclass(eq=False)

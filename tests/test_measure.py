@@ -172,3 +172,93 @@ def test_parquet_roundtrip_and_empty_run(rng, tmp_path, caplog):
     assert list(back2.columns) == list(DIA_SOURCE_COLUMNS) and len(back2) == 0
     assert dict(back2.dtypes.astype(str)) == dict(empty_dia_sources().dtypes.astype(str))
     assert int(pq.read_schema(p2).metadata[b"diffim_dag.n_dia_sources"]) == 0
+
+
+# ------------------------------------------------------- sky-source placement and whole-frame mask helpers
+
+
+def _exact_allowed(fpm, bad, r, src_pix):
+    """Brute-force map of the allowed sky-source centres (the definition in ``place_sky_sources``)."""
+    from scipy import ndimage
+
+    from diffim_dag.kernels import detection as det
+
+    ny, nx = fpm.shape
+    allowed = ~ndimage.binary_dilation(fpm | bad, structure=det.disc(r))
+    allowed[:r] = allowed[ny - r :] = False
+    allowed[:, :r] = allowed[:, nx - r :] = False
+    yy, xx = np.mgrid[:ny, :nx]
+    for sx, sy in src_pix:
+        allowed &= (xx - sx) ** 2 + (yy - sy) ** 2 > (r + 1) ** 2
+    return allowed
+
+
+@pytest.mark.parametrize("n,seed,density", [(1, 0, 0.002), (30, 1, 0.002), (60, 2, 0.002), (40, 3, 0.02)])
+def test_sky_source_placement_properties(n, seed, density):
+    """Exactly n, every one on an allowed centre, separated by > 2r, seeded; both sampling phases
+    (blind rejection on sparse masks, the exact map on crowded ones) obey the same rules."""
+    from diffim_dag.stages.detect import place_sky_sources
+
+    rng = np.random.default_rng(seed)
+    xy0 = (100, 200)
+    shape = (150, 170)
+    r = 6
+    fpm = rng.random(shape) < density
+    bad = np.zeros(shape, bool)
+    bad[40:45, :] = True
+    src = rng.uniform(0, 160, size=(12, 2)) + np.array(xy0)
+    got = place_sky_sources(n, fpm, bad, avoid_radius=r, origin=xy0, seed=seed, source_xy=src)
+    allowed = _exact_allowed(fpm, bad, r, np.rint(src - np.array(xy0)).astype(int))
+    assert got.shape == (n, 2)
+    ix, iy = (got[:, 0] - xy0[0]).astype(int), (got[:, 1] - xy0[1]).astype(int)
+    assert np.array_equal(got[:, 0] - xy0[0], ix) and np.array_equal(got[:, 1] - xy0[1], iy)  # pixel centres
+    assert allowed[iy, ix].all()
+    d2 = (ix[:, None] - ix[None]) ** 2 + (iy[:, None] - iy[None]) ** 2
+    np.fill_diagonal(d2, 10**9)
+    assert d2.min() > (2 * r) ** 2
+    again = place_sky_sources(n, fpm, bad, avoid_radius=r, origin=xy0, seed=seed, source_xy=src)
+    np.testing.assert_array_equal(again, got)
+    other = place_sky_sources(n, fpm, bad, avoid_radius=r, origin=xy0, seed=seed + 100, source_xy=src)
+    assert not np.array_equal(other, got) or n == 0
+
+
+def test_sky_sources_fill_the_only_hole_and_say_when_there_is_no_room(caplog):
+    """A frame blocked but for one small hole: the exact-map phase still finds it; asking for more
+    than fit gives what fits and a warning."""
+    from diffim_dag.stages.detect import place_sky_sources
+
+    shape = (300, 300)
+    bad = np.ones(shape, bool)
+    bad[200:214, 50:120] = False  # room for exactly the centres y = 206..207 at r = 6 → 3 sources 13 px apart
+    got = place_sky_sources(3, np.zeros(shape, bool), bad, avoid_radius=6, seed=4)
+    assert got.shape == (3, 2)
+    assert (got[:, 1] >= 206).all() and (got[:, 1] <= 207).all()
+    with caplog.at_level("WARNING"):
+        many = place_sky_sources(50, np.zeros(shape, bool), bad, avoid_radius=6, seed=4)
+    assert 3 <= len(many) < 50
+    assert "placed only" in caplog.text
+
+
+def test_sky_sources_are_uniform_over_blank_sky():
+    """Rejection sampling draws uniformly: the four quadrants of a blank frame get equal shares."""
+    from diffim_dag.stages.detect import place_sky_sources
+
+    shape = (2000, 2000)
+    counts = np.zeros(4)
+    for seed in range(5):
+        got = place_sky_sources(200, np.zeros(shape, bool), np.zeros(shape, bool), avoid_radius=6, seed=seed)
+        q = (got[:, 0] >= 1000).astype(int) + 2 * (got[:, 1] >= 1000).astype(int)
+        counts += np.bincount(q, minlength=4)
+    expected = counts.sum() / 4
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 16.3  # p = 0.001 for 3 degrees of freedom
+
+
+def test_pixels_without_equals_the_whole_frame_expression():
+    from diffim_dag.kernels.measure import pixels_without
+
+    rng = np.random.default_rng(6)
+    for shape in [(0, 4), (1, 1), (7,), (300, 211), (3, 4, 5)]:
+        m = rng.integers(0, 1 << 20, size=shape).astype(np.int32)
+        for bits in (0, 1, 0b1011000, (1 << 20) - 1):
+            np.testing.assert_array_equal(pixels_without(m, bits, block_pixels=97), (m & bits) == 0)

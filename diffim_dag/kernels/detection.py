@@ -112,6 +112,11 @@ class Footprint:
     def area(self) -> int:
         return int(np.count_nonzero(self.spans))
 
+    def contains(self, x: int, y: int) -> bool:
+        """Whether parent pixel ``(x, y)`` belongs to the footprint."""
+        bx0, bx1, by0, by1 = self.bbox
+        return bool(bx0 <= x < bx1 and by0 <= y < by1 and self.spans[y - by0, x - bx0])
+
     @property
     def is_negative(self) -> bool:
         """Only negative peaks."""
@@ -156,28 +161,32 @@ def matched_filter(
 
     with :math:`w = 0` on ``bad`` or non-finite pixels and 1 elsewhere (true
     convolution, ``fftconvolve(mode="same")``, odd centred kernel; zero outside the
-    array).  The transforms run in float32 (relative error ~1e-7) with ``workers`` FFT threads
-    (1 inside Dask workers); the results are returned as float64.
+    array).  The transforms run in float32 (relative error ~1e-7, far below the noise; the
+    planes are float32 anyway) with ``workers`` FFT threads (1 inside Dask workers), and the
+    results stay float32: a 4096² frame needs no float64 temporaries.
 
     Returns
     -------
-    smoothed, smoothed_variance : ndarray (float64)
+    smoothed, smoothed_variance : ndarray (float32)
     """
     p = np.asarray(psf_image, dtype=np.float64)
     if p.ndim != 2 or p.shape[0] % 2 == 0 or p.shape[1] % 2 == 0:
         raise ValueError(f"psf_image must be 2-D with odd sides, got shape {p.shape}")
     p = p / p.sum()
-    # float32 transforms: ~5x faster than float64 and an error ~1e-7 of the smoothed values,
-    # far below the noise (the inputs are float32 planes anyway)
     d = np.array(image, dtype=np.float32)
     v = np.array(variance, dtype=np.float32)
-    good = np.isfinite(d) & np.isfinite(v) & (v >= 0)
+    good = np.isfinite(d)
+    good &= np.isfinite(v)
+    good &= v >= 0
     if bad is not None:
         good &= ~np.asarray(bad, dtype=bool)
-    d[~good] = 0.0
-    v[~good] = 0.0
-    smoothed = _fftconvolve(d, p.astype(np.float32), workers).astype(np.float64)
-    svar = _fftconvolve(v, (p * p).astype(np.float32), workers).astype(np.float64)
+    np.logical_not(good, out=good)
+    np.copyto(d, 0.0, where=good)
+    np.copyto(v, 0.0, where=good)
+    del good
+    smoothed = _fftconvolve(d, p.astype(np.float32), workers)
+    del d
+    svar = _fftconvolve(v, (p * p).astype(np.float32), workers)
     np.clip(svar, 0.0, None, out=svar)
     return smoothed, svar
 
@@ -185,10 +194,16 @@ def matched_filter(
 def significance_image(smoothed: np.ndarray, smoothed_variance: np.ndarray) -> np.ndarray:
     r""":math:`\nu = S / \sqrt{V_S}`, 0 where :math:`V_S` vanishes (no data)."""
     vs = np.asarray(smoothed_variance)
-    floor = 1e-12 * float(np.max(vs)) if vs.size and np.max(vs) > 0 else 0.0
+    sm = np.asarray(smoothed)
+    vmax = float(np.max(vs)) if vs.size else 0.0
+    floor = 1e-12 * vmax if vmax > 0 else 0.0
     ok = vs > floor
-    out = np.zeros(vs.shape, dtype=np.float64)
-    np.divide(smoothed, np.sqrt(np.where(ok, vs, 1.0)), out=out, where=ok)
+    # float32 in, float32 out (the threshold needs no more); float64 otherwise
+    dtype = np.float32 if sm.dtype == np.float32 and vs.dtype == np.float32 else np.float64
+    with np.errstate(invalid="ignore"):
+        root = np.sqrt(vs, dtype=dtype)
+    out = np.zeros(vs.shape, dtype=dtype)
+    np.divide(sm, root, out=out, where=ok)
     return out
 
 
@@ -358,6 +373,19 @@ def dilate_disc(region: np.ndarray, radius: int) -> np.ndarray:
     return d2 <= r * r + 1e-6
 
 
+def local_abs_max(image: np.ndarray, radius: int) -> np.ndarray:
+    r"""The largest :math:`|I|` within Chebyshev distance ``radius`` of each pixel (a square window
+    of side :math:`2r + 1`, clipped at the array edges).
+
+    Separable (two 1-D running maxima), so its cost does not grow with the window's area.
+    """
+    a = np.abs(np.asarray(image))
+    r = int(radius)
+    if r <= 0 or a.size == 0:
+        return a
+    return ndi.maximum_filter(a, size=2 * r + 1, mode="nearest")
+
+
 def disc(radius: int) -> np.ndarray:
     """Boolean disc of ``radius`` pixels (``x² + y² ≤ r²``), side ``2r + 1``."""
     r = int(radius)
@@ -365,15 +393,24 @@ def disc(radius: int) -> np.ndarray:
     return (xx * xx + yy * yy) <= r * r
 
 
-def _grow(region: np.ndarray, radius: int) -> np.ndarray:
-    """Binary dilation by a disc, done per connected object inside its padded bounding box."""
+def _objects(region: np.ndarray) -> tuple[np.ndarray, list]:
+    """``(labels, slices)`` of the 4-connected objects of ``region`` (labelled once, used twice)."""
+    labels, _ = ndi.label(region)
+    return labels, ndi.find_objects(labels)
+
+
+def _grow(region: np.ndarray, radius: int, objects: tuple[np.ndarray, list] | None = None) -> np.ndarray:
+    """Binary dilation by a disc, done per connected object inside its padded bounding box.
+
+    ``objects`` is :func:`_objects` of ``region`` when the caller already has it.
+    """
     if radius <= 0 or not region.any():
         return region.copy()
     struct = disc(radius)
-    labels, n = ndi.label(region)
+    labels, slices = _objects(region) if objects is None else objects
     out = np.zeros_like(region)
     ny, nx = region.shape
-    for i, sl in enumerate(ndi.find_objects(labels), start=1):
+    for i, sl in enumerate(slices, start=1):
         if sl is None:
             continue
         y0, y1 = max(sl[0].start - radius, 0), min(sl[0].stop + radius, ny)
@@ -386,20 +423,24 @@ def _grow(region: np.ndarray, radius: int) -> np.ndarray:
     return out
 
 
-def _local_extrema(nu: np.ndarray, region: np.ndarray, sign: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(y, x)`` of 3×3 local maxima of ``sign·ν`` inside ``region`` (ties: the first in raster order)."""
+def _local_extrema(
+    nu: np.ndarray, region: np.ndarray, sign: int, objects: tuple[np.ndarray, list] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(y, x)`` of 3×3 local maxima of ``sign·ν`` inside ``region`` (ties: the first in raster order).
+
+    ``objects`` is :func:`_objects` of ``region`` when the caller already has it.
+    """
     if not region.any():
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
-    s = sign * nu
-    labels, _ = ndi.label(region)
+    _, slices = _objects(region) if objects is None else objects
     ys, xs = [], []
     ny, nx = nu.shape
-    for sl in ndi.find_objects(labels):
+    for sl in slices:
         if sl is None:
             continue
         y0, y1 = max(sl[0].start - 1, 0), min(sl[0].stop + 1, ny)
         x0, x1 = max(sl[1].start - 1, 0), min(sl[1].stop + 1, nx)
-        sub = s[y0:y1, x0:x1]
+        sub = nu[y0:y1, x0:x1] if sign > 0 else -nu[y0:y1, x0:x1]
         mx = ndi.maximum_filter(sub, size=3, mode="constant", cval=-np.inf)
         cand = (sub >= mx) & region[y0:y1, x0:x1]
         cy, cx = np.nonzero(cand)
@@ -491,19 +532,23 @@ def detect_tile(
         smoothed, svar = matched_filter(img, variance, psf, bad=nodata, workers=workers)
         nu = significance_image(smoothed, svar)
     else:
-        nu = np.where(nodata, 0.0, np.asarray(score, dtype=np.float64))
+        nu = np.asarray(score)
+        if nu.dtype not in (np.float32, np.float64):
+            nu = nu.astype(np.float64)
+        nu = np.where(nodata, nu.dtype.type(0), nu)
         smoothed = nu
     pos = nu >= threshold
     neg = nu <= -threshold
     r = grow_radius(psf_sigma, grow_sigma)
-    grown_pos = _grow(pos, r)
-    grown_neg = _grow(neg, r)
-    merged = grown_pos | grown_neg
+    obj_pos, obj_neg = _objects(pos), _objects(neg)
+    merged = _grow(pos, r, obj_pos)
+    merged |= _grow(neg, r, obj_neg)
     labels, n = ndi.label(merged)  # 4-connectivity, as afw footprints
     if n == 0:
         return []
-    py_p, px_p = _local_extrema(nu, pos, +1)
-    py_n, px_n = _local_extrema(nu, neg, -1)
+    py_p, px_p = _local_extrema(nu, pos, +1, obj_pos)
+    py_n, px_n = _local_extrema(nu, neg, -1, obj_neg)
+    del obj_pos, obj_neg
     py = np.concatenate([py_p, py_n])
     px = np.concatenate([px_p, px_n])
     bad_bits = bits_of(planes, bad_peak_planes)

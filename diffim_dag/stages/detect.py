@@ -126,6 +126,12 @@ class DetectMeasureConfig:
         (not a score supplied by ZOGY or pre-convolution) uses it, and only with a template.
     systematic_min_snr : float
         Smallest matched-filter S/N (in the matched template) of the peaks that measure it.
+    systematic_radius : int
+        Reach (px) of a static source's systematic residual: :math:`M_S` in the variance term is
+        replaced by the largest :math:`|M_S|` within this Chebyshev radius
+        (:func:`~diffim_dag.kernels.detection.local_abs_max`), so that the mismatch residuals in
+        a bright source's wings (rings, rotated diffraction spikes, where :math:`M_S` itself is
+        small) are weighed against the source's core.  0 (the default): :math:`M_S` at the pixel.
     """
 
     threshold: float = 5.0
@@ -145,6 +151,7 @@ class DetectMeasureConfig:
     threshold_type: str = "pixel_stdev"
     systematic_fraction: float | str = 0.0
     systematic_min_snr: float = 50.0
+    systematic_radius: int = 0
 
     def __post_init__(self):
         n = type(self).__name__
@@ -162,6 +169,7 @@ class DetectMeasureConfig:
         check(is_systematic_fraction(self.systematic_fraction), "systematic_fraction",
               f"must be 'auto' or a number in [0, 1), got {self.systematic_fraction!r}")
         check(self.systematic_min_snr > 0, "systematic_min_snr", "must be > 0")
+        check(self.systematic_radius >= 0, "systematic_radius", "must be ≥ 0")
         check(self.max_dipole_area >= 0, "max_dipole_area", "must be ≥ 0")
         check(self.dipole_direct_weight >= 0, "dipole_direct_weight", "must be ≥ 0")
         check(self.tile_size is None or self.tile_size >= 16, "tile_size", "must be None or ≥ 16")
@@ -173,8 +181,15 @@ class DetectMeasureConfig:
             check(p in DEFAULT_MASK_PLANES, "bad_peak_mask_planes", f"has unknown plane {p!r}")
 
     @classmethod
-    def from_detection_config(cls, config, **changes) -> DetectMeasureConfig:
-        """Build from :class:`diffim_dag.config.DetectionConfig` (plus any field of this class)."""
+    def from_detection_config(cls, config, *, kernel_size: int | None = None, **changes) -> DetectMeasureConfig:
+        """Build from :class:`diffim_dag.config.DetectionConfig` (plus any field of this class).
+
+        ``kernel_size`` (the PSF-matching kernel's side) resolves ``systematic_radius="kernel"``
+        to its half-width; without it that radius is 0.
+        """
+        radius = getattr(config, "systematic_radius", 0)
+        if radius == "kernel":
+            radius = int(kernel_size) // 2 if kernel_size else 0
         return cls(
             threshold=config.threshold,
             footprint_grow_sigma=config.footprint_grow_sigma,
@@ -182,7 +197,9 @@ class DetectMeasureConfig:
             n_sky_sources=config.n_sky_sources,
             systematic_fraction=getattr(config, "systematic_fraction", 0.0),
             systematic_min_snr=getattr(config, "systematic_min_snr", 50.0),
-            **changes,
+            **{k: getattr(config, k) for k in ("subtract_background", "background_bin_sizes", "mask_cosmic_rays")
+               if hasattr(config, k)},
+            **{"systematic_radius": radius, **changes},
         )
 
 
@@ -211,7 +228,7 @@ _SOURCE_DOC: dict[str, tuple[str, str]] = {
     "bbox_x_max": ("int64", ""),
     "bbox_y_min": ("int64", ""),
     "bbox_y_max": ("int64", ""),
-    "footprint_truncated": ("bool", "footprint reached a cut tile edge (halo too small)"),
+    "footprint_truncated": ("bool", "footprint cut by a tile edge and not completed (pieces are re-measured whole)"),
 }
 _MEASURE_DOC = {
     "centroid_flag": "centroid fit failed (x, y = peak) or was not fitted (sky sources)",
@@ -493,53 +510,93 @@ def place_sky_sources(
     """``n`` parent positions ``(x, y)`` on blank sky.
 
     A position is accepted when no footprint or ``bad`` pixel lies within
-    ``avoid_radius`` (a disc), it is more than ``avoid_radius`` from the image edge,
-    from every ``source_xy`` and from the sky sources already placed.  Positions are
-    pixel centres drawn uniformly (seeded); fewer than ``n`` come back when the image
-    has no room (after ``max_tries × n`` draws).
+    ``avoid_radius`` (a disc, :math:`dx^2 + dy^2 \\le r^2`), it is at least ``avoid_radius``
+    from the image edge, farther than ``avoid_radius + 1`` from every ``source_xy`` (rounded
+    to pixel centres) and farther than ``2·avoid_radius`` from the sky sources already placed.
+    Positions are pixel centres, uniform over the allowed pixels and seeded.
+
+    Two phases draw from the same distribution. Rejection sampling tests uniform draws
+    against the ``(2r+1)²`` window around each one (cost independent of the image size:
+    blank sky is most of a difference image). When fewer than ``n`` were accepted after
+    ``max_tries·n`` draws, or the sampling acceptance is below 1 %, the exact map of allowed
+    centres is built (distance transform) and draws continue from it only. Fewer than ``n``
+    positions come back, with a warning, when the image has no more room.
     """
     ny, nx = footprints_mask.shape
     r = int(avoid_radius)
-    if n == 0 or nx <= 2 * r + 1 or ny <= 2 * r + 1:
+    if n <= 0 or nx <= 2 * r or ny <= 2 * r:
         return np.empty((0, 2))
-
-    # allowed centres, all at once: no footprint/bad pixel within the disc, inside the margins,
-    # farther than r from every source position
-    blocked = det.dilate_disc(footprints_mask | bad, r)
-    allowed = ~blocked
-    allowed[:r] = allowed[ny - r :] = False
-    allowed[:, :r] = allowed[:, nx - r :] = False
+    blocked_px = np.asarray(footprints_mask, dtype=bool) | np.asarray(bad, dtype=bool)
     src = np.empty((0, 2)) if source_xy is None else np.asarray(source_xy, dtype=np.float64).reshape(-1, 2)
-    if len(src):
-        near = np.zeros_like(allowed)
-        sx = np.rint(src[:, 0] - origin[0]).astype(int)
-        sy = np.rint(src[:, 1] - origin[1]).astype(int)
-        inside = (sx >= 0) & (sx < nx) & (sy >= 0) & (sy < ny)
-        near[sy[inside], sx[inside]] = True
-        allowed &= ~det.dilate_disc(near, r + 1)
-    # the k-th allowed pixel in raster order, found through per-row counts (no index array of
-    # every allowed pixel: 128 MB for a 4096² image)
-    row_start = np.concatenate([[0], np.cumsum(np.count_nonzero(allowed, axis=1))])
-    n_candidates = int(row_start[-1])
+    src_pix = np.rint(src - np.asarray(origin, dtype=np.float64)).astype(np.int64)
+    tree = None
+    if len(src_pix):
+        from scipy.spatial import cKDTree
+
+        tree = cKDTree(src_pix)
+    disc_y, disc_x = np.nonzero(det.disc(r))
+    disc_y, disc_x = disc_y - r, disc_x - r
     rng = np.random.default_rng(seed)
-    # rng.permutation(n_candidates), shuffled in the narrowest index type (same draws, same order)
-    order = np.arange(n_candidates, dtype=np.int32 if n_candidates < 2**31 else np.int64)
-    rng.shuffle(order)
-    order = order[: max_tries * n].copy()
     placed: list[tuple[int, int]] = []
     min_sep2 = (2 * r) ** 2
-    for k in order:
-        iy = int(np.searchsorted(row_start, k, side="right")) - 1
-        ix = int(np.flatnonzero(allowed[iy])[k - row_start[iy]])
-        px, py = ix + origin[0], iy + origin[1]
-        if placed and min((qx - px) ** 2 + (qy - py) ** 2 for qx, qy in placed) <= min_sep2:
-            continue
-        placed.append((px, py))
-        if len(placed) == n:
-            break
+
+    def free_of_sources(iy: np.ndarray, ix: np.ndarray) -> np.ndarray:
+        if tree is None:
+            return np.ones(iy.size, dtype=bool)
+        d, _ = tree.query(np.column_stack([ix, iy]), k=1)
+        return d * d > (r + 1) ** 2 + 1e-9
+
+    def accept(iy: np.ndarray, ix: np.ndarray) -> None:
+        for py, px in zip(iy.tolist(), ix.tolist()):
+            if len(placed) == n:
+                return
+            if placed and min((qx - px) ** 2 + (qy - py) ** 2 for qy, qx in placed) <= min_sep2:
+                continue
+            placed.append((py, px))
+
+    # phase 1: rejection sampling inside the margins [r, n - r)
+    budget = max_tries * n
+    drawn = accepted = 0
+    batch = max(64, 4 * n)
+    while len(placed) < n and drawn < budget:
+        k = min(batch, budget - drawn)
+        iy = rng.integers(r, ny - r, size=k)
+        ix = rng.integers(r, nx - r, size=k)
+        drawn += k
+        ok = ~blocked_px[iy[:, None] + disc_y, ix[:, None] + disc_x].any(axis=1)
+        ok &= free_of_sources(iy, ix)
+        accepted += int(ok.sum())
+        accept(iy[ok], ix[ok])
+        if drawn >= 20 * batch and accepted < 0.01 * drawn:
+            break  # crowded: the exact map is cheaper than more blind draws
+    if len(placed) < n:
+        # phase 2: the exact map of allowed centres (no index array of every allowed pixel)
+        allowed = ~det.dilate_disc(blocked_px, r)
+        allowed[:r] = allowed[ny - r :] = False
+        allowed[:, :r] = allowed[:, nx - r :] = False
+        if tree is not None:
+            near = np.zeros_like(allowed)
+            inside = (src_pix[:, 0] >= 0) & (src_pix[:, 0] < nx) & (src_pix[:, 1] >= 0) & (src_pix[:, 1] < ny)
+            near[src_pix[inside, 1], src_pix[inside, 0]] = True
+            allowed &= ~det.dilate_disc(near, r + 1)
+        for qy, qx in placed:  # the already placed ones exclude their 2r disc
+            y0, y1, x0, x1 = max(qy - 2 * r, 0), min(qy + 2 * r + 1, ny), max(qx - 2 * r, 0), min(qx + 2 * r + 1, nx)
+            yy, xx = np.ogrid[y0:y1, x0:x1]
+            allowed[y0:y1, x0:x1] &= (yy - qy) ** 2 + (xx - qx) ** 2 > min_sep2
+        row_start = np.concatenate([[0], np.cumsum(np.count_nonzero(allowed, axis=1))])
+        n_candidates = int(row_start[-1])
+        if n_candidates:
+            order = rng.choice(n_candidates, size=min(n_candidates, max_tries * n), replace=False)
+            for k in order.tolist():
+                iy = int(np.searchsorted(row_start, k, side="right")) - 1
+                ix = int(np.flatnonzero(allowed[iy])[k - row_start[iy]])
+                accept(np.array([iy]), np.array([ix]))
+                if len(placed) == n:
+                    break
     if len(placed) < n:
         log.warning("placed only %d of %d sky sources (no more blank sky)", len(placed), n)
-    return np.asarray(placed, dtype=np.float64).reshape(-1, 2)
+    out = np.asarray([(px + origin[0], py + origin[1]) for py, px in placed], dtype=np.float64)
+    return out.reshape(-1, 2)
 
 
 def _sky_to_radec(cat: pd.DataFrame, wcs) -> None:
@@ -639,6 +696,11 @@ class DetectionInputs:
     def tile_kwargs(self, index: int) -> dict:
         """The keyword arguments of :func:`detect_measure_tile` for tile ``index`` (views, no copies)."""
         core, hb = self.tiles()[index]
+        return self.window_kwargs(core, hb)
+
+    def window_kwargs(self, core: tuple[int, int, int, int], hb: tuple[int, int, int, int]) -> dict:
+        """The keyword arguments of :func:`detect_measure_tile` for core box ``core`` seen through the
+        parent box ``hb`` (which contains it; views, no copies)."""
         x0, y0 = self.xy0
         sl = (slice(hb[2] - y0, hb[3] - y0), slice(hb[0] - x0, hb[1] - x0))
         return dict(
@@ -733,6 +795,8 @@ def prepare_detection(
             del mv_s
             systematic = {"fraction": float(epsilon), "n_static_peaks": n_peaks}
             if epsilon > 0:
+                if config.systematic_radius > 0:
+                    m_s = det.local_abs_max(m_s, config.systematic_radius)
                 total = factor * factor * svar + (epsilon * epsilon) * (m_s * m_s)
                 score = det.significance_image(smoothed, total)
                 del total
@@ -768,6 +832,51 @@ def detect_tiles(inputs: DetectionInputs, indices: Sequence[int] | None = None) 
     return {int(k): detect_measure_tile(**inputs.tile_kwargs(int(k))) for k in indices}
 
 
+def complete_truncated(inputs: DetectionInputs, stitched: TileResult) -> TileResult:
+    """Replace the sources whose footprint a tile cut (``footprint_truncated``) by the whole source.
+
+    A footprint larger than the tile halo (a saturated star, a big galaxy's residual) reaches the
+    inexact border of the tiles that hold its pieces.  Each such piece is detected and measured
+    again through a window of the whole-image inputs around its bounding box, widened (halo, then
+    doubling) until the footprint that holds the piece's primary peak is no longer cut; that footprint
+    is the untiled one (same significance values, labels and stamps), and pieces of one source
+    collapse onto its primary peak.  ``stitched`` comes from :func:`stitch_catalogs`.
+    """
+    cat = stitched.catalog
+    if not len(cat) or not cat["footprint_truncated"].any():
+        return stitched
+    bx0, bx1, by0, by1 = inputs.bbox
+    rows, fps = [], []
+    done: set[tuple[int, int]] = set()
+    for i in np.flatnonzero(cat["footprint_truncated"].to_numpy()):
+        fp = stitched.footprints[i]
+        px, py = fp.primary
+        grow = max(int(inputs.halo), 8)
+        while True:
+            fb = fp.bbox
+            hb = (max(fb[0] - grow, bx0), min(fb[1] + grow, bx1), max(fb[2] - grow, by0), min(fb[3] + grow, by1))
+            res = detect_measure_tile(**inputs.window_kwargs(hb, hb))
+            j = next((k for k, f in enumerate(res.footprints) if f.contains(px, py)), None)
+            if j is None or not res.footprints[j].truncated or hb == inputs.bbox:
+                break
+            fp, grow = res.footprints[j], 2 * grow
+        if j is None:  # cannot happen for a peak of the precomputed significance; keep the piece
+            rows.append(cat.iloc[[i]])
+            fps.append(stitched.footprints[i])
+            continue
+        whole = res.footprints[j]
+        if whole.primary in done:
+            continue
+        done.add(whole.primary)
+        rows.append(res.catalog.iloc[[j]])
+        fps.append(whole)
+    keep = np.flatnonzero(~cat["footprint_truncated"].to_numpy())
+    parts = [TileResult(catalog=cat.iloc[keep].reset_index(drop=True),
+                        footprints=[stitched.footprints[k] for k in keep])]
+    parts += [TileResult(catalog=r.reset_index(drop=True), footprints=[f]) for r, f in zip(rows, fps)]
+    return stitch_catalogs(parts)
+
+
 def finish_catalog(inputs: DetectionInputs, results: Sequence[TileResult]) -> pd.DataFrame:
     """Steps 3–5 of the module doc: stitch the tiles (``results`` in tile order), sky sources, ids, RA/Dec.
 
@@ -780,12 +889,11 @@ def finish_catalog(inputs: DetectionInputs, results: Sequence[TileResult]) -> pd
     img, var, msk = inputs.image, inputs.variance, inputs.mask
     sci, tmp = inputs.science, inputs.template
     x0, y0 = inputs.xy0
-    stitched = stitch_catalogs(results)
+    stitched = complete_truncated(inputs, stitch_catalogs(results))
     cat = stitched.catalog
     n_trunc = int(cat["footprint_truncated"].sum()) if len(cat) else 0
     if n_trunc:
-        log.warning("%d footprint(s) reached a cut tile edge; raise DetectMeasureConfig.halo (now %d)", n_trunc,
-                    inputs.halo)
+        log.warning("%d footprint(s) could not be completed across tile edges", n_trunc)
     parts = [cat] if len(cat) else []
     if config.n_sky_sources > 0:
         fpm = det.footprint_mask(stitched.footprints, inputs.shape, origin=(x0, y0))
