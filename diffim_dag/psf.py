@@ -29,6 +29,7 @@ and zarr writers can store any of them (:func:`psf_to_payload` /
 from __future__ import annotations
 
 import math
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -354,14 +355,7 @@ class ImagePsf(Psf):
 
     def kernel_image(self, x=None, y=None, *, size=None, offset=(0.0, 0.0)):
         size = self.default_size() if size is None else int(size)
-        if size < 1 or size % 2 == 0:
-            raise PsfError(f"PSF kernel size must be a positive odd integer, got {size}")
-        img = _resize_centred(self.image, size)
-        img = _shift_image(img, float(offset[0]), float(offset[1]))
-        total = img.sum()
-        if not total > 0:
-            raise PsfError(f"{self.source}: PSF image cut to {size}px has no flux")
-        return img / total
+        return _kernel_from_image(self.image, size, offset, self.source)
 
     def default_size(self, x=None, y=None) -> int:
         return int(min(self.image.shape[0], self.image.shape[1], max(_odd(6.0 * self._fwhm), 15)))
@@ -380,6 +374,18 @@ class ImagePsf(Psf):
 
     def __repr__(self) -> str:
         return f"ImagePsf(shape={self.image.shape}, fwhm={self._fwhm:.3f}, source={self.source!r})"
+
+
+def _kernel_from_image(image: np.ndarray, size: int, offset, source: str) -> np.ndarray:
+    """``image`` cut (or zero-padded) to ``size``², shifted by ``offset`` (Lanczos-5), unit sum."""
+    if size < 1 or size % 2 == 0:
+        raise PsfError(f"PSF kernel size must be a positive odd integer, got {size}")
+    img = _resize_centred(image, size)
+    img = _shift_image(img, float(offset[0]), float(offset[1]))
+    total = img.sum()
+    if not total > 0:
+        raise PsfError(f"{source}: PSF image cut to {size}px has no flux")
+    return img / total
 
 
 def _resize_centred(img: np.ndarray, size: int) -> np.ndarray:
@@ -511,19 +517,33 @@ class GridPsf(Psf):
         return [(i, 1.0 - t), (i + 1, t)]
 
     def _image(self, x, y) -> np.ndarray:
+        """The bilinear interpolation of the node images at ``(x, y)``, unit sum.
+
+        The last position's image is kept per thread: a fit renders one position many times
+        (the model and its shifted copies), and a grid interpolation costs more than the shift.
+        """
+        key = (None if x is None else float(x), None if y is None else float(y))
+        cache = self.__dict__.setdefault("_cache", threading.local())
+        if getattr(cache, "key", None) == key:
+            return cache.image
         out = np.zeros(self.images.shape[2:], dtype=np.float64)
         for j, wy in self._weights(self.y_nodes, y):
             for i, wx in self._weights(self.x_nodes, x):
                 if wx * wy:
                     out += wx * wy * self.images[j, i]
+        out /= out.sum()
+        cache.key, cache.image = key, out
         return out
 
     def _evaluate(self, x, y, dx, dy):  # pragma: no cover - kernel_image is overridden
         raise NotImplementedError
 
     def kernel_image(self, x=None, y=None, *, size=None, offset=(0.0, 0.0)):
-        size = self.default_size(x, y) if size is None else size
-        return ImagePsf(self._image(x, y), source=self.source).kernel_image(size=size, offset=offset)
+        size = self.default_size(x, y) if size is None else int(size)
+        return _kernel_from_image(self._image(x, y), size, offset, self.source)
+
+    def __getstate__(self):  # the per-thread cache does not travel (pickle, Dask)
+        return {k: v for k, v in self.__dict__.items() if k != "_cache"}
 
     @property
     def node_fwhm(self) -> np.ndarray:

@@ -177,3 +177,33 @@ def test_psf_errors_are_one_line():
         with pytest.raises(PsfError) as exc:
             case()
         assert "\n" not in str(exc.value)
+
+
+def test_grid_psf_cache_never_returns_another_positions_image():
+    """The per-thread last-position cache: alternating positions, many threads and a pickle round trip
+    give exactly what a fresh model gives."""
+    import pickle
+    from concurrent.futures import ThreadPoolExecutor
+
+    from diffim_dag.psf import GridPsf
+
+    rng = np.random.default_rng(5)
+    images = rng.uniform(0.1, 1.0, (3, 3, 21, 21))
+    nodes = [0.0, 500.0, 1000.0]
+    grid = GridPsf(images, nodes, nodes)
+    pts = rng.uniform(0, 1000, (40, 2))
+
+    def fresh(x, y):
+        return GridPsf(images, nodes, nodes).kernel_image(x, y, offset=(0.3, -0.2))
+
+    want = [fresh(x, y) for x, y in pts]
+    for _ in range(2):  # twice: repeated and alternating positions
+        for (x, y), w in zip(pts, want):
+            np.testing.assert_array_equal(grid.kernel_image(x, y, offset=(0.3, -0.2)), w)
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda p: grid.kernel_image(p[0], p[1], offset=(0.3, -0.2)), list(pts) * 3))
+    for g, w in zip(got, want * 3):
+        np.testing.assert_array_equal(g, w)
+    again = pickle.loads(pickle.dumps(grid))
+    np.testing.assert_array_equal(again.kernel_image(*pts[0], offset=(0.3, -0.2)), want[0])
+    assert again == grid

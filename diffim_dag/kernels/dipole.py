@@ -99,10 +99,16 @@ def linear_background(image: np.ndarray, weight: np.ndarray, use: np.ndarray) ->
     return coef[0] + coef[1] * xx + coef[2] * yy
 
 
-def dipole_model(psf: Psf, params: Sequence[float], bbox: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-    r"""``(F_+ P(x_+), F_- P(x_-))`` on the parent box ``bbox``; params ``(x+, y+, x-, y-, F+, F-)``."""
+def dipole_model(
+    psf: Psf, params: Sequence[float], bbox: tuple[int, int, int, int], *, shape_at: tuple[float, float] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    r"""``(F_+ P(x_+), F_- P(x_-))`` on the parent box ``bbox``; params ``(x+, y+, x-, y-, F+, F-)``.
+
+    ``shape_at``: where the PSF's shape is taken for both lobes (default: each lobe's position).
+    """
     xp, yp, xn, yn, fp, fn = params
-    return fp * render_psf(psf, xp, yp, bbox), fn * render_psf(psf, xn, yn, bbox)
+    return (fp * render_psf(psf, xp, yp, bbox, shape_at=shape_at),
+            fn * render_psf(psf, xn, yn, bbox, shape_at=shape_at))
 
 
 def classify_dipole(pos_flux: float, neg_flux: float, snr: float) -> bool:
@@ -174,8 +180,11 @@ def fit_dipole(
     ineg = int(np.argmax(sig < 0))
     xp, yp = float(footprint.peak_x[ipos]), float(footprint.peak_y[ipos])
     xn, yn = float(footprint.peak_x[ineg]), float(footprint.peak_y[ineg])
-    p_pos = render_psf(psf, xp, yp, bbox)
-    p_neg = render_psf(psf, xn, yn, bbox)
+    # one PSF shape for the fit, the model's at the footprint's centre (lobes are pixels apart;
+    # the PSF varies over hundreds), so the fit's derivatives are those of the positions
+    shape_at = (0.5 * (bx0 + bx1 - 1), 0.5 * (by0 + by1 - 1))
+    p_pos = render_psf(psf, xp, yp, bbox, shape_at=shape_at)
+    p_neg = render_psf(psf, xn, yn, bbox, shape_at=shape_at)
     if joint:
         s_img, t_img = blocks[1][0], blocks[2][0]
         fp0 = float(np.sum(p_pos * s_img) / max(np.sum(p_pos * p_pos), 1e-300))
@@ -186,7 +195,7 @@ def fit_dipole(
     fp0, fn0 = max(fp0, 1e-3), max(fn0, 1e-3)
 
     def residuals(p):
-        mp, mn = dipole_model(psf, p, bbox)
+        mp, mn = dipole_model(psf, p, bbox, shape_at=shape_at)
         parts = [((d - (mp - mn)) * blocks[0][1]).ravel()]
         if joint:
             parts.append(((blocks[1][0] - mp) * blocks[1][1]).ravel())

@@ -88,18 +88,29 @@ DEFAULT_EXCLUDED_PLANES: tuple[str, ...] = ("NO_DATA", "BAD", "SAT")
 _DERIV_STEP = 0.05
 
 
-def render_psf(psf: Psf, x: float, y: float, bbox: tuple[int, int, int, int], *, size: int | None = None) -> np.ndarray:
+def render_psf(
+    psf: Psf,
+    x: float,
+    y: float,
+    bbox: tuple[int, int, int, int],
+    *,
+    size: int | None = None,
+    shape_at: tuple[float, float] | None = None,
+) -> np.ndarray:
     """The unit-sum PSF centred at parent ``(x, y)``, sampled on the parent box ``bbox``.
 
     The kernel (``size``², default ``psf.default_size``) is rendered at the nearest pixel
-    with the sub-pixel offset and pasted into the box (parts outside it are cut).
+    with the sub-pixel offset and pasted into the box (parts outside it are cut).  Its shape is
+    the model's at ``shape_at`` (default ``(x, y)``): fits that move a source by fractions of a
+    pixel keep one shape, so their derivatives are those of the position alone.
     """
     bx0, bx1, by0, by1 = bbox
     out = np.zeros((by1 - by0, bx1 - bx0), dtype=np.float64)
-    size = psf.default_size(x, y) if size is None else int(size)
+    sx, sy = (x, y) if shape_at is None else shape_at
+    size = psf.default_size(sx, sy) if size is None else int(size)
     h = size // 2
     ix, iy = int(math.floor(x + 0.5)), int(math.floor(y + 0.5))
-    k = psf.kernel_image(x, y, size=size, offset=(x - ix, y - iy))
+    k = psf.kernel_image(sx, sy, size=size, offset=(x - ix, y - iy))
     xa, xb, ya, yb = ix - h, ix + h + 1, iy - h, iy + h + 1
     cxa, cxb, cya, cyb = max(xa, bx0), min(xb, bx1), max(ya, by0), min(yb, by1)
     if cxa < cxb and cya < cyb:
@@ -199,9 +210,10 @@ def psf_fit(
     if fit_centroid:
         converged = False
         for _ in range(max_iter):
-            p = render_psf(psf, x, y, bbox, size=size)
-            dpx = (render_psf(psf, x + _DERIV_STEP, y, bbox, size=size) - render_psf(psf, x - _DERIV_STEP, y, bbox, size=size)) / (2 * _DERIV_STEP)
-            dpy = (render_psf(psf, x, y + _DERIV_STEP, bbox, size=size) - render_psf(psf, x, y - _DERIV_STEP, bbox, size=size)) / (2 * _DERIV_STEP)
+            at = {"size": size, "shape_at": (x, y)}
+            p = render_psf(psf, x, y, bbox, **at)
+            dpx = (render_psf(psf, x + _DERIV_STEP, y, bbox, **at) - render_psf(psf, x - _DERIV_STEP, y, bbox, **at)) / (2 * _DERIV_STEP)
+            dpy = (render_psf(psf, x, y + _DERIV_STEP, bbox, **at) - render_psf(psf, x, y - _DERIV_STEP, bbox, **at)) / (2 * _DERIV_STEP)
             a = np.stack([p.ravel(), dpx.ravel(), dpy.ravel()], axis=1)
             ww = w.ravel()
             ata = a.T @ (a * ww[:, None])
