@@ -375,9 +375,10 @@ def test_pipeline_resolves_systematic_radius_to_the_kernel_half_width():
 
 
 def test_footprints_larger_than_the_halo_are_completed_across_tiles(rng):
-    """Two extended sources (σ = 20 px: a saturated star's wings, a bright galaxy's residual) each span
-    several 128-px tiles and are wider than the tiles' halo: the tiled catalogue still equals the untiled
-    one, each big source once with its whole footprint; point sources elsewhere are unaffected."""
+    """Two extended sources (σ = 20 px: a saturated star's wings, a bright galaxy's residual) and a streak
+    across the image span several 128-px tiles and are wider than the tiles' halo: the tiled catalogue
+    still equals the untiled one, each big source once with its whole footprint; point sources elsewhere
+    are unaffected."""
     n, xy0 = 640, (1000, 2000)
     pos = isolated_positions(rng, 25, 30, n - 30, 40)
     pos = pos[np.hypot(pos[:, 0] - 256, pos[:, 1] - 256) > 130]
@@ -387,13 +388,17 @@ def test_footprints_larger_than_the_halo_are_completed_across_tiles(rng):
     img = exp.image.values.copy()
     big = GaussianPsf(20.0)
     add_sources(img, [xy0[0] + 256.0, xy0[0] + 450.0], [xy0[1] + 256.0, xy0[1] + 500.0], [3e6, -2e6], big, xy0=xy0)
+    # and a satellite streak across the whole image (σ = 1.5 px, ~8σ per pixel on its ridge)
+    yy, xx = np.mgrid[:n, :n]
+    img += 40.0 * np.exp(-0.5 * ((yy - (60.0 + 0.05 * xx)) / 1.5) ** 2)
     exp = exp.with_planes(image=img)
     cfg = DetectMeasureConfig(n_sky_sources=0)
     full = detect_and_measure(exp, config=cfg)
     tiled = detect_and_measure(exp, config=DetectMeasureConfig(n_sky_sources=0, tile_size=128))
     widths = (full["bbox_x_max"] - full["bbox_x_min"]).to_numpy()
     halo = det.required_halo(exp.psf.kernel_image().shape[0], measure_radius=cfg.aperture_radius + 2)
-    assert (widths > 2 * halo).sum() == 2  # the two big sources, each wider than two halos
+    assert (widths > 2 * halo).sum() == 3  # the two big sources and the streak, each wider than two halos
+    assert (widths == n).sum() == 1  # the streak, once, end to end
     assert not full["footprint_truncated"].any() and not tiled["footprint_truncated"].any()
     key = ["peak_y", "peak_x"]
     a = full.sort_values(key).reset_index(drop=True)

@@ -367,6 +367,33 @@ def _planes_good(mask, planes, excluded):
     return pixels_without(mask, bits_of(planes, excluded))
 
 
+def _tile_footprints(image, variance, mask, *, psf, origin, core_bbox, parent_bbox, config, planes, score,
+                     find_cosmic_rays, psf_sigma):
+    """The detection half of :func:`detect_measure_tile`: ``(footprints, mask with CR, excluded planes)``."""
+    ny, nx = image.shape
+    x0, y0 = origin
+    core = core_bbox if core_bbox is not None else (x0, x0 + nx, y0, y0 + ny)
+    cx, cy = 0.5 * (core[0] + core[1] - 1), 0.5 * (core[2] + core[3] - 1)
+    psf_image = psf.kernel_image(cx, cy)
+    psf_sigma = psf.sigma(cx, cy) if psf_sigma is None else float(psf_sigma)
+    mask = np.asarray(mask)
+    no_data = ["NO_DATA"]
+    excluded = list(DEFAULT_EXCLUDED_PLANES)
+    if config.mask_cosmic_rays and "CR" in planes:
+        if find_cosmic_rays is None or find_cosmic_rays:
+            cr = det.find_cosmic_rays(image, variance, psf_image, bad=_planes_good(mask, planes, ["NO_DATA"]) == 0)
+            mask = mask | np.where(cr, np.int32(1 << planes["CR"]), np.int32(0)).astype(mask.dtype)
+        no_data.append("CR")
+        excluded.append("CR")
+    footprints = det.detect_tile(
+        image, variance, mask, psf_image, origin=origin, threshold=config.threshold, psf_sigma=psf_sigma,
+        grow_sigma=config.footprint_grow_sigma, core_bbox=core, parent_bbox=parent_bbox, mask_planes=planes,
+        bad_peak_planes=config.bad_peak_mask_planes, no_data_planes=no_data, score=score,
+        workers=config.fft_workers,
+    )
+    return footprints, mask, excluded
+
+
 def detect_measure_tile(
     image: np.ndarray,
     variance: np.ndarray,
@@ -384,6 +411,7 @@ def detect_measure_tile(
     template_psf: Psf | None = None,
     score: np.ndarray | None = None,
     find_cosmic_rays: bool | None = None,
+    psf_sigma: float | None = None,
 ) -> TileResult:
     """Detect, measure, fit dipoles and force-photometer the sources of one tile (with halo).
 
@@ -405,6 +433,9 @@ def detect_measure_tile(
         Find cosmic rays on this tile (default ``config.mask_cosmic_rays``); ``False`` when the
         caller already set the CR plane (CR pixels are still excluded when
         ``config.mask_cosmic_rays``).
+    psf_sigma : float, optional
+        PSF width for the footprint growth (default: the PSF's at the core's centre;
+        :func:`prepare_detection` passes the whole image's, so every tile grows alike).
 
     Returns
     -------
@@ -412,27 +443,9 @@ def detect_measure_tile(
         Sources whose primary peak lies in the core.
     """
     planes = dict(DEFAULT_MASK_PLANES if mask_planes is None else mask_planes)
-    ny, nx = image.shape
-    x0, y0 = origin
-    core = core_bbox if core_bbox is not None else (x0, x0 + nx, y0, y0 + ny)
-    cx, cy = 0.5 * (core[0] + core[1] - 1), 0.5 * (core[2] + core[3] - 1)
-    psf_image = psf.kernel_image(cx, cy)
-    psf_sigma = psf.sigma(cx, cy)
-    mask = np.asarray(mask)
-    no_data = ["NO_DATA"]
-    excluded = list(DEFAULT_EXCLUDED_PLANES)
-    if config.mask_cosmic_rays and "CR" in planes:
-        if find_cosmic_rays is None or find_cosmic_rays:
-            cr = det.find_cosmic_rays(image, variance, psf_image, bad=_planes_good(mask, planes, ["NO_DATA"]) == 0)
-            mask = mask | np.where(cr, np.int32(1 << planes["CR"]), np.int32(0)).astype(mask.dtype)
-        no_data.append("CR")
-        excluded.append("CR")
-    footprints = det.detect_tile(
-        image, variance, mask, psf_image, origin=origin, threshold=config.threshold, psf_sigma=psf_sigma,
-        grow_sigma=config.footprint_grow_sigma, core_bbox=core, parent_bbox=parent_bbox, mask_planes=planes,
-        bad_peak_planes=config.bad_peak_mask_planes, no_data_planes=no_data, score=score,
-        workers=config.fft_workers,
-    )
+    footprints, mask, excluded = _tile_footprints(
+        image, variance, mask, psf=psf, origin=origin, core_bbox=core_bbox, parent_bbox=parent_bbox, config=config,
+        planes=planes, score=score, find_cosmic_rays=find_cosmic_rays, psf_sigma=psf_sigma)
     base = det.footprints_table(footprints)
     xs = base["peak_x"].to_numpy(dtype=np.float64)
     ys = base["peak_y"].to_numpy(dtype=np.float64)
@@ -688,6 +701,7 @@ class DetectionInputs:
     wcs: object = None
     seconds: float = 0.0
     systematic: dict | None = None
+    psf_sigma: float | None = None
 
     def tiles(self) -> list[tuple[tuple[int, int, int, int], tuple[int, int, int, int]]]:
         """``(core_bbox, halo_bbox)`` of every tile, in :func:`tile_boxes` order (rows, then columns)."""
@@ -711,7 +725,7 @@ class DetectionInputs:
             template=None if self.template is None else tuple(a[sl] for a in self.template),
             science_psf=self.science_psf, template_psf=self.template_psf,
             score=None if self.score is None else self.score[sl],
-            find_cosmic_rays=self.find_cosmic_rays,
+            find_cosmic_rays=self.find_cosmic_rays, psf_sigma=self.psf_sigma,
         )
 
     def __sizeof__(self) -> int:  # what Dask's memory accounting sees
@@ -822,6 +836,7 @@ def prepare_detection(
         config=config, science=sci, template=tmp, science_psf=None if science is None else science.psf,
         template_psf=None if template is None else template.psf, find_cosmic_rays=find_crs,
         info=difference.info, wcs=difference.wcs, seconds=time.perf_counter() - t0, systematic=systematic,
+        psf_sigma=float(psf.sigma(cx, cy)),
     )
 
 
@@ -835,12 +850,13 @@ def detect_tiles(inputs: DetectionInputs, indices: Sequence[int] | None = None) 
 def complete_truncated(inputs: DetectionInputs, stitched: TileResult) -> TileResult:
     """Replace the sources whose footprint a tile cut (``footprint_truncated``) by the whole source.
 
-    A footprint larger than the tile halo (a saturated star, a big galaxy's residual) reaches the
-    inexact border of the tiles that hold its pieces.  Each such piece is detected and measured
-    again through a window of the whole-image inputs around its bounding box, widened (halo, then
-    doubling) until the footprint that holds the piece's primary peak is no longer cut; that footprint
-    is the untiled one (same significance values, labels and stamps), and pieces of one source
-    collapse onto its primary peak.  ``stitched`` comes from :func:`stitch_catalogs`.
+    A footprint larger than the tile halo (a saturated star, a big galaxy's residual, a satellite
+    streak) reaches the inexact border of the tiles that hold its pieces.  Around each piece the
+    whole-image inputs are searched again (detection only) through a window grown by the halo, then
+    by 4× as much each time, until the footprint that holds the piece's primary peak is no longer cut:
+    that footprint is the untiled one (same significance values, growth and labels).  Pieces of one
+    source collapse onto its primary peak, and only that source is measured (a one-pixel core at
+    the peak).  ``stitched`` comes from :func:`stitch_catalogs`.
     """
     cat = stitched.catalog
     if not len(cat) or not cat["footprint_truncated"].any():
@@ -852,24 +868,32 @@ def complete_truncated(inputs: DetectionInputs, stitched: TileResult) -> TileRes
         fp = stitched.footprints[i]
         px, py = fp.primary
         grow = max(int(inputs.halo), 8)
-        while True:
+        whole = None
+        while True:  # detection only, on ever larger windows, until the footprint is whole
             fb = fp.bbox
             hb = (max(fb[0] - grow, bx0), min(fb[1] + grow, bx1), max(fb[2] - grow, by0), min(fb[3] + grow, by1))
-            res = detect_measure_tile(**inputs.window_kwargs(hb, hb))
-            j = next((k for k, f in enumerate(res.footprints) if f.contains(px, py)), None)
-            if j is None or not res.footprints[j].truncated or hb == inputs.bbox:
+            kw = inputs.window_kwargs(hb, hb)
+            found, _, _ = _tile_footprints(
+                kw["image"], kw["variance"], kw["mask"], psf=kw["psf"], origin=kw["origin"], core_bbox=hb,
+                parent_bbox=kw["parent_bbox"], config=kw["config"], planes=kw["mask_planes"], score=kw["score"],
+                find_cosmic_rays=kw["find_cosmic_rays"], psf_sigma=kw["psf_sigma"])
+            whole = next((f for f in found if f.contains(px, py)), None)
+            if whole is None or not whole.truncated or hb == inputs.bbox:
                 break
-            fp, grow = res.footprints[j], 2 * grow
-        if j is None:  # cannot happen for a peak of the precomputed significance; keep the piece
+            fp, grow = whole, 4 * grow
+        key = None if whole is None else whole.primary
+        if key is not None and key in done:
+            continue
+        res = None
+        if key is not None:  # measure that one source: the core is its primary peak's pixel
+            res = detect_measure_tile(**inputs.window_kwargs((key[0], key[0] + 1, key[1], key[1] + 1), hb))
+        if res is None or len(res.catalog) != 1:  # cannot happen for a peak of the whole-image significance
             rows.append(cat.iloc[[i]])
             fps.append(stitched.footprints[i])
             continue
-        whole = res.footprints[j]
-        if whole.primary in done:
-            continue
-        done.add(whole.primary)
-        rows.append(res.catalog.iloc[[j]])
-        fps.append(whole)
+        done.add(key)
+        rows.append(res.catalog)
+        fps.append(res.footprints[0])
     keep = np.flatnonzero(~cat["footprint_truncated"].to_numpy())
     parts = [TileResult(catalog=cat.iloc[keep].reset_index(drop=True),
                         footprints=[stitched.footprints[k] for k in keep])]
