@@ -367,9 +367,11 @@ def _planes_good(mask, planes, excluded):
     return pixels_without(mask, bits_of(planes, excluded))
 
 
-def _tile_footprints(image, variance, mask, *, psf, origin, core_bbox, parent_bbox, config, planes, score,
-                     find_cosmic_rays, psf_sigma):
-    """The detection half of :func:`detect_measure_tile`: ``(footprints, mask with CR, excluded planes)``."""
+def _tile_footprints(image, variance, mask, *, psf, origin, core_bbox=None, parent_bbox=None,
+                     config=DetectMeasureConfig(), mask_planes=None, score=None, find_cosmic_rays=None, psf_sigma=None):
+    """The detection half of :func:`detect_measure_tile` (same arguments, without the direct images):
+    ``(footprints, mask with CR, excluded planes)``."""
+    planes = dict(DEFAULT_MASK_PLANES if mask_planes is None else mask_planes)
     ny, nx = image.shape
     x0, y0 = origin
     core = core_bbox if core_bbox is not None else (x0, x0 + nx, y0, y0 + ny)
@@ -445,7 +447,7 @@ def detect_measure_tile(
     planes = dict(DEFAULT_MASK_PLANES if mask_planes is None else mask_planes)
     footprints, mask, excluded = _tile_footprints(
         image, variance, mask, psf=psf, origin=origin, core_bbox=core_bbox, parent_bbox=parent_bbox, config=config,
-        planes=planes, score=score, find_cosmic_rays=find_cosmic_rays, psf_sigma=psf_sigma)
+        mask_planes=planes, score=score, find_cosmic_rays=find_cosmic_rays, psf_sigma=psf_sigma)
     base = det.footprints_table(footprints)
     xs = base["peak_x"].to_numpy(dtype=np.float64)
     ys = base["peak_y"].to_numpy(dtype=np.float64)
@@ -873,10 +875,9 @@ def complete_truncated(inputs: DetectionInputs, stitched: TileResult) -> TileRes
             fb = fp.bbox
             hb = (max(fb[0] - grow, bx0), min(fb[1] + grow, bx1), max(fb[2] - grow, by0), min(fb[3] + grow, by1))
             kw = inputs.window_kwargs(hb, hb)
-            found, _, _ = _tile_footprints(
-                kw["image"], kw["variance"], kw["mask"], psf=kw["psf"], origin=kw["origin"], core_bbox=hb,
-                parent_bbox=kw["parent_bbox"], config=kw["config"], planes=kw["mask_planes"], score=kw["score"],
-                find_cosmic_rays=kw["find_cosmic_rays"], psf_sigma=kw["psf_sigma"])
+            for direct in ("science", "template", "science_psf", "template_psf"):
+                del kw[direct]
+            found, _, _ = _tile_footprints(**kw)
             whole = next((f for f in found if f.contains(px, py)), None)
             if whole is None or not whole.truncated or hb == inputs.bbox:
                 break
