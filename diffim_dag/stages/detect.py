@@ -367,6 +367,21 @@ def _planes_good(mask, planes, excluded):
     return pixels_without(mask, bits_of(planes, excluded))
 
 
+def _tile_mask(image, variance, mask, psf_image, config, planes, find_cosmic_rays):
+    """``(mask, no-data planes, excluded planes)`` of a tile: cosmic rays found on it when asked
+    (CR plane), and the planes that get zero weight in detection and in measurement."""
+    mask = np.asarray(mask)
+    no_data = ["NO_DATA"]
+    excluded = list(DEFAULT_EXCLUDED_PLANES)
+    if config.mask_cosmic_rays and "CR" in planes:
+        if find_cosmic_rays is None or find_cosmic_rays:
+            cr = det.find_cosmic_rays(image, variance, psf_image, bad=_planes_good(mask, planes, ["NO_DATA"]) == 0)
+            mask = mask | np.where(cr, np.int32(1 << planes["CR"]), np.int32(0)).astype(mask.dtype)
+        no_data.append("CR")
+        excluded.append("CR")
+    return mask, no_data, excluded
+
+
 def _tile_footprints(image, variance, mask, *, psf, origin, core_bbox=None, parent_bbox=None,
                      config=DetectMeasureConfig(), mask_planes=None, score=None, find_cosmic_rays=None, psf_sigma=None):
     """The detection half of :func:`detect_measure_tile` (same arguments, without the direct images):
@@ -378,15 +393,7 @@ def _tile_footprints(image, variance, mask, *, psf, origin, core_bbox=None, pare
     cx, cy = 0.5 * (core[0] + core[1] - 1), 0.5 * (core[2] + core[3] - 1)
     psf_image = psf.kernel_image(cx, cy)
     psf_sigma = psf.sigma(cx, cy) if psf_sigma is None else float(psf_sigma)
-    mask = np.asarray(mask)
-    no_data = ["NO_DATA"]
-    excluded = list(DEFAULT_EXCLUDED_PLANES)
-    if config.mask_cosmic_rays and "CR" in planes:
-        if find_cosmic_rays is None or find_cosmic_rays:
-            cr = det.find_cosmic_rays(image, variance, psf_image, bad=_planes_good(mask, planes, ["NO_DATA"]) == 0)
-            mask = mask | np.where(cr, np.int32(1 << planes["CR"]), np.int32(0)).astype(mask.dtype)
-        no_data.append("CR")
-        excluded.append("CR")
+    mask, no_data, excluded = _tile_mask(image, variance, mask, psf_image, config, planes, find_cosmic_rays)
     footprints = det.detect_tile(
         image, variance, mask, psf_image, origin=origin, threshold=config.threshold, psf_sigma=psf_sigma,
         grow_sigma=config.footprint_grow_sigma, core_bbox=core, parent_bbox=parent_bbox, mask_planes=planes,
@@ -414,6 +421,7 @@ def detect_measure_tile(
     score: np.ndarray | None = None,
     find_cosmic_rays: bool | None = None,
     psf_sigma: float | None = None,
+    footprints: Sequence[det.Footprint] | None = None,
 ) -> TileResult:
     """Detect, measure, fit dipoles and force-photometer the sources of one tile (with halo).
 
@@ -438,16 +446,26 @@ def detect_measure_tile(
     psf_sigma : float, optional
         PSF width for the footprint growth (default: the PSF's at the core's centre;
         :func:`prepare_detection` passes the whole image's, so every tile grows alike).
+    footprints : sequence of Footprint, optional
+        Measure these (parent coordinates, inside the box) instead of detecting: the footprints a
+        search on this box has already found (:func:`complete_truncated`).
 
     Returns
     -------
     TileResult
-        Sources whose primary peak lies in the core.
+        Sources whose primary peak lies in the core (or the given footprints).
     """
     planes = dict(DEFAULT_MASK_PLANES if mask_planes is None else mask_planes)
-    footprints, mask, excluded = _tile_footprints(
-        image, variance, mask, psf=psf, origin=origin, core_bbox=core_bbox, parent_bbox=parent_bbox, config=config,
-        mask_planes=planes, score=score, find_cosmic_rays=find_cosmic_rays, psf_sigma=psf_sigma)
+    if footprints is None:
+        footprints, mask, excluded = _tile_footprints(
+            image, variance, mask, psf=psf, origin=origin, core_bbox=core_bbox, parent_bbox=parent_bbox,
+            config=config, mask_planes=planes, score=score, find_cosmic_rays=find_cosmic_rays, psf_sigma=psf_sigma)
+    else:
+        ny, nx = image.shape
+        centre = (origin[0] + 0.5 * (nx - 1), origin[1] + 0.5 * (ny - 1))
+        mask, _, excluded = _tile_mask(image, variance, mask, psf.kernel_image(*centre), config, planes,
+                                       find_cosmic_rays)
+        footprints = list(footprints)
     base = det.footprints_table(footprints)
     xs = base["peak_x"].to_numpy(dtype=np.float64)
     ys = base["peak_y"].to_numpy(dtype=np.float64)
@@ -855,7 +873,8 @@ def complete_truncated(inputs: DetectionInputs, stitched: TileResult) -> TileRes
     A footprint larger than the tile halo (a saturated star, a big galaxy's residual, a satellite
     streak) reaches the inexact border of the tiles that hold its pieces.  Around each piece the
     whole-image inputs are searched again (detection only) through a window grown by the halo, then
-    by 4× as much each time, until the footprint that holds the piece's primary peak is no longer cut:
+    on the sides where the footprint still reaches a cut edge by 4× as much each time, until the
+    footprint that holds the piece's primary peak is no longer cut:
     that footprint is the untiled one (same significance values, growth and labels).  Pieces of one
     source collapse onto its primary peak, and only that source is measured (a one-pixel core at
     the peak).  ``stitched`` comes from :func:`stitch_catalogs`.
@@ -864,16 +883,30 @@ def complete_truncated(inputs: DetectionInputs, stitched: TileResult) -> TileRes
     if not len(cat) or not cat["footprint_truncated"].any():
         return stitched
     bx0, bx1, by0, by1 = inputs.bbox
+
+    def around(box, grow):
+        return (max(box[0] - grow, bx0), min(box[1] + grow, bx1), max(box[2] - grow, by0), min(box[3] + grow, by1))
+
+    def widen(window, box, grow):
+        """A window around ``box`` that reaches ``grow`` farther on the sides where ``box`` came within a
+        halo of a cut edge of ``window`` (a long streak or bad column grows along itself only)."""
+        cut = (box[0] - window[0] < halo and window[0] > bx0, window[1] - box[1] < halo and window[1] < bx1,
+               box[2] - window[2] < halo and window[2] > by0, window[3] - box[3] < halo and window[3] < by1)
+        g = [grow if c else halo for c in cut]
+        return (max(box[0] - g[0], bx0), min(box[1] + g[1], bx1), max(box[2] - g[2], by0), min(box[3] + g[3], by1))
+
+    halo = max(int(inputs.halo), 8)
     rows, fps = [], []
-    done: set[tuple[int, int]] = set()
+    completed: list = []  # the whole footprints found so far: later pieces of them need no search
     for i in np.flatnonzero(cat["footprint_truncated"].to_numpy()):
         fp = stitched.footprints[i]
         px, py = fp.primary
-        grow = max(int(inputs.halo), 8)
+        if any(f.contains(px, py) for f in completed):
+            continue
+        grow = halo
         whole = None
+        hb = around(fp.bbox, halo)
         while True:  # detection only, on ever larger windows, until the footprint is whole
-            fb = fp.bbox
-            hb = (max(fb[0] - grow, bx0), min(fb[1] + grow, bx1), max(fb[2] - grow, by0), min(fb[3] + grow, by1))
             kw = inputs.window_kwargs(hb, hb)
             for direct in ("science", "template", "science_psf", "template_psf"):
                 del kw[direct]
@@ -881,18 +914,18 @@ def complete_truncated(inputs: DetectionInputs, stitched: TileResult) -> TileRes
             whole = next((f for f in found if f.contains(px, py)), None)
             if whole is None or not whole.truncated or hb == inputs.bbox:
                 break
-            fp, grow = whole, 4 * grow
-        key = None if whole is None else whole.primary
-        if key is not None and key in done:
-            continue
+            grow *= 4
+            hb = widen(hb, whole.bbox, grow)
         res = None
-        if key is not None:  # measure that one source: the core is its primary peak's pixel
-            res = detect_measure_tile(**inputs.window_kwargs((key[0], key[0] + 1, key[1], key[1] + 1), hb))
+        if whole is not None and not whole.truncated:
+            # measure that one source, as found, through its box and a halo (the measurement's reach)
+            box = around(whole.bbox, halo)
+            res = detect_measure_tile(**inputs.window_kwargs(box, box), footprints=[whole])
         if res is None or len(res.catalog) != 1:  # cannot happen for a peak of the whole-image significance
             rows.append(cat.iloc[[i]])
             fps.append(stitched.footprints[i])
             continue
-        done.add(key)
+        completed.append(whole)
         rows.append(res.catalog)
         fps.append(res.footprints[0])
     keep = np.flatnonzero(~cat["footprint_truncated"].to_numpy())
