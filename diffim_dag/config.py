@@ -194,6 +194,9 @@ class DetectionConfig:
 
     threshold: float = 5.0
     bad_peak_mask_planes: tuple[str, ...] = ("NO_DATA", "BAD", "SAT", "EDGE")
+    # Pixels that carry no difference: zero weight in the matched filter, never in a footprint
+    # (EDGE: the kernel reached past the template; LSST excludes it from detection too).
+    no_data_mask_planes: tuple[str, ...] = ("NO_DATA", "EDGE")
     footprint_grow_sigma: float = 2.4
     n_sky_sources: int = 100
     # Fractional systematic error ε of the difference at static sources (kernel/PSF mismatch):
@@ -226,6 +229,7 @@ class DetectionConfig:
                f"must be 'auto' or a number in [0, 1), got {self.systematic_fraction!r}")
         _check(self.systematic_min_snr > 0, n, "systematic_min_snr", "must be > 0")
         _check_planes(n, "bad_peak_mask_planes", self.bad_peak_mask_planes)
+        _check_planes(n, "no_data_mask_planes", self.no_data_mask_planes)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -128,10 +128,12 @@ def test_peaks_on_bad_planes_are_dropped(rng, transients, plane):
     idx, _ = match(cat, pos[:, 0], pos[:, 1])
     assert np.all(idx[hit] == -1)
     assert np.all(np.delete(idx, hit) >= 0)
-    # configurable: not dropping that plane finds them again (except NO_DATA, which has no signal)
+    # configurable: not dropping that plane (nor, for EDGE, treating it as no data) finds them again
+    # (except NO_DATA, which has no signal)
     if plane != "NO_DATA":
         keep = tuple(p for p in ("NO_DATA", "BAD", "SAT", "EDGE") if p != plane)
-        cat2 = detect_and_measure(exp, config=DetectMeasureConfig(n_sky_sources=0, bad_peak_mask_planes=keep))
+        cat2 = detect_and_measure(exp, config=DetectMeasureConfig(n_sky_sources=0, bad_peak_mask_planes=keep,
+                                                                  no_data_mask_planes=("NO_DATA",)))
         idx2, _ = match(cat2, pos[:, 0], pos[:, 1])
         assert np.all(idx2 >= 0)
         assert cat2[f"pixel_flags_{plane.lower()}_center"].to_numpy()[idx2[hit]].all()

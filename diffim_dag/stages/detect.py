@@ -86,6 +86,11 @@ class DetectMeasureConfig:
         Footprints grown by ``ceil(footprint_grow_sigma × σ_PSF)`` pixels.
     bad_peak_mask_planes : tuple of str
         Peaks on these planes are dropped before measuring.
+    no_data_mask_planes : tuple of str
+        Pixels on these planes carry no difference: zero weight in the matched filter and never
+        part of a footprint.  EDGE is among them by default: it marks where the PSF-matching kernel
+        reached past the template, so its values are not a difference (LSST excludes it from
+        detection too); a source next to it is measured on the valid pixels only.
     n_sky_sources : int
         Sky sources to place (0: none).
     sky_source_seed : int
@@ -137,6 +142,7 @@ class DetectMeasureConfig:
     threshold: float = 5.0
     footprint_grow_sigma: float = 2.4
     bad_peak_mask_planes: tuple[str, ...] = ("NO_DATA", "BAD", "SAT", "EDGE")
+    no_data_mask_planes: tuple[str, ...] = ("NO_DATA", "EDGE")
     n_sky_sources: int = 100
     sky_source_seed: int = 0
     subtract_background: bool = False
@@ -177,8 +183,9 @@ class DetectMeasureConfig:
         check(self.fft_workers == -1 or self.fft_workers >= 1, "fft_workers", "must be -1 or ≥ 1")
         check(self.threshold_type in ("pixel_stdev", "variance"), "threshold_type",
               f"must be 'pixel_stdev' or 'variance', got {self.threshold_type!r}")
-        for p in self.bad_peak_mask_planes:
-            check(p in DEFAULT_MASK_PLANES, "bad_peak_mask_planes", f"has unknown plane {p!r}")
+        for fld in ("bad_peak_mask_planes", "no_data_mask_planes"):
+            for p in getattr(self, fld):
+                check(p in DEFAULT_MASK_PLANES, fld, f"has unknown plane {p!r}")
 
     @classmethod
     def from_detection_config(cls, config, *, kernel_size: int | None = None, **changes) -> DetectMeasureConfig:
@@ -194,6 +201,7 @@ class DetectMeasureConfig:
             threshold=config.threshold,
             footprint_grow_sigma=config.footprint_grow_sigma,
             bad_peak_mask_planes=tuple(config.bad_peak_mask_planes),
+            no_data_mask_planes=tuple(getattr(config, "no_data_mask_planes", ("NO_DATA", "EDGE"))),
             n_sky_sources=config.n_sky_sources,
             systematic_fraction=getattr(config, "systematic_fraction", 0.0),
             systematic_min_snr=getattr(config, "systematic_min_snr", 50.0),
@@ -371,7 +379,7 @@ def _tile_mask(image, variance, mask, psf_image, config, planes, find_cosmic_ray
     """``(mask, no-data planes, excluded planes)`` of a tile: cosmic rays found on it when asked
     (CR plane), and the planes that get zero weight in detection and in measurement."""
     mask = np.asarray(mask)
-    no_data = ["NO_DATA"]
+    no_data = list(config.no_data_mask_planes)
     excluded = list(DEFAULT_EXCLUDED_PLANES)
     if config.mask_cosmic_rays and "CR" in planes:
         if find_cosmic_rays is None or find_cosmic_rays:
@@ -804,7 +812,7 @@ def prepare_detection(
             cr = det.find_cosmic_rays(img, var, psf_image, bad=nd)
             msk = msk | np.where(cr, np.int32(1 << planes["CR"]), np.int32(0)).astype(msk.dtype)
             find_crs = False
-        no_data = ["NO_DATA", "CR"] if config.mask_cosmic_rays else ["NO_DATA"]
+        no_data = list(config.no_data_mask_planes) + (["CR"] if config.mask_cosmic_rays else [])
         nodata = (msk & bits_of(planes, no_data)) != 0
         smoothed, svar = det.matched_filter(img, var, psf_image, bad=nodata, workers=config.fft_workers)
         score = det.significance_image(smoothed, svar)
@@ -843,7 +851,7 @@ def prepare_detection(
     elif config.threshold_type == "pixel_stdev":
         # a score supplied by the method (ZOGY S_corr, pre-convolution) is thresholded in the same
         # units: its clipped σ over the good pixels (warped or drizzled inputs leave it a few % above 1)
-        stat_bad = (msk & bits_of(planes, list(config.bad_peak_mask_planes) + ["NO_DATA"])) != 0
+        stat_bad = (msk & bits_of(planes, list(config.bad_peak_mask_planes) + list(config.no_data_mask_planes))) != 0
         significance_stdev = _significance_stdev(score, ~stat_bad & np.isfinite(score) & (score != 0))
         del stat_bad
         if significance_stdev is not None:
