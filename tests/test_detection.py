@@ -369,6 +369,16 @@ def test_pipeline_resolves_systematic_radius_to_the_kernel_half_width():
     result = SimpleNamespace(metrics={"kernel": {"kernel_size": 23}})
     assert detection_config(cfg, result).systematic_radius == 11
     assert detection_config(cfg).systematic_radius == 0  # no kernel (e.g. a score method)
+    # every other detection field of the pipeline reaches the detection stage as it is
+    import dataclasses
+
+    custom = load_config(None, ["detection.no_data_mask_planes=[NO_DATA]", "detection.subtract_background=true",
+                                "detection.background_bin_sizes=[8,24]", "detection.mask_cosmic_rays=true",
+                                "detection.n_sky_sources=7", "detection.threshold=6.0"])
+    stage = detection_config(custom, result)
+    for f in dataclasses.fields(custom.detection):
+        if f.name != "systematic_radius":
+            assert getattr(stage, f.name) == getattr(custom.detection, f.name), f.name
     assert detection_config(load_config(None, ["detection.systematic_radius=4"]), result).systematic_radius == 4
     with pytest.raises(ConfigError, match="systematic_radius"):
         load_config(None, ["detection.systematic_radius=-1"])

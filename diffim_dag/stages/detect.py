@@ -194,21 +194,16 @@ class DetectMeasureConfig:
         ``kernel_size`` (the PSF-matching kernel's side) resolves ``systematic_radius="kernel"``
         to its half-width; without it that radius is 0.
         """
-        radius = getattr(config, "systematic_radius", 0)
+        radius = config.systematic_radius
         if radius == "kernel":
             radius = int(kernel_size) // 2 if kernel_size else 0
-        return cls(
-            threshold=config.threshold,
-            footprint_grow_sigma=config.footprint_grow_sigma,
-            bad_peak_mask_planes=tuple(config.bad_peak_mask_planes),
-            no_data_mask_planes=tuple(getattr(config, "no_data_mask_planes", ("NO_DATA", "EDGE"))),
-            n_sky_sources=config.n_sky_sources,
-            systematic_fraction=getattr(config, "systematic_fraction", 0.0),
-            systematic_min_snr=getattr(config, "systematic_min_snr", 50.0),
-            **{k: getattr(config, k) for k in ("subtract_background", "background_bin_sizes", "mask_cosmic_rays")
-               if hasattr(config, k)},
-            **{"systematic_radius": radius, **changes},
-        )
+        shared = ("threshold", "footprint_grow_sigma", "bad_peak_mask_planes", "no_data_mask_planes", "n_sky_sources",
+                  "systematic_fraction", "systematic_min_snr", "subtract_background", "background_bin_sizes",
+                  "mask_cosmic_rays")
+        fields = {k: getattr(config, k) for k in shared}
+        for k in ("bad_peak_mask_planes", "no_data_mask_planes", "background_bin_sizes"):
+            fields[k] = tuple(fields[k])
+        return cls(**{**fields, "systematic_radius": radius, **changes})
 
 
 # --------------------------------------------------------------------------- schema
