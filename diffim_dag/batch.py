@@ -394,14 +394,11 @@ class WarpedPair:
 def template_stage(spec: VisitSpec, config: PipelineConfig, out_dir: str, run_id: str = ""):
     """The first task of a visit: read its inputs, fetch/warp the template onto the science grid.
 
-    For ``method: al`` it also runs :func:`~diffim_dag.pipeline.prepare_subtraction` (coverage,
-    variance scaling, mode) and returns the :class:`~diffim_dag.pipeline.PreparedPair`; for the score
-    methods a :class:`WarpedPair`.  When this run already installed the visit's outputs (its worker
+    Returns the :class:`WarpedPair`.  When this run already installed the visit's outputs (its worker
     died before reporting) it returns :class:`~diffim_dag.graph.AlreadyWritten` instead, and the
     visit's later tasks hand that on without doing anything.
     """
     from .graph import AlreadyWritten
-    from .pipeline import prepare_subtraction
     from .stages.template import prepare_template
 
     if run_id:
@@ -415,19 +412,43 @@ def template_stage(spec: VisitSpec, config: PipelineConfig, out_dir: str, run_id
     template, warp_metrics = prepare_template(science, template, store=spec.template_store,
                                               min_coverage=config.subtract.min_template_coverage)
     timings = {"read": t_read, "template_warp": time.perf_counter() - t0}
-    if config.method == "al":
-        return prepare_subtraction(science, template, config, metrics={"template": warp_metrics}, timings=timings)
     return WarpedPair(science=science, template=template, metrics=warp_metrics, timings=timings)
+
+
+def psf_stage(warped: WarpedPair, config: PipelineConfig, role: str):
+    """The ``("psf", V, D, role)`` task: the supplied PSF of one exposure, or one estimated from its stars."""
+    from .stages.psf import measure_psf
+
+    t0 = time.perf_counter()
+    result = measure_psf(getattr(warped, role), config.psf, role=role)
+    result.seconds = time.perf_counter() - t0
+    result.exposure = None  # the task's result is the model and its report; the pixels stay in the warped pair
+    return result
+
+
+def prepare_stage(warped: WarpedPair, psf_science, psf_template, config: PipelineConfig):
+    """The ``("prepare", V, D)`` task: sky removed, PSFs attached (:func:`~diffim_dag.pipeline.prepare_exposures`);
+    for ``method: al`` also :func:`~diffim_dag.pipeline.prepare_subtraction` (coverage, variance scaling, mode)."""
+    from .pipeline import prepare_exposures, prepare_subtraction
+
+    prepared = prepare_exposures(warped.science, warped.template, config,
+                                 psfs={"science": psf_science, "template": psf_template})
+    metrics = {"template": warped.metrics, **prepared.metrics}
+    timings = {**warped.timings, **prepared.timings}
+    if config.method == "al":
+        return prepare_subtraction(prepared.science, prepared.template, config, metrics=metrics, timings=timings)
+    return WarpedPair(science=prepared.science, template=prepared.template, metrics=metrics, timings=timings)
 
 
 def score_subtract_stage(warped: WarpedPair, config: PipelineConfig):
     """The ``subtract`` task of the score methods (``al-preconvolve``, ``zogy``): the whole subtraction, no detection."""
-    from .pipeline import subtract_by_method
+    from .pipeline import PreparedExposures, subtract_prepared
 
-    result = subtract_by_method(warped.science, warped.template, config=config, client=None, tiled=False,
-                                detect=False)
-    result.metrics["template"] = warped.metrics
-    result.metrics["timings_s"] = {**warped.timings, **result.metrics.get("timings_s", {})}
+    prepared = PreparedExposures(science=warped.science, template=warped.template,
+                                 metrics={k: v for k, v in warped.metrics.items() if k != "template"},
+                                 timings=warped.timings)
+    result = subtract_prepared(prepared, config=config, client=None, tiled=False, detect=False)
+    result.metrics["template"] = warped.metrics.get("template", {})
     return result
 
 
@@ -443,7 +464,7 @@ def write_stage(spec: VisitSpec, config: PipelineConfig, out_dir: str, run_id: s
     Permanent errors while writing become a ``failed`` record; anything else is raised (retried).
     """
     from .graph import AlreadyWritten, StageFailure
-    from .pipeline import with_catalog, write_outputs
+    from .pipeline import judge_result, with_catalog, write_outputs
 
     t0 = time.perf_counter()
     root = Path(out_dir)
@@ -461,7 +482,7 @@ def write_stage(spec: VisitSpec, config: PipelineConfig, out_dir: str, run_id: s
                            outputs={k: v["path"] for k, v in existing["files"].items()},
                            wall_s=time.perf_counter() - t0, n_dia_sources=existing.get("n_dia_sources"),
                            worker=worker).to_dict()
-    result = with_catalog(result, catalog)
+    result = judge_result(with_catalog(result, catalog), config)
     catalog = result.dia_sources = result.dia_sources.copy()  # the catalog task's frame stays as it was
     # the manifest is the authority on (visit, detector)
     catalog["visit"] = spec.visit

@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", dest="sim_overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="simulator field, e.g. --set n_transients=20 (repeatable)")
+    p.add_argument("--layout", choices=("lsst", "plain"), default="lsst",
+                   help="lsst: IMAGE/MASK/VARIANCE(/PSF) extensions; plain: the image only, as an archive serves it")
+    p.add_argument("--no-psf", action="store_true", help="no PSF extension (lsst layout)")
+    p.add_argument("--no-keywords", action="store_true",
+                   help="no GAIN, RDNOISE, SATURATE or MAGZERO in the headers (an uncalibrated frame)")
 
     p = sub.add_parser("subtract", help="subtract TEMPLATE from SCIENCE and write the output contract")
     _common(p)
@@ -152,7 +157,8 @@ def _print_info(path: str, desc: dict) -> None:
     print(f"  PSF       : {p['model']}, FWHM {p['fwhm_pixels']:.3f} px at centre" if p else "  PSF       : none")
     info = desc["info"]
     sat = desc.get("saturation")
-    print(f"  saturation: {sat if sat is not None else 'unknown'}")
+    how = info.get("saturation_source") or ("header keyword" if sat is not None else None)
+    print(f"  saturation: {sat if sat is not None else 'unknown'}" + (f" ({how})" if how else ""))
     print(f"  metadata  : band={info['band']} visit={info['visit']} detector={info['detector']} gain={info['gain']} "
           f"exptime={info['exposure_time']} date={info['date_obs']}")
 
@@ -180,7 +186,7 @@ def _cmd_simulate(args) -> int:
     data = apply_overrides({"size": args.size, "seed": args.seed}, args.sim_overrides)
     sim_config = _build(SimConfig, data, "sim")
     pair = simulate_pair(sim_config)
-    paths = write_pair(pair, args.out)
+    paths = write_pair(pair, args.out, layout=args.layout, psf=not args.no_psf, keywords=not args.no_keywords)
     for name, path in paths.items():
         print(f"wrote {name}: {path}")
     return 0

@@ -31,6 +31,9 @@ from .errors import ConfigError
 from .masks import DEFAULT_MASK_PLANES
 
 __all__ = [
+    "PsfEstimationConfig",
+    "SkyConfig",
+    "CosmicRayConfig",
     "KernelSourceConfig",
     "KernelConfig",
     "SubtractConfig",
@@ -60,6 +63,86 @@ def _check_planes(cls: str, name: str, planes) -> None:
             close = difflib.get_close_matches(p, list(DEFAULT_MASK_PLANES), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"{cls}.{name}: unknown mask plane {p!r}{hint}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PsfEstimationConfig:
+    """PSF estimation for exposures that come without a PSF model (:mod:`diffim_dag.psf.estimate`).
+
+    A PSF shipped with the data (LSST ``PSF`` extension, ``--science-psf``) is always used as it is.
+    """
+
+    detection_threshold: float = 10.0  # σ of the mesh noise (sep's 3×3 filter)
+    min_snr: float = 30.0  # aperture S/N of a PSF star
+    max_stars: int = 300
+    epsf_stars: int = 40  # undersampled images: the brightest stars build photutils' oversampled ePSF
+    min_stars: int = 8  # fewer: a Moffat fit (warned)
+    max_spatial_order: int = 2
+    stars_per_spatial_term: float = 10.0  # highest order tried: each term needs this many stars
+    max_star_weight_snr: float = 300.0  # a star weighs S/N² in the spatial fit, up to this S/N
+    stamp_fwhm: float = 8.0  # stamp side in FWHM (odd, 15 … 101 px)
+    undersampled_fwhm: float = 2.5  # below this FWHM (px) the mean model is photutils' oversampled ePSF
+    oversampling: int = 2
+    max_iterations: int = 6
+    saturation_fraction: float = 0.8  # peaks above this × saturation are non-linear
+    isolation_flux_ratio: float = 0.02  # neighbours brighter than this × the star spoil its stamp
+    locus_width: float = 0.15  # |ln r50 − ln r50_locus| for point sources
+
+    def __post_init__(self):
+        n = type(self).__name__
+        _check(self.detection_threshold > 0, n, "detection_threshold", "must be > 0")
+        _check(self.min_snr > 0, n, "min_snr", "must be > 0")
+        _check(self.max_stars >= 1, n, "max_stars", "must be ≥ 1")
+        _check(self.epsf_stars >= 2, n, "epsf_stars", "must be ≥ 2")
+        _check(self.min_stars >= 2, n, "min_stars", "must be ≥ 2")
+        _check(0 <= self.max_spatial_order <= 3, n, "max_spatial_order", "must be in [0, 3]")
+        _check(self.stars_per_spatial_term >= 1, n, "stars_per_spatial_term", "must be ≥ 1")
+        _check(self.max_star_weight_snr > 0, n, "max_star_weight_snr", "must be > 0")
+        _check(self.stamp_fwhm >= 3, n, "stamp_fwhm", "must be ≥ 3")
+        _check(self.undersampled_fwhm >= 0, n, "undersampled_fwhm", "must be ≥ 0 (0: never)")
+        _check(self.oversampling in (1, 2, 3, 4), n, "oversampling", "must be 1, 2, 3 or 4")
+        _check(self.max_iterations >= 1, n, "max_iterations", "must be ≥ 1")
+        _check(0 < self.saturation_fraction <= 1, n, "saturation_fraction", "must be in (0, 1]")
+        _check(0 <= self.isolation_flux_ratio < 1, n, "isolation_flux_ratio", "must be in [0, 1)")
+        _check(0 < self.locus_width < 1, n, "locus_width", "must be in (0, 1)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SkyConfig:
+    """The sky of each input, removed before differencing (:mod:`diffim_dag.stages.sky`).
+
+    Frames from a telescope archive still carry their sky (often thousands of counts, different in
+    the two epochs); calibrated exposures and coadds are already sky-subtracted, and there the
+    mesh level is ≈ 0 and removing it changes nothing.  The variance plane keeps the sky's
+    Poisson term either way.
+    """
+
+    subtract: bool = True
+    box: int = 128  # mesh size (px): large, so extended galaxies are not eaten
+    filter_size: int = 3
+
+    def __post_init__(self):
+        n = type(self).__name__
+        _check(self.box >= 16, n, "box", "must be ≥ 16 px")
+        _check(self.filter_size >= 1 and self.filter_size % 2 == 1, n, "filter_size", "must be an odd number ≥ 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CosmicRayConfig:
+    """Cosmic rays and hot pixels of each input, found and repaired (:mod:`diffim_dag.stages.cosmic_rays`)."""
+
+    enabled: bool = True
+    nsigma: float = 6.0  # candidate pixels: above this many σ
+    cond: float = 2.5  # σ margin of the sharpness test (LSST cond3_fac)
+    psf_margin: float = 0.8  # the PSF's neighbour/centre ratios are scaled by this (sharper PSFs elsewhere)
+    grow: int = 1
+
+    def __post_init__(self):
+        n = type(self).__name__
+        _check(self.nsigma > 0, n, "nsigma", "must be > 0")
+        _check(self.cond >= 0, n, "cond", "must be ≥ 0")
+        _check(0 < self.psf_margin <= 1, n, "psf_margin", "must be in (0, 1]")
+        _check(self.grow >= 0, n, "grow", "must be ≥ 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,6 +194,9 @@ class KernelConfig:
     regularization_lambda: float = 0.2  # delta-function basis only
     cell_size: int = 128
     candidates_per_cell: int = 5
+    # LSST's constantVarianceWeighting: the kernel fit weighs each stamp with one variance (its median),
+    # so bright stars' cores count as much as their wings (the residual cuts keep per-pixel variances)
+    constant_variance_weighting: bool = True
     max_residual_mean: float = 0.25  # |mean(D/σ)| over the stamp
     max_residual_std: float = 1.5  # std(D/σ) over the stamp
     kernel_sum_clip_nsigma: float = 3.0
@@ -154,9 +240,20 @@ class SubtractConfig:
     min_coverage_on_kernel_failure: float = 0.20
     scale_variance: bool = True
     max_variance_scale: float = 10.0
+    # the difference's variance plane scaled to its measured sky noise (LSST's doScaleDiffimVariance):
+    # what no propagation can know — inputs that share noise (a reference stack holding the science
+    # frame), correlated noise beyond the modelled lags — is measured on the difference itself
+    scale_difference_variance: bool = True
     template_mask_planes_kept: tuple[str, ...] = ("NO_DATA", "BAD", "HIGH_VARIANCE")
-    bad_subtraction_ratio_mean: float = 0.2
+    # the verdict (stages/verdict.py): a subtraction failing any of these is "bad_subtraction"
+    bad_subtraction_ratio_mean: float = 0.2  # star-footprint residual, fraction of the star's flux
     bad_subtraction_ratio_std: float = 0.4
+    sky_ratio_range: tuple[float, float] = (0.8, 1.25)  # robust σ of D/√V (as written)
+    difference_noise_range: tuple[float, float] = (0.5, 2.0)  # measured / propagated σ, before any rescaling
+    max_footprint_fraction: float = 0.01  # of the image, for one footprint
+    max_scale_mismatch: float = 0.05  # kernel sum vs the stars' aperture flux ratio
+    max_background_sigma: float = 1.0  # background left, matched-filter σ
+    max_psf_mismatch: float = 0.2  # supplied PSF model FWHM vs its stars
 
     def __post_init__(self):
         n = type(self).__name__
@@ -166,6 +263,15 @@ class SubtractConfig:
         _check(0 <= self.min_coverage_on_kernel_failure <= 1, n, "min_coverage_on_kernel_failure", "must be in [0, 1]")
         _check(self.max_variance_scale >= 1, n, "max_variance_scale", "must be ≥ 1")
         _check_planes(n, "template_mask_planes_kept", self.template_mask_planes_kept)
+        _check(len(self.sky_ratio_range) == 2 and 0 < self.sky_ratio_range[0] < 1 < self.sky_ratio_range[1], n,
+               "sky_ratio_range", f"must be (low < 1, high > 1), got {self.sky_ratio_range!r}")
+        _check(len(self.difference_noise_range) == 2
+               and 0 < self.difference_noise_range[0] < 1 < self.difference_noise_range[1], n,
+               "difference_noise_range", f"must be (low < 1, high > 1), got {self.difference_noise_range!r}")
+        _check(0 < self.max_footprint_fraction <= 1, n, "max_footprint_fraction", "must be in (0, 1]")
+        _check(self.max_scale_mismatch > 0, n, "max_scale_mismatch", "must be > 0")
+        _check(self.max_background_sigma > 0, n, "max_background_sigma", "must be > 0")
+        _check(self.max_psf_mismatch > 0, n, "max_psf_mismatch", "must be > 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -193,23 +299,25 @@ class DetectionConfig:
     """Detection and measurement on the difference."""
 
     threshold: float = 5.0
-    bad_peak_mask_planes: tuple[str, ...] = ("NO_DATA", "BAD", "SAT", "EDGE")
+    bad_peak_mask_planes: tuple[str, ...] = ("NO_DATA", "BAD", "SAT", "EDGE", "CR")
     # Pixels that carry no difference: zero weight in the matched filter, never in a footprint
     # (EDGE: the kernel reached past the template; LSST excludes it from detection too).
     no_data_mask_planes: tuple[str, ...] = ("NO_DATA", "EDGE")
     footprint_grow_sigma: float = 2.4
     n_sky_sources: int = 100
     # Fractional systematic error ε of the difference at static sources (kernel/PSF mismatch):
-    # 0 (LSST's behaviour) | a number | "auto" (measured on the bright static peaks of the
-    # matched template).  Suppresses residuals of bright galaxies and stars in drizzled or
-    # undersampled data — and, by design, fractional variability below ~ε of a source's flux.
-    systematic_fraction: float | str = 0.0
+    # 0 (LSST's behaviour) | a number | "auto" (the default: measured on the bright static peaks of
+    # the matched template, 0 when their residuals are consistent with noise).  Suppresses the
+    # residuals of bright stars and galaxies that no kernel removes (resampled, undersampled or
+    # drizzled data, stars near saturation) — and, by design, fractional variability below ~ε of
+    # a source's flux.
+    systematic_fraction: float | str = "auto"
     systematic_min_snr: float = 50.0
     # Reach (px) of a static source's systematic residual: the variance term uses the largest
     # matched-template value within this radius, so rings and rotated diffraction spikes in a bright
     # source's wings are weighed against its core.  "kernel": the PSF-matching kernel's half-width
     # (a kernel moves flux no farther); 0: the value at the pixel.  Only used when ε > 0.
-    systematic_radius: int | str = "kernel"
+    systematic_radius: int | str = 0
     # Two-pass background subtraction on the difference (LSST's initial/final background passes).
     subtract_background: bool = False
     background_bin_sizes: tuple[int, int] = (8, 40)
@@ -335,6 +443,9 @@ class PipelineConfig:
     """The whole pipeline: method plus one section per stage."""
 
     method: str = "al"
+    sky: SkyConfig = field(default_factory=SkyConfig)
+    psf: PsfEstimationConfig = field(default_factory=PsfEstimationConfig)
+    cosmic_rays: CosmicRayConfig = field(default_factory=CosmicRayConfig)
     sources: KernelSourceConfig = field(default_factory=KernelSourceConfig)
     kernel: KernelConfig = field(default_factory=KernelConfig)
     subtract: SubtractConfig = field(default_factory=SubtractConfig)

@@ -58,6 +58,7 @@ class ExposureInfo:
     gain: float | None = None  # electrons per count
     read_noise: float | None = None  # electrons
     saturation: float | None = None  # counts
+    saturation_source: str | None = None  # how the saturation level was found (keyword, integer limit, plateau)
     exposure_time: float | None = None  # seconds
     date_obs: str | None = None  # ISO-8601 UTC
     mjd_obs: float | None = None

@@ -54,6 +54,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: The exposures of a visit whose PSF tasks are ``("psf", V, D, i)``, in index order.
+PSF_ROLES = ("science", "template")
+
 
 def tile_starts(chunks: tuple[tuple[int, ...], tuple[int, ...]], xy0: tuple[int, int]):
     """Parent-frame (y, x) starts of every chunk."""
@@ -437,8 +440,12 @@ def visit_graph(spec, config, out_dir, *, run_id: str = "", grid: VisitGrid | No
     Keys are ``(stage, visit, detector)`` or ``(stage, visit, detector, index...)``:
 
     ============================================  ===============================================================
-    ``("template", V, D)``                        read the inputs, fetch/warp the template, coverage, variance
-                                                  scaling, mode (:func:`diffim_dag.batch.template_stage`)
+    ``("template", V, D)``                        read the inputs, fetch/warp the template
+                                                  (:func:`diffim_dag.batch.template_stage`)
+    ``("psf", V, D, i)``                          the PSF of the science (0) / the (warped) template (1): supplied, or
+                                                  estimated from its stars (:func:`diffim_dag.batch.psf_stage`)
+    ``("prepare", V, D)``                         skies removed, PSFs attached; coverage, variance scaling and
+                                                  mode for ``al`` (:func:`diffim_dag.batch.prepare_stage`)
     ``("kernel-sources", V, D)``                  kernel sources and their stamps by cell
     ``("fit-cell", V, D, i)``                     first fit of cell ``i`` (``i`` < ``grid.cells``)
     ``("spatial-solve", V, D)``                   clipping, refits, spatial solve, decorrelation kernel
@@ -452,7 +459,7 @@ def visit_graph(spec, config, out_dir, *, run_id: str = "", grid: VisitGrid | No
     ============================================  ===============================================================
 
     ``al-preconvolve`` and ``zogy`` replace kernel-sources … difference by one ``("subtract", V, D)`` task
-    (:func:`diffim_dag.pipeline.subtract_by_method`); ``decorrelate`` tasks exist when a spatially constant
+    (:func:`diffim_dag.pipeline.subtract_prepared`); ``decorrelate`` tasks exist when a spatially constant
     decorrelation is configured.  The keys depend on (visit, detector) and the grid only, so they are
     the same for every build.
 
@@ -488,8 +495,11 @@ def visit_graph(spec, config, out_dir, *, run_id: str = "", grid: VisitGrid | No
         dsk[key(stage, *index)] = (run_stage, stage, v, d, function, *args)
 
     task("template", (), batch.template_stage, spec, config, out, run_id)
+    for index, role in enumerate(PSF_ROLES):
+        task("psf", (index,), batch.psf_stage, key("template"), config, role)
+    task("prepare", (), batch.prepare_stage, key("template"), key("psf", 0), key("psf", 1), config)
     if config.method == "al":
-        prepared = key("template")
+        prepared = key("prepare")
         task("kernel-sources", (), pipeline.kernel_sources_stage, prepared, config)
         for i in range(grid.cells):
             task("fit-cell", (i,), _fit_cells_task, key("kernel-sources"), i, grid.cells)
@@ -512,7 +522,7 @@ def visit_graph(spec, config, out_dir, *, run_id: str = "", grid: VisitGrid | No
         task("difference", (), _difference_task, prepared, kernel, config, [key(last, *t) for t in tiles])
         result = key("difference")
     else:
-        task("subtract", (), batch.score_subtract_stage, key("template"), config)
+        task("subtract", (), batch.score_subtract_stage, key("prepare"), config)
         result = key("subtract")
     task("detect-prepare", (), pipeline.prepare_detection_stage, result, config)
     for ty, tx in tiles:

@@ -23,6 +23,7 @@ __all__ = [
     "clipped_stats",
     "BackgroundModel",
     "measure_background",
+    "sky_noise_map",
     "build_variance",
 ]
 
@@ -118,6 +119,84 @@ def measure_background(
     return BackgroundModel(level=level, rms=rms, global_level=float(bkg.globalback), global_rms=float(bkg.globalrms))
 
 
+def sky_noise_map(image: np.ndarray, bad: np.ndarray | None = None, *, box: int = 64,
+                  level: np.ndarray | None = None, rms: np.ndarray | None = None) -> np.ndarray:
+    r"""Per-pixel sky noise σ (float32) from the differences of horizontally adjacent pixels, box by box.
+
+    :math:`(I_{x+1} - I_x)/\sqrt 2` has the pixel noise as its σ while smooth structure (sky
+    gradients, the wings of a large galaxy) cancels — unlike the clipped σ of the pixel values in a
+    box, which a galaxy's gradient inflates.  Pixels near sources (``level``/``rms``: a mesh
+    background; pixels above level + 3 rms, grown by 2 px) and ``bad`` ones are left out; each box's
+    σ is the MAD of the rest, and the box grid is median-filtered (3×3) and bilinearly interpolated.
+    Correlated noise (a resampled image) makes adjacent differences smaller than the pixel noise by
+    :math:`\sqrt{1-\rho}`: with the mesh ``rms`` (σ of the pixel values) given, the map is scaled
+    by the median ratio of the two over the image — the sky boxes, which are most of them, fix it;
+    the few boxes on a galaxy cannot.
+    """
+    from scipy import ndimage
+
+    img = np.asarray(image, dtype=np.float32)
+    ny, nx = img.shape
+    box = int(max(8, min(box, ny, nx)))
+    skip = ~np.isfinite(img) if bad is None else (np.asarray(bad, bool) | ~np.isfinite(img))
+    if level is not None and rms is not None:
+        src = img - level > 3.0 * rms
+        skip = skip | ndimage.binary_dilation(src, iterations=2)
+    # every ``step``-th row: ~1000 differences per box pin its σ to ~3 %
+    step = max(1, box * box // 1024)
+    rows = np.arange(0, ny, step)
+    diff = (img[rows, 1:] - img[rows, :-1]) / np.float32(np.sqrt(2.0))
+    ok = ~(skip[rows, 1:] | skip[rows, :-1])
+    nby, nbx = -(-ny // box), -(-nx // box)
+    per = -(-box // step)  # sampled rows per box
+    padded = np.full((nby * per, nbx * box), np.nan, dtype=np.float32)
+    padded[: len(rows), : nx - 1] = np.where(ok, diff, np.nan)
+    blocks = padded.reshape(nby, per, nbx, box).transpose(0, 2, 1, 3).reshape(nby, nbx, per * box)
+    count = np.isfinite(blocks).sum(axis=2)
+
+    def nan_median(a, n):  # NaNs sort last: the median of the n finite values of each row
+        srt = np.sort(a, axis=2)
+        lo = np.take_along_axis(srt, np.maximum((n - 1) // 2, 0)[:, :, None], axis=2)[:, :, 0]
+        hi = np.take_along_axis(srt, np.maximum(n // 2, 0)[:, :, None], axis=2)[:, :, 0]
+        return 0.5 * (lo + hi)
+
+    med = nan_median(blocks, count)
+    grid = MAD_TO_SIGMA * nan_median(np.abs(blocks - med[:, :, None]), count)
+    grid = np.where(count >= 50, grid, np.nan).astype(np.float64)
+    if rms is not None and np.isfinite(grid).any():
+        rms_b = np.asarray(rms, dtype=np.float64)[box // 2:: box, box // 2:: box][:nby, :nbx]
+        g = grid[: rms_b.shape[0], : rms_b.shape[1]]
+        ok = np.isfinite(g) & (g > 0) & (rms_b > 0)
+        if ok.sum() >= 3:
+            grid = grid * float(np.clip(np.median(rms_b[ok] / g[ok]), 1.0, 2.0))
+    if not np.isfinite(grid).any():
+        sigma = robust_std(diff[ok]) if ok.any() else robust_std(img)
+        return np.full(img.shape, np.float32(sigma if np.isfinite(sigma) else 0.0))
+    fill = float(np.nanmedian(grid))
+    grid = np.where(np.isfinite(grid), grid, fill)
+    if grid.size > 1:
+        grid = ndimage.median_filter(grid, size=3, mode="nearest")
+    if grid.shape == (1, 1):
+        return np.full(img.shape, np.float32(grid[0, 0]))
+    return _bilinear_upsample(grid, box, (ny, nx))
+
+
+def _bilinear_upsample(grid: np.ndarray, box: int, shape: tuple[int, int]) -> np.ndarray:
+    """Bilinear interpolation of a box grid (box centres at ``(k + 0.5) box - 0.5``) onto ``shape`` (float32)."""
+
+    def axis(n, m):
+        c = np.clip((np.arange(n) + 0.5) / box - 0.5, 0, m - 1)
+        i0 = np.minimum(np.floor(c).astype(np.int64), max(m - 2, 0))
+        w = (c - i0).astype(np.float32)
+        return i0, np.minimum(i0 + 1, m - 1), w
+
+    g = np.asarray(grid, dtype=np.float32)
+    y0, y1, wy = axis(shape[0], g.shape[0])
+    rows = g[y0] * (1 - wy[:, None]) + g[y1] * wy[:, None]  # (ny, nbx)
+    x0, x1, wx = axis(shape[1], g.shape[1])
+    return (rows[:, x0] * (1 - wx[None, :]) + rows[:, x1] * wx[None, :]).astype(np.float32)
+
+
 def _source_excess(excess: np.ndarray, rms: np.ndarray) -> np.ndarray:
     """Counts above the background where a source is (the Poisson term's input), else 0.
 
@@ -143,7 +222,7 @@ def build_variance(
     box: int = 64,
     source: str = "image",
 ) -> tuple[np.ndarray, str]:
-    """Variance plane for an image that came without one.
+    r"""Variance plane for an image that came without one.
 
     Parameters
     ----------
@@ -160,14 +239,22 @@ def build_variance(
     -------
     variance : ndarray (float32)
     how : str
-        ``"gain+read_noise"`` (header model: sky counts/g + (RN/g)² + sources/g),
-        ``"measured_sky+gain"`` (sky-subtracted image: measured sky noise + sources/g) or
-        ``"measured_sky"`` (no gain: measured sky noise only).
+        ``"gain+read_noise"`` (header model: sky counts/g + (RN/g)² + sources/g);
+        ``"measured_sky+gain"`` (the header model disagrees with the measured sky noise, e.g. a
+        sky-subtracted image: measured sky noise + sources/g);
+        ``"measured_sky+effective_gain (g=…)"`` (no GAIN, sky still in the image: the effective gain
+        :math:`g = B/\sigma^2` from the sky level and its measured noise, assuming the sky counts are
+        photons — a bias pedestal left in would make it too large — and the source term at that gain);
+        ``"measured_sky"`` (no GAIN and no sky to measure a gain on: the measured sky noise only,
+        without the sources' Poisson term).
+        The sky term is always the sky noise measured from adjacent-pixel differences
+        (:func:`sky_noise_map`), which a galaxy's gradient does not inflate.
     """
     bkg = measure_background(image, bad, box=box)
     img = np.asarray(image, dtype=np.float64)
-    src = _source_excess(img - bkg.level, bkg.rms)
-    sky_var_measured = bkg.rms**2
+    noise = sky_noise_map(image, bad, box=box, level=bkg.level, rms=bkg.rms)
+    src = _source_excess(img - bkg.level, noise)
+    sky_var_measured = noise.astype(np.float64) ** 2
     if gain is not None and gain > 0:
         rn_counts2 = (read_noise / gain) ** 2 if read_noise is not None and read_noise > 0 else 0.0
         header_sky_var = np.clip(bkg.level, 0.0, None) / gain + rn_counts2
@@ -187,7 +274,15 @@ def build_variance(
                 ratio,
             )
     else:
-        var = sky_var_measured
-        how = "measured_sky"
+        level = float(np.median(bkg.level))
+        sky_var = float(np.median(sky_var_measured))
+        g_eff = level / sky_var if sky_var > 0 else 0.0
+        # a sky of many σ (a raw frame) fixes an effective gain; a sky-subtracted frame (level ≈ 0) cannot
+        if level > 10.0 * np.sqrt(max(sky_var, 1e-30)) and 1e-3 < g_eff < 1e3:
+            var = sky_var_measured + src / g_eff
+            how = f"measured_sky+effective_gain (g={g_eff:.4g} from sky level {level:.6g} and noise {np.sqrt(sky_var):.4g})"
+        else:
+            var = sky_var_measured
+            how = "measured_sky"
     log.info("%s: variance plane built from %s", source, how)
     return np.asarray(var, dtype=np.float32), how

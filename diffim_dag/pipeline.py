@@ -31,6 +31,7 @@ from .io.fits import write_exposure
 from .kernels.solution import CONVOLVE_SCIENCE, CONVOLVE_TEMPLATE, KernelSolution
 from .masks import MaskPlanes
 from .stages import subtract as st
+from .stages.verdict import background_left
 
 __all__ = [
     "SubtractionResult",
@@ -40,6 +41,9 @@ __all__ = [
     "run_demo",
     "STAGES",
     "PreparedPair",
+    "PreparedExposures",
+    "prepare_exposures",
+    "subtract",
     "KernelStage",
     "CellFits",
     "DetectedTiles",
@@ -119,6 +123,13 @@ class SubtractionResult:
             f"difference: sky ratio {q.get('sky_ratio', float('nan')):.3f}, footprint residual ratio "
             f"{_fmt(q.get('footprint_residual_ratio_mean'))} ± {_fmt(q.get('footprint_residual_ratio_std'))}, verdict {q.get('verdict')}",
         ]
+        for reason in q.get("verdict_reasons") or []:
+            lines.append(f"  bad_subtraction: {reason}")
+        for role, rep in (m.get("psf") or {}).items():
+            if rep.get("origin") == "estimated":
+                lines.append(f"{role} PSF estimated from {rep.get('stars_used')} stars ({rep.get('model')}): FWHM "
+                             f"{rep.get('fwhm_center', float('nan')):.2f} px at the centre, "
+                             f"{rep.get('fwhm_min', float('nan')):.2f}–{rep.get('fwhm_max', float('nan')):.2f} over the image")
         if "template" in m and m["template"].get("warped"):
             lines.append(f"template warped onto the science grid (coverage {m['template'].get('coverage', float('nan')):.3f})")
         if "dia_sources" in m:
@@ -158,7 +169,8 @@ def prepare_inputs(science: Exposure, template: Exposure, config: PipelineConfig
             "are not on one pixel grid; warp the template first"
         )
     if science.psf is None or template.psf is None:
-        raise DiffimError("both exposures need a PSF model (give --science-psf / --template-psf)")
+        raise DiffimError("both exposures need a PSF model: give --science-psf / --template-psf, or let "
+                          "diffim_dag.subtract (the CLI's subtract) estimate them")
     if science.is_lazy:
         science = science.load()
     if template.is_lazy:
@@ -176,6 +188,57 @@ def prepare_inputs(science: Exposure, template: Exposure, config: PipelineConfig
     return science, template, planes, coverage
 
 
+@dataclass(eq=False)
+class PreparedExposures:
+    """Both exposures as every method starts from them: sky removed, PSF models attached.
+
+    ``metrics`` holds ``sky`` and ``psf`` (one report per role) and ``timings`` their wall times.
+    """
+
+    science: Exposure
+    template: Exposure
+    metrics: dict
+    timings: dict
+
+    def __sizeof__(self) -> int:  # what Dask's memory accounting sees
+        return 1024 + _nbytes(self.science) + _nbytes(self.template)
+
+
+def prepare_exposures(science: Exposure, template: Exposure, config: PipelineConfig, *,
+                      psfs: dict | None = None) -> PreparedExposures:
+    """The input stages of both exposures: PSF (:mod:`~diffim_dag.stages.psf`), sky
+    (:mod:`~diffim_dag.stages.sky`), cosmic rays and hot pixels (:mod:`~diffim_dag.stages.cosmic_rays`).
+
+    ``psfs`` maps ``"science"``/``"template"`` to a :class:`~diffim_dag.stages.psf.PsfResult`
+    already computed (the batch graph's ``psf`` tasks); the others are measured here.
+    """
+    from .stages.cosmic_rays import repair_cosmic_rays
+    from .stages.psf import measure_psf
+    from .stages.sky import subtract_sky
+
+    timings = Timings()
+    metrics: dict = {"sky": {}, "psf": {}, "cosmic_rays": {}}
+    out = {}
+    for role, exposure in (("science", science), ("template", template)):
+        if exposure.is_lazy:
+            exposure = exposure.load()
+        given = (psfs or {}).get(role)
+        with timings.stage("psf"):
+            result = given if given is not None else measure_psf(exposure, config.psf, role=role)
+        if given is not None:
+            timings["psf"] = timings.get("psf", 0.0) + getattr(given, "seconds", 0.0)
+        exposure = exposure.with_attrs(psf=result.psf)
+        metrics["psf"][role] = result.report
+        with timings.stage("sky"):
+            sky = subtract_sky(exposure, config.sky)
+        metrics["sky"][role] = sky.report
+        with timings.stage("cosmic_rays"):
+            cr = repair_cosmic_rays(sky.exposure, config.cosmic_rays)
+        metrics["cosmic_rays"][role] = cr.report
+        out[role] = cr.exposure
+    return PreparedExposures(science=out["science"], template=out["template"], metrics=metrics, timings=timings)
+
+
 def _decorrelation_inputs(mode, science, template, solution, bad_s, bad_t):
     from .kernels.decorrelate import clipped_mean_variance
 
@@ -185,8 +248,9 @@ def _decorrelation_inputs(mode, science, template, solution, bad_s, bad_t):
     _, tv, _ = template.arrays()
     if mode == CONVOLVE_TEMPLATE:
         return kernel, clipped_mean_variance(sv, bad_s), clipped_mean_variance(tv, bad_t), kappa
-    # convolveScience: the science is convolved with K/κ (unit sum)
-    return kernel / kappa, clipped_mean_variance(tv, bad_t), clipped_mean_variance(sv, bad_s), 1.0
+    # convolveScience: D = S ⊗ (K/κ) − T/κ, the science convolved with a unit-sum kernel and the template
+    # (the unconvolved image) on the science's scale
+    return kernel / kappa, clipped_mean_variance(tv, bad_t) / kappa**2, clipped_mean_variance(sv, bad_s), 1.0
 
 
 # --------------------------------------------------------------------------- the stages of one AL subtraction
@@ -323,6 +387,7 @@ class KernelStage:
     kappa: float | None
     metrics: dict
     timings: Timings
+    variance_factor: float = 1.0
 
     def __sizeof__(self) -> int:
         return 65536
@@ -372,26 +437,52 @@ def spatial_solve_stage(prepared: PreparedPair, cells, cell_fits, config: Pipeli
     _check_differential_background(solution, science, template, config, metrics)
 
     decorr = config.decorrelation
-    decorr_kernel = su2 = sc2 = kappa = None
-    if decorr.enabled:
-        with timings.stage("decorrelation_kernel"):
-            sm, tm = science.arrays()[2], template.arrays()[2]
-            bad_s = (sm & planes.bitmask(["NO_DATA", "BAD", "SAT"])) != 0
-            bad_t = (tm & planes.bitmask(["NO_DATA", "BAD", "SAT"])) != 0
-            kernel, su2, sc2, kappa = _decorrelation_inputs(prepared.mode, science, template, solution, bad_s, bad_t)
-            del bad_s, bad_t
+    decorr_kernel = None
+    with timings.stage("decorrelation_kernel"):
+        sm, tm = science.arrays()[2], template.arrays()[2]
+        bad_s = (sm & planes.bitmask(["NO_DATA", "BAD", "SAT"])) != 0
+        bad_t = (tm & planes.bitmask(["NO_DATA", "BAD", "SAT"])) != 0
+        kernel, su2, sc2, kappa = _decorrelation_inputs(prepared.mode, science, template, solution, bad_s, bad_t)
+        factor, correlations = _correlated_noise_factor(prepared, kernel, su2, sc2, kappa, bad_s, bad_t,
+                                                        decorrelated=decorr.enabled)
+        del bad_s, bad_t
+        metrics["noise_correlation"] = {**correlations, "variance_factor": factor}
+        if decorr.enabled:
             metrics["decorrelation"] = {"sigma_unconvolved2": su2, "sigma_convolved2": sc2, "kappa": kappa,
                                         "spatially_varying": bool(decorr.spatially_varying)}
             if not decorr.spatially_varying:
                 decorr_kernel = decorrelation_kernel_image(kernel, sigma_u2=su2, sigma_c2=sc2, kappa=kappa)
+        else:
+            su2 = sc2 = kappa = None
     return KernelStage(fit=fit, kernel_sum=kernel_sum, decorrelation_kernel=decorr_kernel, sigma_unconvolved2=su2,
-                       sigma_convolved2=sc2, kappa=kappa, metrics=metrics, timings=timings)
+                       sigma_convolved2=sc2, kappa=kappa, metrics=metrics, timings=timings, variance_factor=factor)
 
 
-def _variances(prepared: PreparedPair):
-    """``(unconvolved, convolved)`` input variance planes."""
+def _correlated_noise_factor(prepared, kernel, su2, sc2, kappa, bad_s, bad_t, *, decorrelated: bool):
+    """The inputs' noise correlations and the factor they put on the difference's white-noise variance
+    (:func:`~diffim_dag.kernels.decorrelate.correlated_variance_factor`)."""
+    from .kernels.decorrelate import correlated_variance_factor
+
+    si, sv, _ = prepared.science.arrays()
+    ti, tv, _ = prepared.template.arrays()
+    rho_s = st.measure_noise_correlation(si, sv, bad_s)
+    rho_t = st.measure_noise_correlation(ti, tv, bad_t)
+    rho_u, rho_c = (rho_s, rho_t) if prepared.mode == CONVOLVE_TEMPLATE else (rho_t, rho_s)
+    factor = correlated_variance_factor(kernel, sigma_u2=su2, sigma_c2=sc2, kappa=kappa, correlation_u=rho_u,
+                                        correlation_c=rho_c, decorrelated=decorrelated)
+    h = rho_s.shape[0] // 2
+    summary = {"science_lag1": [float(rho_s[h, h + 1]), float(rho_s[h + 1, h])],
+               "template_lag1": [float(rho_t[h, h + 1]), float(rho_t[h + 1, h])]}
+    return float(factor), summary
+
+
+def _variances(prepared: PreparedPair, kernel_sum: float):
+    """``(unconvolved, convolved)`` input variance planes, the unconvolved one on the science's scale
+    (convolveScience: :math:`V_T / κ^2`)."""
     sv, tv = prepared.science.arrays()[1], prepared.template.arrays()[1]
-    return (sv, tv) if prepared.mode == CONVOLVE_TEMPLATE else (tv, sv)
+    if prepared.mode == CONVOLVE_TEMPLATE:
+        return sv, tv
+    return (tv * np.float32(1.0 / kernel_sum**2)).astype(np.float32), sv
 
 
 def subtract_tiles_stage(prepared: PreparedPair, kernel: KernelStage, config: PipelineConfig, cores, *,
@@ -422,7 +513,7 @@ def decorrelate_tiles_stage(prepared: PreparedPair, kernel: KernelStage, cores, 
     """
     if kernel.decorrelation_kernel is None:
         return {tuple(c): tiles[tuple(c)] for c in cores}
-    vu, vc = _variances(prepared)
+    vu, vc = _variances(prepared, kernel.kernel_sum)
     keep_bits = prepared.planes.bitmask(["NO_DATA", "EDGE"])
     return {tuple(c): st.decorrelate_tile(tiles, tuple(c), bbox=prepared.science.bbox,
                                           kernel=kernel.decorrelation_kernel, variance_unconvolved=vu,
@@ -457,7 +548,7 @@ def difference_stage(prepared: PreparedPair, kernel: KernelStage, config: Pipeli
     conv_var = plane("convolved_variance", np.float32)
     conv_msk = plane("convolved_mask", np.int32)
     del pieces
-    vu, vc = _variances(prepared)
+    vu, vc = _variances(prepared, kernel.kernel_sum)
     if decorr.enabled and decorr.spatially_varying:
         with timings.stage("decorrelate_spatial"):
             from .kernels.decorrelate import decorrelate_spatial
@@ -469,12 +560,20 @@ def difference_stage(prepared: PreparedPair, kernel: KernelStage, config: Pipeli
                 sigma_u2=kernel.sigma_unconvolved2, sigma_c2=kernel.sigma_convolved2, variance_unconvolved=vu,
                 variance_convolved=vc)
 
+    if kernel.variance_factor != 1.0:
+        # resampled inputs: their correlated noise makes the difference's per-pixel variance differ from
+        # the white-noise propagation (the factor is 1 for white inputs)
+        d_var = (d_var * np.float32(kernel.variance_factor)).astype(np.float32)
     decorr_kernel = kernel.decorrelation_kernel
     unconvolved = science if mode == CONVOLVE_TEMPLATE else template
-    difference_psf = unconvolved.psf
-    if decorr_kernel is not None:
+    difference_psf = science.psf
+    if mode == CONVOLVE_SCIENCE:
+        # a source that changed in the science sits in the difference as P_S ⊗ K/κ, which matches the
+        # template's PSF only as well as the kernel does: measure it with that very shape
+        difference_psf = decorrelated_psf(science.psf, decorr_kernel, science.bbox, kernel_at=solution.kernel_at)
+    elif decorr_kernel is not None:
         # decorrelation sharpens the difference: its PSF is the unconvolved PSF ⊗ the decorrelation kernel
-        difference_psf = decorrelated_psf(unconvolved.psf, decorr_kernel, science.bbox)
+        difference_psf = decorrelated_psf(science.psf, decorr_kernel, science.bbox)
     difference = Exposure.from_arrays(
         d_img, d_var, d_msk, xy0=science.xy0, mask_planes=planes, wcs=science.wcs, psf=difference_psf,
         info=science.info.replace(variance_source="propagated"), validate=False, copy=False,
@@ -486,7 +585,11 @@ def difference_stage(prepared: PreparedPair, kernel: KernelStage, config: Pipeli
                                                 copy=False)
         matched_science = science
     else:
-        matched_template = template
+        # both on the science's photometric scale: S ⊗ K/κ and T/κ (the difference is their difference, less b/κ)
+        ti, tv, tm = template.arrays()
+        matched_template = Exposure.from_arrays(ti / np.float32(kernel_sum), tv / np.float32(kernel_sum**2), tm,
+                                                xy0=science.xy0, mask_planes=planes, wcs=template.wcs,
+                                                psf=template.psf, info=template.info, validate=False, copy=False)
         matched_science = Exposure.from_arrays(conv_img / np.float32(kernel_sum), conv_var / np.float32(kernel_sum**2),
                                                conv_msk, xy0=science.xy0, mask_planes=planes, wcs=science.wcs,
                                                psf=template.psf, info=science.info, validate=False,
@@ -494,6 +597,10 @@ def difference_stage(prepared: PreparedPair, kernel: KernelStage, config: Pipeli
 
     with timings.stage("metrics"):
         cx, cy = science.center
+        noise_bits = planes.bitmask([p for p in ("NO_DATA", "BAD", "SAT", "EDGE", "CR") if p in planes])
+        d_var, scaled = st.scale_difference_variance(d_img, d_var, (d_msk & noise_bits) != 0,
+                                                     enabled=config.subtract.scale_difference_variance)
+        difference = difference.with_planes(variance=d_var)
         used = fit.candidates[fit.candidates["status"] == "used"] if len(fit.candidates) else fit.candidates
         star_xy = np.column_stack([used["x"] - science.xy0[0], used["y"] - science.xy0[1]]) if len(used) else np.zeros((0, 2))
         psf_c = unconvolved.psf
@@ -503,8 +610,12 @@ def difference_stage(prepared: PreparedPair, kernel: KernelStage, config: Pipeli
             ratio_mean_limit=config.subtract.bad_subtraction_ratio_mean,
             ratio_std_limit=config.subtract.bad_subtraction_ratio_std,
         )
-        metrics["quality"] = q
+        q.update(scaled)
         good_bits = planes.bitmask(["NO_DATA", "BAD", "SAT", "EDGE"])
+        q["background_left"] = background_left(d_img, d_var, (d_msk & good_bits) != 0,
+                                               difference.psf.kernel_image(cx, cy))
+        metrics["quality"] = q
+        metrics["photometric_scale"] = _photometric_scale(science, template, used, kernel_sum, mode)
         limits = {}
         for role, exp in (("science", science), ("template", template), ("difference", difference)):
             img, var, msk = exp.arrays()
@@ -520,6 +631,27 @@ def difference_stage(prepared: PreparedPair, kernel: KernelStage, config: Pipeli
         difference=difference, matched_template=matched_template, matched_science=matched_science, mode=mode,
         kernel_fit=fit, decorrelation_kernel=decorr_kernel, metrics=metrics, dia_sources=None,
     )
+
+
+def _photometric_scale(science: Exposure, template: Exposure, stars, kernel_sum: float, mode: str) -> dict:
+    """The stars' aperture flux ratio (science / template counts) beside the kernel's (κ, or 1/κ in convolveScience)."""
+    from .stages.photometry import aperture_flux_ratio
+
+    kernel = kernel_sum if mode == CONVOLVE_TEMPLATE else 1.0 / kernel_sum
+    if not len(stars):
+        return {"stars": None, "n_stars": 0, "kernel": kernel}
+    ratio, table = aperture_flux_ratio(science, template, stars["x"].to_numpy(), stars["y"].to_numpy(), min_snr=20.0)
+    return {"stars": ratio, "n_stars": int(table["used"].sum()), "kernel": kernel}
+
+
+def judge_result(result: SubtractionResult, config: PipelineConfig) -> SubtractionResult:
+    """``result`` with its verdict (:func:`~diffim_dag.stages.verdict.judge`) in ``metrics["quality"]``."""
+    from .stages.verdict import judge
+
+    q = judge(result.metrics, result.dia_sources, shape=result.difference.shape, subtract_config=config.subtract,
+              n_sky_requested=config.detection.n_sky_sources)
+    result.metrics = {**result.metrics, "quality": q}
+    return result
 
 
 def detection_config(config: PipelineConfig, result=None):
@@ -611,6 +743,8 @@ def catalog_stage(inputs, detected) -> CatalogStage:
         "n_negative": int(real["is_negative"].sum()),
         "n_dipoles": int(real["is_dipole"].sum()) if "is_dipole" in real else None,
         "n_sky_sources": int(dia_sources["sky_source"].sum()),
+        "systematic_fraction": dia_sources.attrs.get("systematic_fraction"),
+        "significance_stdev": dia_sources.attrs.get("significance_stdev"),
     }}
     seconds = inputs.seconds + sum(d.seconds for d in detected) + time.perf_counter() - t0
     return CatalogStage(dia_sources=dia_sources, metrics=metrics, seconds=seconds)
@@ -664,7 +798,7 @@ def _tiled_difference(prepared: PreparedPair, kernel: KernelStage, config: Pipel
     decorr_kernel = kernel.decorrelation_kernel
     if decorr_kernel is not None:
         t0 = time.perf_counter()
-        vu, vc = _variances(prepared)
+        vu, vc = _variances(prepared, kernel.kernel_sum)
         d_d, dv_d, dm_d = graph.planes_to_dask(d_img, d_var, d_msk, tile)
         vu_d = graph.planes_to_dask(vu, vu, vu, tile)[0]
         vc_d = graph.planes_to_dask(vc, vc, vc, tile)[0]
@@ -739,34 +873,45 @@ def subtract_exposures(
     return result
 
 
-def decorrelated_psf(psf, decorrelation_kernel: np.ndarray, bbox, *, nodes: int = 5):
-    """``psf ⊗ φ`` as a :class:`~diffim_dag.psf.GridPsf` on ``nodes × nodes`` positions over ``bbox``
-    (a single :class:`~diffim_dag.psf.ImagePsf` when the PSF does not vary)."""
+def decorrelated_psf(psf, decorrelation_kernel: np.ndarray | None, bbox, *, nodes: int = 5, kernel_at=None):
+    """The difference's PSF: ``psf`` (⊗ the unit-sum matching kernel ``kernel_at(x, y)`` when given) ⊗ the
+    decorrelation kernel, as a :class:`~diffim_dag.psf.GridPsf` on ``nodes × nodes`` positions over
+    ``bbox`` (a single :class:`~diffim_dag.psf.ImagePsf` when nothing varies)."""
     from scipy.signal import fftconvolve
 
     from .psf import GaussianPsf, GridPsf, ImagePsf, MoffatPsf
 
     x0, x1, y0, y1 = bbox
-    size = psf.default_size((x0 + x1) / 2, (y0 + y1) / 2) + decorrelation_kernel.shape[0] - 1
+    extra = (0 if decorrelation_kernel is None else decorrelation_kernel.shape[0] - 1)
+    if kernel_at is not None:
+        extra += kernel_at((x0 + x1) / 2, (y0 + y1) / 2).shape[0] - 1
+    size = psf.default_size((x0 + x1) / 2, (y0 + y1) / 2) + extra
     size += 1 - size % 2
 
     def at(x, y):
-        img = fftconvolve(psf.kernel_image(x, y, size=size), decorrelation_kernel, mode="same")
+        img = psf.kernel_image(x, y, size=size)
+        if kernel_at is not None:
+            k = kernel_at(x, y)
+            img = fftconvolve(img, k / k.sum(), mode="same")
+        if decorrelation_kernel is not None:
+            img = fftconvolve(img, decorrelation_kernel, mode="same")
+        img = np.clip(img, 0.0, None) if kernel_at is not None else img
         return img / img.sum()
 
-    if isinstance(psf, (GaussianPsf, MoffatPsf, ImagePsf)):
+    if kernel_at is None and isinstance(psf, (GaussianPsf, MoffatPsf, ImagePsf)):
         return ImagePsf(at(None, None), source="decorrelated difference PSF", normalized=True)
     xs = np.linspace(x0, x1 - 1, nodes)
     ys = np.linspace(y0, y1 - 1, nodes)
     images = np.stack([np.stack([at(x, y) for x in xs]) for y in ys])
-    return GridPsf(images, xs, ys, source="decorrelated difference PSF", normalized=True)
+    return GridPsf(images, xs, ys, source="difference PSF", normalized=True)
 
 
 def _check_differential_background(solution, science, template, config, metrics) -> None:
-    """Record the fitted differential background in detection-σ units; warn when it is left in and large.
+    """Record the fitted differential background (at the centre, and in detection-σ units).
 
     A constant offset b in the difference shifts the matched-filter significance of every pixel by
-    ``b √NEA / σ``; at half a σ a 5σ threshold already finds hundreds of false sources of one sign.
+    ``b √NEA / σ``; whether any is left in the difference is judged on the difference itself
+    (``quality.background_left``, :mod:`~diffim_dag.stages.verdict`).
     """
     cx, cy = solution.center
     b = float(solution.background_at(cx, cy))
@@ -775,11 +920,6 @@ def _check_differential_background(solution, science, template, config, metrics)
     shift = abs(b) * np.sqrt(nea) / np.sqrt(max(var, 1e-30))
     metrics["differential_background"] = {"center": b, "detection_sigma": shift,
                                           "subtracted": bool(config.subtract.subtract_background)}
-    if shift > 0.5 and not config.subtract.subtract_background:
-        log.warning(
-            "the fitted differential background (%.3g counts at the centre, %.2g sigma in detection units) is left "
-            "in the difference; subtract the sky from both inputs or set subtract.subtract_background=true",
-            b, shift)
 
 
 def eager_convolve(planes, solution: KernelSolution, *, xy0, skip_bits: int):
@@ -952,20 +1092,39 @@ def run_subtraction(science: Exposure, template: Exposure | None, *, config: Pip
     return result
 
 
-def subtract_by_method(science: Exposure, template: Exposure, *, config: PipelineConfig, client=None,
-                       tiled: bool = True, detect: bool = True) -> SubtractionResult:
-    """Dispatch on ``config.method``: ``al`` (:func:`subtract_exposures`), ``al-preconvolve`` (score image)
-    or ``zogy`` (D and S_corr); the score methods return a result with a ``score`` exposure."""
+def subtract(science: Exposure, template: Exposure, *, config: PipelineConfig | None = None, client=None,
+             tiled: bool = True, detect: bool = True, psfs: dict | None = None) -> SubtractionResult:
+    """Subtract ``template`` from ``science`` (one pixel grid) with ``config.method``: the public entry point.
+
+    Runs :func:`prepare_exposures` (each input's sky removed; a PSF estimated where none is given)
+    and then ``al`` (:func:`subtract_exposures`), ``al-preconvolve`` (score image) or ``zogy``
+    (D and S_corr); the score methods return a result with a ``score`` exposure.  ``metrics``
+    gains ``sky`` and ``psf`` (what was removed, where each PSF came from).
+    """
+    config = config or PipelineConfig()
+    prepared = prepare_exposures(science, template, config, psfs=psfs)
+    result = subtract_prepared(prepared, config=config, client=client, tiled=tiled, detect=detect)
+    return result
+
+
+def subtract_prepared(prepared: PreparedExposures, *, config: PipelineConfig, client=None, tiled: bool = True,
+                      detect: bool = True) -> SubtractionResult:
+    """The method's subtraction of exposures that went through :func:`prepare_exposures`."""
+    science, template = prepared.science, prepared.template
     if config.method == "al":
-        return subtract_exposures(science, template, config=config, client=client, tiled=tiled, detect=detect)
-    if config.method == "al-preconvolve":
+        result = subtract_exposures(science, template, config=config, client=client, tiled=tiled, detect=detect)
+    elif config.method == "al-preconvolve":
         from .stages.preconvolve import subtract_al_preconvolve
 
-        return subtract_al_preconvolve(science, template, config=config, client=client, tiled=tiled, detect=detect)
-    from .stages.zogy import subtract_zogy
+        result = subtract_al_preconvolve(science, template, config=config, client=client, tiled=tiled, detect=detect)
+    else:
+        from .stages.zogy import subtract_zogy
 
-    return subtract_zogy(science, template, config=config, zogy_config=config.zogy, client=client, tiled=tiled,
-                         detect=detect)
+        result = subtract_zogy(science, template, config=config, zogy_config=config.zogy, client=client, tiled=tiled,
+                               detect=detect)
+    result.metrics = {**result.metrics, **prepared.metrics,
+                      "timings_s": {**prepared.timings, **result.metrics.get("timings_s", {})}}
+    return judge_result(result, config)
 
 
 def _prepare_and_subtract(science, template, config, client, warp, template_store):
@@ -975,7 +1134,7 @@ def _prepare_and_subtract(science, template, config, client, warp, template_stor
     t0 = time.perf_counter()
     template, warp_metrics = prepare_template(science, template, store=template_store, warp=warp)
     t_warp = time.perf_counter() - t0
-    result = subtract_by_method(science, template, config=config, client=client, detect=True)
+    result = subtract(science, template, config=config, client=client, detect=True)
     result.metrics["template"] = warp_metrics
     result.metrics["timings_s"] = {"template_warp": t_warp, **result.metrics["timings_s"]}
     return result

@@ -77,6 +77,9 @@ __all__ = [
     "TRUTH_KINDS",
     "simulate_pair",
     "write_pair",
+    "template_mapping",
+    "to_template",
+    "from_template",
     "add_sources",
     "sky_model",
     "power_law_fluxes",
@@ -213,8 +216,10 @@ class SimConfig:
         Moffat β (> 1.5 so a stamp can hold 99.9 % of the flux).
     science_fwhm, template_fwhm : float
         FWHM (px) at the image centre.
-    science_fwhm_gradient, template_fwhm_gradient : float
-        Fractional FWHM change from corner to opposite corner (|g| < 1.5).
+    science_fwhm_gradient, template_fwhm_gradient : float or (float, float)
+        A number g: fractional FWHM change from corner to opposite corner (|g| < 1.5).  A pair
+        ``(gx, gy)``: fractional change from edge to edge along x and along y,
+        :math:`\mathrm{FWHM} = c_0 [1 + \tfrac12 (g_x u + g_y v)]` (``g`` ≡ ``(g/2, g/2)``).
     sky_level : float
         Science sky (counts) at the centre.
     sky_gradient : (float, float)
@@ -228,7 +233,12 @@ class SimConfig:
     flux_scale : float
         Photometric ratio κ = science counts / template counts of a constant source.
     template_offset : (float, float)
-        Template pixel grid shift (px): template pixel = science pixel + offset (|offset| ≤ 5).
+        Template pixel grid shift (px): template pixel = science pixel + offset (less than half
+        the image side).  Beyond 5 px (or with a rotation) field stars also fill the parts of the
+        template outside the science frame, and injected truths lie where both images have data.
+    template_rotation : float
+        Rotation (degrees, counter-clockwise) of the template grid about the science image centre:
+        template pixel :math:`= R(\theta)(s - c) + c + \delta` (its WCS says so).
     template_noise_factor : float
         Template noise relative to the science noise at equal expected counts
         (effective gain ``gain / f²``, read noise ``read_noise / f``).
@@ -271,9 +281,9 @@ class SimConfig:
     psf_profile: str = "gaussian"
     moffat_beta: float = 3.0
     science_fwhm: float = 3.5
-    science_fwhm_gradient: float = 0.2
+    science_fwhm_gradient: float | tuple[float, float] = 0.2
     template_fwhm: float = 2.8
-    template_fwhm_gradient: float = 0.1
+    template_fwhm_gradient: float | tuple[float, float] = 0.1
     # sky and noise
     sky_level: float = 1000.0
     sky_gradient: tuple[float, float] = (0.1, 0.05)
@@ -283,6 +293,7 @@ class SimConfig:
     read_noise: float = 5.0
     flux_scale: float = 1.0
     template_offset: tuple[float, float] = (0.3, -0.2)
+    template_rotation: float = 0.0
     template_noise_factor: float = 0.5
     # injected truths
     n_transients: int | None = None
@@ -360,8 +371,13 @@ class SimConfig:
                 _fail(name, f"must be between 0.5 and 50 px, got {v!r}")
         for name in ("science_fwhm_gradient", "template_fwhm_gradient"):
             v = getattr(self, name)
-            if not (_finite(v) and abs(v) < 1.5):
-                _fail(name, f"must be finite with |value| < 1.5, got {v!r}")
+            if isinstance(v, (list, tuple, np.ndarray)):
+                gxy = _pair(name, v)
+                if abs(gxy[0]) + abs(gxy[1]) >= 1.5:
+                    _fail(name, f"must keep |gx| + |gy| < 1.5, got {v!r}")
+                set_(name, gxy)
+            elif not (_finite(v) and abs(v) < 1.5):
+                _fail(name, f"must be finite with |value| < 1.5 (or a pair (gx, gy)), got {v!r}")
         # sky and noise
         if not (_finite(self.sky_level) and self.sky_level >= 0):
             _fail("sky_level", f"must be ≥ 0, got {self.sky_level!r}")
@@ -382,9 +398,13 @@ class SimConfig:
         if not (_finite(self.read_noise) and self.read_noise >= 0):
             _fail("read_noise", f"must be ≥ 0, got {self.read_noise!r}")
         off = _pair("template_offset", self.template_offset)
-        if max(abs(off[0]), abs(off[1])) > 5:
-            _fail("template_offset", f"must be within ±5 px, got {self.template_offset!r}")
+        if max(abs(off[0]), abs(off[1])) >= min(shape) / 2:
+            _fail("template_offset", f"must be less than half the image side ({min(shape) / 2:g} px), "
+                                     f"got {self.template_offset!r}")
         set_("template_offset", off)
+        if not (_finite(self.template_rotation) and abs(self.template_rotation) <= 45):
+            _fail("template_rotation", f"must be within ±45 degrees, got {self.template_rotation!r}")
+        set_("template_rotation", float(self.template_rotation))
         # injected truths
         set_("transient_flux", _range("transient_flux", self.transient_flux))
         set_("variable_flux", _range("variable_flux", self.variable_flux))
@@ -457,8 +477,8 @@ class SimConfig:
         """Minimum distance (px) of injected truths from each other and from the edges:
         ``3 FWHM_max + 10 + mover_shift_max``."""
         fmax = max(
-            self.science_fwhm * (1 + abs(self.science_fwhm_gradient) / 2),
-            self.template_fwhm * (1 + abs(self.template_fwhm_gradient) / 2),
+            self.science_fwhm * (1 + _gradient_span(self.science_fwhm_gradient) / 2),
+            self.template_fwhm * (1 + _gradient_span(self.template_fwhm_gradient) / 2),
         )
         return 3.0 * fmax + 10.0 + self.mover_shift[1]
 
@@ -500,9 +520,63 @@ def _check_names(changes: dict) -> None:
             raise ConfigError(f"SimConfig has no field {name!r}{hint}")
 
 
+def _gradient_xy(g) -> tuple[float, float]:
+    """``(gx, gy)`` edge-to-edge fractional FWHM changes of a scalar (corner-to-corner) or pair gradient."""
+    if isinstance(g, (tuple, list, np.ndarray)):
+        return float(g[0]), float(g[1])
+    return float(g) / 2.0, float(g) / 2.0
+
+
+def _gradient_span(g) -> float:
+    """Largest fractional FWHM change over the image (corner to opposite corner)."""
+    gx, gy = _gradient_xy(g)
+    return abs(gx) + abs(gy)
+
+
 # ---------------------------------------------------------------------------------------------
 # building blocks
 # ---------------------------------------------------------------------------------------------
+def template_mapping(config: SimConfig) -> tuple[np.ndarray, np.ndarray]:
+    r"""The affine map science pixel → template pixel, :math:`t = A s + b`, as ``(A, b)``.
+
+    :math:`A = R(\theta)` (``template_rotation``), :math:`b = c - A c + \delta` with :math:`c` the
+    science image centre and :math:`\delta` ``template_offset``.
+    """
+    th = math.radians(config.template_rotation)
+    a = np.array([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]])
+    x_min, x_max, y_min, y_max = config.bbox
+    c = np.array([0.5 * (x_min + x_max - 1), 0.5 * (y_min + y_max - 1)])
+    return a, c - a @ c + np.asarray(config.template_offset, dtype=np.float64)
+
+
+def to_template(config: SimConfig, x, y) -> tuple[np.ndarray, np.ndarray]:
+    """Template pixel positions of science pixel positions ``(x, y)``."""
+    if config.template_rotation == 0.0:  # the plain shift, bit for bit as before rotations existed
+        dx, dy = config.template_offset
+        return np.asarray(x, dtype=np.float64) + dx, np.asarray(y, dtype=np.float64) + dy
+    a, b = template_mapping(config)
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    return a[0, 0] * x + a[0, 1] * y + b[0], a[1, 0] * x + a[1, 1] * y + b[1]
+
+
+def from_template(config: SimConfig, u, v) -> tuple[np.ndarray, np.ndarray]:
+    """Science pixel positions of template pixel positions ``(u, v)``."""
+    a, b = template_mapping(config)
+    inv = np.linalg.inv(a)
+    u, v = np.asarray(u, dtype=np.float64) - b[0], np.asarray(v, dtype=np.float64) - b[1]
+    return inv[0, 0] * u + inv[0, 1] * v, inv[1, 0] * u + inv[1, 1] * v
+
+
+def _field_margin(config: SimConfig) -> int:
+    """Pixels by which the star field extends beyond the science frame so that it fills the template too
+    (0 for the small shifts of one survey grid: the field then stays bit for bit what it was)."""
+    dx, dy = config.template_offset
+    if config.template_rotation == 0.0 and max(abs(dx), abs(dy)) <= 5:
+        return 0
+    ny, nx = config.shape
+    turn = math.sin(math.radians(abs(config.template_rotation))) * 0.5 * math.hypot(nx, ny)
+    return int(math.ceil(max(abs(dx), abs(dy)) + turn)) + 2
+
 def power_law_fluxes(rng: np.random.Generator, n: int, min_flux: float, max_flux: float, slope: float) -> np.ndarray:
     r"""Draw ``n`` fluxes from :math:`dN/dF \propto F^{-a}` on ``[min_flux, max_flux]``.
 
@@ -556,11 +630,11 @@ def sky_model(config: SimConfig, epoch: str = "science") -> np.ndarray:
 
 def _make_psf(config: SimConfig, epoch: str) -> VaryingPsf:
     c0 = config.science_fwhm if epoch == "science" else config.template_fwhm
-    g = config.science_fwhm_gradient if epoch == "science" else config.template_fwhm_gradient
+    gx, gy = _gradient_xy(config.science_fwhm_gradient if epoch == "science" else config.template_fwhm_gradient)
     x_min, x_max, y_min, y_max = config.bbox
     return VaryingPsf(
         profile=config.psf_profile,
-        fwhm_coeffs=(c0, c0 * g / 4.0, c0 * g / 4.0),
+        fwhm_coeffs=(c0, c0 * gx / 2.0, c0 * gy / 2.0),
         bbox=(x_min - 0.5, x_max - 0.5, y_min - 0.5, y_max - 0.5),
         beta=config.moffat_beta,
     )
@@ -728,6 +802,7 @@ def _place(
     if hi_x <= lo_x or hi_y <= lo_y:
         raise ConfigError(f"SimConfig.{field}: the image is too small to keep injected truths {sep:.1f} px from its edges")
     have = np.concatenate(placed, axis=0) if placed else np.empty((0, 2))
+    check_template = _field_margin(config) > 0
     out: list[tuple[float, float]] = []
     tries, max_tries = 0, 2000 + 500 * n
     sep2 = sep * sep
@@ -746,6 +821,10 @@ def _place(
                 d2 = (avoid_xy[:, 0] - cx) ** 2 + (avoid_xy[:, 1] - cy) ** 2
                 if np.any(d2 <= (sep + avoid_r) ** 2):
                     continue
+            if check_template:  # where the template has data too
+                tx, ty = to_template(config, cx, cy)
+                if not (lo_x <= tx <= hi_x and lo_y <= ty <= hi_y):
+                    continue
             out.append((cx, cy))
             have = np.vstack([have, [[cx, cy]]])
             if len(out) == n:
@@ -759,9 +838,11 @@ def _mjd_to_iso(mjd: float) -> str:
     return Time(mjd, format="mjd", scale="utc").isot
 
 
-def _make_wcs(config: SimConfig, offset: tuple[float, float]):
-    r"""TAN WCS in the parent frame (0-based pixels): the science image centre sits at (ra, dec);
-    the template's CRPIX is shifted by ``offset`` so template pixel = science pixel + offset."""
+def _make_wcs(config: SimConfig, epoch: str):
+    r"""TAN WCS in the parent frame (0-based pixels): the science image centre sits at (ra, dec).
+
+    The template's WCS follows :func:`template_mapping` (:math:`t = A s + b`):
+    :math:`\mathrm{CD}_t = \mathrm{CD}_s A^{-1}` and its CRPIX is the template pixel of the science centre."""
     from astropy.wcs import WCS
 
     x_min, x_max, y_min, y_max = config.bbox
@@ -769,10 +850,16 @@ def _make_wcs(config: SimConfig, offset: tuple[float, float]):
     w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
     w.wcs.cunit = ["deg", "deg"]
     w.wcs.crval = [config.ra, config.dec]
-    # FITS CRPIX is 1-based: parent 0-based pixel p ↔ FITS p + 1
-    w.wcs.crpix = [0.5 * (x_min + x_max - 1) + 1.0 + offset[0], 0.5 * (y_min + y_max - 1) + 1.0 + offset[1]]
+    cx, cy = 0.5 * (x_min + x_max - 1), 0.5 * (y_min + y_max - 1)
     s = config.pixel_scale / 3600.0
-    w.wcs.cd = [[-s, 0.0], [0.0, s]]
+    cd = np.array([[-s, 0.0], [0.0, s]])
+    if epoch == "template":
+        cx, cy = (float(v) for v in to_template(config, cx, cy))
+        if config.template_rotation != 0.0:
+            cd = cd @ np.linalg.inv(template_mapping(config)[0])
+    # FITS CRPIX is 1-based: parent 0-based pixel p ↔ FITS p + 1
+    w.wcs.crpix = [cx + 1.0, cy + 1.0]
+    w.wcs.cd = cd.tolist()
     w.wcs.radesys = "ICRS"
     w.wcs.set()
     return w
@@ -900,6 +987,19 @@ def simulate_pair(config: SimConfig | None = None, **overrides: Any) -> Simulate
     star_x = r.uniform(x_min - 0.5, x_max - 0.5, n)
     star_y = r.uniform(y_min - 0.5, y_max - 0.5, n)
     star_f = power_law_fluxes(r, n, config.star_min_flux, config.star_max_flux, config.star_flux_slope)
+    margin = _field_margin(config)
+    if margin:
+        # the same density over the frame grown by the margin (the template sees beyond the science frame)
+        grown = (nx + 2 * margin) * (ny + 2 * margin)
+        n_more = int(round(n * (grown - nx * ny) / (nx * ny)))
+        gx_ = r.uniform(x_min - 0.5 - margin, x_max - 0.5 + margin, 4 * n_more + 16)
+        gy_ = r.uniform(y_min - 0.5 - margin, y_max - 0.5 + margin, 4 * n_more + 16)
+        outside = (gx_ < x_min - 0.5) | (gx_ >= x_max - 0.5) | (gy_ < y_min - 0.5) | (gy_ >= y_max - 0.5)
+        gx_, gy_ = gx_[outside][:n_more], gy_[outside][:n_more]
+        star_x = np.concatenate([star_x, gx_])
+        star_y = np.concatenate([star_y, gy_])
+        star_f = np.concatenate([star_f, power_law_fluxes(r, len(gx_), config.star_min_flux, config.star_max_flux,
+                                                          config.star_flux_slope)])
 
     # --- saturated stars: peak pixel = saturated_peak × saturation ----------------------------
     n = counts["n_saturated"]
@@ -1031,8 +1131,8 @@ def simulate_pair(config: SimConfig | None = None, **overrides: Any) -> Simulate
     sci_x = np.concatenate([star_x, sat_x, tr_xy[:, 0], var_xy[:, 0], mov_xy[:, 0]])
     sci_y = np.concatenate([star_y, sat_y, tr_xy[:, 1], var_xy[:, 1], mov_xy[:, 1]])
     sci_f = np.concatenate([star_f, sat_f, tr_f, var_f * var_ratio, mov_f])
-    tmp_x = np.concatenate([star_x, sat_x, neg_xy[:, 0], var_xy[:, 0], mov_prev[:, 0]]) + dx
-    tmp_y = np.concatenate([star_y, sat_y, neg_xy[:, 1], var_xy[:, 1], mov_prev[:, 1]]) + dy
+    tmp_x, tmp_y = to_template(config, np.concatenate([star_x, sat_x, neg_xy[:, 0], var_xy[:, 0], mov_prev[:, 0]]),
+                               np.concatenate([star_y, sat_y, neg_xy[:, 1], var_xy[:, 1], mov_prev[:, 1]]))
     tmp_f = np.concatenate([star_f, sat_f, neg_f, var_f, mov_f]) / kappa
 
     sci_model = np.zeros((ny, nx), dtype=np.float32)
@@ -1080,7 +1180,6 @@ def simulate_pair(config: SimConfig | None = None, **overrides: Any) -> Simulate
                 r1 = min(r0 + _BLOCK_ROWS, ny)
                 ys = np.arange(y_lo + r0, y_lo + r1, dtype=np.float64)
                 image[r0:r1] -= _sky_at(config, epoch, xs[None, :], ys[:, None]).astype(np.float32)
-        offset = (0.0, 0.0) if epoch == "science" else (dx, dy)
         zp = config.zero_point if epoch == "science" else config.zero_point - 2.5 * math.log10(kappa)
         mjd = config.mjd_obs if epoch == "science" else config.template_mjd_obs
         info = ExposureInfo(
@@ -1102,7 +1201,7 @@ def simulate_pair(config: SimConfig | None = None, **overrides: Any) -> Simulate
             mask,
             xy0=xy0,
             mask_planes=planes,
-            wcs=_make_wcs(config, offset),
+            wcs=_make_wcs(config, epoch),
             psf=sci_psf if epoch == "science" else tmp_psf,
             info=info,
             source=f"simulated {epoch}",
@@ -1140,7 +1239,6 @@ def _neff_at(psf: Psf, x: np.ndarray, y: np.ndarray, xy0: tuple[int, int]) -> np
 
 def _truth_table(config: SimConfig, exposures: dict[str, Exposure], **parts) -> pd.DataFrame:  # noqa: C901
     kappa = config.flux_scale
-    dx, dy = config.template_offset
     g_s, g_t = config.gain, config.template_gain
     rn_s, rn_t = config.read_noise / g_s, config.template_read_noise / g_t
     sci_psf, tmp_psf = parts["sci_psf"], parts["tmp_psf"]
@@ -1172,7 +1270,8 @@ def _truth_table(config: SimConfig, exposures: dict[str, Exposure], **parts) -> 
         ft = np.broadcast_to(np.asarray(ft, dtype=np.float64), (n,))
         diff = fs - kappa * ft
         vs = _sky_at(config, "science", x, y) / g_s + rn_s**2
-        vt = _sky_at(config, "template", xp + dx, yp + dy) / g_t + rn_t**2
+        tx, ty = to_template(config, xp, yp)
+        vt = _sky_at(config, "template", tx, ty) / g_t + rn_t**2
         if lobe is None:
             signal, src_t = np.abs(diff), ft
         else:  # dipole: one lobe, template noise without its source
@@ -1186,8 +1285,8 @@ def _truth_table(config: SimConfig, exposures: dict[str, Exposure], **parts) -> 
                 "epoch": np.full(n, epoch, dtype=object),
                 "x": x,
                 "y": y,
-                "template_x": xp + dx,
-                "template_y": yp + dy,
+                "template_x": tx,
+                "template_y": ty,
                 "x_at_template_epoch": xp,
                 "y_at_template_epoch": yp,
                 "science_flux": np.array(fs, dtype=np.float64),
@@ -1195,21 +1294,21 @@ def _truth_table(config: SimConfig, exposures: dict[str, Exposure], **parts) -> 
                 "difference_flux": diff,
                 "snr_difference": snr,
                 "science_fwhm": np.array([sci_psf.fwhm(a, b) for a, b in zip(x, y)], dtype=np.float64),
-                "template_fwhm": np.array([tmp_psf.fwhm(a + dx, b + dy) for a, b in zip(xp, yp)], dtype=np.float64),
+                "template_fwhm": np.array([tmp_psf.fwhm(a, b) for a, b in zip(tx, ty)], dtype=np.float64),
                 "npix": np.zeros(n, dtype=np.int64),
             }
         )
 
     point("star", "both", star_x, star_y, star_x, star_y, star_f, star_f / kappa, s_star, t_star)
     point("saturated_star", "both", sat_x, sat_y, sat_x, sat_y, sat_f, sat_f / kappa, s_sat, t_sat)
-    t_for_tr = _neff_at(tmp_psf, tr_xy[:, 0] + dx, tr_xy[:, 1] + dy, xy0) if nt else np.empty(0)
+    t_for_tr = _neff_at(tmp_psf, *to_template(config, tr_xy[:, 0], tr_xy[:, 1]), xy0) if nt else np.empty(0)
     point("transient", "science", tr_xy[:, 0], tr_xy[:, 1], tr_xy[:, 0], tr_xy[:, 1], tr_f, 0.0, s_tr, t_for_tr)
     s_for_neg = _neff_at(sci_psf, neg_xy[:, 0], neg_xy[:, 1], xy0) if nneg else np.empty(0)
     point("negative_transient", "template", neg_xy[:, 0], neg_xy[:, 1], neg_xy[:, 0], neg_xy[:, 1],
           0.0, neg_f / kappa, s_for_neg, t_neg)
     point("variable", "both", var_xy[:, 0], var_xy[:, 1], var_xy[:, 0], var_xy[:, 1],
           var_f * var_ratio, var_f / kappa, s_var, t_var)
-    t_at_sci = _neff_at(tmp_psf, mov_xy[:, 0] + dx, mov_xy[:, 1] + dy, xy0) if nm else np.empty(0)
+    t_at_sci = _neff_at(tmp_psf, *to_template(config, mov_xy[:, 0], mov_xy[:, 1]), xy0) if nm else np.empty(0)
     point("mover", "both", mov_xy[:, 0], mov_xy[:, 1], mov_prev[:, 0], mov_prev[:, 1],
           mov_f, mov_f / kappa, s_mov, t_at_sci, lobe=mov_f)
 
@@ -1219,14 +1318,15 @@ def _truth_table(config: SimConfig, exposures: dict[str, Exposure], **parts) -> 
         n = len(xs)
         xs, ys = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
         fs, ft = np.asarray(fs, dtype=np.float64), np.asarray(ft, dtype=np.float64)
+        txs, tys = to_template(config, xs, ys)
         frames.append(
             {
                 "kind": np.full(n, kind, dtype=object),
                 "epoch": np.full(n, epoch, dtype=object),
                 "x": xs,
                 "y": ys,
-                "template_x": xs + dx,
-                "template_y": ys + dy,
+                "template_x": txs,
+                "template_y": tys,
                 "x_at_template_epoch": xs,
                 "y_at_template_epoch": ys,
                 "science_flux": fs,
@@ -1244,9 +1344,11 @@ def _truth_table(config: SimConfig, exposures: dict[str, Exposure], **parts) -> 
     cr_y = [float(np.average(h[:, 1], weights=h[:, 2])) + xy0[1] for h in crs]
     cr_f = [float(h[:, 2].astype(np.float32).astype(np.float64).sum()) for h in crs]
     extended("cosmic_ray", "science", cr_x, cr_y, cr_f, np.zeros(len(crs)), [len(h) for h in crs])
-    for epoch, cols, shift in (("science", parts["sci_cols"], 0.0), ("template", parts["tmp_cols"], dx)):
-        bx = [c[0] + xy0[0] - shift for c in cols]
-        by = [0.5 * (c[1] + c[2] - 1) + xy0[1] - (0.0 if epoch == "science" else dy) for c in cols]
+    for epoch, cols in (("science", parts["sci_cols"]), ("template", parts["tmp_cols"])):
+        bx = np.array([c[0] + xy0[0] for c in cols], dtype=np.float64)
+        by = np.array([0.5 * (c[1] + c[2] - 1) + xy0[1] for c in cols], dtype=np.float64)
+        if epoch == "template" and len(cols):  # where the template's column falls on the science grid
+            bx, by = from_template(config, bx, by)
         extended("bad_column", epoch, bx, by, np.full(len(cols), nan), np.full(len(cols), nan), [c[2] - c[1] for c in cols])
 
     table = {k: np.concatenate([f[k] for f in frames]) for k in frames[0]}
@@ -1276,16 +1378,35 @@ def _truth_table(config: SimConfig, exposures: dict[str, Exposure], **parts) -> 
     return df[list(TRUTH_COLUMNS)]
 
 
-def write_pair(pair: SimulatedPair, out_dir: str | os.PathLike, *, overwrite: bool = True) -> dict[str, Path]:
-    """Write ``science.fits``, ``template.fits`` (LSST-layout MEF) and ``truth.csv`` atomically.
+LAYOUTS = ("lsst", "plain")
+
+
+def write_pair(pair: SimulatedPair, out_dir: str | os.PathLike, *, overwrite: bool = True, layout: str = "lsst",
+               psf: bool = True, keywords: bool = True) -> dict[str, Path]:
+    """Write ``science.fits``, ``template.fits`` and ``truth.csv`` atomically.
+
+    Parameters
+    ----------
+    layout : {"lsst", "plain"}
+        ``"lsst"``: LSST-layout MEF (IMAGE, MASK, VARIANCE and, with ``psf``, PSF).  ``"plain"``: what a
+        telescope archive serves — one float32 image in the primary HDU with its WCS, nothing else (no
+        variance, mask or PSF; masked pixels keep their values, saturated ones their clipped level).
+    psf : bool
+        ``"lsst"``: write the PSF extension.  ``"plain"``: write the true PSF models beside the images
+        as ``science_psf.fits`` / ``template_psf.fits`` (for ``--science-psf`` / ``--template-psf``).
+    keywords : bool
+        Write GAIN, RDNOISE, SATURATE and MAGZERO (and the other metadata).  Off: the header holds the
+        WCS, the exposure time and the date only, as for an uncalibrated frame.
 
     Returns
     -------
     dict
-        ``{"science": path, "template": path, "truth": path}``.  Same pair → identical bytes.
+        ``{"science": path, "template": path, "truth": path}``.  Same pair and options → identical bytes.
     """
-    from .io.fits import write_exposure
+    from .io.fits import write_exposure, write_plain_image, write_psf
 
+    if layout not in LAYOUTS:
+        raise InputError(f"write_pair: layout must be one of {LAYOUTS}, got {layout!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"science": out / "science.fits", "template": out / "template.fits", "truth": out / "truth.csv"}
@@ -1293,8 +1414,20 @@ def write_pair(pair: SimulatedPair, out_dir: str | os.PathLike, *, overwrite: bo
         for p in paths.values():
             if p.exists():
                 raise InputError(f"{p}: exists (overwrite=False)")
-    write_exposure(pair.science, paths["science"], overwrite=overwrite)
-    write_exposure(pair.template, paths["template"], overwrite=overwrite)
+    for role in ("science", "template"):
+        exposure = getattr(pair, role)
+        if not keywords:
+            info = exposure.info
+            exposure = exposure.with_attrs(info=type(info)(exposure_time=info.exposure_time, date_obs=info.date_obs,
+                                                           mjd_obs=info.mjd_obs))
+        if layout == "plain":
+            write_plain_image(exposure, paths[role], overwrite=overwrite)
+            if psf and exposure.psf is not None:
+                paths[f"{role}_psf"] = write_psf(exposure.psf, out / f"{role}_psf.fits", overwrite=overwrite)
+        else:
+            if not psf:
+                exposure = exposure.with_attrs(psf=None)
+            write_exposure(exposure, paths[role], overwrite=overwrite)
     with atomic_path(paths["truth"]) as tmp:
         pair.truth.to_csv(tmp, index=False, lineterminator="\n")
     return paths

@@ -30,7 +30,7 @@ from diffim_dag.config import load_config
 from diffim_dag.errors import InputError
 from diffim_dag.graph import AlreadyWritten, StageFailure, VisitGrid, run_stage, visit_graph, visit_grid, write_key
 from diffim_dag.io import read_exposure
-from diffim_dag.pipeline import subtract_by_method, subtract_exposures
+from diffim_dag.pipeline import subtract
 from diffim_dag.stages.template import prepare_template
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,9 +79,11 @@ def test_keys_name_stage_visit_detector_and_tile(spec, tmp_path):
     assert _keys(dsk, "fit-cell") == [("fit-cell", v, d, i) for i in range(25)]
     for stage in ("subtract", "decorrelate", "detect"):
         assert _keys(dsk, stage) == [(stage, v, d, *t) for t in tiles]
-    for stage in ("template", "kernel-sources", "spatial-solve", "difference", "detect-prepare", "catalog", "write"):
+    for stage in ("template", "prepare", "kernel-sources", "spatial-solve", "difference", "detect-prepare", "catalog",
+                  "write"):
         assert _keys(dsk, stage) == [(stage, v, d)]
-    assert len(dsk) == 7 + 25 + 3 * 9
+    assert _keys(dsk, "psf") == [("psf", v, d, 0), ("psf", v, d, 1)]  # science, template
+    assert len(dsk) == 8 + 2 + 25 + 3 * 9
     # a decorrelate tile reads its neighbours' edges
     def deps(key):
         return sorted([a for a in dsk[key] if isinstance(a, list)][0])
@@ -105,7 +107,8 @@ def test_keys_name_stage_visit_detector_and_tile(spec, tmp_path):
     # the score methods: one subtract task, then the same detection tiles, catalogue and write
     for method in ("zogy", "al-preconvolve"):
         zg = visit_graph(spec, _config(method), tmp_path)
-        assert sorted({k[0] for k in zg}) == ["catalog", "detect", "detect-prepare", "subtract", "template", "write"]
+        assert sorted({k[0] for k in zg}) == ["catalog", "detect", "detect-prepare", "prepare", "psf", "subtract",
+                                              "template", "write"]
         assert _keys(zg, "subtract") == [("subtract", v, d)]
         assert len(_keys(zg, "detect")) == 9
 
@@ -123,15 +126,15 @@ def test_graph_equals_the_in_process_subtraction(spec, inputs, tmp_path):
             "write"} <= set(metrics["timings_s"])
 
     science, template = inputs
-    tiled = subtract_exposures(science, template, config=config, tiled=True, detect=True)
-    eager = subtract_exposures(science, template, config=config, tiled=False, detect=True)
+    tiled = subtract(science, template, config=config, tiled=True, detect=True)
+    eager = subtract(science, template, config=config, tiled=False, detect=True)
     # same tiles as the in-process tiled path: identical
     for a, b in zip(written, tiled.difference.arrays()):
         np.testing.assert_array_equal(a, b)
     expected = tiled.dia_sources.copy()
     expected["visit"], expected["detector"] = spec.visit, spec.detector
     pd.testing.assert_frame_equal(catalog, expected, check_dtype=False)
-    assert len(catalog) > 20 and (~catalog["sky_source"]).sum() > 5
+    assert len(catalog) > 20 and (~catalog["sky_source"]).sum() >= 3
     # and the eager path (the whole image as one tile) to round-off
     for a, b in zip(written[:2], eager.difference.arrays()[:2]):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
@@ -171,7 +174,7 @@ def test_batch_on_a_cluster_equals_the_in_process_subtraction(spec, inputs, tmp_
     assert [r.status for r in report.records] == ["done"]
     folder = visit_dir(tmp_path / "out", spec.visit, spec.detector)
     science, template = inputs
-    tiled = subtract_exposures(science, template, config=config, tiled=True, detect=True)
+    tiled = subtract(science, template, config=config, tiled=True, detect=True)
     for a, b in zip(read_exposure(folder / "difference.fits").arrays(), tiled.difference.arrays()):
         np.testing.assert_array_equal(a, b)
     for a, b in zip(read_exposure(folder / "matched_template.fits").arrays(), tiled.matched_template.arrays()):
@@ -189,7 +192,7 @@ def test_score_methods_detect_and_write_as_separate_tasks(spec, inputs, tmp_path
     folder = visit_dir(tmp_path / "out", spec.visit, spec.detector)
     assert (folder / "score.fits").is_file()
     science, template = inputs
-    direct = subtract_by_method(science, template, config=config, tiled=False, detect=True)
+    direct = subtract(science, template, config=config, tiled=False, detect=True)
     expected = direct.dia_sources.copy()
     expected["visit"], expected["detector"] = spec.visit, spec.detector
     pd.testing.assert_frame_equal(pd.read_parquet(folder / "dia_sources.parquet"), expected, check_dtype=False)

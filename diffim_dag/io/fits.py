@@ -34,6 +34,8 @@ from .wcs import wcs_from_header, wcs_to_header
 __all__ = [
     "read_exposure",
     "write_exposure",
+    "write_plain_image",
+    "write_psf",
     "read_psf",
     "read_image_hdu",
     "open_fits",
@@ -108,6 +110,7 @@ def _info_from_header(header: fits.Header, *, filename: str | None) -> ExposureI
         photo_calib=None if zp is None else PhotoCalib(zero_point=zp),
         filename=filename,
         variance_source=_first(header, ("VARSRC",), cast=str),
+        saturation_source=_first(header, ("SATSRC",), cast=str),
     )
 
 
@@ -119,6 +122,7 @@ def _info_to_header(info: ExposureInfo, header: fits.Header) -> None:
         "GAIN": (info.gain, "[e-/count] gain"),
         "RDNOISE": (info.read_noise, "[e-] read noise"),
         "SATURATE": (info.saturation, "[count] saturation level"),
+        "SATSRC": (info.saturation_source, "how the saturation level was found"),
         "EXPTIME": (info.exposure_time, "[s] exposure time"),
         "DATE-OBS": (info.date_obs, "observation start (UTC)"),
         "MJD-OBS": (info.mjd_obs, "observation start (MJD)"),
@@ -127,6 +131,8 @@ def _info_to_header(info: ExposureInfo, header: fits.Header) -> None:
     }
     for key, (value, comment) in cards.items():
         if value is not None:
+            if isinstance(value, str):  # FITS cards hold printable ASCII only
+                value = value.encode("ascii", "replace").decode("ascii")
             header[key] = (value, comment)
 
 
@@ -193,6 +199,14 @@ def read_psf(path: str | os.PathLike, *, hdu: int | str | None = None) -> Psf:
 
 def read_image_hdu(path: str | os.PathLike, hdu: int | str | None = None) -> tuple[np.ndarray, fits.Header]:
     """Read one 2-D image (native float32) and its header, merging the primary header for inheritance."""
+    data, header, _ = _read_image(path, hdu)
+    return data, header
+
+
+def _read_image(path: str | os.PathLike, hdu: int | str | None = None) -> tuple[np.ndarray, fits.Header, float | None]:
+    """:func:`read_image_hdu` plus the largest physical value the file's integer type holds (None: floats)."""
+    from ..kernels.saturation import integer_limit
+
     path = str(path)
     with open_fits(path) as hdul:
         if hdu is None:
@@ -210,13 +224,19 @@ def read_image_hdu(path: str | os.PathLike, hdu: int | str | None = None) -> tup
         except (KeyError, IndexError):
             names = [x.name for x in hdul]
             raise InputError(f"{path}: no extension {hdu!r} (extensions: {', '.join(names)})") from None
+        # before the data are read: astropy drops BZERO/BSCALE from the header once it scales them
+        try:
+            limit = integer_limit(int(h.header.get("BITPIX", -32)), float(h.header.get("BZERO", 0.0)),
+                                  float(h.header.get("BSCALE", 1.0)))
+        except (TypeError, ValueError):
+            limit = None
         data = _native_float32(h.data, source=f"{path}[{hdu}]")
         header = h.header.copy()
         if h is not hdul[0]:
             for key, value in hdul[0].header.items():
                 if key not in header and key not in ("SIMPLE", "BITPIX", "NAXIS", "EXTEND", "COMMENT", "HISTORY", ""):
                     header[key] = value
-    return data, header
+    return data, header, limit
 
 
 def read_exposure(
@@ -306,7 +326,9 @@ def _read_lsst(path: str) -> Exposure:
 
 
 def _read_plain(path: str, *, hdu, xy0) -> Exposure:
-    image, header = read_image_hdu(path, hdu)
+    from ..kernels.saturation import find_saturation
+
+    image, header, type_limit = _read_image(path, hdu)
     source = path if hdu is None else f"{path}[{hdu}]"
     validate_planes(image, None, None, source=source)
     info = _info_from_header(header, filename=path)
@@ -319,6 +341,14 @@ def _read_plain(path: str, *, hdu, xy0) -> Exposure:
     mask = np.zeros(image.shape, dtype=MASK_DTYPE)
     if info.saturation is not None:
         mask[np.isfinite(image) & (image >= info.saturation)] |= planes.bitmask("SAT")
+    else:
+        # no SATURATE keyword: pixels at the integer type's limit, or flat-topped stars
+        found = find_saturation(image, type_limit=type_limit)
+        if found.level is not None:
+            mask[found.mask] |= planes.bitmask("SAT")
+            info = info.replace(saturation=found.level)
+        info = info.replace(saturation_source=found.rule)
+        log.info("%s: saturation %s", source, found.rule)
     exp = Exposure.from_arrays(image, None, mask, xy0=xy0, mask_planes=planes, wcs=wcs, info=info, source=source,
                                copy=False)
     return exp.with_info(variance_source=None)
@@ -408,6 +438,38 @@ def _read_mask_file(path) -> tuple[np.ndarray, fits.Header]:
         arr = arr.astype(arr.dtype.newbyteorder("=")) if not np.issubdtype(arr.dtype, np.floating) else np.nan_to_num(arr.astype(np.float64))
         header = h.header.copy()
     return arr, header
+
+
+def write_psf(psf: Psf, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
+    """Write a PSF model as a FITS file that :func:`read_psf` (``--science-psf``) reads back exactly."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise InputError(f"{path}: exists (overwrite=False)")
+    meta, data = psf.to_payload()
+    header = fits.Header()
+    header["PSFMETA"] = json.dumps(meta, separators=(",", ":"))
+    with atomic_path(path) as tmp:
+        fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(data, header=header, name="PSF")]).writeto(tmp, overwrite=True)
+    return path
+
+
+def write_plain_image(exposure: Exposure, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
+    """Write only the IMAGE plane as a plain FITS file (primary HDU, float32) with the WCS and metadata
+    keywords, atomically: what a telescope archive serves (no variance, mask or PSF)."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise InputError(f"{path}: exists (overwrite=False)")
+    img = exposure.arrays()[0]
+    header = fits.Header()
+    if exposure.wcs is not None:
+        header.extend(wcs_to_header(exposure.wcs, exposure.xy0), update=True)
+    _info_to_header(exposure.info.replace(variance_source=None), header)
+    hdu = fits.PrimaryHDU(np.asarray(img, dtype=np.float32), header=header)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fits.verify.VerifyWarning)
+        with atomic_path(path) as tmp:
+            hdu.writeto(tmp, overwrite=True, output_verify="silentfix")
+    return path
 
 
 def write_exposure(exposure: Exposure, path: str | os.PathLike, *, overwrite: bool = True) -> Path:

@@ -117,6 +117,11 @@ class NormalEquations:
     ``matrix (N, p, p)``, ``vector (N, p)``, ``sigma_sums (N, p)`` (:math:`A^T\\sigma^{-1}`),
     ``target_sum (N,)`` (:math:`\\sum T/\\sigma`), ``target_square (N,)``
     (:math:`\\sum T^2/\\sigma^2`), ``npix (N,)``.
+
+    With constant-variance weighting the fit's ``matrix``/``vector`` use one variance per stamp,
+    while ``stat_matrix``/``stat_vector`` (and the sums above) use the per-pixel variance, so that
+    the residual statistics still compare the residual with the real noise; without it the two
+    pairs are the same arrays.
     """
 
     matrix: np.ndarray
@@ -125,24 +130,19 @@ class NormalEquations:
     target_sum: np.ndarray
     target_square: np.ndarray
     npix: np.ndarray
+    stat_matrix: np.ndarray | None = None
+    stat_vector: np.ndarray | None = None
+
+    _FIELDS = ("matrix", "vector", "sigma_sums", "target_sum", "target_square", "npix", "stat_matrix", "stat_vector")
 
     def take(self, index) -> NormalEquations:
-        return NormalEquations(
-            self.matrix[index],
-            self.vector[index],
-            self.sigma_sums[index],
-            self.target_sum[index],
-            self.target_square[index],
-            self.npix[index],
-        )
+        return NormalEquations(*[None if getattr(self, f) is None else getattr(self, f)[index] for f in self._FIELDS])
 
     @staticmethod
     def stack(items) -> NormalEquations:
         items = list(items)
-        return NormalEquations(
-            *[np.stack([getattr(it, f) for it in items]) for f in
-              ("matrix", "vector", "sigma_sums", "target_sum", "target_square", "npix")]
-        )
+        return NormalEquations(*[None if getattr(items[0], f) is None else np.stack([getattr(it, f) for it in items])
+                                 for f in NormalEquations._FIELDS])
 
 
 @dataclass(frozen=True, eq=False)
@@ -235,6 +235,7 @@ def candidate_normal_equations(
     basis_images: np.ndarray,
     *,
     fit_background: bool = True,
+    constant_weighting: bool = False,
 ) -> NormalEquations:
     """Weighted normal equations of the kernel (+ background) fit for a stack of stamps.
 
@@ -243,6 +244,12 @@ def candidate_normal_equations(
     reference, target, variance : ndarray, shape (N, S, S)
         ``variance`` is ``V_T + V_R``; pixels with ``variance ≤ 0`` get zero weight.
     basis_images : ndarray, shape (n, k, k)
+    constant_weighting : bool
+        Weigh the fit with one variance per stamp, the median of its good pixels (LSST's
+        ``constantVarianceWeighting``): with per-pixel weights a bright star's core, whose own
+        Poisson noise dominates its variance, counts for less than its wings, and the kernel
+        fits the wings at the expense of the core — a core residual that decorrelation (which
+        sharpens the difference) amplifies.  The residual statistics keep the per-pixel variance.
     """
     reference = np.asarray(reference, dtype=np.float64)
     if reference.ndim == 2:
@@ -264,6 +271,14 @@ def candidate_normal_equations(
     matrix = aw @ cols.transpose(0, 2, 1)
     vector = np.einsum("cip,cp->ci", aw, t)
     sigma_sums = np.einsum("cip,cp->ci", cols, inv_sigma)
+    stat_matrix = stat_vector = None
+    if constant_weighting:
+        stat_matrix, stat_vector = matrix, vector
+        level = np.array([np.median(v[g]) if g.any() else 1.0 for v, g in zip(var, good)])
+        wc = np.where(good, 1.0 / level[:, None], 0.0)
+        awc = cols * wc[:, None, :]
+        matrix = awc @ cols.transpose(0, 2, 1)
+        vector = np.einsum("cip,cp->ci", awc, t)
     return NormalEquations(
         matrix=matrix,
         vector=vector,
@@ -271,6 +286,8 @@ def candidate_normal_equations(
         target_sum=(t * inv_sigma).sum(axis=1),
         target_square=(t * t * w).sum(axis=1),
         npix=good.sum(axis=1).astype(np.float64),
+        stat_matrix=stat_matrix,
+        stat_vector=stat_vector,
     )
 
 
@@ -312,11 +329,13 @@ def residual_statistics(equations: NormalEquations, coefficients: np.ndarray) ->
     r"""Mean and standard deviation of :math:`D/\sigma` for given coefficients (see module doc)."""
     a = np.atleast_2d(coefficients)
     n = np.maximum(equations.npix, 1.0)
+    matrix = equations.matrix if equations.stat_matrix is None else equations.stat_matrix
+    vector = equations.vector if equations.stat_vector is None else equations.stat_vector
     mean = (equations.target_sum - np.einsum("ci,ci->c", a, equations.sigma_sums)) / n
     chi2 = (
         equations.target_square
-        - 2.0 * np.einsum("ci,ci->c", a, equations.vector)
-        + np.einsum("ci,cij,cj->c", a, equations.matrix, a)
+        - 2.0 * np.einsum("ci,ci->c", a, vector)
+        + np.einsum("ci,cij,cj->c", a, matrix, a)
     )
     var = np.maximum(chi2 / n - mean**2, 0.0)
     return mean, np.sqrt(var)
@@ -343,6 +362,7 @@ def fit_candidates(
     basis: KernelBasis,
     *,
     fit_background: bool = True,
+    constant_weighting: bool = False,
     max_residual_mean: float = 0.25,
     max_residual_std: float = 1.5,
     ids=None,
@@ -354,7 +374,8 @@ def fit_candidates(
 
     Returns one :class:`CandidateFit` per stamp (``status`` ``"used"`` or ``"rejected"``).
     """
-    eq = candidate_normal_equations(reference, target, variance, basis.images, fit_background=fit_background)
+    eq = candidate_normal_equations(reference, target, variance, basis.images, fit_background=fit_background,
+                                    constant_weighting=constant_weighting)
     matrix = eq.matrix
     if basis.regularization is not None and basis.regularization_lambda > 0:
         matrix = regularize(matrix, basis.regularization, basis.regularization_lambda)
@@ -420,6 +441,7 @@ def fit_cell(cell: CellStamps, basis: KernelBasis, config, exclude=frozenset()) 
             cell.variance[idx],
             basis,
             fit_background=config.fit_background,
+            constant_weighting=config.constant_variance_weighting,
             max_residual_mean=config.max_residual_mean,
             max_residual_std=config.max_residual_std,
             ids=cell.ids[idx],

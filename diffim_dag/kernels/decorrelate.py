@@ -41,6 +41,9 @@ import scipy.fft
 from ..noise import clipped_stats
 
 __all__ = [
+    "noise_correlation",
+    "noise_spectrum",
+    "correlated_variance_factor",
     "decorrelation_kernel_fourier",
     "decorrelation_kernel_image",
     "decorrelate",
@@ -402,6 +405,86 @@ def decorrelate_spatial(
         out[bad] = np.nan
     variance = vu + kappa2 * vc
     return out.astype(np.float32), variance.astype(np.float32)
+
+
+def noise_correlation(z: np.ndarray, good: np.ndarray, *, max_lag: int = 3) -> np.ndarray:
+    r"""Normalized autocorrelation :math:`\rho(\delta)` of standardized noise at lags ``|δx|, |δy| ≤ max_lag``.
+
+    ``z`` is :math:`(I - B)/\sqrt V` and ``good`` the pixels that are sky (no source, no defect);
+    :math:`\rho(\delta) = \langle z_x z_{x+\delta}\rangle / \langle z_x^2\rangle` over the pairs where
+    both are good.  A resampled image (a warped template, a coadd) has :math:`\rho \ne 0` at small
+    lags; a raw frame has :math:`\rho(\delta \ne 0) \approx 0`.  Returns ``(2L+1, 2L+1)`` with
+    :math:`\rho(0) = 1` at the centre.
+    """
+    zz = np.where(good, np.asarray(z, dtype=np.float64), 0.0)
+    g = np.asarray(good, bool)
+    n = 2 * max_lag + 1
+    out = np.zeros((n, n))
+    ny, nx = zz.shape
+    for dy in range(-max_lag, max_lag + 1):
+        ya, yb = slice(max(dy, 0), ny + min(dy, 0)), slice(max(-dy, 0), ny - max(dy, 0))
+        for dx in range(-max_lag, max_lag + 1):
+            xa, xb = slice(max(dx, 0), nx + min(dx, 0)), slice(max(-dx, 0), nx - max(dx, 0))
+            both = g[ya, xa] & g[yb, xb]
+            cnt = int(both.sum())
+            out[dy + max_lag, dx + max_lag] = float((zz[ya, xa] * zz[yb, xb])[both].sum() / cnt) if cnt else 0.0
+    c = out[max_lag, max_lag]
+    if c > 0:
+        return out / c
+    delta = np.zeros((n, n))
+    delta[max_lag, max_lag] = 1.0  # no sky to measure on: white noise
+    return delta
+
+
+def noise_spectrum(correlation: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The noise power spectrum (mean 1) on the ``fft2`` grid of ``shape`` from a centred autocorrelation."""
+    c = np.asarray(correlation, dtype=np.float64)
+    h = c.shape[0] // 2
+    grid = np.zeros(shape)
+    for dy in range(-h, h + 1):
+        for dx in range(-h, h + 1):
+            grid[dy % shape[0], dx % shape[1]] += c[dy + h, dx + h]
+    spec = np.real(scipy.fft.fft2(grid))
+    return np.clip(spec, 1e-3, None)  # a truncated autocorrelation can dip below 0 far out: keep it a power
+
+
+def correlated_variance_factor(kernel: np.ndarray, *, sigma_u2: float, sigma_c2: float, kappa: float | None,
+                               correlation_u: np.ndarray, correlation_c: np.ndarray, decorrelated: bool = True,
+                               fft_shape: tuple[int, int] | None = None) -> float:
+    r"""Per-pixel variance of the difference over what the white-noise propagation says.
+
+    The difference is :math:`\phi \otimes (U - C \otimes K)`; its noise power is
+    :math:`P(f) = |\phi(f)|^2 [\sigma_u^2 S_u(f) + \sigma_c^2 S_c(f) |\hat K(f)|^2]` with
+    :math:`S` the inputs' noise spectra (:func:`noise_spectrum`), and its per-pixel variance the
+    mean of :math:`P` over frequencies (Parseval).  The variance plane assumes white inputs
+    (:math:`S = 1`): :math:`\sigma_u^2 + \bar\kappa^2\sigma_c^2` after decorrelation, or
+    :math:`\sigma_u^2 + \sigma_c^2 \sum K^2` without (``decorrelated=False``, φ = 1).  Their ratio
+    is the factor that makes the plane describe the difference when an input is resampled (its
+    noise correlated): a warped, twice-resampled reference gave 0.43 on the GOTO pair, where the
+    plane alone claimed 1/0.66 of the measured noise.
+    """
+    k = np.asarray(kernel, dtype=np.float64)
+    ks = max(k.shape)
+    if fft_shape is None:
+        n = scipy.fft.next_fast_len(8 * ks)
+        fft_shape = (n, n)
+    su2, sc2 = _check_sigmas(sigma_u2, sigma_c2)
+    padded = np.zeros(fft_shape)
+    hy, hx = k.shape[0] // 2, k.shape[1] // 2
+    for j in range(k.shape[0]):
+        for i in range(k.shape[1]):
+            padded[(j - hy) % fft_shape[0], (i - hx) % fft_shape[1]] = k[j, i]
+    k2 = np.abs(scipy.fft.fft2(padded)) ** 2
+    s_u, s_c = noise_spectrum(correlation_u, fft_shape), noise_spectrum(correlation_c, fft_shape)
+    if decorrelated:
+        phi2 = decorrelation_kernel_fourier(k, fft_shape, sigma_u2=su2, sigma_c2=sc2, kappa=kappa) ** 2
+        kap = float(k.sum()) if kappa is None else float(kappa)
+        white = su2 + kap**2 * sc2
+    else:
+        phi2 = 1.0
+        white = su2 + sc2 * float((k * k).sum())
+    actual = float(np.mean(phi2 * (su2 * s_u + sc2 * s_c * k2)))
+    return actual / white if white > 0 else 1.0
 
 
 def clipped_mean_variance(variance: np.ndarray, mask_bad: np.ndarray | None = None) -> float:

@@ -141,7 +141,7 @@ class DetectMeasureConfig:
 
     threshold: float = 5.0
     footprint_grow_sigma: float = 2.4
-    bad_peak_mask_planes: tuple[str, ...] = ("NO_DATA", "BAD", "SAT", "EDGE")
+    bad_peak_mask_planes: tuple[str, ...] = ("NO_DATA", "BAD", "SAT", "EDGE", "CR")
     no_data_mask_planes: tuple[str, ...] = ("NO_DATA", "EDGE")
     n_sky_sources: int = 100
     sky_source_seed: int = 0

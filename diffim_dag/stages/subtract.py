@@ -4,9 +4,14 @@ The difference, for the two modes (S science, T template, K the fitted kernel,
 b the fitted differential background, κ the kernel sum at the image centre):
 
 * ``convolveTemplate``:  :math:`D = S - (T \otimes K) - [b]`, variance :math:`V_S + V_T \otimes K^2`;
-* ``convolveScience``:   :math:`D = (S \otimes K + [b]) / κ - T`, variance :math:`(V_S \otimes K^2)/κ^2 + V_T`,
+* ``convolveScience``:   :math:`D = (S \otimes K + [b] - T) / κ`, variance :math:`(V_S \otimes K^2 + V_T)/κ^2`,
 
-where ``[b]`` is applied only when ``subtract_background`` is set.  The difference
+where ``[b]`` is applied only when ``subtract_background`` is set.  In both directions the whole
+difference is on the science image's photometric scale: the fit makes :math:`S \otimes K + b ≈ T`
+in convolveScience, so :math:`S \otimes K + b - T` is in template counts, and dividing all of it
+— template, background and variance included — by κ puts it in science counts for any flux
+scale.  (Dividing only the matched science, :math:`(S \otimes K + b)/κ - T`, would leave
+:math:`T(1/κ - 1)`: the template's sky and a fraction of every star.)  The difference
 keeps the PSF of the image that was not convolved.  Masks: the template keeps
 only NO_DATA, BAD and HIGH_VARIANCE (SAT → SAT_TEMPLATE, INJECTED →
 INJECTED_TEMPLATE); the convolved image's mask is dilated by the kernel
@@ -32,6 +37,8 @@ __all__ = [
     "check_coverage",
     "choose_mode",
     "measure_variance_scale",
+    "measure_noise_correlation",
+    "scale_difference_variance",
     "difference_tile",
     "quality_metrics",
     "limiting_magnitude",
@@ -125,6 +132,60 @@ def measure_variance_scale(image: np.ndarray, variance: np.ndarray, bad: np.ndar
     return factor
 
 
+def scale_difference_variance(image: np.ndarray, variance: np.ndarray, bad: np.ndarray, *,
+                              enabled: bool = True) -> tuple[np.ndarray, dict]:
+    """The difference's variance plane scaled to its measured sky noise (LSST's ``doScaleDiffimVariance``).
+
+    The factor is :func:`measure_variance_scale` on the difference (the clipped σ² of
+    :math:`D/\sqrt V` away from sources).  Returns the (possibly) scaled plane and
+    ``{"sky_ratio_propagated": σ ratio before scaling, "variance_scale": factor applied}``.
+    """
+    try:
+        factor = measure_variance_scale(image, variance, bad, source="difference", max_scale=1e6)
+    except InputError:
+        factor = float("nan")
+    report = {"sky_ratio_propagated": float(math.sqrt(factor)) if factor > 0 else None,
+              "variance_scale": float(factor) if enabled and factor > 0 else 1.0}
+    if enabled and np.isfinite(factor) and factor > 0 and abs(factor - 1.0) > 1e-3:
+        variance = (variance * np.float32(factor)).astype(np.float32)
+    return variance, report
+
+
+def measure_noise_correlation(image: np.ndarray, variance: np.ndarray, bad: np.ndarray, *, max_lag: int = 3,
+                              ) -> np.ndarray:
+    """Noise autocorrelation of an exposure's sky (:func:`~diffim_dag.kernels.decorrelate.noise_correlation`).
+
+    Measured on the same windows as :func:`measure_variance_scale` (the whole image when small), on
+    :math:`(I - B)/\sqrt V` with the pixels near sources (3×3-mean S/N > 1σ of its own noise, grown
+    by 4 px) left out; the windows' correlations are averaged.
+    """
+    from scipy import ndimage
+
+    from ..kernels.decorrelate import noise_correlation
+
+    good_all = ~bad & np.isfinite(image) & (variance > 0)
+    n = 2 * max_lag + 1
+    acc, weight = np.zeros((n, n)), 0.0
+    for w in _windows(image.shape):
+        good = good_all[w]
+        if good.sum() < 1000:
+            continue
+        img, var = image[w], variance[w]
+        bkg = measure_background(img, ~good)
+        z = np.where(good, (img - bkg.level) / np.sqrt(np.where(good, var, 1.0)), 0.0)
+        sources = ndimage.binary_dilation(ndimage.uniform_filter(z, 3) > 1.0, iterations=4)
+        sky = good & ~sources
+        if sky.sum() < 1000:
+            continue
+        acc += noise_correlation(z, sky, max_lag=max_lag) * sky.sum()
+        weight += sky.sum()
+    if weight == 0:
+        out = np.zeros((n, n))
+        out[max_lag, max_lag] = 1.0
+        return out
+    return acc / weight
+
+
 def difference_tile(
     science_image, science_variance, science_mask,
     template_image, template_variance, template_mask,
@@ -135,7 +196,8 @@ def difference_tile(
     In ``convolveTemplate`` mode the template planes are ``T⊗K``, ``V_T⊗K²`` and the
     dilated template mask; in ``convolveScience`` mode the science planes are
     ``S⊗K``, ``V_S⊗K²`` and the dilated science mask.  ``background`` (or None) is
-    the fitted differential background on the tile, subtracted as the mode says.
+    the fitted differential background on the tile, subtracted as the mode says; in
+    ``convolveScience`` the whole difference is divided by ``kernel_sum`` (module docstring).
     """
     if mode == CONVOLVE_TEMPLATE:
         diff = science_image.astype(np.float64) - template_image
@@ -146,8 +208,8 @@ def difference_tile(
         matched = science_image.astype(np.float64)
         if background is not None:
             matched = matched + background
-        diff = matched / kernel_sum - template_image
-        var = science_variance.astype(np.float64) / kernel_sum**2 + template_variance
+        diff = (matched - template_image) / kernel_sum
+        var = (science_variance.astype(np.float64) + template_variance) / kernel_sum**2
     return diff.astype(np.float32), var.astype(np.float32), (science_mask | template_mask).astype(np.int32)
 
 
@@ -170,15 +232,20 @@ def quality_metrics(
     fwhm: float,
     ratio_mean_limit: float = 0.2,
     ratio_std_limit: float = 0.4,
+    min_star_snr: float = 50.0,
+    min_stars: int = 5,
 ) -> dict:
     """Footprint residual ratio over kernel stars, sky ratio and mask fractions.
 
     For each kernel star: ``Σ|D − d_sky| − Σ σ_D √(2/π)`` (the absolute residual less its
     expectation for pure noise) over a circle of radius 2·FWHM, divided by ``Σ|S − s_sky|``
-    over the same circle (local skies from an annulus).  The verdict
-    is ``bad_subtraction`` when the mean ratio exceeds ``ratio_mean_limit`` or the std
-    exceeds ``ratio_std_limit``.  The sky ratio is the robust std of D/√V over good
-    pixels (≈ 1 for a correct variance plane).
+    over the same circle (local skies from an annulus).  Only stars whose footprint signal
+    ``Σ|S − s_sky|`` is at least ``min_star_snr`` times the noise of that sum count (all of them
+    when fewer than ``min_stars`` are that bright): for fainter stars the ratio measures the noise
+    and any faint neighbour in the circle, not the subtraction.  The verdict here is
+    ``bad_subtraction`` when the mean ratio exceeds ``ratio_mean_limit`` or the std
+    exceeds ``ratio_std_limit`` (the full verdict is :func:`~diffim_dag.stages.verdict.judge`).
+    The sky ratio is the robust std of D/√V over good pixels (≈ 1 for a correct variance plane).
     """
     bad = (difference_mask & planes.bitmask(["NO_DATA", "BAD", "SAT", "EDGE"])) != 0
     ny, nx = difference.shape
@@ -187,7 +254,7 @@ def quality_metrics(
     half = int(math.ceil(r_sky1)) + 1
     yy, xx = np.mgrid[-half : half + 1, -half : half + 1]
     rr = np.hypot(xx, yy)
-    ratios = []
+    ratios, snrs = [], []
     for x, y in np.asarray(star_xy, dtype=float).reshape(-1, 2):
         ix, iy = int(round(x)), int(round(y))
         if ix - half < 0 or iy - half < 0 or ix + half >= nx or iy + half >= ny:
@@ -203,9 +270,13 @@ def quality_metrics(
         if denom <= 0:
             continue
         # sky correction: pure noise of std σ contributes E|n| = σ √(2/π) per pixel
-        noise_floor = np.sqrt(2.0 / np.pi) * np.sqrt(np.clip(difference_variance[sl][inner], 0, None)).sum()
+        var_inner = np.clip(difference_variance[sl][inner], 0, None)
+        noise_floor = np.sqrt(2.0 / np.pi) * np.sqrt(var_inner).sum()
         ratios.append(max(np.abs(d[inner] - np.median(d[ann])).sum() - noise_floor, 0.0) / denom)
-    ratios = np.asarray(ratios)
+        snrs.append(denom / max(math.sqrt(float(var_inner.sum())), 1e-30))
+    all_ratios = np.asarray(ratios)
+    bright = np.asarray(snrs) >= min_star_snr
+    ratios = all_ratios[bright] if int(bright.sum()) >= min_stars else all_ratios
     step = max(1, int(np.sqrt(difference.size / 2**20)))  # ~1M samples for the sky ratio
     d_s, v_s, b_s = difference[::step, ::step], difference_variance[::step, ::step], bad[::step, ::step]
     good = ~b_s & (v_s > 0)
@@ -218,7 +289,9 @@ def quality_metrics(
     return {
         "footprint_residual_ratio_mean": mean_ratio,
         "footprint_residual_ratio_std": std_ratio,
+        "footprint_residual_ratio_median": float(np.median(ratios)) if ratios.size else None,
         "footprint_residual_n_stars": int(ratios.size),
+        "footprint_residual_min_snr": float(min_star_snr) if int(bright.sum()) >= min_stars else 0.0,
         "sky_ratio": sky_ratio,
         "mask_fractions": {k: v for k, v in planes.describe(difference_mask).items() if v > 0},
         "verdict": verdict,

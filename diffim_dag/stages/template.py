@@ -365,19 +365,38 @@ class PatchworkPsf(Psf):
 # ---------------------------------------------------------------------------------------------
 # registration
 # ---------------------------------------------------------------------------------------------
-def _stars(exposure: Exposure, *, max_stars: int = 150, threshold: float = 30.0) -> np.ndarray:
+def _stars(exposure: Exposure, *, max_stars: int = 150, min_snr: float = 30.0) -> np.ndarray:
+    """Bright point sources of an exposure, brightest first: ``(n, 3)`` of parent ``x, y`` and flux.
+
+    The PSF star finder (:func:`~diffim_dag.psf.estimate.find_psf_stars`: stellar locus of the
+    half-light radius, so elongated and undersampled PSFs qualify; saturated, masked and blended
+    sources out), positions refined by a Gaussian-windowed centroid on the full-resolution pixels.
+    """
+    from ..config import PsfEstimationConfig
+    from ..kernels.centroid import window_centroid
+    from ..psf.estimate import find_psf_stars
+
     img, var, msk = exposure.arrays()
     bad = (msk & _bits(exposure.mask_planes, STAR_BAD_PLANES)) != 0
-    fwhm = None
-    if exposure.psf is not None:
-        try:
-            fwhm = exposure.psf.fwhm(*exposure.center)
-        except Exception:  # noqa: BLE001 - a PSF that cannot say its FWHM: measure from the sources
-            fwhm = None
-    stars = detect_stars(img, var, bad, threshold=threshold, max_stars=max_stars, fwhm=fwhm)
-    stars[:, 0] += exposure.xy0[0]
-    stars[:, 1] += exposure.xy0[1]
-    return stars
+    sat = (msk & _bits(exposure.mask_planes, ["SAT"])) != 0
+    cfg = PsfEstimationConfig(min_snr=min_snr, max_stars=max_stars)
+    stars, info = find_psf_stars(img, bad, saturated=sat, saturation=exposure.info.saturation, config=cfg)
+    use = stars[stars["reason"].isin(["", "max_stars"])].head(max_stars)
+    if not len(use) or info["fwhm_guess"] is None or not np.isfinite(info["fwhm_guess"]):
+        return np.empty((0, 3))
+    sigma = max(info["fwhm_guess"] / 2.3548, 0.5)
+    h = int(np.ceil(4 * sigma)) + 1
+    ny, nx = img.shape
+    out = []
+    for row in use.itertuples():
+        ix, iy = int(round(row.x)), int(round(row.y))
+        if ix - h < 0 or iy - h < 0 or ix + h >= nx or iy + h >= ny:
+            continue
+        stamp = img[iy - h: iy + h + 1, ix - h: ix + h + 1].astype(np.float64) - row.background
+        dx, dy = window_centroid(stamp, sigma)
+        if abs(dx) < 1.5 and abs(dy) < 1.5:
+            out.append((ix + dx + exposure.xy0[0], iy + dy + exposure.xy0[1], row.flux))
+    return np.asarray(out, dtype=np.float64).reshape(-1, 3)
 
 
 def register_exposures(science: Exposure, template: Exposure, *, guess: AffineMapping | None = None,

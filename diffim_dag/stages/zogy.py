@@ -53,6 +53,8 @@ from ..kernels.decorrelate import clipped_mean_variance
 from ..kernels.maskops import dilate_mask, edge_mask, template_mask_for_difference
 from ..masks import DEFAULT_MASK_PLANES
 from ..noise import clipped_stats
+from .photometry import aperture_flux_ratio
+from .verdict import background_left
 from ..pipeline import SubtractionResult, Timings, _variance_scaled, prepare_inputs
 from ..psf import GridPsf, ImagePsf
 
@@ -158,31 +160,11 @@ def fit_flux_ratio(science: Exposure, template: Exposure, *, min_snr: float = 30
     if x.size == 0:
         raise DiffimError(f"ZOGY flux ratio: no star detected in both exposures (science {len(ds)}, "
                           f"template {len(dt)}); give zogy.flux_ratio or PhotoCalib zero points")
-    cx, cy = science.center
-    radius = 2.0 * max(science.psf.fwhm(cx, cy), template.psf.fwhm(cx, cy))
-    fluxes, errors = [], []
-    for exp in (science, template):
-        img, var, msk = exp.arrays()
-        bad = (msk & exp.bitmask([p for p in bad_mask_planes if p in exp.mask_planes])) != 0
-        x0, y0 = exp.xy0
-        f, e, flag = sep.sum_circle(np.ascontiguousarray(img, dtype=np.float32), x - x0, y - y0, radius,
-                                    var=np.ascontiguousarray(var, dtype=np.float32), mask=bad,
-                                    bkgann=(radius + 2.0, radius + 7.0))
-        f = np.where(flag != 0, np.nan, f)
-        fluxes.append(f)
-        errors.append(e)
-    fs, ft = fluxes
-    with np.errstate(divide="ignore", invalid="ignore"):
-        good = (fs / errors[0] >= min_snr) & (ft / errors[1] >= min_snr) & (fs > 0) & (ft > 0)
-        ratio = fs / ft
-    stars = pd.DataFrame({"x": x, "y": y, "flux_science": fs, "flux_template": ft, "ratio": ratio, "used": good})
-    if int(good.sum()) < min_stars:
-        raise DiffimError(f"ZOGY flux ratio: {int(good.sum())} matched stars with S/N ≥ {min_snr:g} in both "
+    ratio, stars = aperture_flux_ratio(science, template, x, y, min_snr=min_snr, bad_mask_planes=bad_mask_planes)
+    if int(stars["used"].sum()) < min_stars or ratio is None:
+        raise DiffimError(f"ZOGY flux ratio: {int(stars['used'].sum())} matched stars with S/N ≥ {min_snr:g} in both "
                           f"exposures (need {min_stars}); give zogy.flux_ratio or PhotoCalib zero points")
-    mean, _, _ = clipped_stats(ratio[good], nsigma=3.0)
-    kept = np.abs(ratio - mean) <= 3.0 * max(np.std(ratio[good]), 1e-12)
-    stars["used"] = good & kept
-    return float(mean), stars if len(stars) else empty
+    return ratio, stars if len(stars) else empty
 
 
 def flux_ratio(science: Exposure, template: Exposure, config: ZogyConfig) -> tuple[float, str, pd.DataFrame | None]:
@@ -536,6 +518,10 @@ def subtract_zogy(
     significance = score_significance(score)
 
     with timings.stage("metrics"):
+        noise_bits = planes.bitmask([p for p in ("NO_DATA", "BAD", "SAT", "EDGE", "CR") if p in planes])
+        d_var, scaled = st.scale_difference_variance(d_img, d_var, (mask & noise_bits) != 0,
+                                                     enabled=config.subtract.scale_difference_variance)
+        difference = difference.with_planes(variance=d_var)
         star_xy = (np.column_stack([stars.loc[stars["used"], "x"] - science.xy0[0],
                                     stars.loc[stars["used"], "y"] - science.xy0[1]])
                    if stars is not None and len(stars) else np.zeros((0, 2)))
@@ -548,6 +534,8 @@ def subtract_zogy(
         )
         good = ((mask & planes.bitmask(["NO_DATA", "BAD", "SAT", "EDGE"])) == 0) & (s_var > 0)
         q["score_significance_std"] = float(clipped_stats(significance[good])[1]) if good.any() else None
+        q["background_left"] = background_left(d_img, d_var, ~good, psf_d.kernel_image(cx, cy))
+        q.update(scaled)
         del good
         metrics["quality"] = q
 

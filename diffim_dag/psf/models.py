@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import PsfError
+from ..errors import PsfError
 
 __all__ = [
     "Psf",

@@ -1,0 +1,54 @@
+r"""Sky stage: remove each input's sky before differencing.
+
+Frames served by telescope archives still hold their sky — hundreds to thousands of counts, not the
+same in the two epochs, and not a low-order polynomial where the optics vignette.  ZOGY and the
+pre-convolution score have no background term at all, and a spatially varying AL kernel's
+background polynomial cannot follow vignetting.  So every method starts from sky-subtracted inputs:
+a mesh background (``sep``, SExtractor's algorithm: σ-clipped box levels, median-filtered,
+bicubic-spline interpolated; :func:`~diffim_dag.noise.measure_background`) with large boxes
+(``sky.box``, 128 px by default, so that galaxies of tens of pixels are left alone) is subtracted
+from the image plane.  The variance plane is not touched: it already holds the sky's Poisson term.
+On a calibrated, sky-subtracted exposure the mesh level is ≈ 0 and this changes nothing.
+
+What was removed goes to the metrics (``sky``: median, minimum and maximum of the level, the box).
+The AL kernel fit still fits a differential background (its spatial polynomial) for what is left.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..config import SkyConfig
+from ..exposure import Exposure
+from ..noise import measure_background
+
+__all__ = ["SkyResult", "subtract_sky"]
+
+#: Mask planes whose pixels the sky measurement ignores.
+SKY_BAD_PLANES = ("NO_DATA", "BAD", "SAT", "EDGE", "CR")
+
+
+@dataclass(eq=False)
+class SkyResult:
+    """The exposure without its sky, and what was removed (``report``, JSON-able)."""
+
+    exposure: Exposure
+    report: dict
+
+
+def subtract_sky(exposure: Exposure, config: SkyConfig = SkyConfig()) -> SkyResult:
+    """Subtract the mesh sky of ``exposure`` from its image plane (no-data pixels stay as they are)."""
+    if not config.subtract:
+        return SkyResult(exposure, {"subtracted": False})
+    img, var, msk = exposure.arrays()
+    planes = exposure.mask_planes
+    bad = (msk & planes.bitmask([p for p in SKY_BAD_PLANES if p in planes])) != 0
+    nodata = (msk & planes.bitmask("NO_DATA")) != 0 if "NO_DATA" in planes else np.zeros(img.shape, bool)
+    bkg = measure_background(img, bad, box=config.box, filter_size=config.filter_size)
+    level = bkg.level
+    out = np.where(nodata, img, img - level).astype(np.float32)
+    good = level[~bad] if (~bad).any() else level.ravel()
+    report = {"subtracted": True, "box": int(config.box), "level_median": float(np.median(good)),
+              "level_min": float(good.min()), "level_max": float(good.max()), "noise": float(bkg.global_rms)}
+    return SkyResult(exposure.with_planes(image=out), report)
