@@ -388,6 +388,7 @@ class KernelStage:
     metrics: dict
     timings: Timings
     variance_factor: float = 1.0
+    psf_decorrelation_kernel: np.ndarray | None = None  # φ at the centre, for the difference's PSF
 
     def __sizeof__(self) -> int:
         return 65536
@@ -433,11 +434,16 @@ def spatial_solve_stage(prepared: PreparedPair, cells, cell_fits, config: Pipeli
     metrics["kernel"] = dict(fit.diagnostics)
     kernel_sum = solution.kernel_sum_at_center()
     metrics["kernel"]["kernel_sum_center"] = kernel_sum
+    k0 = solution.kernel_at(*solution.center)
+    kh = k0.shape[0] // 2
+    kg = np.arange(-kh, kh + 1)
+    metrics["kernel"]["kernel_centroid_center"] = [float((k0.sum(0) * kg).sum() / k0.sum()),
+                                                   float((k0.sum(1) * kg).sum() / k0.sum())]
     science, template, planes = prepared.science, prepared.template, prepared.planes
     _check_differential_background(solution, science, template, config, metrics)
 
     decorr = config.decorrelation
-    decorr_kernel = None
+    decorr_kernel = psf_phi = None
     with timings.stage("decorrelation_kernel"):
         sm, tm = science.arrays()[2], template.arrays()[2]
         bad_s = (sm & planes.bitmask(["NO_DATA", "BAD", "SAT"])) != 0
@@ -450,12 +456,14 @@ def spatial_solve_stage(prepared: PreparedPair, cells, cell_fits, config: Pipeli
         if decorr.enabled:
             metrics["decorrelation"] = {"sigma_unconvolved2": su2, "sigma_convolved2": sc2, "kappa": kappa,
                                         "spatially_varying": bool(decorr.spatially_varying)}
+            psf_phi = decorrelation_kernel_image(kernel, sigma_u2=su2, sigma_c2=sc2, kappa=kappa)
             if not decorr.spatially_varying:
-                decorr_kernel = decorrelation_kernel_image(kernel, sigma_u2=su2, sigma_c2=sc2, kappa=kappa)
+                decorr_kernel = psf_phi
         else:
             su2 = sc2 = kappa = None
     return KernelStage(fit=fit, kernel_sum=kernel_sum, decorrelation_kernel=decorr_kernel, sigma_unconvolved2=su2,
-                       sigma_convolved2=sc2, kappa=kappa, metrics=metrics, timings=timings, variance_factor=factor)
+                       sigma_convolved2=sc2, kappa=kappa, metrics=metrics, timings=timings, variance_factor=factor,
+                       psf_decorrelation_kernel=psf_phi)
 
 
 def _correlated_noise_factor(prepared, kernel, su2, sc2, kappa, bad_s, bad_t, *, decorrelated: bool):
@@ -567,13 +575,14 @@ def difference_stage(prepared: PreparedPair, kernel: KernelStage, config: Pipeli
     decorr_kernel = kernel.decorrelation_kernel
     unconvolved = science if mode == CONVOLVE_TEMPLATE else template
     difference_psf = science.psf
+    psf_phi = kernel.psf_decorrelation_kernel  # φ at the centre (also when the decorrelation varies)
     if mode == CONVOLVE_SCIENCE:
         # a source that changed in the science sits in the difference as P_S ⊗ K/κ, which matches the
         # template's PSF only as well as the kernel does: measure it with that very shape
-        difference_psf = decorrelated_psf(science.psf, decorr_kernel, science.bbox, kernel_at=solution.kernel_at)
-    elif decorr_kernel is not None:
+        difference_psf = decorrelated_psf(science.psf, psf_phi, science.bbox, kernel_at=solution.kernel_at)
+    elif psf_phi is not None:
         # decorrelation sharpens the difference: its PSF is the unconvolved PSF ⊗ the decorrelation kernel
-        difference_psf = decorrelated_psf(science.psf, decorr_kernel, science.bbox)
+        difference_psf = decorrelated_psf(science.psf, psf_phi, science.bbox)
     difference = Exposure.from_arrays(
         d_img, d_var, d_msk, xy0=science.xy0, mask_planes=planes, wcs=science.wcs, psf=difference_psf,
         info=science.info.replace(variance_source="propagated"), validate=False, copy=False,
@@ -962,6 +971,9 @@ def write_outputs(result: SubtractionResult, out_dir, *, plots: bool = False, co
     if result.kernel_fit is not None:  # ZOGY has no matching kernel
         _write_kernel(result, out / "kernel.fits")
         paths["kernel"] = out / "kernel.fits"
+        with atomic_path(out / "kernel_candidates.parquet") as tmp:
+            result.kernel_fit.candidates.to_parquet(tmp, index=False)
+        paths["kernel_candidates"] = out / "kernel_candidates.parquet"
     if result.dia_sources is not None:
         from .stages.detect import write_dia_sources
 

@@ -364,8 +364,9 @@ def test_pipeline_resolves_systematic_radius_to_the_kernel_half_width():
     from diffim_dag.errors import ConfigError
     from diffim_dag.pipeline import detection_config
 
-    cfg = load_config(None, ["detection.systematic_fraction=auto"])
-    assert cfg.detection.systematic_radius == "kernel"
+    assert load_config(None).detection.systematic_radius == 0  # the default: the term at the pixel
+    cfg = load_config(None, ["detection.systematic_radius=kernel"])
+    assert cfg.detection.systematic_fraction == "auto"
     result = SimpleNamespace(metrics={"kernel": {"kernel_size": 23}})
     assert detection_config(cfg, result).systematic_radius == 11
     assert detection_config(cfg).systematic_radius == 0  # no kernel (e.g. a score method)

@@ -87,5 +87,5 @@ def test_delta_function_basis_and_regularization():
     assert r[49, 49] == 3.0
     cfg = KernelConfig(basis="delta-function")
     basis = basis_from_config(cfg, 3.0, 4.0)
-    assert basis.kind == "delta-function" and basis.n == basis.size**2 == 21 * 21
-    assert basis.regularization_lambda == 0.2 and basis.regularization.shape == (441, 441)
+    assert basis.kind == "delta-function" and basis.n == basis.size**2 == 17 * 17
+    assert basis.regularization_lambda == 0.2 and basis.regularization.shape == (289, 289)

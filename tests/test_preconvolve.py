@@ -117,7 +117,7 @@ def test_preconvolution_sources_isolated_at_the_al_stamp_scale():
     fwhm_s, fwhm_t = science.psf.fwhm(), template.psf.fwhm()
     al_size = basis_from_config(config.kernel, fwhm_t, fwhm_s).size
     pre_size = basis_from_config(config.kernel, fwhm_t, np.sqrt(2) * fwhm_s).size
-    assert (al_size, pre_size) == (21, 33)
+    assert (al_size, pre_size) == (17, 33)
     table = preconvolution_kernel_sources(science, template, config=config)
     expected, _ = select_kernel_sources(science, template, al_size, config.sources)
     np.testing.assert_array_equal(table[["x", "y"]].to_numpy(), expected[["x", "y"]].to_numpy())

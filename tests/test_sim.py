@@ -419,3 +419,55 @@ def test_sky_model_shape_and_gradient():
     assert sky_model(cfg, "template").mean() == pytest.approx(200.0 / cfg.flux_scale)
     with pytest.raises(InputError):
         sky_model(cfg, "difference")
+
+
+# ------------------------------------------------------------------ what users have (issue 16)
+
+
+def test_rotated_offset_template_and_its_wcs_agree():
+    """A source's template pixel (truth ``template_x/y``) is where the template's WCS puts its sky position."""
+    from diffim_dag.sim import to_template
+
+    cfg = SimConfig(size=256, seed=2, template_offset=(40.0, -12.5), template_rotation=1.0, n_transients=3)
+    pair = simulate_pair(cfg)
+    tr = pair.truth_of("transient")
+    u, v = to_template(cfg, tr["x"].to_numpy(), tr["y"].to_numpy())
+    np.testing.assert_allclose(u, tr["template_x"]) and np.testing.assert_allclose(v, tr["template_y"])
+    ra, dec = pair.science.wcs.all_pix2world(tr["x"], tr["y"], 0)
+    tu, tv = pair.template.wcs.all_world2pix(ra, dec, 0)
+    np.testing.assert_allclose(tu, tr["template_x"], atol=1e-3)
+    np.testing.assert_allclose(tv, tr["template_y"], atol=1e-3)
+    # the truths lie where both images have data; field stars fill the template beyond the science frame too
+    x0, x1, y0, y1 = cfg.bbox
+    assert ((u >= x0) & (u < x1) & (v >= y0) & (v < y1)).all()
+    stars = pair.truth_of("star")
+    assert (stars["x"] > x1).any() or (stars["x"] < x0).any()
+
+
+def test_fwhm_gradient_along_one_axis():
+    cfg = SimConfig(size=512, science_fwhm=3.7, science_fwhm_gradient=(0.08, 0.0), n_transients=0)
+    psf = simulate_pair(cfg, n_stars=10).science.psf
+    assert psf.fwhm(-0.5, 255.5) == pytest.approx(3.7 * 0.96)
+    assert psf.fwhm(511.5, 255.5) == pytest.approx(3.7 * 1.04)
+    assert psf.fwhm(255.5, -0.5) == pytest.approx(psf.fwhm(255.5, 511.5))
+
+
+def test_plain_layout_is_what_an_archive_serves(tmp_path):
+    from astropy.io import fits
+
+    from diffim_dag.io import read_exposure
+    from diffim_dag.io.fits import read_psf
+
+    pair = simulate_pair(SimConfig(size=256, seed=4, n_transients=2, sky_level=1060.0))
+    paths = write_pair(pair, tmp_path, layout="plain", keywords=False)
+    with fits.open(paths["science"]) as hdul:
+        assert len(hdul) == 1 and hdul[0].data.dtype.kind == "f"
+        header = hdul[0].header
+        for key in ("GAIN", "RDNOISE", "SATURATE", "MAGZERO"):
+            assert key not in header
+        assert "CTYPE1" in header and "EXPTIME" in header
+    np.testing.assert_array_equal(fits.getdata(paths["science"]), pair.science.arrays()[0])
+    e = read_exposure(paths["science"])
+    assert e.psf is None and e.info.gain is None
+    assert e.info.variance_source.startswith("measured_sky+effective_gain")
+    assert read_psf(paths["science_psf"]) == pair.science.psf  # the truth beside, for --science-psf

@@ -412,22 +412,22 @@ def noise_correlation(z: np.ndarray, good: np.ndarray, *, max_lag: int = 3) -> n
 
     ``z`` is :math:`(I - B)/\sqrt V` and ``good`` the pixels that are sky (no source, no defect);
     :math:`\rho(\delta) = \langle z_x z_{x+\delta}\rangle / \langle z_x^2\rangle` over the pairs where
-    both are good.  A resampled image (a warped template, a coadd) has :math:`\rho \ne 0` at small
-    lags; a raw frame has :math:`\rho(\delta \ne 0) \approx 0`.  Returns ``(2L+1, 2L+1)`` with
-    :math:`\rho(0) = 1` at the centre.
+    both are good (by FFTs of the zero-filled image and of the mask, padded against wrap-around).
+    A resampled image (a warped template, a coadd) has :math:`\rho \ne 0` at small lags; a raw
+    frame has :math:`\rho(\delta \ne 0) \approx 0`.  Returns ``(2L+1, 2L+1)``, :math:`\rho(0) = 1` at the centre.
     """
-    zz = np.where(good, np.asarray(z, dtype=np.float64), 0.0)
     g = np.asarray(good, bool)
+    zz = np.where(g, np.asarray(z, dtype=np.float64), 0.0)
     n = 2 * max_lag + 1
-    out = np.zeros((n, n))
-    ny, nx = zz.shape
-    for dy in range(-max_lag, max_lag + 1):
-        ya, yb = slice(max(dy, 0), ny + min(dy, 0)), slice(max(-dy, 0), ny - max(dy, 0))
-        for dx in range(-max_lag, max_lag + 1):
-            xa, xb = slice(max(dx, 0), nx + min(dx, 0)), slice(max(-dx, 0), nx - max(dx, 0))
-            both = g[ya, xa] & g[yb, xb]
-            cnt = int(both.sum())
-            out[dy + max_lag, dx + max_lag] = float((zz[ya, xa] * zz[yb, xb])[both].sum() / cnt) if cnt else 0.0
+    shape = tuple(scipy.fft.next_fast_len(d + max_lag, real=True) for d in zz.shape)
+    fz = scipy.fft.rfft2(zz, s=shape)
+    fg = scipy.fft.rfft2(g.astype(np.float64), s=shape)
+    prod = scipy.fft.irfft2(fz * np.conj(fz), s=shape)
+    pairs = scipy.fft.irfft2(fg * np.conj(fg), s=shape)
+    lags = np.arange(-max_lag, max_lag + 1)
+    iy, ix = np.meshgrid(lags % shape[0], lags % shape[1], indexing="ij")
+    cnt = np.round(pairs[iy, ix])
+    out = np.where(cnt > 0, prod[iy, ix] / np.maximum(cnt, 1), 0.0)
     c = out[max_lag, max_lag]
     if c > 0:
         return out / c

@@ -31,15 +31,23 @@ class CosmicRayResult:
 
 
 def _fill(image: np.ndarray, hit: np.ndarray, keep: np.ndarray, radius: int = 2) -> np.ndarray:
-    """``image`` with the ``hit`` pixels replaced by the mean of the ``keep`` pixels within ``radius``."""
-    from scipy import ndimage
-
-    size = 2 * radius + 1
-    w = keep.astype(np.float64)
-    num = ndimage.uniform_filter(np.where(keep, image, 0.0).astype(np.float64), size=size, mode="nearest")
-    den = ndimage.uniform_filter(w, size=size, mode="nearest")
-    fill = np.where(den > 0, num / np.maximum(den, 1e-12), 0.0)
-    return np.where(hit, fill, image).astype(np.float32)
+    """``image`` with the ``hit`` pixels replaced by the mean of the ``keep`` pixels within ``radius``
+    (computed at the hit pixels only)."""
+    out = np.array(image, dtype=np.float32, copy=True)
+    ny, nx = image.shape
+    hy, hx = np.nonzero(hit)
+    total = np.zeros(len(hy))
+    count = np.zeros(len(hy))
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            y, x = hy + dy, hx + dx
+            inside = (y >= 0) & (y < ny) & (x >= 0) & (x < nx)
+            yc, xc = np.clip(y, 0, ny - 1), np.clip(x, 0, nx - 1)
+            use = inside & keep[yc, xc]
+            total += np.where(use, image[yc, xc], 0.0)
+            count += use
+    out[hy, hx] = np.where(count > 0, total / np.maximum(count, 1), 0.0)
+    return out
 
 
 def repair_cosmic_rays(exposure: Exposure, config: CosmicRayConfig = CosmicRayConfig()) -> CosmicRayResult:

@@ -85,6 +85,9 @@ class KernelFitResult:
     candidates : DataFrame
         ``id, x, y, cell, flux, snr, kernel_sum, status, reason``; ``status`` is ``"used"``,
         ``"rejected"`` or ``"unused"`` (never fitted: its cell already had enough candidates).
+        Sources the selection removed are there too (``status`` ``"rejected"``, ``cell`` -1,
+        ``reason`` ``"selection: <cut>"``), so every rejected star says why
+        (``kernel_candidates.parquet``).
     diagnostics : dict
         JSON-able counts, kernel size, widths, kernel sum at the centre, condition number.
     """
@@ -488,6 +491,13 @@ def kernel_fit_result(cells: KernelCells, solve: KernelSolve, *, solve_seconds: 
             "reason": reason,
         }
     )
+    dropped = cells.source_stats.get("rejected_sources")
+    if dropped is not None and len(dropped):
+        candidates = pd.concat([candidates, pd.DataFrame({
+            "id": dropped["id"].to_numpy(), "x": dropped["x"].to_numpy(), "y": dropped["y"].to_numpy(),
+            "cell": -1, "flux": dropped["flux"].to_numpy(), "snr": dropped["snr"].to_numpy(),
+            "kernel_sum": np.nan, "status": "rejected",
+            "reason": ["selection: " + r for r in dropped["reason"]]})], ignore_index=True)
     by_reason: dict[str, int] = {}
     for r in solve.rejected.values():
         by_reason[r] = by_reason.get(r, 0) + 1

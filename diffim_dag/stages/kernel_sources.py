@@ -217,7 +217,8 @@ def select_kernel_sources(
     sources : DataFrame
         ``id, x, y, flux, snr, size_ratio``, sorted by decreasing S/N.
     stats : dict
-        ``{"found": n, "used": m, "rejected": {cut: count}}``.
+        ``{"found": n, "used": m, "rejected": {cut: count}, "rejected_sources": DataFrame}``: the
+        last holds every source a cut removed, with the cut in ``reason``.
 
     Raises
     ------
@@ -244,11 +245,13 @@ def select_kernel_sources(
     ix = np.round(table["x"].to_numpy()).astype(int)
     iy = np.round(table["y"].to_numpy()).astype(int)
     keep = np.ones(found, dtype=bool)
+    why = np.full(found, "", dtype=object)
 
     def cut(name, bad):
         nonlocal keep
         bad = bad & keep
         rejected[name] += int(bad.sum())
+        why[bad] = name
         keep = keep & ~bad
 
     checks = []
@@ -297,9 +300,11 @@ def select_kernel_sources(
     kept = table[keep].sort_values("snr", ascending=False, kind="stable")
     if len(kept) > config.max_sources:
         rejected["max_sources"] = len(kept) - config.max_sources
+        why[kept.index[config.max_sources:]] = "max_sources"
         kept = kept.iloc[: config.max_sources]
+    dropped = table.assign(reason=why.astype(str))[why != ""].reset_index(drop=True)
     kept = kept.reset_index(drop=True)
-    stats = {"found": found, "used": len(kept), "rejected": rejected, "origin": origin,
+    stats = {"found": found, "used": len(kept), "rejected": rejected, "origin": origin, "rejected_sources": dropped,
              "point_like": n_point, "point_snr2": point_snr2,
              "extended_admitted": int((~sized(config.max_size_ratio, kept["size_ratio"].to_numpy())).sum())
              if extended else 0}

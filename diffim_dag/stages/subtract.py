@@ -166,7 +166,7 @@ def measure_noise_correlation(image: np.ndarray, variance: np.ndarray, bad: np.n
     good_all = ~bad & np.isfinite(image) & (variance > 0)
     n = 2 * max_lag + 1
     acc, weight = np.zeros((n, n)), 0.0
-    for w in _windows(image.shape):
+    for w in _windows(image.shape, per_axis=3):
         good = good_all[w]
         if good.sum() < 1000:
             continue
