@@ -8,17 +8,20 @@ four corners against the simulator's truth.  Target: ≤ 1.5 s per exposure at 4
 ``--compare`` also times, on the 2048² frame, the two library routes the issue names for the model:
 photutils' ``EPSFBuilder`` run once per cell of a 3×3 grid (a spatially varying model built from the library
 alone) and piff's ``PixelGrid`` with a ``BasisPolynomial`` interpolant (only when piff is installed: it is not
-a dependency).  Measured on this 2-core machine (2026-12-02), 2048²:
+a dependency).  Measured on this 2-core machine (2026-12-02):
 
-=============================================  ========  ===========================
-route                                          time      FWHM error (centre/corners)
-=============================================  ========  ===========================
-diffim_dag (stack + cross-validated spatial)   0.6 s     ≤ 0.4 %
-photutils EPSFBuilder, 3×3 cells (os 2)        ~11 s     up to 3.8 %
-piff PixelGrid + BasisPolynomial(1), 213 stars 35 s      (fit only; 1 GB)
-=============================================  ========  ===========================
+==============================================  ========  ==================================
+route                                           time      FWHM error % (centre, 4 corners)
+==============================================  ========  ==================================
+estimate_psf, 2048² (188 stars, 3×3 grid)       0.51 s    −0.20, −0.19, +1.13, −0.93, +0.37
+estimate_psf, 4096² (300 stars, 3×3 grid)       1.02 s    −0.25, +0.09, +0.50, −0.44, −0.07
+photutils EPSFBuilder per 3×3 cell, 2048²       8.70 s    −0.41, +3.28, −2.06, +0.11, +5.65
+piff 1.7.0 PixelGrid + BasisPolynomial(1), 213  35 s      (fit alone, 1.0 GB; not pursued)
+==============================================  ========  ==================================
 
-photutils' builder is 1–2 s per model (the per-star astropy fits dominate) and its output is no better than
+piff installs cleanly from wheels (with GalSim 2.8) but its fit alone took 35 s for the 213 stars of the
+2048² frame (stamps cut beforehand; given the whole frame per star it ran out of memory), 70 times the
+target.  photutils' builder is 1–2 s per model (the per-star astropy fits dominate) and its output is no better than
 a re-centred stack where the PSF is well sampled; where it is undersampled (FWHM < 2.5 px) its oversampled
 model is better (2.3 % against 4.4 % broad at FWHM 2.1), so estimate_psf uses it there for the mean model.
 """

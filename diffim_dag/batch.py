@@ -378,27 +378,16 @@ def read_visit_inputs(spec: VisitSpec):
     return science, template
 
 
-@dataclass(eq=False)
-class WarpedPair:
-    """The ``template`` stage's output for the score methods: science and template on one grid."""
-
-    science: Any
-    template: Any
-    metrics: dict  # template fetch/warp metrics
-    timings: dict
-
-    def __sizeof__(self) -> int:  # what Dask's memory accounting sees
-        return 1024 + sum(int(a.nbytes) for e in (self.science, self.template) for a in e.arrays())
-
-
 def template_stage(spec: VisitSpec, config: PipelineConfig, out_dir: str, run_id: str = ""):
     """The first task of a visit: read its inputs, fetch/warp the template onto the science grid.
 
-    Returns the :class:`WarpedPair`.  When this run already installed the visit's outputs (its worker
+    Returns the pair on one grid as a :class:`~diffim_dag.pipeline.PreparedExposures` (``metrics``: the
+    warp's; not prepared yet: the ``psf`` and ``prepare`` tasks follow).  When this run already installed the visit's outputs (its worker
     died before reporting) it returns :class:`~diffim_dag.graph.AlreadyWritten` instead, and the
     visit's later tasks hand that on without doing anything.
     """
     from .graph import AlreadyWritten
+    from .pipeline import PreparedExposures
     from .stages.template import prepare_template
 
     if run_id:
@@ -412,10 +401,10 @@ def template_stage(spec: VisitSpec, config: PipelineConfig, out_dir: str, run_id
     template, warp_metrics = prepare_template(science, template, store=spec.template_store,
                                               min_coverage=config.subtract.min_template_coverage)
     timings = {"read": t_read, "template_warp": time.perf_counter() - t0}
-    return WarpedPair(science=science, template=template, metrics=warp_metrics, timings=timings)
+    return PreparedExposures(science=science, template=template, metrics=warp_metrics, timings=timings)
 
 
-def psf_stage(warped: WarpedPair, config: PipelineConfig, role: str):
+def psf_stage(warped, config: PipelineConfig, role: str):
     """The ``("psf", V, D, role)`` task: the supplied PSF of one exposure, or one estimated from its stars."""
     from .stages.psf import measure_psf
 
@@ -426,10 +415,10 @@ def psf_stage(warped: WarpedPair, config: PipelineConfig, role: str):
     return result
 
 
-def prepare_stage(warped: WarpedPair, psf_science, psf_template, config: PipelineConfig):
+def prepare_stage(warped, psf_science, psf_template, config: PipelineConfig):
     """The ``("prepare", V, D)`` task: sky removed, PSFs attached (:func:`~diffim_dag.pipeline.prepare_exposures`);
     for ``method: al`` also :func:`~diffim_dag.pipeline.prepare_subtraction` (coverage, variance scaling, mode)."""
-    from .pipeline import prepare_exposures, prepare_subtraction
+    from .pipeline import PreparedExposures, prepare_exposures, prepare_subtraction
 
     prepared = prepare_exposures(warped.science, warped.template, config,
                                  psfs={"science": psf_science, "template": psf_template})
@@ -437,19 +426,15 @@ def prepare_stage(warped: WarpedPair, psf_science, psf_template, config: Pipelin
     timings = {**warped.timings, **prepared.timings}
     if config.method == "al":
         return prepare_subtraction(prepared.science, prepared.template, config, metrics=metrics, timings=timings)
-    return WarpedPair(science=prepared.science, template=prepared.template, metrics=metrics, timings=timings)
+    return PreparedExposures(science=prepared.science, template=prepared.template, metrics=metrics, timings=timings)
 
 
-def score_subtract_stage(warped: WarpedPair, config: PipelineConfig):
-    """The ``subtract`` task of the score methods (``al-preconvolve``, ``zogy``): the whole subtraction, no detection."""
-    from .pipeline import PreparedExposures, subtract_prepared
+def score_subtract_stage(prepared, config: PipelineConfig):
+    """The ``subtract`` task of the score methods (``al-preconvolve``, ``zogy``): the whole subtraction of the
+    ``prepare`` task's pair (its metrics: the warp's, the skies', the PSFs'), no detection."""
+    from .pipeline import subtract_prepared
 
-    prepared = PreparedExposures(science=warped.science, template=warped.template,
-                                 metrics={k: v for k, v in warped.metrics.items() if k != "template"},
-                                 timings=warped.timings)
-    result = subtract_prepared(prepared, config=config, client=None, tiled=False, detect=False)
-    result.metrics["template"] = warped.metrics.get("template", {})
-    return result
+    return subtract_prepared(prepared, config=config, client=None, tiled=False, detect=False)
 
 
 def write_stage(spec: VisitSpec, config: PipelineConfig, out_dir: str, run_id: str, result, catalog) -> dict:

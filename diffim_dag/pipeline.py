@@ -65,16 +65,17 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Stages of one (visit, detector) for each method, in order.
+_INPUTS = ("read", "template warp (when the grids differ)", "PSF of each image (supplied, or estimated from its stars)",
+           "sky of each image removed", "cosmic rays and hot pixels repaired")
 STAGES = {
-    "al": ("read", "template warp (when the grids differ)", "kernel-source selection", "per-cell kernel fits",
-           "spatial solve", "convolve/subtract (tiled)", "decorrelate", "detect/measure", "write"),
-    "al-preconvolve": ("read", "template warp (when the grids differ)", "kernel-source selection",
-                       "per-cell kernel fits", "spatial solve", "convolve/subtract (tiled)", "decorrelate",
-                       "pre-convolve science", "pre-convolution kernel fit", "score and score decorrelation",
-                       "detect on the score / measure on the difference", "write"),
-    "zogy": ("read", "template warp (when the grids differ)", "flux ratio (zero points or matched stars)",
-             "ZOGY cells: D, P_D, S, S_corr (one task per cell)", "blend cells",
-             "detect on S_corr / measure on D", "write"),
+    "al": _INPUTS + ("kernel-source selection", "per-cell kernel fits", "spatial solve", "convolve/subtract (tiled)",
+                     "decorrelate", "detect/measure", "verdict", "write"),
+    "al-preconvolve": _INPUTS + ("kernel-source selection", "per-cell kernel fits", "spatial solve",
+                                 "convolve/subtract (tiled)", "decorrelate", "pre-convolve science",
+                                 "pre-convolution kernel fit", "score and score decorrelation",
+                                 "detect on the score / measure on the difference", "verdict", "write"),
+    "zogy": _INPUTS + ("flux ratio (zero points or matched stars)", "ZOGY cells: D, P_D, S, S_corr (one task per cell)",
+                       "blend cells", "detect on S_corr / measure on D", "verdict", "write"),
 }
 
 

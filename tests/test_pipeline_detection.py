@@ -19,24 +19,13 @@ from astropy.io import fits
 from diffim_dag import Exposure, GaussianPsf
 from diffim_dag.pipeline import subtract_exposures
 from diffim_dag.sim import SimConfig, add_sources, simulate_pair
+from truth_eval import nearest as _nearest
+from truth_eval import real as _real
 from diffim_dag.stages.detect import DetectMeasureConfig, detect_and_measure
 
 MATCH_RADIUS = 2.0
 
 
-def _nearest(cat: pd.DataFrame, x, y):
-    """Distance to and index (row position) of the nearest catalogue entry of each (x, y)."""
-    from scipy.spatial import cKDTree
-
-    x, y = np.atleast_1d(x), np.atleast_1d(y)
-    if len(cat) == 0:
-        return np.full(len(x), np.inf), np.zeros(len(x), int)
-    d, i = cKDTree(cat[["x", "y"]].to_numpy()).query(np.column_stack([x, y]))
-    return d, i
-
-
-def _real(cat: pd.DataFrame) -> pd.DataFrame:
-    return cat[~cat["sky_source"]].reset_index(drop=True)
 
 
 # ------------------------------------------------------------------------------------ simulation
