@@ -50,7 +50,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime as _dt
-import hashlib
 import json
 import logging
 import os
@@ -65,6 +64,7 @@ from typing import Any, Iterable, Sequence
 
 from .config import PipelineConfig, config_to_dict
 from .errors import DiffimError, InputError
+from .io.outputs import OUTPUTS_MANIFEST, file_entry, install, register_cleanup, sha256, unregister_cleanup
 
 __all__ = [
     "VisitSpec",
@@ -87,8 +87,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Name of the per-visit outputs manifest (file → sha256, size).
-OUTPUTS_MANIFEST = "_outputs.json"
 #: Name of the batch report in the output folder.
 RUN_REPORT = "run_report.json"
 #: Folder (under the output folder) of the batch's DiaSource dataset.
@@ -273,16 +271,6 @@ def _read_input(path: str, options: dict):
     return read_exposure(path, **options)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _file_entry(path: Path, root: Path) -> dict:
-    return {"path": os.path.relpath(path, root), "sha256": _sha256(path), "size": path.stat().st_size}
 
 
 def _dataset_part(out_root: Path, visit: int, detector: int) -> Path:
@@ -310,7 +298,7 @@ def verify_outputs(out_dir: str | os.PathLike, visit: int, detector: int, *, che
                 return None
         except OSError:
             return None
-        if checksums and _sha256(p) != entry["sha256"]:
+        if checksums and sha256(p) != entry["sha256"]:
             return None
     return manifest
 
@@ -490,16 +478,16 @@ def write_stage(spec: VisitSpec, config: PipelineConfig, out_dir: str, run_id: s
         files = {}
         for name, p in sorted(result.paths.items()):
             rel = Path(p).relative_to(tmp)
-            files[name] = _file_entry(Path(p), root)
+            files[name] = file_entry(Path(p), root)
             files[name]["path"] = os.path.relpath(final / rel, root)  # where it will live
-        files["dataset_part"] = _file_entry(part, root)
+        files["dataset_part"] = file_entry(part, root)
         manifest = {
             "visit": spec.visit, "detector": spec.detector, "run_id": run_id, "n_dia_sources": n_real,
             "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "worker": worker, "checksum_s": time.perf_counter() - t_sum, "files": files,
         }
         (tmp / OUTPUTS_MANIFEST).write_text(json.dumps(manifest, indent=2))
-        _install(tmp, final)
+        install(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -522,19 +510,6 @@ def process_visit(spec: VisitSpec, config: PipelineConfig, out_dir: str, *, run_
     from .graph import compute_visit
 
     return compute_visit(spec, config, os.fspath(Path(out_dir).resolve()), run_id=run_id)
-
-
-def _install(tmp: Path, final: Path) -> None:
-    """Rename the finished temporary folder onto ``final`` (an incomplete old one is moved aside first)."""
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:12]}"
-        os.replace(final, old)
-        try:
-            os.replace(tmp, final)
-        finally:
-            shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
 
 
 def _worker_name() -> str:
@@ -688,20 +663,23 @@ def _open_client(scheduler: str | None, config: PipelineConfig, n_workers: int |
 
     from distributed import Client
 
-    from .graph import make_client
+    from .graph import WorkerWatchdog, make_client
 
     warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
+    cc = config.cluster
     if scheduler and scheduler.startswith("kubernetes"):
         cluster = kubernetes_cluster(scheduler, config)
         client = Client(cluster)
-        return client, [client.close, cluster.close]
-    if scheduler:
+        closers = [client.close, cluster.close]
+    elif scheduler:
         client, _ = make_client(scheduler)
-        return client, [client.close]
-    cc = config.cluster
-    client, cluster = make_client(None, n_workers=n_workers or cc.n_workers, threads_per_worker=cc.threads_per_worker,
-                                  memory_limit=cc.memory_limit)
-    return client, [client.close, cluster.close]
+        closers = [client.close]
+    else:
+        client, cluster = make_client(None, n_workers=n_workers or cc.n_workers,
+                                      threads_per_worker=cc.threads_per_worker, memory_limit=cc.memory_limit)
+        closers = [client.close, cluster.close]
+    watchdog = WorkerWatchdog(client, cc.no_worker_timeout).start()
+    return client, [watchdog.stop, *closers]
 
 
 def _html_report(filename: str):
@@ -809,6 +787,8 @@ def run_batch(
     by_key = {write_key(s.visit, s.detector): s for s in todo}
     closers: list = []
     address, n_w = "", 0
+    # an interrupted run (Ctrl-C, SIGTERM, a stalled cluster) sweeps its temporary visit folders too
+    sweep = register_cleanup(lambda: _remove_orphans(out, run_id))
     try:
         if todo:
             if client is None:
@@ -839,6 +819,7 @@ def run_batch(
         for close in closers:
             with _suppress():
                 close()
+    unregister_cleanup(sweep)
     if todo:
         _remove_orphans(out, run_id)
     ordered = [VisitRecord(**{k: v for k, v in records[s.key].items() if k != "key"}) for s in specs]

@@ -14,8 +14,10 @@ Common options: ``--pipeline FILE.yaml``, ``-c key=value`` (repeatable),
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -75,12 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-warp", action="store_true",
                    help="the two images share one pixel grid: never warp (a WCS disagreement is only warned about)")
     p.add_argument("--plots", action="store_true", help="also write plots/*.png")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace what --out holds (an earlier output set, or other files) as a whole")
 
     p = sub.add_parser("demo", help="simulate a pair and run every built stage on a LocalCluster")
     _common(p, out_default="demo_out")
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--plots", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace other files in --out (an earlier demo is replaced)")
 
     p = sub.add_parser("info", help="what a file holds: planes, WCS, PSF, noise, saturation")
     p.add_argument("path")
@@ -115,6 +120,13 @@ def _setup_logging(verbosity: int) -> None:
     # Dask's own chatter only with -vv
     for name in ("distributed", "dask"):
         logging.getLogger(name).setLevel(logging.DEBUG if verbosity >= 2 else logging.WARNING)
+    # third-party warnings (astropy's about a truncated file, a WCS keyword…) go to the log, shown with -v
+    import astropy  # its logger is astropy's own class: let astropy create it first
+
+    logging.captureWarnings(True)
+    quiet = logging.WARNING if verbosity >= 1 else logging.ERROR
+    logging.getLogger("py.warnings").setLevel(quiet)
+    astropy.log.setLevel(quiet)
 
 
 def _read_any(path: str, args, role: str):
@@ -198,12 +210,15 @@ def _cmd_subtract(args) -> int:
 
     from .errors import InputError
 
+    from .io.outputs import check_output_dir
+
     config = load_config(args.pipeline, _overrides(args))
     if (args.template is None) == (args.template_store is None):
         raise InputError("give either a TEMPLATE file or --template-store DIR (exactly one)")
+    out = check_output_dir(args.out, overwrite=args.overwrite)  # before any work
     science = _read_any(args.science, args, "science")
     template = _read_any(args.template, args, "template") if args.template else None
-    result = run_subtraction(science, template, config=config, out_dir=args.out, scheduler=args.scheduler,
+    result = run_subtraction(science, template, config=config, out_dir=out, scheduler=args.scheduler,
                              plots=args.plots, warp=False if args.no_warp else None, template_store=args.template_store)
     for line in result.summary_lines():
         print(line)
@@ -211,8 +226,10 @@ def _cmd_subtract(args) -> int:
 
 
 def _cmd_demo(args) -> int:
+    from .io.outputs import check_output_dir
     from .pipeline import run_demo
 
+    check_output_dir(args.out, overwrite=args.overwrite, replace_own=True)
     return run_demo(
         out_dir=args.out,
         size=args.size,
@@ -237,17 +254,66 @@ def _cmd_run(args) -> int:
     return 0 if report.ok else 1
 
 
+def _stop(command: str, message: str, code: int) -> None:
+    """End the command now: temporary outputs removed, Dask's worker processes killed, one line, ``code``."""
+    import multiprocessing
+
+    from .io.outputs import remove_temporaries
+
+    remove_temporaries()
+    for child in multiprocessing.active_children():  # a LocalCluster's workers (and their nannies' processes)
+        with contextlib.suppress(Exception):
+            child.kill()
+    with contextlib.suppress(Exception):  # the spawn context's helper, which would report the workers' semaphores
+        from multiprocessing import resource_tracker
+
+        pid = resource_tracker._resource_tracker._pid
+        if pid:
+            os.kill(pid, 9)
+    try:
+        sys.stderr.write(f"diffim-dag {command}: {message}\n")
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
+
+
+def _install_stop_handlers(command: str) -> None:
+    """Ctrl-C and SIGTERM end the command within a moment (exit 130 / 143), leaving no partial output; a
+    cluster left without workers ends it with an error (exit 1) instead of a hang."""
+    import signal
+
+    from .graph import set_stall_handler
+
+    def on_signal(signum, frame):
+        name = "interrupted (Ctrl-C)" if signum == signal.SIGINT else "terminated (SIGTERM)"
+        _stop(command, f"{name}; no partial output left", 128 + signum)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    set_stall_handler(lambda message: _stop(command, f"error: {message}", 1))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     handlers = {"info": _cmd_info, "simulate": _cmd_simulate, "subtract": _cmd_subtract, "demo": _cmd_demo,
                 "run": _cmd_run}
+    if argv is None and args.command in ("subtract", "demo", "run"):  # the command line, not an in-process call
+        _install_stop_handlers(args.command)
     try:
         return handlers[args.command](args)
     except DiffimError as exc:
-        print(f"diffim-dag {args.command}: error: {exc}", file=sys.stderr)
+        print(f"diffim-dag {args.command}: error: {_plain(str(exc))}", file=sys.stderr)
         return 2
+
+
+def _plain(message: str) -> str:
+    """A message as one line with plain numbers (``np.float32(1.5)`` → ``1.5``)."""
+    import re
+
+    message = re.sub(r"np\.(?:float|int|uint)\d*\(([^()]*)\)", r"\1", message)
+    return " ".join(message.split())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -253,7 +253,8 @@ class SubtractConfig:
     bad_subtraction_ratio_std: float = 0.4
     sky_ratio_range: tuple[float, float] = (0.8, 1.25)  # robust σ of D/√V (as written)
     difference_noise_range: tuple[float, float] = (0.5, 2.0)  # measured / propagated σ, before any rescaling
-    max_footprint_fraction: float = 0.01  # of the image, for one footprint
+    max_footprint_fraction: float = 0.01  # of the image, for one footprint ...
+    min_footprint_pixels: int = 2500  # ... and more pixels than this (a bright star's residual on a small image)
     max_scale_mismatch: float = 0.05  # kernel sum vs the stars' aperture flux ratio
     min_scale_stars: int = 5  # stars with S/N ≥ 20 in both images that this check needs
     max_background_sigma: float = 1.0  # background left, matched-filter σ
@@ -273,6 +274,7 @@ class SubtractConfig:
                and 0 < self.difference_noise_range[0] < 1 < self.difference_noise_range[1], n,
                "difference_noise_range", f"must be (low < 1, high > 1), got {self.difference_noise_range!r}")
         _check(0 < self.max_footprint_fraction <= 1, n, "max_footprint_fraction", "must be in (0, 1]")
+        _check(self.min_footprint_pixels >= 0, n, "min_footprint_pixels", "must be ≥ 0")
         _check(self.max_scale_mismatch > 0, n, "max_scale_mismatch", "must be > 0")
         _check(self.min_scale_stars >= 1, n, "min_scale_stars", "must be ≥ 1")
         _check(self.max_background_sigma > 0, n, "max_background_sigma", "must be > 0")
@@ -436,10 +438,12 @@ class ClusterConfig:
     n_workers: int | None = None  # LocalCluster workers (default: cores)
     threads_per_worker: int = 1
     memory_limit: str = "auto"
+    no_worker_timeout: float = 60.0  # s with no worker left before a run ends with an error (0: wait forever)
 
     def __post_init__(self):
         n = type(self).__name__
         _check(self.n_workers is None or self.n_workers >= 1, n, "n_workers", "must be ≥ 1")
+        _check(self.no_worker_timeout >= 0, n, "no_worker_timeout", "must be ≥ 0 (0 disables)")
         _check(self.threads_per_worker >= 1, n, "threads_per_worker", "must be ≥ 1")
 
 

@@ -50,6 +50,8 @@ __all__ = [
     "StageFailure",
     "AlreadyWritten",
     "run_stage",
+    "WorkerWatchdog",
+    "set_stall_handler",
 ]
 
 log = logging.getLogger(__name__)
@@ -215,6 +217,70 @@ def compute(*collections, client=None):
         da.store(list(collections), targets, lock=False, scheduler="threads")
         return tuple(targets)
     return dask.compute(*collections, scheduler="threads")
+
+
+class WorkerWatchdog:
+    """Ends a run whose cluster has had no worker for ``timeout`` seconds instead of letting it hang.
+
+    A LocalCluster whose workers all died (killed, out of memory, a stalled event loop the scheduler
+    gave up on) leaves ``Client.gather`` waiting forever.  A daemon thread polls the client's view of
+    the scheduler every second and calls ``on_stall(message)`` once the worker count has stayed at 0
+    for ``timeout`` s (the CLI's handler prints the one line, removes temporary outputs and exits;
+    the default interrupts the main thread).
+    """
+
+    def __init__(self, client, timeout: float, on_stall=None):
+        import threading
+
+        self.client = client
+        self.timeout = float(timeout)
+        self.on_stall = on_stall or _STALL["handler"] or _interrupt_main
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="diffim-dag-watchdog", daemon=True)
+
+    def start(self) -> WorkerWatchdog:
+        if self.timeout > 0:
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _workers(self) -> int | None:
+        try:
+            return len(self.client.scheduler_info().get("workers", {}))
+        except Exception:  # noqa: BLE001 - a client mid-shutdown: nothing to watch
+            return None
+
+    def _run(self) -> None:
+        import time
+
+        since = None
+        while not self._stop.wait(1.0):
+            n = self._workers()
+            if n is None or n > 0:
+                since = None
+                continue
+            since = time.monotonic() if since is None else since
+            if time.monotonic() - since >= self.timeout:
+                self.on_stall(f"the Dask cluster has had no worker for {self.timeout:g} s (all workers died?); "
+                              "stopping instead of waiting forever")
+                return
+
+
+def _interrupt_main(message: str) -> None:
+    import _thread
+
+    log.error("%s", message)
+    _thread.interrupt_main()
+
+
+_STALL = {"handler": None}
+
+
+def set_stall_handler(function) -> None:
+    """What every :class:`WorkerWatchdog` calls when its cluster stalls (the CLI ends the command)."""
+    _STALL["handler"] = function
 
 
 def make_client(scheduler: str | None = None, *, n_workers: int | None = None, threads_per_worker: int = 1,

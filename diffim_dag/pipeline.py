@@ -17,6 +17,8 @@ import contextlib
 import json
 import logging
 import math
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +40,7 @@ __all__ = [
     "subtract_exposures",
     "write_outputs",
     "run_subtraction",
+    "write_output_set",
     "run_demo",
     "STAGES",
     "PreparedPair",
@@ -1067,19 +1070,22 @@ def _plot_residual_stamps(result: SubtractionResult, path) -> None:
 
 @contextlib.contextmanager
 def dask_client(scheduler: str | None = None, *, n_workers: int | None = None, threads_per_worker: int = 1,
-                memory_limit: str = "auto"):
-    """A distributed client: to ``scheduler`` when given, else to a new LocalCluster (workers = cores)."""
+                memory_limit: str = "auto", no_worker_timeout: float = 60.0):
+    """A distributed client: to ``scheduler`` when given, else to a new LocalCluster (workers = cores),
+    watched for a cluster left without workers (:class:`~diffim_dag.graph.WorkerWatchdog`)."""
     import warnings
 
-    from .graph import make_client
+    from .graph import WorkerWatchdog, make_client
 
     # in-memory exposures travel to the workers inside the graph (one visit: tens of MB)
     warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
     client, cluster = make_client(scheduler, n_workers=n_workers, threads_per_worker=threads_per_worker,
                                   memory_limit=memory_limit)
+    watchdog = WorkerWatchdog(client, no_worker_timeout).start()
     try:
         yield client
     finally:
+        watchdog.stop()
         client.close()
         if cluster is not None:
             cluster.close()
@@ -1088,21 +1094,42 @@ def dask_client(scheduler: str | None = None, *, n_workers: int | None = None, t
 def run_subtraction(science: Exposure, template: Exposure | None, *, config: PipelineConfig, out_dir, scheduler=None,
                     client=None, plots: bool = False, warp: bool | None = None,
                     template_store=None) -> SubtractionResult:
-    """Warp when needed, subtract, detect and measure, on a cluster, and write the outputs.
+    """Warp when needed, subtract, detect and measure, on a cluster, and write the output set to ``out_dir``.
 
     Runs on ``client``, or on ``scheduler``, or on a new LocalCluster.  ``warp=None`` warps the
     template when the pixel grids differ by more than 0.01 px; ``warp=False`` declares one grid;
-    ``template_store`` (a folder of patches) replaces ``template``.
+    ``template_store`` (a folder of patches) replaces ``template``.  The outputs are written into a
+    temporary folder beside ``out_dir`` and installed as a whole (:func:`write_output_set`);
+    ``out_dir=None`` writes nothing.
     """
     if client is not None:
         result = _prepare_and_subtract(science, template, config, client, warp, template_store)
     else:
         cc = config.cluster
         with dask_client(scheduler or cc.scheduler, n_workers=cc.n_workers, threads_per_worker=cc.threads_per_worker,
-                         memory_limit=cc.memory_limit) as c:
+                         memory_limit=cc.memory_limit, no_worker_timeout=cc.no_worker_timeout) as c:
             result = _prepare_and_subtract(science, template, config, c, warp, template_store)
-    write_outputs(result, out_dir, plots=plots, config=config)
+    if out_dir is not None:
+        write_output_set(result, out_dir, plots=plots, config=config)
     return result
+
+
+def write_output_set(result: SubtractionResult, out_dir, *, plots: bool = False, config: PipelineConfig | None = None,
+                     before_install=None) -> dict:
+    """:func:`write_outputs` into a temporary folder beside ``out_dir``, installed as a whole with its
+    completion manifest (:func:`~diffim_dag.io.outputs.output_set`); ``result.paths`` name the final files.
+
+    ``before_install(tmp)`` may write more into the set (the demo's inputs)."""
+    from .io.outputs import output_set
+
+    final = Path(out_dir)
+    with output_set(final, extra={"method": result.metrics.get("method")}) as tmp:
+        if before_install is not None:
+            before_install(tmp)
+        write_outputs(result, tmp, plots=plots, config=config)
+        inside = dict(result.paths)
+    result.paths = {k: str(final / Path(v).relative_to(tmp)) for k, v in inside.items()}
+    return result.paths
 
 
 def subtract(science: Exposure, template: Exposure, *, config: PipelineConfig | None = None, client=None,
@@ -1167,11 +1194,14 @@ def run_demo(*, out_dir="demo_out", size: int = 1024, seed: int = 1, pipeline=No
     t0 = time.perf_counter()
     # sky-subtracted, like the calibrated exposures and coadds a survey subtracts
     pair = simulate_pair(SimConfig(size=size, seed=seed, sky_subtracted=True))
-    inputs = write_pair(pair, out / "inputs")
-    print(f"simulated a {size}x{size} pair (seed {seed}): {len(pair.truth)} injected objects -> {out / 'inputs'}")
-    science = read_exposure(inputs["science"])
-    template = read_exposure(inputs["template"])
-    result = run_subtraction(science, template, config=config, out_dir=out, scheduler=scheduler, plots=plots)
+    with tempfile.TemporaryDirectory(prefix="diffim-dag-demo-") as scratch:
+        inputs = write_pair(pair, Path(scratch) / "inputs")
+        print(f"simulated a {size}x{size} pair (seed {seed}): {len(pair.truth)} injected objects -> {out / 'inputs'}")
+        science = read_exposure(inputs["science"])
+        template = read_exposure(inputs["template"])
+        result = run_subtraction(science, template, config=config, out_dir=None, scheduler=scheduler, plots=plots)
+        write_output_set(result, out, plots=plots, config=config,
+                         before_install=lambda tmp: shutil.copytree(Path(scratch) / "inputs", tmp / "inputs"))
     for line in result.summary_lines():
         print(line)
     print(_recovery_line(result.dia_sources, pair.truth))

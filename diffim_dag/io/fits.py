@@ -14,6 +14,7 @@ and the extension, keyword or plane at fault.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from ..errors import InputError, PsfError
+from ..errors import DiffimError, InputError, PsfError
 from ..exposure import Exposure, ExposureInfo, PhotoCalib, validate_planes
 from ..masks import MASK_DTYPE, MaskPlanes, unknown_plane_message
 from ..noise import build_variance
@@ -64,6 +65,18 @@ def open_fits(path: str | os.PathLike) -> fits.HDUList:
     if len(hdul) == 0:
         raise InputError(f"{path}: not a FITS file (no HDU)")
     return hdul
+
+
+@contextlib.contextmanager
+def _reading(path):
+    """Low-level failures while reading ``path`` (a truncated or corrupt file) as one :class:`InputError` naming it."""
+    try:
+        yield
+    except DiffimError:
+        raise
+    except (ValueError, OSError, EOFError, TypeError, IndexError) as exc:
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        raise InputError(f"{path}: cannot read its data: truncated or corrupt FITS file ({detail})") from None
 
 
 def _native_float32(data, *, source: str) -> np.ndarray:
@@ -136,11 +149,19 @@ def _info_to_header(info: ExposureInfo, header: fits.Header) -> None:
             header[key] = (value, comment)
 
 
+def _plane_bit(key: str, value, source: str) -> int:
+    """The bit number of an ``MP_*`` keyword, or an :class:`InputError` naming the keyword."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= int(value) < 32:
+        if not (isinstance(value, float) and value.is_integer() and 0 <= value < 32):
+            raise InputError(f"{source}: keyword {key} = {value!r} is not a mask bit number (0–31)")
+    return int(value)
+
+
 def _read_mask_planes(header: fits.Header, mask: np.ndarray, *, source: str) -> MaskPlanes:
     planes = {}
     for key, value in header.items():
         if key.startswith("MP_"):
-            planes[key[3:]] = int(value)
+            planes[key[3:]] = _plane_bit(key, value, source)
     if not planes:
         planes = None
     mp = MaskPlanes(planes)
@@ -185,7 +206,7 @@ def _as_float64(data, *, source: str) -> np.ndarray:
 def read_psf(path: str | os.PathLike, *, hdu: int | str | None = None) -> Psf:
     """Read a PSF from a FITS file: a ``PSF`` extension written by diffim_dag, or a plain PSF image."""
     path = str(path)
-    with open_fits(path) as hdul:
+    with open_fits(path) as hdul, _reading(path):
         if hdu is None:
             hdu = "PSF" if "PSF" in hdul else next((i for i, h in enumerate(hdul) if h.data is not None), None)
             if hdu is None:
@@ -208,7 +229,7 @@ def _read_image(path: str | os.PathLike, hdu: int | str | None = None) -> tuple[
     from ..kernels.saturation import integer_limit
 
     path = str(path)
-    with open_fits(path) as hdul:
+    with open_fits(path) as hdul, _reading(path):
         if hdu is None:
             candidates = [i for i, h in enumerate(hdul) if h.data is not None and np.ndim(h.data) >= 2]
             if not candidates:
@@ -290,7 +311,7 @@ def read_exposure(
 
 
 def _read_lsst(path: str) -> Exposure:
-    with open_fits(path) as hdul:
+    with open_fits(path) as hdul, _reading(path):
         primary = hdul[0].header
         img_hdu = hdul["IMAGE"]
         image = _native_float32(img_hdu.data, source=f"{path}[IMAGE]")
@@ -362,7 +383,7 @@ def _attach_aux(exposure: Exposure, path: str, *, variance, noise, weight, mask,
         extra, extra_header = _read_mask_file(mask)
         if extra.shape != img.shape:
             raise InputError(f"{mask}: MASK has shape {extra.shape} but {path} IMAGE has shape {img.shape}")
-        mp = {k[3:]: int(v) for k, v in extra_header.items() if k.startswith("MP_")}
+        mp = {k[3:]: _plane_bit(k, v, f"{mask}[MASK]") for k, v in extra_header.items() if k.startswith("MP_")}
         if mp:
             if not np.issubdtype(extra.dtype, np.integer):
                 if not np.all(np.isfinite(extra)) or np.any(extra != np.round(extra)):
@@ -422,7 +443,7 @@ def _attach_aux(exposure: Exposure, path: str, *, variance, noise, weight, mask,
 def _read_mask_file(path) -> tuple[np.ndarray, fits.Header]:
     """The integer (or flag) array of a mask file, read without a float conversion (bits stay exact)."""
     path = str(path)
-    with open_fits(path) as hdul:
+    with open_fits(path) as hdul, _reading(path):
         if "MASK" in hdul:
             h = hdul["MASK"]
         else:

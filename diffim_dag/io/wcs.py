@@ -134,7 +134,9 @@ def wcs_from_header(header: fits.Header, xy0: tuple[int, int] = (0, 0), *, sourc
             state = json.loads(exact)
         except ValueError:
             state = None
-        if state is not None and np.allclose(state["crpix"], wcs.wcs.crpix, rtol=0, atol=1e-6):
+        # the exact numbers only where the cards still say the same (an edited header wins)
+        if (state is not None and np.allclose(state["crpix"], wcs.wcs.crpix, rtol=0, atol=1e-6)
+                and np.allclose(state["crval"], wcs.wcs.crval, rtol=0, atol=1e-9)):
             apply_exact_state(wcs, state)
     return wcs
 

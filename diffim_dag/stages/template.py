@@ -439,6 +439,19 @@ def _alignment(science: Exposure, warped: Exposure, science_stars=None):
 # ---------------------------------------------------------------------------------------------
 # the stage
 # ---------------------------------------------------------------------------------------------
+def _wcs_overlap(science: Exposure, template: Exposure, mapping, samples: int = 17) -> float:
+    """Fraction of a ``samples²`` grid of science pixels (corners and edges included) that the WCS mapping puts
+    inside the template: the coverage known before any pixel is warped."""
+    x0, x1, y0, y1 = science.bbox
+    gx, gy = np.meshgrid(np.linspace(x0, x1 - 1, samples), np.linspace(y0, y1 - 1, samples))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # far outside a TAN projection the inverse may not converge
+        u, v = mapping(gx, gy)
+    tx0, tx1, ty0, ty1 = template.bbox
+    inside = np.isfinite(u) & np.isfinite(v) & (u >= tx0 - 0.5) & (u <= tx1 - 0.5) & (v >= ty0 - 0.5) & (v <= ty1 - 0.5)
+    return float(inside.mean())
+
+
 def _cut_to_grid(template: Exposure, out_bbox, no_data_bit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The template's pixels on the box ``out_bbox`` of its own pixel frame, NO_DATA outside it."""
     ox0, ox1, oy0, oy1 = out_bbox
@@ -611,6 +624,13 @@ def prepare_template(
 
     if have_wcs:
         mapping = WcsMapping(science.wcs, template.wcs)
+        overlap = _wcs_overlap(science, template, mapping)
+        metrics["wcs_overlap"] = overlap
+        if overlap < min_coverage:  # said before any pixel is warped
+            raise NoWorkFound(
+                f"template {template.info.filename or '(in memory)'} covers {100 * overlap:.1f}% of science "
+                f"{science.info.filename or '(in memory)'} by their WCSs (minimum {100 * min_coverage:.1f}%)",
+                coverage=overlap)
         warped = do_warp(mapping)
         metrics.update(warped=True, registration="wcs")
         if refine:

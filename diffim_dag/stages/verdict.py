@@ -15,8 +15,8 @@ the failed ones become ``verdict_reasons`` (which the CLI prints).  The outputs 
     rescaling absorbs what no propagation can know (a reference stack that holds the science frame
     shares its noise: the GOTO pair, 0.66).
 ``largest_footprint``
-    one detection footprint covers more than 1 % of the image: a pedestal, a gradient or a ring
-    the subtraction left, not a source.
+    one detection footprint covers more than 1 % of the image (and more than ``min_footprint_pixels``):
+    a pedestal, a gradient or a ring the subtraction left, not a source.
 ``footprint_residual``
     the mean star-footprint residual ratio (:func:`~diffim_dag.stages.subtract.quality_metrics`)
     above ``bad_subtraction_ratio_mean``, or its scatter above ``bad_subtraction_ratio_std``: stars
@@ -102,7 +102,9 @@ def judge(metrics: dict, dia_sources=None, *, shape: tuple[int, int], subtract_c
         area = float(shape[0] * shape[1])
         largest = int(real["footprint_area"].max()) if len(real) else 0
         frac = largest / area
-        _check(checks, "largest_footprint", frac, frac <= cfg.max_footprint_fraction, cfg.max_footprint_fraction,
+        small = largest <= cfg.min_footprint_pixels  # a bright star's residual on a small image is not a pedestal
+        _check(checks, "largest_footprint", frac, frac <= cfg.max_footprint_fraction or small,
+               cfg.max_footprint_fraction,
                f"one footprint covers {100 * frac:.2f}% of the image (limit {100 * cfg.max_footprint_fraction:g}%): "
                "a pedestal, gradient or ring left in the difference")
         if n_sky_requested > 0:

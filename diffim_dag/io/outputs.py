@@ -1,0 +1,194 @@
+"""Output sets: a folder of one subtraction's products, installed whole or not at all.
+
+* :func:`check_output_dir` validates ``--out`` before any work: it must be creatable and writable and
+  not a file; a folder holding files that are not a diffim-dag output is refused (the user's files
+  survive) unless ``overwrite``; an earlier diffim-dag output set (it has the completion manifest
+  :data:`OUTPUTS_MANIFEST`) is replaced only with ``overwrite``.
+* :func:`output_set` gives a temporary folder beside the final one (``.NAME.tmp-…``); when the block
+  ends, the completion manifest (every file's size and SHA-256) is written and the folder installed
+  with one rename (:func:`install`: an atomic exchange with an earlier set where the kernel offers
+  it), so a stopped run leaves the old set or the new one, never a mix; on any error the temporary
+  folder is removed.  :func:`remove_temporaries` removes the ones still open (the signal handler's job).
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import threading
+import uuid
+from pathlib import Path
+
+from ..errors import InputError
+
+__all__ = ["OUTPUTS_MANIFEST", "OutputError", "check_output_dir", "output_set", "install", "file_entry", "sha256",
+           "read_manifest", "remove_temporaries", "register_cleanup", "unregister_cleanup"]
+
+#: The completion manifest of an output set.
+OUTPUTS_MANIFEST = "_outputs.json"
+
+_OPEN: set[Path] = set()
+_CLEANUPS: dict[int, object] = {}
+_LOCK = threading.Lock()
+
+
+class OutputError(InputError):
+    """``--out`` cannot take the outputs (a file, not writable, or holding other files)."""
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_entry(path: Path, root: Path) -> dict:
+    """``{"path": relative to root, "sha256", "size"}`` of one output file."""
+    return {"path": os.path.relpath(path, root), "sha256": sha256(path), "size": path.stat().st_size}
+
+
+def read_manifest(folder: Path) -> dict | None:
+    """The completion manifest of an output folder (None when there is none or it is unreadable)."""
+    try:
+        return json.loads((Path(folder) / OUTPUTS_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def check_output_dir(path, *, overwrite: bool = False, replace_own: bool = False) -> Path:
+    """Validate an output folder before any work (see the module docstring); returns it absolute.
+
+    ``replace_own`` lets an earlier diffim-dag output be replaced without ``overwrite`` (the demo's).
+    """
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out}: is a file, not a folder")
+    if out.is_dir():
+        entries = [p for p in out.iterdir() if not p.name.startswith(".")]
+        if entries:
+            if read_manifest(out) is not None:
+                if not (overwrite or replace_own):
+                    raise OutputError(f"--out {out}: holds an earlier diffim-dag output; give --overwrite to replace "
+                                      "it as a whole, or choose another folder")
+            elif not overwrite:
+                names = ", ".join(sorted(p.name for p in entries)[:3]) + (", …" if len(entries) > 3 else "")
+                raise OutputError(f"--out {out}: holds files that are not a diffim-dag output ({names}); choose "
+                                  "another folder, or give --overwrite to replace the folder as a whole")
+    # the set is written beside the folder and renamed into place: its parent must take a new folder
+    parent = Path(os.path.abspath(out)).parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.probe-"))
+    except OSError as exc:
+        raise OutputError(f"--out {out}: cannot create it in {parent} ({exc.strerror or exc})") from None
+    return out.resolve() if out.exists() else Path(os.path.abspath(out))
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where the kernel cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    rc = fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return rc == 0
+
+
+def install(tmp: Path, final: Path) -> None:
+    """Put the finished folder ``tmp`` in place of ``final`` with one rename.
+
+    An earlier ``final`` is swapped out atomically where the kernel offers it (then removed); elsewhere
+    it is moved aside first, so that for a moment neither is in place, never a mix of the two.
+    """
+    tmp, final = Path(tmp), Path(final)
+    if final.exists():
+        if _exchange(tmp, final):
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old set
+            return
+        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:12]}"
+        os.replace(final, old)
+        try:
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
+    else:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, final)
+
+
+def temporary_dir(final: Path, tag: str = "") -> Path:
+    """A new hidden folder beside ``final``, registered for :func:`remove_temporaries`."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{tag + '-' if tag else ''}{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
+    with _LOCK:
+        _OPEN.add(tmp)
+    return tmp
+
+
+def forget_temporary(tmp: Path) -> None:
+    with _LOCK:
+        _OPEN.discard(Path(tmp))
+
+
+def register_cleanup(function) -> int:
+    """Have :func:`remove_temporaries` also call ``function()`` (e.g. a batch's orphan sweep); returns a handle."""
+    with _LOCK:
+        handle = id(function)
+        _CLEANUPS[handle] = function
+    return handle
+
+
+def unregister_cleanup(handle: int) -> None:
+    with _LOCK:
+        _CLEANUPS.pop(handle, None)
+
+
+def remove_temporaries() -> None:
+    """Remove every temporary output folder still open in this process and run the registered cleanups."""
+    with _LOCK:
+        open_now = list(_OPEN)
+        _OPEN.clear()
+        cleanups = list(_CLEANUPS.values())
+        _CLEANUPS.clear()
+    for tmp in open_now:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for function in cleanups:
+        try:
+            function()
+        except OSError:
+            pass
+
+
+@contextlib.contextmanager
+def output_set(final, *, extra: dict | None = None):
+    """A temporary folder to write one output set into; installed as ``final`` when the block ends.
+
+    The completion manifest lists every file written (path, size, SHA-256) plus ``extra``.
+    """
+    final = Path(final)
+    tmp = temporary_dir(final)
+    try:
+        yield tmp
+        files = {}
+        for p in sorted(tmp.rglob("*")):
+            if p.is_file():
+                files[p.relative_to(tmp).as_posix()] = file_entry(p, tmp)
+        manifest = {"written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "files": files,
+                    **(extra or {})}
+        (tmp / OUTPUTS_MANIFEST).write_text(json.dumps(manifest, indent=2))
+        install(tmp, final)
+    finally:
+        forget_temporary(tmp)
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
