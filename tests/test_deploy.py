@@ -17,13 +17,22 @@ checks it against the real CRD whenever the package is installed.
 """
 from __future__ import annotations
 
+import base64
 import copy
 import importlib.util
 import json
+import os
 import re
 import runpy
 import shlex
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import time
 import tomllib
+import urllib.request
 from functools import cache
 from pathlib import Path
 
@@ -136,7 +145,7 @@ def _arr(items: dict) -> dict:
 _S, _I, _B = {"type": "string"}, {"type": "integer"}, {"type": "boolean"}
 _STRMAP = _obj(values=_S)
 _META = _obj({"labels": _STRMAP, "annotations": _STRMAP})
-_PROBE = _obj({"httpGet": _obj({"port": _S, "path": _S}, required=["port"]),
+_PROBE = _obj({"httpGet": _obj({"port": _S, "path": _S, "scheme": _S}, required=["port"]),
                "initialDelaySeconds": _I, "periodSeconds": _I})
 _CONTAINER = _obj({
     "name": _S, "image": _S, "imagePullPolicy": _S, "command": _arr(_S), "args": _arr(_S),
@@ -145,14 +154,17 @@ _CONTAINER = _obj({
     "ports": _arr(_obj({"name": _S, "containerPort": _I, "protocol": _S}, required=["containerPort"])),
     "volumeMounts": _arr(_obj({"name": _S, "mountPath": _S, "readOnly": _B}, required=["mountPath", "name"])),
     "readinessProbe": _PROBE, "livenessProbe": _PROBE,
-    "securityContext": _obj({"allowPrivilegeEscalation": _B, "capabilities": _obj({"drop": _arr(_S)})}),
+    "securityContext": _obj({"allowPrivilegeEscalation": _B, "readOnlyRootFilesystem": _B,
+                             "capabilities": _obj({"drop": _arr(_S)})}),
 }, required=["name"])
 _POD = _obj({
     "containers": _arr(_CONTAINER), "restartPolicy": _S,
     "securityContext": _obj({"runAsNonRoot": _B, "runAsUser": _I, "runAsGroup": _I, "fsGroup": _I,
                              "seccompProfile": _obj({"type": _S}, required=["type"])}),
-    "volumes": _arr(_obj({"name": _S, "persistentVolumeClaim": _obj({"claimName": _S, "readOnly": _B},
-                                                                    required=["claimName"])}, required=["name"])),
+    "volumes": _arr(_obj({"name": _S,
+                          "persistentVolumeClaim": _obj({"claimName": _S, "readOnly": _B}, required=["claimName"]),
+                          "secret": _obj({"secretName": _S, "defaultMode": _I}),
+                          "emptyDir": _obj({"medium": _S, "sizeLimit": _S})}, required=["name"])),
 }, required=["containers"])
 _SERVICE = _obj({"type": _S, "selector": _STRMAP,
                  "ports": _arr(_obj({"name": _S, "protocol": _S, "port": _I, "targetPort": _S}, required=["port"]))})
@@ -177,8 +189,19 @@ def _validator(kind: str, source: str):
     return jsonschema.Draft7Validator(schema)
 
 
+def _documents(kind) -> list[dict]:
+    return [d for d in yaml.safe_load_all(MANIFESTS[kind].read_text()) if d]
+
+
 def _load(kind):
-    return yaml.safe_load(MANIFESTS[kind].read_text())
+    """The Dask resource of a manifest file (each file also holds the cluster's NetworkPolicy)."""
+    (doc,) = [d for d in _documents(kind) if d["kind"] == kind]
+    return doc
+
+
+def _network_policy(kind):
+    (doc,) = [d for d in _documents(kind) if d["kind"] == "NetworkPolicy"]
+    return doc
 
 
 def _cluster_spec(doc):
@@ -239,8 +262,9 @@ def test_every_container_has_requests_limits_non_root_and_the_volume(kind):
             res = c["resources"]
             for key in ("cpu", "memory"):
                 assert _bytes(res["requests"][key]) <= _bytes(res["limits"][key]), (role, key)
-            env = {e["name"] for e in c.get("env", [])}
-            assert not {n for n in env if re.search("SECRET|PASSWORD|TOKEN|KEY", n)}, role
+            # no secret in the manifest: a key is only ever a path to the Secret mounted read-only
+            secretish = {n: v for n, v in _env(c).items() if re.search("SECRET|PASSWORD|TOKEN|KEY", n)}
+            assert all(v.startswith(TLS_DIR + "/") and v.endswith(".key") for v in secretish.values()), role
         if role in ("worker", "job"):
             mounts = {m["mountPath"] for c in pod["containers"] for m in c.get("volumeMounts", [])}
             assert "/data" in mounts, role
@@ -349,3 +373,247 @@ def test_job_runs_the_cli_the_tests_run():
             assert c["command"] == ["dask"] and c["args"][0] in ("worker", "scheduler")
             assert c["image"] == job["image"]
     assert shlex.join(job["args"]).startswith("run ")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# hardening: TLS between scheduler, workers and clients; a NetworkPolicy; read-only root filesystems.
+# The NetworkPolicy, the Secret the setup step prints and every pod spec are validated against the
+# Kubernetes API's own JSON schemas (kubernetes-validate, strict: unknown fields are errors).
+
+TLS_DIR = "/etc/dask-tls"
+TLS_SECRET = "diffim-dag-tls"
+K8S_VERSION = "1.30.0"  # a Kubernetes release still in wide use; the fields used here are all older
+
+
+def _k8s_validate(doc: dict) -> None:
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed "
+                             "(pip install '.[test]'): it ships the Kubernetes API's JSON schemas")
+    kv.validate(doc, K8S_VERSION, strict=True)
+
+
+def _containers(doc):
+    return [(role, c) for role, pod in _pods(doc).items() for c in pod["containers"]]
+
+
+def _env(container) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container.get("env", [])}
+
+
+@pytest.mark.parametrize("kind", sorted(MANIFESTS))
+def test_every_pod_spec_validates_as_a_kubernetes_pod(kind):
+    """The operator copies these specs into Pods/Deployments: they must also be valid for a current API
+    server, not only for the PodSpec of Kubernetes 1.21 that the CRD inlines."""
+    for role, pod in _pods(_load(kind)).items():
+        _k8s_validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"x-{role}"}, "spec": pod})
+
+
+@pytest.mark.parametrize("kind", sorted(MANIFESTS))
+def test_network_policy_admits_only_the_clusters_own_pods(kind):
+    doc, policy = _load(kind), _network_policy(kind)
+    _k8s_validate(policy)
+    name = doc["metadata"]["name"]
+    spec = policy["spec"]
+    # it selects every pod of this cluster (the operator labels scheduler, workers and the job pod with
+    # dask.org/cluster-name) and restricts their ingress
+    assert spec["podSelector"] == {"matchLabels": {"dask.org/cluster-name": name}}
+    assert spec["policyTypes"] == ["Ingress"]
+    (rule,) = spec["ingress"]
+    assert "ports" not in rule  # workers listen on ephemeral ports; the peers are what is restricted
+    peers = rule["from"]
+    assert all(set(p) == {"podSelector"} for p in peers), "no namespaceSelector / ipBlock: same namespace only"
+    labels = [p["podSelector"]["matchLabels"] for p in peers]
+    assert {"dask.org/cluster-name": name} in labels
+    extra = [lab for lab in labels if lab != {"dask.org/cluster-name": name}]
+    assert extra == ([] if kind == "DaskJob" else [{"diffim-dag/client": "true"}])
+    # the operator's own labels are what the policy relies on
+    controller = _dask_kubernetes_dir()
+    if controller is not None and (controller / "operator/controller/controller.py").is_file():
+        src = (controller / "operator/controller/controller.py").read_text()
+        assert src.count('"dask.org/cluster-name": cluster_name') >= 3  # scheduler, worker, job-runner
+
+
+def _broken_policies():
+    def policy(f):
+        doc = _network_policy("DaskJob")
+        f(doc)
+        return doc
+
+    return {
+        "unknown field": policy(lambda d: d["spec"].update(ingres=d["spec"].pop("ingress"))),
+        "selector as a list": policy(lambda d: d["spec"].update(podSelector=["dask.org/cluster-name"])),
+        "policyTypes as text": policy(lambda d: d["spec"].update(policyTypes="Ingress")),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_broken_policies()))
+def test_kubernetes_schema_rejects_broken_policies(case):
+    kv = pytest.importorskip("kubernetes_validate")
+    with pytest.raises(kv.ValidationError):
+        kv.validate(_broken_policies()[case], K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("kind", sorted(MANIFESTS))
+def test_read_only_root_with_scratch_and_tls_everywhere(kind):
+    doc = _load(kind)
+    name = doc["metadata"]["name"]
+    for role, pod in _pods(doc).items():
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["tls"]["secret"] == {"secretName": TLS_SECRET, "defaultMode": 0o440}, role
+        assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"], role  # may read 0440
+        assert "emptyDir" in volumes["scratch"], role
+        for c in pod["containers"]:
+            assert c["securityContext"]["readOnlyRootFilesystem"] is True, role
+            mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+            assert mounts["/tmp"]["name"] == "scratch", role  # tempfile, Dask's local directory and spill
+            assert mounts[TLS_DIR]["name"] == "tls" and mounts[TLS_DIR]["readOnly"] is True, role
+            env = _env(c)
+            assert env["DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION"] == "true", role
+            assert env["DASK_DISTRIBUTED__COMM__TLS__CA_FILE"] == f"{TLS_DIR}/ca.crt", role
+            for part in ("SCHEDULER", "WORKER", "CLIENT"):
+                assert env[f"DASK_DISTRIBUTED__COMM__TLS__{part}__CERT"] == f"{TLS_DIR}/tls.crt", role
+                assert env[f"DASK_DISTRIBUTED__COMM__TLS__{part}__KEY"] == f"{TLS_DIR}/tls.key", role
+            # set here so that the operator does not add its tcp:// address
+            assert env["DASK_SCHEDULER_ADDRESS"] == f"tls://{name}-scheduler:8786", role
+            if role in ("scheduler", "worker"):
+                args = c["args"]
+                assert args[args.index("--protocol") + 1] == "tls", role
+    scheduler = _cluster_spec(doc)["scheduler"]["spec"]["containers"][0]
+    for probe in ("readinessProbe", "livenessProbe"):
+        if probe in scheduler:
+            assert scheduler[probe]["httpGet"]["scheme"] == "HTTPS"  # the dashboard serves TLS too
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the documented setup step, run for real: its Secret is valid, and a scheduler, a worker and a client
+# started with the manifests' own arguments and environment talk TLS and turn away everyone else
+
+
+def _tls_secret(tmp_path: Path, tag: str) -> Path:
+    if shutil.which("openssl") is None or shutil.which("bash") is None:
+        pytest.skip("deploy/tls-secret.sh needs bash and openssl")
+    out = subprocess.run(["bash", str(DEPLOY / "tls-secret.sh"), "--namespace", "survey"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    secret = yaml.safe_load(out.stdout)
+    assert secret["kind"] == "Secret" and secret["metadata"]["name"] == TLS_SECRET
+    _k8s_validate(secret)
+    folder = tmp_path / tag
+    folder.mkdir()
+    for key, value in secret["data"].items():
+        (folder / key).write_bytes(base64.b64decode(value))
+    assert sorted(p.name for p in folder.iterdir()) == ["ca.crt", "tls.crt", "tls.key"]
+    return folder
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pod_env(container, tls: Path, scheduler: str) -> dict[str, str]:
+    env = {k: v.replace(TLS_DIR, str(tls)) for k, v in _env(container).items()}
+    env["DASK_SCHEDULER_ADDRESS"] = scheduler
+    keep = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}
+    return {**keep, **env}
+
+
+def _dask_cli(container, extra: dict[str, str | None]) -> list[str]:
+    """The container's `dask ...` command, with host-specific values replaced (None drops the option)."""
+    args = list(container["args"])
+    for opt, value in extra.items():
+        if opt in args:
+            i = args.index(opt)
+            del args[i:i + 2]
+        if value is not None:
+            args += [opt, value]
+    return [sys.executable, "-m", "distributed.cli.dask_" + args[0], *args[1:]]
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{what} did not happen within {timeout} s")
+
+
+def test_setup_step_secret_gives_a_working_mutual_tls_cluster(tmp_path):
+    doc = _load("DaskJob")
+    tls = _tls_secret(tmp_path, "cluster")
+    stranger = _tls_secret(tmp_path, "stranger")  # a second run: a different CA
+    assert (tls / "ca.crt").read_bytes() != (stranger / "ca.crt").read_bytes()
+    port, dash = _free_port(), _free_port()
+    address = f"tls://127.0.0.1:{port}"
+    (sched_c,) = _cluster_spec(doc)["scheduler"]["spec"]["containers"]
+    (worker_c,) = _cluster_spec(doc)["worker"]["spec"]["containers"]
+    (job_c,) = doc["spec"]["job"]["spec"]["containers"]
+    procs = []
+    try:
+        procs.append(subprocess.Popen(
+            _dask_cli(sched_c, {"--port": str(port), "--dashboard-address": f"127.0.0.1:{dash}",
+                                "--host": "127.0.0.1"}),
+            env=_pod_env(sched_c, tls, address), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        procs.append(subprocess.Popen(
+            _dask_cli(worker_c, {"--name": "w0", "--dashboard-address": None, "--memory-limit": "1GiB",
+                                 "--host": "127.0.0.1"}) + ["--no-dashboard"],
+            env=_pod_env(worker_c, tls, address), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+
+        # the dashboard answers the probes over HTTPS with the cluster's certificate
+        context = ssl.create_default_context(cafile=str(tls / "ca.crt"))
+        context.check_hostname = False
+
+        def healthy():
+            try:
+                return urllib.request.urlopen(f"https://127.0.0.1:{dash}/health", context=context,
+                                              timeout=2).read() == b"ok"
+            except OSError:
+                return False
+
+        _wait_for(healthy, 60, "the scheduler's HTTPS /health")
+
+        # the job pod's client: the CLI's own scheduler lookup and client, with the job container's env
+        client_code = (
+            "import sys\n"
+            "from diffim_dag.batch import _scheduler_for\n"
+            "from diffim_dag.config import PipelineConfig\n"
+            "from diffim_dag.graph import make_client\n"
+            "address = _scheduler_for(None, PipelineConfig())\n"
+            "client, _ = make_client(address)\n"
+            "client.wait_for_workers(1, timeout=60)\n"
+            "workers = list(client.scheduler_info()['workers'])\n"
+            "print(address, client.submit(sum, [1, 2, 3]).result(), *workers)\n"
+        )
+        ok = subprocess.run([sys.executable, "-c", client_code], env=_pod_env(job_c, tls, address),
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert ok.returncode == 0, ok.stderr[-2000:]
+        got_address, total, *workers = ok.stdout.split()
+        assert got_address == address and total == "6"
+        assert workers and all(w.startswith("tls://") for w in workers)  # the worker listens on TLS too
+
+        # turned away: a client with a certificate from another CA, and a plain-TCP client without one
+        probe = (
+            "import sys\n"
+            "from distributed import Client\n"
+            "try:\n"
+            "    Client(sys.argv[1], timeout=5)\n"
+            "except Exception as e:\n"
+            "    print('refused', type(e).__name__)\n"
+            "else:\n"
+            "    print('connected')\n"
+        )
+        env_stranger = _pod_env(job_c, stranger, address)
+        env_plain = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}
+        for env, target in ((env_stranger, address), (env_plain, f"tcp://127.0.0.1:{port}")):
+            out = subprocess.run([sys.executable, "-c", probe, target], env=env, capture_output=True, text=True,
+                                 timeout=60, cwd=tmp_path)
+            assert out.stdout.startswith("refused"), (target, out.stdout, out.stderr[-1000:])
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
