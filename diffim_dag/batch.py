@@ -64,7 +64,8 @@ from typing import Any, Iterable, Sequence
 
 from .config import PipelineConfig, config_to_dict
 from .errors import DiffimError, InputError
-from .io.outputs import OUTPUTS_MANIFEST, file_entry, install, register_cleanup, sha256, unregister_cleanup
+from .io.outputs import (OUTPUTS_MANIFEST, check_output_root, file_entry, install, register_cleanup, sha256,
+                         unregister_cleanup)
 
 __all__ = [
     "VisitSpec",
@@ -657,6 +658,21 @@ def kubernetes_cluster(spec: str, config: PipelineConfig):
     return KubeCluster(**kwargs)
 
 
+def _bounded(function, seconds: float) -> None:
+    """Call ``function()`` in a daemon thread and wait at most ``seconds`` for it."""
+    import threading
+
+    def quietly():
+        try:
+            function()
+        except Exception as exc:  # noqa: BLE001 - the process is ending; say it in the log, not as a traceback
+            log.debug("cleanup %r failed: %s", function, exc)
+
+    thread = threading.Thread(target=quietly, daemon=True)
+    thread.start()
+    thread.join(seconds)
+
+
 def _open_client(scheduler: str | None, config: PipelineConfig, n_workers: int | None):
     """(client, closers): a Kubernetes cluster, an existing scheduler, or a new LocalCluster (workers = cores)."""
     import warnings
@@ -670,7 +686,9 @@ def _open_client(scheduler: str | None, config: PipelineConfig, n_workers: int |
     if scheduler and scheduler.startswith("kubernetes"):
         cluster = kubernetes_cluster(scheduler, config)
         client = Client(cluster)
-        closers = [client.close, cluster.close]
+        # on Ctrl-C/SIGTERM the CLI exits at once: delete the operator's DaskCluster first (bounded wait)
+        handle = register_cleanup(lambda: _bounded(cluster.close, 1.5))
+        closers = [client.close, cluster.close, lambda: unregister_cleanup(handle)]
     elif scheduler:
         client, _ = make_client(scheduler)
         closers = [client.close]
@@ -765,13 +783,14 @@ def run_batch(
 
     t_start = time.perf_counter()
     config = config or PipelineConfig()
+    out = check_output_root(out_dir)  # before any work
     manifest_path = ""
     if isinstance(specs, (str, os.PathLike)):
         manifest_path = os.fspath(specs)
         specs = read_manifest(specs)
     specs = list(specs)
-    out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    out = out.resolve()
     run_id = f"{_dt.datetime.now(_dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
     records: dict[str, dict] = {}
     todo: list[VisitSpec] = []

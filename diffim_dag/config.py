@@ -595,5 +595,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: top level must be a mapping of sections")
         data = {k: v for k, v in data.items() if k not in ("description",)}
+        try:  # a mistake in the file is named with the file, before the overrides are applied
+            _build(PipelineConfig, data, "")
+        except ConfigError as exc:
+            raise ConfigError(f"{p}: {exc}") from None
     data = apply_overrides(data, overrides)
     return _build(PipelineConfig, data, "")

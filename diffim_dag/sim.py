@@ -193,7 +193,7 @@ def _range(name: str, value: Any, *, low: float = 0.0, strict: bool = True) -> t
 
 @dataclass(frozen=True, kw_only=True)
 class SimConfig:
-    """Everything that defines a simulated pair; frozen, keyword-only, validated.
+    r"""Everything that defines a simulated pair; frozen, keyword-only, validated.
 
     Counts left as ``None`` scale with the image area (per 1024²: 400 stars, 20
     transients, 5 negative transients, 10 variables, 5 movers, 50 cosmic rays, 4

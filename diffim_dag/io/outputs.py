@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ..errors import InputError
 
-__all__ = ["OUTPUTS_MANIFEST", "OutputError", "check_output_dir", "output_set", "install", "file_entry", "sha256",
+__all__ = ["OUTPUTS_MANIFEST", "OutputError", "check_output_dir", "check_output_root", "output_set", "install", "file_entry", "sha256",
            "read_manifest", "remove_temporaries", "register_cleanup", "unregister_cleanup"]
 
 #: The completion manifest of an output set.
@@ -89,6 +89,25 @@ def check_output_dir(path, *, overwrite: bool = False, replace_own: bool = False
     except OSError as exc:
         raise OutputError(f"--out {out}: cannot create it in {parent} ({exc.strerror or exc})") from None
     return out.resolve() if out.exists() else Path(os.path.abspath(out))
+
+
+def check_output_root(path) -> Path:
+    """Validate a batch's ``--out`` before any work: a folder, existing or creatable, that this process can
+    write in (nothing is created here).  Reruns add to it: finished visits are kept, so an earlier batch
+    output is not refused."""
+    out = Path(os.path.abspath(Path(path).expanduser()))
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out}: is a file, not a folder")
+    where = out
+    while not where.exists():
+        where = where.parent
+    if not where.is_dir():
+        raise OutputError(f"--out {out}: cannot create it ({where} is a file)")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=where, prefix=".diffim-dag-probe-"))
+    except OSError as exc:
+        raise OutputError(f"--out {out}: cannot write in {where} ({exc.strerror or exc})") from None
+    return out
 
 
 def _exchange(a: Path, b: Path) -> bool:
