@@ -221,6 +221,13 @@ def _children(pid: int) -> list[psutil.Process]:
         return []
 
 
+def _status(p: psutil.Process) -> str:
+    try:
+        return p.status()
+    except psutil.NoSuchProcess:
+        return psutil.STATUS_DEAD
+
+
 def _stop_after(cmd: list, wait_s: float, signum: int, ready=None):
     """Start ``cmd``, send ``signum`` after ``wait_s`` s (or once ``ready()``), and return
     (returncode, output, seconds from the signal to the exit of the process and all its children)."""
@@ -239,9 +246,10 @@ def _stop_after(cmd: list, wait_s: float, signum: int, ready=None):
             proc.kill()
     _, alive = psutil.wait_procs(children, timeout=max(0.0, 2.0 - (time.monotonic() - t_signal)))
     gone = time.monotonic() - t_signal
-    for p in alive:
+    running = [p for p in alive if _status(p) not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)]
+    for p in running:  # (a zombie has exited; it waits for whoever adopted it to reap it)
         p.kill()
-    assert not alive, f"{len(alive)} child process(es) outlived the run"
+    assert not running, f"{len(running)} child process(es) outlived the run"
     return proc.returncode, proc.stdout.read(), gone
 
 

@@ -82,13 +82,21 @@ def check_output_dir(path, *, overwrite: bool = False, replace_own: bool = False
                 raise OutputError(f"--out {out}: holds files that are not a diffim-dag output ({names}); choose "
                                   "another folder, or give --overwrite to replace the folder as a whole")
     # the set is written beside the folder and renamed into place: its parent must take a new folder
-    parent = Path(os.path.abspath(out)).parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.probe-"))
-    except OSError as exc:
-        raise OutputError(f"--out {out}: cannot create it in {parent} ({exc.strerror or exc})") from None
+    _check_writable(out, Path(os.path.abspath(out)).parent)
     return out.resolve() if out.exists() else Path(os.path.abspath(out))
+
+
+def _check_writable(out: Path, folder: Path) -> None:
+    """Raise :class:`OutputError` unless ``folder`` exists or can be made, and takes a new entry (probed)."""
+    where = folder
+    while not where.exists():
+        where = where.parent
+    if not where.is_dir():
+        raise OutputError(f"--out {out}: cannot create it ({where} is a file)")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=where, prefix=".diffim-dag-probe-"))
+    except OSError as exc:
+        raise OutputError(f"--out {out}: cannot write in {where} ({exc.strerror or exc})") from None
 
 
 def check_output_root(path) -> Path:
@@ -98,15 +106,7 @@ def check_output_root(path) -> Path:
     out = Path(os.path.abspath(Path(path).expanduser()))
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out}: is a file, not a folder")
-    where = out
-    while not where.exists():
-        where = where.parent
-    if not where.is_dir():
-        raise OutputError(f"--out {out}: cannot create it ({where} is a file)")
-    try:
-        os.rmdir(tempfile.mkdtemp(dir=where, prefix=".diffim-dag-probe-"))
-    except OSError as exc:
-        raise OutputError(f"--out {out}: cannot write in {where} ({exc.strerror or exc})") from None
+    _check_writable(out, out)
     return out
 
 

@@ -134,7 +134,7 @@ def measure_variance_scale(image: np.ndarray, variance: np.ndarray, bad: np.ndar
 
 def scale_difference_variance(image: np.ndarray, variance: np.ndarray, bad: np.ndarray, *,
                               enabled: bool = True) -> tuple[np.ndarray, dict]:
-    """The difference's variance plane scaled to its measured sky noise (LSST's ``doScaleDiffimVariance``).
+    r"""The difference's variance plane scaled to its measured sky noise (LSST's ``doScaleDiffimVariance``).
 
     The factor is :func:`measure_variance_scale` on the difference (the clipped σ² of
     :math:`D/\sqrt V` away from sources).  Returns the (possibly) scaled plane and
@@ -153,7 +153,7 @@ def scale_difference_variance(image: np.ndarray, variance: np.ndarray, bad: np.n
 
 def measure_noise_correlation(image: np.ndarray, variance: np.ndarray, bad: np.ndarray, *, max_lag: int = 3,
                               ) -> np.ndarray:
-    """Noise autocorrelation of an exposure's sky (:func:`~diffim_dag.kernels.decorrelate.noise_correlation`).
+    r"""Noise autocorrelation of an exposure's sky (:func:`~diffim_dag.kernels.decorrelate.noise_correlation`).
 
     Measured on the same windows as :func:`measure_variance_scale` (the whole image when small), on
     :math:`(I - B)/\sqrt V` with the pixels near sources (3×3-mean S/N > 1σ of its own noise, grown
