@@ -21,7 +21,8 @@ worker and fetches/warps the template; then ``("kernel-sources", V, D)``, one
 ``("subtract", V, D, ty, tx)`` and ``("decorrelate", V, D, ty, tx)`` per tile,
 ``("difference", V, D)``, ``("detect-prepare", V, D)``, one ``("detect", V, D, ty, tx)``
 per tile, ``("catalog", V, D)`` (the tiles stitched) and ``("write", V, D)``, whose result
-is the visit's record.  The batch is the union of these graphs.  The tile and cell counts
+is the visit's record.  Every stage name carries the run's token (:func:`diffim_dag.graph.task_key`),
+so two runs over the same visits on one scheduler never share keys.  The batch is the union of these graphs.  The tile and cell counts
 come from the science header (``NAXIS`` cards, :func:`input_shape`); the graph holds only
 paths, the frozen config, the output folder and indices — never pixels — so a graph of
 100 visits of 2048² (256 kernel cells, 4 tiles each: 27 500 tasks) pickles to 1.5 MB and
@@ -803,7 +804,7 @@ def run_batch(
                                          n_dia_sources=m.get("n_dia_sources")).to_dict()
         else:
             todo.append(s)
-    by_key = {write_key(s.visit, s.detector): s for s in todo}
+    by_key = {write_key(s.visit, s.detector, run_id): s for s in todo}
     closers: list = []
     address, n_w = "", 0
     # an interrupted run (Ctrl-C, SIGTERM, a stalled cluster) sweeps its temporary visit folders too

@@ -24,6 +24,7 @@ on to its ``write`` task (:func:`run_stage`).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 
@@ -45,6 +46,9 @@ __all__ = [
     "batch_graph",
     "compute_visit",
     "write_key",
+    "task_key",
+    "stage_of",
+    "run_token",
     "VisitGrid",
     "visit_grid",
     "StageFailure",
@@ -495,15 +499,35 @@ def _detect_task(inputs, ty: int, tx: int, nty: int, ntx: int):
     return detect_tiles_stage(inputs, own)
 
 
-def write_key(visit: int, detector: int) -> tuple[str, int, int]:
-    """The key of a visit's last task (its result is the visit's record)."""
-    return ("write", int(visit), int(detector))
+def run_token(run_id: str) -> str:
+    """The token every task key of a run carries (32 hex digits of the run id's SHA-256).
+
+    Two runs over the same visits on one shared scheduler (different run ids) never share a key, so
+    they never share results; Dask's dashboard still groups the tasks by stage (it drops hex tokens).
+    """
+    return hashlib.sha256(run_id.encode()).hexdigest()[:32]
+
+
+def task_key(stage: str, visit: int, detector: int, *index: int, run_id: str = "") -> tuple:
+    """``("STAGE-TOKEN", visit, detector[, index...])``: the key of one task of a run."""
+    return (f"{stage}-{run_token(run_id)}", int(visit), int(detector), *index)
+
+
+def stage_of(key: tuple) -> str:
+    """The stage of a task key (its name without the run token)."""
+    return key[0].rsplit("-", 1)[0]
+
+
+def write_key(visit: int, detector: int, run_id: str = "") -> tuple:
+    """The key of a visit's last task in run ``run_id`` (its result is the visit's record)."""
+    return task_key("write", visit, detector, run_id=run_id)
 
 
 def visit_graph(spec, config, out_dir, *, run_id: str = "", grid: VisitGrid | None = None) -> dict:
     """The task graph of one (visit, detector): a dict ``{key: task}`` in Dask's graph format.
 
-    Keys are ``(stage, visit, detector)`` or ``(stage, visit, detector, index...)``:
+    Keys are ``(stage, visit, detector)`` or ``(stage, visit, detector, index...)``, the stage name carrying
+    the run's token (:func:`task_key`: ``"fit-cell-<32 hex>"``; :func:`stage_of` gives the stage back):
 
     ============================================  ===============================================================
     ``("template", V, D)``                        read the inputs, fetch/warp the template
@@ -526,8 +550,8 @@ def visit_graph(spec, config, out_dir, *, run_id: str = "", grid: VisitGrid | No
 
     ``al-preconvolve`` and ``zogy`` replace kernel-sources … difference by one ``("subtract", V, D)`` task
     (:func:`diffim_dag.pipeline.subtract_prepared`); ``decorrelate`` tasks exist when a spatially constant
-    decorrelation is configured.  The keys depend on (visit, detector) and the grid only, so they are
-    the same for every build.
+    decorrelation is configured.  The keys depend on (visit, detector), the grid and ``run_id`` only: the
+    same for every build of one run, disjoint between runs.
 
     Parameters
     ----------
@@ -537,7 +561,7 @@ def visit_graph(spec, config, out_dir, *, run_id: str = "", grid: VisitGrid | No
     out_dir : path
         The batch's output folder.
     run_id : str
-        Identifies this run in the outputs manifests (exactly-once install).
+        Identifies this run in the outputs manifests (exactly-once install) and in every task key.
     grid : VisitGrid, optional
         Tile and cell task counts; by default from the science image's shape read from its header
         (:func:`diffim_dag.batch.input_shape`), one task for all tiles/cells when it cannot be read.
@@ -555,7 +579,7 @@ def visit_graph(spec, config, out_dir, *, run_id: str = "", grid: VisitGrid | No
     dsk: dict = {}
 
     def key(stage, *index):
-        return (stage, v, d, *index)
+        return task_key(stage, v, d, *index, run_id=run_id)
 
     def task(stage, index, function, *args):
         dsk[key(stage, *index)] = (run_stage, stage, v, d, function, *args)
@@ -594,7 +618,7 @@ def visit_graph(spec, config, out_dir, *, run_id: str = "", grid: VisitGrid | No
     for ty, tx in tiles:
         task("detect", (ty, tx), _detect_task, key("detect-prepare"), ty, tx, nty, ntx)
     task("catalog", (), pipeline.catalog_stage, key("detect-prepare"), [key("detect", *t) for t in tiles])
-    dsk[write_key(v, d)] = (batch.write_stage, spec, config, out, run_id, result, key("catalog"))
+    dsk[write_key(v, d, run_id)] = (batch.write_stage, spec, config, out, run_id, result, key("catalog"))
     return dsk
 
 
@@ -624,4 +648,4 @@ def batch_graph(specs, config, out_dir, *, run_id: str = "", grids: dict | None 
 def compute_visit(spec, config, out_dir, *, run_id: str = "") -> dict:
     """Run one visit's graph here, in turn (Dask's synchronous scheduler), and return its record."""
     dsk = visit_graph(spec, config, out_dir, run_id=run_id)
-    return dask.get(dsk, write_key(spec.visit, spec.detector))
+    return dask.get(dsk, write_key(spec.visit, spec.detector, run_id))

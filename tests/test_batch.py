@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from dask.utils import key_split
 
 from diffim_dag import batch
 from diffim_dag.batch import (
@@ -39,6 +40,7 @@ from diffim_dag.batch import (
 from diffim_dag.cli import main
 from diffim_dag.config import PipelineConfig, load_config
 from diffim_dag.errors import InputError
+from diffim_dag.graph import run_token, stage_of, write_key
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINE = REPO / "pipelines" / "al.yaml"
@@ -171,9 +173,11 @@ def test_batch_graph_of_100_visits_is_small_and_has_no_pixels(inputs40, tmp_path
     assert len(blob) < 2_000_000
     assert max(_arrays_in(graph), default=0) <= 1024  # no pixels in the graph
     per_visit = {}
+    token = run_token("r1")
     for key in graph:
         assert isinstance(key, tuple) and isinstance(key[0], str) and all(isinstance(k, int) for k in key[1:])
-        per_visit.setdefault(key[1:3], []).append(key)
+        assert key[0].endswith("-" + token)  # every key carries the run's token
+        per_visit.setdefault(key[1:3], []).append((stage_of(key), *key[1:]))
     assert set(per_visit) == {(s.visit, 0) for s in specs}
     # 256² at tile 1024 and cell 128: one tile, 2 × 2 kernel cells
     assert sorted(per_visit[(7000, 0)]) == sorted([
@@ -182,8 +186,13 @@ def test_batch_graph_of_100_visits_is_small_and_has_no_pixels(inputs40, tmp_path
         ("spatial-solve", 7000, 0), ("subtract", 7000, 0, 0, 0), ("decorrelate", 7000, 0, 0, 0),
         ("difference", 7000, 0), ("detect-prepare", 7000, 0), ("detect", 7000, 0, 0, 0), ("catalog", 7000, 0),
         ("write", 7000, 0)])
-    # stable keys
-    assert list(build_batch_graph(specs, config, tmp_path / "out", run_id="r2")) == list(graph)
+    # stable keys within a run; another run over the same visits shares none (nor their results on a
+    # shared scheduler), while the dashboard still groups both by stage
+    assert list(build_batch_graph(specs, config, tmp_path / "out", run_id="r1")) == list(graph)
+    other = build_batch_graph(specs, config, tmp_path / "out", run_id="r2")
+    assert len(other) == len(graph) and not set(other) & set(graph)
+    assert sorted(key_split(k) for k in other) == sorted(key_split(k) for k in graph) == sorted(
+        stage_of(k) for k in graph)
 
     # paths this machine cannot read (the workers may): one task for all tiles and one for all cells
     fake = [VisitSpec(visit=5000 + i // 2, detector=i % 2, science=f"/data/raw/{i}.fits",
@@ -194,7 +203,7 @@ def test_batch_graph_of_100_visits_is_small_and_has_no_pixels(inputs40, tmp_path
     assert time.perf_counter() - t0 < 2.0
     assert len(blob100) < 2_000_000
     assert max(_arrays_in(graph100), default=0) <= 1024
-    assert {k for k in graph100 if k[0] == "write"} == {("write", s.visit, s.detector) for s in fake[:100]}
+    assert {k for k in graph100 if stage_of(k) == "write"} == {write_key(s.visit, s.detector, "r1") for s in fake[:100]}
     # the graph grows linearly with the number of visits (no shared pixel payload hidden in it)
     blob200 = cloudpickle.dumps(build_batch_graph(fake, config, tmp_path / "out"))
     assert len(blob200) < 2.5 * len(blob100)

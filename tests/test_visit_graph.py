@@ -28,7 +28,8 @@ from diffim_dag.batch import (
 )
 from diffim_dag.config import load_config
 from diffim_dag.errors import InputError
-from diffim_dag.graph import AlreadyWritten, StageFailure, VisitGrid, run_stage, visit_graph, visit_grid, write_key
+from diffim_dag.graph import (AlreadyWritten, StageFailure, VisitGrid, run_stage, stage_of, task_key, visit_graph,
+                              visit_grid, write_key)
 from diffim_dag.io import read_exposure
 from diffim_dag.pipeline import subtract
 from diffim_dag.stages.template import prepare_template
@@ -65,7 +66,8 @@ def inputs(spec):
 
 
 def _keys(dsk, stage):
-    return sorted(k for k in dsk if k[0] == stage)
+    """The keys of ``stage``, written without the run token: ``(stage, V, D, index...)``."""
+    return sorted((stage, *k[1:]) for k in dsk if stage_of(k) == stage)
 
 
 def test_keys_name_stage_visit_detector_and_tile(spec, tmp_path):
@@ -85,21 +87,24 @@ def test_keys_name_stage_visit_detector_and_tile(spec, tmp_path):
     assert _keys(dsk, "psf") == [("psf", v, d, 0), ("psf", v, d, 1)]  # science, template
     assert len(dsk) == 8 + 2 + 25 + 3 * 9
     # a decorrelate tile reads its neighbours' edges
-    def deps(key):
-        return sorted([a for a in dsk[key] if isinstance(a, list)][0])
+    def deps(graph, *index, run_id="a"):
+        task = graph[task_key("decorrelate", v, d, *index, run_id=run_id)]
+        return sorted((stage_of(k), *k[1:]) for k in [a for a in task if isinstance(a, list)][0])
 
-    assert deps(("decorrelate", v, d, 1, 1)) == [("subtract", v, d, ty, tx) for ty in range(3) for tx in range(3)]
-    assert deps(("decorrelate", v, d, 0, 0)) == [("subtract", v, d, ty, tx) for ty in range(2) for tx in range(2)]
-    assert deps(("decorrelate", v, d, 2, 1)) == [("subtract", v, d, ty, tx) for ty in (1, 2) for tx in range(3)]
+    assert deps(dsk, 1, 1) == [("subtract", v, d, ty, tx) for ty in range(3) for tx in range(3)]
+    assert deps(dsk, 0, 0) == [("subtract", v, d, ty, tx) for ty in range(2) for tx in range(2)]
+    assert deps(dsk, 2, 1) == [("subtract", v, d, ty, tx) for ty in (1, 2) for tx in range(3)]
     # a task grid coarser than the tiles (shape unknown): the neighbours wrap around it
     coarse = visit_graph(spec, config, tmp_path, grid=VisitGrid(tiles=(2, 2), cells=3))
-    assert sorted([a for a in coarse[("decorrelate", v, d, 0, 0)] if isinstance(a, list)][0]) == [
-        ("subtract", v, d, ty, tx) for ty in range(2) for tx in range(2)]
+    assert deps(coarse, 0, 0, run_id="") == [("subtract", v, d, ty, tx) for ty in range(2) for tx in range(2)]
     assert _keys(coarse, "fit-cell") == [("fit-cell", v, d, i) for i in range(3)]
-    assert write_key(v, d) == ("write", v, d)
-    # stable: the same keys and the same tasks for another build (the run id is an argument, not a key)
+    assert write_key(v, d) in coarse and stage_of(write_key(v, d)) == "write"
+    # stable within a run (the same keys for another build); another run's keys are all different, so two
+    # runs on one shared scheduler never share a task or its result
+    assert list(visit_graph(spec, config, tmp_path, run_id="a")) == list(dsk)
     again = visit_graph(spec, config, tmp_path, run_id="b")
-    assert list(again) == list(dsk)
+    assert len(again) == len(dsk) and not set(again) & set(dsk)
+    assert sorted((stage_of(k), *k[1:]) for k in again) == sorted((stage_of(k), *k[1:]) for k in dsk)
 
     # spatially varying decorrelation runs on the whole difference: no per-tile decorrelate tasks
     sv = visit_graph(spec, _config(spatially_varying=True), tmp_path)
@@ -107,7 +112,7 @@ def test_keys_name_stage_visit_detector_and_tile(spec, tmp_path):
     # the score methods: one subtract task, then the same detection tiles, catalogue and write
     for method in ("zogy", "al-preconvolve"):
         zg = visit_graph(spec, _config(method), tmp_path)
-        assert sorted({k[0] for k in zg}) == ["catalog", "detect", "detect-prepare", "prepare", "psf", "subtract",
+        assert sorted({stage_of(k) for k in zg}) == ["catalog", "detect", "detect-prepare", "prepare", "psf", "subtract",
                                               "template", "write"]
         assert _keys(zg, "subtract") == [("subtract", v, d)]
         assert len(_keys(zg, "detect")) == 9
@@ -150,7 +155,7 @@ def test_graph_equals_the_in_process_subtraction(spec, inputs, tmp_path):
         coarse = visit_graph(spec, config, tmp_path / f"coarse{i}", run_id="r2", grid=grid)
         assert len(_keys(coarse, "subtract")) == grid.tiles[0] * grid.tiles[1]
         assert len(_keys(coarse, "fit-cell")) == grid.cells
-        assert dask.get(coarse, write_key(spec.visit, spec.detector))["status"] == "done"
+        assert dask.get(coarse, write_key(spec.visit, spec.detector, "r2"))["status"] == "done"
         folder2 = visit_dir(tmp_path / f"coarse{i}", spec.visit, spec.detector)
         for a, b in zip(read_exposure(folder2 / "difference.fits").arrays(), written):
             np.testing.assert_array_equal(a, b)
@@ -158,7 +163,7 @@ def test_graph_equals_the_in_process_subtraction(spec, inputs, tmp_path):
 
     # a rerun of the write task of the same run does not install again (exactly once)
     before = (folder / "_outputs.json").stat().st_mtime_ns
-    again = dask.get(visit_graph(spec, config, tmp_path / "out", run_id="r1"), write_key(spec.visit, spec.detector))
+    again = dask.get(visit_graph(spec, config, tmp_path / "out", run_id="r1"), write_key(spec.visit, spec.detector, "r1"))
     assert again["status"] == "done" and again["reason"] == "written by an earlier attempt of this run"
     assert (folder / "_outputs.json").stat().st_mtime_ns == before
 
@@ -206,7 +211,7 @@ def test_a_permanent_error_becomes_a_value_that_reaches_the_write_task(spec, tmp
     config = _config()
     dsk = build_batch_graph([bad], config, tmp_path / "out", run_id="r")
     assert len(_keys(dsk, "subtract")) == 1  # shape unknown here: one task for all tiles
-    catalog, record = dask.get(dsk, [("catalog", 9, 1), ("write", 9, 1)])
+    catalog, record = dask.get(dsk, [task_key("catalog", 9, 1, run_id="r"), write_key(9, 1, "r")])
     assert isinstance(catalog, StageFailure) and catalog.stage == "template" and catalog.error == "InputError"
     assert record["status"] == "failed" and record["error"] == "InputError" and "junk.fits" in record["reason"]
     assert not visit_dir(tmp_path / "out", 9, 1).exists()
