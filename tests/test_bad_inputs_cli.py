@@ -235,7 +235,8 @@ def _status(p: psutil.Process) -> str:
 
 def _stop_after(cmd: list, wait_s: float, signum: int, ready=None):
     """Start ``cmd``, send ``signum`` after ``wait_s`` s (or once ``ready()``), and return
-    (returncode, output, seconds from the signal to the exit of the process and all its children)."""
+    (returncode, output, seconds from the signal to the process's exit); fails if a child process is still
+    running 2 s after the signal."""
     proc = subprocess.Popen([*CLI, *map(str, cmd)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     t0 = time.monotonic()
     while time.monotonic() - t0 < wait_s and proc.poll() is None and not (ready and ready()):
@@ -249,8 +250,9 @@ def _stop_after(cmd: list, wait_s: float, signum: int, ready=None):
     finally:
         if proc.poll() is None:
             proc.kill()
-    _, alive = psutil.wait_procs(children, timeout=max(0.0, 2.0 - (time.monotonic() - t_signal)))
     gone = time.monotonic() - t_signal
+    # the children too must have exited by 2 s after the signal
+    _, alive = psutil.wait_procs(children, timeout=max(0.0, 2.0 - (time.monotonic() - t_signal)))
     running = [p for p in alive if _status(p) not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)]
     for p in running:  # (a zombie has exited; it waits for whoever adopted it to reap it)
         p.kill()
