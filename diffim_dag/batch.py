@@ -63,7 +63,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .config import PipelineConfig, config_to_dict
+from .config import LOCAL_CLUSTER, PipelineConfig, config_to_dict
 from .errors import DiffimError, InputError
 from .io.outputs import (OUTPUTS_MANIFEST, check_output_root, file_entry, install, register_cleanup, sha256,
                          unregister_cleanup)
@@ -628,8 +628,10 @@ def _failure_record(spec: VisitSpec, exc: BaseException, retries: int, wall: flo
 
 
 def _scheduler_for(scheduler: str | None, config: PipelineConfig) -> str | None:
-    """--scheduler, else the pipeline's cluster.scheduler, else DASK_SCHEDULER_ADDRESS (set by a DaskJob)."""
-    return scheduler or config.cluster.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
+    """--scheduler, else the pipeline's cluster.scheduler, else DASK_SCHEDULER_ADDRESS (set by a DaskJob);
+    None (a new LocalCluster) for none of them or ``"local"``."""
+    found = scheduler or config.cluster.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
+    return None if found == LOCAL_CLUSTER else found
 
 
 def kubernetes_cluster(spec: str, config: PipelineConfig):

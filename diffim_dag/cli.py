@@ -34,7 +34,9 @@ def _common(p: argparse.ArgumentParser, *, out_default: str | None = None) -> No
                    help="override a config field, e.g. -c kernel.spatial_kernel_order=2 (repeatable)")
     p.add_argument("--method", choices=("al", "al-preconvolve", "zogy"),
                    help="subtraction method (default: the pipeline's, else al)")
-    p.add_argument("--scheduler", metavar="ADDRESS", help="address of a running Dask scheduler (default: a LocalCluster)")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="tcp://HOST:PORT of a running Dask scheduler, or 'local' for a new LocalCluster "
+                        "(default: the pipeline's cluster.scheduler, else this process's threads)")
     p.add_argument("--out", metavar="DIR", default=out_default, required=out_default is None, help="output folder")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
 
@@ -101,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field (repeatable)")
     p.add_argument("--scheduler", metavar="ADDRESS",
-                   help="tcp://HOST:PORT of a running Dask scheduler, or kubernetes://NAME?n_workers=N "
+                   help="tcp://HOST:PORT of a running Dask scheduler, kubernetes://NAME?n_workers=N, or 'local' "
                         "(default: the pipeline's cluster.scheduler, $DASK_SCHEDULER_ADDRESS, else a LocalCluster)")
     p.add_argument("--method", choices=("al", "al-preconvolve", "zogy"),
                    help="subtraction method (default: the pipeline's)")

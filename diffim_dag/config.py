@@ -430,11 +430,17 @@ class ZogyConfig:
 
 
 
+#: ``cluster.scheduler`` / ``--scheduler`` value that asks for a new LocalCluster.
+LOCAL_CLUSTER = "local"
+
+
 @dataclass(frozen=True, kw_only=True)
 class ClusterConfig:
     """Where the graphs run."""
 
-    scheduler: str | None = None  # address of an existing scheduler; None → LocalCluster
+    # an existing scheduler's address, or "local" for a new LocalCluster; None → `subtract`/`demo` run in
+    # this process (threads), `run` starts a LocalCluster
+    scheduler: str | None = None
     n_workers: int | None = None  # LocalCluster workers (default: cores)
     threads_per_worker: int = 1
     memory_limit: str = "auto"
