@@ -389,7 +389,9 @@ def template_stage(spec: VisitSpec, config: PipelineConfig, out_dir: str, run_id
     t_read = time.perf_counter() - t0
     t0 = time.perf_counter()
     template, warp_metrics = prepare_template(science, template, store=spec.template_store,
-                                              min_coverage=config.subtract.min_template_coverage)
+                                              min_coverage=config.subtract.min_template_coverage,
+                                              tile=config.subtract.tile_size,
+                                              workers=config.cluster.threads_per_worker)
     timings = {"read": t_read, "template_warp": time.perf_counter() - t0}
     return PreparedExposures(science=science, template=template, metrics=warp_metrics, timings=timings)
 

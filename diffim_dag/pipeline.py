@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -1177,7 +1178,9 @@ def _prepare_and_subtract(science, template, config, client, warp, template_stor
     from .stages.template import prepare_template
 
     t0 = time.perf_counter()
-    template, warp_metrics = prepare_template(science, template, store=template_store, warp=warp)
+    template, warp_metrics = prepare_template(science, template, store=template_store, warp=warp,
+                                              min_coverage=config.subtract.min_template_coverage,
+                                              tile=config.subtract.tile_size, workers=os.cpu_count() or 1)
     t_warp = time.perf_counter() - t0
     result = subtract(science, template, config=config, client=client, detect=True)
     result.metrics["template"] = warp_metrics
