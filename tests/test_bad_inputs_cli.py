@@ -430,3 +430,30 @@ def test_worker_watchdog_fires_once_after_the_timeout_and_not_while_workers_exis
         assert calls2 == []  # never 2.5 s in a row without a worker
     finally:
         dog2.stop()
+
+
+def test_a_local_cluster_whose_worker_is_killed_mid_run_still_ends(tmp_path):
+    """`run` on its own LocalCluster: its only worker process is SIGKILLed after the first visit (as the
+    OOM killer would). The nanny restarts it and the run finishes every visit, with no traceback and no hang."""
+    manifest = _batch_inputs(tmp_path / "in", 4)
+    out = tmp_path / "out"
+    run = subprocess.Popen([*CLI, "run", "pipelines/al.yaml", "--manifest", str(manifest), "--out", str(out),
+                            "--no-progress", "--workers", "1", "-c", "cluster.no_worker_timeout=4"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        t0 = time.monotonic()
+        while not _installed(out) and run.poll() is None and time.monotonic() - t0 < 240:
+            time.sleep(0.2)
+        assert run.poll() is None, run.stdout.read()[-3000:]
+        workers = [p for p in _children(run.pid) if "resource_tracker" not in " ".join(p.cmdline())]
+        assert workers
+        for p in workers:
+            p.kill()
+        run.wait(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    text = run.stdout.read()
+    assert "Traceback" not in text, text[-3000:]
+    assert run.returncode == 0, text[-3000:]
+    assert len(_installed(out)) == 4
