@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace what --out holds (an earlier output set, or other files) as a whole")
 
-    p = sub.add_parser("demo", help="simulate a pair and run every built stage on a LocalCluster")
+    p = sub.add_parser("demo", help="simulate a pair and run every built stage (in this process, or on --scheduler)")
     _common(p, out_default="demo_out")
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--seed", type=int, default=1)
@@ -208,11 +208,9 @@ def _cmd_simulate(args) -> int:
 
 def _cmd_subtract(args) -> int:
     from .config import load_config
-    from .pipeline import run_subtraction
-
     from .errors import InputError
-
     from .io.outputs import check_output_dir
+    from .pipeline import run_subtraction
 
     config = load_config(args.pipeline, _overrides(args))
     if (args.template is None) == (args.template_store is None):

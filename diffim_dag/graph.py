@@ -24,6 +24,7 @@ on to its ``write`` task (:func:`run_stage`).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -499,6 +500,7 @@ def _detect_task(inputs, ty: int, tx: int, nty: int, ntx: int):
     return detect_tiles_stage(inputs, own)
 
 
+@functools.lru_cache(maxsize=64)  # one hash per run, not per task key
 def run_token(run_id: str) -> str:
     """The token every task key of a run carries (32 hex digits of the run id's SHA-256).
 

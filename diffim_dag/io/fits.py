@@ -151,9 +151,9 @@ def _info_to_header(info: ExposureInfo, header: fits.Header) -> None:
 
 def _plane_bit(key: str, value, source: str) -> int:
     """The bit number of an ``MP_*`` keyword, or an :class:`InputError` naming the keyword."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= int(value) < 32:
-        if not (isinstance(value, float) and value.is_integer() and 0 <= value < 32):
-            raise InputError(f"{source}: keyword {key} = {value!r} is not a mask bit number (0–31)")
+    whole = isinstance(value, (int, np.integer)) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not whole or not 0 <= value < 32:
+        raise InputError(f"{source}: keyword {key} = {value!r} is not a mask bit number (0–31)")
     return int(value)
 
 
