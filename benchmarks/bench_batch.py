@@ -33,6 +33,7 @@ def main(argv=None) -> int:
 
     from diffim_dag.batch import build_batch_graph, read_manifest, run_batch, simulate_batch
     from diffim_dag.config import load_config
+    from diffim_dag.graph import stage_of
 
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_batch_"))
     try:
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
         config = load_config(args.pipeline)
         t0 = time.perf_counter()
         graph = build_batch_graph(specs, config, root / "graph_out")
-        stages = sorted({k[0] for k in graph})
+        stages = sorted({stage_of(k) for k in graph})
         print(f"batch graph: {len(graph)} tasks for {len(specs)} visits ({', '.join(stages)}), "
               f"built in {time.perf_counter() - t0:.2f} s", flush=True)
         del graph
