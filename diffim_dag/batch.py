@@ -91,6 +91,7 @@ log = logging.getLogger(__name__)
 
 #: Name of the batch report in the output folder.
 RUN_REPORT = "run_report.json"
+INJECTED_DIR = "injected"  # a run with fakes writes DIR/injected/…, never over the clean run's DIR/visit=…
 #: Folder (under the output folder) of the batch's DiaSource dataset.
 DIA_SOURCE_DATASET = "dia_sources"
 STATUSES = ("done", "skipped", "failed")
@@ -256,6 +257,7 @@ class VisitRecord:
     wall_s: float = 0.0
     n_dia_sources: int | None = None
     worker: str | None = None
+    injection: dict | None = None  # with fakes: the visit's completeness figures
 
     @property
     def key(self) -> str:
@@ -429,11 +431,12 @@ def score_subtract_stage(prepared, config: PipelineConfig):
     return subtract_prepared(prepared, config=config, client=None, tiled=False, detect=False)
 
 
-def write_stage(spec: VisitSpec, config: PipelineConfig, out_dir: str, run_id: str, result, catalog) -> dict:
+def write_stage(spec: VisitSpec, config: PipelineConfig, out_dir: str, run_id: str, result, catalog,
+                injection=None) -> dict:
     """The last task of a visit: write its outputs and install them atomically; returns the visit's record (a dict).
 
     ``result`` is the :class:`~diffim_dag.pipeline.SubtractionResult` (without DiaSources) and
-    ``catalog`` the :class:`~diffim_dag.pipeline.CatalogStage`, or a
+    ``catalog`` the :class:`~diffim_dag.pipeline.CatalogStage` (``injection``: the matched fakes, or None), or a
     :class:`~diffim_dag.graph.StageFailure` (→ a ``failed`` record) or
     :class:`~diffim_dag.graph.AlreadyWritten` (→ ``done``, nothing written) handed on by an earlier stage.
     Outputs go to a hidden temporary folder, get checksummed into ``_outputs.json`` and the folder is
@@ -441,13 +444,13 @@ def write_stage(spec: VisitSpec, config: PipelineConfig, out_dir: str, run_id: s
     Permanent errors while writing become a ``failed`` record; anything else is raised (retried).
     """
     from .graph import AlreadyWritten, StageFailure
-    from .pipeline import judge_result, with_catalog, write_outputs
+    from .pipeline import judge_result, with_catalog, with_injection, write_outputs
 
     t0 = time.perf_counter()
     root = Path(out_dir)
     final = visit_dir(root, spec.visit, spec.detector)
     worker = _worker_name()
-    marker = next((a for a in (result, catalog) if isinstance(a, (StageFailure, AlreadyWritten))), None)
+    marker = next((a for a in (result, catalog, injection) if isinstance(a, (StageFailure, AlreadyWritten))), None)
     if isinstance(marker, StageFailure):
         return VisitRecord(spec.visit, spec.detector, "failed", reason=marker.reason, error=marker.error,
                            worker=worker).to_dict()
@@ -459,7 +462,7 @@ def write_stage(spec: VisitSpec, config: PipelineConfig, out_dir: str, run_id: s
                            outputs={k: v["path"] for k, v in existing["files"].items()},
                            wall_s=time.perf_counter() - t0, n_dia_sources=existing.get("n_dia_sources"),
                            worker=worker).to_dict()
-    result = judge_result(with_catalog(result, catalog), config)
+    result = judge_result(with_injection(with_catalog(result, catalog), injection), config)
     catalog = result.dia_sources = result.dia_sources.copy()  # the catalog task's frame stays as it was
     # the manifest is the authority on (visit, detector)
     catalog["visit"] = spec.visit
@@ -501,7 +504,20 @@ def write_stage(spec: VisitSpec, config: PipelineConfig, out_dir: str, run_id: s
     # the visit's compute time: the sum of its stages' wall times (tasks may have run on several workers)
     wall = float(sum(v for v in result.metrics.get("timings_s", {}).values() if isinstance(v, (int, float))))
     return VisitRecord(spec.visit, spec.detector, "done", outputs={k: v["path"] for k, v in files.items()},
-                       wall_s=wall + time.perf_counter() - t0, n_dia_sources=n_real, worker=worker).to_dict()
+                       wall_s=wall + time.perf_counter() - t0, n_dia_sources=n_real, worker=worker,
+                       injection=_injection_figures(result.metrics.get("injection"))).to_dict()
+
+
+def _injection_figures(summary: dict | None) -> dict | None:
+    """The per-visit fakes figures of the run report."""
+    if not summary:
+        return None
+    return {"n_injected": summary.get("n_injected"), "n_recovered": summary.get("n_recovered"),
+            "m50": summary.get("m50"), "m90": summary.get("m90"),
+            "limiting_magnitude_5sigma": summary.get("limiting_magnitude_5sigma"),
+            "completeness_snr_ge_10": summary.get("completeness_snr_ge_10"),
+            "flux_median_ratio": (summary.get("flux") or {}).get("median_ratio"),
+            "median_offset_px": (summary.get("astrometry") or {}).get("median_offset_px")}
 
 
 def process_visit(spec: VisitSpec, config: PipelineConfig, out_dir: str, *, run_id: str = "") -> dict:
@@ -559,6 +575,7 @@ class BatchReport:
     manifest: str = ""
     pipeline: dict = field(default_factory=dict)
     dataset: str | None = None
+    injection: dict | None = None  # with fakes: the survey-level completeness summary
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.records)
@@ -583,6 +600,7 @@ class BatchReport:
             "counts": {s: self.count(s) for s in STATUSES}, "n_visits": len(self.records),
             "n_dia_sources": self.n_dia_sources, "throughput_visits_per_minute": self.throughput_per_minute,
             "dia_source_dataset": self.dataset, "pipeline": self.pipeline,
+            **({"injection": self.injection} if self.injection is not None else {}),
             "entries": [r.to_dict() for r in self.records],
         }
 
@@ -595,9 +613,16 @@ class BatchReport:
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(row[:5], widths)) + "  " + row[5] for row in rows)
 
     def summary(self) -> str:
-        return (f"{len(self.records)} visits: {self.count('done')} done, {self.count('skipped')} skipped, "
+        line = (f"{len(self.records)} visits: {self.count('done')} done, {self.count('skipped')} skipped, "
                 f"{self.count('failed')} failed; {self.n_dia_sources} DiaSources; wall time {self.wall_s:.1f} s; "
                 f"throughput {self.throughput_per_minute:.1f} visits/min on {self.n_workers} worker(s)")
+        j = self.injection
+        if j and j.get("n_injected"):
+            fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+            line += (f"\nfakes: {j['n_recovered']}/{j['n_injected']} recovered over {j['n_visits']} visits; blank sky "
+                     f"50 % at {fmt(j.get('m50'))} mag (median 5σ limit {fmt(j.get('limiting_magnitude_5sigma'))}), "
+                     f"90 % at {fmt(j.get('m90'))}; table and plot in {self.out_dir}")
+        return line
 
 
 class _Progress:
@@ -789,6 +814,8 @@ def run_batch(
     t_start = time.perf_counter()
     config = config or PipelineConfig()
     out = check_output_root(out_dir)  # before any work
+    if config.fakes.enabled:  # the injected run is its own output set: the clean outputs stay as they are
+        out = check_output_root(out / INJECTED_DIR)
     manifest_path = ""
     if isinstance(specs, (str, os.PathLike)):
         manifest_path = os.fspath(specs)
@@ -851,8 +878,36 @@ def run_batch(
                          scheduler=address, n_workers=n_w, manifest=manifest_path, pipeline=config_to_dict(config))
     ds = out / DIA_SOURCE_DATASET
     report.dataset = str(ds) if ds.is_dir() else None
+    if config.fakes.enabled:
+        report.injection = _survey_completeness(out, specs, records)
     atomic_write_text(out / RUN_REPORT, json.dumps(report.to_dict(), indent=2, default=str))
     return report
+
+
+def _survey_completeness(out: Path, specs: Sequence[VisitSpec], records: dict) -> dict:
+    """One completeness table and plot over every finished visit's fakes (``out/injection.parquet``,
+    ``out/completeness.csv``, ``out/plots/completeness.png``); the survey-level summary."""
+    import pandas as pd
+
+    from .io.atomic import atomic_path
+    from .stages.inject import survey_summary, write_completeness
+
+    tables = []
+    for s in specs:
+        path = visit_dir(out, s.visit, s.detector) / "injection.parquet"
+        if records.get(s.key, {}).get("status") in ("done", "skipped") and path.exists():
+            t = pd.read_parquet(path)
+            t.insert(0, "detector", s.detector)
+            t.insert(0, "visit", s.visit)
+            tables.append(t)
+    table, summary = survey_summary(tables)
+    if len(table):
+        with atomic_path(out / "injection.parquet") as tmp:
+            table.to_parquet(tmp, index=False)
+        paths = write_completeness(table, summary, out, title=f"{summary['n_recovered']}/{summary['n_injected']} fakes "
+                                   f"recovered over {summary['n_visits']} visits")
+        summary["files"] = {"injection": "injection.parquet", **{k: os.path.relpath(v, out) for k, v in paths.items()}}
+    return summary
 
 
 class _suppress:

@@ -38,7 +38,15 @@ def _common(p: argparse.ArgumentParser, *, out_default: str | None = None) -> No
                    help="tcp://HOST:PORT of a running Dask scheduler, or 'local' for a new LocalCluster "
                         "(default: the pipeline's cluster.scheduler, else this process's threads)")
     p.add_argument("--out", metavar="DIR", default=out_default, required=out_default is None, help="output folder")
+    _fakes_option(p)
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+
+
+def _fakes_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fakes", type=int, metavar="N",
+                   help="inject N fake point sources into the science (fakes.n; more in the pipeline's fakes: "
+                        "section) and measure their recovery: injection.parquet, completeness.csv, "
+                        "plots/completeness.png, metrics.json 'injection'")
 
 
 def _exposure_options(p: argparse.ArgumentParser, role: str) -> None:
@@ -111,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retries", type=int, default=2, help="retries of a visit after a transient error (default 2)")
     p.add_argument("--report", metavar="FILE.html", help="write Dask's performance report")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _fakes_option(p)
     p.add_argument("-v", "--verbose", action="count", default=0)
     return parser
 
@@ -178,8 +187,11 @@ def _print_info(path: str, desc: dict) -> None:
 
 
 def _overrides(args) -> list[str]:
-    """``-c`` overrides, with ``--method`` as ``method=…`` (it wins over the pipeline file)."""
+    """``-c`` overrides, with ``--method`` as ``method=…`` and ``--fakes N`` as ``fakes.n=N`` (they win over the
+    pipeline file)."""
     extra = [f"method={args.method}"] if getattr(args, "method", None) else []
+    if getattr(args, "fakes", None) is not None:
+        extra.append(f"fakes.n={args.fakes}")
     return list(args.overrides) + extra
 
 
@@ -250,7 +262,7 @@ def _cmd_run(args) -> int:
                        retries=args.retries, progress=not args.no_progress, report_html=args.report)
     print(report.table())
     print(report.summary())
-    print(f"wrote {Path(args.out) / 'run_report.json'}" + (f" and {args.report}" if args.report else ""))
+    print(f"wrote {Path(report.out_dir) / 'run_report.json'}" + (f" and {args.report}" if args.report else ""))
     return 0 if report.ok else 1
 
 

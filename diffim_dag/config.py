@@ -41,6 +41,7 @@ __all__ = [
     "DetectionConfig",
     "ClusterConfig",
     "ZogyConfig",
+    "FakesConfig",
     "PipelineConfig",
     "load_config",
     "config_to_dict",
@@ -164,7 +165,9 @@ class KernelSourceConfig:
     # isolated source whose stamp passes the other cuts.)
     extended_max_size_ratio: float = 2.0
     min_point_snr2: float = 1.0e5
-    bad_mask_planes: tuple[str, ...] = ("NO_DATA", "BAD", "SAT", "EDGE", "HIGH_VARIANCE")
+    # (a fake injected into one image only is no static source; planes an input lacks are skipped)
+    bad_mask_planes: tuple[str, ...] = ("NO_DATA", "BAD", "SAT", "EDGE", "HIGH_VARIANCE", "INJECTED",
+                                        "INJECTED_TEMPLATE")
 
     def __post_init__(self):
         n = type(self).__name__
@@ -431,6 +434,51 @@ class ZogyConfig:
 
 
 #: ``cluster.scheduler`` / ``--scheduler`` value that asks for a new LocalCluster.
+@dataclass(frozen=True, kw_only=True)
+class FakesConfig:
+    """Injection–recovery (``fakes:``): point sources added to the inputs before subtraction, then matched.
+
+    ``n`` fakes go into the science (positive in the difference) and ``n_template`` into the template
+    (sources that faded: negative), each rendered with its exposure's PSF at its position.  A fraction
+    ``galaxy_fraction`` sits on detected galaxies (offset from their centres), ``star_fraction`` beside
+    bright stars, the rest on blank sky (covered, unmasked, outside every detected footprint).  Their
+    brightness is uniform in magnitude over ``magnitude_range`` (AB, with ``zero_point`` or the header's)
+    or, when that is empty, over the S/N range ``snr_range`` predicted from both inputs' noise.  A fake
+    is recovered when a DiaSource of its sign lies within ``match_radius_fwhm`` × the difference PSF's
+    FWHM (at least 1.5 px).
+    """
+
+    n: int = 0
+    n_template: int = 0
+    seed: int = 0
+    snr_range: tuple[float, ...] = (2.0, 50.0)
+    magnitude_range: tuple[float, ...] = ()
+    zero_point: float | None = None  # AB mag of one science count; None: the header's (MAGZERO, …)
+    galaxy_fraction: float = 0.2
+    star_fraction: float = 0.15
+    min_separation_fwhm: float = 5.0  # between fakes (grown footprints of bright fakes closer than ~4 FWHM merge)
+    match_radius_fwhm: float = 1.0
+    poisson: bool = True  # add the fakes' photon noise at the variance plane's gain
+
+    def __post_init__(self):
+        n = type(self).__name__
+        _check(self.n >= 0 and self.n_template >= 0, n, "n", "fake counts must be ≥ 0")
+        _check(len(self.snr_range) == 2 and 0 < self.snr_range[0] < self.snr_range[1], n, "snr_range",
+               f"must be two increasing positive numbers, got {list(self.snr_range)}")
+        _check(len(self.magnitude_range) in (0, 2) and (not self.magnitude_range
+                                                        or self.magnitude_range[0] < self.magnitude_range[1]),
+               n, "magnitude_range", f"must be empty or two increasing magnitudes, got {list(self.magnitude_range)}")
+        _check(0 <= self.galaxy_fraction and 0 <= self.star_fraction
+               and self.galaxy_fraction + self.star_fraction <= 1, n, "galaxy_fraction",
+               "galaxy_fraction and star_fraction must be ≥ 0 and sum to ≤ 1")
+        _check(self.min_separation_fwhm > 0, n, "min_separation_fwhm", "must be > 0")
+        _check(self.match_radius_fwhm > 0, n, "match_radius_fwhm", "must be > 0")
+
+    @property
+    def enabled(self) -> bool:
+        return self.n + self.n_template > 0
+
+
 LOCAL_CLUSTER = "local"
 
 
@@ -468,6 +516,7 @@ class PipelineConfig:
     detection: DetectionConfig = field(default_factory=DetectionConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     zogy: ZogyConfig = field(default_factory=ZogyConfig)
+    fakes: FakesConfig = field(default_factory=FakesConfig)
 
     def __post_init__(self):
         _check(self.method in METHODS, "PipelineConfig", "method", f"must be one of {METHODS}, got {self.method!r}")

@@ -491,6 +491,10 @@ def _difference_task(prepared, kernel, config, tiles: list):
     return difference_stage(prepared, kernel, config, _merge(tiles))
 
 
+def _fakes_of(prepared):
+    return prepared.fakes
+
+
 def _detect_task(inputs, ty: int, tx: int, nty: int, ntx: int):
     from .pipeline import detect_tiles_stage
     from .stages.subtract import tile_grid
@@ -546,7 +550,11 @@ def visit_graph(spec, config, out_dir, *, run_id: str = "", grid: VisitGrid | No
     ``("difference", V, D)``                      assemble the planes, quality metrics
     ``("detect-prepare", V, D)``                  whole-image matched filter / significance
     ``("detect", V, D, ty, tx)``                  detect and measure the tile
+    ``("inject", V, D)``                          with ``fakes``: fake sources added (``al``: after the spatial
+                                                  solve; :func:`diffim_dag.pipeline.inject_stage`); the
+                                                  subtraction tasks read its pair
     ``("catalog", V, D)``                         stitch the tiles (footprints cut by tile edges), sky sources
+    ``("fakes", V, D)``, ``("match", V, D)``      with ``fakes``: the fakes' table; matched to the DiaSources
     ``("write", V, D)``                           write, checksum and install the outputs; the visit's record
     ============================================  ===============================================================
 
@@ -590,6 +598,7 @@ def visit_graph(spec, config, out_dir, *, run_id: str = "", grid: VisitGrid | No
     for index, role in enumerate(PSF_ROLES):
         task("psf", (index,), batch.psf_stage, key("template"), config, role)
     task("prepare", (), batch.prepare_stage, key("template"), key("psf", 0), key("psf", 1), config)
+    fakes = config.fakes.enabled
     if config.method == "al":
         prepared = key("prepare")
         task("kernel-sources", (), pipeline.kernel_sources_stage, prepared, config)
@@ -598,6 +607,9 @@ def visit_graph(spec, config, out_dir, *, run_id: str = "", grid: VisitGrid | No
         task("spatial-solve", (), pipeline.spatial_solve_stage, prepared, key("kernel-sources"),
              [key("fit-cell", i) for i in range(grid.cells)], config)
         kernel = key("spatial-solve")
+        if fakes:  # after the kernel fit (on the images without fakes), before the convolution
+            task("inject", (), pipeline.inject_stage, prepared, config, kernel)
+            prepared = key("inject")
         for ty, tx in tiles:
             task("subtract", (ty, tx), _subtract_task, prepared, kernel, config, ty, tx, nty, ntx)
         last = "subtract"
@@ -614,13 +626,22 @@ def visit_graph(spec, config, out_dir, *, run_id: str = "", grid: VisitGrid | No
         task("difference", (), _difference_task, prepared, kernel, config, [key(last, *t) for t in tiles])
         result = key("difference")
     else:
-        task("subtract", (), batch.score_subtract_stage, key("prepare"), config)
+        prepared = key("prepare")
+        if fakes:
+            task("inject", (), pipeline.inject_stage, prepared, config)
+            prepared = key("inject")
+        task("subtract", (), batch.score_subtract_stage, prepared, config)
         result = key("subtract")
     task("detect-prepare", (), pipeline.prepare_detection_stage, result, config)
     for ty, tx in tiles:
         task("detect", (ty, tx), _detect_task, key("detect-prepare"), ty, tx, nty, ntx)
     task("catalog", (), pipeline.catalog_stage, key("detect-prepare"), [key("detect", *t) for t in tiles])
-    dsk[write_key(v, d, run_id)] = (batch.write_stage, spec, config, out, run_id, result, key("catalog"))
+    injection = None
+    if fakes:
+        task("fakes", (), _fakes_of, key("inject"))  # the table alone travels to the match task
+        task("match", (), pipeline.match_stage, result, key("catalog"), key("fakes"), config)
+        injection = key("match")
+    dsk[write_key(v, d, run_id)] = (batch.write_stage, spec, config, out, run_id, result, key("catalog"), injection)
     return dsk
 
 

@@ -108,6 +108,7 @@ class SubtractionResult:
     metrics: dict
     dia_sources: object = None  # pandas.DataFrame (detect/measure), None when not run
     paths: dict = field(default_factory=dict)
+    injection: object = None  # stages.inject.InjectionResult when fakes were injected
 
     @property
     def solution(self) -> KernelSolution:
@@ -140,6 +141,13 @@ class SubtractionResult:
         if "dia_sources" in m:
             d = m["dia_sources"]
             lines.append(f"DiaSources: {d['n']} ({d['n_negative']} negative, {d['n_dipoles']} dipoles) + {d['n_sky_sources']} sky sources")
+        if "injection" in m:
+            j = m["injection"]
+            placed = "" if j["n_injected"] == j.get("n_requested") else f" (placed {j['n_injected']} of {j.get('n_requested')})"
+            lines.append(f"fakes: {j['n_recovered']}/{j['n_injected']} recovered{placed}; blank sky 50 % at {_fmt(j.get('m50'))} mag "
+                         f"(5σ limit {_fmt(j.get('limiting_magnitude_5sigma'))}, {j['magnitude_system']}), 90 % at "
+                         f"{_fmt(j.get('m90'))}; S/N ≥ 10 recovered {_fmt(j.get('completeness_snr_ge_10'))}; flux ratio "
+                         f"{_fmt(j['flux'].get('median_ratio'))} at S/N ≥ 20")
         for name, path in self.paths.items():
             lines.append(f"wrote {name}: {path}")
         return lines
@@ -204,9 +212,60 @@ class PreparedExposures:
     template: Exposure
     metrics: dict
     timings: dict
+    fakes: object = None  # pandas.DataFrame of the fakes injected (inject_stage), None without
 
     def __sizeof__(self) -> int:  # what Dask's memory accounting sees
         return 1024 + _nbytes(self.science) + _nbytes(self.template)
+
+
+def inject_stage(prepared, config: PipelineConfig, kernel=None):
+    """The ``inject`` stage: ``config.fakes`` point sources added to both exposures of ``prepared`` (a
+    :class:`PreparedPair` or :class:`PreparedExposures`; :func:`~diffim_dag.stages.inject.inject_fakes`),
+    returned with ``fakes``; ``prepared`` itself when no fakes are configured.
+
+    ``al`` injects after the spatial solve, so the kernel is fitted on the images without fakes (a fake
+    is no static source, and in a small image their masks would leave no kernel source); the score
+    methods inject before their subtraction.  No fake sits within the matching kernel's half-width
+    (``kernel``'s, else ``kernel.max_kernel_size``'s) of the edge, where the difference has no data.
+    """
+    import dataclasses
+
+    from .stages.inject import inject_fakes
+
+    if not config.fakes.enabled:
+        return prepared
+    t0 = time.perf_counter()
+    border = kernel.fit.solution.half_width if kernel is not None else config.kernel.max_kernel_size // 2
+    science, template, fakes = inject_fakes(prepared.science, prepared.template, config.fakes, border=border)
+    timings = {**prepared.timings, "inject": time.perf_counter() - t0}
+    return dataclasses.replace(prepared, science=science, template=template, fakes=fakes, timings=timings)
+
+
+def match_stage(result: SubtractionResult, catalog, fakes, config: PipelineConfig):
+    """The ``match`` stage: the fakes matched to the DiaSources (``catalog``: a :class:`CatalogStage` or a
+    DataFrame) of ``result`` (:func:`~diffim_dag.stages.inject.match_fakes`); None without fakes."""
+    from .stages.inject import match_fakes
+
+    if fakes is None:
+        return None
+    t0 = time.perf_counter()
+    dia = catalog.dia_sources if isinstance(catalog, CatalogStage) else catalog
+    injection = match_fakes(fakes, dia, result.difference, result.metrics, config.fakes)
+    injection.summary["seconds"] = time.perf_counter() - t0
+    return injection
+
+
+def with_injection(result: SubtractionResult, injection) -> SubtractionResult:
+    """``result`` with the matched fakes and their summary in ``metrics["injection"]`` (unchanged for None)."""
+    if injection is None:
+        return result
+    import dataclasses
+
+    metrics = {**result.metrics, "injection": {k: v for k, v in injection.summary.items() if k != "seconds"}}
+    timings = dict(metrics.get("timings_s", {}))
+    timings["match"] = injection.summary.get("seconds", 0.0)
+    metrics["timings_s"] = timings
+    return dataclasses.replace(result, injection=injection, metrics=metrics)
 
 
 def prepare_exposures(science: Exposure, template: Exposure, config: PipelineConfig, *,
@@ -296,6 +355,7 @@ class PreparedPair:
     mode: str
     metrics: dict
     timings: Timings
+    fakes: object = None  # pandas.DataFrame of the fakes injected after the kernel fit (inject_stage)
 
     def __sizeof__(self) -> int:  # what Dask's memory accounting sees
         return 1024 + _nbytes(self.science) + _nbytes(self.template)
@@ -870,6 +930,7 @@ def subtract_exposures(
     kernel = spatial_solve_stage(prepared, cells, [fit_cells_stage(cells, map_cells=map_cells)], config,
                                  map_cells=map_cells)
     del cells
+    prepared = inject_stage(prepared, config, kernel)
     if tiled:
         tiles = _tiled_difference(prepared, kernel, config, client)
     else:
@@ -884,6 +945,7 @@ def subtract_exposures(
         inputs = prepare_detection_stage(result, config)
         detected = detect_tiles_stage(inputs, map_tiles=tile_mapper(client) if tiled else None)
         result = with_catalog(result, catalog_stage(inputs, [detected]))
+        result = with_injection(result, match_stage(result, result.dia_sources, prepared.fakes, config))
     return result
 
 
@@ -909,7 +971,8 @@ def decorrelated_psf(psf, decorrelation_kernel: np.ndarray | None, bbox, *, node
             img = fftconvolve(img, k / k.sum(), mode="same")
         if decorrelation_kernel is not None:
             img = fftconvolve(img, decorrelation_kernel, mode="same")
-        img = np.clip(img, 0.0, None) if kernel_at is not None else img
+        # no clipping of negative pixels: clipping an estimated PSF's noisy wings adds a few % of spurious
+        # positive wing that the normalization takes from the core (PSF fluxes 5 % high, convolveScience)
         return img / img.sum()
 
     if kernel_at is None and isinstance(psf, (GaussianPsf, MoffatPsf, ImagePsf)):
@@ -983,6 +1046,13 @@ def write_outputs(result: SubtractionResult, out_dir, *, plots: bool = False, co
         from .stages.detect import write_dia_sources
 
         paths["dia_sources"] = Path(write_dia_sources(result.dia_sources, out / "dia_sources.parquet"))
+    if result.injection is not None:
+        from .stages.inject import write_completeness
+
+        with atomic_path(out / "injection.parquet") as tmp:
+            result.injection.table.to_parquet(tmp, index=False)
+        paths["injection"] = out / "injection.parquet"
+        paths.update(write_completeness(result.injection.table, result.injection.summary, out))
     if plots:
         paths.update(_write_plots(result, out / "plots"))
     result.metrics.setdefault("timings_s", {})["write"] = time.perf_counter() - t0
@@ -1145,17 +1215,20 @@ def subtract(science: Exposure, template: Exposure, *, config: PipelineConfig | 
     Runs :func:`prepare_exposures` (each input's sky removed; a PSF estimated where none is given)
     and then ``al`` (:func:`subtract_exposures`), ``al-preconvolve`` (score image) or ``zogy``
     (D and S_corr); the score methods return a result with a ``score`` exposure.  ``metrics``
-    gains ``sky`` and ``psf`` (what was removed, where each PSF came from).
+    gains ``sky`` and ``psf`` (what was removed, where each PSF came from).  With ``config.fakes``, fakes
+    are injected after those stages (:func:`inject_stage`) and matched after detection
+    (:func:`match_stage`): ``result.injection`` and ``metrics["injection"]``.
     """
     config = config or PipelineConfig()
     prepared = prepare_exposures(science, template, config, psfs=psfs)
-    result = subtract_prepared(prepared, config=config, client=client, tiled=tiled, detect=detect)
-    return result
+    return subtract_prepared(prepared, config=config, client=client, tiled=tiled, detect=detect)
 
 
 def subtract_prepared(prepared: PreparedExposures, *, config: PipelineConfig, client=None, tiled: bool = True,
                       detect: bool = True) -> SubtractionResult:
     """The method's subtraction of exposures that went through :func:`prepare_exposures`."""
+    if config.method != "al":  # (al injects after its kernel fit)
+        prepared = inject_stage(prepared, config)
     science, template = prepared.science, prepared.template
     if config.method == "al":
         result = subtract_exposures(science, template, config=config, client=client, tiled=tiled, detect=detect)
@@ -1168,6 +1241,8 @@ def subtract_prepared(prepared: PreparedExposures, *, config: PipelineConfig, cl
 
         result = subtract_zogy(science, template, config=config, zogy_config=config.zogy, client=client, tiled=tiled,
                                detect=detect)
+    if config.method != "al" and detect:
+        result = with_injection(result, match_stage(result, result.dia_sources, prepared.fakes, config))
     result.metrics = {**result.metrics, **prepared.metrics,
                       "timings_s": {**prepared.timings, **result.metrics.get("timings_s", {})}}
     return judge_result(result, config)

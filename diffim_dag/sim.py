@@ -69,6 +69,7 @@ from .exposure import Exposure, ExposureInfo, PhotoCalib
 from .io.atomic import atomic_path
 from .masks import MASK_DTYPE, MaskPlanes
 from .psf import FWHM_PER_SIGMA, GaussianPsf, MoffatPsf, Psf, VaryingPsf
+from .psf.render import point_source_stamps
 
 __all__ = [
     "SimConfig",
@@ -705,24 +706,12 @@ def _render(
     sizes: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Add ``flux × stamp`` at each position; return each stamp's effective area 1/ΣP² and peak."""
-    ny, nx = image.shape
-    x0, y0 = xy0
-    n = len(x)
-    neff = np.empty(n)
-    peak = np.empty(n)
-    for i in range(n):
-        xl, yl = x[i] - x0, y[i] - y0
-        ix, iy = int(math.floor(xl + 0.5)), int(math.floor(yl + 0.5))
-        size = int(sizes[i])
-        h = size // 2
-        stamp = psf.kernel_image(x[i], y[i], size=size, offset=(xl - ix, yl - iy))
-        neff[i] = 1.0 / float(np.sum(stamp * stamp))
-        peak[i] = float(stamp.max())
-        xa, xb, ya, yb = ix - h, ix + h + 1, iy - h, iy + h + 1
-        cxa, cxb, cya, cyb = max(xa, 0), min(xb, nx), max(ya, 0), min(yb, ny)
-        if cxa >= cxb or cya >= cyb or flux[i] == 0:
-            continue
-        image[cya:cyb, cxa:cxb] += (flux[i] * stamp[cya - ya : cyb - ya, cxa - xa : cxb - xa]).astype(image.dtype)
+    neff = np.empty(len(x))
+    peak = np.empty(len(x))
+    for s in point_source_stamps(x, y, flux, psf, xy0=xy0, shape=image.shape, sizes=sizes):
+        neff[s.index], peak[s.index] = s.neff, s.peak
+        if s.model.size:
+            image[s.window] += s.model.astype(image.dtype)
     return neff, peak
 
 

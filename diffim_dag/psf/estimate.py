@@ -92,7 +92,9 @@ def _odd(n: float) -> int:
     return n if n % 2 else n + 1
 
 
-def _sep_extract(data, threshold, err, mask):
+def sep_extract(data, threshold, err, mask, **options):
+    """``sep.extract`` (minimum area 5 px, deblending contrast 0.005) that grows sep's pixel buffer until the
+    image fits; ``options`` go to ``sep.extract`` (e.g. ``segmentation_map=True``)."""
     import sep
 
     pixstack = 1_000_000
@@ -100,7 +102,7 @@ def _sep_extract(data, threshold, err, mask):
     while True:
         sep.set_extract_pixstack(pixstack)
         try:
-            return sep.extract(data, threshold, err=err, mask=mask, minarea=5, deblend_cont=0.005)
+            return sep.extract(data, threshold, err=err, mask=mask, **{"minarea": 5, "deblend_cont": 0.005, **options})
         except Exception as exc:  # sep raises a bare Exception when its pixel buffer overflows
             if "pixel buffer full" not in str(exc) or pixstack >= 64_000_000:
                 raise
@@ -208,7 +210,7 @@ def find_psf_stars(image: np.ndarray, bad: np.ndarray | None = None, *, saturate
     bkg = measure_background(binned, bad_b, box=max(64 // b, 16))
     data_b = np.ascontiguousarray(np.where(bad_b, np.float32(0), binned - bkg.level), dtype=np.float32)
     rms_b = np.ascontiguousarray(np.maximum(bkg.rms, np.float32(1e-30)), dtype=np.float32)
-    objects = _sep_extract(data_b, float(config.detection_threshold), rms_b, bad_b)
+    objects = sep_extract(data_b, float(config.detection_threshold), rms_b, bad_b)
     del data_b
     n = len(objects)
     rejected = {c: 0 for c in STAR_CUTS}

@@ -64,10 +64,15 @@ def overlap_bbox(a: Exposure, b: Exposure) -> tuple[int, int, int, int]:
     return box
 
 
+def _bad_bits(exposure: Exposure, config: KernelSourceConfig) -> int:
+    """The bits of ``config.bad_mask_planes`` that ``exposure`` has."""
+    return exposure.bitmask([p for p in config.bad_mask_planes if p in exposure.mask_planes])
+
+
 def science_background(science: Exposure, config: KernelSourceConfig):
     """The mesh background of the science image (bad planes excluded), shared by detection and measurement."""
     img, _, msk = science.arrays()
-    bad = (msk & science.bitmask(list(config.bad_mask_planes))) != 0
+    bad = (msk & _bad_bits(science, config)) != 0
     return measure_background(img, bad, box=BACKGROUND_BOX)
 
 
@@ -97,7 +102,7 @@ def detect_sources(science: Exposure, config: KernelSourceConfig, background=Non
     import sep
 
     img, var, msk = science.arrays()
-    bad = (msk & science.bitmask(list(config.bad_mask_planes))) != 0
+    bad = (msk & _bad_bits(science, config)) != 0
     bkg = background if background is not None else science_background(science, config)
     data = np.ascontiguousarray(np.where(bad, np.float32(0), img - bkg.level), dtype=np.float32)
     cx, cy = science.center
@@ -256,7 +261,7 @@ def select_kernel_sources(
 
     checks = []
     for exp in (science, template):
-        bits = exp.bitmask(list(config.bad_mask_planes))
+        bits = _bad_bits(exp, config)
         checks.append(_stamp_checks(exp, ix, iy, half, bits))
     cut("outside", ~(checks[0][0] & checks[1][0]))
     cut("masked", ~(checks[0][1] & checks[1][1]))
