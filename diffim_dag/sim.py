@@ -150,6 +150,7 @@ _STREAMS = (
     "science_noise",
     "template_noise",
     "template_bad_columns",
+    "galaxies",
 )
 
 
@@ -260,6 +261,10 @@ class SimConfig:
         Stars whose noiseless peak pixel is ``saturated_peak`` × ``saturation`` (log-uniform).
     n_bad_columns, n_template_bad_columns
         Partial or full columns of junk (hot, dead or noisy) flagged ``BAD`` in the science / template.
+    n_galaxies, galaxy_flux, galaxy_radius
+        Static galaxies in both epochs: exponential discs (axis ratio 0.4–1, random angle) with science
+        counts log-uniform in ``galaxy_flux`` and half-light radius log-uniform in ``galaxy_radius`` (px),
+        convolved with each epoch's PSF (``kind == "galaxy"`` in the truth table).
     saturation : float
         Clipping level (raw counts, before any sky subtraction) of both images.
     band, visit, template_visit, detector, exposure_time, template_exposure_time, mjd_obs, template_mjd_obs
@@ -313,6 +318,10 @@ class SimConfig:
     saturated_peak: tuple[float, float] = (3.0, 30.0)
     n_bad_columns: int | None = None
     n_template_bad_columns: int = 0
+    # static galaxies: exponential discs (Sérsic n = 1) convolved with each epoch's PSF
+    n_galaxies: int = 0
+    galaxy_flux: tuple[float, float] = (5.0e3, 1.0e5)
+    galaxy_radius: tuple[float, float] = (2.0, 6.0)  # half-light radius, px
     saturation: float = 6.0e4
     # metadata
     band: str = "r"
@@ -351,6 +360,11 @@ class SimConfig:
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
                 _fail(name, f"must be a non-negative integer or None, got {v!r}")
             set_(name, int(v))
+        if isinstance(self.n_galaxies, bool) or not isinstance(self.n_galaxies, (int, np.integer)) or self.n_galaxies < 0:
+            _fail("n_galaxies", f"must be a non-negative integer, got {self.n_galaxies!r}")
+        set_("n_galaxies", int(self.n_galaxies))
+        set_("galaxy_flux", _range("galaxy_flux", self.galaxy_flux))
+        set_("galaxy_radius", _range("galaxy_radius", self.galaxy_radius))
         # stars
         for name in ("star_min_flux", "star_max_flux"):
             if not (_finite(getattr(self, name)) and getattr(self, name) > 0):
@@ -1132,6 +1146,9 @@ def simulate_pair(config: SimConfig | None = None, **overrides: Any) -> Simulate
     tmp_model = np.zeros((ny, nx), dtype=np.float32)
     tmp_sizes = _stamp_sizes(tmp_psf, tmp_x, tmp_y, tmp_f, sigma_t)
     tmp_neff, _ = _render(tmp_model, tmp_x, tmp_y, tmp_f, tmp_psf, xy0=xy0, sizes=tmp_sizes)
+    galaxies = _galaxies(config, rng["galaxies"])
+    _render_galaxies(sci_model, galaxies, sci_psf, config, "science")
+    _render_galaxies(tmp_model, galaxies, tmp_psf, config, "template")
 
     # --- noise, saturation, defects, masks -----------------------------------------------------
     planes = MaskPlanes()
@@ -1214,7 +1231,67 @@ def simulate_pair(config: SimConfig | None = None, **overrides: Any) -> Simulate
         sci_cols=sci_cols,
         tmp_cols=tmp_cols,
     )
+    if len(galaxies):
+        truth = _with_galaxies(truth, galaxies, config)
     return SimulatedPair(science=exposures["science"], template=exposures["template"], truth=truth, config=config)
+
+
+def _galaxies(config: SimConfig, r: np.random.Generator) -> pd.DataFrame:
+    """``n_galaxies`` static exponential discs: position, science flux, half-light radius, axis ratio, angle."""
+    n = int(config.n_galaxies)
+    x_min, x_max, y_min, y_max = config.bbox
+    return pd.DataFrame({
+        "x": r.uniform(x_min - 0.5, x_max - 0.5, n), "y": r.uniform(y_min - 0.5, y_max - 0.5, n),
+        "flux": _log_uniform(r, n, config.galaxy_flux), "r_e": _log_uniform(r, n, config.galaxy_radius),
+        "q": r.uniform(0.4, 1.0, n), "theta": r.uniform(0.0, math.pi, n),
+    })
+
+
+def _render_galaxies(model: np.ndarray, galaxies: pd.DataFrame, psf: Psf, config: SimConfig, epoch: str) -> None:
+    """Add each galaxy to ``model`` (in place): the disc sampled 3×3 per pixel of this epoch's grid (template
+    pixels mapped to the science frame, so a rotated template sees a rotated disc), scaled to its counts in
+    this epoch (÷ κ in the template), convolved with the PSF at its position."""
+    from scipy.signal import fftconvolve
+
+    if not len(galaxies):
+        return
+    ny, nx = model.shape
+    x0, y0 = config.xy0
+    b = 1.678  # exp(-b r / r_e) holds half its light within r_e
+    sub = (np.arange(3) - 1.0) / 3.0
+    for g in galaxies.itertuples():
+        cx, cy = (g.x, g.y) if epoch == "science" else (float(v[0]) for v in to_template(config, np.array([g.x]),
+                                                                                           np.array([g.y])))
+        kernel = psf.kernel_image(g.x, g.y)
+        h = int(math.ceil(6.0 * g.r_e)) + kernel.shape[0] // 2
+        ix, iy = int(math.floor(cx - x0 + 0.5)), int(math.floor(cy - y0 + 0.5))
+        u = (np.arange(-h, h + 1) + ix + x0)[None, :, None, None] + sub[None, None, None, :]
+        v = (np.arange(-h, h + 1) + iy + y0)[:, None, None, None] + sub[None, None, :, None]
+        u, v = np.broadcast_arrays(u, v)
+        xs, ys = (u, v) if epoch == "science" else from_template(config, u, v)
+        dx, dy = xs - g.x, ys - g.y
+        c, s = math.cos(g.theta), math.sin(g.theta)
+        a_ = (c * dx + s * dy) / g.r_e
+        b_ = (-s * dx + c * dy) / (g.r_e * g.q)
+        img = np.exp(-b * np.hypot(a_, b_)).mean(axis=(2, 3))
+        img *= (g.flux if epoch == "science" else g.flux / config.flux_scale) / img.sum()
+        img = fftconvolve(img, kernel, mode="same")
+        ya, xa = iy - h, ix - h
+        cya, cyb, cxa, cxb = max(ya, 0), min(iy + h + 1, ny), max(xa, 0), min(ix + h + 1, nx)
+        if cya < cyb and cxa < cxb:
+            model[cya:cyb, cxa:cxb] += img[cya - ya:cyb - ya, cxa - xa:cxb - xa].astype(model.dtype)
+
+
+def _with_galaxies(truth: pd.DataFrame, galaxies: pd.DataFrame, config: SimConfig) -> pd.DataFrame:
+    """The truth table with one ``galaxy`` row per disc (static: no difference flux)."""
+    tx, ty = to_template(config, galaxies["x"].to_numpy(), galaxies["y"].to_numpy())
+    rows = pd.DataFrame({"kind": "galaxy", "epoch": "both", "x": galaxies["x"], "y": galaxies["y"],
+                         "template_x": tx, "template_y": ty, "science_flux": galaxies["flux"],
+                         "template_flux": galaxies["flux"] / config.flux_scale, "difference_flux": 0.0,
+                         "half_light_radius": galaxies["r_e"], "axis_ratio": galaxies["q"]})
+    out = pd.concat([truth, rows], ignore_index=True)
+    out["id"] = np.arange(1, len(out) + 1, dtype=out["id"].dtype if "id" in truth else np.int64)
+    return out
 
 
 def _neff_at(psf: Psf, x: np.ndarray, y: np.ndarray, xy0: tuple[int, int]) -> np.ndarray:

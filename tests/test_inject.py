@@ -118,7 +118,9 @@ def _cli(*args, timeout=600):
 @pytest.mark.parametrize("broader", ["science", "template"])
 def test_cli_fakes_on_raw_plain_fits(tmp_path, broader):
     """``diffim-dag subtract SCI TMP --out DIR --fakes 300`` on raw-sky plain FITS without PSF or keywords."""
-    fwhm = [] if broader == "science" else ["--set", "science_fwhm=2.8", "--set", "template_fwhm=3.8"]
+    # template broader: also galaxies (fakes on them) and a flux scale ≠ 1
+    fwhm = [] if broader == "science" else ["--set", "science_fwhm=2.8", "--set", "template_fwhm=3.8",
+                                            "--set", "n_galaxies=60", "--set", "flux_scale=1.3"]
     r = _cli("simulate", "--size", "1024", "--seed", "5", "--layout", "plain", "--no-psf", "--no-keywords",
              "--set", "sky_subtracted=false", *fwhm, "--out", str(tmp_path / "in"))
     assert r.returncode == 0, r.stderr
@@ -135,10 +137,31 @@ def test_cli_fakes_on_raw_plain_fits(tmp_path, broader):
     assert j["completeness_snr_ge_10"] >= 0.97
     assert abs(j["flux"]["median_ratio"] - 1) <= 0.01
     assert j["astrometry"]["median_offset_px_snr_ge_20"] <= 0.1
+    assert abs(j["astrometry"]["median_dx_px"]) <= 0.05 and abs(j["astrometry"]["median_dy_px"]) <= 0.05
+    if broader == "template":
+        assert j["by_environment"]["galaxy"]["n"] >= 20
     table = pd.read_parquet(out / "injection.parquet")
     assert len(table) == 300 and table["matched"].sum() == j["n_recovered"]
     assert (out / "plots" / "completeness.png").stat().st_size > 10_000
     assert set(pd.read_csv(out / "completeness.csv")["environment"]) >= {"all", "blank"}
+
+
+def test_simulated_galaxies_are_static_discs_in_both_epochs():
+    base = SimConfig(size=256, seed=3, sky_subtracted=True, flux_scale=1.5, n_stars=20)
+    with_gal = simulate_pair(base.replace(n_galaxies=3, galaxy_radius=(3.0, 3.0)))
+    without = simulate_pair(base)
+    gal = with_gal.truth[with_gal.truth["kind"] == "galaxy"]
+    assert len(gal) == 3 and (gal["difference_flux"] == 0).all()
+    assert np.allclose(gal["template_flux"], gal["science_flux"] / 1.5)
+    for epoch in ("science", "template"):
+        added = getattr(with_gal, epoch).arrays()[0] - getattr(without, epoch).arrays()[0]
+        for _, g in gal.iterrows():
+            x, y = (g.x, g.y) if epoch == "science" else (g.template_x, g.template_y)
+            ix, iy = int(round(x)), int(round(y))
+            if 30 <= ix < 226 and 30 <= iy < 226:  # wholly inside: the flux is there (noise aside)
+                box = added[iy - 25:iy + 26, ix - 25:ix + 26]
+                want = g.science_flux if epoch == "science" else g.template_flux
+                assert box.sum() == pytest.approx(want, rel=0.05)
 
 
 @pytest.mark.slow
