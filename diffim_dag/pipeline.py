@@ -249,8 +249,10 @@ def match_stage(result: SubtractionResult, catalog, fakes, config: PipelineConfi
     if fakes is None:
         return None
     t0 = time.perf_counter()
-    dia = catalog.dia_sources if isinstance(catalog, CatalogStage) else catalog
-    injection = match_fakes(fakes, dia, result.difference, result.metrics, config.fakes)
+    dia, metrics = catalog, result.metrics
+    if isinstance(catalog, CatalogStage):
+        dia, metrics = catalog.dia_sources, {**result.metrics, **catalog.metrics}
+    injection = match_fakes(fakes, dia, result.difference, metrics, config.fakes)
     injection.summary["seconds"] = time.perf_counter() - t0
     return injection
 
@@ -831,6 +833,11 @@ def with_catalog(result: SubtractionResult, catalog: CatalogStage) -> Subtractio
     metrics = {**result.metrics, **catalog.metrics}
     timings = dict(metrics.get("timings_s", {}))
     timings["detect_measure"] = timings.get("detect_measure", 0.0) + catalog.seconds
+    factor = catalog.metrics["dia_sources"].get("significance_stdev")
+    limits = metrics.get("limiting_magnitude") or {}
+    if factor and "difference" in limits and "noise_factor" not in limits["difference"]:
+        # the 5σ that detection reaches: σ as measured on the significance (correlated noise included)
+        metrics["limiting_magnitude"] = {**limits, "difference": st.detection_limit(limits["difference"], factor)}
     metrics["timings_s"] = timings
     return dataclasses.replace(result, dia_sources=catalog.dia_sources, metrics=metrics)
 

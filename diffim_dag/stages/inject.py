@@ -146,7 +146,7 @@ def place_fakes(science: Exposure, template: Exposure, config: FakesConfig, rng:
     """Positions of ``config.n + config.n_template`` fakes: ``x, y`` (parent pixels), ``environment``, ``image``.
 
     Blank-sky fakes are uniform over allowed pixels outside every footprint detected on either image
-    (dilated by one FWHM); galaxy fakes sit at 0.5–1.5 of a random galaxy's second-moment ellipse
+    (dilated by 2.5 FWHM, the reach of a bright fake's own grown footprint); galaxy fakes sit at 0.5–1.5 of a random galaxy's second-moment ellipse
     from its centre; star fakes 1–2.5 FWHM from a random bright star.  No two fakes are closer than
     ``min_separation_fwhm`` FWHM; where an environment has no host or no room, its share goes to
     blank sky, and fakes that fit nowhere are not placed (``summary["n_injected"]`` says how many did).
@@ -161,8 +161,8 @@ def place_fakes(science: Exposure, template: Exposure, config: FakesConfig, rng:
     ok = _allowed(science, template, fwhm, margin, border)
     objects, footprints = environment_catalog(science)
     footprints = footprints | environment_catalog(template)[1]  # blank: nothing detected in either image
-    r = max(1, int(math.ceil(fwhm)))
-    blank_ok = ok & ~_grow(footprints, r)
+    # blank: a bright fake's own grown footprint (~2.5 FWHM) does not reach a detected object's
+    blank_ok = ok & ~_grow(footprints, max(1, int(math.ceil(2.5 * fwhm))))
     n_total = config.n + config.n_template
     want = {"galaxy": int(round(config.galaxy_fraction * n_total)), "star": int(round(config.star_fraction * n_total))}
     want["blank"] = n_total - want["galaxy"] - want["star"]
@@ -399,7 +399,8 @@ def match_fakes(fakes: pd.DataFrame, dia_sources: pd.DataFrame, difference: Expo
         table[c] = v
     table["flux_ratio"] = table["psf_flux"] / table["flux_difference"]
     table["match_radius"] = radius
-    limit = _limit(difference)
+    factor = (metrics.get("dia_sources") or {}).get("significance_stdev") or 1.0
+    limit = _limit(difference) * factor  # the 5σ detection reaches (as metrics["limiting_magnitude"])
     table["limiting_flux_5sigma"] = limit
     zp = _table_zero_point(table)
     summary = {"n_requested": config.n + config.n_template,
@@ -408,7 +409,7 @@ def match_fakes(fakes: pd.DataFrame, dia_sources: pd.DataFrame, difference: Expo
 
 
 def _limit(difference: Exposure) -> float:
-    """The difference's 5σ point-source flux at its centre (as ``metrics["limiting_magnitude"]``)."""
+    """The difference's 5σ point-source flux at its centre from its variance plane (``limiting_magnitude``)."""
     from .subtract import limiting_magnitude
 
     img, var, msk = difference.arrays()

@@ -42,6 +42,7 @@ __all__ = [
     "difference_tile",
     "quality_metrics",
     "limiting_magnitude",
+    "detection_limit",
     "combine_tile",
     "convolve_planes",
     "DifferenceTile",
@@ -219,6 +220,16 @@ def limiting_magnitude(sigma_pixel: float, psf_image: np.ndarray, zero_point: fl
     flux = nsigma * sigma_pixel * math.sqrt(nea)
     mag = None if zero_point is None or not flux > 0 else zero_point - 2.5 * math.log10(flux)
     return {"flux": flux, "mag": mag, "nea_pixels": nea}
+
+
+def detection_limit(limit: dict, noise_factor: float) -> dict:
+    """A :func:`limiting_magnitude` entry with σ scaled by the measured noise of the detection significance
+    (its clipped standard deviation: > 1 where resampling correlated the noise), i.e. the 5σ that detection
+    reaches; ``flux_variance_plane`` keeps the variance plane's figure."""
+    flux = limit["flux"] * noise_factor
+    mag = None if limit.get("mag") is None else limit["mag"] - 2.5 * math.log10(noise_factor)
+    return {**limit, "flux": flux, "mag": mag, "noise_factor": noise_factor,
+            "flux_variance_plane": limit.get("flux_variance_plane", limit["flux"])}
 
 
 def quality_metrics(
