@@ -237,7 +237,8 @@ def inject_stage(prepared, config: PipelineConfig, kernel=None):
     t0 = time.perf_counter()
     border = kernel.fit.solution.half_width if kernel is not None else config.kernel.max_kernel_size // 2
     science, template, fakes = inject_fakes(prepared.science, prepared.template, config.fakes, border=border)
-    timings = {**prepared.timings, "inject": time.perf_counter() - t0}
+    fakes.attrs["seconds"] = time.perf_counter() - t0  # travels with the table to the match stage
+    timings = {**prepared.timings, "inject": fakes.attrs["seconds"]}
     return dataclasses.replace(prepared, science=science, template=template, fakes=fakes, timings=timings)
 
 
@@ -254,6 +255,7 @@ def match_stage(result: SubtractionResult, catalog, fakes, config: PipelineConfi
         dia, metrics = catalog.dia_sources, {**result.metrics, **catalog.metrics}
     injection = match_fakes(fakes, dia, result.difference, metrics, config.fakes)
     injection.summary["seconds"] = time.perf_counter() - t0
+    injection.summary["inject_seconds"] = fakes.attrs.get("seconds")
     return injection
 
 
@@ -263,9 +265,12 @@ def with_injection(result: SubtractionResult, injection) -> SubtractionResult:
         return result
     import dataclasses
 
-    metrics = {**result.metrics, "injection": {k: v for k, v in injection.summary.items() if k != "seconds"}}
+    metrics = {**result.metrics, "injection": {k: v for k, v in injection.summary.items()
+                                               if k not in ("seconds", "inject_seconds")}}
     timings = dict(metrics.get("timings_s", {}))
     timings["match"] = injection.summary.get("seconds", 0.0)
+    if injection.summary.get("inject_seconds") is not None:
+        timings["inject"] = injection.summary["inject_seconds"]
     metrics["timings_s"] = timings
     return dataclasses.replace(result, injection=injection, metrics=metrics)
 

@@ -137,6 +137,7 @@ def test_cli_fakes_on_raw_plain_fits(tmp_path, broader):
     assert j["completeness_snr_ge_10"] >= 0.97
     assert abs(j["flux"]["median_ratio"] - 1) <= 0.01
     assert j["astrometry"]["median_offset_px_snr_ge_20"] <= 0.1
+    assert m["timings_s"]["inject"] > 0 and m["timings_s"]["match"] > 0
     assert abs(j["astrometry"]["median_dx_px"]) <= 0.05 and abs(j["astrometry"]["median_dy_px"]) <= 0.05
     if broader == "template":
         assert j["by_environment"]["galaxy"]["n"] >= 20
@@ -182,6 +183,8 @@ def test_batch_with_fakes_leaves_the_clean_run_alone(tmp_path):
     report = json.loads((inj / "run_report.json").read_text())
     assert report["injection"]["n_visits"] == 3 and report["injection"]["n_injected"] == 90
     assert all(e["injection"]["n_injected"] == 30 for e in report["entries"])
+    visit = json.loads((inj / "visit=1000" / "detector=0" / "metrics.json").read_text())
+    assert visit["timings_s"]["inject"] > 0 and visit["injection"]["n_injected"] == 30
     survey = pd.read_parquet(inj / "injection.parquet")
     assert len(survey) == 90 and set(survey["visit"]) == {1000, 1001, 1002}
     assert (inj / "plots" / "completeness.png").exists() and (inj / "completeness.csv").exists()
