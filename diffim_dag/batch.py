@@ -55,15 +55,14 @@ import json
 import logging
 import os
 import shutil
-import socket
 import sys
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
-from .config import LOCAL_CLUSTER, PipelineConfig, config_to_dict
+from .config import PipelineConfig, config_to_dict
 from .errors import DiffimError, InputError
 from .io.outputs import (OUTPUTS_MANIFEST, check_output_root, file_entry, install, register_cleanup, sha256,
                          unregister_cleanup)
@@ -443,13 +442,14 @@ def write_stage(spec: VisitSpec, config: PipelineConfig, out_dir: str, run_id: s
     renamed into place; an install by an earlier attempt of this run is not repeated (exactly once).
     Permanent errors while writing become a ``failed`` record; anything else is raised (retried).
     """
+    from .cluster import worker_name
     from .graph import AlreadyWritten, StageFailure
     from .pipeline import judge_result, with_catalog, with_injection, write_outputs
 
     t0 = time.perf_counter()
     root = Path(out_dir)
     final = visit_dir(root, spec.visit, spec.detector)
-    worker = _worker_name()
+    worker = worker_name()
     marker = next((a for a in (result, catalog, injection) if isinstance(a, (StageFailure, AlreadyWritten))), None)
     if isinstance(marker, StageFailure):
         return VisitRecord(spec.visit, spec.detector, "failed", reason=marker.reason, error=marker.error,
@@ -530,15 +530,6 @@ def process_visit(spec: VisitSpec, config: PipelineConfig, out_dir: str, *, run_
     from .graph import compute_visit
 
     return compute_visit(spec, config, os.fspath(Path(out_dir).resolve()), run_id=run_id)
-
-
-def _worker_name() -> str:
-    try:
-        from distributed import get_worker
-
-        return get_worker().address
-    except (ImportError, ValueError):
-        return f"{socket.gethostname()}:{os.getpid()}"
 
 
 # --------------------------------------------------------------------------- the graph
@@ -654,124 +645,6 @@ def _failure_record(spec: VisitSpec, exc: BaseException, retries: int, wall: flo
                        wall_s=wall).to_dict()
 
 
-def _scheduler_for(scheduler: str | None, config: PipelineConfig) -> str | None:
-    """--scheduler, else the pipeline's cluster.scheduler, else DASK_SCHEDULER_ADDRESS (set by a DaskJob);
-    None (a new LocalCluster) for none of them or ``"local"``."""
-    found = scheduler or config.cluster.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
-    return None if found == LOCAL_CLUSTER else found
-
-
-def kubernetes_cluster(spec: str, config: PipelineConfig):
-    """A dask-kubernetes operator ``KubeCluster`` from ``kubernetes[://NAME][?key=value&...]``.
-
-    Keys: ``image``, ``n_workers``, ``namespace``, ``resources_cpu``, ``resources_memory``.
-    The pipeline says ``cluster: {scheduler: "kubernetes://diffim?n_workers=8&image=..."}``.
-    """
-    from urllib.parse import parse_qsl, urlsplit
-
-    try:
-        from dask_kubernetes.operator import KubeCluster
-    except ImportError:
-        raise DiffimError("the pipeline asks for a Kubernetes cluster but dask-kubernetes is not installed "
-                          "(pip install 'diffim_dag[k8s]')") from None
-    parts = urlsplit(spec if "://" in spec else spec + "://")
-    q = dict(parse_qsl(parts.query))
-    kwargs: dict[str, Any] = {"name": parts.netloc or "diffim-dag",
-                              "image": q.get("image", "ghcr.io/diffim-dag/diffim-dag:latest"),
-                              "n_workers": int(q.get("n_workers", config.cluster.n_workers or 2)),
-                              "env": {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}}
-    if "namespace" in q:
-        kwargs["namespace"] = q["namespace"]
-    if "resources_cpu" in q or "resources_memory" in q:
-        r = {k: v for k, v in (("cpu", q.get("resources_cpu")), ("memory", q.get("resources_memory"))) if v}
-        kwargs["resources"] = {"requests": r, "limits": r}
-    return KubeCluster(**kwargs)
-
-
-def _bounded(function, seconds: float) -> None:
-    """Call ``function()`` in a daemon thread and wait at most ``seconds`` for it."""
-    import threading
-
-    def quietly():
-        try:
-            function()
-        except Exception as exc:  # noqa: BLE001 - the process is ending; say it in the log, not as a traceback
-            log.debug("cleanup %r failed: %s", function, exc)
-
-    thread = threading.Thread(target=quietly, daemon=True)
-    thread.start()
-    thread.join(seconds)
-
-
-def _open_client(scheduler: str | None, config: PipelineConfig, n_workers: int | None):
-    """(client, closers): a Kubernetes cluster, an existing scheduler, or a new LocalCluster (workers = cores)."""
-    import warnings
-
-    from distributed import Client
-
-    from .graph import WorkerWatchdog, make_client
-
-    warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
-    cc = config.cluster
-    if scheduler and scheduler.startswith("kubernetes"):
-        cluster = kubernetes_cluster(scheduler, config)
-        client = Client(cluster)
-        # on Ctrl-C/SIGTERM the CLI exits at once: delete the operator's DaskCluster first (bounded wait)
-        handle = register_cleanup(lambda: _bounded(cluster.close, 1.5))
-        closers = [client.close, cluster.close, lambda: unregister_cleanup(handle)]
-    elif scheduler:
-        client, _ = make_client(scheduler)
-        closers = [client.close]
-    else:
-        client, cluster = make_client(None, n_workers=n_workers or cc.n_workers,
-                                      threads_per_worker=cc.threads_per_worker, memory_limit=cc.memory_limit)
-        closers = [client.close, cluster.close]
-    watchdog = WorkerWatchdog(client, cc.no_worker_timeout).start()
-    return client, [watchdog.stop, *closers]
-
-
-def _html_report(filename: str):
-    """Dask's performance report (needs bokeh); without bokeh, a task-stream table in plain HTML."""
-    import contextlib
-
-    try:
-        import bokeh  # noqa: F401
-    except ImportError:
-        bokeh = None
-    if bokeh is not None:
-        from distributed import performance_report
-
-        return performance_report(filename=filename)
-
-    @contextlib.contextmanager
-    def fallback():
-        from distributed import get_client, get_task_stream
-
-        client = get_client()
-        with get_task_stream(client) as ts:
-            yield
-        _write_task_stream_html(filename, ts.data)
-
-    return fallback()
-
-
-def _write_task_stream_html(filename: str, data: list[dict]) -> None:
-    import html
-
-    from .io.atomic import atomic_write_text
-
-    rows = []
-    for t in sorted(data, key=lambda d: min((s["start"] for s in d.get("startstops", ())), default=0)):
-        for s in t.get("startstops", ()):
-            rows.append(f"<tr><td>{html.escape(str(t.get('key')))}</td><td>{html.escape(str(t.get('worker')))}</td>"
-                        f"<td>{html.escape(s['action'])}</td><td>{s['stop'] - s['start']:.3f}</td></tr>")
-    atomic_write_text(filename, (
-        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>diffim-dag performance report</title></head><body>"
-        "<h1>diffim-dag performance report</h1><p>Task stream (install bokeh for Dask's full performance report).</p>"
-        "<table border='1'><tr><th>key</th><th>worker</th><th>action</th><th>seconds</th></tr>"
-        + "".join(rows) + "</table></body></html>\n"))
-
-
 def _remove_orphans(out: Path, run_id: str) -> None:
     """Remove this run's temporary visit folders that a worker left when it died mid-write.
 
@@ -806,8 +679,7 @@ def run_batch(
     ``("write", visit, detector)`` tasks as they finish.  Every task that raises is retried
     ``retries`` times (transient errors); permanent ones are recorded and the batch carries on.
     """
-    from distributed import as_completed
-
+    from .cluster import as_completed, open_client, performance_report, scheduler_for
     from .graph import write_key
     from .io.atomic import atomic_write_text
 
@@ -836,21 +708,21 @@ def run_batch(
         else:
             todo.append(s)
     by_key = {write_key(s.visit, s.detector, run_id): s for s in todo}
-    closers: list = []
     address, n_w = "", 0
     # an interrupted run (Ctrl-C, SIGTERM, a stalled cluster) sweeps its temporary visit folders too
     sweep = register_cleanup(lambda: _remove_orphans(out, run_id))
-    try:
+    import contextlib
+
+    with contextlib.ExitStack() as stack:
         if todo:
             if client is None:
-                client, closers = _open_client(_scheduler_for(scheduler, config), config, n_workers)
+                client = stack.enter_context(open_client(scheduler_for(scheduler, config.cluster), config.cluster,
+                                                         n_workers=n_workers))
             address = client.scheduler.address if client.scheduler is not None else ""
             n_w = len(client.scheduler_info().get("workers", {}))
             graph = build_batch_graph(todo, config, out, run_id=run_id)
             bar = _Progress(len(by_key), stream=stream) if progress else None
-            import contextlib
-
-            ctx = _html_report(os.fspath(report_html)) if report_html else contextlib.nullcontext()
+            ctx = performance_report(os.fspath(report_html)) if report_html else contextlib.nullcontext()
             submitted = {}
             with ctx:
                 futures = client.get(graph, list(by_key), sync=False, retries=retries)
@@ -866,10 +738,6 @@ def run_batch(
                     if bar is not None:
                         bar.update(rec)
                     fut.release()
-    finally:
-        for close in closers:
-            with _suppress():
-                close()
     unregister_cleanup(sweep)
     if todo:
         _remove_orphans(out, run_id)
@@ -910,14 +778,6 @@ def _survey_completeness(out: Path, specs: Sequence[VisitSpec], records: dict) -
     return summary
 
 
-class _suppress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return exc[0] is not None and issubclass(exc[0], Exception)
-
-
 # --------------------------------------------------------------------------- the DiaSource dataset
 
 
@@ -935,9 +795,9 @@ def read_dia_source_dataset(out_dir: str | os.PathLike, *, engine: str = "pandas
     # both infer the Hive partitioning (visit=V) themselves; sharing one pyarrow Partitioning object
     # between dask's reader threads crashed pyarrow here
     if engine == "dask":
-        import dask.dataframe as dd
+        from .graph import lazy_parquet
 
-        df = dd.read_parquet(str(path))
+        df = lazy_parquet(path)
     else:
         import pandas as pd
 

@@ -294,7 +294,7 @@ def _install_stop_handlers(command: str) -> None:
     cluster left without workers ends it with an error (exit 1) instead of a hang."""
     import signal
 
-    from .graph import set_stall_handler
+    from .cluster import set_stall_handler
 
     def on_signal(signum, frame):
         name = "interrupted (Ctrl-C)" if signum == signal.SIGINT else "terminated (SIGTERM)"

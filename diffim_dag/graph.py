@@ -1,4 +1,4 @@
-"""Dask wiring: the only module that imports dask.
+"""Dask wiring: with :mod:`diffim_dag.cluster` (client set-up), the only code that imports dask.
 
 It turns the pure kernels into tiled graphs.  Tiles are the chunks of the
 exposure planes; every tiled operation here has an eager twin that runs the same
@@ -34,7 +34,6 @@ import numpy as np
 import dask
 import dask.array as da
 
-from .kernels.solution import CONVOLVE_TEMPLATE
 
 __all__ = [
     "tile_starts",
@@ -43,6 +42,7 @@ __all__ = [
     "difference_tiles",
     "filter_tiles",
     "compute",
+    "lazy_parquet",
     "visit_graph",
     "batch_graph",
     "compute_visit",
@@ -55,8 +55,6 @@ __all__ = [
     "StageFailure",
     "AlreadyWritten",
     "run_stage",
-    "WorkerWatchdog",
-    "set_stall_handler",
 ]
 
 log = logging.getLogger(__name__)
@@ -208,6 +206,13 @@ def filter_tiles(image, kernel, *, half_width: int, xy0):
     return _with_halo(f, [image], int(half_width), boundary="reflect", xy0=xy0, dtype=np.float32, extra=(kernel,))
 
 
+def lazy_parquet(path):
+    """A Parquet dataset (Hive-partitioned folders) as a lazy ``dask.dataframe``."""
+    import dask.dataframe as dd
+
+    return dd.read_parquet(str(path))
+
+
 def compute(*collections, client=None):
     """Compute on ``client`` when given, else with the threaded scheduler.
 
@@ -222,95 +227,6 @@ def compute(*collections, client=None):
         da.store(list(collections), targets, lock=False, scheduler="threads")
         return tuple(targets)
     return dask.compute(*collections, scheduler="threads")
-
-
-class WorkerWatchdog:
-    """Ends a run whose cluster has had no worker for ``timeout`` seconds instead of letting it hang.
-
-    A LocalCluster whose workers all died (killed, out of memory, a stalled event loop the scheduler
-    gave up on) leaves ``Client.gather`` waiting forever.  A daemon thread polls the client's view of
-    the scheduler every second and calls ``on_stall(message)`` once the worker count has stayed at 0
-    for ``timeout`` s (the CLI's handler prints the one line, removes temporary outputs and exits;
-    the default interrupts the main thread).
-    """
-
-    def __init__(self, client, timeout: float, on_stall=None):
-        import threading
-
-        self.client = client
-        self.timeout = float(timeout)
-        self.on_stall = on_stall or _STALL["handler"] or _interrupt_main
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="diffim-dag-watchdog", daemon=True)
-
-    def start(self) -> WorkerWatchdog:
-        if self.timeout > 0:
-            self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _workers(self) -> int | None:
-        try:
-            return len(self.client.scheduler_info().get("workers", {}))
-        except Exception:  # noqa: BLE001 - a client mid-shutdown: nothing to watch
-            return None
-
-    def _run(self) -> None:
-        import time
-
-        since = None
-        while not self._stop.wait(1.0):
-            n = self._workers()
-            if n is None or n > 0:
-                since = None
-                continue
-            since = time.monotonic() if since is None else since
-            if time.monotonic() - since >= self.timeout:
-                self.on_stall(f"the Dask cluster has had no worker for {self.timeout:g} s (all workers died?); "
-                              "stopping instead of waiting forever")
-                return
-
-
-def _interrupt_main(message: str) -> None:
-    import _thread
-
-    log.error("%s", message)
-    _thread.interrupt_main()
-
-
-_STALL = {"handler": None}
-
-
-def set_stall_handler(function) -> None:
-    """What every :class:`WorkerWatchdog` calls when its cluster stalls (the CLI ends the command)."""
-    _STALL["handler"] = function
-
-
-def make_client(scheduler: str | None = None, *, n_workers: int | None = None, threads_per_worker: int = 1,
-                memory_limit: str = "auto"):
-    """``(client, cluster)``: connect to ``scheduler``, or start a LocalCluster (cluster is None when connecting).
-
-    Workers get one FFT/BLAS thread each (``OMP_NUM_THREADS=1`` etc.) so that they do not oversubscribe the cores.
-    """
-    import os
-
-    from distributed import Client, LocalCluster
-
-    import logging
-
-    if not logging.getLogger("diffim_dag").isEnabledFor(logging.DEBUG):
-        logging.getLogger("distributed").setLevel(logging.WARNING)  # the in-process scheduler's INFO chatter
-    if scheduler:
-        return Client(scheduler), None
-    env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    for k, v in env.items():
-        os.environ.setdefault(k, v)
-    n = n_workers or os.cpu_count() or 1
-    cluster = LocalCluster(n_workers=n, threads_per_worker=threads_per_worker, processes=True,
-                           memory_limit=memory_limit, dashboard_address=":0")  # any free port
-    return Client(cluster), cluster
 
 
 def _fit_cell_task(task):

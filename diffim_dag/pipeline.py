@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import LOCAL_CLUSTER, PipelineConfig, config_to_dict, load_config
+from .config import PipelineConfig, config_to_dict, load_config
 from .errors import DiffimError, NoWorkFound
 from .exposure import Exposure
 from .io.atomic import atomic_path, atomic_write_text
@@ -1151,29 +1151,6 @@ def _plot_residual_stamps(result: SubtractionResult, path) -> None:
     plt.close(fig)
 
 
-@contextlib.contextmanager
-def dask_client(scheduler: str | None = None, *, n_workers: int | None = None, threads_per_worker: int = 1,
-                memory_limit: str = "auto", no_worker_timeout: float = 60.0):
-    """A distributed client: to ``scheduler`` when given, else to a new LocalCluster (workers = cores),
-    watched for a cluster left without workers (:class:`~diffim_dag.graph.WorkerWatchdog`)."""
-    import warnings
-
-    from .graph import WorkerWatchdog, make_client
-
-    # in-memory exposures travel to the workers inside the graph (one visit: tens of MB)
-    warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
-    client, cluster = make_client(scheduler, n_workers=n_workers, threads_per_worker=threads_per_worker,
-                                  memory_limit=memory_limit)
-    watchdog = WorkerWatchdog(client, no_worker_timeout).start()
-    try:
-        yield client
-    finally:
-        watchdog.stop()
-        client.close()
-        if cluster is not None:
-            cluster.close()
-
-
 def run_subtraction(science: Exposure, template: Exposure | None, *, config: PipelineConfig, out_dir, scheduler=None,
                     client=None, plots: bool = False, warp: bool | None = None,
                     template_store=None) -> SubtractionResult:
@@ -1193,9 +1170,9 @@ def run_subtraction(science: Exposure, template: Exposure | None, *, config: Pip
     if client is not None or target is None:  # the given client, or this process's threads
         result = _prepare_and_subtract(science, template, config, client, warp, template_store)
     else:
-        with dask_client(None if target == LOCAL_CLUSTER else target, n_workers=cc.n_workers,
-                         threads_per_worker=cc.threads_per_worker, memory_limit=cc.memory_limit,
-                         no_worker_timeout=cc.no_worker_timeout) as c:
+        from .cluster import open_client
+
+        with open_client(target, cc) as c:
             result = _prepare_and_subtract(science, template, config, c, warp, template_store)
     if out_dir is not None:
         write_output_set(result, out_dir, plots=plots, config=config)

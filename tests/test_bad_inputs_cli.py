@@ -391,7 +391,7 @@ def test_a_cluster_whose_workers_all_die_ends_the_run_with_an_error(tmp_path):
 
 
 def test_worker_watchdog_fires_once_after_the_timeout_and_not_while_workers_exist():
-    from diffim_dag.graph import WorkerWatchdog
+    from diffim_dag.cluster import WorkerWatchdog
 
     class FakeClient:
         def __init__(self):

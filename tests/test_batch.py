@@ -25,6 +25,7 @@ import pytest
 from dask.utils import key_split
 
 from diffim_dag import batch
+from diffim_dag import cluster as cluster_setup
 from diffim_dag.batch import (
     OUTPUTS_MANIFEST,
     VisitSpec,
@@ -466,14 +467,14 @@ def test_kubernetes_scheduler_needs_dask_kubernetes(inputs40, tmp_path, monkeypa
     fake.KubeCluster = FakeKubeCluster
     monkeypatch.setitem(sys.modules, "dask_kubernetes", types.ModuleType("dask_kubernetes"))
     monkeypatch.setitem(sys.modules, "dask_kubernetes.operator", fake)
-    batch.kubernetes_cluster("kubernetes://survey?n_workers=3&image=reg/diffim:1&resources_memory=8Gi",
-                             PipelineConfig())
+    cluster_setup.kubernetes_cluster("kubernetes://survey?n_workers=3&image=reg/diffim:1&resources_memory=8Gi",
+                                     PipelineConfig().cluster)
     assert made["name"] == "survey" and made["n_workers"] == 3 and made["image"] == "reg/diffim:1"
     assert made["resources"]["limits"] == {"memory": "8Gi"}
     # a DaskJob sets DASK_SCHEDULER_ADDRESS for its client pod: the run connects there
     monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", "tcp://10.0.0.1:8786")
-    assert batch._scheduler_for(None, PipelineConfig()) == "tcp://10.0.0.1:8786"
-    assert batch._scheduler_for("tcp://h:1", PipelineConfig()) == "tcp://h:1"
+    assert cluster_setup.scheduler_for(None, PipelineConfig().cluster) == "tcp://10.0.0.1:8786"
+    assert cluster_setup.scheduler_for("tcp://h:1", PipelineConfig().cluster) == "tcp://h:1"
 
 
 def test_orphaned_temporary_folders_of_the_run_are_removed(tmp_path):

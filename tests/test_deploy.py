@@ -576,10 +576,9 @@ def test_setup_step_secret_gives_a_working_mutual_tls_cluster(tmp_path):
         # the job pod's client: the CLI's own scheduler lookup and client, with the job container's env
         client_code = (
             "import sys\n"
-            "from diffim_dag.batch import _scheduler_for\n"
+            "from diffim_dag.cluster import make_client, scheduler_for\n"
             "from diffim_dag.config import PipelineConfig\n"
-            "from diffim_dag.graph import make_client\n"
-            "address = _scheduler_for(None, PipelineConfig())\n"
+            "address = scheduler_for(None, PipelineConfig().cluster)\n"
             "client, _ = make_client(address)\n"
             "client.wait_for_workers(1, timeout=60)\n"
             "workers = list(client.scheduler_info()['workers'])\n"

@@ -1,0 +1,259 @@
+"""Cluster set-up: the one place that makes a Dask client (with :mod:`diffim_dag.graph`, the only code that
+imports dask, distributed or dask-kubernetes).
+
+:func:`open_client` serves every command: a new LocalCluster, an existing scheduler's address, or a
+dask-kubernetes operator cluster (``kubernetes://NAME?n_workers=…``), each watched by a
+:class:`WorkerWatchdog` so that a cluster left without workers ends the run instead of hanging.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from typing import Any
+
+from .config import LOCAL_CLUSTER, ClusterConfig
+from .errors import DiffimError
+from .io.outputs import register_cleanup, unregister_cleanup
+
+__all__ = ["open_client", "make_client", "scheduler_for", "kubernetes_cluster", "WorkerWatchdog",
+           "set_stall_handler", "performance_report", "worker_name", "as_completed"]
+
+log = logging.getLogger(__name__)
+
+
+class WorkerWatchdog:
+    """Ends a run whose cluster has had no worker for ``timeout`` seconds instead of letting it hang.
+
+    A LocalCluster whose workers all died (killed, out of memory, a stalled event loop the scheduler
+    gave up on) leaves ``Client.gather`` waiting forever.  A daemon thread polls the client's view of
+    the scheduler every second and calls ``on_stall(message)`` once the worker count has stayed at 0
+    for ``timeout`` s (the CLI's handler prints the one line, removes temporary outputs and exits;
+    the default interrupts the main thread).
+    """
+
+    def __init__(self, client, timeout: float, on_stall=None):
+        import threading
+
+        self.client = client
+        self.timeout = float(timeout)
+        self.on_stall = on_stall or _STALL["handler"] or _interrupt_main
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="diffim-dag-watchdog", daemon=True)
+
+    def start(self) -> WorkerWatchdog:
+        if self.timeout > 0:
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _workers(self) -> int | None:
+        try:
+            return len(self.client.scheduler_info().get("workers", {}))
+        except Exception:  # noqa: BLE001 - a client mid-shutdown: nothing to watch
+            return None
+
+    def _run(self) -> None:
+        import time
+
+        since = None
+        while not self._stop.wait(1.0):
+            n = self._workers()
+            if n is None or n > 0:
+                since = None
+                continue
+            since = time.monotonic() if since is None else since
+            if time.monotonic() - since >= self.timeout:
+                self.on_stall(f"the Dask cluster has had no worker for {self.timeout:g} s (all workers died?); "
+                              "stopping instead of waiting forever")
+                return
+
+
+def _interrupt_main(message: str) -> None:
+    import _thread
+
+    log.error("%s", message)
+    _thread.interrupt_main()
+
+
+_STALL = {"handler": None}
+
+
+def set_stall_handler(function) -> None:
+    """What every :class:`WorkerWatchdog` calls when its cluster stalls (the CLI ends the command)."""
+    _STALL["handler"] = function
+
+
+def make_client(scheduler: str | None = None, *, n_workers: int | None = None, threads_per_worker: int = 1,
+                memory_limit: str = "auto"):
+    """``(client, cluster)``: connect to ``scheduler``, or start a LocalCluster (cluster is None when connecting).
+
+    Workers get one FFT/BLAS thread each (``OMP_NUM_THREADS=1`` etc.) so that they do not oversubscribe the cores.
+    """
+    from distributed import Client, LocalCluster
+
+    if not logging.getLogger("diffim_dag").isEnabledFor(logging.DEBUG):
+        logging.getLogger("distributed").setLevel(logging.WARNING)  # the in-process scheduler's INFO chatter
+    if scheduler:
+        return Client(scheduler), None
+    env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    for k, v in env.items():
+        os.environ.setdefault(k, v)
+    n = n_workers or os.cpu_count() or 1
+    cluster = LocalCluster(n_workers=n, threads_per_worker=threads_per_worker, processes=True,
+                           memory_limit=memory_limit, dashboard_address=":0")  # any free port
+    return Client(cluster), cluster
+
+
+def scheduler_for(scheduler: str | None, cluster: ClusterConfig) -> str | None:
+    """--scheduler, else the pipeline's cluster.scheduler, else DASK_SCHEDULER_ADDRESS (set by a DaskJob);
+    None (a new LocalCluster) for none of them or ``"local"``."""
+    found = scheduler or cluster.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
+    return None if found == LOCAL_CLUSTER else found
+
+
+def kubernetes_cluster(spec: str, cluster: ClusterConfig):
+    """A dask-kubernetes operator ``KubeCluster`` from ``kubernetes[://NAME][?key=value&...]``.
+
+    Keys: ``image``, ``n_workers``, ``namespace``, ``resources_cpu``, ``resources_memory``.
+    The pipeline says ``cluster: {scheduler: "kubernetes://diffim?n_workers=8&image=..."}``.
+    """
+    from urllib.parse import parse_qsl, urlsplit
+
+    try:
+        from dask_kubernetes.operator import KubeCluster
+    except ImportError:
+        raise DiffimError("the pipeline asks for a Kubernetes cluster but dask-kubernetes is not installed "
+                          "(pip install 'diffim_dag[k8s]')") from None
+    parts = urlsplit(spec if "://" in spec else spec + "://")
+    q = dict(parse_qsl(parts.query))
+    kwargs: dict[str, Any] = {"name": parts.netloc or "diffim-dag",
+                              "image": q.get("image", "ghcr.io/diffim-dag/diffim-dag:latest"),
+                              "n_workers": int(q.get("n_workers", cluster.n_workers or 2)),
+                              "env": {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}}
+    if "namespace" in q:
+        kwargs["namespace"] = q["namespace"]
+    if "resources_cpu" in q or "resources_memory" in q:
+        r = {k: v for k, v in (("cpu", q.get("resources_cpu")), ("memory", q.get("resources_memory"))) if v}
+        kwargs["resources"] = {"requests": r, "limits": r}
+    return KubeCluster(**kwargs)
+
+
+def _bounded(function, seconds: float) -> None:
+    """Call ``function()`` in a daemon thread and wait at most ``seconds`` for it."""
+    import threading
+
+    def quietly():
+        try:
+            function()
+        except Exception as exc:  # noqa: BLE001 - the process is ending; say it in the log, not as a traceback
+            log.debug("cleanup %r failed: %s", function, exc)
+
+    thread = threading.Thread(target=quietly, daemon=True)
+    thread.start()
+    thread.join(seconds)
+
+
+@contextlib.contextmanager
+def open_client(scheduler: str | None = None, cluster: ClusterConfig | None = None, *, n_workers: int | None = None):
+    """A distributed client, closed (and its cluster shut down) on exit.
+
+    ``scheduler``: ``kubernetes[://NAME?…]`` (:func:`kubernetes_cluster`, deleted on exit or Ctrl-C), a
+    scheduler's address, or None / ``"local"`` for a new LocalCluster (``n_workers``, else
+    ``cluster.n_workers``, else one per core; ``cluster.threads_per_worker``, ``cluster.memory_limit``).
+    A :class:`WorkerWatchdog` ends a run left without workers for ``cluster.no_worker_timeout`` s.
+    """
+    import warnings
+
+    from distributed import Client
+
+    # in-memory exposures travel to the workers inside a one-visit graph (tens of MB)
+    warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
+    scheduler = None if scheduler == LOCAL_CLUSTER else scheduler
+    cluster = cluster or ClusterConfig()
+    closers: list = []
+    try:
+        if scheduler and scheduler.startswith("kubernetes"):
+            kube = kubernetes_cluster(scheduler, cluster)
+            client = Client(kube)
+            # on Ctrl-C/SIGTERM the CLI exits at once: delete the operator's DaskCluster first (bounded wait)
+            handle = register_cleanup(lambda: _bounded(kube.close, 1.5))
+            closers = [client.close, kube.close, lambda: unregister_cleanup(handle)]
+        elif scheduler:
+            client, _ = make_client(scheduler)
+            closers = [client.close]
+        else:
+            client, local = make_client(None, n_workers=n_workers or cluster.n_workers,
+                                        threads_per_worker=cluster.threads_per_worker,
+                                        memory_limit=cluster.memory_limit)
+            closers = [client.close, local.close]
+        closers.insert(0, WorkerWatchdog(client, cluster.no_worker_timeout).start().stop)
+        yield client
+    finally:
+        for close in closers:
+            try:
+                close()
+            except Exception as exc:  # noqa: BLE001 - shutting down: say it in the log, not as a traceback
+                log.debug("closing %r failed: %s", close, exc)
+
+
+def as_completed(futures):
+    """The futures in the order they finish (``distributed.as_completed``)."""
+    from distributed import as_completed as _as_completed
+
+    return _as_completed(futures)
+
+
+def performance_report(filename: str):
+    """Dask's performance report (needs bokeh); without bokeh, a task-stream table in plain HTML."""
+    import contextlib
+
+    try:
+        import bokeh  # noqa: F401
+    except ImportError:
+        bokeh = None
+    if bokeh is not None:
+        from distributed import performance_report
+
+        return performance_report(filename=filename)
+
+    @contextlib.contextmanager
+    def fallback():
+        from distributed import get_client, get_task_stream
+
+        client = get_client()
+        with get_task_stream(client) as ts:
+            yield
+        _write_task_stream_html(filename, ts.data)
+
+    return fallback()
+
+
+def _write_task_stream_html(filename: str, data: list[dict]) -> None:
+    import html
+
+    from .io.atomic import atomic_write_text
+
+    rows = []
+    for t in sorted(data, key=lambda d: min((s["start"] for s in d.get("startstops", ())), default=0)):
+        for s in t.get("startstops", ()):
+            rows.append(f"<tr><td>{html.escape(str(t.get('key')))}</td><td>{html.escape(str(t.get('worker')))}</td>"
+                        f"<td>{html.escape(s['action'])}</td><td>{s['stop'] - s['start']:.3f}</td></tr>")
+    atomic_write_text(filename, (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>diffim-dag performance report</title></head><body>"
+        "<h1>diffim-dag performance report</h1><p>Task stream (install bokeh for Dask's full performance report).</p>"
+        "<table border='1'><tr><th>key</th><th>worker</th><th>action</th><th>seconds</th></tr>"
+        + "".join(rows) + "</table></body></html>\n"))
+
+
+def worker_name() -> str:
+    """The Dask worker running this task (its address), else ``host:pid``."""
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except (ImportError, ValueError):
+        return f"{socket.gethostname()}:{os.getpid()}"

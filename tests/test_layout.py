@@ -1,0 +1,67 @@
+"""The package's layering, read from its imports (module level and inside functions).
+
+* dask, distributed and dask-kubernetes are imported only by the execution layer: ``graph.py`` (the task
+  graphs) and ``cluster.py`` (the one client factory);
+* the pure numerics (``kernels/``) and the models below them (``psf/``, ``masks``, ``errors``) never import a
+  stage, the orchestration, the execution layer, the simulator or the CLI.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "diffim_dag"
+EXECUTION = {"diffim_dag.graph", "diffim_dag.cluster"}
+DASK = ("dask", "distributed", "dask_kubernetes")
+BASE = ("diffim_dag.kernels", "diffim_dag.psf", "diffim_dag.masks", "diffim_dag.errors")
+ABOVE_BASE = ("diffim_dag.stages", "diffim_dag.pipeline", "diffim_dag.graph", "diffim_dag.cluster",
+              "diffim_dag.batch", "diffim_dag.cli", "diffim_dag.sim")
+
+
+def _modules():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        yield name, path
+
+
+def _imports(name: str, path: Path):
+    """Every module ``name`` imports, absolute, with the line."""
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, node.lineno
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            yield target, node.lineno
+            for alias in node.names:
+                yield f"{target}.{alias.name}", node.lineno
+
+
+def _under(module: str, roots) -> bool:
+    return any(module == r or module.startswith(r + ".") for r in roots)
+
+
+def test_only_the_execution_layer_imports_dask():
+    offenders = [f"{name}:{line} imports {target}" for name, path in _modules() if name not in EXECUTION
+                 for target, line in _imports(name, path) if _under(target, DASK)]
+    assert not offenders, "\n".join(offenders)
+
+
+def test_numerics_and_models_import_nothing_above_them():
+    offenders = [f"{name}:{line} imports {target}" for name, path in _modules() if _under(name, BASE)
+                 for target, line in _imports(name, path) if _under(target, ABOVE_BASE)]
+    assert not offenders, "\n".join(offenders)
+
+
+def test_the_rule_sees_function_local_imports(tmp_path):
+    """The checker itself: an import inside a function counts (as the ones that once kept a cycle alive)."""
+    f = tmp_path / "m.py"
+    f.write_text("def f():\n    from distributed import Client\n    from ..graph import compute\n")
+    found = dict(_imports("diffim_dag.stages.m", f))
+    assert "distributed" in found and "diffim_dag.graph" in found
