@@ -333,10 +333,23 @@ class DetectionConfig:
     background_bin_sizes: tuple[int, int] = (8, 40)
     # Find cosmic rays on the difference (CR plane, zero weight in the matched filter).
     mask_cosmic_rays: bool = False
+    # Threshold in units of the significance's measured σ ("pixel_stdev", LSST's default for DIA: correlated
+    # noise the variance plane misses does not become detections) or of the variance plane ("variance").
+    threshold_type: str = "pixel_stdev"
+    sky_source_seed: int = 0
+    aperture_radius: float = 12.0  # px, besides the 2×FWHM aperture
+    max_dipole_area: int = 1200  # px: larger merged ± footprints get no dipole fit
+    dipole_direct_weight: float = 0.5  # weight of the direct images in the joint dipole fit
 
     def __post_init__(self):
         n = type(self).__name__
         _check(self.threshold > 0, n, "threshold", "must be > 0")
+        _check(self.footprint_grow_sigma >= 0, n, "footprint_grow_sigma", "must be ≥ 0")
+        _check(self.threshold_type in ("pixel_stdev", "variance"), n, "threshold_type",
+               f"must be 'pixel_stdev' or 'variance', got {self.threshold_type!r}")
+        _check(self.aperture_radius > 0, n, "aperture_radius", "must be > 0")
+        _check(self.max_dipole_area >= 0, n, "max_dipole_area", "must be ≥ 0")
+        _check(self.dipole_direct_weight >= 0, n, "dipole_direct_weight", "must be ≥ 0")
         _check(self.systematic_radius == "kernel"
                or (not isinstance(self.systematic_radius, (str, bool, float)) and self.systematic_radius >= 0),
                n, "systematic_radius", f"must be 'kernel' or an integer ≥ 0, got {self.systematic_radius!r}")

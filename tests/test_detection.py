@@ -280,7 +280,7 @@ def _static_residual_scene(eps: float, seed: int = 3, n: int = 512):
 def test_systematic_fraction_suppresses_static_residuals_not_transients():
     difference, template, (bx, by) = _static_residual_scene(0.05)
     cfg = dict(n_sky_sources=0, threshold_type="variance")
-    plain = detect_and_measure(difference, template=template, config=DetectMeasureConfig(**cfg))
+    plain = detect_and_measure(difference, template=template, config=DetectMeasureConfig(systematic_fraction=0, **cfg))
     auto = detect_and_measure(difference, template=template,
                               config=DetectMeasureConfig(systematic_fraction="auto", **cfg))
     eps = auto.attrs["systematic_fraction"]

@@ -23,12 +23,13 @@ Flow (LSST ``DetectAndMeasureTask``):
 
 The per-tile function is pure (numpy arrays and PSF models in, DataFrame out), so the
 graph builder can map it over tiles as Dask tasks; :func:`detect_and_measure` runs the
-same tiles eagerly.  ``DetectionConfig`` (config.py) lacks several fields, so the stage
-has its own frozen :class:`DetectMeasureConfig` (built from a ``DetectionConfig`` with
-:meth:`DetectMeasureConfig.from_detection_config`).
+same tiles eagerly.  The science parameters are those of ``DetectionConfig`` (config.py, the
+pipeline's ``detection:`` section, one set of defaults); :class:`DetectMeasureConfig` adds how a run
+tiles them (tile size, halo, FFT threads) and resolves ``systematic_radius="kernel"``.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -37,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from ..config import is_systematic_fraction
+from ..config import DetectionConfig
 from ..errors import ConfigError
 from ..exposure import Exposure
 from ..kernels import detection as det
@@ -75,7 +76,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
-class DetectMeasureConfig:
+class DetectMeasureConfig(DetectionConfig):
     r"""Detection and measurement on a difference image.
 
     Attributes
@@ -125,7 +126,7 @@ class DetectMeasureConfig:
         so a residual that is a fixed fraction of a bright galaxy's or star's flux is not taken for
         a transient.  ``'auto'``: measured on the bright static peaks of the matched template
         (:func:`~diffim_dag.kernels.detection.systematic_fraction`; 0 when their residuals are
-        consistent with noise); a number fixes it; 0 (the default, LSST's behaviour) turns it off.
+        consistent with noise; the default); a number fixes it; 0 (LSST's behaviour) turns it off.
         It trades sensitivity to small fractional variability of bright sources for fewer false
         detections on their residuals.  Only the matched-filter path
         (not a score supplied by ZOGY or pre-convolution) uses it, and only with a template.
@@ -139,53 +140,23 @@ class DetectMeasureConfig:
         small) are weighed against the source's core.  0 (the default): :math:`M_S` at the pixel.
     """
 
-    threshold: float = 5.0
-    footprint_grow_sigma: float = 2.4
-    bad_peak_mask_planes: tuple[str, ...] = ("NO_DATA", "BAD", "SAT", "EDGE", "CR")
-    no_data_mask_planes: tuple[str, ...] = ("NO_DATA", "EDGE")
-    n_sky_sources: int = 100
-    sky_source_seed: int = 0
-    subtract_background: bool = False
-    background_bin_sizes: tuple[int, int] = (8, 40)
-    mask_cosmic_rays: bool = False
-    aperture_radius: float = 12.0
-    max_dipole_area: int = 1200
-    dipole_direct_weight: float = 0.5
     tile_size: int | None = None
     halo: int | None = None
     fft_workers: int = 1
-    threshold_type: str = "pixel_stdev"
-    systematic_fraction: float | str = 0.0
-    systematic_min_snr: float = 50.0
-    systematic_radius: int = 0
 
     def __post_init__(self):
+        super().__post_init__()
         n = type(self).__name__
 
         def check(ok, fld, msg):
             if not ok:
                 raise ConfigError(f"{n}.{fld} {msg}")
 
-        check(self.threshold > 0, "threshold", f"must be > 0, got {self.threshold}")
-        check(self.footprint_grow_sigma >= 0, "footprint_grow_sigma", "must be ≥ 0")
-        check(self.n_sky_sources >= 0, "n_sky_sources", "must be ≥ 0")
-        check(len(self.background_bin_sizes) == 2 and all(b >= 2 for b in self.background_bin_sizes),
-              "background_bin_sizes", "must be two bin sizes ≥ 2")
-        check(self.aperture_radius > 0, "aperture_radius", "must be > 0")
-        check(is_systematic_fraction(self.systematic_fraction), "systematic_fraction",
-              f"must be 'auto' or a number in [0, 1), got {self.systematic_fraction!r}")
-        check(self.systematic_min_snr > 0, "systematic_min_snr", "must be > 0")
-        check(self.systematic_radius >= 0, "systematic_radius", "must be ≥ 0")
-        check(self.max_dipole_area >= 0, "max_dipole_area", "must be ≥ 0")
-        check(self.dipole_direct_weight >= 0, "dipole_direct_weight", "must be ≥ 0")
+        check(not isinstance(self.systematic_radius, str), "systematic_radius",
+              "must be resolved to pixels here (DetectMeasureConfig.from_detection_config)")
         check(self.tile_size is None or self.tile_size >= 16, "tile_size", "must be None or ≥ 16")
         check(self.halo is None or self.halo >= 0, "halo", "must be None or ≥ 0")
         check(self.fft_workers == -1 or self.fft_workers >= 1, "fft_workers", "must be -1 or ≥ 1")
-        check(self.threshold_type in ("pixel_stdev", "variance"), "threshold_type",
-              f"must be 'pixel_stdev' or 'variance', got {self.threshold_type!r}")
-        for fld in ("bad_peak_mask_planes", "no_data_mask_planes"):
-            for p in getattr(self, fld):
-                check(p in DEFAULT_MASK_PLANES, fld, f"has unknown plane {p!r}")
 
     @classmethod
     def from_detection_config(cls, config, *, kernel_size: int | None = None, **changes) -> DetectMeasureConfig:
@@ -197,13 +168,10 @@ class DetectMeasureConfig:
         radius = config.systematic_radius
         if radius == "kernel":
             radius = int(kernel_size) // 2 if kernel_size else 0
-        shared = ("threshold", "footprint_grow_sigma", "bad_peak_mask_planes", "no_data_mask_planes", "n_sky_sources",
-                  "systematic_fraction", "systematic_min_snr", "subtract_background", "background_bin_sizes",
-                  "mask_cosmic_rays")
-        fields = {k: getattr(config, k) for k in shared}
+        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(DetectionConfig)}
         for k in ("bad_peak_mask_planes", "no_data_mask_planes", "background_bin_sizes"):
             fields[k] = tuple(fields[k])
-        return cls(**{**fields, "systematic_radius": radius, **changes})
+        return cls(**{**fields, "systematic_radius": int(radius), **changes})
 
 
 # --------------------------------------------------------------------------- schema
