@@ -48,7 +48,6 @@ outputs manifest of its own run and does not install twice.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import datetime as _dt
 import json
@@ -60,10 +59,11 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from .config import PipelineConfig, config_to_dict
-from .errors import DiffimError, InputError
+from .errors import DiffimError
+from .manifest import VisitSpec, read_manifest, visit_dir, visit_key, write_manifest  # noqa: F401 - the batch API
 from .io.outputs import (OUTPUTS_MANIFEST, check_output_root, file_entry, install, register_cleanup, sha256,
                          unregister_cleanup)
 
@@ -94,151 +94,6 @@ INJECTED_DIR = "injected"  # a run with fakes writes DIR/injected/…, never ove
 #: Folder (under the output folder) of the batch's DiaSource dataset.
 DIA_SOURCE_DATASET = "dia_sources"
 STATUSES = ("done", "skipped", "failed")
-
-_EXPOSURE_OPTIONS = ("psf", "variance", "noise", "weight", "mask", "hdu")
-_REQUIRED = ("visit", "detector", "science")
-
-
-# --------------------------------------------------------------------------- manifest
-
-
-@dataclass(frozen=True, kw_only=True)
-class VisitSpec:
-    """One row of the manifest: where one (visit, detector)'s inputs are (absolute paths, no pixels)."""
-
-    visit: int
-    detector: int
-    science: str
-    template: str | None = None
-    template_store: str | None = None
-    science_options: tuple[tuple[str, str], ...] = ()
-    template_options: tuple[tuple[str, str], ...] = ()
-
-    @property
-    def key(self) -> str:
-        return visit_key(self.visit, self.detector)
-
-
-def visit_key(visit: int, detector: int) -> str:
-    """The readable, stable Dask key of one (visit, detector) task."""
-    return f"visit-{visit}-det-{detector}"
-
-
-def visit_dir(out_dir: str | os.PathLike, visit: int, detector: int) -> Path:
-    """``out_dir/visit=V/detector=D`` (Hive-style, like the DiaSource dataset)."""
-    return Path(out_dir) / f"visit={visit}" / f"detector={detector}"
-
-
-def _int_field(value: str, column: str, where: str) -> int:
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{where}: column {column!r} must be an integer, got {value!r}") from None
-    if not f.is_integer():
-        raise InputError(f"{where}: column {column!r} must be an integer, got {value!r}")
-    return int(f)
-
-
-def read_manifest(path: str | os.PathLike) -> list[VisitSpec]:
-    """Read a batch manifest (CSV); relative paths are taken from the manifest's folder.
-
-    Raises :class:`InputError` naming the file, line and column for a missing column,
-    a non-integer visit/detector, a row without a template, or a duplicated (visit, detector).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: manifest not found")
-    base = path.resolve().parent
-
-    def resolve(p: str) -> str:
-        p = p.strip()
-        return os.path.normpath(p if os.path.isabs(p) else os.path.join(base, p))
-
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        missing = [c for c in _REQUIRED if c not in columns]
-        if "template" not in columns and "template_store" not in columns:
-            missing.append("template")
-        if missing:
-            raise InputError(f"{path}: manifest lacks column(s) {', '.join(missing)} (has: {', '.join(columns) or 'none'})")
-        known = set(_REQUIRED) | {"template", "template_store"} | {
-            f"{role}_{o}" for role in ("science", "template") for o in _EXPOSURE_OPTIONS}
-        unknown = [c for c in columns if c not in known]
-        if unknown:
-            log.warning("%s: ignoring unknown manifest column(s) %s", path, ", ".join(unknown))
-        specs: list[VisitSpec] = []
-        seen: dict[tuple[int, int], int] = {}
-        for lineno, raw in enumerate(reader, start=2):
-            row = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
-            if not any(row.values()):
-                continue
-            where = f"{path}, line {lineno}"
-            visit = _int_field(row.get("visit", ""), "visit", where)
-            detector = _int_field(row.get("detector", ""), "detector", where)
-            if not row.get("science"):
-                raise InputError(f"{where}: empty 'science' path")
-            template = row.get("template") or None
-            store = row.get("template_store") or None
-            if template and template.startswith("store:"):
-                store, template = template[len("store:"):], None
-            elif template and Path(resolve(template)).is_dir() and not template.rstrip("/").endswith(".zarr"):
-                store, template = template, None
-            if (template is None) == (store is None):
-                raise InputError(f"{where}: give exactly one of a template file and a template store")
-            if (visit, detector) in seen:
-                raise InputError(f"{where}: (visit {visit}, detector {detector}) repeats line {seen[visit, detector]}")
-            seen[visit, detector] = lineno
-
-            def options(role):
-                out = []
-                for o in _EXPOSURE_OPTIONS:
-                    v = row.get(f"{role}_{o}")
-                    if v:
-                        out.append((o, v if o == "hdu" else resolve(v)))
-                return tuple(out)
-
-            specs.append(VisitSpec(
-                visit=visit, detector=detector, science=resolve(row["science"]),
-                template=resolve(template) if template else None, template_store=resolve(store) if store else None,
-                science_options=options("science"), template_options=options("template"),
-            ))
-    if not specs:
-        raise InputError(f"{path}: manifest has no rows")
-    return specs
-
-
-def write_manifest(specs: Iterable[VisitSpec], path: str | os.PathLike) -> Path:
-    """Write ``specs`` as a manifest CSV with paths relative to its folder (where possible)."""
-    from .io.atomic import atomic_path
-
-    path = Path(path)
-    specs = list(specs)
-    base = path.resolve().parent
-    opt_cols = sorted({f"{role}_{o}" for s in specs for role, opts in (("science", s.science_options),
-                                                                        ("template", s.template_options))
-                       for o, _ in opts})
-
-    def rel(p):
-        try:
-            r = os.path.relpath(p, base)
-        except ValueError:
-            return p
-        return p if r.startswith("..") else r
-
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as fh:
-            w = csv.writer(fh, lineterminator="\n")
-            w.writerow(["visit", "detector", "science", "template", *opt_cols])
-            for s in specs:
-                opts = {f"science_{o}": v for o, v in s.science_options}
-                opts.update({f"template_{o}": v for o, v in s.template_options})
-                tmpl = rel(s.template) if s.template else f"store:{rel(s.template_store)}"
-                w.writerow([s.visit, s.detector, rel(s.science), tmpl,
-                            *[(rel(opts[c]) if opts.get(c) and not c.endswith("_hdu") else opts.get(c, ""))
-                              for c in opt_cols]])
-    return path
-
 
 # --------------------------------------------------------------------------- one visit (runs on a worker)
 
@@ -444,7 +299,8 @@ def write_stage(spec: VisitSpec, config: PipelineConfig, out_dir: str, run_id: s
     """
     from .cluster import worker_name
     from .graph import AlreadyWritten, StageFailure
-    from .pipeline import judge_result, with_catalog, with_injection, write_outputs
+    from .pipeline import judge_result, with_catalog, with_injection
+    from .products import write_outputs
 
     t0 = time.perf_counter()
     root = Path(out_dir)

@@ -14,9 +14,7 @@ calls, one task per stage, cell or tile.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -26,11 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import PipelineConfig, config_to_dict, load_config
+from .config import PipelineConfig, load_config
 from .errors import DiffimError, NoWorkFound
 from .exposure import Exposure
-from .io.atomic import atomic_path, atomic_write_text
-from .io.fits import write_exposure
 from .kernels.solution import CONVOLVE_SCIENCE, CONVOLVE_TEMPLATE, KernelSolution
 from .masks import MaskPlanes
 from .stages import subtract as st
@@ -39,9 +35,7 @@ from .stages.verdict import background_left
 __all__ = [
     "SubtractionResult",
     "subtract_exposures",
-    "write_outputs",
     "run_subtraction",
-    "write_output_set",
     "run_demo",
     "STAGES",
     "PreparedPair",
@@ -1016,141 +1010,6 @@ def eager_convolve(planes, solution: KernelSolution, *, xy0, skip_bits: int):
     return st.convolve_planes(*planes, solution, origin=xy0, skip_bits=skip_bits)
 
 
-def _write_kernel(result: SubtractionResult, path: Path) -> None:
-    from astropy.io import fits
-
-    sol = result.solution
-    meta, arrays = sol.to_payload()
-    primary = fits.PrimaryHDU(sol.kernel_at(*sol.center).astype(np.float64))
-    primary.header["KSUM"] = (sol.kernel_sum_at_center(), "kernel sum at the image centre")
-    primary.header["MODE"] = (result.mode, "which image the kernel convolves")
-    primary.header["SPORDER"] = (sol.spatial_order, "kernel spatial order (Chebyshev)")
-    primary.header["BGORDER"] = (sol.background_order, "background spatial order (Chebyshev)")
-    for i, v in enumerate(sol.bbox):
-        primary.header[f"BBOX{i}"] = v
-    hdus = [primary]
-    for name, arr in arrays.items():
-        hdus.append(fits.ImageHDU(np.asarray(arr, dtype=np.float64), name=name.upper()[:8] if len(name) <= 8 else {
-            "basis": "BASIS", "kernel_coefficients": "KCOEFFS", "background_coefficients": "BGCOEFFS"}[name]))
-    if result.decorrelation_kernel is not None:
-        hdus.append(fits.ImageHDU(result.decorrelation_kernel.astype(np.float64), name="DECORR"))
-    with atomic_path(path) as tmp:
-        fits.HDUList(hdus).writeto(tmp)
-
-
-def write_outputs(result: SubtractionResult, out_dir, *, plots: bool = False, config: PipelineConfig | None = None) -> dict:
-    """Write the output contract into ``out_dir`` (every file atomically)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    t0 = time.perf_counter()
-    paths["difference"] = write_exposure(result.difference, out / "difference.fits")
-    paths["matched_template"] = write_exposure(result.matched_template, out / "matched_template.fits")
-    if getattr(result, "score", None) is not None:
-        paths["score"] = write_exposure(result.score, out / "score.fits")
-    if result.kernel_fit is not None:  # ZOGY has no matching kernel
-        _write_kernel(result, out / "kernel.fits")
-        paths["kernel"] = out / "kernel.fits"
-        with atomic_path(out / "kernel_candidates.parquet") as tmp:
-            result.kernel_fit.candidates.to_parquet(tmp, index=False)
-        paths["kernel_candidates"] = out / "kernel_candidates.parquet"
-    if result.dia_sources is not None:
-        from .stages.detect import write_dia_sources
-
-        paths["dia_sources"] = Path(write_dia_sources(result.dia_sources, out / "dia_sources.parquet"))
-    if result.injection is not None:
-        from .stages.inject import write_completeness
-
-        with atomic_path(out / "injection.parquet") as tmp:
-            result.injection.table.to_parquet(tmp, index=False)
-        paths["injection"] = out / "injection.parquet"
-        paths.update(write_completeness(result.injection.table, result.injection.summary, out))
-    if plots:
-        paths.update(_write_plots(result, out / "plots"))
-    result.metrics.setdefault("timings_s", {})["write"] = time.perf_counter() - t0
-    metrics = dict(result.metrics)
-    if config is not None:
-        metrics["config"] = config_to_dict(config)
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=_json_default))
-    paths["metrics"] = out / "metrics.json"
-    result.paths = {k: str(v) for k, v in paths.items()}
-    return result.paths
-
-
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    return str(o)
-
-
-def _write_plots(result: SubtractionResult, folder: Path) -> dict:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .stages.kernel_fit import plot_candidates, plot_kernel_grid
-
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name, exp in (("difference", result.difference), ("matched_template", result.matched_template)):
-        img = exp.arrays()[0]
-        lo, hi = np.percentile(img, [1, 99])
-        fig, ax = plt.subplots(figsize=(6, 6))
-        ax.imshow(img, origin="lower", cmap="gray", vmin=lo, vmax=hi)
-        ax.set_title(name)
-        p = folder / f"{name}.png"
-        with atomic_path(p) as tmp:
-            fig.savefig(tmp, dpi=100, format="png")
-        plt.close(fig)
-        paths[f"plot_{name}"] = p
-    if result.kernel_fit is None:
-        return paths
-    p = folder / "kernel_grid.png"
-    with atomic_path(p) as tmp:
-        plot_kernel_grid(result.solution, result.solution.bbox, tmp)
-    paths["plot_kernel_grid"] = p
-    p = folder / "kernel_candidates.png"
-    with atomic_path(p) as tmp:
-        plot_candidates(result.matched_science.arrays()[0], result.kernel_fit.candidates, tmp)
-    paths["plot_kernel_candidates"] = p
-    p = folder / "residual_stamps.png"
-    with atomic_path(p) as tmp:
-        _plot_residual_stamps(result, tmp)
-    paths["plot_residual_stamps"] = p
-    return paths
-
-
-def _plot_residual_stamps(result: SubtractionResult, path) -> None:
-    import matplotlib.pyplot as plt
-
-    cands = result.kernel_fit.candidates
-    used = cands[cands["status"] == "used"].head(8) if len(cands) else cands
-    n = max(len(used), 1)
-    fig, axes = plt.subplots(3, n, figsize=(2 * n, 6), squeeze=False)
-    sci = result.matched_science.arrays()[0]
-    tmp_img = result.matched_template.arrays()[0]
-    diff = result.difference.arrays()[0]
-    x0, y0 = result.difference.xy0
-    for j, (_, row) in enumerate(used.iterrows()):
-        ix, iy = int(round(row["x"] - x0)), int(round(row["y"] - y0))
-        sl = (slice(max(iy - 12, 0), iy + 13), slice(max(ix - 12, 0), ix + 13))
-        vmax = float(np.abs(sci[sl]).max()) or 1.0
-        for i, (img, title) in enumerate(((sci, "science"), (tmp_img, "template"), (diff, "difference"))):
-            axes[i, j].imshow(img[sl], origin="lower", cmap="gray", vmin=-0.1 * vmax, vmax=vmax if i < 2 else 0.1 * vmax)
-            axes[i, j].set_xticks([])
-            axes[i, j].set_yticks([])
-            if j == 0:
-                axes[i, j].set_ylabel(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80, format="png")
-    plt.close(fig)
-
-
 def run_subtraction(science: Exposure, template: Exposure | None, *, config: PipelineConfig, out_dir, scheduler=None,
                     client=None, plots: bool = False, warp: bool | None = None,
                     template_store=None) -> SubtractionResult:
@@ -1162,7 +1021,7 @@ def run_subtraction(science: Exposure, template: Exposure | None, *, config: Pip
     ``benchmarks/bench_cli.py``).  ``warp=None`` warps the
     template when the pixel grids differ by more than 0.01 px; ``warp=False`` declares one grid;
     ``template_store`` (a folder of patches) replaces ``template``.  The outputs are written into a
-    temporary folder beside ``out_dir`` and installed as a whole (:func:`write_output_set`);
+    temporary folder beside ``out_dir`` and installed as a whole (:func:`~diffim_dag.products.write_output_set`);
     ``out_dir=None`` writes nothing.
     """
     cc = config.cluster
@@ -1175,26 +1034,10 @@ def run_subtraction(science: Exposure, template: Exposure | None, *, config: Pip
         with open_client(target, cc) as c:
             result = _prepare_and_subtract(science, template, config, c, warp, template_store)
     if out_dir is not None:
+        from .products import write_output_set
+
         write_output_set(result, out_dir, plots=plots, config=config)
     return result
-
-
-def write_output_set(result: SubtractionResult, out_dir, *, plots: bool = False, config: PipelineConfig | None = None,
-                     before_install=None) -> dict:
-    """:func:`write_outputs` into a temporary folder beside ``out_dir``, installed as a whole with its
-    completion manifest (:func:`~diffim_dag.io.outputs.output_set`); ``result.paths`` name the final files.
-
-    ``before_install(tmp)`` may write more into the set (the demo's inputs)."""
-    from .io.outputs import output_set
-
-    final = Path(out_dir)
-    with output_set(final, extra={"method": result.metrics.get("method")}) as tmp:
-        if before_install is not None:
-            before_install(tmp)
-        write_outputs(result, tmp, plots=plots, config=config)
-        inside = dict(result.paths)
-    result.paths = {k: str(final / Path(v).relative_to(tmp)) for k, v in inside.items()}
-    return result.paths
 
 
 def subtract(science: Exposure, template: Exposure, *, config: PipelineConfig | None = None, client=None,
@@ -1273,6 +1116,8 @@ def run_demo(*, out_dir="demo_out", size: int = 1024, seed: int = 1, pipeline=No
         science = read_exposure(inputs["science"])
         template = read_exposure(inputs["template"])
         result = run_subtraction(science, template, config=config, out_dir=None, scheduler=scheduler, plots=plots)
+        from .products import write_output_set
+
         write_output_set(result, out, plots=plots, config=config,
                          before_install=lambda tmp: shutil.copytree(Path(scratch) / "inputs", tmp / "inputs"))
     for line in result.summary_lines():
