@@ -227,3 +227,35 @@ def test_a_permanent_error_becomes_a_value_that_reaches_the_write_task(spec, tmp
     assert run_stage("catalog", 9, 1, boom, 1, [2, failure]) is failure
     done = AlreadyWritten(visit=9, detector=1, manifest={})
     assert run_stage("detect", 9, 1, boom, done) is done
+
+
+@pytest.mark.parametrize("fakes", [[], ["--fakes", "20"]])
+def test_cli_subtract_and_a_batch_of_one_write_the_same_bits(tmp_path, fakes):
+    """The user's two commands on one plain-FITS raw-sky pair (PSFs estimated): ``subtract`` and ``run`` with a
+    one-row manifest write bitwise-identical planes and identical catalogues (and fakes)."""
+    import subprocess
+    import sys
+
+    def cli(*args):
+        r = subprocess.run([sys.executable, "-m", "diffim_dag.cli", *args], capture_output=True, text=True,
+                           timeout=600, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        return r
+
+    cli("simulate", "--size", "256", "--seed", "7", "--layout", "plain", "--no-psf", "--no-keywords",
+        "--set", "sky_subtracted=false", "--out", "in")
+    pipeline = str(Path(__file__).resolve().parent.parent / "pipelines" / "al.yaml")
+    cli("subtract", "--pipeline", pipeline, "in/science.fits", "in/template.fits", "--out", "one", *fakes)
+    (tmp_path / "m.csv").write_text("visit,detector,science,template\n1,0,in/science.fits,in/template.fits\n")
+    cli("run", pipeline, "--manifest", "m.csv", "--out", "batch", "--no-progress", "--workers", "1", *fakes)
+    folder = tmp_path / "batch" / ("injected" if fakes else "") / "visit=1" / "detector=0"
+    for name in ("difference.fits", "matched_template.fits"):
+        for a, b in zip(read_exposure(tmp_path / "one" / name).arrays(), read_exposure(folder / name).arrays()):
+            np.testing.assert_array_equal(a, b)
+    one = pd.read_parquet(tmp_path / "one" / "dia_sources.parquet")
+    batch = pd.read_parquet(folder / "dia_sources.parquet").drop(columns=["visit", "detector"])
+    pd.testing.assert_frame_equal(one.drop(columns=[c for c in ("visit", "detector") if c in one]), batch,
+                                  check_dtype=False)
+    if fakes:
+        pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "one" / "injection.parquet"),
+                                      pd.read_parquet(folder / "injection.parquet"))
