@@ -14,7 +14,7 @@ does the same.  Optional columns: ``science_psf``, ``science_variance``,
 
 Graph
 -----
-Each row becomes one small graph of tasks (:func:`diffim_dag.graph.visit_graph`), keyed
+Each row becomes one small graph of tasks (:func:`diffim_dag.visit.visit_graph`), keyed
 ``(stage, visit, detector[, index...])``: ``("template", V, D)`` reads the inputs on a
 worker and fetches/warps the template; then ``("kernel-sources", V, D)``, one
 ``("fit-cell", V, D, i)`` per kernel cell, ``("spatial-solve", V, D)``, one
@@ -62,10 +62,9 @@ from pathlib import Path
 from typing import Sequence
 
 from .config import PipelineConfig, config_to_dict
-from .errors import DiffimError
 from .manifest import VisitSpec, read_manifest, visit_dir, visit_key, write_manifest  # noqa: F401 - the batch API
-from .io.outputs import (OUTPUTS_MANIFEST, check_output_root, file_entry, install, register_cleanup, sha256,
-                         unregister_cleanup)
+from .io.outputs import OUTPUTS_MANIFEST, check_output_root, register_cleanup, unregister_cleanup
+from .visit import DIA_SOURCE_DATASET, VisitRecord, process_visit, verify_outputs  # noqa: F401 - the batch API
 
 __all__ = [
     "VisitSpec",
@@ -91,302 +90,7 @@ log = logging.getLogger(__name__)
 #: Name of the batch report in the output folder.
 RUN_REPORT = "run_report.json"
 INJECTED_DIR = "injected"  # a run with fakes writes DIR/injected/…, never over the clean run's DIR/visit=…
-#: Folder (under the output folder) of the batch's DiaSource dataset.
-DIA_SOURCE_DATASET = "dia_sources"
 STATUSES = ("done", "skipped", "failed")
-
-# --------------------------------------------------------------------------- one visit (runs on a worker)
-
-
-@dataclass
-class VisitRecord:
-    """What happened to one (visit, detector)."""
-
-    visit: int
-    detector: int
-    status: str  # done | skipped | failed
-    reason: str = ""
-    error: str | None = None  # exception class for failures
-    outputs: dict = field(default_factory=dict)  # name -> path relative to the output folder
-    wall_s: float = 0.0
-    n_dia_sources: int | None = None
-    worker: str | None = None
-    injection: dict | None = None  # with fakes: the visit's completeness figures
-
-    @property
-    def key(self) -> str:
-        return visit_key(self.visit, self.detector)
-
-    def to_dict(self) -> dict:
-        return {"key": self.key, **dataclasses.asdict(self)}
-
-
-def _read_input(path: str, options: dict):
-    from .io import read_exposure, read_zarr
-
-    if Path(path).is_dir():
-        return read_zarr(path).load()
-    return read_exposure(path, **options)
-
-
-
-
-def _dataset_part(out_root: Path, visit: int, detector: int) -> Path:
-    return out_root / DIA_SOURCE_DATASET / f"visit={visit}" / f"detector={detector}.parquet"
-
-
-def verify_outputs(out_dir: str | os.PathLike, visit: int, detector: int, *, checksums: bool = True) -> dict | None:
-    """The outputs manifest of a completed (visit, detector), or None when anything is missing or differs.
-
-    ``checksums=False`` compares sizes only (cheaper on huge outputs).
-    """
-    root = Path(out_dir)
-    folder = visit_dir(root, visit, detector)
-    mpath = folder / OUTPUTS_MANIFEST
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (OSError, ValueError):
-        return None
-    if manifest.get("visit") != visit or manifest.get("detector") != detector or not manifest.get("files"):
-        return None
-    for entry in manifest["files"].values():
-        p = root / entry["path"]
-        try:
-            if p.stat().st_size != entry["size"]:
-                return None
-        except OSError:
-            return None
-        if checksums and sha256(p) != entry["sha256"]:
-            return None
-    return manifest
-
-
-def _write_dataset_part(catalog, path: Path) -> Path:
-    """The visit's DiaSources for the batch dataset (Hive partition ``visit=V``: no ``visit`` column)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from .io.atomic import atomic_path
-
-    table = pa.Table.from_pandas(catalog.drop(columns=["visit"], errors="ignore"), preserve_index=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
-    return path
-
-
-def input_shape(spec: VisitSpec) -> tuple[int, int] | None:
-    """``(ny, nx)`` of the visit's science image from its header alone, or None when it cannot be read.
-
-    FITS: the ``NAXIS1``/``NAXIS2`` cards of the image HDU (``IMAGE`` of an LSST-layout file, the
-    ``hdu`` option, or the only image HDU); zarr: the image array's metadata.  No pixel is read;
-    the batch graph uses the shape for its tile and cell task counts (:func:`diffim_dag.graph.visit_grid`).
-    The template is brought onto the science grid, so the science shape is the visit's.
-    """
-    path = Path(spec.science)
-    try:
-        if path.is_dir():
-            for name in ("image/.zarray", "image/zarr.json"):
-                meta = path / name
-                if meta.is_file():
-                    shape = json.loads(meta.read_text()).get("shape")
-                    return (int(shape[0]), int(shape[1])) if shape and len(shape) == 2 else None
-            return None
-        import warnings
-
-        from astropy.io import fits
-
-        hdu = dict(spec.science_options).get("hdu")
-        with warnings.catch_warnings(), fits.open(path, memmap=True, lazy_load_hdus=True) as hdul:
-            warnings.simplefilter("ignore")  # a damaged file is the workers' to report
-            if hdu is not None:
-                header = hdul[int(hdu) if str(hdu).isdigit() else hdu].header
-            else:
-                names = [h.name.upper() for h in hdul]
-                if "IMAGE" in names:
-                    header = hdul["IMAGE"].header
-                else:
-                    images = [h.header for h in hdul if h.header.get("NAXIS", 0) >= 2]
-                    if len(images) != 1:
-                        return None
-                    header = images[0]
-            dims = [int(header.get(f"NAXIS{i}", 0)) for i in range(1, int(header.get("NAXIS", 0)) + 1)]
-        dims = [n for n in dims if n != 1]
-        return (dims[1], dims[0]) if len(dims) == 2 and min(dims) > 0 else None
-    except Exception:  # unreadable here (missing, corrupt, another filesystem): the workers will say why
-        return None
-
-
-def read_visit_inputs(spec: VisitSpec):
-    """Read the science exposure and the template exposure (None for a template store) of one visit."""
-    science = _read_input(spec.science, dict(spec.science_options))
-    template = _read_input(spec.template, dict(spec.template_options)) if spec.template else None
-    return science, template
-
-
-def template_stage(spec: VisitSpec, config: PipelineConfig, out_dir: str, run_id: str = ""):
-    """The first task of a visit: read its inputs, fetch/warp the template onto the science grid.
-
-    Returns the pair on one grid as a :class:`~diffim_dag.pipeline.PreparedExposures` (``metrics``: the
-    warp's; not prepared yet: the ``psf`` and ``prepare`` tasks follow).  When this run already installed the visit's outputs (its worker
-    died before reporting) it returns :class:`~diffim_dag.graph.AlreadyWritten` instead, and the
-    visit's later tasks hand that on without doing anything.
-    """
-    from .graph import AlreadyWritten
-    from .pipeline import PreparedExposures
-    from .stages.template import prepare_template
-
-    if run_id:
-        existing = verify_outputs(out_dir, spec.visit, spec.detector, checksums=False)
-        if existing is not None and existing.get("run_id") == run_id:
-            return AlreadyWritten(visit=spec.visit, detector=spec.detector, manifest=existing)
-    t0 = time.perf_counter()
-    science, template = read_visit_inputs(spec)
-    t_read = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    template, warp_metrics = prepare_template(science, template, store=spec.template_store,
-                                              min_coverage=config.subtract.min_template_coverage,
-                                              tile=config.subtract.tile_size,
-                                              workers=config.cluster.threads_per_worker)
-    timings = {"read": t_read, "template_warp": time.perf_counter() - t0}
-    return PreparedExposures(science=science, template=template, metrics=warp_metrics, timings=timings)
-
-
-def psf_stage(warped, config: PipelineConfig, role: str):
-    """The ``("psf", V, D, role)`` task: the supplied PSF of one exposure, or one estimated from its stars."""
-    from .stages.psf import measure_psf
-
-    t0 = time.perf_counter()
-    result = measure_psf(getattr(warped, role), config.psf, role=role)
-    result.seconds = time.perf_counter() - t0
-    result.exposure = None  # the task's result is the model and its report; the pixels stay in the warped pair
-    return result
-
-
-def prepare_stage(warped, psf_science, psf_template, config: PipelineConfig):
-    """The ``("prepare", V, D)`` task: sky removed, PSFs attached (:func:`~diffim_dag.pipeline.prepare_exposures`);
-    for ``method: al`` also :func:`~diffim_dag.pipeline.prepare_subtraction` (coverage, variance scaling, mode)."""
-    from .pipeline import PreparedExposures, prepare_exposures, prepare_subtraction
-
-    prepared = prepare_exposures(warped.science, warped.template, config,
-                                 psfs={"science": psf_science, "template": psf_template})
-    metrics = {"template": warped.metrics, **prepared.metrics}
-    timings = {**warped.timings, **prepared.timings}
-    if config.method == "al":
-        return prepare_subtraction(prepared.science, prepared.template, config, metrics=metrics, timings=timings)
-    return PreparedExposures(science=prepared.science, template=prepared.template, metrics=metrics, timings=timings)
-
-
-def score_subtract_stage(prepared, config: PipelineConfig):
-    """The ``subtract`` task of the score methods (``al-preconvolve``, ``zogy``): the whole subtraction of the
-    ``prepare`` task's pair (its metrics: the warp's, the skies', the PSFs'), no detection."""
-    from .pipeline import subtract_prepared
-
-    return subtract_prepared(prepared, config=config, client=None, tiled=False, detect=False)
-
-
-def write_stage(spec: VisitSpec, config: PipelineConfig, out_dir: str, run_id: str, result, catalog,
-                injection=None) -> dict:
-    """The last task of a visit: write its outputs and install them atomically; returns the visit's record (a dict).
-
-    ``result`` is the :class:`~diffim_dag.pipeline.SubtractionResult` (without DiaSources) and
-    ``catalog`` the :class:`~diffim_dag.pipeline.CatalogStage` (``injection``: the matched fakes, or None), or a
-    :class:`~diffim_dag.graph.StageFailure` (→ a ``failed`` record) or
-    :class:`~diffim_dag.graph.AlreadyWritten` (→ ``done``, nothing written) handed on by an earlier stage.
-    Outputs go to a hidden temporary folder, get checksummed into ``_outputs.json`` and the folder is
-    renamed into place; an install by an earlier attempt of this run is not repeated (exactly once).
-    Permanent errors while writing become a ``failed`` record; anything else is raised (retried).
-    """
-    from .cluster import worker_name
-    from .graph import AlreadyWritten, StageFailure
-    from .pipeline import judge_result, with_catalog, with_injection
-    from .products import write_outputs
-
-    t0 = time.perf_counter()
-    root = Path(out_dir)
-    final = visit_dir(root, spec.visit, spec.detector)
-    worker = worker_name()
-    marker = next((a for a in (result, catalog, injection) if isinstance(a, (StageFailure, AlreadyWritten))), None)
-    if isinstance(marker, StageFailure):
-        return VisitRecord(spec.visit, spec.detector, "failed", reason=marker.reason, error=marker.error,
-                           worker=worker).to_dict()
-    existing = marker.manifest if isinstance(marker, AlreadyWritten) else (
-        verify_outputs(root, spec.visit, spec.detector, checksums=False) if run_id else None)
-    if existing is not None and existing.get("run_id") == run_id:
-        # an earlier attempt of this very run finished (its worker died before reporting): done exactly once
-        return VisitRecord(spec.visit, spec.detector, "done", reason="written by an earlier attempt of this run",
-                           outputs={k: v["path"] for k, v in existing["files"].items()},
-                           wall_s=time.perf_counter() - t0, n_dia_sources=existing.get("n_dia_sources"),
-                           worker=worker).to_dict()
-    result = judge_result(with_injection(with_catalog(result, catalog), injection), config)
-    catalog = result.dia_sources = result.dia_sources.copy()  # the catalog task's frame stays as it was
-    # the manifest is the authority on (visit, detector)
-    catalog["visit"] = spec.visit
-    catalog["detector"] = spec.detector
-    result.metrics = {**result.metrics, "visit": spec.visit, "detector": spec.detector}
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{run_id + '-' if run_id else ''}{uuid.uuid4().hex[:12]}"
-    part = _dataset_part(root, spec.visit, spec.detector)
-    try:
-        try:
-            write_outputs(result, tmp, config=config)
-        except DiffimError as exc:
-            if not getattr(exc, "permanent", True):
-                raise
-            return VisitRecord(spec.visit, spec.detector, "failed", reason=str(exc), error=type(exc).__name__,
-                               worker=worker).to_dict()
-        n_real = int((~catalog["sky_source"]).sum()) if len(catalog) else 0
-        _write_dataset_part(catalog, part)
-        t_sum = time.perf_counter()
-        files = {}
-        for name, p in sorted(result.paths.items()):
-            rel = Path(p).relative_to(tmp)
-            files[name] = file_entry(Path(p), root)
-            files[name]["path"] = os.path.relpath(final / rel, root)  # where it will live
-        files["dataset_part"] = file_entry(part, root)
-        manifest = {
-            "visit": spec.visit, "detector": spec.detector, "run_id": run_id, "n_dia_sources": n_real,
-            "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "worker": worker, "checksum_s": time.perf_counter() - t_sum, "files": files,
-        }
-        (tmp / OUTPUTS_MANIFEST).write_text(json.dumps(manifest, indent=2))
-        install(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    done = verify_outputs(root, spec.visit, spec.detector, checksums=False)
-    if done is None or (done.get("run_id") != run_id):
-        raise RuntimeError(f"{final}: outputs not in place after the rename")  # transient: retried
-    # the visit's compute time: the sum of its stages' wall times (tasks may have run on several workers)
-    wall = float(sum(v for v in result.metrics.get("timings_s", {}).values() if isinstance(v, (int, float))))
-    return VisitRecord(spec.visit, spec.detector, "done", outputs={k: v["path"] for k, v in files.items()},
-                       wall_s=wall + time.perf_counter() - t0, n_dia_sources=n_real, worker=worker,
-                       injection=_injection_figures(result.metrics.get("injection"))).to_dict()
-
-
-def _injection_figures(summary: dict | None) -> dict | None:
-    """The per-visit fakes figures of the run report."""
-    if not summary:
-        return None
-    return {"n_injected": summary.get("n_injected"), "n_recovered": summary.get("n_recovered"),
-            "m50": summary.get("m50"), "m90": summary.get("m90"),
-            "limiting_magnitude_5sigma": summary.get("limiting_magnitude_5sigma"),
-            "completeness_snr_ge_10": summary.get("completeness_snr_ge_10"),
-            "flux_median_ratio": (summary.get("flux") or {}).get("median_ratio"),
-            "median_offset_px": (summary.get("astrometry") or {}).get("median_offset_px")}
-
-
-def process_visit(spec: VisitSpec, config: PipelineConfig, out_dir: str, *, run_id: str = "") -> dict:
-    """Run one (visit, detector) end to end where it is called and return its record (a dict).
-
-    The visit's graph (:func:`diffim_dag.graph.visit_graph`) run in turn in this process: the same
-    stage functions a batch runs as separate tasks.  Permanent errors become a ``failed`` record;
-    anything else is raised.  The outputs appear atomically.
-    """
-    from .graph import compute_visit
-
-    return compute_visit(spec, config, os.fspath(Path(out_dir).resolve()), run_id=run_id)
-
 
 # --------------------------------------------------------------------------- the graph
 
@@ -395,13 +99,13 @@ def build_batch_graph(specs: Sequence[VisitSpec], config: PipelineConfig, out_di
                       grids: dict | None = None) -> dict:
     """The batch's task graph (``{key: task}``): the union of every visit's graph.
 
-    See :func:`diffim_dag.graph.visit_graph` for the stages and keys (``(stage, visit, detector[,
+    See :func:`diffim_dag.visit.visit_graph` for the stages and keys (``(stage, visit, detector[,
     index...])``); the result of ``("write", visit, detector)`` is the visit's record.  The tasks
     hold paths, the frozen config, the output folder and tile/cell indices only: no pixels travel
     through the client or sit in the graph.  The science headers are read here for the tile and
     cell counts (``grids`` may give them instead, keyed by (visit, detector)).
     """
-    from .graph import batch_graph
+    from .visit import batch_graph
 
     return batch_graph(specs, config, os.fspath(Path(out_dir).resolve()), run_id=run_id, grids=grids)
 

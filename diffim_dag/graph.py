@@ -13,14 +13,10 @@ pure function on the whole array as one tile (``tiled == eager`` is tested).
 * :func:`filter_tiles`: a fixed small kernel (the decorrelation kernel) applied by
   FFT per tile with a reflected halo.
 
-The batch graph is built here too: :func:`visit_graph` turns one (visit, detector) into a
-low-level graph of its stages with readable, stable keys ``(stage, visit, detector[, tile or
-cell index])`` — template, kernel sources, one task per kernel cell, spatial solve, one
-subtract/decorrelate/detect task per tile, difference, detection set-up, catalogue, write — and
-:func:`batch_graph` is the union over visits.  The tasks call the same stage functions as
-:func:`diffim_dag.pipeline.subtract_exposures` (tile for tile the same numbers as its tiled
-path); a permanent error becomes a :class:`StageFailure` value that the visit's later tasks hand
-on to its ``write`` task (:func:`run_stage`).
+The visit graphs (:mod:`diffim_dag.visit`) use the execution helpers here: task keys that name
+``(stage, visit, detector[, tile or cell index])`` and carry the run's token (:func:`task_key`), and
+:func:`run_stage`, the body of every stage task: a permanent error becomes a :class:`StageFailure`
+value that the visit's later tasks hand on to its ``write`` task.
 """
 from __future__ import annotations
 
@@ -43,25 +39,17 @@ __all__ = [
     "filter_tiles",
     "compute",
     "lazy_parquet",
-    "visit_graph",
-    "batch_graph",
-    "compute_visit",
+    "run_in_turn",
     "write_key",
     "task_key",
     "stage_of",
     "run_token",
-    "VisitGrid",
-    "visit_grid",
     "StageFailure",
     "AlreadyWritten",
     "run_stage",
 ]
 
 log = logging.getLogger(__name__)
-
-#: The exposures of a visit whose PSF tasks are ``("psf", V, D, i)``, in index order.
-PSF_ROLES = ("science", "template")
-
 
 def tile_starts(chunks: tuple[tuple[int, ...], tuple[int, ...]], xy0: tuple[int, int]):
     """Parent-frame (y, x) starts of every chunk."""
@@ -214,6 +202,11 @@ def _THREADS(*args, **kwargs):
     return get(*args, **kwargs)
 
 
+def run_in_turn(dsk: dict, key):
+    """Compute ``key`` of the low-level graph ``dsk`` here, task after task (Dask's synchronous scheduler)."""
+    return dask.get(dsk, key)
+
+
 def lazy_parquet(path):
     """A Parquet dataset (Hive-partitioned folders) as a lazy ``dask.dataframe``."""
     import dask.dataframe as dd
@@ -344,90 +337,6 @@ def run_stage(stage: str, visit: int, detector: int, function, *args):
         return StageFailure(stage=stage, visit=visit, detector=detector, error=type(exc).__name__, reason=str(exc))
 
 
-@dataclass(frozen=True)
-class VisitGrid:
-    """How many tile and cell tasks one visit's graph has.
-
-    Attributes
-    ----------
-    tiles : (int, int)
-        Task grid of the tile stages (subtract, decorrelate, detect): tile ``(iy, ix)`` of the image
-        runs in task ``(iy mod n_y, ix mod n_x)`` (:func:`~diffim_dag.stages.subtract.cores_of_task`).
-    cells : int
-        ``fit-cell`` tasks: cell ``c`` is fitted in task ``c mod cells``.
-    shape : (int, int) or None
-        The image shape the grid was derived from (None: unknown, one task for all tiles and
-        one for all cells, with the same results).
-    """
-
-    tiles: tuple[int, int] = (1, 1)
-    cells: int = 1
-    shape: tuple[int, int] | None = None
-
-
-def visit_grid(shape: tuple[int, int] | None, config) -> VisitGrid:
-    """The task grid of a visit whose science image has ``shape`` (ny, nx): one task per tile and per cell."""
-    from .stages.subtract import tile_grid
-
-    if shape is None:
-        return VisitGrid()
-    ny, nx = (int(v) for v in shape)
-    cell = config.kernel.cell_size
-    n_cells = max(1, -(-nx // cell)) * max(1, -(-ny // cell))
-    return VisitGrid(tiles=tile_grid((0, nx, 0, ny), config.subtract.tile_size), cells=n_cells, shape=(ny, nx))
-
-
-def _fit_cells_task(cells, index: int, n_tasks: int):
-    from .pipeline import fit_cells_stage
-
-    return fit_cells_stage(cells, [c.cell for c in cells.cells if c.cell % n_tasks == index])
-
-
-def _own_cores(prepared, config, ty, tx, nty, ntx):
-    from .stages.subtract import cores_of_task
-
-    return list(cores_of_task(prepared.science.bbox, config.subtract.tile_size, (ty, tx), (nty, ntx)).values())
-
-
-def _subtract_task(prepared, kernel, config, ty: int, tx: int, nty: int, ntx: int):
-    from .pipeline import subtract_tiles_stage
-
-    return subtract_tiles_stage(prepared, kernel, config, _own_cores(prepared, config, ty, tx, nty, ntx))
-
-
-def _merge(dicts) -> dict:
-    out: dict = {}
-    for d in dicts:
-        out.update(d)
-    return out
-
-
-def _decorrelate_task(prepared, kernel, config, ty: int, tx: int, nty: int, ntx: int, neighbours: list):
-    from .pipeline import decorrelate_tiles_stage
-
-    return decorrelate_tiles_stage(prepared, kernel, _own_cores(prepared, config, ty, tx, nty, ntx),
-                                   _merge(neighbours))
-
-
-def _difference_task(prepared, kernel, config, tiles: list):
-    from .pipeline import difference_stage
-
-    return difference_stage(prepared, kernel, config, _merge(tiles))
-
-
-def _fakes_of(prepared):
-    return prepared.fakes
-
-
-def _detect_task(inputs, ty: int, tx: int, nty: int, ntx: int):
-    from .pipeline import detect_tiles_stage
-    from .stages.subtract import tile_grid
-
-    n_y, n_x = tile_grid(inputs.bbox, inputs.config.tile_size)
-    own = [iy * n_x + ix for iy in range(n_y) for ix in range(n_x) if (iy % nty, ix % ntx) == (ty, tx)]
-    return detect_tiles_stage(inputs, own)
-
-
 @functools.lru_cache(maxsize=64)  # one hash per run, not per task key
 def run_token(run_id: str) -> str:
     """The token every task key of a run carries (32 hex digits of the run id's SHA-256).
@@ -453,146 +362,3 @@ def write_key(visit: int, detector: int, run_id: str = "") -> tuple:
     return task_key("write", visit, detector, run_id=run_id)
 
 
-def visit_graph(spec, config, out_dir, *, run_id: str = "", grid: VisitGrid | None = None) -> dict:
-    """The task graph of one (visit, detector): a dict ``{key: task}`` in Dask's graph format.
-
-    Keys are ``(stage, visit, detector)`` or ``(stage, visit, detector, index...)``, the stage name carrying
-    the run's token (:func:`task_key`: ``"fit-cell-<32 hex>"``; :func:`stage_of` gives the stage back):
-
-    ============================================  ===============================================================
-    ``("template", V, D)``                        read the inputs, fetch/warp the template
-                                                  (:func:`diffim_dag.batch.template_stage`)
-    ``("psf", V, D, i)``                          the PSF of the science (0) / the (warped) template (1): supplied, or
-                                                  estimated from its stars (:func:`diffim_dag.batch.psf_stage`)
-    ``("prepare", V, D)``                         skies removed, PSFs attached; coverage, variance scaling and
-                                                  mode for ``al`` (:func:`diffim_dag.batch.prepare_stage`)
-    ``("kernel-sources", V, D)``                  kernel sources and their stamps by cell
-    ``("fit-cell", V, D, i)``                     first fit of cell ``i`` (``i`` < ``grid.cells``)
-    ``("spatial-solve", V, D)``                   clipping, refits, spatial solve, decorrelation kernel
-    ``("subtract", V, D, ty, tx)``                convolve and subtract tile ``(ty, tx)``
-    ``("decorrelate", V, D, ty, tx)``             decorrelate the tile (reads the neighbouring tiles' edges)
-    ``("difference", V, D)``                      assemble the planes, quality metrics
-    ``("detect-prepare", V, D)``                  whole-image matched filter / significance
-    ``("detect", V, D, ty, tx)``                  detect and measure the tile
-    ``("inject", V, D)``                          with ``fakes``: fake sources added (``al``: after the spatial
-                                                  solve; :func:`diffim_dag.pipeline.inject_stage`); the
-                                                  subtraction tasks read its pair
-    ``("catalog", V, D)``                         stitch the tiles (footprints cut by tile edges), sky sources
-    ``("fakes", V, D)``, ``("match", V, D)``      with ``fakes``: the fakes' table; matched to the DiaSources
-    ``("write", V, D)``                           write, checksum and install the outputs; the visit's record
-    ============================================  ===============================================================
-
-    ``al-preconvolve`` and ``zogy`` replace kernel-sources … difference by one ``("subtract", V, D)`` task
-    (:func:`diffim_dag.pipeline.subtract_prepared`); ``decorrelate`` tasks exist when a spatially constant
-    decorrelation is configured.  The keys depend on (visit, detector), the grid and ``run_id`` only: the
-    same for every build of one run, disjoint between runs.
-
-    Parameters
-    ----------
-    spec : VisitSpec
-        Paths of the visit's inputs.
-    config : PipelineConfig
-    out_dir : path
-        The batch's output folder.
-    run_id : str
-        Identifies this run in the outputs manifests (exactly-once install) and in every task key.
-    grid : VisitGrid, optional
-        Tile and cell task counts; by default from the science image's shape read from its header
-        (:func:`diffim_dag.batch.input_shape`), one task for all tiles/cells when it cannot be read.
-    """
-    import os
-
-    from . import batch, pipeline
-
-    v, d = int(spec.visit), int(spec.detector)
-    if grid is None:
-        grid = visit_grid(batch.input_shape(spec), config)
-    out = os.fspath(out_dir)
-    nty, ntx = grid.tiles
-    tiles = [(ty, tx) for ty in range(nty) for tx in range(ntx)]
-    dsk: dict = {}
-
-    def key(stage, *index):
-        return task_key(stage, v, d, *index, run_id=run_id)
-
-    def task(stage, index, function, *args):
-        dsk[key(stage, *index)] = (run_stage, stage, v, d, function, *args)
-
-    task("template", (), batch.template_stage, spec, config, out, run_id)
-    for index, role in enumerate(PSF_ROLES):
-        task("psf", (index,), batch.psf_stage, key("template"), config, role)
-    task("prepare", (), batch.prepare_stage, key("template"), key("psf", 0), key("psf", 1), config)
-    fakes = config.fakes.enabled
-    if config.method == "al":
-        prepared = key("prepare")
-        task("kernel-sources", (), pipeline.kernel_sources_stage, prepared, config)
-        for i in range(grid.cells):
-            task("fit-cell", (i,), _fit_cells_task, key("kernel-sources"), i, grid.cells)
-        task("spatial-solve", (), pipeline.spatial_solve_stage, prepared, key("kernel-sources"),
-             [key("fit-cell", i) for i in range(grid.cells)], config)
-        kernel = key("spatial-solve")
-        if fakes:  # after the kernel fit (on the images without fakes), before the convolution
-            task("inject", (), pipeline.inject_stage, prepared, config, kernel)
-            prepared = key("inject")
-        for ty, tx in tiles:
-            task("subtract", (ty, tx), _subtract_task, prepared, kernel, config, ty, tx, nty, ntx)
-        last = "subtract"
-        if config.decorrelation.enabled and not config.decorrelation.spatially_varying:
-            for ty, tx in tiles:
-                # the tasks owning the tiles next to this one: the adjacent tasks, or, when the task grid
-                # was not derived from the image shape (coarser than the tiles), the adjacent ones modulo it
-                near = sorted({((ty + dy) % nty, (tx + dx) % ntx) if grid.shape is None else (ty + dy, tx + dx)
-                               for dy in (-1, 0, 1) for dx in (-1, 0, 1)
-                               if grid.shape is None or (0 <= ty + dy < nty and 0 <= tx + dx < ntx)})
-                task("decorrelate", (ty, tx), _decorrelate_task, prepared, kernel, config, ty, tx, nty, ntx,
-                     [key("subtract", *n) for n in near])
-            last = "decorrelate"
-        task("difference", (), _difference_task, prepared, kernel, config, [key(last, *t) for t in tiles])
-        result = key("difference")
-    else:
-        prepared = key("prepare")
-        if fakes:
-            task("inject", (), pipeline.inject_stage, prepared, config)
-            prepared = key("inject")
-        task("subtract", (), batch.score_subtract_stage, prepared, config)
-        result = key("subtract")
-    task("detect-prepare", (), pipeline.prepare_detection_stage, result, config)
-    for ty, tx in tiles:
-        task("detect", (ty, tx), _detect_task, key("detect-prepare"), ty, tx, nty, ntx)
-    task("catalog", (), pipeline.catalog_stage, key("detect-prepare"), [key("detect", *t) for t in tiles])
-    injection = None
-    if fakes:
-        task("fakes", (), _fakes_of, key("inject"))  # the table alone travels to the match task
-        task("match", (), pipeline.match_stage, result, key("catalog"), key("fakes"), config)
-        injection = key("match")
-    dsk[write_key(v, d, run_id)] = (batch.write_stage, spec, config, out, run_id, result, key("catalog"), injection)
-    return dsk
-
-
-def batch_graph(specs, config, out_dir, *, run_id: str = "", grids: dict | None = None) -> dict:
-    """The union of :func:`visit_graph` over ``specs``: one graph for the whole batch.
-
-    ``grids`` may give the :class:`VisitGrid` of some (visit, detector) pairs; the others come from
-    their science headers.  Visits whose shape cannot be read here (e.g. a path only the workers
-    see) get one task for all their tiles and one for all their cells.
-    """
-    from . import batch
-
-    dsk: dict = {}
-    unknown = 0
-    for s in specs:
-        grid = (grids or {}).get((s.visit, s.detector))
-        if grid is None:
-            grid = visit_grid(batch.input_shape(s), config)
-        unknown += grid.shape is None
-        dsk.update(visit_graph(s, config, out_dir, run_id=run_id, grid=grid))
-    if unknown:
-        log.info("%d of %d visit(s): image shape not readable on the client; their tiles and cells run as one task "
-                 "each", unknown, len(specs))
-    return dsk
-
-
-def compute_visit(spec, config, out_dir, *, run_id: str = "") -> dict:
-    """Run one visit's graph here, in turn (Dask's synchronous scheduler), and return its record."""
-    dsk = visit_graph(spec, config, out_dir, run_id=run_id)
-    return dask.get(dsk, write_key(spec.visit, spec.detector, run_id))

@@ -8,29 +8,33 @@ pure functions, used to prove tiled == eager).  Each stage is a function here
 (:func:`prepare_subtraction`, :func:`kernel_sources_stage`, :func:`fit_cells_stage`,
 :func:`spatial_solve_stage`, :func:`subtract_tiles_stage`, :func:`decorrelate_tiles_stage`,
 :func:`difference_stage`, :func:`prepare_detection_stage`, :func:`detect_tiles_stage`,
-:func:`catalog_stage`) that the batch graph (:func:`diffim_dag.graph.visit_graph`) also
+:func:`catalog_stage`) that the batch graph (:func:`diffim_dag.visit.visit_graph`) also
 calls, one task per stage, cell or tile.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .config import PipelineConfig, load_config
 from .errors import DiffimError, NoWorkFound
 from .exposure import Exposure
-from .kernels.solution import CONVOLVE_SCIENCE, CONVOLVE_TEMPLATE, KernelSolution
+from .kernels.solution import CONVOLVE_SCIENCE, CONVOLVE_TEMPLATE
 from .masks import MaskPlanes
 from .stages import subtract as st
+from .stages.inputs import SubtractionResult, Timings, _nbytes, prepare_inputs
 from .stages.verdict import background_left
+
+if TYPE_CHECKING:
+    from .stages.zogy import ScoreSubtractionResult
 
 __all__ = [
     "SubtractionResult",
@@ -75,124 +79,6 @@ STAGES = {
     "zogy": _INPUTS + ("flux ratio (zero points or matched stars)", "ZOGY cells: D, P_D, S, S_corr (one task per cell)",
                        "blend cells", "detect on S_corr / measure on D", "verdict", "write"),
 }
-
-
-class Timings(dict):
-    """Per-stage wall times in seconds."""
-
-    @contextlib.contextmanager
-    def stage(self, name: str):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self[name] = self.get(name, 0.0) + time.perf_counter() - t0
-
-
-@dataclass
-class SubtractionResult:
-    """Everything one subtraction produced."""
-
-    difference: Exposure
-    matched_template: Exposure
-    matched_science: Exposure
-    mode: str
-    kernel_fit: object  # stages.kernel_fit.KernelFitResult
-    decorrelation_kernel: np.ndarray | None
-    metrics: dict
-    dia_sources: object = None  # pandas.DataFrame (detect/measure), None when not run
-    paths: dict = field(default_factory=dict)
-    injection: object = None  # stages.inject.InjectionResult when fakes were injected
-
-    @property
-    def solution(self) -> KernelSolution:
-        return self.kernel_fit.solution
-
-    def __sizeof__(self) -> int:  # what Dask's memory accounting sees when a task returns the result
-        exposures = [self.difference, self.matched_template, self.matched_science, getattr(self, "score", None)]
-        return 4096 + sum(_nbytes(e) for e in exposures if e is not None)
-
-    def summary_lines(self) -> list[str]:
-        m = self.metrics
-        q = m.get("quality", {})
-        k = m.get("kernel") or {}
-        lines = [
-            f"method {m.get('method')}, mode {self.mode}"
-            + (f"; kernel {k.get('kernel_size')} px, sum at centre {k.get('kernel_sum_center', float('nan')):.4f}; "
-               f"{k.get('candidates', {}).get('used')} kernel stars used" if k else ""),
-            f"difference: sky ratio {q.get('sky_ratio', float('nan')):.3f}, footprint residual ratio "
-            f"{_fmt(q.get('footprint_residual_ratio_mean'))} ± {_fmt(q.get('footprint_residual_ratio_std'))}, verdict {q.get('verdict')}",
-        ]
-        for reason in q.get("verdict_reasons") or []:
-            lines.append(f"  bad_subtraction: {reason}")
-        for role, rep in (m.get("psf") or {}).items():
-            if rep.get("origin") == "estimated":
-                lines.append(f"{role} PSF estimated from {rep.get('stars_used')} stars ({rep.get('model')}): FWHM "
-                             f"{rep.get('fwhm_center', float('nan')):.2f} px at the centre, "
-                             f"{rep.get('fwhm_min', float('nan')):.2f}–{rep.get('fwhm_max', float('nan')):.2f} over the image")
-        if "template" in m and m["template"].get("warped"):
-            lines.append(f"template warped onto the science grid (coverage {m['template'].get('coverage', float('nan')):.3f})")
-        if "dia_sources" in m:
-            d = m["dia_sources"]
-            lines.append(f"DiaSources: {d['n']} ({d['n_negative']} negative, {d['n_dipoles']} dipoles) + {d['n_sky_sources']} sky sources")
-        if "injection" in m:
-            j = m["injection"]
-            placed = "" if j["n_injected"] == j.get("n_requested") else f" (placed {j['n_injected']} of {j.get('n_requested')})"
-            lines.append(f"fakes: {j['n_recovered']}/{j['n_injected']} recovered{placed}; blank sky 50 % at {_fmt(j.get('m50'))} mag "
-                         f"(5σ limit {_fmt(j.get('limiting_magnitude_5sigma'))}, {j['magnitude_system']}), 90 % at "
-                         f"{_fmt(j.get('m90'))}; S/N ≥ 10 recovered {_fmt(j.get('completeness_snr_ge_10'))}; flux ratio "
-                         f"{_fmt(j['flux'].get('median_ratio'))} at S/N ≥ 20")
-        for name, path in self.paths.items():
-            lines.append(f"wrote {name}: {path}")
-        return lines
-
-
-def _fmt(v):
-    return "n/a" if v is None else f"{v:.3f}"
-
-
-def _variance_scaled(exposure: Exposure, config: PipelineConfig, role: str, metrics: dict) -> Exposure:
-    img, var, msk = exposure.arrays()
-    planes = exposure.mask_planes
-    bad = (msk & planes.bitmask(["NO_DATA", "BAD", "SAT"])) != 0
-    factor = st.measure_variance_scale(
-        img, var, bad, source=f"{role} ({exposure.info.filename or 'in memory'})", max_scale=config.subtract.max_variance_scale
-    )
-    metrics[f"{role}_variance_scale"] = factor
-    if not config.subtract.scale_variance or abs(factor - 1.0) < 1e-3:
-        return exposure
-    return exposure.with_planes(variance=(var * np.float32(factor)).astype(np.float32))
-
-
-def prepare_inputs(science: Exposure, template: Exposure, config: PipelineConfig, timings: Timings, metrics: dict):
-    """Checks and steps every method starts with: one pixel grid, both PSFs, the merged mask planes,
-    template coverage (:class:`NoWorkFound` below the minimum) and variance scaling.
-
-    Returns ``(science, template, planes, coverage)`` (in-memory, variance-scaled exposures).
-    """
-    if science.shape != template.shape or science.xy0 != template.xy0:
-        raise DiffimError(
-            f"science {science.shape} at {science.xy0} and template {template.shape} at {template.xy0} "
-            "are not on one pixel grid; warp the template first"
-        )
-    if science.psf is None or template.psf is None:
-        raise DiffimError("both exposures need a PSF model: give --science-psf / --template-psf, or let "
-                          "diffim_dag.subtract (the CLI's subtract) estimate them")
-    if science.is_lazy:
-        science = science.load()
-    if template.is_lazy:
-        template = template.load()
-    planes = science.mask_planes.merged(template.mask_planes)
-    for name in ("EDGE", "SAT_TEMPLATE", "INJECTED_TEMPLATE", "NO_DATA"):
-        planes = planes.with_plane(name)
-    with timings.stage("coverage"):
-        coverage = st.template_coverage(template.arrays()[2], science.arrays()[2], planes)
-        metrics["template_coverage"] = coverage
-        st.check_coverage(coverage, config.subtract.min_template_coverage)
-    with timings.stage("variance_scaling"):
-        science = _variance_scaled(science, config, "science", metrics)
-        template = _variance_scaled(template, config, "template", metrics)
-    return science, template, planes, coverage
 
 
 @dataclass(eq=False)
@@ -322,13 +208,9 @@ def _decorrelation_inputs(mode, science, template, solution, bad_s, bad_t):
 #
 # prepare → kernel sources → fit cells → spatial solve → subtract tiles → decorrelate tiles → difference
 # → detection (whole image) → detect tiles → catalogue.  subtract_exposures runs them in turn (the tile
-# steps on one tile, or through the tiled Dask arrays of graph.py); graph.visit_graph makes each one a task
+# steps on one tile, or through the tiled Dask arrays of graph.py); visit.visit_graph makes each one a task
 # of the batch graph.  Every stage returns a new object and never modifies its inputs (a task's result may
 # feed several tasks, or be recomputed after a worker is lost).
-
-
-def _nbytes(exposure: Exposure) -> int:
-    return sum(int(getattr(a, "nbytes", 0)) for a in exposure.arrays())
 
 
 @dataclass(eq=False)
@@ -911,7 +793,7 @@ def subtract_exposures(
     (:func:`subtract_tiles_stage` and :func:`decorrelate_tiles_stage` on the whole image, or the
     tiled Dask arrays of graph.py) → :func:`difference_stage` → detection
     (:func:`prepare_detection_stage`, :func:`detect_tiles_stage`, :func:`catalog_stage`).  The batch
-    graph (:func:`diffim_dag.graph.visit_graph`) runs the same stage functions as separate tasks.
+    graph (:func:`diffim_dag.visit.visit_graph`) runs the same stage functions as separate tasks.
 
     Parameters
     ----------
@@ -1005,11 +887,6 @@ def _check_differential_background(solution, science, template, config, metrics)
                                           "subtracted": bool(config.subtract.subtract_background)}
 
 
-def eager_convolve(planes, solution: KernelSolution, *, xy0, skip_bits: int):
-    """The one-tile twin of :func:`diffim_dag.graph.convolve_tiles` (:func:`~diffim_dag.stages.subtract.convolve_planes`)."""
-    return st.convolve_planes(*planes, solution, origin=xy0, skip_bits=skip_bits)
-
-
 def run_subtraction(science: Exposure, template: Exposure | None, *, config: PipelineConfig, out_dir, scheduler=None,
                     client=None, plots: bool = False, warp: bool | None = None,
                     template_store=None) -> SubtractionResult:
@@ -1056,6 +933,57 @@ def subtract(science: Exposure, template: Exposure, *, config: PipelineConfig | 
     return subtract_prepared(prepared, config=config, client=client, tiled=tiled, detect=detect)
 
 
+def subtract_al_preconvolve(science: Exposure, template: Exposure, *, config: PipelineConfig, client=None,
+                            tiled: bool = True, detect: bool = False, sources=None) -> ScoreSubtractionResult:
+    r"""AL subtraction plus the pre-convolution score; detection on the score, measurement on the difference.
+
+    Parameters
+    ----------
+    science, template : Exposure
+        On one pixel grid, with PSF models.
+    config : PipelineConfig
+        The AL configuration (``sources``, ``kernel``, ``subtract``, ``decorrelation``, ``detection``);
+        the same kernel settings are used for the pre-convolution fit.
+    client, tiled
+        As :func:`diffim_dag.pipeline.subtract_exposures`.
+    detect : bool
+        Detect on the score significance (threshold ``detection.threshold``, no smoothing) and
+        measure on the decorrelated AL difference.
+    sources : DataFrame, optional
+        Kernel-source catalog for both kernel fits.
+
+    Returns
+    -------
+    ScoreSubtractionResult
+        The AL result (difference, matched template/science, kernel fit, metrics) with
+        ``score`` and ``metrics["preconvolution"]``.
+    """
+    from .stages.preconvolve import preconvolved_score
+    from .stages.zogy import ScoreSubtractionResult, detect_on_score, score_significance
+
+    t = Timings()
+    with t.stage("al_subtraction"):
+        al = subtract_exposures(science, template, config=config, client=client, tiled=tiled, sources=sources,
+                                detect=False)
+    metrics = dict(al.metrics)
+    metrics["method"] = "al-preconvolve"
+    with t.stage("score"):
+        score, _ = preconvolved_score(science, template, config=config, client=client, tiled=tiled, sources=sources,
+                                      metrics=metrics)
+        significance = score_significance(score)
+    dia = None
+    if detect:
+        with t.stage("detect_measure"):
+            dia = detect_on_score(al.difference, al.matched_science, al.matched_template, significance, config=config,
+                                  client=client, tiled=tiled, metrics=metrics)
+    metrics["timings_s"] = {**metrics.get("timings_s", {}), **{f"preconvolve_{k}": v for k, v in t.items()}}
+    return ScoreSubtractionResult(
+        difference=al.difference, matched_template=al.matched_template, matched_science=al.matched_science,
+        mode=al.mode, kernel_fit=al.kernel_fit, decorrelation_kernel=al.decorrelation_kernel, metrics=metrics,
+        dia_sources=dia, score=score,
+    )
+
+
 def subtract_prepared(prepared: PreparedExposures, *, config: PipelineConfig, client=None, tiled: bool = True,
                       detect: bool = True) -> SubtractionResult:
     """The method's subtraction of exposures that went through :func:`prepare_exposures`."""
@@ -1065,8 +993,6 @@ def subtract_prepared(prepared: PreparedExposures, *, config: PipelineConfig, cl
     if config.method == "al":
         result = subtract_exposures(science, template, config=config, client=client, tiled=tiled, detect=detect)
     elif config.method == "al-preconvolve":
-        from .stages.preconvolve import subtract_al_preconvolve
-
         result = subtract_al_preconvolve(science, template, config=config, client=client, tiled=tiled, detect=detect)
     else:
         from .stages.zogy import subtract_zogy

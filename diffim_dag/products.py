@@ -15,7 +15,7 @@ from .io.atomic import atomic_path, atomic_write_text
 from .io.fits import write_exposure
 
 if TYPE_CHECKING:
-    from .pipeline import SubtractionResult
+    from .stages.inputs import SubtractionResult
 
 __all__ = ["write_outputs", "write_output_set"]
 

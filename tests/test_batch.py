@@ -26,6 +26,7 @@ from dask.utils import key_split
 
 from diffim_dag import batch
 from diffim_dag import cluster as cluster_setup
+from diffim_dag import visit
 from diffim_dag.batch import (
     OUTPUTS_MANIFEST,
     VisitSpec,
@@ -223,7 +224,7 @@ def test_run_40_visits_on_a_local_cluster(inputs40_1024, tmp_path, capsys):
     assert rc == 0, captured.err[-3000:]
     report = json.loads((out / "run_report.json").read_text())
     specs = read_manifest(inputs40)
-    from diffim_dag.batch import input_shape
+    from diffim_dag.visit import input_shape
 
     assert input_shape(specs[0]) == (1024, 1024)
     _check_complete_batch(out, specs, report)
@@ -405,7 +406,7 @@ def thread_client():
 
 def test_transient_errors_are_retried_permanent_ones_are_not(inputs40, tmp_path, monkeypatch, thread_client):
     specs = read_manifest(inputs40)[:3]
-    real = batch.read_visit_inputs
+    real = visit.read_visit_inputs
     calls: dict[str, int] = {}
 
     def flaky(spec):  # the reading step of each visit's ("template", V, D) task
@@ -418,7 +419,7 @@ def test_transient_errors_are_retried_permanent_ones_are_not(inputs40, tmp_path,
             raise InputError(f"{spec.science}: broken")  # permanent
         return real(spec)
 
-    monkeypatch.setattr(batch, "read_visit_inputs", flaky)
+    monkeypatch.setattr(visit, "read_visit_inputs", flaky)
     report = run_batch(specs, PipelineConfig(), tmp_path / "out", client=thread_client, retries=2, progress=False)
     status = {r.key: r for r in report.records}
     assert status[specs[0].key].status == "done" and calls[specs[0].key] == 3

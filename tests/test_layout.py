@@ -65,3 +65,29 @@ def test_the_rule_sees_function_local_imports(tmp_path):
     f.write_text("def f():\n    from distributed import Client\n    from ..graph import compute\n")
     found = dict(_imports("diffim_dag.stages.m", f))
     assert "distributed" in found and "diffim_dag.graph" in found
+
+
+def test_no_import_cycle():
+    """Module imports (inside functions too; ``if TYPE_CHECKING`` ones as well) form no cycle."""
+    modules = dict(_modules())
+    edges = {name: {t for t, _ in _imports(name, path) if t in modules and t != name} for name, path in modules.items()}
+    # a package imports its own modules (``from .models import *``): those edges are its surface, not a layer
+    edges = {n: {t for t in ts if not t.startswith(n + ".")} for n, ts in edges.items()}
+    state: dict[str, int] = {}
+    cycle: list[str] = []
+
+    def visit(node, stack):
+        state[node] = 1
+        for nxt in sorted(edges[node]):
+            if state.get(nxt) == 1:
+                cycle.extend(stack[stack.index(nxt):] + [node, nxt] if nxt in stack else [node, nxt])
+                return True
+            if state.get(nxt) is None and visit(nxt, stack + [node]):
+                return True
+        state[node] = 2
+        return False
+
+    for name in sorted(modules):
+        if state.get(name) is None and visit(name, []):
+            break
+    assert not cycle, " -> ".join(cycle)

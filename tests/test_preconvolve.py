@@ -17,7 +17,7 @@ from diffim_dag.kernels.preconvolve import (median_fill, preconvolution_kernel, 
 from diffim_dag.kernels.zogy import centred_fft
 from diffim_dag.noise import clipped_stats
 from diffim_dag.sim import add_sources
-from diffim_dag.stages.preconvolve import subtract_al_preconvolve
+from diffim_dag.pipeline import subtract_al_preconvolve
 from diffim_dag.stages.zogy import ScoreSubtractionResult
 
 XY0 = (37, 61)

@@ -1,4 +1,4 @@
-"""The task graph of one (visit, detector) (``diffim_dag.graph.visit_graph``): keys, failures, and results
+"""The task graph of one (visit, detector) (``diffim_dag.visit.visit_graph``): keys, failures, and results
 equal to the in-process subtraction.
 
 One simulated 300² pair with tiles of 128 px (3 × 3 tiles, the last row and column ragged) and kernel cells
@@ -15,21 +15,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from diffim_dag.batch import (
-    VisitSpec,
-    build_batch_graph,
-    input_shape,
-    process_visit,
-    read_manifest,
-    read_visit_inputs,
-    run_batch,
-    simulate_batch,
-    visit_dir,
-)
+from diffim_dag.batch import VisitSpec, build_batch_graph, read_manifest, run_batch, simulate_batch, visit_dir
 from diffim_dag.config import load_config
 from diffim_dag.errors import InputError
-from diffim_dag.graph import (AlreadyWritten, StageFailure, VisitGrid, run_stage, stage_of, task_key, visit_graph,
-                              visit_grid, write_key)
+from diffim_dag.graph import AlreadyWritten, StageFailure, run_stage, stage_of, task_key, write_key
+from diffim_dag.visit import VisitGrid, input_shape, process_visit, read_visit_inputs, visit_graph, visit_grid
 from diffim_dag.io import read_exposure
 from diffim_dag.pipeline import subtract
 from diffim_dag.stages.template import prepare_template

@@ -17,7 +17,7 @@ r"""Alard–Lupton subtraction with pre-convolution (score image), as LSST's ``A
 5. score correction :math:`\phi_S` and the propagated variance plane
    (:mod:`diffim_dag.kernels.preconvolve`), applied tile by tile with a reflected halo.
 
-:func:`subtract_al_preconvolve` runs the AL subtraction (``subtract_exposures``) for the
+:func:`diffim_dag.pipeline.subtract_al_preconvolve` runs the AL subtraction (``subtract_exposures``) for the
 difference that DiaSources are *measured* on, adds the score exposure, and *detects* on
 the score's significance :math:`\phi_S\Sigma/\sqrt V` directly (no further smoothing).
 """
@@ -36,12 +36,11 @@ from ..kernels.decorrelate import clipped_mean_variance
 from ..kernels.maskops import dilate_mask, template_mask_for_difference
 from ..kernels.preconvolve import median_fill, preconvolution_kernel, score_correction_kernels
 from ..kernels.solution import CONVOLVE_TEMPLATE
-from ..pipeline import Timings, _variance_scaled, eager_convolve, subtract_exposures
+from .inputs import Timings, _variance_scaled, eager_convolve
 from ..psf import ImagePsf
 from . import subtract as st
-from .zogy import ScoreSubtractionResult, detect_on_score, score_significance
 
-__all__ = ["FILLED_PLANES", "preconvolution_kernel_sources", "preconvolved_score", "subtract_al_preconvolve"]
+__all__ = ["FILLED_PLANES", "preconvolution_kernel_sources", "preconvolved_score"]
 
 log = logging.getLogger(__name__)
 
@@ -219,51 +218,3 @@ def preconvolved_score(science: Exposure, template: Exposure, *, config: Pipelin
                                  mask_planes=planes, wcs=science.wcs, psf=pre_psf,
                                  info=science.info.replace(variance_source="propagated"), validate=False, copy=False)
     return score, fit
-
-
-def subtract_al_preconvolve(science: Exposure, template: Exposure, *, config: PipelineConfig, client=None,
-                            tiled: bool = True, detect: bool = False, sources=None) -> ScoreSubtractionResult:
-    r"""AL subtraction plus the pre-convolution score; detection on the score, measurement on the difference.
-
-    Parameters
-    ----------
-    science, template : Exposure
-        On one pixel grid, with PSF models.
-    config : PipelineConfig
-        The AL configuration (``sources``, ``kernel``, ``subtract``, ``decorrelation``, ``detection``);
-        the same kernel settings are used for the pre-convolution fit.
-    client, tiled
-        As :func:`diffim_dag.pipeline.subtract_exposures`.
-    detect : bool
-        Detect on the score significance (threshold ``detection.threshold``, no smoothing) and
-        measure on the decorrelated AL difference.
-    sources : DataFrame, optional
-        Kernel-source catalog for both kernel fits.
-
-    Returns
-    -------
-    ScoreSubtractionResult
-        The AL result (difference, matched template/science, kernel fit, metrics) with
-        ``score`` and ``metrics["preconvolution"]``.
-    """
-    t = Timings()
-    with t.stage("al_subtraction"):
-        al = subtract_exposures(science, template, config=config, client=client, tiled=tiled, sources=sources,
-                                detect=False)
-    metrics = dict(al.metrics)
-    metrics["method"] = "al-preconvolve"
-    with t.stage("score"):
-        score, _ = preconvolved_score(science, template, config=config, client=client, tiled=tiled, sources=sources,
-                                      metrics=metrics)
-        significance = score_significance(score)
-    dia = None
-    if detect:
-        with t.stage("detect_measure"):
-            dia = detect_on_score(al.difference, al.matched_science, al.matched_template, significance, config=config,
-                                  client=client, tiled=tiled, metrics=metrics)
-    metrics["timings_s"] = {**metrics.get("timings_s", {}), **{f"preconvolve_{k}": v for k, v in t.items()}}
-    return ScoreSubtractionResult(
-        difference=al.difference, matched_template=al.matched_template, matched_science=al.matched_science,
-        mode=al.mode, kernel_fit=al.kernel_fit, decorrelation_kernel=al.decorrelation_kernel, metrics=metrics,
-        dia_sources=dia, score=score,
-    )

@@ -54,7 +54,7 @@ from ..kernels.maskops import dilate_mask, edge_mask, template_mask_for_differen
 from ..noise import clipped_stats
 from .photometry import aperture_flux_ratio
 from .verdict import background_left
-from ..pipeline import SubtractionResult, Timings, prepare_inputs
+from .inputs import SubtractionResult, Timings, prepare_inputs
 from ..psf import GridPsf, ImagePsf
 from ..psf.models import _kernel_from_image, _resize_centred
 
