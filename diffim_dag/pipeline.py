@@ -573,16 +573,10 @@ def difference_stage(prepared: PreparedPair, kernel: KernelStage, config: Pipeli
                                                difference.psf.kernel_image(cx, cy))
         metrics["quality"] = q
         metrics["photometric_scale"] = _photometric_scale(science, template, used, kernel_sum, mode)
-        limits = {}
-        for role, exp in (("science", science), ("template", template), ("difference", difference)):
-            img, var, msk = exp.arrays()
-            step = max(1, int(np.sqrt(var.size / 2**20)))  # ~1M samples pin a median variance
-            var, msk = var[::step, ::step], msk[::step, ::step]
-            good = ((msk & good_bits) == 0) & (var > 0)
-            sigma = float(np.sqrt(np.median(var[good]))) if good.any() else float("nan")
-            zp = exp.info.photo_calib.zero_point if exp.info.photo_calib is not None else None
-            limits[role] = st.limiting_magnitude(sigma, exp.psf.kernel_image(cx, cy), zp)
-        metrics["limiting_magnitude"] = limits
+        metrics["limiting_magnitude"] = {
+            role: st.exposure_limit(exp, (cx, cy), zero_point=None if exp.info.photo_calib is None
+                                    else exp.info.photo_calib.zero_point)
+            for role, exp in (("science", science), ("template", template), ("difference", difference))}
     metrics["timings_s"] = dict(timings)
     return SubtractionResult(
         difference=difference, matched_template=matched_template, matched_science=matched_science, mode=mode,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -31,7 +32,9 @@ import pandas as pd
 from ..config import FakesConfig
 from ..errors import ConfigError
 from ..exposure import Exposure
+from ..noise import robust_std
 from ..psf.render import point_source_stamps
+from .subtract import exposure_limit
 
 __all__ = [
     "ENVIRONMENTS",
@@ -400,24 +403,13 @@ def match_fakes(fakes: pd.DataFrame, dia_sources: pd.DataFrame, difference: Expo
     table["flux_ratio"] = table["psf_flux"] / table["flux_difference"]
     table["match_radius"] = radius
     factor = (metrics.get("dia_sources") or {}).get("significance_stdev") or 1.0
-    limit = _limit(difference) * factor  # the 5σ detection reaches (as metrics["limiting_magnitude"])
+    # the 5σ detection reaches (as metrics["limiting_magnitude"]["difference"])
+    limit = exposure_limit(difference, difference.center)["flux"] * factor
     table["limiting_flux_5sigma"] = limit
     zp = _table_zero_point(table)
     summary = {"n_requested": config.n + config.n_template,
                **completeness_summary(table, zero_point=zp, limiting_flux=limit)}
     return InjectionResult(table=table, summary=summary)
-
-
-def _limit(difference: Exposure) -> float:
-    """The difference's 5σ point-source flux at its centre from its variance plane (``limiting_magnitude``)."""
-    from .subtract import limiting_magnitude
-
-    img, var, msk = difference.arrays()
-    good = ((msk & _bits(difference, ("NO_DATA", "BAD", "SAT", "EDGE"))) == 0) & (var > 0)
-    step = max(1, int(np.sqrt(var.size / 2**20)))
-    good_s = good[::step, ::step]
-    sigma = float(np.sqrt(np.median(var[::step, ::step][good_s]))) if good_s.any() else float("nan")
-    return float(limiting_magnitude(sigma, difference.psf.kernel_image(*difference.center), None)["flux"])
 
 
 def _table_zero_point(table: pd.DataFrame) -> float | None:
@@ -476,11 +468,6 @@ def efficiency_fit(mag: np.ndarray, found: np.ndarray) -> dict | None:
             "n": int(mag.size), "n_found": int(found.sum())}
 
 
-def _robust_std(v: np.ndarray) -> float | None:
-    v = v[np.isfinite(v)]
-    return float(1.4826 * np.median(np.abs(v - np.median(v)))) if v.size >= 3 else None
-
-
 def completeness_summary(table: pd.DataFrame, *, zero_point: float | None, limiting_flux: float | None) -> dict:
     """What a table of matched fakes says: counts, completeness magnitudes and S/N, flux and astrometry.
 
@@ -532,8 +519,8 @@ def completeness_summary(table: pd.DataFrame, *, zero_point: float | None, limit
         "n_snr_ge_20": int(bright.sum()),
         "median_ratio": float(np.median(ratio)) if ratio.size else None,
         "bias": float(np.median(ratio) - 1.0) if ratio.size else None,
-        "ratio_scatter": _robust_std(ratio),
-        "pull_scatter": _robust_std(pull),
+        "ratio_scatter": robust_std(ratio, max_samples=None) if np.isfinite(ratio).sum() >= 3 else None,
+        "pull_scatter": robust_std(pull, max_samples=None) if np.isfinite(pull).sum() >= 3 else None,
     }
     out["astrometry"] = {
         "median_offset_px": float(np.median(dist[found])) if found.any() else None,
@@ -598,8 +585,6 @@ def write_completeness(table: pd.DataFrame, summary: dict, folder, *, title: str
     from astropy.stats import binom_conf_interval
 
     from ..io.atomic import atomic_path
-
-    from pathlib import Path
 
     folder = Path(folder)
     zp = summary.get("zero_point")

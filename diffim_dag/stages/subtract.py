@@ -43,6 +43,7 @@ __all__ = [
     "quality_metrics",
     "limiting_magnitude",
     "detection_limit",
+    "exposure_limit",
     "combine_tile",
     "convolve_planes",
     "DifferenceTile",
@@ -220,6 +221,18 @@ def limiting_magnitude(sigma_pixel: float, psf_image: np.ndarray, zero_point: fl
     flux = nsigma * sigma_pixel * math.sqrt(nea)
     mag = None if zero_point is None or not flux > 0 else zero_point - 2.5 * math.log10(flux)
     return {"flux": flux, "mag": mag, "nea_pixels": nea}
+
+
+def exposure_limit(exposure, at: tuple[float, float], *, zero_point: float | None = None) -> dict:
+    """:func:`limiting_magnitude` of ``exposure``: σ from the median of its variance plane over pixels without
+    NO_DATA/BAD/SAT/EDGE (about 1M strided samples), its PSF at ``at``."""
+    _, var, msk = exposure.arrays()
+    step = max(1, int(np.sqrt(var.size / 2**20)))  # ~1M samples pin a median variance
+    var, msk = var[::step, ::step], msk[::step, ::step]
+    bits = exposure.bitmask([p for p in ("NO_DATA", "BAD", "SAT", "EDGE") if p in exposure.mask_planes])
+    good = ((msk & bits) == 0) & (var > 0)
+    sigma = float(np.sqrt(np.median(var[good]))) if good.any() else float("nan")
+    return limiting_magnitude(sigma, exposure.psf.kernel_image(*at), zero_point)
 
 
 def detection_limit(limit: dict, noise_factor: float) -> dict:
