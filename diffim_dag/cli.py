@@ -228,8 +228,15 @@ def _cmd_subtract(args) -> int:
     if (args.template is None) == (args.template_store is None):
         raise InputError("give either a TEMPLATE file or --template-store DIR (exactly one)")
     out = check_output_dir(args.out, overwrite=args.overwrite)  # before any work
-    science = _read_any(args.science, args, "science")
-    template = _read_any(args.template, args, "template") if args.template else None
+    if args.template:  # the two files are independent: read (and model the noise of) both at once
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(2) as pool:
+            reads = [pool.submit(_read_any, path, args, role)
+                     for path, role in ((args.science, "science"), (args.template, "template"))]
+        science, template = (f.result() for f in reads)  # the science file's error first, as before
+    else:
+        science, template = _read_any(args.science, args, "science"), None
     result = run_subtraction(science, template, config=config, out_dir=out, scheduler=args.scheduler,
                              plots=args.plots, warp=False if args.no_warp else None, template_store=args.template_store)
     for line in result.summary_lines():

@@ -25,6 +25,7 @@ __all__ = [
     "measure_background",
     "sky_noise_map",
     "build_variance",
+    "grow_cross",
 ]
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,22 @@ MAD_TO_SIGMA = 1.4826
 #: Statistics of more values than this use a deterministic strided subsample (a 4096² image has
 #: 16.8M pixels; 1M samples pin a σ to 0.1% and cost 1/16 of the medians).
 MAX_STAT_SAMPLES = 1 << 20
+
+
+def grow_cross(mask: np.ndarray, iterations: int = 1) -> np.ndarray:
+    """``mask`` dilated ``iterations`` times by the 4-connected cross (outside the array counts as unset).
+
+    Equal to ``scipy.ndimage.binary_dilation(mask, iterations=iterations)`` (its default structure), by
+    four shifted ORs per step: a 4096² mask in ~25 ms a step against ~0.3 s.
+    """
+    out = np.array(mask, dtype=bool)
+    for _ in range(int(iterations)):
+        src = out.copy()
+        out[1:] |= src[:-1]
+        out[:-1] |= src[1:]
+        out[:, 1:] |= src[:, :-1]
+        out[:, :-1] |= src[:, 1:]
+    return out
 
 
 def _finite_sample(values, max_samples: int | None) -> np.ndarray:
@@ -141,7 +158,7 @@ def sky_noise_map(image: np.ndarray, bad: np.ndarray | None = None, *, box: int 
     skip = ~np.isfinite(img) if bad is None else (np.asarray(bad, bool) | ~np.isfinite(img))
     if level is not None and rms is not None:
         src = img - level > 3.0 * rms
-        skip = skip | ndimage.binary_dilation(src, iterations=2)
+        skip = skip | grow_cross(src, 2)
     # every ``step``-th row: ~1000 differences per box pin its σ to ~3 %
     step = max(1, box * box // 1024)
     rows = np.arange(0, ny, step)
@@ -207,10 +224,9 @@ def _source_excess(excess: np.ndarray, rms: np.ndarray) -> np.ndarray:
     """
     from scipy import ndimage
 
-    ex = np.nan_to_num(np.asarray(excess, dtype=np.float64))
-    significant = ndimage.uniform_filter(ex, size=3, mode="nearest") > np.asarray(rms, dtype=np.float64)
-    significant = ndimage.binary_dilation(significant, iterations=1)
-    return np.where(significant, np.clip(ex, 0.0, None), 0.0)
+    ex = np.nan_to_num(np.asarray(excess, dtype=np.float32))
+    significant = grow_cross(ndimage.uniform_filter(ex, size=3, mode="nearest") > np.asarray(rms, dtype=np.float32))
+    return np.where(significant, np.maximum(ex, np.float32(0.0)), np.float32(0.0))
 
 
 def build_variance(
@@ -251,21 +267,25 @@ def build_variance(
         (:func:`sky_noise_map`), which a galaxy's gradient does not inflate.
     """
     bkg = measure_background(image, bad, box=box)
-    img = np.asarray(image, dtype=np.float64)
+    img = np.asarray(image, dtype=np.float32)
     noise = sky_noise_map(image, bad, box=box, level=bkg.level, rms=bkg.rms)
     src = _source_excess(img - bkg.level, noise)
-    sky_var_measured = noise.astype(np.float64) ** 2
+    sky_var_measured = noise * noise  # float32: the planes are float32, and so is the result
+
+    def smooth_median(a):  # the maps are smooth on the mesh scale: every 4th pixel each way pins the median
+        return float(np.median(np.asarray(a, dtype=np.float64)[::4, ::4])) if np.ndim(a) == 2 else float(np.median(a))
+
     if gain is not None and gain > 0:
         rn_counts2 = (read_noise / gain) ** 2 if read_noise is not None and read_noise > 0 else 0.0
-        header_sky_var = np.clip(bkg.level, 0.0, None) / gain + rn_counts2
+        header_sky_var = np.maximum(bkg.level, np.float32(0.0)) / np.float32(gain) + np.float32(rn_counts2)
         # The header model only holds if the image still carries its sky.  Sky-subtracted
         # images (level ≈ 0) would get only the read noise: check against the measurement.
-        ratio = float(np.median(header_sky_var) / max(np.median(sky_var_measured), 1e-30))
+        ratio = smooth_median(header_sky_var) / max(smooth_median(sky_var_measured), 1e-30)
         if 0.8 <= ratio <= 1.25:
-            var = header_sky_var + src / gain
+            var = header_sky_var + src / np.float32(gain)
             how = "gain+read_noise"
         else:
-            var = sky_var_measured + src / gain
+            var = sky_var_measured + src / np.float32(gain)
             how = "measured_sky+gain"
             log.info(
                 "%s: header noise model (GAIN, read noise) predicts %.3g x the measured sky variance "
@@ -274,12 +294,12 @@ def build_variance(
                 ratio,
             )
     else:
-        level = float(np.median(bkg.level))
-        sky_var = float(np.median(sky_var_measured))
+        level = smooth_median(bkg.level)
+        sky_var = smooth_median(sky_var_measured)
         g_eff = level / sky_var if sky_var > 0 else 0.0
         # a sky of many σ (a raw frame) fixes an effective gain; a sky-subtracted frame (level ≈ 0) cannot
         if level > 10.0 * np.sqrt(max(sky_var, 1e-30)) and 1e-3 < g_eff < 1e3:
-            var = sky_var_measured + src / g_eff
+            var = sky_var_measured + src / np.float32(g_eff)
             how = f"measured_sky+effective_gain (g={g_eff:.4g} from sky level {level:.6g} and noise {np.sqrt(sky_var):.4g})"
         else:
             var = sky_var_measured

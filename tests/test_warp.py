@@ -243,3 +243,39 @@ def test_warp_exposure_on_threads_equals_in_turn():
     for a, b, c in zip(one.arrays(), serial.arrays(), threads.arrays()):
         assert np.array_equal(b, c)
         np.testing.assert_allclose(b, a, atol=2e-3 * float(np.abs(a).max()))
+
+
+@pytest.mark.parametrize("mapping", [
+    AffineMapping.shift(0.3, -0.2),
+    AffineMapping.shift(-4.0, 3.0),  # a whole-pixel shift
+    WcsMapping(tan_wcs((50.0, 40.0)), tan_wcs((52.73, 38.41))),  # two grids one shift apart (CRPIX)
+])
+def test_translated_tile_equals_the_general_gather(monkeypatch, mapping):
+    """A tile the mapping moves by one offset takes two 1-D passes; they give the 36-tap gather's values (to
+    float32 rounding) and exactly its mask, NO_DATA edges and renormalized edge taps included."""
+    import diffim_dag.kernels.warp as warp
+
+    rng = np.random.default_rng(11)
+    shape = (120, 140)
+    img = rng.normal(100.0, 10.0, shape).astype(np.float32)
+    var = rng.uniform(1.0, 3.0, shape).astype(np.float32)
+    msk = np.zeros(shape, np.int32)
+    msk[rng.integers(0, shape[0], 30), rng.integers(0, shape[1], 30)] = rng.choice([BAD, SAT, ND], 30)
+    img[5, 7] = np.nan  # a missing source pixel: NO_DATA around it
+    out = dict(out_origin=(-3, 2), out_shape=(110, 150), src_origin=(0, 0))
+    assert warp._translation(mapping, out["out_origin"], out["out_shape"]) is not None
+    fast = warp_tile(img, var, msk, mapping, **out)
+    monkeypatch.setattr(warp, "_translation", lambda *a, **k: None)
+    general = warp_tile(img, var, msk, mapping, **out)
+    np.testing.assert_array_equal(fast[2], general[2])
+    assert (fast[2] & ND).any() and (fast[2] & SAT).any()
+    np.testing.assert_allclose(fast[0], general[0], rtol=0, atol=2e-4)
+    np.testing.assert_allclose(fast[1], general[1], rtol=0, atol=1e-5)
+
+
+def test_rotation_is_not_taken_for_a_translation():
+    import diffim_dag.kernels.warp as warp
+
+    rotated = AffineMapping.similarity(rotation=np.deg2rad(0.01), shift=(0.3, 0.2))
+    assert warp._translation(rotated, (0, 0), (1024, 1024)) is None
+    assert warp._translation(AffineMapping.shift(0.3, 0.2), (0, 0), (1024, 1024)) == (0.3, 0.2)

@@ -46,7 +46,7 @@ from scipy.optimize import least_squares
 
 from ..psf import Psf
 from .detection import Footprint
-from .measure import _weights, render_psf  # one inverse-variance weighting for both fits
+from .measure import _weights, render_psf, render_psfs  # one inverse-variance weighting for both fits
 
 __all__ = ["DIPOLE_COLUMNS", "linear_background", "dipole_model", "fit_dipole", "classify_dipole", "empty_dipole"]
 
@@ -107,8 +107,10 @@ def dipole_model(
     ``shape_at``: where the PSF's shape is taken for both lobes (default: each lobe's position).
     """
     xp, yp, xn, yn, fp, fn = params
-    return (fp * render_psf(psf, xp, yp, bbox, shape_at=shape_at),
-            fn * render_psf(psf, xn, yn, bbox, shape_at=shape_at))
+    if shape_at is None:
+        return fp * render_psf(psf, xp, yp, bbox), fn * render_psf(psf, xn, yn, bbox)
+    pos, neg = render_psfs(psf, [(xp, yp), (xn, yn)], bbox, size=psf.default_size(*shape_at), shape_at=shape_at)
+    return fp * pos, fn * neg
 
 
 def classify_dipole(pos_flux: float, neg_flux: float, snr: float) -> bool:
@@ -183,8 +185,7 @@ def fit_dipole(
     # one PSF shape for the fit, the model's at the footprint's centre (lobes are pixels apart;
     # the PSF varies over hundreds), so the fit's derivatives are those of the positions
     shape_at = (0.5 * (bx0 + bx1 - 1), 0.5 * (by0 + by1 - 1))
-    p_pos = render_psf(psf, xp, yp, bbox, shape_at=shape_at)
-    p_neg = render_psf(psf, xn, yn, bbox, shape_at=shape_at)
+    p_pos, p_neg = render_psfs(psf, [(xp, yp), (xn, yn)], bbox, size=psf.default_size(*shape_at), shape_at=shape_at)
     if joint:
         s_img, t_img = blocks[1][0], blocks[2][0]
         fp0 = float(np.sum(p_pos * s_img) / max(np.sum(p_pos * p_pos), 1e-300))

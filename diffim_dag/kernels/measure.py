@@ -33,7 +33,7 @@ covariance of a Gaussian source, which is reported as ``(ixx, iyy, ixy)``.
 
 Apertures
 ---------
-Exact circular-aperture sums (``photutils``) of radius 12 px and 2×FWHM, with
+Exact circular-aperture sums (SEP) of radius 12 px and 2×FWHM, with
 error :math:`\sqrt{\sum V}`; masked (no-data) pixels are excluded and flagged.
 
 Pixel flags
@@ -59,6 +59,7 @@ __all__ = [
     "FLAG_PLANES",
     "pixels_without",
     "render_psf",
+    "render_psfs",
     "psf_fit",
     "forced_psf_flux",
     "aperture_fluxes",
@@ -110,11 +111,37 @@ def render_psf(
     size = psf.default_size(sx, sy) if size is None else int(size)
     h = size // 2
     ix, iy = int(math.floor(x + 0.5)), int(math.floor(y + 0.5))
-    k = psf.kernel_image(sx, sy, size=size, offset=(x - ix, y - iy))
+    _paste(out, psf.kernel_image(sx, sy, size=size, offset=(x - ix, y - iy)), ix, iy, bbox)
+    return out
+
+
+def _paste(out: np.ndarray, k: np.ndarray, ix: int, iy: int, bbox) -> None:
+    """Put the kernel ``k`` centred on parent pixel ``(ix, iy)`` into ``out`` (the parent box ``bbox``), cut to it."""
+    bx0, bx1, by0, by1 = bbox
+    h = k.shape[0] // 2
     xa, xb, ya, yb = ix - h, ix + h + 1, iy - h, iy + h + 1
     cxa, cxb, cya, cyb = max(xa, bx0), min(xb, bx1), max(ya, by0), min(yb, by1)
     if cxa < cxb and cya < cyb:
         out[cya - by0 : cyb - by0, cxa - bx0 : cxb - bx0] = k[cya - ya : cyb - ya, cxa - xa : cxb - xa]
+
+
+def render_psfs(
+    psf: Psf,
+    positions,
+    bbox: tuple[int, int, int, int],
+    *,
+    size: int,
+    shape_at: tuple[float, float],
+) -> np.ndarray:
+    """``(n, ny, nx)``: :func:`render_psf` at each ``(x, y)`` of ``positions`` with one shape (``shape_at``),
+    equal to it bit for bit; the model renders its shifted copies together (:meth:`Psf.kernel_images`)."""
+    bx0, bx1, by0, by1 = bbox
+    centres = [(int(math.floor(x + 0.5)), int(math.floor(y + 0.5))) for x, y in positions]
+    kernels = psf.kernel_images(shape_at[0], shape_at[1], size=int(size),
+                                offsets=[(x - ix, y - iy) for (x, y), (ix, iy) in zip(positions, centres)])
+    out = np.zeros((len(centres), by1 - by0, bx1 - bx0), dtype=np.float64)
+    for o, k, (ix, iy) in zip(out, kernels, centres):
+        _paste(o, k, ix, iy, bbox)
     return out
 
 
@@ -210,10 +237,11 @@ def psf_fit(
     if fit_centroid:
         converged = False
         for _ in range(max_iter):
-            at = {"size": size, "shape_at": (x, y)}
-            p = render_psf(psf, x, y, bbox, **at)
-            dpx = (render_psf(psf, x + _DERIV_STEP, y, bbox, **at) - render_psf(psf, x - _DERIV_STEP, y, bbox, **at)) / (2 * _DERIV_STEP)
-            dpy = (render_psf(psf, x, y + _DERIV_STEP, bbox, **at) - render_psf(psf, x, y - _DERIV_STEP, bbox, **at)) / (2 * _DERIV_STEP)
+            s = _DERIV_STEP
+            p, xp, xm, yp, ym = render_psfs(psf, [(x, y), (x + s, y), (x - s, y), (x, y + s), (x, y - s)], bbox,
+                                            size=size, shape_at=(x, y))
+            dpx = (xp - xm) / (2 * s)
+            dpy = (yp - ym) / (2 * s)
             a = np.stack([p.ravel(), dpx.ravel(), dpy.ravel()], axis=1)
             ww = w.ravel()
             ata = a.T @ (a * ww[:, None])
@@ -249,7 +277,10 @@ def psf_fit(
             bbox = bbox_new
             d = _cut(image, bbox, origin).astype(np.float64)
             w = _weights(_cut(variance, bbox, origin).astype(np.float64), _cut(good, bbox, origin))
-    p = render_psf(psf, x, y, bbox, size=size)
+    ix, iy = int(math.floor(x + 0.5)), int(math.floor(y + 0.5))
+    k = psf.kernel_image(x, y, size=size, offset=(x - ix, y - iy))
+    p = np.zeros((bbox[3] - bbox[2], bbox[1] - bbox[0]))
+    _paste(p, k, ix, iy, bbox)
     spp = float(np.sum(p * p * w))
     if spp > 0:
         flux = float(np.sum(p * d * w)) / spp
@@ -258,8 +289,7 @@ def psf_fit(
     else:
         flux = flux_err = chi2 = np.nan
     # flag when the stamp lost more than half of the PSF's weight (masked or cut pixels)
-    full = render_psf(psf, x, y, _stamp((10**9, 10**9), (-(10**8), -(10**8)), x, y, half), size=size)
-    covered = float(np.sum(p * p * (w > 0))) / max(float(np.sum(full * full)), 1e-300)
+    covered = float(np.sum(p * p * (w > 0))) / max(float(np.sum(k * k)), 1e-300)  # k: the whole, uncut stamp
     res.update(flux=flux, flux_err=flux_err, chi2=chi2, dof=int(np.count_nonzero(w)) - (3 if fit_centroid else 1),
                flux_flag=bool(not np.isfinite(flux) or covered < 0.5))
     return res
@@ -303,46 +333,45 @@ def aperture_fluxes(
     good: np.ndarray,
     x: np.ndarray,
     y: np.ndarray,
-    radius: float,
+    radius,
     *,
     origin: tuple[int, int] = (0, 0),
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     r"""Exact circular-aperture sums :math:`\sum_{r\le R} D` and errors :math:`\sqrt{\sum_{r \le R} V}`.
 
+    ``radius``: one radius or one per source.  The sums are SEP's exact pixel–circle overlaps
+    (``sep.sum_circle``, ``subpix=0``) of the planes with excluded pixels set to 0.
+
     Returns
     -------
     flux, flux_err : ndarray
+        NaN where the circle misses the tile or the position is not finite.
     flag : ndarray of bool
         The aperture touched excluded pixels or the tile edge (those pixels count as 0).
     """
-    from photutils.geometry import circular_overlap_grid
+    import sep
 
-    n = len(x)
-    flux, err, flag = np.full(n, np.nan), np.full(n, np.nan), np.zeros(n, dtype=bool)
+    xl = np.asarray(x, dtype=np.float64) - origin[0]
+    yl = np.asarray(y, dtype=np.float64) - origin[1]
+    n = xl.size
+    r = np.broadcast_to(np.asarray(radius, dtype=np.float64), (n,))
+    flux, err, flag = np.full(n, np.nan), np.full(n, np.nan), np.ones(n, dtype=bool)
     ny, nx = image.shape
-    r = float(radius)
-    for i in range(n):
-        xl, yl = float(x[i]) - origin[0], float(y[i]) - origin[1]
-        if not (np.isfinite(xl) and np.isfinite(yl)):
-            flag[i] = True
-            continue
-        # pixel grid [xa, xb) × [ya, yb) covering the circle; pixel centres at integers
-        xa, xb = int(math.floor(xl - r + 0.5)), int(math.floor(xl + r + 0.5)) + 1
-        ya, yb = int(math.floor(yl - r + 0.5)), int(math.floor(yl + r + 0.5)) + 1
-        wgt_full = circular_overlap_grid(xa - 0.5 - xl, xb - 0.5 - xl, ya - 0.5 - yl, yb - 0.5 - yl,
-                                         xb - xa, yb - ya, r, 1, 1)
-        cya, cyb, cxa, cxb = max(ya, 0), min(yb, ny), max(xa, 0), min(xb, nx)
-        if cya >= cyb or cxa >= cxb:
-            flag[i] = True
-            continue
-        wgt = wgt_full[cya - ya : cyb - ya, cxa - xa : cxb - xa]
-        cut = float(wgt.sum()) < float(wgt_full.sum()) - 1e-9
-        g = good[cya:cyb, cxa:cxb]
-        d = np.where(g, image[cya:cyb, cxa:cxb], 0.0).astype(np.float64)
-        v = np.where(g, variance[cya:cyb, cxa:cxb], 0.0).astype(np.float64)
-        flux[i] = float(np.sum(wgt * d))
-        err[i] = math.sqrt(max(float(np.sum(wgt * v)), 0.0))
-        flag[i] = bool(cut or np.any(~g & (wgt > 0)))
+    ok = np.isfinite(xl) & np.isfinite(yl) & np.isfinite(r) & (r > 0)
+    # the pixel range the circle covers (pixel centres at integers) must not be empty
+    ok &= (np.floor(xl + r + 0.5) >= 0) & (np.floor(xl - r + 0.5) < nx)
+    ok &= (np.floor(yl + r + 0.5) >= 0) & (np.floor(yl - r + 0.5) < ny)
+    if not ok.any():
+        return flux, err, flag
+    good = np.asarray(good, dtype=bool)
+    zero = np.float32(0.0)
+    d = np.where(good, image, zero).astype(np.float32, copy=False)
+    v = np.where(good, variance, zero).astype(np.float32, copy=False)
+    xo, yo, ro = xl[ok], yl[ok], r[ok]
+    f, e, _ = sep.sum_circle(d, xo, yo, ro, var=v, subpix=0)
+    excluded, _, _ = sep.sum_circle((~good).astype(np.float32), xo, yo, ro, subpix=0)
+    cut = (xo - ro < -0.5) | (xo + ro > nx - 0.5) | (yo - ro < -0.5) | (yo + ro > ny - 0.5)
+    flux[ok], err[ok], flag[ok] = f, e, cut | (excluded > 0)
     return flux, err, flag
 
 
@@ -483,11 +512,9 @@ def measure_sources(
     out["ap12_flux"], out["ap12_flux_err"], out["ap12_flag"] = aperture_fluxes(
         image, variance, good, xs, ys, aperture_radius, origin=origin
     )
-    ap2_flux, ap2_err, ap2_flag = np.full(n, np.nan), np.full(n, np.nan), np.ones(n, dtype=bool)
-    for i in range(n):
-        f, e, fl = aperture_fluxes(image, variance, good, xs[i : i + 1], ys[i : i + 1], 2.0 * psf.fwhm(xs[i], ys[i]), origin=origin)
-        ap2_flux[i], ap2_err[i], ap2_flag[i] = f[0], e[0], fl[0]
-    out["ap2fwhm_flux"], out["ap2fwhm_flux_err"], out["ap2fwhm_flag"] = ap2_flux, ap2_err, ap2_flag
+    out["ap2fwhm_flux"], out["ap2fwhm_flux_err"], out["ap2fwhm_flag"] = aperture_fluxes(
+        image, variance, good, xs, ys, [2.0 * psf.fwhm(xs[i], ys[i]) for i in range(n)], origin=origin
+    )
     # pixel flags
     x0, y0 = origin
     for i in range(n):

@@ -415,6 +415,121 @@ def source_bbox(mapping, *, out_origin, out_shape, kernel: str | int = "lanczos3
 # ---------------------------------------------------------------------------------------------
 # the tile kernel
 # ---------------------------------------------------------------------------------------------
+def _translation(mapping, out_origin, out_shape, samples: int = 9) -> tuple[float, float] | None:
+    """``(du, dv)`` when ``mapping`` moves every pixel of the tile by one offset, else None.
+
+    "One offset" is to within the weight table's resolution (1/``LANCZOS_TABLE_BINS`` px): the mapping is
+    evaluated exactly on a ``samples``² lattice over the tile (corners included), and every point's offset
+    must lie within half a table bin of the lattice's median.  Grids that differ by a shift (the same camera
+    re-pointed, a template cut from a larger one) take this path; any rotation, scale or distortion that moves
+    a pixel by more than that does not.
+    """
+    x0, y0 = out_origin
+    ny, nx = out_shape
+    aff = _as_affine(mapping)
+    if aff is not None and not np.array_equal(aff.matrix, np.eye(2)):
+        return None
+    gx, gy = np.meshgrid(np.linspace(x0, x0 + nx - 1, samples), np.linspace(y0, y0 + ny - 1, samples))
+    u, v = mapping(gx, gy)
+    du, dv = np.asarray(u, np.float64) - gx, np.asarray(v, np.float64) - gy
+    if not (np.all(np.isfinite(du)) and np.all(np.isfinite(dv))):
+        return None
+    mu, mv = float(np.median(du)), float(np.median(dv))
+    tol = 0.5 / LANCZOS_TABLE_BINS
+    if np.max(np.abs(du - mu)) > tol or np.max(np.abs(dv - mv)) > tol:
+        return None
+    return mu, mv
+
+
+def _axis_weights(start: float, n_out: int, n_src: int, a: int, mask_threshold: float):
+    """One axis of a translated warp: output pixel k reads source pixels ``c + k + t`` (taps ``t = -a+1 … a``).
+
+    Returns ``c`` (the integer part of ``start``), the tap weights (renormalized per pixel where taps leave the
+    source, as :func:`warp_tile` does), and the half-open range of outputs whose *needed* taps are all inside.
+    """
+    weights, _, first, last = lanczos_table(a, threshold=mask_threshold)
+    c = math.floor(start)
+    b = int(np.rint((start - c) * LANCZOS_TABLE_BINS))
+    w = np.broadcast_to(weights[b].astype(np.float32), (n_out, 2 * a)).copy()
+    k = np.arange(n_out)
+    lo, hi = c + k - a + 1 + first[b], c + k - a + 1 + last[b]
+    inside = (lo >= 0) & (hi < n_src)
+    taps = c + k[:, None] + np.arange(-a + 1, a + 1)[None, :]
+    edge = np.any((taps < 0) | (taps >= n_src), axis=1)
+    if edge.any():
+        e = w[edge]
+        e[(taps[edge] < 0) | (taps[edge] >= n_src)] = 0.0
+        with np.errstate(invalid="ignore", divide="ignore"):  # all taps outside: a NO_DATA pixel anyway
+            w[edge] = e / e.sum(axis=1, keepdims=True)
+    idx = np.nonzero(inside)[0]
+    k0, k1 = (int(idx[0]), int(idx[-1]) + 1) if idx.size else (0, 0)
+    return c, w, k0, k1
+
+
+def _warp_translated(img, var, msk, shift, *, a, out_origin, out_shape, src_origin, conserve, no_data_bit,
+                     mask_threshold, jacobian):
+    """:func:`warp_tile` for a tile that ``shift`` moves by one offset: the separable Lanczos sums as a pass
+    along x and one along y (12 multiply-adds a pixel for Lanczos-3 instead of a 36-tap gather), with the
+    same weights, edge renormalization, ``NO_DATA`` and mask propagation."""
+    ny, nx = out_shape
+    sny, snx = img.shape
+    cu, wx, kx0, kx1 = _axis_weights(out_origin[0] + shift[0] - src_origin[0], nx, snx, a, mask_threshold)
+    cv, wy, ky0, ky1 = _axis_weights(out_origin[1] + shift[1] - src_origin[1], ny, sny, a, mask_threshold)
+    out_img = np.zeros((ny, nx), dtype=np.float32)
+    out_var = np.zeros((ny, nx), dtype=np.float32)
+    out_msk = np.full((ny, nx), no_data_bit, dtype=np.int32)
+    if kx1 <= kx0 or ky1 <= ky0:
+        return out_img, out_var, out_msk
+    nkx, nky = kx1 - kx0, ky1 - ky0
+    wx, wy = wx[kx0:kx1], wy[ky0:ky1]
+    wx2, wy2 = wx * wx, wy * wy
+
+    def padded(plane, dtype):
+        out = np.zeros((sny + 2 * a, snx + 2 * a), dtype=dtype)
+        out[a:a + sny, a:a + snx] = plane
+        return out
+
+    def separable(plane, w_x, w_y):
+        p = padded(plane, np.float32)
+        rows = slice(cv + ky0 + 1, cv + ky1 + 2 * a)  # padded rows the y pass reads
+        along_x = np.zeros((rows.stop - rows.start, nkx), dtype=np.float32)
+        for j in range(2 * a):  # tap t = j - a + 1 sits at padded column c + k + t + a = c + k + j + 1
+            s = cu + kx0 + j + 1
+            along_x += p[rows, s:s + nkx] * w_x[:, j]
+        out = np.zeros((nky, nkx), dtype=np.float32)
+        for i in range(2 * a):
+            out += along_x[i:i + nky] * w_y[:, i:i + 1]
+        return out
+
+    res_i = separable(img, wx, wy)
+    res_v = separable(var, wx2, wy2)
+    m = np.zeros((nky, nkx), dtype=np.int32)
+    if np.any(msk):
+        pm = padded(msk, np.int32)
+        ax, ay = np.abs(wx), np.abs(wy)
+        for i in range(2 * a):
+            for j in range(2 * a):
+                take = ay[:, i:i + 1] * ax[None, :, j] > mask_threshold
+                if not take.any():
+                    continue
+                r, s = cv + ky0 + i + 1, cu + kx0 + j + 1
+                vals = pm[r:r + nky, s:s + nkx]
+                m |= vals if take.all() else np.where(take, vals, 0)
+        nodata = (m & no_data_bit) != 0  # a missing contributor leaves no value
+        res_i[nodata] = 0.0
+        res_v[nodata] = 0.0
+    if conserve == "flux":
+        x0, y0 = out_origin
+        jac = mapping_jacobian(jacobian, np.float64(x0 + 0.5 * (nx - 1)), np.float64(y0 + 0.5 * (ny - 1)))
+        det = np.float32(abs(jac[0, 0] * jac[1, 1] - jac[0, 1] * jac[1, 0]))
+        if det != 1:
+            res_i *= det
+            res_v *= det * det
+    out_img[ky0:ky1, kx0:kx1] = res_i
+    out_var[ky0:ky1, kx0:kx1] = res_v
+    out_msk[ky0:ky1, kx0:kx1] = m
+    return out_img, out_var, out_msk
+
 def _window_counts(flags: np.ndarray):
     """Summed-area table of a boolean array (padded with a zero row and column)."""
     sat = np.zeros((flags.shape[0] + 1, flags.shape[1] + 1), dtype=np.int64)
@@ -512,6 +627,11 @@ def warp_tile(
         var = np.where(bad_img, 0.0, np.where(bad_var, fill, var)).astype(np.float32)
         msk = msk | np.where(bad_img, no_data_bit, 0).astype(np.int32) | np.where(
             bad_var, invalid_variance_bit, 0).astype(np.int32)
+    shift = _translation(mapping, out_origin, (ny, nx))
+    if shift is not None:  # one sub-pixel offset for the whole tile: the same sums, as two 1-D passes
+        return _warp_translated(img, var, msk, shift, a=a, out_origin=out_origin, out_shape=(ny, nx),
+                                src_origin=src_origin, conserve=conserve, no_data_bit=no_data_bit,
+                                mask_threshold=mask_threshold, jacobian=mapping)
     # image and variance gathered together (one complex64 take moves both), in a buffer padded by `a`
     # pixels so that every tap of an output pixel whose *needed* taps are inside lies in memory
     pw = snx + 2 * a

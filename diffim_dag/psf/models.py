@@ -168,6 +168,13 @@ class Psf(ABC):
             raise PsfError(f"{self.kind} PSF renders to a non-positive sum at ({x}, {y})")
         return img / total
 
+    def kernel_images(self, x: float | None = None, y: float | None = None, *, size: int | None = None,
+                      offsets: Sequence[tuple[float, float]] = ((0.0, 0.0),)) -> np.ndarray:
+        """``(n, size, size)``: :meth:`kernel_image` at one position for each of ``offsets`` (equal to it, bit for
+        bit).  A fit renders its model and the model's shifted copies at one shape; models that can share the
+        work between the copies (:class:`ImagePsf`, :class:`GridPsf`) do."""
+        return np.stack([self.kernel_image(x, y, size=size, offset=o) for o in offsets])
+
     def second_moments(self, x: float | None = None, y: float | None = None) -> tuple[float, float, float]:
         """``(Ixx, Iyy, Ixy)`` in pixel² of the rendered kernel at (x, y)."""
         img = self.kernel_image(x, y, size=max(self.default_size(x, y), _odd(8 * self.fwhm(x, y))))
@@ -334,6 +341,35 @@ def _shift_image(img: np.ndarray, dx: float, dy: float, a: int = 5) -> np.ndarra
     return ndimage.correlate1d(out, ky[::-1], axis=0, mode="constant")
 
 
+def _shift_images(img: np.ndarray, offsets, a: int = 5) -> np.ndarray:
+    """``(n, ny, nx)``: :func:`_shift_image` of ``img`` by each ``(dx, dy)`` of ``offsets``, bit for bit, with
+    the lanczos taps and banded matrices built once per distinct shift and one stacked product."""
+    ny, nx = img.shape
+    if max(ny, nx) > _BANDED_MAX:
+        return np.stack([_shift_image(img, float(dx), float(dy), a) for dx, dy in offsets])
+    img = np.asarray(img, dtype=np.float64)
+    taps = np.arange(-a, a + 1, dtype=np.float64)
+    bands: dict[tuple[float, int], np.ndarray] = {}
+
+    def band(d: float, n: int) -> np.ndarray:
+        if (d, n) not in bands:
+            k = _lanczos(taps - d, a)
+            bands[d, n] = _banded(_centroid_exact(k / k.sum(), taps, d), n, a)
+        return bands[d, n]
+
+    out = np.empty((len(offsets), ny, nx), dtype=np.float64)
+    rows: dict[float, np.ndarray] = {}
+    for i, (dx, dy) in enumerate(offsets):
+        dx, dy = float(dx), float(dy)
+        if dx == 0 and dy == 0:
+            out[i] = img
+            continue
+        if dy not in rows:
+            rows[dy] = band(dy, ny) @ img
+        out[i] = rows[dy] @ band(dx, nx).T
+    return out
+
+
 _BANDED_MAX = 160  # stamps up to this side are shifted by matrix products
 
 
@@ -385,6 +421,10 @@ class ImagePsf(Psf):
         size = self.default_size() if size is None else int(size)
         return _kernel_from_image(self.image, size, offset, self.source)
 
+    def kernel_images(self, x=None, y=None, *, size=None, offsets=((0.0, 0.0),)):
+        size = self.default_size() if size is None else int(size)
+        return _kernels_from_image(self.image, size, offsets, self.source)
+
     def default_size(self, x=None, y=None) -> int:
         return int(min(self.image.shape[0], self.image.shape[1], max(_odd(6.0 * self._fwhm), 15)))
 
@@ -414,6 +454,19 @@ def _kernel_from_image(image: np.ndarray, size: int, offset, source: str) -> np.
     if not total > 0:
         raise PsfError(f"{source}: PSF image cut to {size}px has no flux")
     return img / total
+
+
+def _kernels_from_image(image: np.ndarray, size: int, offsets, source: str) -> np.ndarray:
+    """:func:`_kernel_from_image` for each of ``offsets`` (``(n, size, size)``, equal bit for bit)."""
+    if size < 1 or size % 2 == 0:
+        raise PsfError(f"PSF kernel size must be a positive odd integer, got {size}")
+    out = _shift_images(_resize_centred(image, size), offsets)
+    for k in out:
+        total = k.sum()
+        if not total > 0:
+            raise PsfError(f"{source}: PSF image cut to {size}px has no flux")
+        k /= total
+    return out
 
 
 def _resize_centred(img: np.ndarray, size: int) -> np.ndarray:
@@ -569,6 +622,10 @@ class GridPsf(Psf):
     def kernel_image(self, x=None, y=None, *, size=None, offset=(0.0, 0.0)):
         size = self.default_size(x, y) if size is None else int(size)
         return _kernel_from_image(self._image(x, y), size, offset, self.source)
+
+    def kernel_images(self, x=None, y=None, *, size=None, offsets=((0.0, 0.0),)):
+        size = self.default_size(x, y) if size is None else int(size)
+        return _kernels_from_image(self._image(x, y), size, offsets, self.source)
 
     def __getstate__(self):  # the per-thread cache does not travel (pickle, Dask)
         return {k: v for k, v in self.__dict__.items() if k != "_cache"}

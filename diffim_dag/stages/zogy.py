@@ -577,11 +577,13 @@ def detect_on_score(difference: Exposure, science: Exposure, matched_template: E
     from .detect import DetectMeasureConfig, detect_and_measure
 
     tile_mapper = None
-    if tiled:
+    if tiled and client is not None:
         from ..graph import tile_mapper as _tm
 
         tile_mapper = _tm(client)
-    dcfg = DetectMeasureConfig.from_detection_config(config.detection, tile_size=config.subtract.tile_size)
+    # in process (no client) the tiles run in turn with all cores on each FFT, as in the AL path
+    dcfg = DetectMeasureConfig.from_detection_config(config.detection, tile_size=config.subtract.tile_size,
+                                                     fft_workers=1 if client is not None else os.cpu_count() or 1)
     dia = detect_and_measure(difference, science=science, template=matched_template, config=dcfg,
                              score=significance, map_tiles=tile_mapper)
     if metrics is not None:
