@@ -207,3 +207,23 @@ def test_grid_psf_cache_never_returns_another_positions_image():
     again = pickle.loads(pickle.dumps(grid))
     np.testing.assert_array_equal(again.kernel_image(*pts[0], offset=(0.3, -0.2)), want[0])
     assert again == grid
+
+
+def test_kernel_images_equal_kernel_image_bit_for_bit():
+    """A fit renders its model and shifted copies in one call; each must be what kernel_image gives alone."""
+    from diffim_dag.psf import GaussianPsf, GridPsf, ImagePsf
+
+    rng = np.random.default_rng(1)
+    base = GaussianPsf.from_fwhm(3.5)
+    nodes = [0.0, 500.0, 1000.0]
+    images = np.array([[base.kernel_image(size=31, offset=tuple(rng.uniform(-0.3, 0.3, 2))) for _ in nodes]
+                       for _ in nodes])
+    for psf in (GridPsf(images, nodes, nodes), ImagePsf(images[1, 1]), base):
+        for _ in range(30):
+            x, y = rng.uniform(-100, 1100, 2)
+            size = int(rng.choice([15, 25, 31, 41]))
+            offsets = [tuple(rng.uniform(-0.5, 0.5, 2)) for _ in range(3)] + [(0.0, 0.0), (0.0, 0.3), (-0.2, 0.0)]
+            offsets += [(offsets[0][0] + 0.05, offsets[0][1]), (offsets[0][0], offsets[0][1] - 0.05)]
+            many = psf.kernel_images(x, y, size=size, offsets=offsets)
+            one = np.stack([psf.kernel_image(x, y, size=size, offset=o) for o in offsets])
+            np.testing.assert_array_equal(many, one)

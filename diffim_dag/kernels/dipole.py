@@ -46,7 +46,7 @@ from scipy.optimize import least_squares
 
 from ..psf import Psf
 from .detection import Footprint
-from .measure import _weights, render_psf, render_psfs  # one inverse-variance weighting for both fits
+from .measure import _DERIV_STEP, _weights, render_psf, render_psfs  # one inverse-variance weighting for both fits
 
 __all__ = ["DIPOLE_COLUMNS", "linear_background", "dipole_model", "fit_dipole", "classify_dipole", "empty_dipole"]
 
@@ -203,13 +203,37 @@ def fit_dipole(
             parts.append(((blocks[2][0] - mn) * blocks[2][1]).ravel())
         return np.concatenate(parts)
 
+    size = psf.default_size(*shape_at)
+
+    def jacobian(p):
+        """Exact in the fluxes; the lobes' position derivatives by central differences of the PSF (the step of
+        :func:`~diffim_dag.kernels.measure.psf_fit`), all ten renders in one call."""
+        x1, y1, x2, y2, f1, f2 = p
+        st = _DERIV_STEP
+        r = render_psfs(psf, [(x1, y1), (x1 + st, y1), (x1 - st, y1), (x1, y1 + st), (x1, y1 - st),
+                              (x2, y2), (x2 + st, y2), (x2 - st, y2), (x2, y2 + st), (x2, y2 - st)],
+                        bbox, size=size, shape_at=shape_at).reshape(10, -1)
+        pos, neg = r[0], r[5]
+        dpos = [(r[1] - r[2]) / (2 * st), (r[3] - r[4]) / (2 * st)]
+        dneg = [(r[6] - r[7]) / (2 * st), (r[8] - r[9]) / (2 * st)]
+        zero = np.zeros_like(pos)
+        # residual = (data − model) × √w: ∂/∂θ = −∂model/∂θ × √w, model_D = F+ P+ − F− P−, model_S = F+ P+, model_T = F− P−
+        cols_d = [-f1 * dpos[0], -f1 * dpos[1], f2 * dneg[0], f2 * dneg[1], -pos, neg]
+        parts = [np.stack(cols_d, axis=1) * blocks[0][1].ravel()[:, None]]
+        if joint:
+            cols_s = [-f1 * dpos[0], -f1 * dpos[1], zero, zero, -pos, zero]
+            cols_t = [zero, zero, -f2 * dneg[0], -f2 * dneg[1], zero, -neg]
+            parts.append(np.stack(cols_s, axis=1) * blocks[1][1].ravel()[:, None])
+            parts.append(np.stack(cols_t, axis=1) * blocks[2][1].ravel()[:, None])
+        return np.concatenate(parts)
+
     lo = [bbox[0] - 0.5, bbox[2] - 0.5, bbox[0] - 0.5, bbox[2] - 0.5, 0.0, 0.0]
     hi = [bbox[1] - 0.5, bbox[3] - 0.5, bbox[1] - 0.5, bbox[3] - 0.5, np.inf, np.inf]
     p0 = np.clip([xp, yp, xn, yn, fp0, fn0], np.array(lo) + 1e-6, np.array(hi) - 1e-6)
     scale = [1.0, 1.0, 1.0, 1.0, max(fp0, fn0), max(fp0, fn0)]
     try:
-        res = least_squares(residuals, p0, bounds=(lo, hi), x_scale=scale, method="trf", xtol=1e-10, ftol=1e-10,
-                            max_nfev=400)
+        res = least_squares(residuals, p0, jac=jacobian, bounds=(lo, hi), x_scale=scale, method="trf", xtol=1e-10,
+                            ftol=1e-10, max_nfev=400)
     except (ValueError, np.linalg.LinAlgError):
         out["dipole_flag"] = True
         return out

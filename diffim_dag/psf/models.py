@@ -28,6 +28,7 @@ and zarr writers can store any of them (:func:`psf_to_payload` /
 """
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 import threading
@@ -343,30 +344,32 @@ def _shift_image(img: np.ndarray, dx: float, dy: float, a: int = 5) -> np.ndarra
 
 def _shift_images(img: np.ndarray, offsets, a: int = 5) -> np.ndarray:
     """``(n, ny, nx)``: :func:`_shift_image` of ``img`` by each ``(dx, dy)`` of ``offsets``, bit for bit, with
-    the lanczos taps and banded matrices built once per distinct shift and one stacked product."""
+    the taps of every distinct shift computed in one array pass and each row product shared."""
     ny, nx = img.shape
     if max(ny, nx) > _BANDED_MAX:
         return np.stack([_shift_image(img, float(dx), float(dy), a) for dx, dy in offsets])
     img = np.asarray(img, dtype=np.float64)
-    taps = np.arange(-a, a + 1, dtype=np.float64)
-    bands: dict[tuple[float, int], np.ndarray] = {}
-
-    def band(d: float, n: int) -> np.ndarray:
-        if (d, n) not in bands:
-            k = _lanczos(taps - d, a)
-            bands[d, n] = _banded(_centroid_exact(k / k.sum(), taps, d), n, a)
-        return bands[d, n]
-
+    offsets = [(float(dx), float(dy)) for dx, dy in offsets]
+    moved = [(dx, dy) for dx, dy in offsets if dx != 0 or dy != 0]
+    shifts = sorted({d for dx, dy in moved for d in (dx, dy)})
+    if shifts:
+        taps = np.arange(-a, a + 1, dtype=np.float64)
+        d = np.asarray(shifts)
+        k = _lanczos(taps[None, :] - d[:, None], a)  # convolution kernels L(t - d), one row per shift
+        k = k / k.sum(axis=1, keepdims=True)
+        c = (taps[None, :] * k).sum(axis=1)  # the first moment, made exactly d (see _centroid_exact)
+        k[:, a + 1] += 0.5 * (d - c)
+        k[:, a - 1] -= 0.5 * (d - c)
+        row_of = {v: i for i, v in enumerate(shifts)}
     out = np.empty((len(offsets), ny, nx), dtype=np.float64)
     rows: dict[float, np.ndarray] = {}
     for i, (dx, dy) in enumerate(offsets):
-        dx, dy = float(dx), float(dy)
         if dx == 0 and dy == 0:
             out[i] = img
             continue
         if dy not in rows:
-            rows[dy] = band(dy, ny) @ img
-        out[i] = rows[dy] @ band(dx, nx).T
+            rows[dy] = _banded(k[row_of[dy]], ny, a) @ img
+        out[i] = rows[dy] @ _banded(k[row_of[dx]], nx, a).T
     return out
 
 
@@ -592,9 +595,11 @@ class GridPsf(Psf):
         if len(nodes) == 1 or v is None:
             i = len(nodes) // 2
             return [(i, 1.0)]
-        v = float(np.clip(v, nodes[0], nodes[-1]))
-        i = int(np.clip(np.searchsorted(nodes, v) - 1, 0, len(nodes) - 2))
-        t = (v - nodes[i]) / (nodes[i + 1] - nodes[i])
+        # plain floats and bisect (np.clip/searchsorted on scalars cost more than the arithmetic): the same numbers
+        lo, hi = float(nodes[0]), float(nodes[-1])
+        v = min(max(float(v), lo), hi)
+        i = min(max(bisect.bisect_left(nodes, v) - 1, 0), len(nodes) - 2)
+        t = (v - float(nodes[i])) / (float(nodes[i + 1]) - float(nodes[i]))
         return [(i, 1.0 - t), (i + 1, t)]
 
     def _image(self, x, y) -> np.ndarray:
