@@ -866,7 +866,7 @@ def decorrelated_psf(psf, decorrelation_kernel: np.ndarray | None, bbox, *, node
     """The difference's PSF: ``psf`` (⊗ the unit-sum matching kernel ``kernel_at(x, y)`` when given) ⊗ the
     decorrelation kernel, as a :class:`~diffim_dag.psf.GridPsf` on ``nodes × nodes`` positions over
     ``bbox`` (a single :class:`~diffim_dag.psf.ImagePsf` when nothing varies)."""
-    from scipy.signal import fftconvolve
+    from .kernels.convolve import fft_convolve as fftconvolve
 
     from .psf import GaussianPsf, GridPsf, ImagePsf, MoffatPsf
 

@@ -1251,7 +1251,7 @@ def _render_galaxies(model: np.ndarray, galaxies: pd.DataFrame, psf: Psf, config
     """Add each galaxy to ``model`` (in place): the disc sampled 3×3 per pixel of this epoch's grid (template
     pixels mapped to the science frame, so a rotated template sees a rotated disc), scaled to its counts in
     this epoch (÷ κ in the template), convolved with the PSF at its position."""
-    from scipy.signal import fftconvolve
+    from .kernels.convolve import fft_convolve as fftconvolve
 
     if not len(galaxies):
         return

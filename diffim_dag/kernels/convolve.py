@@ -54,12 +54,40 @@ from .maskops import bits_of, dilate_mask
 from .solution import KernelSolution
 
 __all__ = [
+    "fft_convolve",
     "convolve_spatial",
     "convolve_variance_spatial",
     "convolve_tile",
     "convolve_many",
     "choose_method",
 ]
+
+def fft_convolve(a: np.ndarray, k: np.ndarray, mode: str = "same") -> np.ndarray:
+    """Linear convolution of two real arrays through ``scipy.fft`` (FFT lengths padded to fast sizes).
+
+    The same transforms, product and cut as ``scipy.signal.fftconvolve`` (equal bit for bit, tested), without
+    importing ``scipy.signal``, which pulls in ``scipy.stats``: 0.6 s of every command's start-up.  ``mode``:
+    ``"same"`` (the centre, ``a``'s shape) or ``"full"``.  FFT threads follow ``scipy.fft.set_workers``.
+    """
+    a, k = np.asarray(a), np.asarray(k)
+    if a.ndim != k.ndim:
+        raise ValueError(f"fft_convolve: arrays of {a.ndim} and {k.ndim} dimensions")
+    if a.size == 0 or k.size == 0:
+        return np.zeros(0)
+    if mode not in ("same", "full"):
+        raise ValueError(f"fft_convolve: mode must be 'same' or 'full', got {mode!r}")
+    a = a.astype(np.float64) if np.issubdtype(a.dtype, np.integer) else a
+    k = k.astype(np.float64) if np.issubdtype(k.dtype, np.integer) else k
+    full = [n + m - 1 for n, m in zip(a.shape, k.shape)]
+    fshape = [scipy.fft.next_fast_len(n, True) for n in full]
+    axes = list(range(a.ndim))
+    out = scipy.fft.irfftn(scipy.fft.rfftn(a, fshape, axes=axes) * scipy.fft.rfftn(k, fshape, axes=axes), fshape,
+                           axes=axes)[tuple(slice(n) for n in full)]
+    if mode == "same":
+        start = [(n - m) // 2 for n, m in zip(full, a.shape)]
+        out = out[tuple(slice(s0, s0 + m) for s0, m in zip(start, a.shape))]
+    return out.copy()
+
 
 _METHODS = ("auto", "fft", "direct")
 #: "auto" uses direct convolution only for kernels of at most this many pixels

@@ -55,7 +55,6 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import scipy.ndimage as ndi
-import scipy.signal
 
 from ..masks import DEFAULT_MASK_PLANES
 from .maskops import bits_of
@@ -143,8 +142,10 @@ class Footprint:
 def _fftconvolve(a: np.ndarray, k: np.ndarray, workers: int = 1) -> np.ndarray:
     import scipy.fft
 
+    from .convolve import fft_convolve
+
     with scipy.fft.set_workers(workers):
-        return scipy.signal.fftconvolve(a, k, mode="same")
+        return fft_convolve(a, k, mode="same")
 
 
 def matched_filter(
@@ -345,10 +346,9 @@ def clipped_stdev(values: np.ndarray, *, nsigma: float = 3.0, iterations: int = 
 
 def _clip_factor(nsigma: float) -> float:
     """Standard deviation of a unit normal truncated at ±nsigma (so white noise gives σ = 1)."""
-    from scipy.stats import norm
-
     z = float(nsigma)
-    return math.sqrt(1.0 - 2.0 * z * norm.pdf(z) / (2.0 * norm.cdf(z) - 1.0))
+    pdf = math.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+    return math.sqrt(1.0 - 2.0 * z * pdf / math.erf(z / math.sqrt(2.0)))  # 2Φ(z) − 1 = erf(z/√2)
 
 
 def grow_radius(psf_sigma: float, grow_sigma: float = 2.4) -> int:

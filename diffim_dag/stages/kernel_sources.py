@@ -34,7 +34,7 @@ import math
 
 import numpy as np
 import pandas as pd
-from scipy.signal import fftconvolve
+from ..kernels.convolve import fft_convolve as fftconvolve
 
 from ..config import KernelSourceConfig
 from ..errors import InsufficientKernelSourcesError

@@ -27,7 +27,7 @@ import dataclasses
 import logging
 
 import numpy as np
-from scipy.signal import fftconvolve
+from ..kernels.convolve import fft_convolve as fftconvolve
 
 from ..config import PipelineConfig
 from ..errors import DiffimError
@@ -159,7 +159,7 @@ def preconvolved_score(science: Exposure, template: Exposure, *, config: Pipelin
         s_pre = _filter(s_fill, h_kernel, tiled=tiled, tile_size=tile, xy0=xy0, client=client)
         v_pre = _filter(sv, h_kernel**2, tiled=tiled, tile_size=tile, xy0=xy0, client=client)
         m_pre = dilate_mask(sm, h_kernel.shape[0], skip_bits=skip_bits).astype(np.int32)
-        pre_psf = ImagePsf(fftconvolve(psf_s, h_kernel), source="science PSF ⊗ pre-convolution kernel")
+        pre_psf = ImagePsf(fftconvolve(psf_s, h_kernel, mode="full"), source="science PSF ⊗ pre-convolution kernel")
         pre_science = Exposure.from_arrays(s_pre, v_pre, m_pre, xy0=xy0, mask_planes=planes, wcs=science.wcs,
                                            psf=pre_psf, info=science.info, validate=False, copy=False)
         filled_template = template.with_planes(image=t_fill)

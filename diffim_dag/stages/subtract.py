@@ -347,7 +347,7 @@ def combine_tile(si, sv, sm, ti, tv, tm, solution, kernel_sum, *, mode, subtract
 
 def apply_small_kernel(image: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     """``image ⊗ kernel`` (same shape, zero padding) by FFT; kernel odd-sized and centred."""
-    from scipy.signal import fftconvolve
+    from ..kernels.convolve import fft_convolve as fftconvolve
 
     return fftconvolve(np.asarray(image, dtype=np.float64), np.asarray(kernel, dtype=np.float64), mode="same")
 
