@@ -288,3 +288,13 @@ def test_fft_convolve_equals_scipy_signal_bit_for_bit(dtype, mode):
         got = fft_convolve(a, k, mode)
         assert got.dtype == expected.dtype
         np.testing.assert_array_equal(got, expected)
+
+
+def test_fft_convolve_in_strips_equals_the_whole_frame():
+    from diffim_dag.kernels.convolve import fft_convolve, fft_convolve_strips
+
+    rng = np.random.default_rng(4)
+    a = rng.normal(size=(333, 210))
+    k = rng.uniform(size=(15, 15))
+    np.testing.assert_allclose(fft_convolve_strips(a, k, strip=64), fft_convolve(a, k), rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(fft_convolve_strips(a, k, strip=400), fft_convolve(a, k))  # one strip

@@ -55,6 +55,7 @@ from .solution import KernelSolution
 
 __all__ = [
     "fft_convolve",
+    "fft_convolve_strips",
     "convolve_spatial",
     "convolve_variance_spatial",
     "convolve_tile",
@@ -87,6 +88,26 @@ def fft_convolve(a: np.ndarray, k: np.ndarray, mode: str = "same") -> np.ndarray
         start = [(n - m) // 2 for n, m in zip(full, a.shape)]
         out = out[tuple(slice(s0, s0 + m) for s0, m in zip(start, a.shape))]
     return out.copy()
+
+
+def fft_convolve_strips(a: np.ndarray, k: np.ndarray, *, strip: int = 1024) -> np.ndarray:
+    """:func:`fft_convolve` ``(a, k, "same")`` of a 2-D array, computed in row strips of ``strip`` rows with the
+    kernel's half-height of halo: the FFT buffers are those of one strip (a 4096² frame at once needs ~4.5×
+    its size in transforms), the values those of the whole-frame transform to FFT rounding."""
+    a = np.asarray(a)
+    h = k.shape[0] // 2
+    ny = a.shape[0]
+    if ny <= strip:
+        return fft_convolve(a, k, "same")
+    out = None
+    for y0 in range(0, ny, strip):
+        y1 = min(y0 + strip, ny)
+        lo, hi = max(y0 - h, 0), min(y1 + h, ny)
+        part = fft_convolve(a[lo:hi], k, "same")
+        if out is None:
+            out = np.empty(a.shape, dtype=part.dtype)
+        out[y0:y1] = part[y0 - lo:y0 - lo + (y1 - y0)]
+    return out
 
 
 _METHODS = ("auto", "fft", "direct")

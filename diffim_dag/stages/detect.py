@@ -802,9 +802,13 @@ def prepare_detection(
             if epsilon > 0:
                 if config.systematic_radius > 0:
                     m_s = det.local_abs_max(m_s, config.systematic_radius)
-                total = factor * factor * svar + (epsilon * epsilon) * (m_s * m_s)
-                score = det.significance_image(smoothed, total)
-                del total
+                # total = factor² V_S + ε² M_S², in place (the same products and sum; no 4 full-frame temporaries)
+                del score
+                np.multiply(m_s, m_s, out=m_s)
+                m_s *= epsilon * epsilon
+                svar *= factor * factor
+                svar += m_s
+                score = det.significance_image(smoothed, svar)
             elif significance_stdev is not None:
                 score /= significance_stdev
             del m_s

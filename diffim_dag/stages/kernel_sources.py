@@ -34,7 +34,7 @@ import math
 
 import numpy as np
 import pandas as pd
-from ..kernels.convolve import fft_convolve as fftconvolve
+from ..kernels.convolve import fft_convolve_strips
 
 from ..config import KernelSourceConfig
 from ..errors import InsufficientKernelSourcesError
@@ -82,16 +82,8 @@ def correlate_in_strips(image: np.ndarray, kernel: np.ndarray, *, strip: int = 1
     Equal to ``fftconvolve(image, kernel[::-1, ::-1], mode="same")`` but with the FFT buffers of
     one strip at a time (a 4096² frame at once needs ~4.5× its size).
     """
-    h = kernel.shape[0] // 2
     flipped = np.ascontiguousarray(kernel[::-1, ::-1], dtype=image.dtype)
-    out = np.empty(image.shape, dtype=image.dtype)
-    ny = image.shape[0]
-    for y0 in range(0, ny, strip):
-        y1 = min(y0 + strip, ny)
-        a, b = max(y0 - h, 0), min(y1 + h, ny)
-        part = fftconvolve(image[a:b], flipped, mode="same")
-        out[y0:y1] = part[y0 - a : y0 - a + (y1 - y0)]
-    return out
+    return fft_convolve_strips(image, flipped, strip=strip).astype(image.dtype, copy=False)
 
 
 def detect_sources(science: Exposure, config: KernelSourceConfig, background=None) -> pd.DataFrame:
