@@ -78,12 +78,13 @@ with dask.config.set(num_workers=workers, scheduler="threads"):
         from diffim_dag.pipeline import subtract_exposures
         r = subtract_exposures(science, template, config=config, tiled=True, detect=True)
     elif method == "al-preconvolve":
-        from diffim_dag.stages.preconvolve import subtract_al_preconvolve
+        from diffim_dag.pipeline import subtract_al_preconvolve
         r = subtract_al_preconvolve(science, template, config=config, tiled=True, detect=True)
     else:
         from diffim_dag.stages.zogy import ZogyConfig, subtract_zogy
-        r = subtract_zogy(science, template, config=config, zogy_config=ZogyConfig(grid_cells=4), tiled=True,
-                          detect=True)
+        from diffim_dag.graph import TileRunner
+        r = subtract_zogy(science, template, config=config, zogy_config=ZogyConfig(grid_cells=4),
+                          runner=TileRunner(tile_size=config.subtract.tile_size), detect=True)
     total = time.perf_counter() - t0
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 r.dia_sources.to_parquet(out + "/dia.parquet")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -269,6 +270,48 @@ def tile_mapper(client=None, *, prefix: str = "detect-measure"):
         return list(dask.compute(*delayed, scheduler=_THREADS))
 
     return run
+
+
+class TileRunner:
+    """The :mod:`diffim_dag.stages.runner` interface on Dask: each tile or cell one task, on ``client`` (the
+    threaded scheduler in this process when None).  The orchestration builds it and hands it to a stage as
+    ``runner=``; the stage never sees the client."""
+
+    def __init__(self, client=None, *, tile_size: int | tuple[int, int]):
+        self.client = client
+        self.tile_size = tile_size
+
+    @property
+    def distributed(self) -> bool:
+        return self.client is not None
+
+    @property
+    def threads(self) -> int:
+        if self.client is not None:
+            try:
+                return int(sum(self.client.nthreads().values())) or 1
+            except Exception:  # noqa: BLE001 - a client without nthreads(): fall back to the cores
+                pass
+        return os.cpu_count() or 1
+
+    @property
+    def fft_workers(self) -> int:
+        return 1 if self.client is not None else (os.cpu_count() or 1)
+
+    def map(self, function, tasks, *, prefix: str = "task"):
+        return tile_mapper(self.client, prefix=prefix)(function, tasks)
+
+    def filter(self, image, kernel, *, xy0):
+        d = planes_to_dask(image, image, image, self.tile_size)[0]
+        (out,) = compute(filter_tiles(d, kernel, half_width=kernel.shape[0] // 2, xy0=xy0), client=self.client)
+        return np.asarray(out, dtype=np.float32)
+
+    def convolve_difference(self, science, template, solution, *, kernel_sum, xy0, skip_bits: int, **common):
+        t_d = planes_to_dask(*template, self.tile_size)
+        s_d = planes_to_dask(*science, self.tile_size)
+        conv = convolve_tiles(*t_d, solution, half_width=solution.half_width, xy0=xy0, skip_bits=skip_bits)
+        diff_d = difference_tiles(s_d, conv, kernel_sum=kernel_sum, background_solution=solution, xy0=xy0, **common)
+        return compute(*diff_d, client=self.client)
 
 
 # --------------------------------------------------------------------------- the graph of one (visit, detector)

@@ -984,6 +984,7 @@ def subtract_al_preconvolve(science: Exposure, template: Exposure, *, config: Pi
         The AL result (difference, matched template/science, kernel fit, metrics) with
         ``score`` and ``metrics["preconvolution"]``.
     """
+    from .graph import cell_mapper
     from .stages.preconvolve import preconvolved_score
     from .stages.zogy import ScoreSubtractionResult, detect_on_score, score_significance
 
@@ -994,20 +995,31 @@ def subtract_al_preconvolve(science: Exposure, template: Exposure, *, config: Pi
     metrics = dict(al.metrics)
     metrics["method"] = "al-preconvolve"
     with t.stage("score"):
-        score, _ = preconvolved_score(science, template, config=config, client=client, tiled=tiled, sources=sources,
-                                      metrics=metrics)
+        score, _ = preconvolved_score(science, template, config=config, runner=_runner(client, tiled, config),
+                                      map_cells=cell_mapper(client, prefix="fit-cell-preconvolved") if tiled else None,
+                                      sources=sources, metrics=metrics)
         significance = score_significance(score)
     dia = None
     if detect:
         with t.stage("detect_measure"):
             dia = detect_on_score(al.difference, al.matched_science, al.matched_template, significance, config=config,
-                                  client=client, tiled=tiled, metrics=metrics)
+                                  runner=_runner(client, tiled, config), metrics=metrics)
     metrics["timings_s"] = {**metrics.get("timings_s", {}), **{f"preconvolve_{k}": v for k, v in t.items()}}
     return ScoreSubtractionResult(
         difference=al.difference, matched_template=al.matched_template, matched_science=al.matched_science,
         mode=al.mode, kernel_fit=al.kernel_fit, decorrelation_kernel=al.decorrelation_kernel, metrics=metrics,
         dia_sources=dia, score=score,
     )
+
+
+def _runner(client, tiled: bool, config: PipelineConfig):
+    """The runner a stage's tiles and cells go to (:mod:`diffim_dag.stages.runner`): Dask tasks on ``client`` (the
+    threaded scheduler when None) when ``tiled``, else in turn in this thread."""
+    if not tiled:
+        return None
+    from .graph import TileRunner
+
+    return TileRunner(client, tile_size=config.subtract.tile_size)
 
 
 def subtract_prepared(prepared: PreparedExposures, *, config: PipelineConfig, client=None, tiled: bool = True,
@@ -1023,7 +1035,8 @@ def subtract_prepared(prepared: PreparedExposures, *, config: PipelineConfig, cl
     else:
         from .stages.zogy import subtract_zogy
 
-        result = subtract_zogy(science, template, config=config, zogy_config=config.zogy, client=client, tiled=tiled,
+        result = subtract_zogy(science, template, config=config, zogy_config=config.zogy,
+                               runner=_runner(client, tiled, config),
                                detect=detect)
     if config.method != "al" and detect:
         result = with_injection(result, match_stage(result, result.dia_sources, prepared.fakes, config))

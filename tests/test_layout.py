@@ -3,7 +3,9 @@
 * dask, distributed and dask-kubernetes are imported only by the execution layer: ``graph.py`` (the task
   graphs) and ``cluster.py`` (the one client factory);
 * the pure numerics (``kernels/``) and the models below them (``psf/``, ``masks``, ``errors``) never import a
-  stage, the orchestration, the execution layer, the simulator or the CLI.
+  stage, the orchestration, the execution layer, the simulator or the CLI;
+* the stages (``stages/``) never import the orchestration (``pipeline``, ``visit``, ``batch``), the execution
+  layer or the CLI: a stage with tiled work is handed a runner (``stages/runner.py``).
 """
 from __future__ import annotations
 
@@ -56,6 +58,16 @@ def test_only_the_execution_layer_imports_dask():
 def test_numerics_and_models_import_nothing_above_them():
     offenders = [f"{name}:{line} imports {target}" for name, path in _modules() if _under(name, BASE)
                  for target, line in _imports(name, path) if _under(target, ABOVE_BASE)]
+    assert not offenders, "\n".join(offenders)
+
+
+ABOVE_STAGES = ("diffim_dag.pipeline", "diffim_dag.visit", "diffim_dag.batch", "diffim_dag.graph",
+                "diffim_dag.cluster", "diffim_dag.cli")
+
+
+def test_stages_import_neither_orchestration_nor_execution():
+    offenders = [f"{name}:{line} imports {target}" for name, path in _modules() if _under(name, ("diffim_dag.stages",))
+                 for target, line in _imports(name, path) if _under(target, ABOVE_STAGES)]
     assert not offenders, "\n".join(offenders)
 
 

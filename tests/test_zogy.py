@@ -13,6 +13,7 @@ from scipy.signal import fftconvolve
 from diffim_dag import Exposure, ExposureInfo, GaussianPsf
 from diffim_dag.config import PipelineConfig
 from diffim_dag.errors import ConfigError, PsfError
+from diffim_dag.graph import TileRunner
 from diffim_dag.exposure import PhotoCalib
 from diffim_dag.kernels import zogy as zk
 from diffim_dag.noise import clipped_stats
@@ -21,6 +22,9 @@ from diffim_dag.sim import add_sources
 from diffim_dag.stages.zogy import ScoreSubtractionResult, ZogyConfig, fit_flux_ratio, subtract_zogy
 
 XY0 = (100, 200)
+
+
+TILES = TileRunner(tile_size=PipelineConfig().subtract.tile_size)  # cells as Dask tasks, threads
 
 
 def _exposure(image, sigma2, psf, zero_point=28.0, xy0=XY0):
@@ -54,7 +58,7 @@ def _significance(result):
 
 def test_sourceless_noise_and_variance():
     science, template = _pair(sigma2=100.0, seed=1)
-    result = subtract_zogy(science, template, config=PipelineConfig(), tiled=False)
+    result = subtract_zogy(science, template, config=PipelineConfig())
     assert isinstance(result, ScoreSubtractionResult) and result.kernel_fit is None
     assert result.metrics["zogy"]["flux_ratio_origin"] == "photo_calib"
     d, v, _ = result.difference.arrays()
@@ -77,7 +81,7 @@ def test_brightened_source_detected_at_its_position():
     science, template = _pair(sigma2=10.0, x=x, y=y, flux_science=flux_sci, flux_template=flux, seed=6,
                               zero_points=(None, None))
     cfg = ZogyConfig(flux_ratio_min_snr=20.0)
-    result = subtract_zogy(science, template, config=PipelineConfig(), zogy_config=cfg, tiled=False, detect=True)
+    result = subtract_zogy(science, template, config=PipelineConfig(), zogy_config=cfg, detect=True)
     assert result.metrics["zogy"]["flux_ratio_origin"] == "matched_stars"
     assert result.metrics["zogy"]["flux_ratio"] == pytest.approx(1.0, abs=0.03)
     s_corr = _significance(result)
@@ -146,9 +150,10 @@ def test_cell_grid_covers_every_pixel_once(n, cells, width):
 
 def test_cells_blend_without_seams_and_tiled_equals_eager():
     science, template = _pair(size=320, sigma2=25.0, seed=3)
-    one = subtract_zogy(science, template, config=PipelineConfig(), zogy_config=ZogyConfig(grid_cells=1), tiled=False)
-    eager = subtract_zogy(science, template, config=PipelineConfig(), zogy_config=ZogyConfig(grid_cells=3), tiled=False)
-    tiled = subtract_zogy(science, template, config=PipelineConfig(), zogy_config=ZogyConfig(grid_cells=3), tiled=True)
+    one = subtract_zogy(science, template, config=PipelineConfig(), zogy_config=ZogyConfig(grid_cells=1))
+    eager = subtract_zogy(science, template, config=PipelineConfig(), zogy_config=ZogyConfig(grid_cells=3))
+    tiled = subtract_zogy(science, template, config=PipelineConfig(), zogy_config=ZogyConfig(grid_cells=3),
+                          runner=TILES)
     assert eager.metrics["zogy"]["grid_cells"] == [3, 3]
     for a, b in zip(eager.score.arrays()[:2] + eager.difference.arrays()[:2],
                     tiled.score.arrays()[:2] + tiled.difference.arrays()[:2]):
@@ -177,10 +182,10 @@ def test_psf_centroid_disagreement_is_an_error():
     off = template.with_planes()
     off.ds.attrs["psf"] = ImagePsf(img)
     with pytest.raises(PsfError, match="centroids differ by 0.3"):
-        subtract_zogy(science, off, config=PipelineConfig(), tiled=False)
+        subtract_zogy(science, off, config=PipelineConfig())
     small = template.with_planes()
     small.ds.attrs["psf"] = ImagePsf(GaussianPsf(sigma_x=2.0).kernel_image(size=31, offset=(0.1, 0.0)))
-    subtract_zogy(science, small, config=PipelineConfig(), tiled=False)
+    subtract_zogy(science, small, config=PipelineConfig())
 
 
 def test_flux_ratio_from_matched_stars_and_photo_calib():
@@ -196,7 +201,7 @@ def test_flux_ratio_from_matched_stars_and_photo_calib():
     # with zero points the ratio is 10^{0.4 Δzp}
     sc = _exposure(science.arrays()[0], 4.0, science.psf, 28.0)
     tc = _exposure(template.arrays()[0], 4.0, template.psf, 28.0 - 2.5 * np.log10(kappa))
-    result = subtract_zogy(sc, tc, config=PipelineConfig(), tiled=False)
+    result = subtract_zogy(sc, tc, config=PipelineConfig())
     assert result.metrics["zogy"]["flux_ratio"] == pytest.approx(kappa, rel=1e-9)
     # the constant stars vanish once the ratio is applied
     assert float(np.abs(_significance(result)).max()) < 5.0
@@ -210,7 +215,7 @@ def test_non_finite_and_masked_pixels():
     msk = science.arrays()[2].copy()
     msk[120, :] |= science.bitmask("BAD")
     sci = Exposure.from_arrays(img, science.arrays()[1], msk, xy0=XY0, psf=science.psf, info=science.info)
-    result = subtract_zogy(sci, template, config=PipelineConfig(), tiled=False)
+    result = subtract_zogy(sci, template, config=PipelineConfig())
     d, v, m = result.difference.arrays()
     s_corr = _significance(result)
     assert np.all(np.isfinite(d)) and np.all(np.isfinite(s_corr))
@@ -243,11 +248,11 @@ def test_cell_batches_do_not_change_a_bit(monkeypatch):
     science, template = _pair(size=300, sigma2=25.0, seed=5, x=[150.0], y=[140.0], flux_science=[4000.0],
                               flux_template=[2000.0])
     cfg = ZogyConfig(grid_cells=3)
-    eager = subtract_zogy(science, template, config=PipelineConfig(), zogy_config=cfg, tiled=False)
+    eager = subtract_zogy(science, template, config=PipelineConfig(), zogy_config=cfg)
     runs = {}
     for per_batch in (1, 4, 100):
-        monkeypatch.setattr(sz, "_cells_per_batch", lambda n, client, k=per_batch: k)
-        runs[per_batch] = subtract_zogy(science, template, config=PipelineConfig(), zogy_config=cfg, tiled=True)
+        monkeypatch.setattr(sz, "_cells_per_batch", lambda n, runner, k=per_batch: k)
+        runs[per_batch] = subtract_zogy(science, template, config=PipelineConfig(), zogy_config=cfg, runner=TILES)
     for r in runs.values():
         for a, b in zip(eager.score.arrays() + eager.difference.arrays(), r.score.arrays() + r.difference.arrays()):
             np.testing.assert_array_equal(a, b)
@@ -257,7 +262,7 @@ def test_cell_batches_do_not_change_a_bit(monkeypatch):
 
 def test_difference_and_score_share_one_mask_plane():
     science, template = _pair(size=200, sigma2=9.0, seed=2)
-    result = subtract_zogy(science, template, config=PipelineConfig(), tiled=False)
+    result = subtract_zogy(science, template, config=PipelineConfig())
     assert result.score.arrays()[2] is result.difference.arrays()[2]
     # the matched template is κ × the template (its own image and variance planes)
     kappa = result.metrics["zogy"]["flux_ratio"]

@@ -36,9 +36,9 @@ from ..kernels.decorrelate import clipped_mean_variance
 from ..kernels.maskops import dilate_mask, template_mask_for_difference
 from ..kernels.preconvolve import median_fill, preconvolution_kernel, score_correction_kernels
 from ..kernels.solution import CONVOLVE_TEMPLATE
-from .inputs import Timings, _variance_scaled, eager_convolve
+from .inputs import Timings, _variance_scaled
+from .runner import IN_TURN
 from ..psf import ImagePsf
-from . import subtract as st
 
 __all__ = ["FILLED_PLANES", "preconvolution_kernel_sources", "preconvolved_score"]
 
@@ -46,18 +46,6 @@ log = logging.getLogger(__name__)
 
 #: Planes median-filled before convolving.
 FILLED_PLANES = ("NO_DATA", "BAD", "SAT", "EDGE")
-
-
-def _filter(image, kernel, *, tiled, tile_size, xy0, client):
-    """``image ⊗ kernel`` (same shape, reflected border), by tiles through graph.py or eagerly."""
-    h = kernel.shape[0] // 2
-    if tiled:
-        from .. import graph
-
-        d = graph.planes_to_dask(image, image, image, tile_size)[0]
-        (out,) = graph.compute(graph.filter_tiles(d, kernel, half_width=h, xy0=xy0), client=client)
-        return np.asarray(out, dtype=np.float32)
-    return st.apply_small_kernel_padded(image, kernel).astype(np.float32)
 
 
 def preconvolution_kernel_sources(science: Exposure, template: Exposure, *, config: PipelineConfig, sources=None):
@@ -113,9 +101,12 @@ def preconvolution_kernel_sources(science: Exposure, template: Exposure, *, conf
     return table
 
 
-def preconvolved_score(science: Exposure, template: Exposure, *, config: PipelineConfig, client=None,
-                       tiled: bool = True, sources=None, metrics: dict | None = None):
+def preconvolved_score(science: Exposure, template: Exposure, *, config: PipelineConfig, runner=None,
+                       map_cells=None, sources=None, metrics: dict | None = None):
     r"""The corrected pre-convolution score exposure (module doc, steps 1–5).
+
+    ``runner`` runs the filters and the convolution (:mod:`diffim_dag.stages.runner`; in turn on the whole
+    image when None) and ``map_cells`` the kernel's cell fits (in turn when None).
 
     Returns
     -------
@@ -128,6 +119,7 @@ def preconvolved_score(science: Exposure, template: Exposure, *, config: Pipelin
     from ..stages.kernel_fit import fit_psf_matching_kernel
 
     metrics = {} if metrics is None else metrics
+    runner = IN_TURN if runner is None else runner
     timings = Timings()
     if science.shape != template.shape or science.xy0 != template.xy0:
         raise DiffimError(f"science {science.shape} at {science.xy0} and template {template.shape} at {template.xy0} "
@@ -138,7 +130,6 @@ def preconvolved_score(science: Exposure, template: Exposure, *, config: Pipelin
     for name in ("EDGE", "SAT_TEMPLATE", "INJECTED_TEMPLATE", "NO_DATA"):
         planes = planes.with_plane(name)
     xy0, shape = science.xy0, science.shape
-    tile = config.subtract.tile_size
     scale_metrics: dict = {}
     science = _variance_scaled(science, config, "science", scale_metrics)
     template = _variance_scaled(template, config, "template", scale_metrics)
@@ -156,8 +147,8 @@ def preconvolved_score(science: Exposure, template: Exposure, *, config: Pipelin
     with timings.stage("preconvolve"):
         s_fill = median_fill(si, bad_s)
         t_fill = median_fill(ti, bad_t)
-        s_pre = _filter(s_fill, h_kernel, tiled=tiled, tile_size=tile, xy0=xy0, client=client)
-        v_pre = _filter(sv, h_kernel**2, tiled=tiled, tile_size=tile, xy0=xy0, client=client)
+        s_pre = runner.filter(s_fill, h_kernel, xy0=xy0)
+        v_pre = runner.filter(sv, h_kernel**2, xy0=xy0)
         m_pre = dilate_mask(sm, h_kernel.shape[0], skip_bits=skip_bits).astype(np.int32)
         pre_psf = ImagePsf(fftconvolve(psf_s, h_kernel, mode="full"), source="science PSF ⊗ pre-convolution kernel")
         pre_science = Exposure.from_arrays(s_pre, v_pre, m_pre, xy0=xy0, mask_planes=planes, wcs=science.wcs,
@@ -169,11 +160,6 @@ def preconvolved_score(science: Exposure, template: Exposure, *, config: Pipelin
         # The S/N window and the isolation were applied on the original science; the fit re-checks
         # only what its wider stamps need (inside both images, unmasked, not saturated, point-like).
         pre_sources = dataclasses.replace(config.sources, min_snr=1e-6, max_snr=1e30, isolation_factor=0.0)
-        map_cells = None
-        if tiled:
-            from ..graph import cell_mapper
-
-            map_cells = cell_mapper(client, prefix="fit-cell-preconvolved")
         fit = fit_psf_matching_kernel(pre_science, filled_template, mode=CONVOLVE_TEMPLATE, config=config.kernel,
                                       source_config=pre_sources, sources=table[["x", "y"]], map_cells=map_cells)
     solution = fit.solution
@@ -182,19 +168,10 @@ def preconvolved_score(science: Exposure, template: Exposure, *, config: Pipelin
 
     with timings.stage("convolve_subtract"):
         tm_rules = template_mask_for_difference(tm, planes.as_dict(), kept=config.subtract.template_mask_planes_kept)
-        common = dict(mode=CONVOLVE_TEMPLATE, subtract_background=config.subtract.subtract_background, xy0=xy0,
-                      shape=shape, half_width=hk + hh, edge_bit=planes["EDGE"])
-        if tiled:
-            from .. import graph
-
-            t_d = graph.planes_to_dask(t_fill, tv, tm_rules, tile)
-            s_d = graph.planes_to_dask(s_pre, v_pre, m_pre, tile)
-            conv = graph.convolve_tiles(*t_d, solution, half_width=hk, xy0=xy0, skip_bits=skip_bits)
-            diff_d = graph.difference_tiles(s_d, conv, kernel_sum=kernel_sum, background_solution=solution, **common)
-            raw, _, mask = graph.compute(*diff_d, client=client)
-        else:
-            conv = eager_convolve((t_fill, tv, tm_rules), solution, xy0=xy0, skip_bits=skip_bits)
-            raw, _, mask = st.combine_tile(s_pre, v_pre, m_pre, *conv, solution, kernel_sum, origin=xy0, **common)
+        raw, _, mask = runner.convolve_difference(
+            (s_pre, v_pre, m_pre), (t_fill, tv, tm_rules), solution, kernel_sum=kernel_sum, xy0=xy0,
+            skip_bits=skip_bits, mode=CONVOLVE_TEMPLATE, subtract_background=config.subtract.subtract_background,
+            shape=shape, half_width=hk + hh, edge_bit=planes["EDGE"])
 
     with timings.stage("score_correction"):
         kernel = solution.kernel_at(*solution.center)
@@ -202,9 +179,8 @@ def preconvolved_score(science: Exposure, template: Exposure, *, config: Pipelin
         st2 = clipped_mean_variance(tv, (tm & planes.bitmask(["NO_DATA", "BAD", "SAT"])) != 0)
         phi, c_science, c_template = score_correction_kernels(kernel, h_kernel, sigma_science2=ss2,
                                                               sigma_template2=st2)
-        score_img = _filter(raw, phi, tiled=tiled, tile_size=tile, xy0=xy0, client=client)
-        score_var = (_filter(sv, c_science**2, tiled=tiled, tile_size=tile, xy0=xy0, client=client)
-                     + _filter(tv, c_template**2, tiled=tiled, tile_size=tile, xy0=xy0, client=client))
+        score_img = runner.filter(raw, phi, xy0=xy0)
+        score_var = runner.filter(sv, c_science**2, xy0=xy0) + runner.filter(tv, c_template**2, xy0=xy0)
     metrics["preconvolution"] = {
         "preconvolution_kernel_size": int(h_kernel.shape[0]),
         "kernel": {k: v for k, v in fit.diagnostics.items() if k != "timings_s"},

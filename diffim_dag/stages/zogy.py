@@ -38,7 +38,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
-import os
 import sys
 from dataclasses import dataclass
 
@@ -55,6 +54,7 @@ from ..noise import clipped_stats
 from .photometry import aperture_flux_ratio
 from .verdict import background_left
 from .inputs import SubtractionResult, Timings, prepare_inputs
+from .runner import IN_TURN
 from ..psf import GridPsf, ImagePsf
 from ..psf.models import _kernel_from_image, _resize_centred
 
@@ -287,23 +287,16 @@ def _difference_mask(science_mask: np.ndarray, template_mask: np.ndarray, mask_p
     return out
 
 
-def _cells_per_batch(n_cells: int, client) -> int:
-    """Cells submitted together: twice the worker threads (all of them with more threads than cells).
+def _cells_per_batch(n_cells: int, runner) -> int:
+    """Cells submitted together: twice the runner's threads (all of them with more threads than cells).
 
     Each batch's weighted planes are blended before the next batch runs, so the cell results
     held at once are those of one batch, not of the whole image.
     """
-    threads = 0
-    if client is not None:
-        try:
-            threads = int(sum(client.nthreads().values()))
-        except Exception:  # noqa: BLE001 - any client without nthreads(): fall back to the cores
-            threads = 0
-    threads = threads or os.cpu_count() or 1
-    return max(1, min(n_cells, 2 * threads))
+    return max(1, min(n_cells, 2 * int(runner.threads)))
 
 
-def _run_cells(tasks: list[dict], shape: tuple[int, int], *, client=None, tiled: bool = True):
+def _run_cells(tasks: list[dict], shape: tuple[int, int], *, runner):
     """Run the cell tasks and blend their weighted planes into preallocated float32 images.
 
     Returns ``(planes, psf_differences, flux_differences)``: ``planes`` maps each of
@@ -312,16 +305,9 @@ def _run_cells(tasks: list[dict], shape: tuple[int, int], *, client=None, tiled:
     """
     planes = {name: np.zeros(shape, dtype=np.float32) for name in _CELL_PLANES}
     psf_differences, flux_differences = [], []
-    if tiled:
-        from ..graph import tile_mapper
-
-        run = tile_mapper(client, prefix="zogy-cell")
-        step = _cells_per_batch(len(tasks), client)
-        batches = [tasks[i : i + step] for i in range(0, len(tasks), step)]
-    else:
-        batches = [[t] for t in tasks]  # eager: one cell at a time
-    for batch in batches:
-        results = run(zogy_cell_task, batch) if tiled else [zogy_cell_task(batch[0])]
+    step = _cells_per_batch(len(tasks), runner)
+    for batch in (tasks[i : i + step] for i in range(0, len(tasks), step)):
+        results = runner.map(zogy_cell_task, batch, prefix="zogy-cell")
         for i, task in enumerate(batch):
             res, results[i] = results[i], None  # drop each cell's planes once blended
             y0, y1, x0, x1 = task["support_parent"]
@@ -407,8 +393,7 @@ def subtract_zogy(
     *,
     config: PipelineConfig,
     zogy_config: ZogyConfig = ZogyConfig(),
-    client=None,
-    tiled: bool = True,
+    runner=None,
     detect: bool = False,
 ):
     r"""ZOGY subtraction of ``template`` from ``science`` (same pixel grid), cell by cell.
@@ -421,10 +406,9 @@ def subtract_zogy(
         Uses ``subtract`` (coverage, variance scaling, template mask planes) and
         ``detection``.
     zogy_config : ZogyConfig
-    client : distributed.Client, optional
-        Where the cell tasks run (threaded Dask scheduler when None).
-    tiled : bool
-        Run the cells as Dask tasks (else eagerly in turn; the same function).
+    runner : optional
+        Runs the cell tasks (:mod:`diffim_dag.stages.runner`; in turn in this thread when None: the same
+        function and, since cells are blended in task order, the same bits).
     detect : bool
         Detect on :math:`S_\mathrm{corr}` and measure DiaSources on the difference.
 
@@ -454,6 +438,7 @@ def subtract_zogy(
     """
     from . import subtract as st
 
+    runner = IN_TURN if runner is None else runner
     timings = Timings()
     metrics: dict = {"method": "zogy", "mode": "zogy", "kernel": {}}
     science, template, planes, coverage = prepare_inputs(science, template, config, timings, metrics)
@@ -476,7 +461,7 @@ def subtract_zogy(
     with timings.stage("zogy_cells"):
         tasks, grid = _cell_tasks(science, template, smask, tmask, kappa=kappa, config=zogy_config,
                                   psf_size=psf_size, bad_bits=bad_bits)
-        blended, pd_list, fd_list = _run_cells(tasks, shape, client=client, tiled=tiled)
+        blended, pd_list, fd_list = _run_cells(tasks, shape, runner=runner)
         _release_free_memory()
         d_img, d_var, s_img, s_var = (blended[k] for k in _CELL_PLANES)
         del blended
@@ -543,7 +528,7 @@ def subtract_zogy(
     if detect:
         with timings.stage("detect_measure"):
             dia_sources = detect_on_score(difference, science, matched_template, significance, config=config,
-                                          client=client, tiled=tiled, metrics=metrics)
+                                          runner=runner, metrics=metrics)
     metrics["timings_s"] = dict(timings)
     return ScoreSubtractionResult(difference=difference, matched_template=matched_template, matched_science=science, mode="zogy",
                kernel_fit=None, decorrelation_kernel=None, metrics=metrics, dia_sources=dia_sources, score=score)
@@ -568,7 +553,7 @@ _SIGNIFICANCE_PIXELS = 1 << 20
 
 
 def detect_on_score(difference: Exposure, science: Exposure, matched_template: Exposure, significance: np.ndarray,
-                    *, config: PipelineConfig, client=None, tiled: bool = True, metrics: dict | None = None):
+                    *, config: PipelineConfig, runner=None, metrics: dict | None = None):
     """Detect on a significance image (no further smoothing), measure on ``difference`` (its PSF).
 
     The same call and DiaSource counts as the AL path of :func:`diffim_dag.pipeline.subtract_exposures`,
@@ -576,16 +561,17 @@ def detect_on_score(difference: Exposure, science: Exposure, matched_template: E
     """
     from .detect import DetectMeasureConfig, detect_and_measure
 
-    tile_mapper = None
-    if tiled and client is not None:
-        from ..graph import tile_mapper as _tm
+    runner = IN_TURN if runner is None else runner
+    # in process the tiles run in turn with all cores on each FFT (the per-source fits hold the GIL), as in the
+    # AL path; on a cluster each tile is a task with one FFT thread
+    def on_runner(function, tasks):
+        return runner.map(function, tasks, prefix="detect-measure")
 
-        tile_mapper = _tm(client)
-    # in process (no client) the tiles run in turn with all cores on each FFT, as in the AL path
+    map_tiles = on_runner if runner.distributed else None
     dcfg = DetectMeasureConfig.from_detection_config(config.detection, tile_size=config.subtract.tile_size,
-                                                     fft_workers=1 if client is not None else os.cpu_count() or 1)
+                                                     fft_workers=runner.fft_workers)
     dia = detect_and_measure(difference, science=science, template=matched_template, config=dcfg,
-                             score=significance, map_tiles=tile_mapper)
+                             score=significance, map_tiles=map_tiles)
     if metrics is not None:
         real = dia[~dia["sky_source"]]
         metrics["dia_sources"] = {
