@@ -12,6 +12,25 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("DIFFIM_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+def pytest_addoption(parser):
+    parser.addoption("--acceptance", action="store_true", default=False,
+                     help="also run the acceptance tier (tests marked 'acceptance': 40-visit batches, killed "
+                          "workers, notebooks, the no-flag CLI runs on simulated pairs); .ci/run and the README's "
+                          "test command do")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The fast tier by default: the acceptance tier is deselected unless ``--acceptance`` is given."""
+    if config.getoption("--acceptance"):
+        return
+    keep, drop = [], []
+    for item in items:
+        (drop if item.get_closest_marker("acceptance") else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``../shared/data``; tests that use it are skipped cleanly when it is absent."""

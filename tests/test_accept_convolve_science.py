@@ -5,7 +5,7 @@ import pytest
 
 from acceptance_direction import *  # noqa: F401,F403 - the tests, run here for this direction
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.acceptance]
 
 
 @pytest.fixture(scope="module")

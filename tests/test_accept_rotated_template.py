@@ -6,7 +6,7 @@ import pytest
 
 from acceptance import assert_user_criteria, make_pair, subtract
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.acceptance]
 
 
 def test_rotated_offset_template_no_flags(tmp_path):

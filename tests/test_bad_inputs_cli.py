@@ -293,6 +293,7 @@ def _installed(out: Path) -> list[Path]:
     return sorted(p.parent for p in out.glob(f"visit=*/detector=*/{OUTPUTS_MANIFEST}"))
 
 
+@pytest.mark.acceptance
 def test_sigterm_on_run_keeps_finished_visits_and_the_rerun_completes_the_rest(tmp_path):
     n = 6
     manifest = _batch_inputs(tmp_path / "in", n)
@@ -348,6 +349,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.acceptance
 def test_a_cluster_whose_workers_all_die_ends_the_run_with_an_error(tmp_path):
     """`run` on a scheduler whose only worker is killed mid-run: an error within cluster.no_worker_timeout,
     not a hang (the worker runs without a nanny, as a pod would, so nothing restarts it)."""
@@ -432,6 +434,7 @@ def test_worker_watchdog_fires_once_after_the_timeout_and_not_while_workers_exis
         dog2.stop()
 
 
+@pytest.mark.acceptance
 def test_a_local_cluster_whose_worker_is_killed_mid_run_still_ends(tmp_path):
     """`run` on its own LocalCluster: its only worker process is SIGKILLed after the first visit (as the
     OOM killer would). The nanny restarts it and the run finishes every visit, with no traceback and no hang."""

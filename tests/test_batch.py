@@ -214,6 +214,7 @@ def test_batch_graph_of_100_visits_is_small_and_has_no_pixels(inputs40, tmp_path
 # --------------------------------------------------------------------------- 20 visits × 2 detectors
 
 
+@pytest.mark.acceptance
 def test_run_40_visits_on_a_local_cluster(inputs40_1024, tmp_path, capsys):
     inputs40 = inputs40_1024
     out = tmp_path / "out"
@@ -260,6 +261,7 @@ def _stop(proc):
         proc.wait(10)
 
 
+@pytest.mark.acceptance
 def test_run_against_a_scheduler_with_a_worker_killed(inputs40_1024, tmp_path):
     inputs40 = inputs40_1024
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -344,6 +346,7 @@ def mixed_manifest(inputs40, tmp_path_factory) -> Path:
     return write_manifest(specs, root / "manifest.csv")
 
 
+@pytest.mark.acceptance
 def test_failures_are_reported_and_a_rerun_rewrites_nothing(mixed_manifest, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["run", str(PIPELINE), "--manifest", str(mixed_manifest), "--out", str(out), "--workers", "2"]

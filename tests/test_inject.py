@@ -165,6 +165,7 @@ def test_simulated_galaxies_are_static_discs_in_both_epochs():
                 assert box.sum() == pytest.approx(want, rel=0.05)
 
 
+@pytest.mark.acceptance
 @pytest.mark.slow
 def test_batch_with_fakes_leaves_the_clean_run_alone(tmp_path):
     from diffim_dag.batch import simulate_batch

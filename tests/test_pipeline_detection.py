@@ -58,6 +58,7 @@ def _completeness(pair, real):
     return d <= MATCH_RADIUS, i, bright
 
 
+@pytest.mark.acceptance
 @pytest.mark.slow
 def test_sim_transients_found_and_measured(sim_result):
     pair, result = sim_result
@@ -105,6 +106,7 @@ def _false_positives(pair, real):
     return ~explained & ~near_bright & ~on_bad, near_bright
 
 
+@pytest.mark.acceptance
 @pytest.mark.slow
 def test_sim_false_positives_away_from_bright_stars(sim_result):
     """≤ 10 DiaSources that are no injected truth, away from bright stars (see :func:`_false_positives`)."""
@@ -116,6 +118,7 @@ def test_sim_false_positives_away_from_bright_stars(sim_result):
     assert near_bright.mean() < 0.9
 
 
+@pytest.mark.acceptance
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["al-preconvolve", "zogy"])
 def test_sim_score_methods_complete_with_few_false_positives(sim_result, method):

@@ -219,6 +219,7 @@ def test_a_permanent_error_becomes_a_value_that_reaches_the_write_task(spec, tmp
     assert run_stage("detect", 9, 1, boom, done) is done
 
 
+@pytest.mark.acceptance
 @pytest.mark.parametrize("fakes", [[], ["--fakes", "20"]])
 def test_cli_subtract_and_a_batch_of_one_write_the_same_bits(tmp_path, fakes):
     """The user's two commands on one plain-FITS raw-sky pair (PSFs estimated): ``subtract`` and ``run`` with a
