@@ -222,7 +222,7 @@ def _cmd_subtract(args) -> int:
     from .config import load_config
     from .errors import InputError
     from .io.outputs import check_output_dir
-    from .pipeline import run_subtraction
+    from .pipeline import run_pair
 
     config = load_config(args.pipeline, _overrides(args))
     if (args.template is None) == (args.template_store is None):
@@ -234,11 +234,13 @@ def _cmd_subtract(args) -> int:
         with ThreadPoolExecutor(2) as pool:
             reads = [pool.submit(_read_any, path, args, role)
                      for path, role in ((args.science, "science"), (args.template, "template"))]
-        science, template = (f.result() for f in reads)  # the science file's error first, as before
+        pair = [f.result() for f in reads]  # the science file's error first, as before
+        del reads
     else:
-        science, template = _read_any(args.science, args, "science"), None
-    result = run_subtraction(science, template, config=config, out_dir=out, scheduler=args.scheduler,
-                             plots=args.plots, warp=False if args.no_warp else None, template_store=args.template_store)
+        pair = [_read_any(args.science, args, "science"), None]
+    # the run takes the only references: the raw planes go once warped / prepared
+    result = run_pair(pair, config=config, out_dir=out, scheduler=args.scheduler, plots=args.plots,
+                      warp=False if args.no_warp else None, template_store=args.template_store)
     for line in result.summary_lines():
         print(line)
     return 0

@@ -926,15 +926,24 @@ def run_subtraction(science: Exposure, template: Exposure | None, *, config: Pip
     temporary folder beside ``out_dir`` and installed as a whole (:func:`~diffim_dag.products.write_output_set`);
     ``out_dir=None`` writes nothing.
     """
+    return run_pair([science, template], config=config, out_dir=out_dir, scheduler=scheduler, client=client,
+                    plots=plots, warp=warp, template_store=template_store)
+
+
+def run_pair(pair: list, *, config: PipelineConfig, out_dir, scheduler=None, client=None, plots: bool = False,
+             warp: bool | None = None, template_store=None) -> SubtractionResult:
+    """:func:`run_subtraction` of ``pair = [science, template]``, a list it empties as the run goes: the raw
+    template once it is warped, both raw exposures once they are prepared.  A caller that hands over its
+    only references (the CLI, which read the files) lets those planes go: ~0.45 GB less at 4096²."""
     cc = config.cluster
     target = scheduler or cc.scheduler
     if client is not None or target is None:  # the given client, or this process's threads
-        result = _prepare_and_subtract(science, template, config, client, warp, template_store)
+        result = _prepare_and_subtract(pair, config, client, warp, template_store)
     else:
         from .cluster import open_client
 
         with open_client(target, cc) as c:
-            result = _prepare_and_subtract(science, template, config, c, warp, template_store)
+            result = _prepare_and_subtract(pair, config, c, warp, template_store)
     if out_dir is not None:
         from .products import write_output_set
 
@@ -953,9 +962,16 @@ def subtract(science: Exposure, template: Exposure, *, config: PipelineConfig | 
     are injected after those stages (:func:`inject_stage`) and matched after detection
     (:func:`match_stage`): ``result.injection`` and ``metrics["injection"]``.
     """
+    return _subtract_pair([science, template], config=config, client=client, tiled=tiled, detect=detect, psfs=psfs)
+
+
+def _subtract_pair(pair: list, *, config: PipelineConfig | None, client, tiled: bool, detect: bool,
+                   psfs: dict | None = None) -> SubtractionResult:
+    """:func:`subtract` of ``pair = [science, template]``, emptied once both are prepared (see :func:`run_pair`)."""
     config = config or PipelineConfig()
     # in process the science and template stages overlap (2 threads: 5.8–7.0 s → 4.1–4.9 s at 4096², 2 cores)
-    prepared = prepare_exposures(science, template, config, psfs=psfs, threads=2 if client is None else 1)
+    prepared = prepare_exposures(pair[0], pair[1], config, psfs=psfs, threads=2 if client is None else 1)
+    pair.clear()
     return subtract_prepared(prepared, config=config, client=client, tiled=tiled, detect=detect)
 
 
@@ -1045,16 +1061,17 @@ def subtract_prepared(prepared: PreparedExposures, *, config: PipelineConfig, cl
     return judge_result(result, config)
 
 
-def _prepare_and_subtract(science, template, config, client, warp, template_store):
-    """Bring the template onto the science grid (warp / store / registration), then subtract and detect."""
+def _prepare_and_subtract(pair: list, config, client, warp, template_store):
+    """Bring the template of ``pair = [science, template]`` onto the science grid (warp / store / registration),
+    then subtract and detect; ``pair`` is emptied on the way (see :func:`run_pair`)."""
     from .stages.template import prepare_template
 
     t0 = time.perf_counter()
-    template, warp_metrics = prepare_template(science, template, store=template_store, warp=warp,
-                                              min_coverage=config.subtract.min_template_coverage,
-                                              tile=config.subtract.tile_size, workers=os.cpu_count() or 1)
+    pair[1], warp_metrics = prepare_template(pair[0], pair[1], store=template_store, warp=warp,
+                                             min_coverage=config.subtract.min_template_coverage,
+                                             tile=config.subtract.tile_size, workers=os.cpu_count() or 1)
     t_warp = time.perf_counter() - t0
-    result = subtract(science, template, config=config, client=client, detect=True)
+    result = _subtract_pair(pair, config=config, client=client, tiled=True, detect=True)
     result.metrics["template"] = warp_metrics
     result.metrics["timings_s"] = {"template_warp": t_warp, **result.metrics["timings_s"]}
     return result
