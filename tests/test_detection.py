@@ -418,3 +418,15 @@ def test_footprints_larger_than_the_halo_are_completed_across_tiles(rng):
     b = tiled.sort_values(key).reset_index(drop=True)
     assert not b.duplicated(key).any()
     pd.testing.assert_frame_equal(a.drop(columns="id"), b.drop(columns="id"), check_exact=False, rtol=1e-6, atol=1e-9)
+
+
+def test_local_max_at_is_the_3x3_maximum_filter():
+    from scipy import ndimage
+
+    from diffim_dag.kernels.detection import local_max_at
+
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 5, (40, 37)).astype(np.float32)  # many ties
+    iy, ix = np.nonzero(np.ones(img.shape, bool))
+    expected = (img >= ndimage.maximum_filter(img, size=3, mode="nearest"))[iy, ix]
+    np.testing.assert_array_equal(local_max_at(img, iy, ix), expected)

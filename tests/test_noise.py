@@ -138,3 +138,15 @@ def test_decam_stamps_variance_matches_empty_sky_noise(shared_data):
         ratios[f.name] = float(np.sqrt(np.median(var[free])) / robust_std(img[free]))
     # measured: 0.998–1.018 (OBS04b worst, +1.8 %)
     assert all(abs(r - 1) < 0.05 for r in ratios.values()), ratios
+
+
+def test_grow_cross_is_binary_dilation():
+    from scipy import ndimage
+
+    from diffim_dag.noise import grow_cross
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        m = rng.uniform(size=(int(rng.integers(1, 60)), int(rng.integers(1, 60)))) > 0.9
+        for it in (1, 2, 4):
+            np.testing.assert_array_equal(grow_cross(m, it), ndimage.binary_dilation(m, iterations=it))

@@ -63,6 +63,7 @@ __all__ = [
     "Footprint",
     "matched_filter",
     "significance_image",
+    "local_max_at",
     "clipped_stdev",
     "grow_radius",
     "disc",
@@ -208,6 +209,23 @@ def significance_image(smoothed: np.ndarray, smoothed_variance: np.ndarray) -> n
     return out
 
 
+def local_max_at(image: np.ndarray, iy: np.ndarray, ix: np.ndarray) -> np.ndarray:
+    """Whether each pixel ``(iy, ix)`` of ``image`` is the maximum of its 3×3 neighbourhood (ties count).
+
+    The same as ``image[iy, ix] >= maximum_filter(image, size=3, mode="nearest")[iy, ix]`` (edge pixels
+    repeat), computed at those pixels only: no full-frame filtered copy.
+    """
+    ny, nx = image.shape
+    v = image[iy, ix]
+    out = np.ones(np.shape(iy), dtype=bool)
+    for dy in (-1, 0, 1):
+        yy = np.clip(iy + dy, 0, ny - 1)
+        for dx in (-1, 0, 1):
+            if dy or dx:
+                out &= v >= image[yy, np.clip(ix + dx, 0, nx - 1)]
+    return out
+
+
 def bright_static_peaks(
     smoothed_model: np.ndarray,
     smoothed_model_variance: np.ndarray,
@@ -250,13 +268,7 @@ def bright_static_peaks(
     ok = v > (1e-12 * vmax if vmax > 0 else 0.0)
     exact = np.zeros(iy.size)
     np.divide(mv, np.sqrt(v), out=exact, where=ok)
-    keep = exact >= min_snr
-    ny, nx = m.shape
-    for dy in (-1, 0, 1):  # a local maximum of its 3×3 neighbourhood (edges repeat, as mode="nearest")
-        yy = np.clip(iy + dy, 0, ny - 1)
-        for dx in (-1, 0, 1):
-            if dy or dx:
-                keep &= mv >= m[yy, np.clip(ix + dx, 0, nx - 1)]
+    keep = (exact >= min_snr) & local_max_at(m, iy, ix)
     iy, ix, mv = iy[keep], ix[keep], mv[keep]
     order = np.argsort(-mv, kind="stable")[:max_peaks]
     return iy[order], ix[order]

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .detection import local_max_at
+
 __all__ = ["SaturationResult", "integer_limit", "find_saturation"]
 
 
@@ -63,17 +65,8 @@ def _bright_peaks(image: np.ndarray, good: np.ndarray, n_max: int) -> np.ndarray
         return cand
     if cand.size > 200_000:
         cand = cand[np.argsort(image.ravel()[cand])[-200_000:]]
-    ny, nx = image.shape
-    iy, ix = np.divmod(cand, nx)
-    # the 3×3 maximum at the candidates only (edge pixels repeat: ``maximum_filter(mode="nearest")``)
-    v = image.ravel()[cand]
-    is_peak = np.ones(cand.size, dtype=bool)
-    for dy in (-1, 0, 1):
-        yy = np.clip(iy + dy, 0, ny - 1)
-        for dx in (-1, 0, 1):
-            if dy or dx:
-                is_peak &= v >= image[yy, np.clip(ix + dx, 0, nx - 1)]
-    peaks = cand[is_peak]
+    iy, ix = np.divmod(cand, image.shape[1])
+    peaks = cand[local_max_at(image, iy, ix)]
     order = np.argsort(image.ravel()[peaks])[::-1]
     return peaks[order[:n_max]]
 

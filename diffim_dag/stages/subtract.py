@@ -29,7 +29,7 @@ import numpy as np
 from ..errors import InputError, NoWorkFound
 from ..kernels.solution import CONVOLVE_SCIENCE, CONVOLVE_TEMPLATE
 from ..masks import MaskPlanes
-from ..noise import clipped_stats, measure_background, robust_std
+from ..noise import clipped_stats, grow_cross, measure_background, robust_std
 from ..psf import Psf
 
 __all__ = [
@@ -103,7 +103,7 @@ def _source_free_chi(image, variance, good) -> np.ndarray:
     norm = (image - bkg.level) / np.sqrt(np.where(good, variance, 1.0))
     norm = np.where(good, norm, 0.0)
     scale0 = max(robust_std(norm[good]), 1e-12)
-    sources = ndimage.binary_dilation(ndimage.uniform_filter(norm, 3) > scale0, iterations=4)
+    sources = grow_cross(ndimage.uniform_filter(norm, 3) > scale0, 4)
     use = good & ~sources
     return norm[use] if np.count_nonzero(use) >= 100 else norm[good]
 
@@ -175,7 +175,7 @@ def measure_noise_correlation(image: np.ndarray, variance: np.ndarray, bad: np.n
         img, var = image[w], variance[w]
         bkg = measure_background(img, ~good)
         z = np.where(good, (img - bkg.level) / np.sqrt(np.where(good, var, 1.0)), 0.0)
-        sources = ndimage.binary_dilation(ndimage.uniform_filter(z, 3) > 1.0, iterations=4)
+        sources = grow_cross(ndimage.uniform_filter(z, 3) > 1.0, 4)
         sky = good & ~sources
         if sky.sum() < 1000:
             continue
