@@ -68,7 +68,7 @@ def main(argv=None) -> None:
     t = time.perf_counter()
     from diffim_dag.pipeline import subtract_exposures
 
-    whole = subtract_exposures(sci, tmp, tiled=True)
+    whole = subtract_exposures(sci, tmp)
     total = time.perf_counter() - t
     rows.append(("whole subtraction (subtract_exposures, tiled)", total, ""))
     rows.append(("kernel solve / whole subtraction", 100 * whole.metrics["kernel"]["timings_s"]["kernel_solve"] / total,

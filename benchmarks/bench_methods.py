@@ -76,10 +76,10 @@ with dask.config.set(num_workers=workers, scheduler="threads"):
     t0 = time.perf_counter()
     if method == "al":
         from diffim_dag.pipeline import subtract_exposures
-        r = subtract_exposures(science, template, config=config, tiled=True, detect=True)
+        r = subtract_exposures(science, template, config=config, detect=True)
     elif method == "al-preconvolve":
         from diffim_dag.pipeline import subtract_al_preconvolve
-        r = subtract_al_preconvolve(science, template, config=config, tiled=True, detect=True)
+        r = subtract_al_preconvolve(science, template, config=config, detect=True)
     else:
         from diffim_dag.stages.zogy import ZogyConfig, subtract_zogy
         from diffim_dag.graph import TileRunner

@@ -30,7 +30,7 @@ sci, tmp, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
 science, template = read_exposure(sci), read_exposure(tmp)
 with dask.config.set(num_workers=workers, scheduler="threads"):
     t0 = time.perf_counter()
-    r = subtract_exposures(science, template, tiled=True)
+    r = subtract_exposures(science, template)
     total = time.perf_counter() - t0
 t = r.metrics["timings_s"]
 core = t["kernel_fit"] + t["convolve_subtract"] + t.get("decorrelate", 0.0)

@@ -222,26 +222,23 @@ def _cmd_subtract(args) -> int:
     from .config import load_config
     from .errors import InputError
     from .io.outputs import check_output_dir
-    from .pipeline import run_pair
+    from .pipeline import subtract_files
 
     config = load_config(args.pipeline, _overrides(args))
     if (args.template is None) == (args.template_store is None):
         raise InputError("give either a TEMPLATE file or --template-store DIR (exactly one)")
     out = check_output_dir(args.out, overwrite=args.overwrite)  # before any work
-    if args.template:  # the two files are independent: read (and model the noise of) both at once
-        from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(2) as pool:
-            reads = [pool.submit(_read_any, path, args, role)
-                     for path, role in ((args.science, "science"), (args.template, "template"))]
-        pair = [f.result() for f in reads]  # the science file's error first, as before
-        del reads
-    else:
-        pair = [_read_any(args.science, args, "science"), None]
-    # the run takes the only references: the raw planes go once warped / prepared
-    result = run_pair(pair, config=config, out_dir=out, scheduler=args.scheduler, plots=args.plots,
-                      warp=False if args.no_warp else None, template_store=args.template_store)
-    for line in result.summary_lines():
+    def options(role):
+        return {name: getattr(args, f"{role}_{name}", None)
+                for name in ("hdu", "psf", "variance", "noise", "weight", "mask")}
+
+    # each file is read by its own task of the visit's graph, both at once (and on the workers with --scheduler)
+    lines = subtract_files(args.science, args.template, config=config, out_dir=out,
+                           science_options=options("science"), template_options=options("template"),
+                           template_store=args.template_store, warp=False if args.no_warp else None,
+                           scheduler=args.scheduler, plots=args.plots)
+    for line in lines:
         print(line)
     return 0
 

@@ -24,7 +24,7 @@ import functools
 import hashlib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -41,6 +41,8 @@ __all__ = [
     "compute",
     "lazy_parquet",
     "run_in_turn",
+    "execute",
+    "raise_failure",
     "write_key",
     "task_key",
     "stage_of",
@@ -169,22 +171,6 @@ def difference_tiles(science, template, *, mode, kernel_sum, background_solution
     return stacked[0], stacked[1], msk
 
 
-def template_mask_tiles(mask, mask_planes: dict, *, kept):
-    """Per-tile template mask rules (see :func:`diffim_dag.kernels.maskops.template_mask_for_difference`)."""
-    from .kernels.maskops import template_mask_for_difference
-
-    return da.map_blocks(template_mask_for_difference, mask, mask_planes, kept=tuple(kept), dtype=np.int32,
-                         meta=np.array((), dtype=np.int32))
-
-
-def decorrelated_variance_tiles(variance, mask, variance_unconvolved, variance_convolved, *, kappa, keep_bits):
-    """Per-tile :func:`diffim_dag.stages.subtract.decorrelated_variance`."""
-    from .stages.subtract import decorrelated_variance
-
-    return da.map_blocks(decorrelated_variance, variance, mask, variance_unconvolved, variance_convolved,
-                         kappa=kappa, keep_bits=keep_bits, dtype=np.float32, meta=np.array((), dtype=np.float32))
-
-
 def filter_tiles(image, kernel, *, half_width: int, xy0):
     """Tile-parallel FFT convolution with a small fixed kernel (reflected halo at the image border)."""
     from .stages.subtract import apply_small_kernel
@@ -201,6 +187,15 @@ def _THREADS(*args, **kwargs):
     from dask.threaded import get
 
     return get(*args, **kwargs)
+
+
+def execute(dsk: dict, keys, *, client=None):
+    """The executor: compute ``keys`` of the graph ``dsk`` on ``client`` (a distributed client: a
+    LocalCluster, a scheduler, Kubernetes), or in this process on one thread per core (Dask's threaded
+    scheduler: no cluster start-up, no pixels shipped)."""
+    if client is not None:
+        return client.get(dsk, keys)
+    return _THREADS(dsk, keys, num_workers=os.cpu_count() or 1)
 
 
 def run_in_turn(dsk: dict, key):
@@ -329,7 +324,9 @@ class Passthrough:
 class StageFailure(Passthrough):
     """A permanent error (:class:`~diffim_dag.errors.DiffimError` with ``permanent``) of one stage, as a value.
 
-    The ``write`` task of the visit turns it into a ``failed`` record with ``reason`` and ``error``.
+    The ``write`` task of the visit turns it into a ``failed`` record with ``reason`` and ``error``; a single
+    subtraction raises it again (:func:`raise_failure`).  ``exception`` (the error itself) stays in the
+    process that raised it: pickling keeps the strings only.
     """
 
     stage: str
@@ -337,6 +334,27 @@ class StageFailure(Passthrough):
     detector: int
     error: str
     reason: str
+    exception: BaseException | None = field(default=None, compare=False, repr=False)
+
+    def __reduce__(self):
+        return (StageFailure, (self.stage, self.visit, self.detector, self.error, self.reason))
+
+
+def raise_failure(value):
+    """``value``, unless it is a :class:`StageFailure`: then its error is raised (rebuilt from its class name and
+    message when it crossed processes)."""
+    if not isinstance(value, StageFailure):
+        return value
+    if value.exception is not None:
+        raise value.exception
+    from . import errors
+
+    cls = getattr(errors, value.error, None)
+    try:
+        exc = cls(value.reason) if isinstance(cls, type) and issubclass(cls, errors.DiffimError) else None
+    except Exception:  # noqa: BLE001 - an error class with other arguments
+        exc = None
+    raise exc if exc is not None else errors.DiffimError(value.reason)
 
 
 @dataclass(frozen=True)
@@ -377,7 +395,8 @@ def run_stage(stage: str, visit: int, detector: int, function, *args):
         if not getattr(exc, "permanent", True):
             raise
         log.info("visit %s detector %s: %s failed: %s", visit, detector, stage, exc)
-        return StageFailure(stage=stage, visit=visit, detector=detector, error=type(exc).__name__, reason=str(exc))
+        return StageFailure(stage=stage, visit=visit, detector=detector, error=type(exc).__name__, reason=str(exc),
+                            exception=exc)
 
 
 @functools.lru_cache(maxsize=64)  # one hash per run, not per task key

@@ -11,6 +11,7 @@ the AL stages, detection and fakes come from :mod:`diffim_dag.pipeline`.  The gr
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime as _dt
 import json
@@ -156,80 +157,182 @@ def input_shape(spec: VisitSpec) -> tuple[int, int] | None:
         return None
 
 
+def read_input(spec: VisitSpec, role: str):
+    """Read the visit's ``role`` (``"science"``/``"template"``) exposure from its path (None: no template file)."""
+    path = getattr(spec, role)
+    if path is None:
+        return None
+    return _read_input(path, dict(getattr(spec, f"{role}_options")))
+
+
 def read_visit_inputs(spec: VisitSpec):
     """Read the science exposure and the template exposure (None for a template store) of one visit."""
-    science = _read_input(spec.science, dict(spec.science_options))
-    template = _read_input(spec.template, dict(spec.template_options)) if spec.template else None
-    return science, template
+    return read_input(spec, "science"), read_input(spec, "template")
 
 
-def template_stage(spec: VisitSpec, config: PipelineConfig, out_dir: str, run_id: str = ""):
-    """The first task of a visit: read its inputs, fetch/warp the template onto the science grid.
+@dataclass(eq=False)
+class Read:
+    """A ``read`` task's result: the exposure as read (None: no template file) and the reading's wall time."""
 
-    Returns the pair on one grid as a :class:`~diffim_dag.pipeline.PreparedExposures` (``metrics``: the
-    warp's; not prepared yet: the ``psf`` and ``prepare`` tasks follow).  When this run already installed the visit's outputs (its worker
-    died before reporting) it returns :class:`~diffim_dag.graph.AlreadyWritten` instead, and the
-    visit's later tasks hand that on without doing anything.
+    exposure: object
+    seconds: float = 0.0
+
+    def __sizeof__(self) -> int:  # what Dask's memory accounting sees
+        from .stages.inputs import _nbytes
+
+        return 1024 + (_nbytes(self.exposure) if self.exposure is not None else 0)
+
+
+def read_stage(spec: VisitSpec, role: str, out_dir: str | None = None, run_id: str = ""):
+    """The ``("read", V, D, i)`` task: the science (0) or template (1) exposure read from its path.
+
+    When this run already installed the visit's outputs (its worker died before reporting), the science's
+    task returns :class:`~diffim_dag.graph.AlreadyWritten` instead, and the visit's later tasks hand that on
+    without doing anything.
     """
     from .graph import AlreadyWritten
-    from .pipeline import PreparedExposures
-    from .stages.template import prepare_template
 
-    if run_id:
+    if run_id and out_dir is not None and role == "science":
         existing = verify_outputs(out_dir, spec.visit, spec.detector, checksums=False)
         if existing is not None and existing.get("run_id") == run_id:
             return AlreadyWritten(visit=spec.visit, detector=spec.detector, manifest=existing)
     t0 = time.perf_counter()
-    science, template = read_visit_inputs(spec)
-    t_read = time.perf_counter() - t0
+    exposure = read_input(spec, role)
+    return Read(exposure, time.perf_counter() - t0)
+
+
+@dataclass(eq=False)
+class Warped:
+    """The ``template`` task's result: the template on the science grid, the warp's metrics and wall time."""
+
+    exposure: object
+    metrics: dict
+    seconds: float
+
+    def __sizeof__(self) -> int:
+        from .stages.inputs import _nbytes
+
+        return 1024 + _nbytes(self.exposure)
+
+
+def template_stage(science: Read, template: Read, config: PipelineConfig, store=None, warp: bool | None = None,
+                   workers: int = 1):
+    """The ``("template", V, D)`` task: the template (or the ``store``'s patches) brought onto the science grid
+    (:func:`~diffim_dag.stages.template.prepare_template`: warp, or registration when the grids already agree).
+    ``warp=False`` declares one grid; ``workers``: the warp's threads."""
+    from .stages.template import prepare_template
+
     t0 = time.perf_counter()
-    template, warp_metrics = prepare_template(science, template, store=spec.template_store,
-                                              min_coverage=config.subtract.min_template_coverage,
-                                              tile=config.subtract.tile_size,
-                                              workers=config.cluster.threads_per_worker)
-    timings = {"read": t_read, "template_warp": time.perf_counter() - t0}
-    return PreparedExposures(science=science, template=template, metrics=warp_metrics, timings=timings)
+    exposure, metrics = prepare_template(science.exposure, template.exposure, store=store, warp=warp,
+                                         min_coverage=config.subtract.min_template_coverage,
+                                         tile=config.subtract.tile_size, workers=workers)
+    return Warped(exposure, metrics, time.perf_counter() - t0)
 
 
-def psf_stage(warped, config: PipelineConfig, role: str):
-    """The ``("psf", V, D, role)`` task: the supplied PSF of one exposure, or one estimated from its stars."""
-    from .stages.psf import measure_psf
+def exposure_stage(source, config: PipelineConfig, role: str, psf=None):
+    """The ``("exposure", V, D, i)`` task: the input stages of the science (0) or the warped template (1):
+    its PSF (supplied, ``psf``, or estimated from its stars), sky and cosmic rays
+    (:func:`~diffim_dag.stages.prepare.prepare_exposure`).  Returns ``(exposure, reports, timings)``."""
+    from .stages.prepare import prepare_exposure
 
-    t0 = time.perf_counter()
-    result = measure_psf(getattr(warped, role), config.psf, role=role)
-    result.seconds = time.perf_counter() - t0
-    result.exposure = None  # the task's result is the model and its report; the pixels stay in the warped pair
+    return prepare_exposure(source.exposure, config, role, psf=psf)
+
+
+def inputs_stage(science, template, read_science: Read, read_template: Read, warped: Warped):
+    """The ``("inputs", V, D)`` task: both prepared exposures as one
+    :class:`~diffim_dag.stages.prepare.PreparedExposures`, with the reads', the warp's and the input stages'
+    reports and wall times."""
+    from .stages.prepare import combine_prepared
+
+    prepared = combine_prepared({"science": science, "template": template})
+    first = {}
+    if read_science.seconds or read_template.seconds:  # (exposures in hand were not read here)
+        first["read"] = read_science.seconds + read_template.seconds
+    if warped.metrics:  # (the Python API's pair has no template task)
+        prepared.metrics = {"template": warped.metrics, **prepared.metrics}
+        first["template_warp"] = warped.seconds
+    prepared.timings = {**first, **prepared.timings}
+    return prepared
+
+
+def prepare_stage(inputs, config: PipelineConfig):
+    """The ``("prepare", V, D)`` task of the AL methods: coverage, variance scaling and mode
+    (:func:`~diffim_dag.stages.al.prepare_subtraction`) of the ``inputs`` task's pair."""
+    from .stages.al import prepare_subtraction
+
+    return prepare_subtraction(inputs.science, inputs.template, config, metrics=inputs.metrics,
+                               timings=inputs.timings)
+
+
+def _with_inputs(result, inputs):
+    """A score method's result with the input stages' metrics and wall times first."""
+    result.metrics = {**result.metrics, **inputs.metrics,
+                      "timings_s": {**inputs.timings, **result.metrics.get("timings_s", {})}}
     return result
 
 
-def prepare_stage(warped, psf_science, psf_template, config: PipelineConfig):
-    """The ``("prepare", V, D)`` task: sky removed, PSFs attached (:func:`~diffim_dag.pipeline.prepare_exposures`);
-    for ``method: al`` also :func:`~diffim_dag.pipeline.prepare_subtraction` (coverage, variance scaling, mode)."""
-    from .pipeline import PreparedExposures, prepare_exposures, prepare_subtraction
+def zogy_stage(inputs, config: PipelineConfig, runner=None):
+    """The ``("subtract", V, D)`` task of ``method: zogy``: D, P_D, S and S_corr cell by cell
+    (:func:`~diffim_dag.stages.zogy.subtract_zogy`; ``runner``: where its cells run, in turn when None)."""
+    from .stages.zogy import subtract_zogy
 
-    prepared = prepare_exposures(warped.science, warped.template, config,
-                                 psfs={"science": psf_science, "template": psf_template})
-    metrics = {"template": warped.metrics, **prepared.metrics}
-    timings = {**warped.timings, **prepared.timings}
-    if config.method == "al":
-        return prepare_subtraction(prepared.science, prepared.template, config, metrics=metrics, timings=timings)
-    return PreparedExposures(science=prepared.science, template=prepared.template, metrics=metrics, timings=timings)
+    result = subtract_zogy(inputs.science, inputs.template, config=config, zogy_config=config.zogy, runner=runner)
+    return _with_inputs(result, inputs)
 
 
-def score_subtract_stage(prepared, config: PipelineConfig):
-    """The ``subtract`` task of the score methods (``al-preconvolve``, ``zogy``): the whole subtraction of the
-    ``prepare`` task's pair (its metrics: the warp's, the skies', the PSFs'), no detection."""
-    from .pipeline import subtract_prepared
+def score_stage(al, inputs, config: PipelineConfig, runner=None, sources=None):
+    """The ``("score", V, D)`` task of ``method: al-preconvolve``: the pre-convolution score of the pair
+    (:func:`~diffim_dag.stages.preconvolve.preconvolved_score`) beside the AL ``difference`` task's result."""
+    from .stages.preconvolve import preconvolved_score
+    from .stages.zogy import ScoreSubtractionResult
 
-    return subtract_prepared(prepared, config=config, client=None, tiled=False, detect=False)
+    t0 = time.perf_counter()
+    metrics = {**al.metrics, "method": "al-preconvolve"}
+    score, _ = preconvolved_score(inputs.science, inputs.template, config=config, runner=runner, sources=sources,
+                                  metrics=metrics)
+    metrics["timings_s"] = {**metrics.get("timings_s", {}), "preconvolve_score": time.perf_counter() - t0}
+    return ScoreSubtractionResult(
+        difference=al.difference, matched_template=al.matched_template, matched_science=al.matched_science,
+        mode=al.mode, kernel_fit=al.kernel_fit, decorrelation_kernel=al.decorrelation_kernel, metrics=metrics,
+        dia_sources=None, score=score)
 
 
-def write_stage(spec: VisitSpec, config: PipelineConfig, out_dir: str, run_id: str, result, catalog,
-                injection=None) -> dict:
+def result_stage(result, catalog, injection, config: PipelineConfig):
+    """The ``("result", V, D)`` task: the subtraction with its DiaSources (``catalog``: None without
+    detection), the matched fakes and the verdict (:func:`~diffim_dag.stages.catalog.judge_result`)."""
+    from .stages.catalog import judge_result, with_catalog
+    from .stages.prepare import with_injection
+
+    if catalog is not None:
+        result = with_catalog(result, catalog)
+    return judge_result(with_injection(result, injection), config)
+
+
+def summary_stage(result, paths: dict | None = None) -> list:
+    """The ``("summary", V, D)`` task: the result's summary lines (all a client needs to print), with the
+    files the ``write`` task installed (``paths``)."""
+    import copy
+
+    if paths is not None:
+        result = copy.copy(result)
+        result.paths = dict(paths)
+    return result.summary_lines()
+
+
+def write_output_set_stage(result, out_dir: str, config: PipelineConfig, plots: bool = False) -> dict:
+    """The ``("write", V, D)`` task of a single subtraction: the output set written to ``out_dir`` and
+    installed as a whole (:func:`~diffim_dag.products.write_output_set`); returns ``{name: path}``."""
+    from .products import write_output_set
+
+    write_output_set(result, out_dir, plots=plots, config=config)
+    return {k: os.fspath(v) for k, v in result.paths.items()}
+
+
+def write_stage(spec: VisitSpec, config: PipelineConfig, out_dir: str, run_id: str, result) -> dict:
     """The last task of a visit: write its outputs and install them atomically; returns the visit's record (a dict).
 
-    ``result`` is the :class:`~diffim_dag.pipeline.SubtractionResult` (without DiaSources) and
-    ``catalog`` the :class:`~diffim_dag.pipeline.CatalogStage` (``injection``: the matched fakes, or None), or a
+    ``result`` is the ``result`` task's :class:`~diffim_dag.stages.inputs.SubtractionResult` (DiaSources, fakes,
+    verdict), or a
     :class:`~diffim_dag.graph.StageFailure` (→ a ``failed`` record) or
     :class:`~diffim_dag.graph.AlreadyWritten` (→ ``done``, nothing written) handed on by an earlier stage.
     Outputs go to a hidden temporary folder, get checksummed into ``_outputs.json`` and the folder is
@@ -238,14 +341,13 @@ def write_stage(spec: VisitSpec, config: PipelineConfig, out_dir: str, run_id: s
     """
     from .cluster import worker_name
     from .graph import AlreadyWritten, StageFailure
-    from .pipeline import judge_result, with_catalog, with_injection
     from .products import write_outputs
 
     t0 = time.perf_counter()
     root = Path(out_dir)
     final = visit_dir(root, spec.visit, spec.detector)
     worker = worker_name()
-    marker = next((a for a in (result, catalog, injection) if isinstance(a, (StageFailure, AlreadyWritten))), None)
+    marker = result if isinstance(result, (StageFailure, AlreadyWritten)) else None
     if isinstance(marker, StageFailure):
         return VisitRecord(spec.visit, spec.detector, "failed", reason=marker.reason, error=marker.error,
                            worker=worker).to_dict()
@@ -257,8 +359,8 @@ def write_stage(spec: VisitSpec, config: PipelineConfig, out_dir: str, run_id: s
                            outputs={k: v["path"] for k, v in existing["files"].items()},
                            wall_s=time.perf_counter() - t0, n_dia_sources=existing.get("n_dia_sources"),
                            worker=worker).to_dict()
-    result = judge_result(with_injection(with_catalog(result, catalog), injection), config)
-    catalog = result.dia_sources = result.dia_sources.copy()  # the catalog task's frame stays as it was
+    result = copy.copy(result)  # the result task's object and frame stay as they were
+    catalog = result.dia_sources = result.dia_sources.copy()
     # the manifest is the authority on (visit, detector)
     catalog["visit"] = spec.visit
     catalog["detector"] = spec.detector
@@ -316,11 +418,11 @@ def _injection_figures(summary: dict | None) -> dict | None:
 
 
 def process_visit(spec: VisitSpec, config: PipelineConfig, out_dir: str, *, run_id: str = "") -> dict:
-    """Run one (visit, detector) end to end where it is called and return its record (a dict).
+    """Run one (visit, detector) of a batch where it is called and return its record (a dict).
 
-    The visit's graph (:func:`visit_graph`) run in turn in this process: the same
-    stage functions a batch runs as separate tasks.  Permanent errors become a ``failed`` record;
-    anything else is raised.  The outputs appear atomically.
+    The visit's graph (:func:`visit_graph`) run here, in turn: the same stage functions a batch runs as
+    separate tasks.  Permanent errors become a ``failed`` record; anything else is raised.  The outputs
+    appear atomically.
     """
     return compute_visit(spec, config, os.fspath(Path(out_dir).resolve()), run_id=run_id)
 
@@ -335,34 +437,46 @@ class VisitGrid:
     Attributes
     ----------
     tiles : (int, int)
-        Task grid of the tile stages (subtract, decorrelate, detect): tile ``(iy, ix)`` of the image
+        Task grid of the tile stages (subtract, decorrelate): tile ``(iy, ix)`` of the image
         runs in task ``(iy mod n_y, ix mod n_x)`` (:func:`~diffim_dag.stages.subtract.cores_of_task`).
     cells : int
         ``fit-cell`` tasks: cell ``c`` is fitted in task ``c mod cells``.
     shape : (int, int) or None
         The image shape the grid was derived from (None: unknown, one task for all tiles and
         one for all cells, with the same results).
+    detect : (int, int) or None
+        Task grid of the ``detect`` tasks (None: ``tiles``).
     """
 
     tiles: tuple[int, int] = (1, 1)
     cells: int = 1
     shape: tuple[int, int] | None = None
+    detect: tuple[int, int] | None = None
 
 
-def visit_grid(shape: tuple[int, int] | None, config) -> VisitGrid:
-    """The task grid of a visit whose science image has ``shape`` (ny, nx): one task per tile and per cell."""
+def visit_grid(shape: tuple[int, int] | None, config, *, in_process: bool = False) -> VisitGrid:
+    """The task grid of a visit whose science image has ``shape`` (ny, nx): one task per tile and per cell.
+
+    ``in_process`` (a single visit on this process's threads): one ``fit-cell`` task (a cell fit is ~1 ms
+    of GIL-bound numpy: 1000 candidates took 1.38 s on threads, 0.82 s in turn) and one ``detect`` task with
+    every core on its FFTs (the per-source fits hold the GIL: two tile threads took 5.0–6.0 s, one 4.4 s, on
+    a 4096² difference, 2 cores); the tile tasks of the convolution run at once.
+    """
     from .stages.subtract import tile_grid
 
     if shape is None:
         return VisitGrid()
     ny, nx = (int(v) for v in shape)
+    tiles = tile_grid((0, nx, 0, ny), config.subtract.tile_size)
+    if in_process:
+        return VisitGrid(tiles=tiles, cells=1, shape=(ny, nx), detect=(1, 1))
     cell = config.kernel.cell_size
     n_cells = max(1, -(-nx // cell)) * max(1, -(-ny // cell))
-    return VisitGrid(tiles=tile_grid((0, nx, 0, ny), config.subtract.tile_size), cells=n_cells, shape=(ny, nx))
+    return VisitGrid(tiles=tiles, cells=n_cells, shape=(ny, nx))
 
 
 def _fit_cells_task(cells, index: int, n_tasks: int):
-    from .pipeline import fit_cells_stage
+    from .stages.al import fit_cells_stage
 
     return fit_cells_stage(cells, [c.cell for c in cells.cells if c.cell % n_tasks == index])
 
@@ -374,7 +488,7 @@ def _own_cores(prepared, config, ty, tx, nty, ntx):
 
 
 def _subtract_task(prepared, kernel, config, ty: int, tx: int, nty: int, ntx: int):
-    from .pipeline import subtract_tiles_stage
+    from .stages.al import subtract_tiles_stage
 
     return subtract_tiles_stage(prepared, kernel, config, _own_cores(prepared, config, ty, tx, nty, ntx))
 
@@ -387,16 +501,28 @@ def _merge(dicts) -> dict:
 
 
 def _decorrelate_task(prepared, kernel, config, ty: int, tx: int, nty: int, ntx: int, neighbours: list):
-    from .pipeline import decorrelate_tiles_stage
+    from .stages.al import decorrelate_tiles_stage
 
     return decorrelate_tiles_stage(prepared, kernel, _own_cores(prepared, config, ty, tx, nty, ntx),
                                    _merge(neighbours))
 
 
 def _difference_task(prepared, kernel, config, tiles: list):
-    from .pipeline import difference_stage
+    from .stages.al import difference_stage
 
     return difference_stage(prepared, kernel, config, _merge(tiles))
+
+
+def _kernel_sources_task(prepared, config, sources):
+    from .stages.al import kernel_sources_stage
+
+    return kernel_sources_stage(prepared, config, sources=sources)
+
+
+def _detect_prepare_task(result, config, fft_workers: int):
+    from .stages.catalog import prepare_detection_stage
+
+    return prepare_detection_stage(result, config, fft_workers=fft_workers)
 
 
 def _fakes_of(prepared):
@@ -404,7 +530,7 @@ def _fakes_of(prepared):
 
 
 def _detect_task(inputs, ty: int, tx: int, nty: int, ntx: int):
-    from .pipeline import detect_tiles_stage
+    from .stages.catalog import detect_tiles_stage
     from .stages.subtract import tile_grid
 
     n_y, n_x = tile_grid(inputs.bbox, inputs.config.tile_size)
@@ -412,120 +538,227 @@ def _detect_task(inputs, ty: int, tx: int, nty: int, ntx: int):
     return detect_tiles_stage(inputs, own)
 
 
-def visit_graph(spec, config, out_dir, *, run_id: str = "", grid: VisitGrid | None = None) -> dict:
+class _Builder:
+    """Adds one visit's tasks to a graph: ``(stage, visit, detector[, index])`` keys with the run's token, each
+    task's body :func:`~diffim_dag.graph.run_stage`."""
+
+    def __init__(self, visit: int, detector: int, run_id: str):
+        self.v, self.d, self.run_id = int(visit), int(detector), run_id
+        self.dsk: dict = {}
+
+    def key(self, stage, *index):
+        return task_key(stage, self.v, self.d, *index, run_id=self.run_id)
+
+    def task(self, stage, index, function, *args):
+        self.dsk[self.key(stage, *index)] = (run_stage, stage, self.v, self.d, function, *args)
+        return self.key(stage, *index)
+
+    def value(self, stage, index, value):
+        """A result already in hand (an in-memory exposure) as the graph's ``stage`` key."""
+        self.dsk[self.key(stage, *index)] = value
+        return self.key(stage, *index)
+
+
+def _input_tasks(g: _Builder, config, source, *, out_dir, run_id, warp, workers, psfs, template_store=None) -> tuple:
+    """read ×2 → template → exposure ×2 → inputs: the pair on one grid, sky removed, PSFs attached.
+
+    ``source`` is a :class:`VisitSpec` (paths: each ``read`` task reads its file where it runs) or a
+    ``(science, template)`` pair of exposures in hand.  Returns the ``inputs`` key."""
+    if isinstance(source, VisitSpec):
+        reads = [g.task("read", (i,), read_stage, source, role, out_dir, run_id) for i, role in enumerate(PSF_ROLES)]
+        store = source.template_store
+    else:
+        reads = [g.value("read", (i,), Read(exposure)) for i, exposure in enumerate(source)]
+        store = template_store
+    if warp == "none":  # the Python API's pair: one pixel grid, the template taken as it is
+        g.value("template", (), Warped(source[1], {}, 0.0))
+    else:
+        g.task("template", (), template_stage, reads[0], reads[1], config, store, warp, workers)
+    done = [g.task("exposure", (i,), exposure_stage, reads[0] if i == 0 else g.key("template"), config, role,
+                   (psfs or {}).get(role))
+            for i, role in enumerate(PSF_ROLES)]
+    return g.task("inputs", (), inputs_stage, *done, *reads, g.key("template"))
+
+
+def _al_tasks(g: _Builder, config, grid: VisitGrid, inputs, *, sources=None) -> tuple:
+    """The AL stages: prepare → kernel-sources → fit-cell × n → spatial-solve → (inject) → subtract per tile →
+    (decorrelate per tile) → difference.  Returns ``(prepare key, prepared-pair key, difference key)``."""
+    from .stages import al
+
+    nty, ntx = grid.tiles
+    tiles = [(ty, tx) for ty in range(nty) for tx in range(ntx)]
+    prepared = g.task("prepare", (), prepare_stage, inputs, config)
+    g.task("kernel-sources", (), _kernel_sources_task, prepared, config, sources)
+    for i in range(grid.cells):
+        g.task("fit-cell", (i,), _fit_cells_task, g.key("kernel-sources"), i, grid.cells)
+    kernel = g.task("spatial-solve", (), al.spatial_solve_stage, prepared, g.key("kernel-sources"),
+                    [g.key("fit-cell", i) for i in range(grid.cells)], config)
+    pair = prepared
+    if config.fakes.enabled:  # after the kernel fit (on the images without fakes), before the convolution
+        from .stages.prepare import inject_stage
+
+        pair = g.task("inject", (), inject_stage, prepared, config, kernel)
+    for ty, tx in tiles:
+        g.task("subtract", (ty, tx), _subtract_task, pair, kernel, config, ty, tx, nty, ntx)
+    last = "subtract"
+    if config.decorrelation.enabled and not config.decorrelation.spatially_varying:
+        for ty, tx in tiles:
+            # the tasks owning the tiles next to this one: the adjacent tasks, or, when the task grid
+            # was not derived from the image shape (coarser than the tiles), the adjacent ones modulo it
+            near = sorted({((ty + dy) % nty, (tx + dx) % ntx) if grid.shape is None else (ty + dy, tx + dx)
+                           for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+                           if grid.shape is None or (0 <= ty + dy < nty and 0 <= tx + dx < ntx)})
+            g.task("decorrelate", (ty, tx), _decorrelate_task, pair, kernel, config, ty, tx, nty, ntx,
+                   [g.key("subtract", *n) for n in near])
+        last = "decorrelate"
+    return pair, g.task("difference", (), _difference_task, pair, kernel, config, [g.key(last, *t) for t in tiles])
+
+
+def _method_tasks(g: _Builder, config, grid: VisitGrid, inputs, *, runner=None, sources=None) -> tuple:
+    """The tasks of ``config.method`` from the ``inputs`` pair to its result (no DiaSources yet).
+
+    ``al``: :func:`_al_tasks`; ``al-preconvolve``: those and a ``score`` task (the pre-convolution score of
+    the same pair); ``zogy``: one ``subtract`` task (its cells on ``runner``).  With fakes, ``inject`` adds
+    them (``al``: after the spatial solve; the score methods: before their subtraction).
+    Returns ``(key of the pair with fakes, key of the result)``."""
+    from .stages.prepare import inject_stage
+
+    if config.method == "zogy":
+        pair = g.task("inject", (), inject_stage, inputs, config) if config.fakes.enabled else inputs
+        return pair, g.task("subtract", (), zogy_stage, pair, config, runner)
+    pair, difference = _al_tasks(g, config, grid, inputs, sources=sources)
+    if config.method == "al-preconvolve":
+        # the score of the pair the AL difference saw (with its fakes), on the input stages' planes
+        scored = pair if config.fakes.enabled else inputs
+        return pair, g.task("score", (), score_stage, difference, scored, config, runner, sources)
+    return pair, difference
+
+
+def _detect_tasks(g: _Builder, config, grid: VisitGrid, result, *, fft_workers: int) -> tuple:
+    """detect-prepare (whole image) → detect per tile → catalog.  Returns the ``catalog`` key."""
+    from .stages.catalog import catalog_stage
+
+    nty, ntx = grid.detect or grid.tiles
+    tiles = [(ty, tx) for ty in range(nty) for tx in range(ntx)]
+    g.task("detect-prepare", (), _detect_prepare_task, result, config, fft_workers)
+    for ty, tx in tiles:
+        g.task("detect", (ty, tx), _detect_task, g.key("detect-prepare"), ty, tx, nty, ntx)
+    return g.task("catalog", (), catalog_stage, g.key("detect-prepare"), [g.key("detect", *t) for t in tiles])
+
+
+def visit_graph(source, config, out_dir=None, *, visit: int | None = None, detector: int | None = None,
+                run_id: str = "", grid: VisitGrid | None = None, output: str = "visit", plots: bool = False,
+                detect: bool = True, in_process: bool = False, runner=None, warp: bool | None = None,
+                psfs: dict | None = None, sources=None, prepared=None, template_store=None) -> dict:
     """The task graph of one (visit, detector): a dict ``{key: task}`` in Dask's graph format.
 
-    Keys are ``(stage, visit, detector)`` or ``(stage, visit, detector, index...)``, the stage name carrying
-    the run's token (:func:`task_key`: ``"fit-cell-<32 hex>"``; :func:`stage_of` gives the stage back):
+    The one description of a subtraction's stages: a batch is the union of its visits' graphs
+    (:func:`batch_graph`), and ``diffim-dag subtract`` and the Python API
+    (:mod:`diffim_dag.pipeline`) run the graph of one.  Keys are ``(stage, visit, detector)`` or
+    ``(stage, visit, detector, index...)``, the stage name carrying the run's token (:func:`task_key`:
+    ``"fit-cell-<32 hex>"``; :func:`stage_of` gives the stage back):
 
     ============================================  ===============================================================
-    ``("template", V, D)``                        read the inputs, fetch/warp the template
-                                                  (:func:`diffim_dag.template_stage`)
-    ``("psf", V, D, i)``                          the PSF of the science (0) / the (warped) template (1): supplied, or
-                                                  estimated from its stars (:func:`diffim_dag.psf_stage`)
-    ``("prepare", V, D)``                         skies removed, PSFs attached; coverage, variance scaling and
-                                                  mode for ``al`` (:func:`diffim_dag.prepare_stage`)
+    ``("read", V, D, i)``                         read the science (0) / the template (1)
+    ``("template", V, D)``                        bring the template onto the science grid (warp, or registration)
+    ``("exposure", V, D, i)``                     PSF (supplied, or estimated from its stars), sky and cosmic rays
+                                                  of the science (0) / the warped template (1)
+    ``("inputs", V, D)``                          the prepared pair and its reports
+    ``("prepare", V, D)``                         ``al``: coverage, variance scaling and mode
     ``("kernel-sources", V, D)``                  kernel sources and their stamps by cell
     ``("fit-cell", V, D, i)``                     first fit of cell ``i`` (``i`` < ``grid.cells``)
     ``("spatial-solve", V, D)``                   clipping, refits, spatial solve, decorrelation kernel
+    ``("inject", V, D)``                          with ``fakes``: fake sources added (``al``: after the spatial
+                                                  solve; the score methods: before their subtraction)
     ``("subtract", V, D, ty, tx)``                convolve and subtract tile ``(ty, tx)``
     ``("decorrelate", V, D, ty, tx)``             decorrelate the tile (reads the neighbouring tiles' edges)
     ``("difference", V, D)``                      assemble the planes, quality metrics
+    ``("score", V, D)``                           ``al-preconvolve``: the pre-convolution score
+    ``("subtract", V, D)``                        ``zogy``: D, P_D, S, S_corr
     ``("detect-prepare", V, D)``                  whole-image matched filter / significance
     ``("detect", V, D, ty, tx)``                  detect and measure the tile
-    ``("inject", V, D)``                          with ``fakes``: fake sources added (``al``: after the spatial
-                                                  solve; :func:`diffim_dag.pipeline.inject_stage`); the
-                                                  subtraction tasks read its pair
     ``("catalog", V, D)``                         stitch the tiles (footprints cut by tile edges), sky sources
     ``("fakes", V, D)``, ``("match", V, D)``      with ``fakes``: the fakes' table; matched to the DiaSources
-    ``("write", V, D)``                           write, checksum and install the outputs; the visit's record
+    ``("result", V, D)``                          the result with its DiaSources, fakes and verdict
+    ``("write", V, D)``                           write, checksum and install the outputs
+    ``("summary", V, D)``                         ``output="set"``: the result's summary lines
     ============================================  ===============================================================
 
-    ``al-preconvolve`` and ``zogy`` replace kernel-sources … difference by one ``("subtract", V, D)`` task
-    (:func:`diffim_dag.pipeline.subtract_prepared`); ``decorrelate`` tasks exist when a spatially constant
-    decorrelation is configured.  The keys depend on (visit, detector), the grid and ``run_id`` only: the
-    same for every build of one run, disjoint between runs.
+    ``decorrelate`` tasks exist when a spatially constant decorrelation is configured.  The keys depend
+    on (visit, detector), the grid and ``run_id`` only: the same for every build of one run, disjoint
+    between runs.
 
     Parameters
     ----------
-    spec : VisitSpec
-        Paths of the visit's inputs.
+    source : VisitSpec or (Exposure, Exposure)
+        Paths of the visit's inputs (read by the ``read`` tasks where they run), or the science and
+        template exposures in hand.
     config : PipelineConfig
-    out_dir : path
-        The batch's output folder.
+    out_dir : path, optional
+        Where the ``write`` task writes: the batch's output folder (``output="visit"``: the visit's folder
+        in it, its manifest and its part of the DiaSource dataset; the task's result is the visit's record),
+        or the folder of one output set (``output="set"``); no ``write`` task when None.
+    visit, detector : int
+        The keys' (visit, detector) (default: the spec's, else 0, 0).
     run_id : str
         Identifies this run in the outputs manifests (exactly-once install) and in every task key.
     grid : VisitGrid, optional
-        Tile and cell task counts; by default from the science image's shape read from its header
-        (:func:`diffim_dag.input_shape`), one task for all tiles/cells when it cannot be read.
+        Tile and cell task counts; by default from the science image's shape (the exposure in hand, or
+        its header: :func:`input_shape`), one task for all tiles/cells when it cannot be read.
+    detect : bool
+        Detect and measure DiaSources (else the ``result`` has none).
+    in_process : bool
+        The graph runs on this process's threads (:func:`visit_grid`'s in-process grid, the warp and
+        detection FFTs on every core).
+    runner : optional
+        Where the score methods' cells and tiles run (:mod:`diffim_dag.stages.runner`; in turn when None).
+    warp : bool or "none", optional
+        ``False`` declares one pixel grid (cut/padded, no warp); None warps when the grids differ; ``"none"``
+        (exposures in hand only) takes the template as it is, with no ``template`` task.
+    psfs : dict, optional
+        ``{"science"|"template": PsfResult}`` measured already.
+    sources : DataFrame, optional
+        The kernel-source catalogue (columns x, y in parent pixels); detected on the science when None.
+    prepared : PreparedExposures, optional
+        Exposures that went through the input stages already (sky removed, PSFs attached): the graph
+        starts at ``inputs``, ``source`` is ignored.
+    template_store : optional
+        With exposures in hand: the store (folder of patches) the template comes from (``source[1]`` None).
     """
-    import os
-
-    from . import pipeline
-
-    v, d = int(spec.visit), int(spec.detector)
+    spec = source if isinstance(source, VisitSpec) else None
+    v = int(visit if visit is not None else (spec.visit if spec else 0))
+    d = int(detector if detector is not None else (spec.detector if spec else 0))
+    g = _Builder(v, d, run_id)
     if grid is None:
-        grid = visit_grid(input_shape(spec), config)
-    out = os.fspath(out_dir)
-    nty, ntx = grid.tiles
-    tiles = [(ty, tx) for ty in range(nty) for tx in range(ntx)]
-    dsk: dict = {}
-
-    def key(stage, *index):
-        return task_key(stage, v, d, *index, run_id=run_id)
-
-    def task(stage, index, function, *args):
-        dsk[key(stage, *index)] = (run_stage, stage, v, d, function, *args)
-
-    task("template", (), template_stage, spec, config, out, run_id)
-    for index, role in enumerate(PSF_ROLES):
-        task("psf", (index,), psf_stage, key("template"), config, role)
-    task("prepare", (), prepare_stage, key("template"), key("psf", 0), key("psf", 1), config)
-    fakes = config.fakes.enabled
-    if config.method == "al":
-        prepared = key("prepare")
-        task("kernel-sources", (), pipeline.kernel_sources_stage, prepared, config)
-        for i in range(grid.cells):
-            task("fit-cell", (i,), _fit_cells_task, key("kernel-sources"), i, grid.cells)
-        task("spatial-solve", (), pipeline.spatial_solve_stage, prepared, key("kernel-sources"),
-             [key("fit-cell", i) for i in range(grid.cells)], config)
-        kernel = key("spatial-solve")
-        if fakes:  # after the kernel fit (on the images without fakes), before the convolution
-            task("inject", (), pipeline.inject_stage, prepared, config, kernel)
-            prepared = key("inject")
-        for ty, tx in tiles:
-            task("subtract", (ty, tx), _subtract_task, prepared, kernel, config, ty, tx, nty, ntx)
-        last = "subtract"
-        if config.decorrelation.enabled and not config.decorrelation.spatially_varying:
-            for ty, tx in tiles:
-                # the tasks owning the tiles next to this one: the adjacent tasks, or, when the task grid
-                # was not derived from the image shape (coarser than the tiles), the adjacent ones modulo it
-                near = sorted({((ty + dy) % nty, (tx + dx) % ntx) if grid.shape is None else (ty + dy, tx + dx)
-                               for dy in (-1, 0, 1) for dx in (-1, 0, 1)
-                               if grid.shape is None or (0 <= ty + dy < nty and 0 <= tx + dx < ntx)})
-                task("decorrelate", (ty, tx), _decorrelate_task, prepared, kernel, config, ty, tx, nty, ntx,
-                     [key("subtract", *n) for n in near])
-            last = "decorrelate"
-        task("difference", (), _difference_task, prepared, kernel, config, [key(last, *t) for t in tiles])
-        result = key("difference")
+        if spec is not None:
+            shape = input_shape(spec)
+        else:
+            shape = (prepared.science if prepared is not None else source[0]).shape
+        grid = visit_grid(shape, config, in_process=in_process)
+    out = os.fspath(out_dir) if out_dir is not None else None
+    workers = (os.cpu_count() or 1) if in_process else config.cluster.threads_per_worker
+    if prepared is not None:
+        inputs = g.value("inputs", (), prepared)
     else:
-        prepared = key("prepare")
-        if fakes:
-            task("inject", (), pipeline.inject_stage, prepared, config)
-            prepared = key("inject")
-        task("subtract", (), score_subtract_stage, prepared, config)
-        result = key("subtract")
-    task("detect-prepare", (), pipeline.prepare_detection_stage, result, config)
-    for ty, tx in tiles:
-        task("detect", (ty, tx), _detect_task, key("detect-prepare"), ty, tx, nty, ntx)
-    task("catalog", (), pipeline.catalog_stage, key("detect-prepare"), [key("detect", *t) for t in tiles])
-    injection = None
-    if fakes:
-        task("fakes", (), _fakes_of, key("inject"))  # the table alone travels to the match task
-        task("match", (), pipeline.match_stage, result, key("catalog"), key("fakes"), config)
-        injection = key("match")
-    dsk[write_key(v, d, run_id)] = (write_stage, spec, config, out, run_id, result, key("catalog"), injection)
-    return dsk
+        inputs = _input_tasks(g, config, source, out_dir=out if output == "visit" else None, run_id=run_id,
+                              warp=warp, workers=workers, psfs=psfs, template_store=template_store)
+    pair, result = _method_tasks(g, config, grid, inputs, runner=runner, sources=sources)
+    catalog = injection = None
+    if detect:
+        fft_workers = (os.cpu_count() or 1) if in_process and (grid.detect or grid.tiles) == (1, 1) else 1
+        catalog = _detect_tasks(g, config, grid, result, fft_workers=fft_workers)
+        if config.fakes.enabled:
+            from .stages.prepare import match_stage
+
+            g.task("fakes", (), _fakes_of, pair)  # the table alone travels to the match task
+            injection = g.task("match", (), match_stage, result, catalog, g.key("fakes"), config)
+    final = g.task("result", (), result_stage, result, catalog, injection, config)
+    if out is not None and output == "visit":
+        g.dsk[write_key(v, d, run_id)] = (write_stage, spec, config, out, run_id, final)
+    elif out is not None:
+        g.task("write", (), write_output_set_stage, final, out, config, plots)
+        g.task("summary", (), summary_stage, final, g.key("write"))
+    return g.dsk
 
 
 def batch_graph(specs, config, out_dir, *, run_id: str = "", grids: dict | None = None) -> dict:

@@ -183,11 +183,12 @@ def test_batch_graph_of_100_visits_is_small_and_has_no_pixels(inputs40, tmp_path
     assert set(per_visit) == {(s.visit, 0) for s in specs}
     # 256² at tile 1024 and cell 128: one tile, 2 × 2 kernel cells
     assert sorted(per_visit[(7000, 0)]) == sorted([
-        ("template", 7000, 0), ("psf", 7000, 0, 0), ("psf", 7000, 0, 1), ("prepare", 7000, 0),
+        ("read", 7000, 0, 0), ("read", 7000, 0, 1), ("template", 7000, 0), ("exposure", 7000, 0, 0),
+        ("exposure", 7000, 0, 1), ("inputs", 7000, 0), ("prepare", 7000, 0),
         ("kernel-sources", 7000, 0), *[("fit-cell", 7000, 0, i) for i in range(4)],
         ("spatial-solve", 7000, 0), ("subtract", 7000, 0, 0, 0), ("decorrelate", 7000, 0, 0, 0),
         ("difference", 7000, 0), ("detect-prepare", 7000, 0), ("detect", 7000, 0, 0, 0), ("catalog", 7000, 0),
-        ("write", 7000, 0)])
+        ("result", 7000, 0), ("write", 7000, 0)])
     # stable keys within a run; another run over the same visits shares none (nor their results on a
     # shared scheduler), while the dashboard still groups both by stage
     assert list(build_batch_graph(specs, config, tmp_path / "out", run_id="r1")) == list(graph)
@@ -409,10 +410,12 @@ def thread_client():
 
 def test_transient_errors_are_retried_permanent_ones_are_not(inputs40, tmp_path, monkeypatch, thread_client):
     specs = read_manifest(inputs40)[:3]
-    real = visit.read_visit_inputs
+    real = visit.read_input
     calls: dict[str, int] = {}
 
-    def flaky(spec):  # the reading step of each visit's ("template", V, D) task
+    def flaky(spec, role):  # the reading step of each visit's ("read", V, D, i) tasks
+        if role != "science":
+            return real(spec, role)
         calls[spec.key] = calls.get(spec.key, 0) + 1
         if spec.visit == specs[0].visit and spec.detector == specs[0].detector and calls[spec.key] <= 2:
             raise OSError("NFS hiccup")  # transient: twice, then fine
@@ -420,9 +423,9 @@ def test_transient_errors_are_retried_permanent_ones_are_not(inputs40, tmp_path,
             raise OSError("disk on fire")  # transient forever
         if spec.key == specs[2].key:
             raise InputError(f"{spec.science}: broken")  # permanent
-        return real(spec)
+        return real(spec, role)
 
-    monkeypatch.setattr(visit, "read_visit_inputs", flaky)
+    monkeypatch.setattr(visit, "read_input", flaky)
     report = run_batch(specs, PipelineConfig(), tmp_path / "out", client=thread_client, retries=2, progress=False)
     status = {r.key: r for r in report.records}
     assert status[specs[0].key].status == "done" and calls[specs[0].key] == 3

@@ -60,7 +60,7 @@ def test_equal_images():
     stars = _stars()
     science = _image(2.4, noise, 6, stars)
     template = _image(2.4, noise, 7, stars)
-    result = subtract_al_preconvolve(science, template, config=PipelineConfig(), tiled=False)
+    result = subtract_al_preconvolve(science, template, config=PipelineConfig())
     assert isinstance(result, ScoreSubtractionResult)
     img, var, _ = result.score.arrays()
     good = _good(result.score)
@@ -71,10 +71,6 @@ def test_equal_images():
     assert std == pytest.approx(expected, rel=0.1)
     # the propagated variance plane describes the score's noise
     assert float(np.sqrt(np.mean(var[good]))) == pytest.approx(expected, rel=0.1)
-    # the same pure functions tile by tile
-    tiled = subtract_al_preconvolve(science, template, config=PipelineConfig(), tiled=True)
-    np.testing.assert_allclose(tiled.score.arrays()[0][good], img[good], atol=1e-4 * std)
-    np.testing.assert_array_equal(tiled.score.arrays()[2], result.score.arrays()[2])
 
 
 def test_agnostic_template_psf():
@@ -83,8 +79,8 @@ def test_agnostic_template_psf():
     science = _image(2.4, noise, 6, stars)
     wide = _image(2.8, noise, 7, stars)
     sharp = _image(2.0, noise, 8, stars)
-    a = subtract_al_preconvolve(science, wide, config=PipelineConfig(), tiled=False)
-    b = subtract_al_preconvolve(science, sharp, config=PipelineConfig(), tiled=False)
+    a = subtract_al_preconvolve(science, wide, config=PipelineConfig())
+    b = subtract_al_preconvolve(science, sharp, config=PipelineConfig())
     good = _good(a.score) & _good(b.score)
     delta = b.score.arrays()[0] - a.score.arrays()[0]
     mean, std, n = clipped_stats(delta[good])
@@ -131,7 +127,7 @@ def test_detection_on_score_measurement_on_difference():
     transient = (np.array([XY0[0] + 200.5]), np.array([XY0[1] + 150.0]), np.array([600.0]))  # S/N ≈ 14 in D
     science = _image(2.4, noise, 11, stars, extra=transient)
     template = _image(2.0, noise, 12, stars)
-    result = subtract_al_preconvolve(science, template, config=PipelineConfig(), tiled=True, detect=True)
+    result = subtract_al_preconvolve(science, template, config=PipelineConfig(), detect=True)
     dia = result.dia_sources[~result.dia_sources["sky_source"]]
     hit = np.hypot(dia["x"] - transient[0][0], dia["y"] - transient[1][0]) <= 2.0
     assert hit.sum() == 1
@@ -159,7 +155,7 @@ def test_masked_pixels_are_median_filled_before_convolving():
     img[300:310, 200:210] = 8e4
     msk[300:310, 200:210] |= science.bitmask("SAT")
     science = Exposure.from_arrays(img, var, msk, xy0=XY0, psf=science.psf, info=science.info)
-    result = subtract_al_preconvolve(science, template, config=PipelineConfig(), tiled=False)
+    result = subtract_al_preconvolve(science, template, config=PipelineConfig())
     s = result.score.arrays()[0]
     good = _good(result.score) & ((result.score.arrays()[2] & result.score.bitmask("SAT")) == 0)
     assert not good[:, 123].any()  # BAD dilated into the score mask

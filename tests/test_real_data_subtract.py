@@ -45,7 +45,7 @@ def footprint_residual(difference, science, x, y, radius):
 def decam(shared_data):
     science = _load(shared_data, "OBS04a")
     template = _load(shared_data, "OBS18a")
-    return science, template, subtract_exposures(science, template, tiled=True)
+    return science, template, subtract_exposures(science, template)
 
 
 @pytest.mark.realdata

@@ -75,7 +75,7 @@ def _config(**subtract):
 def test_equal_images():
     sigma = 1.0
     science, template = make_pair(sigma_science=2.4, sigma_template=2.4, noise_science=sigma, noise_template=sigma, seed=1)
-    result = subtract_exposures(science, template, tiled=False)
+    result = subtract_exposures(science, template)
     img, var, msk = result.difference.arrays()
     assert np.all(np.isfinite(img)) and np.all(np.isfinite(var))
     mean, std, n = clipped_stats(img[_good(result.difference)])
@@ -90,7 +90,7 @@ def test_modes_noise_and_variance(noises, sigmas, mode):
     ns, nt = noises
     science, template = make_pair(sigma_science=sigmas[0], sigma_template=sigmas[1], noise_science=ns,
                                   noise_template=nt, seed=2)
-    result = subtract_exposures(science, template, config=_config(mode=mode), tiled=False)
+    result = subtract_exposures(science, template, config=_config(mode=mode))
     assert result.mode == mode
     img, var, _ = result.difference.arrays()
     good = _good(result.difference)
@@ -103,8 +103,8 @@ def test_modes_noise_and_variance(noises, sigmas, mode):
 @pytest.mark.parametrize("sigmas,explicit", [((2.4, 2.0), "convolveTemplate"), ((2.0, 2.4), "convolveScience")])
 def test_auto_mode_matches_explicit(sigmas, explicit):
     science, template = make_pair(sigma_science=sigmas[0], sigma_template=sigmas[1], seed=3, size=384, n_stars=80)
-    auto = subtract_exposures(science, template, config=_config(mode="auto"), tiled=False)
-    fixed = subtract_exposures(science, template, config=_config(mode=explicit), tiled=False)
+    auto = subtract_exposures(science, template, config=_config(mode="auto"))
+    fixed = subtract_exposures(science, template, config=_config(mode=explicit))
     assert auto.mode == explicit
     for a, b in zip(auto.difference.arrays(), fixed.difference.arrays()):
         np.testing.assert_array_equal(a, b)
@@ -113,8 +113,8 @@ def test_auto_mode_matches_explicit(sigmas, explicit):
 def test_swapping_science_and_template():
     sigma = 1.0
     a, b = make_pair(sigma_science=2.4, sigma_template=2.0, noise_science=sigma, noise_template=sigma, seed=4)
-    ab = subtract_exposures(a, b, tiled=False)
-    ba = subtract_exposures(b, a, tiled=False)
+    ab = subtract_exposures(a, b)
+    ba = subtract_exposures(b, a)
     assert {ab.mode, ba.mode} == {"convolveTemplate", "convolveScience"}
     good = _good(ab.difference) & _good(ba.difference)
     delta = (ab.difference.arrays()[0] - ba.difference.arrays()[0])[good]
@@ -130,7 +130,7 @@ def test_background_fit_and_subtraction():
     yy, xx = np.mgrid[0:size, 0:size]
     background = np.tensordot(truth, chebyshev_terms(xx, yy, 2, bbox), axes=(0, 0))
     science, template = make_pair(sigma_science=2.4, sigma_template=2.0, seed=5, science_background=background)
-    result = subtract_exposures(science, template, config=_config(subtract_background=True), tiled=False)
+    result = subtract_exposures(science, template, config=_config(subtract_background=True))
     fitted = result.solution.background_coefficients
     np.testing.assert_allclose(fitted, truth, rtol=0.3)
     _, std, _ = clipped_stats(result.difference.arrays()[0][_good(result.difference)])
@@ -141,7 +141,7 @@ def test_background_kept_unless_asked():
     size = 512
     background = np.full((size, size), 25.0)
     science, template = make_pair(seed=6, science_background=background)
-    result = subtract_exposures(science, template, tiled=False)
+    result = subtract_exposures(science, template)
     mean, _, _ = clipped_stats(result.difference.arrays()[0][_good(result.difference)])
     assert mean == pytest.approx(25.0, abs=0.5)
 
@@ -149,7 +149,7 @@ def test_background_kept_unless_asked():
 def test_coverage_too_small_is_no_work():
     science, template = make_pair(seed=7, no_data_fraction=0.91)
     with pytest.raises(NoWorkFound) as info:
-        subtract_exposures(science, template, tiled=False)
+        subtract_exposures(science, template)
     assert info.value.coverage == pytest.approx(0.09, abs=0.005)
 
 
@@ -157,7 +157,7 @@ def test_kernel_failure_with_low_coverage_is_no_work():
     science, template = make_pair(seed=8, no_data_fraction=0.85)
     too_few = pd.DataFrame({"x": [100.0, 120.0], "y": [100.0, 300.0]})
     with pytest.raises(NoWorkFound, match="kernel fit failed"):
-        subtract_exposures(science, template, sources=too_few, tiled=False)
+        subtract_exposures(science, template, sources=too_few)
 
 
 def test_kernel_failure_with_good_coverage_is_the_error_itself():
@@ -166,12 +166,12 @@ def test_kernel_failure_with_good_coverage_is_the_error_itself():
     science, template = make_pair(seed=8)
     too_few = pd.DataFrame({"x": [100.0, 120.0], "y": [100.0, 300.0]})
     with pytest.raises(InsufficientKernelSourcesError):
-        subtract_exposures(science, template, sources=too_few, tiled=False)
+        subtract_exposures(science, template, sources=too_few)
 
 
 def test_coverage_70_percent_succeeds():
     science, template = make_pair(seed=9, no_data_fraction=0.30)
-    result = subtract_exposures(science, template, tiled=False)
+    result = subtract_exposures(science, template)
     assert result.metrics["template_coverage"] == pytest.approx(0.70, abs=0.005)
     msk = result.difference.arrays()[2]
     nodata = (msk & result.difference.bitmask("NO_DATA")) != 0
@@ -180,11 +180,11 @@ def test_coverage_70_percent_succeeds():
 
 @pytest.mark.parametrize("tile", [512, 256, 128])
 def test_tiled_equals_eager(tile):
-    """1, 4 and 16 tiles, spatially varying PSFs (so a spatially varying kernel), non-zero origin."""
+    """1, 4 and 16 tiles (one ``subtract`` task each) against the whole image as one tile: spatially varying
+    PSFs (so a spatially varying kernel), non-zero origin."""
     science, template = make_pair(seed=10, psf_gradient=0.2, xy0=(1000, -300))
-    config = _config(tile_size=tile)
-    eager = subtract_exposures(science, template, config=config, tiled=False)
-    tiled = subtract_exposures(science, template, config=config, tiled=True)
+    eager = subtract_exposures(science, template, config=_config(tile_size=8192))
+    tiled = subtract_exposures(science, template, config=_config(tile_size=tile))
     assert np.any(eager.solution.kernel_coefficients[1:, 1:] != 0)  # the kernel does vary
     for role in ("difference", "matched_template"):
         e_img, e_var, e_msk = getattr(eager, role).arrays()
@@ -200,7 +200,7 @@ def test_masks_edge_and_template_rules():
     tmask[200, 200] |= template.bitmask("SAT")
     tmask[300, 300] |= template.bitmask("CR")  # cleared: template planes other than NO_DATA/BAD/HIGH_VARIANCE
     template = template.with_planes(mask=tmask)
-    result = subtract_exposures(science, template, tiled=False)
+    result = subtract_exposures(science, template)
     msk = result.difference.arrays()[2]
     planes = result.difference.mask_planes
     h = result.solution.half_width
@@ -218,21 +218,21 @@ def test_variance_scale_recorded_and_refused():
 
     science, template = make_pair(seed=12)
     var = science.variance.values * 0.5  # declared variance too small by 2 → factor ≈ 2
-    result = subtract_exposures(science.with_planes(variance=var), template, tiled=False)
+    result = subtract_exposures(science.with_planes(variance=var), template)
     assert result.metrics["science_variance_scale"] == pytest.approx(2.0, rel=0.05)
     with pytest.raises(InputError, match="factor"):
-        subtract_exposures(science.with_planes(variance=science.variance.values * 0.05), template, tiled=False)
+        subtract_exposures(science.with_planes(variance=science.variance.values * 0.05), template)
 
 
 def test_quality_metrics_flag_bad_subtraction():
     science, template = make_pair(seed=13)
-    good = subtract_exposures(science, template, tiled=False)
+    good = subtract_exposures(science, template)
     assert good.metrics["quality"]["verdict"] == "ok"
     assert good.metrics["quality"]["sky_ratio"] == pytest.approx(1.0, abs=0.1)
     # a kernel forced to a wrong shape: a much too wide template PSF model misleads the basis
     bad_cfg = PipelineConfig(kernel=KernelConfig(gaussian_degrees=(0,), width_multipliers=(1.0,)),
                              subtract=SubtractConfig(mode="convolveTemplate"))
     broad, _ = make_pair(sigma_science=4.5, sigma_template=1.2, seed=13)
-    bad = subtract_exposures(broad, template, config=bad_cfg, tiled=False)
+    bad = subtract_exposures(broad, template, config=bad_cfg)
     q = bad.metrics["quality"]
     assert q["footprint_residual_ratio_mean"] > good.metrics["quality"]["footprint_residual_ratio_mean"]

@@ -1,0 +1,487 @@
+"""The Alard–Lupton stages of a visit, each a task of its graph (:mod:`diffim_dag.visit`):
+
+prepare (:func:`prepare_subtraction`) → kernel sources (:func:`kernel_sources_stage`) → first cell fits
+(:func:`fit_cells_stage`) → spatial solve and decorrelation kernel (:func:`spatial_solve_stage`) →
+convolve/subtract tiles (:func:`subtract_tiles_stage`) → decorrelate tiles (:func:`decorrelate_tiles_stage`)
+→ the difference, its PSF and quality metrics (:func:`difference_stage`).
+
+Every stage returns a new object and never modifies its inputs (a task's result may feed several tasks, or
+be recomputed after a worker is lost).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..config import PipelineConfig
+from ..errors import DiffimError, NoWorkFound
+from ..exposure import Exposure
+from ..kernels.solution import CONVOLVE_SCIENCE, CONVOLVE_TEMPLATE
+from ..masks import MaskPlanes
+from . import subtract as st
+from .inputs import SubtractionResult, Timings, _nbytes, prepare_inputs
+from .verdict import background_left
+
+__all__ = ["PreparedPair", "prepare_subtraction", "kernel_sources_stage", "CellFits", "fit_cells_stage",
+           "KernelStage", "spatial_solve_stage", "subtract_tiles_stage", "decorrelate_tiles_stage",
+           "difference_stage", "decorrelated_psf"]
+
+
+def _decorrelation_inputs(mode, science, template, solution, bad_s, bad_t):
+    from ..kernels.decorrelate import clipped_mean_variance
+
+    kernel = solution.kernel_at(*solution.center)
+    kappa = float(kernel.sum())
+    _, sv, _ = science.arrays()
+    _, tv, _ = template.arrays()
+    if mode == CONVOLVE_TEMPLATE:
+        return kernel, clipped_mean_variance(sv, bad_s), clipped_mean_variance(tv, bad_t), kappa
+    # convolveScience: D = S ⊗ (K/κ) − T/κ, the science convolved with a unit-sum kernel and the template
+    # (the unconvolved image) on the science's scale
+    return kernel / kappa, clipped_mean_variance(tv, bad_t) / kappa**2, clipped_mean_variance(sv, bad_s), 1.0
+
+
+# --------------------------------------------------------------------------- the stages of one AL subtraction
+#
+# prepare → kernel sources → fit cells → spatial solve → subtract tiles → decorrelate tiles → difference
+# → detection (whole image) → detect tiles → catalogue.  subtract_exposures runs them in turn (the tile
+# steps on one tile, or through the tiled Dask arrays of graph.py); visit.visit_graph makes each one a task
+# of the batch graph.  Every stage returns a new object and never modifies its inputs (a task's result may
+# feed several tasks, or be recomputed after a worker is lost).
+
+
+@dataclass(eq=False)
+class PreparedPair:
+    """The first stage's output: both exposures on one grid, checked and variance-scaled.
+
+    Attributes
+    ----------
+    science, template : Exposure
+        In memory, variance planes scaled to the measured noise.
+    planes : MaskPlanes
+        Merged mask planes, with EDGE, SAT_TEMPLATE, INJECTED_TEMPLATE and NO_DATA.
+    coverage : float
+        Fraction of science pixels with template data.
+    mode : str
+        ``convolveTemplate`` or ``convolveScience`` (``auto`` resolved).
+    metrics, timings : dict
+        What the later stages extend (copies, never in place).
+    """
+
+    science: Exposure
+    template: Exposure
+    planes: MaskPlanes
+    coverage: float
+    mode: str
+    metrics: dict
+    timings: Timings
+    fakes: object = None  # pandas.DataFrame of the fakes injected after the kernel fit (inject_stage)
+
+    def __sizeof__(self) -> int:  # what Dask's memory accounting sees
+        return 1024 + _nbytes(self.science) + _nbytes(self.template)
+
+
+def prepare_subtraction(science: Exposure, template: Exposure, config: PipelineConfig, *,
+                        metrics: dict | None = None, timings: dict | None = None) -> PreparedPair:
+    """Stage 1: :func:`prepare_inputs` (grid, PSFs, coverage, variance scaling) and the mode choice.
+
+    ``metrics`` and ``timings`` (e.g. the read and warp times of a batch) start the result's.
+    """
+    timings = Timings(timings or {})
+    metrics = {"method": config.method, **(metrics or {})}
+    science, template, planes, coverage = prepare_inputs(science, template, config, timings, metrics)
+    cx, cy = science.center
+    mode = st.choose_mode(config.subtract.mode, science.psf, template.psf, cx, cy)
+    metrics["mode"] = mode
+    return PreparedPair(science=science, template=template, planes=planes, coverage=coverage, mode=mode,
+                        metrics=metrics, timings=timings)
+
+
+def _raise_kernel_failure(exc: DiffimError, coverage: float, config: PipelineConfig):
+    """A failed kernel fit on a poorly covered template is :class:`NoWorkFound`; otherwise ``exc`` itself."""
+    if coverage < config.subtract.min_coverage_on_kernel_failure:
+        raise NoWorkFound(
+            f"kernel fit failed ({exc}) with template coverage {100 * coverage:.1f}% "
+            f"< {100 * config.subtract.min_coverage_on_kernel_failure:.0f}%",
+            coverage=coverage,
+        ) from exc
+    raise exc
+
+
+def kernel_sources_stage(prepared: PreparedPair, config: PipelineConfig, *, sources=None):
+    """Stage 2: kernel sources and their stamps by cell (:func:`~diffim_dag.stages.kernel_fit.select_kernel_cells`).
+
+    Returns
+    -------
+    KernelCells
+
+    Raises
+    ------
+    InsufficientKernelSourcesError, or NoWorkFound when the template coverage is low.
+    """
+    from .kernel_fit import select_kernel_cells
+
+    try:
+        return select_kernel_cells(prepared.science, prepared.template, mode=prepared.mode, config=config.kernel,
+                                   source_config=config.sources, sources=sources)
+    except DiffimError as exc:
+        _raise_kernel_failure(exc, prepared.coverage, config)
+
+
+@dataclass(eq=False)
+class CellFits:
+    """Stage 3's output: the first fit of some cells (``{cell: CellFit}``) and its wall time."""
+
+    fits: dict
+    seconds: float
+
+    def __sizeof__(self) -> int:
+        return 1024 + 4096 * len(self.fits)
+
+
+def fit_cells_stage(cells, cell_ids=None, *, map_cells=None) -> CellFits:
+    """Stage 3: the first fit of the cells ``cell_ids`` (all when None; one graph task per cell)."""
+    from .kernel_fit import fit_kernel_cells
+
+    t0 = time.perf_counter()
+    fits = fit_kernel_cells(cells, cell_ids, map_cells=map_cells)
+    return CellFits(fits=fits, seconds=time.perf_counter() - t0)
+
+
+@dataclass(eq=False)
+class KernelStage:
+    """Stage 4's output: the fitted kernel and what convolution and decorrelation need.
+
+    Attributes
+    ----------
+    fit : KernelFitResult
+    kernel_sum : float
+        Kernel sum at the image centre (κ).
+    decorrelation_kernel : ndarray or None
+        The (spatially constant) decorrelation kernel; None when decorrelation is off or spatially varying.
+    sigma_unconvolved2, sigma_convolved2, kappa : float or None
+        Inputs of the decorrelation (None when it is off).
+    metrics, timings : dict
+    """
+
+    fit: object
+    kernel_sum: float
+    decorrelation_kernel: np.ndarray | None
+    sigma_unconvolved2: float | None
+    sigma_convolved2: float | None
+    kappa: float | None
+    metrics: dict
+    timings: Timings
+    variance_factor: float = 1.0
+    psf_decorrelation_kernel: np.ndarray | None = None  # φ at the centre, for the difference's PSF
+
+    def __sizeof__(self) -> int:
+        return 65536
+
+
+def spatial_solve_stage(prepared: PreparedPair, cells, cell_fits, config: PipelineConfig, *,
+                        map_cells=None) -> KernelStage:
+    """Stage 4: clipping, refits, spatial solve (:func:`~diffim_dag.stages.kernel_fit.solve_kernel` started
+    from ``cell_fits``), the differential-background check and the decorrelation kernel.
+
+    Parameters
+    ----------
+    prepared : PreparedPair
+    cells : KernelCells
+    cell_fits : sequence of CellFits
+        Together the first fit of every cell of ``cells``.
+    config : PipelineConfig
+    map_cells : callable, optional
+        How the refits run (in turn when None).
+
+    Raises
+    ------
+    NoKernelCandidatesError, or NoWorkFound when the template coverage is low.
+    """
+    from ..kernels.decorrelate import decorrelation_kernel_image
+    from .kernel_fit import kernel_fit_result, solve_kernel
+
+    timings = Timings(prepared.timings)
+    metrics = dict(prepared.metrics)
+    t0 = time.perf_counter()
+    initial: dict = {}
+    for cf in cell_fits:
+        initial.update(cf.fits)
+    cell_seconds = sum(cf.seconds for cf in cell_fits)
+    try:
+        solve = solve_kernel(cells.cells, cells.basis, cells.config, cells.solution_bbox, mode=cells.mode,
+                             map_cells=map_cells, initial=initial)
+    except DiffimError as exc:
+        _raise_kernel_failure(exc, prepared.coverage, config)
+    fit = kernel_fit_result(cells, solve, solve_seconds=time.perf_counter() - t0 + cell_seconds)
+    timings["kernel_fit"] = timings.get("kernel_fit", 0.0) + cells.seconds + cell_seconds + time.perf_counter() - t0
+    solution = fit.solution
+    metrics["kernel"] = dict(fit.diagnostics)
+    kernel_sum = solution.kernel_sum_at_center()
+    metrics["kernel"]["kernel_sum_center"] = kernel_sum
+    k0 = solution.kernel_at(*solution.center)
+    kh = k0.shape[0] // 2
+    kg = np.arange(-kh, kh + 1)
+    metrics["kernel"]["kernel_centroid_center"] = [float((k0.sum(0) * kg).sum() / k0.sum()),
+                                                   float((k0.sum(1) * kg).sum() / k0.sum())]
+    science, template, planes = prepared.science, prepared.template, prepared.planes
+    _check_differential_background(solution, science, template, config, metrics)
+
+    decorr = config.decorrelation
+    decorr_kernel = psf_phi = None
+    with timings.stage("decorrelation_kernel"):
+        sm, tm = science.arrays()[2], template.arrays()[2]
+        bad_s = (sm & planes.bitmask(["NO_DATA", "BAD", "SAT"])) != 0
+        bad_t = (tm & planes.bitmask(["NO_DATA", "BAD", "SAT"])) != 0
+        kernel, su2, sc2, kappa = _decorrelation_inputs(prepared.mode, science, template, solution, bad_s, bad_t)
+        factor, correlations = _correlated_noise_factor(prepared, kernel, su2, sc2, kappa, bad_s, bad_t,
+                                                        decorrelated=decorr.enabled)
+        del bad_s, bad_t
+        metrics["noise_correlation"] = {**correlations, "variance_factor": factor}
+        if decorr.enabled:
+            metrics["decorrelation"] = {"sigma_unconvolved2": su2, "sigma_convolved2": sc2, "kappa": kappa,
+                                        "spatially_varying": bool(decorr.spatially_varying)}
+            psf_phi = decorrelation_kernel_image(kernel, sigma_u2=su2, sigma_c2=sc2, kappa=kappa)
+            if not decorr.spatially_varying:
+                decorr_kernel = psf_phi
+        else:
+            su2 = sc2 = kappa = None
+    return KernelStage(fit=fit, kernel_sum=kernel_sum, decorrelation_kernel=decorr_kernel, sigma_unconvolved2=su2,
+                       sigma_convolved2=sc2, kappa=kappa, metrics=metrics, timings=timings, variance_factor=factor,
+                       psf_decorrelation_kernel=psf_phi)
+
+
+def _correlated_noise_factor(prepared, kernel, su2, sc2, kappa, bad_s, bad_t, *, decorrelated: bool):
+    """The inputs' noise correlations and the factor they put on the difference's white-noise variance
+    (:func:`~diffim_dag.kernels.decorrelate.correlated_variance_factor`)."""
+    from ..kernels.decorrelate import correlated_variance_factor
+
+    si, sv, _ = prepared.science.arrays()
+    ti, tv, _ = prepared.template.arrays()
+    rho_s = st.measure_noise_correlation(si, sv, bad_s)
+    rho_t = st.measure_noise_correlation(ti, tv, bad_t)
+    rho_u, rho_c = (rho_s, rho_t) if prepared.mode == CONVOLVE_TEMPLATE else (rho_t, rho_s)
+    factor = correlated_variance_factor(kernel, sigma_u2=su2, sigma_c2=sc2, kappa=kappa, correlation_u=rho_u,
+                                        correlation_c=rho_c, decorrelated=decorrelated)
+    h = rho_s.shape[0] // 2
+    summary = {"science_lag1": [float(rho_s[h, h + 1]), float(rho_s[h + 1, h])],
+               "template_lag1": [float(rho_t[h, h + 1]), float(rho_t[h + 1, h])]}
+    return float(factor), summary
+
+
+def _variances(prepared: PreparedPair, kernel_sum: float):
+    """``(unconvolved, convolved)`` input variance planes, the unconvolved one on the science's scale
+    (convolveScience: :math:`V_T / κ^2`)."""
+    sv, tv = prepared.science.arrays()[1], prepared.template.arrays()[1]
+    if prepared.mode == CONVOLVE_TEMPLATE:
+        return sv, tv
+    return (tv * np.float32(1.0 / kernel_sum**2)).astype(np.float32), sv
+
+
+def subtract_tiles_stage(prepared: PreparedPair, kernel: KernelStage, config: PipelineConfig, cores, *,
+                         halo: int | None = None) -> dict:
+    """Stage 5: convolve and subtract the tiles ``cores`` (:func:`~diffim_dag.stages.subtract.subtract_tile`).
+
+    ``halo=None`` reads the kernel half-width around each tile (tiles of a larger image);
+    ``halo=0`` with the whole image as the one core is the eager path.  Returns ``{core: DifferenceTile}``.
+    """
+    planes = prepared.planes
+    solution = kernel.fit.solution
+    params = dict(
+        xy0=prepared.science.xy0, shape=prepared.science.shape, mode=prepared.mode, kernel_sum=kernel.kernel_sum,
+        mask_planes=planes.as_dict(), kept=tuple(config.subtract.template_mask_planes_kept),
+        skip_bits=planes.bitmask([p for p in ("INJECTED", "INJECTED_TEMPLATE") if p in planes]),
+        subtract_background=config.subtract.subtract_background, edge_bit=planes["EDGE"],
+    )
+    h = solution.half_width if halo is None else int(halo)
+    science, template = prepared.science.arrays(), prepared.template.arrays()
+    return {tuple(c): st.subtract_tile(science, template, solution, core=tuple(c), halo=h, **params) for c in cores}
+
+
+def decorrelate_tiles_stage(prepared: PreparedPair, kernel: KernelStage, cores, tiles) -> dict:
+    """Stage 6: decorrelate the tiles ``cores`` (:func:`~diffim_dag.stages.subtract.decorrelate_tile`).
+
+    ``tiles`` maps cores to :class:`~diffim_dag.stages.subtract.DifferenceTile` and holds each core
+    and its neighbours.  Without a (spatially constant) decorrelation kernel the tiles pass unchanged.
+    """
+    if kernel.decorrelation_kernel is None:
+        return {tuple(c): tiles[tuple(c)] for c in cores}
+    vu, vc = _variances(prepared, kernel.kernel_sum)
+    keep_bits = prepared.planes.bitmask(["NO_DATA", "EDGE"])
+    return {tuple(c): st.decorrelate_tile(tiles, tuple(c), bbox=prepared.science.bbox,
+                                          kernel=kernel.decorrelation_kernel, variance_unconvolved=vu,
+                                          variance_convolved=vc, xy0=prepared.science.xy0, kappa=kernel.kappa,
+                                          keep_bits=keep_bits)
+            for c in cores}
+
+
+def difference_stage(prepared: PreparedPair, kernel: KernelStage, config: PipelineConfig, tiles) -> SubtractionResult:
+    """Stage 7: the difference, matched template and matched science from their tiles; spatially varying
+    decorrelation (whole image), the difference PSF and the quality metrics.
+
+    ``tiles`` maps cores to :class:`~diffim_dag.stages.subtract.DifferenceTile` and covers the image.
+    Returns the :class:`SubtractionResult` without DiaSources (see :func:`with_catalog`).
+    """
+    timings = Timings(kernel.timings)
+    metrics = dict(kernel.metrics)
+    science, template, planes, mode = prepared.science, prepared.template, prepared.planes, prepared.mode
+    fit = kernel.fit
+    solution = fit.solution
+    decorr = config.decorrelation
+    pieces = list(tiles.values())
+    for t in pieces:
+        for k, v in t.seconds.items():
+            timings[k] = timings.get(k, 0.0) + v
+
+    def plane(name, dtype):
+        return st.assemble(((t.core, getattr(t, name)) for t in pieces), science.bbox, dtype=dtype)
+
+    d_img, d_var, d_msk = plane("image", np.float32), plane("variance", np.float32), plane("mask", np.int32)
+    conv_img = plane("convolved_image", np.float32)
+    conv_var = plane("convolved_variance", np.float32)
+    conv_msk = plane("convolved_mask", np.int32)
+    del pieces
+    vu, vc = _variances(prepared, kernel.kernel_sum)
+    if decorr.enabled and decorr.spatially_varying:
+        with timings.stage("decorrelate_spatial"):
+            from ..kernels.decorrelate import decorrelate_spatial
+
+            kfun = (lambda x, y: solution.kernel_at(x, y)) if mode == CONVOLVE_TEMPLATE else (
+                lambda x, y: solution.kernel_at(x, y) / solution.kernel_sum_at(x, y))
+            d_img, d_var = decorrelate_spatial(
+                d_img, kernel_at=kfun, origin=science.xy0, grid_cells=decorr.grid_cells,
+                sigma_u2=kernel.sigma_unconvolved2, sigma_c2=kernel.sigma_convolved2, variance_unconvolved=vu,
+                variance_convolved=vc)
+
+    if kernel.variance_factor != 1.0:
+        # resampled inputs: their correlated noise makes the difference's per-pixel variance differ from
+        # the white-noise propagation (the factor is 1 for white inputs)
+        d_var = (d_var * np.float32(kernel.variance_factor)).astype(np.float32)
+    decorr_kernel = kernel.decorrelation_kernel
+    unconvolved = science if mode == CONVOLVE_TEMPLATE else template
+    difference_psf = science.psf
+    psf_phi = kernel.psf_decorrelation_kernel  # φ at the centre (also when the decorrelation varies)
+    if mode == CONVOLVE_SCIENCE:
+        # a source that changed in the science sits in the difference as P_S ⊗ K/κ, which matches the
+        # template's PSF only as well as the kernel does: measure it with that very shape
+        difference_psf = decorrelated_psf(science.psf, psf_phi, science.bbox, kernel_at=solution.kernel_at)
+    elif psf_phi is not None:
+        # decorrelation sharpens the difference: its PSF is the unconvolved PSF ⊗ the decorrelation kernel
+        difference_psf = decorrelated_psf(science.psf, psf_phi, science.bbox)
+    difference = Exposure.from_arrays(
+        d_img, d_var, d_msk, xy0=science.xy0, mask_planes=planes, wcs=science.wcs, psf=difference_psf,
+        info=science.info.replace(variance_source="propagated"), validate=False, copy=False,
+    )
+    kernel_sum = kernel.kernel_sum
+    if mode == CONVOLVE_TEMPLATE:
+        matched_template = Exposure.from_arrays(conv_img, conv_var, conv_msk, xy0=science.xy0, mask_planes=planes,
+                                                wcs=template.wcs, psf=science.psf, info=template.info, validate=False,
+                                                copy=False)
+        matched_science = science
+    else:
+        # both on the science's photometric scale: S ⊗ K/κ and T/κ (the difference is their difference, less b/κ)
+        ti, tv, tm = template.arrays()
+        matched_template = Exposure.from_arrays(ti / np.float32(kernel_sum), tv / np.float32(kernel_sum**2), tm,
+                                                xy0=science.xy0, mask_planes=planes, wcs=template.wcs,
+                                                psf=template.psf, info=template.info, validate=False, copy=False)
+        matched_science = Exposure.from_arrays(conv_img / np.float32(kernel_sum), conv_var / np.float32(kernel_sum**2),
+                                               conv_msk, xy0=science.xy0, mask_planes=planes, wcs=science.wcs,
+                                               psf=template.psf, info=science.info, validate=False,
+                                               copy=False)
+
+    with timings.stage("metrics"):
+        cx, cy = science.center
+        noise_bits = planes.bitmask([p for p in ("NO_DATA", "BAD", "SAT", "EDGE", "CR") if p in planes])
+        d_var, scaled = st.scale_difference_variance(d_img, d_var, (d_msk & noise_bits) != 0,
+                                                     enabled=config.subtract.scale_difference_variance)
+        difference = difference.with_planes(variance=d_var)
+        used = fit.candidates[fit.candidates["status"] == "used"] if len(fit.candidates) else fit.candidates
+        star_xy = np.column_stack([used["x"] - science.xy0[0], used["y"] - science.xy0[1]]) if len(used) else np.zeros((0, 2))
+        psf_c = unconvolved.psf
+        q = st.quality_metrics(
+            science=matched_science.arrays()[0], difference=d_img, difference_variance=d_var, difference_mask=d_msk,
+            planes=planes, star_xy=star_xy, fwhm=psf_c.fwhm(cx, cy),
+            ratio_mean_limit=config.subtract.bad_subtraction_ratio_mean,
+            ratio_std_limit=config.subtract.bad_subtraction_ratio_std,
+        )
+        q.update(scaled)
+        good_bits = planes.bitmask(["NO_DATA", "BAD", "SAT", "EDGE"])
+        q["background_left"] = background_left(d_img, d_var, (d_msk & good_bits) != 0,
+                                               difference.psf.kernel_image(cx, cy))
+        metrics["quality"] = q
+        metrics["photometric_scale"] = _photometric_scale(science, template, used, kernel_sum, mode)
+        metrics["limiting_magnitude"] = {
+            role: st.exposure_limit(exp, (cx, cy), zero_point=None if exp.info.photo_calib is None
+                                    else exp.info.photo_calib.zero_point)
+            for role, exp in (("science", science), ("template", template), ("difference", difference))}
+    metrics["timings_s"] = dict(timings)
+    return SubtractionResult(
+        difference=difference, matched_template=matched_template, matched_science=matched_science, mode=mode,
+        kernel_fit=fit, decorrelation_kernel=decorr_kernel, metrics=metrics, dia_sources=None,
+    )
+
+
+def _photometric_scale(science: Exposure, template: Exposure, stars, kernel_sum: float, mode: str) -> dict:
+    """The stars' aperture flux ratio (science / template counts) beside the kernel's (κ, or 1/κ in convolveScience)."""
+    from .photometry import aperture_flux_ratio
+
+    kernel = kernel_sum if mode == CONVOLVE_TEMPLATE else 1.0 / kernel_sum
+    if not len(stars):
+        return {"stars": None, "n_stars": 0, "kernel": kernel}
+    ratio, table = aperture_flux_ratio(science, template, stars["x"].to_numpy(), stars["y"].to_numpy(), min_snr=20.0)
+    return {"stars": ratio, "n_stars": int(table["used"].sum()), "kernel": kernel}
+
+
+
+def decorrelated_psf(psf, decorrelation_kernel: np.ndarray | None, bbox, *, nodes: int = 5, kernel_at=None):
+    """The difference's PSF: ``psf`` (⊗ the unit-sum matching kernel ``kernel_at(x, y)`` when given) ⊗ the
+    decorrelation kernel, as a :class:`~diffim_dag.psf.GridPsf` on ``nodes × nodes`` positions over
+    ``bbox`` (a single :class:`~diffim_dag.psf.ImagePsf` when nothing varies)."""
+    from ..kernels.convolve import fft_convolve as fftconvolve
+
+    from ..psf import GaussianPsf, GridPsf, ImagePsf, MoffatPsf
+
+    x0, x1, y0, y1 = bbox
+    extra = (0 if decorrelation_kernel is None else decorrelation_kernel.shape[0] - 1)
+    if kernel_at is not None:
+        extra += kernel_at((x0 + x1) / 2, (y0 + y1) / 2).shape[0] - 1
+    size = psf.default_size((x0 + x1) / 2, (y0 + y1) / 2) + extra
+    size += 1 - size % 2
+
+    def at(x, y):
+        img = psf.kernel_image(x, y, size=size)
+        if kernel_at is not None:
+            k = kernel_at(x, y)
+            img = fftconvolve(img, k / k.sum(), mode="same")
+        if decorrelation_kernel is not None:
+            img = fftconvolve(img, decorrelation_kernel, mode="same")
+        # no clipping of negative pixels: clipping an estimated PSF's noisy wings adds a few % of spurious
+        # positive wing that the normalization takes from the core (PSF fluxes 5 % high, convolveScience)
+        return img / img.sum()
+
+    if kernel_at is None and isinstance(psf, (GaussianPsf, MoffatPsf, ImagePsf)):
+        return ImagePsf(at(None, None), source="decorrelated difference PSF", normalized=True)
+    xs = np.linspace(x0, x1 - 1, nodes)
+    ys = np.linspace(y0, y1 - 1, nodes)
+    images = np.stack([np.stack([at(x, y) for x in xs]) for y in ys])
+    return GridPsf(images, xs, ys, source="difference PSF", normalized=True)
+
+
+def _check_differential_background(solution, science, template, config, metrics) -> None:
+    """Record the fitted differential background (at the centre, and in detection-σ units).
+
+    A constant offset b in the difference shifts the matched-filter significance of every pixel by
+    ``b √NEA / σ``; whether any is left in the difference is judged on the difference itself
+    (``quality.background_left``, :mod:`~diffim_dag.stages.verdict`).
+    """
+    cx, cy = solution.center
+    b = float(solution.background_at(cx, cy))
+    var = float(np.median(science.arrays()[1])) + float(np.median(template.arrays()[1]))
+    nea = 1.0 / float(np.sum(science.psf.kernel_image(cx, cy) ** 2))
+    shift = abs(b) * np.sqrt(nea) / np.sqrt(max(var, 1e-30))
+    metrics["differential_background"] = {"center": b, "detection_sigma": shift,
+                                          "subtracted": bool(config.subtract.subtract_background)}
+
+

@@ -1,0 +1,150 @@
+"""The input stages of a visit, as every method starts from them: one exposure's PSF, sky and cosmic rays
+(:func:`prepare_exposure`), both exposures (:func:`prepare_exposures`), and the fakes added to them
+(:func:`inject_stage`) and matched to the DiaSources (:func:`match_stage`).
+
+Each is a function of exposures and the frozen config; the visit graph (:mod:`diffim_dag.visit`) makes each
+one a task.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from ..config import PipelineConfig
+from ..exposure import Exposure
+from .catalog import CatalogStage
+from .inputs import SubtractionResult, Timings, _nbytes
+
+__all__ = ["PreparedExposures", "prepare_exposure", "prepare_exposures", "combine_prepared", "inject_stage", "match_stage",
+           "with_injection"]
+
+
+@dataclass(eq=False)
+class PreparedExposures:
+    """Both exposures as every method starts from them: sky removed, PSF models attached.
+
+    ``metrics`` holds ``sky`` and ``psf`` (one report per role) and ``timings`` their wall times.
+    """
+
+    science: Exposure
+    template: Exposure
+    metrics: dict
+    timings: dict
+    fakes: object = None  # pandas.DataFrame of the fakes injected (inject_stage), None without
+
+    def __sizeof__(self) -> int:  # what Dask's memory accounting sees
+        return 1024 + _nbytes(self.science) + _nbytes(self.template)
+
+
+def inject_stage(prepared, config: PipelineConfig, kernel=None):
+    """The ``inject`` stage: ``config.fakes`` point sources added to both exposures of ``prepared`` (a
+    :class:`PreparedPair` or :class:`PreparedExposures`; :func:`~diffim_dag.stages.inject.inject_fakes`),
+    returned with ``fakes``; ``prepared`` itself when no fakes are configured.
+
+    ``al`` injects after the spatial solve, so the kernel is fitted on the images without fakes (a fake
+    is no static source, and in a small image their masks would leave no kernel source); the score
+    methods inject before their subtraction.  No fake sits within the matching kernel's half-width
+    (``kernel``'s, else ``kernel.max_kernel_size``'s) of the edge, where the difference has no data.
+    """
+    import dataclasses
+
+    from .inject import inject_fakes
+
+    if not config.fakes.enabled:
+        return prepared
+    t0 = time.perf_counter()
+    border = kernel.fit.solution.half_width if kernel is not None else config.kernel.max_kernel_size // 2
+    science, template, fakes = inject_fakes(prepared.science, prepared.template, config.fakes, border=border)
+    fakes.attrs["seconds"] = time.perf_counter() - t0  # travels with the table to the match stage
+    timings = {**prepared.timings, "inject": fakes.attrs["seconds"]}
+    return dataclasses.replace(prepared, science=science, template=template, fakes=fakes, timings=timings)
+
+
+def match_stage(result: SubtractionResult, catalog, fakes, config: PipelineConfig):
+    """The ``match`` stage: the fakes matched to the DiaSources (``catalog``: a :class:`CatalogStage` or a
+    DataFrame) of ``result`` (:func:`~diffim_dag.stages.inject.match_fakes`); None without fakes."""
+    from .inject import match_fakes
+
+    if fakes is None:
+        return None
+    t0 = time.perf_counter()
+    dia, metrics = catalog, result.metrics
+    if isinstance(catalog, CatalogStage):
+        dia, metrics = catalog.dia_sources, {**result.metrics, **catalog.metrics}
+    injection = match_fakes(fakes, dia, result.difference, metrics, config.fakes)
+    injection.summary["seconds"] = time.perf_counter() - t0
+    injection.summary["inject_seconds"] = fakes.attrs.get("seconds")
+    return injection
+
+
+def with_injection(result: SubtractionResult, injection) -> SubtractionResult:
+    """``result`` with the matched fakes and their summary in ``metrics["injection"]`` (unchanged for None)."""
+    if injection is None:
+        return result
+    import dataclasses
+
+    metrics = {**result.metrics, "injection": {k: v for k, v in injection.summary.items()
+                                               if k not in ("seconds", "inject_seconds")}}
+    timings = dict(metrics.get("timings_s", {}))
+    timings["match"] = injection.summary.get("seconds", 0.0)
+    if injection.summary.get("inject_seconds") is not None:
+        timings["inject"] = injection.summary["inject_seconds"]
+    metrics["timings_s"] = timings
+    return dataclasses.replace(result, injection=injection, metrics=metrics)
+
+
+def prepare_exposure(exposure: Exposure, config: PipelineConfig, role: str, *, psf=None):
+    """The input stages of one exposure: PSF (:mod:`~diffim_dag.stages.psf`; ``psf``, a
+    :class:`~diffim_dag.stages.psf.PsfResult` already computed, skips it), sky (:mod:`~diffim_dag.stages.sky`),
+    cosmic rays and hot pixels (:mod:`~diffim_dag.stages.cosmic_rays`).
+
+    Returns ``(exposure, {"psf": report, "sky": report, "cosmic_rays": report}, timings)``.
+    """
+    from .cosmic_rays import repair_cosmic_rays
+    from .psf import measure_psf
+    from .sky import subtract_sky
+
+    timings = Timings()
+    if exposure.is_lazy:
+        exposure = exposure.load()
+    with timings.stage("psf"):
+        result = psf if psf is not None else measure_psf(exposure, config.psf, role=role)
+    if psf is not None:
+        timings["psf"] = timings.get("psf", 0.0) + getattr(psf, "seconds", 0.0)
+    exposure = exposure.with_attrs(psf=result.psf)
+    with timings.stage("sky"):
+        sky = subtract_sky(exposure, config.sky)
+    with timings.stage("cosmic_rays"):
+        cr = repair_cosmic_rays(sky.exposure, config.cosmic_rays)
+    return cr.exposure, {"psf": result.report, "sky": sky.report, "cosmic_rays": cr.report}, timings
+
+
+def prepare_exposures(science: Exposure, template: Exposure, config: PipelineConfig, *,
+                      psfs: dict | None = None) -> PreparedExposures:
+    """:func:`prepare_exposure` of the science and of the template (the visit graph runs the two as separate
+    ``exposure`` tasks, at once).
+
+    ``psfs`` maps ``"science"``/``"template"`` to a :class:`~diffim_dag.stages.psf.PsfResult`
+    already computed; the others are measured here.
+    """
+    done = {role: prepare_exposure(exposure, config, role, psf=(psfs or {}).get(role))
+            for role, exposure in (("science", science), ("template", template))}
+    return combine_prepared(done)
+
+
+def combine_prepared(done: dict) -> PreparedExposures:
+    """Both exposures' :func:`prepare_exposure` results (``{"science": ..., "template": ...}``) as one
+    :class:`PreparedExposures` (``timings``: the sum over both, as in turn)."""
+    timings = Timings()
+    metrics: dict = {"sky": {}, "psf": {}, "cosmic_rays": {}}
+    out = {}
+    for role in ("science", "template"):
+        exposure, reports, t = done[role]
+        out[role] = exposure
+        for name, report in reports.items():
+            metrics[name][role] = report
+        for name, seconds in t.items():
+            timings[name] = timings.get(name, 0.0) + seconds
+    return PreparedExposures(science=out["science"], template=out["template"], metrics=metrics, timings=timings)
+
+
