@@ -8,8 +8,9 @@ client.  A batch (:mod:`diffim_dag.batch`) runs the union of many visits' graphs
 * :func:`subtract` — two exposures on one pixel grid → the result (the Python API);
 * :func:`run_subtraction` — warp when needed, subtract, detect, write the output set (the notebook path);
 * :func:`subtract_files` — the same from two files, read inside the graph (``diffim-dag subtract``);
-* :func:`subtract_exposures` / :func:`subtract_al_preconvolve` — the AL methods on exposures that already
-  went through the input stages (PSFs attached, sky removed): the graph from its ``inputs`` task on.
+* :func:`subtract_prepared` (and its AL forms :func:`subtract_exposures`, :func:`subtract_al_preconvolve`) —
+  the method on exposures that already went through the input stages (PSFs attached, sky removed): the
+  graph from its ``inputs`` task on.
 
 The stage functions themselves live in :mod:`diffim_dag.stages` (:mod:`~diffim_dag.stages.prepare`,
 :mod:`~diffim_dag.stages.al`, :mod:`~diffim_dag.stages.catalog`, ...).
@@ -40,6 +41,7 @@ __all__ = [
     "SubtractionResult",
     "subtract",
     "subtract_files",
+    "subtract_prepared",
     "subtract_exposures",
     "subtract_al_preconvolve",
     "run_subtraction",
@@ -169,10 +171,14 @@ def subtract_files(science: str, template: str | None, *, config: PipelineConfig
     return lines
 
 
-def _prepared_run(science, template, config, *, client, detect, sources):
-    stages = ["result"]
+def subtract_prepared(science: Exposure, template: Exposure, *, config: PipelineConfig, client=None,
+                      detect: bool = False, sources=None) -> SubtractionResult:
+    """``config.method`` on exposures that already went through the input stages (one pixel grid, PSF models
+    attached, skies removed): the visit graph from its ``inputs`` task on — the method's stages, detection
+    and measurement when ``detect``, the verdict.  ``sources`` (columns x, y in parent pixels) replaces the AL
+    kernel-source detection on the science.  On this process's threads, or on ``client``."""
     prepared = PreparedExposures(science=science, template=template, metrics={}, timings={})
-    (result,) = _run(None, config, stages, client=client, detect=detect, sources=sources, prepared=prepared)
+    (result,) = _run(None, config, ["result"], client=client, detect=detect, sources=sources, prepared=prepared)
     return result
 
 
@@ -188,7 +194,7 @@ def subtract_exposures(science: Exposure, template: Exposure, *, config: Pipelin
     config = config or PipelineConfig()
     if config.method != "al":
         config = dataclasses.replace(config, method="al")
-    return _prepared_run(science, template, config, client=client, detect=detect, sources=sources)
+    return subtract_prepared(science, template, config=config, client=client, detect=detect, sources=sources)
 
 
 def subtract_al_preconvolve(science: Exposure, template: Exposure, *, config: PipelineConfig, client=None,
@@ -201,7 +207,7 @@ def subtract_al_preconvolve(science: Exposure, template: Exposure, *, config: Pi
     """
     if config.method != "al-preconvolve":
         config = dataclasses.replace(config, method="al-preconvolve")
-    return _prepared_run(science, template, config, client=client, detect=detect, sources=sources)
+    return subtract_prepared(science, template, config=config, client=client, detect=detect, sources=sources)
 
 
 def run_demo(*, out_dir="demo_out", size: int = 1024, seed: int = 1, pipeline=None, overrides=(), scheduler=None,

@@ -481,16 +481,18 @@ def _fit_cells_task(cells, index: int, n_tasks: int):
     return fit_cells_stage(cells, [c.cell for c in cells.cells if c.cell % n_tasks == index])
 
 
-def _own_cores(prepared, config, ty, tx, nty, ntx):
+def _window_task(prepared, kernel, config, ty: int, tx: int, nty: int, ntx: int):
+    from .stages.al import window_stage
     from .stages.subtract import cores_of_task
 
-    return list(cores_of_task(prepared.science.bbox, config.subtract.tile_size, (ty, tx), (nty, ntx)).values())
+    cores = cores_of_task(prepared.science.bbox, config.subtract.tile_size, (ty, tx), (nty, ntx)).values()
+    return window_stage(prepared, kernel, list(cores))
 
 
-def _subtract_task(prepared, kernel, config, ty: int, tx: int, nty: int, ntx: int):
+def _subtract_task(window, kernel, config):
     from .stages.al import subtract_tiles_stage
 
-    return subtract_tiles_stage(prepared, kernel, config, _own_cores(prepared, config, ty, tx, nty, ntx))
+    return subtract_tiles_stage(window, kernel, config)
 
 
 def _merge(dicts) -> dict:
@@ -500,11 +502,10 @@ def _merge(dicts) -> dict:
     return out
 
 
-def _decorrelate_task(prepared, kernel, config, ty: int, tx: int, nty: int, ntx: int, neighbours: list):
+def _decorrelate_task(window, kernel, neighbours: list):
     from .stages.al import decorrelate_tiles_stage
 
-    return decorrelate_tiles_stage(prepared, kernel, _own_cores(prepared, config, ty, tx, nty, ntx),
-                                   _merge(neighbours))
+    return decorrelate_tiles_stage(window, kernel, _merge(neighbours))
 
 
 def _difference_task(prepared, kernel, config, tiles: list):
@@ -599,7 +600,9 @@ def _al_tasks(g: _Builder, config, grid: VisitGrid, inputs, *, sources=None) -> 
 
         pair = g.task("inject", (), inject_stage, prepared, config, kernel)
     for ty, tx in tiles:
-        g.task("subtract", (ty, tx), _subtract_task, pair, kernel, config, ty, tx, nty, ntx)
+        # each tile task reads its window (core + the kernel's half-width), cut where the pair is
+        window = g.task("window", (ty, tx), _window_task, pair, kernel, config, ty, tx, nty, ntx)
+        g.task("subtract", (ty, tx), _subtract_task, window, kernel, config)
     last = "subtract"
     if config.decorrelation.enabled and not config.decorrelation.spatially_varying:
         for ty, tx in tiles:
@@ -608,7 +611,7 @@ def _al_tasks(g: _Builder, config, grid: VisitGrid, inputs, *, sources=None) -> 
             near = sorted({((ty + dy) % nty, (tx + dx) % ntx) if grid.shape is None else (ty + dy, tx + dx)
                            for dy in (-1, 0, 1) for dx in (-1, 0, 1)
                            if grid.shape is None or (0 <= ty + dy < nty and 0 <= tx + dx < ntx)})
-            g.task("decorrelate", (ty, tx), _decorrelate_task, pair, kernel, config, ty, tx, nty, ntx,
+            g.task("decorrelate", (ty, tx), _decorrelate_task, g.key("window", ty, tx), kernel,
                    [g.key("subtract", *n) for n in near])
         last = "decorrelate"
     return pair, g.task("difference", (), _difference_task, pair, kernel, config, [g.key(last, *t) for t in tiles])
@@ -670,7 +673,8 @@ def visit_graph(source, config, out_dir=None, *, visit: int | None = None, detec
     ``("spatial-solve", V, D)``                   clipping, refits, spatial solve, decorrelation kernel
     ``("inject", V, D)``                          with ``fakes``: fake sources added (``al``: after the spatial
                                                   solve; the score methods: before their subtraction)
-    ``("subtract", V, D, ty, tx)``                convolve and subtract tile ``(ty, tx)``
+    ``("window", V, D, ty, tx)``                  the pair's planes on tile ``(ty, tx)`` and its halo
+    ``("subtract", V, D, ty, tx)``                convolve and subtract tile ``(ty, tx)`` (reads its window)
     ``("decorrelate", V, D, ty, tx)``             decorrelate the tile (reads the neighbouring tiles' edges)
     ``("difference", V, D)``                      assemble the planes, quality metrics
     ``("score", V, D)``                           ``al-preconvolve``: the pre-convolution score

@@ -69,14 +69,18 @@ def test_keys_name_stage_visit_detector_and_tile(spec, tmp_path):
     v, d = spec.visit, spec.detector
     tiles = [(ty, tx) for ty in range(3) for tx in range(3)]
     assert _keys(dsk, "fit-cell") == [("fit-cell", v, d, i) for i in range(25)]
-    for stage in ("subtract", "decorrelate", "detect"):
+    for stage in ("window", "subtract", "decorrelate", "detect"):
         assert _keys(dsk, stage) == [(stage, v, d, *t) for t in tiles]
+    # a tile task reads its window, never the whole prepared pair
+    for ty, tx in tiles:
+        args = dsk[task_key("subtract", v, d, ty, tx, run_id="a")]
+        assert [stage_of(a) for a in args if isinstance(a, tuple)] == ["window", "spatial-solve"]
     for stage in ("template", "inputs", "prepare", "kernel-sources", "spatial-solve", "difference", "detect-prepare",
                   "catalog", "result", "write"):
         assert _keys(dsk, stage) == [(stage, v, d)]
     for stage in ("read", "exposure"):  # science, template
         assert _keys(dsk, stage) == [(stage, v, d, 0), (stage, v, d, 1)]
-    assert len(dsk) == 10 + 2 * 2 + 25 + 3 * 9
+    assert len(dsk) == 10 + 2 * 2 + 25 + 4 * 9
     # a single visit on this process's threads: one cell task, one detection task (its FFTs on every core)
     local = visit_grid(input_shape(spec), config, in_process=True)
     assert local == VisitGrid(tiles=(3, 3), cells=1, shape=(SIZE, SIZE), detect=(1, 1))
@@ -150,6 +154,13 @@ def test_a_batch_visit_equals_the_python_api(spec, inputs, tmp_path):
         for a, b in zip(read_exposure(folder2 / "difference.fits").arrays(), written):
             np.testing.assert_array_equal(a, b)
         pd.testing.assert_frame_equal(pd.read_parquet(folder2 / "dia_sources.parquet"), catalog)
+
+    # the window of tile (1, 1) (a 128² core in the middle): the core grown by the kernel's half-width only
+    dsk = visit_graph(spec, config, tmp_path / "w", run_id="r3")
+    window = dask.get(dsk, task_key("window", spec.visit, spec.detector, 1, 1, run_id="r3"))
+    h = dask.get(dsk, task_key("spatial-solve", spec.visit, spec.detector, run_id="r3")).fit.solution.half_width
+    assert window.cores == [(128, 256, 128, 256)] and window.origin == (128 - h, 128 - h)
+    assert all(a.shape == (128 + 2 * h, 128 + 2 * h) for a in (*window.science, *window.template))
 
     # a rerun of the write task of the same run does not install again (exactly once)
     before = (folder / "_outputs.json").stat().st_mtime_ns

@@ -5,6 +5,8 @@ Fixtures are analytic: Gaussian PSFs, white Gaussian noise of known σ, point so
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import scipy.fft
@@ -16,9 +18,9 @@ from diffim_dag.errors import ConfigError, PsfError
 from diffim_dag.graph import TileRunner
 from diffim_dag.exposure import PhotoCalib
 from diffim_dag.kernels import zogy as zk
-from diffim_dag.noise import clipped_stats
 from diffim_dag.psf import ImagePsf
 from diffim_dag.sim import add_sources
+from diffim_dag.pipeline import subtract_prepared
 from diffim_dag.stages.zogy import ScoreSubtractionResult, ZogyConfig, fit_flux_ratio, subtract_zogy
 
 XY0 = (100, 200)
@@ -81,7 +83,9 @@ def test_brightened_source_detected_at_its_position():
     science, template = _pair(sigma2=10.0, x=x, y=y, flux_science=flux_sci, flux_template=flux, seed=6,
                               zero_points=(None, None))
     cfg = ZogyConfig(flux_ratio_min_snr=20.0)
-    result = subtract_zogy(science, template, config=PipelineConfig(), zogy_config=cfg, detect=True)
+    # through the visit graph from its inputs on: ZOGY, then detection on S_corr and measurement on D
+    config = dataclasses.replace(PipelineConfig(), method="zogy", zogy=cfg)
+    result = subtract_prepared(science, template, config=config, detect=True)
     assert result.metrics["zogy"]["flux_ratio_origin"] == "matched_stars"
     assert result.metrics["zogy"]["flux_ratio"] == pytest.approx(1.0, abs=0.03)
     s_corr = _significance(result)

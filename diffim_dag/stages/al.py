@@ -2,7 +2,7 @@
 
 prepare (:func:`prepare_subtraction`) → kernel sources (:func:`kernel_sources_stage`) → first cell fits
 (:func:`fit_cells_stage`) → spatial solve and decorrelation kernel (:func:`spatial_solve_stage`) →
-convolve/subtract tiles (:func:`subtract_tiles_stage`) → decorrelate tiles (:func:`decorrelate_tiles_stage`)
+each task's window of the pair (:func:`window_stage`) → convolve/subtract tiles (:func:`subtract_tiles_stage`) → decorrelate tiles (:func:`decorrelate_tiles_stage`)
 → the difference, its PSF and quality metrics (:func:`difference_stage`).
 
 Every stage returns a new object and never modifies its inputs (a task's result may feed several tasks, or
@@ -25,7 +25,7 @@ from .inputs import SubtractionResult, Timings, _nbytes, prepare_inputs
 from .verdict import background_left
 
 __all__ = ["PreparedPair", "prepare_subtraction", "kernel_sources_stage", "CellFits", "fit_cells_stage",
-           "KernelStage", "spatial_solve_stage", "subtract_tiles_stage", "decorrelate_tiles_stage",
+           "KernelStage", "spatial_solve_stage", "PairWindow", "window_stage", "subtract_tiles_stage", "decorrelate_tiles_stage",
            "difference_stage", "decorrelated_psf"]
 
 
@@ -275,46 +275,103 @@ def _variances(prepared: PreparedPair, kernel_sum: float):
     """``(unconvolved, convolved)`` input variance planes, the unconvolved one on the science's scale
     (convolveScience: :math:`V_T / κ^2`)."""
     sv, tv = prepared.science.arrays()[1], prepared.template.arrays()[1]
-    if prepared.mode == CONVOLVE_TEMPLATE:
+    return _scaled_variances(prepared.mode, sv, tv, kernel_sum)
+
+
+def _scaled_variances(mode: str, sv, tv, kernel_sum: float):
+    if mode == CONVOLVE_TEMPLATE:
         return sv, tv
     return (tv * np.float32(1.0 / kernel_sum**2)).astype(np.float32), sv
 
 
-def subtract_tiles_stage(prepared: PreparedPair, kernel: KernelStage, config: PipelineConfig, cores, *,
-                         halo: int | None = None) -> dict:
-    """Stage 5: convolve and subtract the tiles ``cores`` (:func:`~diffim_dag.stages.subtract.subtract_tile`).
+@dataclass(eq=False)
+class PairWindow:
+    """What one ``subtract``/``decorrelate`` task reads (:func:`window_stage`): its tiles' cores and the pair's
+    planes on their bounding box grown by the matching kernel's half-width — not the whole exposure.
 
-    ``halo=None`` reads the kernel half-width around each tile (tiles of a larger image);
-    ``halo=0`` with the whole image as the one core is the eager path.  Returns ``{core: DifferenceTile}``.
+    Attributes
+    ----------
+    cores : list of (x_min, x_max, y_min, y_max)
+    origin : (int, int)
+        Parent-frame ``(x, y)`` of the planes' ``[0, 0]``.
+    science, template : (image, variance, mask)
+        The planes on the window (pixels beyond the image 0; views of the pair's planes where inside it).
+    variances : (ndarray, ndarray) or None
+        ``(unconvolved, convolved)`` input variances on the window for the decorrelation (None without one).
+    xy0, shape, bbox
+        The whole image's frame (EDGE pixels, the decorrelation's mirrored border).
+    mode : str
+    planes : MaskPlanes
     """
-    planes = prepared.planes
+
+    cores: list
+    origin: tuple
+    science: tuple
+    template: tuple
+    variances: tuple | None
+    xy0: tuple
+    shape: tuple
+    bbox: tuple
+    mode: str
+    planes: MaskPlanes
+
+    def __sizeof__(self) -> int:  # what Dask's memory accounting sees
+        arrays = [*self.science, *self.template, *(self.variances or ())]
+        return 1024 + sum(int(a.nbytes) for a in arrays)
+
+
+def window_stage(prepared: PreparedPair, kernel: KernelStage, cores) -> PairWindow:
+    """The window of ``cores`` (tiles of the image): the pair's planes on the cores' bounding box grown by the
+    matching kernel's half-width, computed once from the kernel's shape (:class:`PairWindow`)."""
+    h = kernel.fit.solution.half_width
+    cores = [tuple(int(v) for v in c) for c in cores]
+    box = (min(c[0] for c in cores) - h, max(c[1] for c in cores) + h,
+           min(c[2] for c in cores) - h, max(c[3] for c in cores) + h)
+    xy0 = prepared.science.xy0
+
+    def cut(planes):
+        return tuple(st.cut_box(np.asarray(a), xy0, box) for a in planes)
+
+    science, template = cut(prepared.science.arrays()), cut(prepared.template.arrays())
+    variances = None
+    if kernel.decorrelation_kernel is not None:
+        variances = _scaled_variances(prepared.mode, science[1], template[1], kernel.kernel_sum)
+    return PairWindow(cores=cores, origin=(box[0], box[2]), science=science, template=template, variances=variances,
+                      xy0=tuple(xy0), shape=tuple(prepared.science.shape), bbox=tuple(prepared.science.bbox),
+                      mode=prepared.mode, planes=prepared.planes)
+
+
+def subtract_tiles_stage(window: PairWindow, kernel: KernelStage, config: PipelineConfig) -> dict:
+    """Stage 5: convolve and subtract the tiles of ``window`` (:func:`~diffim_dag.stages.subtract.subtract_tile`,
+    reading the kernel half-width around each).  Returns ``{core: DifferenceTile}``."""
+    planes = window.planes
     solution = kernel.fit.solution
     params = dict(
-        xy0=prepared.science.xy0, shape=prepared.science.shape, mode=prepared.mode, kernel_sum=kernel.kernel_sum,
+        xy0=window.xy0, shape=window.shape, mode=window.mode, kernel_sum=kernel.kernel_sum,
         mask_planes=planes.as_dict(), kept=tuple(config.subtract.template_mask_planes_kept),
         skip_bits=planes.bitmask([p for p in ("INJECTED", "INJECTED_TEMPLATE") if p in planes]),
         subtract_background=config.subtract.subtract_background, edge_bit=planes["EDGE"],
+        planes_xy0=window.origin,
     )
-    h = solution.half_width if halo is None else int(halo)
-    science, template = prepared.science.arrays(), prepared.template.arrays()
-    return {tuple(c): st.subtract_tile(science, template, solution, core=tuple(c), halo=h, **params) for c in cores}
+    return {c: st.subtract_tile(window.science, window.template, solution, core=c, halo=solution.half_width,
+                                **params)
+            for c in window.cores}
 
 
-def decorrelate_tiles_stage(prepared: PreparedPair, kernel: KernelStage, cores, tiles) -> dict:
-    """Stage 6: decorrelate the tiles ``cores`` (:func:`~diffim_dag.stages.subtract.decorrelate_tile`).
+def decorrelate_tiles_stage(window: PairWindow, kernel: KernelStage, tiles) -> dict:
+    """Stage 6: decorrelate the tiles of ``window`` (:func:`~diffim_dag.stages.subtract.decorrelate_tile`).
 
     ``tiles`` maps cores to :class:`~diffim_dag.stages.subtract.DifferenceTile` and holds each core
     and its neighbours.  Without a (spatially constant) decorrelation kernel the tiles pass unchanged.
     """
     if kernel.decorrelation_kernel is None:
-        return {tuple(c): tiles[tuple(c)] for c in cores}
-    vu, vc = _variances(prepared, kernel.kernel_sum)
-    keep_bits = prepared.planes.bitmask(["NO_DATA", "EDGE"])
-    return {tuple(c): st.decorrelate_tile(tiles, tuple(c), bbox=prepared.science.bbox,
-                                          kernel=kernel.decorrelation_kernel, variance_unconvolved=vu,
-                                          variance_convolved=vc, xy0=prepared.science.xy0, kappa=kernel.kappa,
-                                          keep_bits=keep_bits)
-            for c in cores}
+        return {c: tiles[c] for c in window.cores}
+    vu, vc = window.variances
+    keep_bits = window.planes.bitmask(["NO_DATA", "EDGE"])
+    return {c: st.decorrelate_tile(tiles, c, bbox=window.bbox, kernel=kernel.decorrelation_kernel,
+                                   variance_unconvolved=vu, variance_convolved=vc, xy0=window.origin,
+                                   kappa=kernel.kappa, keep_bits=keep_bits)
+            for c in window.cores}
 
 
 def difference_stage(prepared: PreparedPair, kernel: KernelStage, config: PipelineConfig, tiles) -> SubtractionResult:

@@ -489,13 +489,16 @@ class DifferenceTile:
 
 
 def subtract_tile(science, template, solution, *, core: Box, halo: int, xy0, shape, mode: str, kernel_sum: float,
-                  mask_planes: dict, kept, skip_bits: int, subtract_background: bool, edge_bit: int) -> DifferenceTile:
+                  mask_planes: dict, kept, skip_bits: int, subtract_background: bool, edge_bit: int,
+                  planes_xy0=None) -> DifferenceTile:
     """Convolve and subtract one tile: the step every path (eager, tiled, batch graph) runs.
 
     Parameters
     ----------
     science, template : (image, variance, mask)
-        The whole planes (``[0, 0]`` at parent ``xy0``, image ``shape``), on one grid.
+        The planes on one grid: the whole image (``[0, 0]`` at parent ``xy0``, image ``shape``), or a window
+        of it that holds the core and its halo (``[0, 0]`` at parent ``planes_xy0``; pixels beyond the
+        image zero, as :func:`cut_box` fills them).
     solution : KernelSolution
     core : (x_min, x_max, y_min, y_max)
         The tile (the whole image for the eager path).
@@ -522,8 +525,10 @@ def subtract_tile(science, template, solution, *, core: Box, halo: int, xy0, sha
     x0, x1, y0, y1 = core
     grown = (x0 - halo, x1 + halo, y0 - halo, y1 + halo)
 
+    at = xy0 if planes_xy0 is None else tuple(planes_xy0)
+
     def planes_on(planes, box, rules):
-        img, var, msk = (cut_box(np.asarray(a), xy0, box) for a in planes)
+        img, var, msk = (cut_box(np.asarray(a), at, box) for a in planes)
         if rules:
             msk = template_mask_for_difference(msk, mask_planes, kept=tuple(kept))
         return img, var, msk

@@ -394,7 +394,6 @@ def subtract_zogy(
     config: PipelineConfig,
     zogy_config: ZogyConfig = ZogyConfig(),
     runner=None,
-    detect: bool = False,
 ):
     r"""ZOGY subtraction of ``template`` from ``science`` (same pixel grid), cell by cell.
 
@@ -409,8 +408,6 @@ def subtract_zogy(
     runner : optional
         Runs the cell tasks (:mod:`diffim_dag.stages.runner`; in turn in this thread when None: the same
         function and, since cells are blended in task order, the same bits).
-    detect : bool
-        Detect on :math:`S_\mathrm{corr}` and measure DiaSources on the difference.
 
     Returns
     -------
@@ -524,14 +521,9 @@ def subtract_zogy(
         del good
         metrics["quality"] = q
 
-    dia_sources = None
-    if detect:
-        with timings.stage("detect_measure"):
-            dia_sources = detect_on_score(difference, science, matched_template, significance, config=config,
-                                          runner=runner, metrics=metrics)
     metrics["timings_s"] = dict(timings)
     return ScoreSubtractionResult(difference=difference, matched_template=matched_template, matched_science=science, mode="zogy",
-               kernel_fit=None, decorrelation_kernel=None, metrics=metrics, dia_sources=dia_sources, score=score)
+               kernel_fit=None, decorrelation_kernel=None, metrics=metrics, dia_sources=None, score=score)
 
 
 def score_significance(score: Exposure) -> np.ndarray:
@@ -550,34 +542,3 @@ def score_significance(score: Exposure) -> np.ndarray:
 
 #: Pixels per row block of :func:`score_significance`.
 _SIGNIFICANCE_PIXELS = 1 << 20
-
-
-def detect_on_score(difference: Exposure, science: Exposure, matched_template: Exposure, significance: np.ndarray,
-                    *, config: PipelineConfig, runner=None, metrics: dict | None = None):
-    """Detect on a significance image (no further smoothing), measure on ``difference`` (its PSF).
-
-    The same call and DiaSource counts as the AL path of :func:`diffim_dag.pipeline.subtract_exposures`,
-    with ``score=significance``.
-    """
-    from .detect import DetectMeasureConfig, detect_and_measure
-
-    runner = IN_TURN if runner is None else runner
-    # in process the tiles run in turn with all cores on each FFT (the per-source fits hold the GIL), as in the
-    # AL path; on a cluster each tile is a task with one FFT thread
-    def on_runner(function, tasks):
-        return runner.map(function, tasks, prefix="detect-measure")
-
-    map_tiles = on_runner if runner.distributed else None
-    dcfg = DetectMeasureConfig.from_detection_config(config.detection, tile_size=config.subtract.tile_size,
-                                                     fft_workers=runner.fft_workers)
-    dia = detect_and_measure(difference, science=science, template=matched_template, config=dcfg,
-                             score=significance, map_tiles=map_tiles)
-    if metrics is not None:
-        real = dia[~dia["sky_source"]]
-        metrics["dia_sources"] = {
-            "n": int(len(real)),
-            "n_negative": int(real["is_negative"].sum()),
-            "n_dipoles": int(real["is_dipole"].sum()) if "is_dipole" in real else None,
-            "n_sky_sources": int(dia["sky_source"].sum()),
-        }
-    return dia
