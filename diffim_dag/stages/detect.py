@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -44,15 +43,11 @@ from ..exposure import Exposure
 from ..kernels import detection as det
 from ..kernels.dipole import DIPOLE_COLUMNS, empty_dipole, fit_dipole
 from ..kernels.maskops import bits_of
-from ..kernels.measure import (
-    DEFAULT_EXCLUDED_PLANES,
-    forced_psf_flux,
-    measure_sources,
-    measurement_columns,
-    pixels_without,
-)
+from ..kernels.measure import DEFAULT_EXCLUDED_PLANES, forced_psf_flux, measure_sources, pixels_without
 from ..masks import DEFAULT_MASK_PLANES
 from ..psf import Psf
+from .dia_schema import DIA_SOURCE_COLUMNS, _conform, empty_dia_sources, read_dia_sources, write_dia_sources
+from .sky_sources import _sky_to_radec, place_sky_sources
 
 __all__ = [
     "DetectMeasureConfig",
@@ -173,134 +168,6 @@ class DetectMeasureConfig(DetectionConfig):
             fields[k] = tuple(fields[k])
         return cls(**{**fields, "systematic_radius": int(radius), **changes})
 
-
-# --------------------------------------------------------------------------- schema
-
-_SOURCE_DOC: dict[str, tuple[str, str]] = {
-    "id": ("int64", "source id, unique within (visit, detector); real sources by peak (y, x), then sky sources"),
-    "visit": ("int64", "visit id (-1 unknown)"),
-    "detector": ("int64", "detector id (-1 unknown)"),
-    "x": ("float64", "centroid x, parent pixels (dipoles: flux-weighted lobe centre)"),
-    "y": ("float64", "centroid y, parent pixels"),
-    "x_err": ("float64", "1σ error of x (px); NaN when the centroid fit failed"),
-    "y_err": ("float64", "1σ error of y (px)"),
-    "ra": ("float64", "right ascension of (x, y), degrees (NaN without a WCS)"),
-    "dec": ("float64", "declination, degrees"),
-    "ra_err": ("float64", "1σ error of ra·cos(dec), degrees, from x_err, y_err through the local WCS Jacobian"),
-    "dec_err": ("float64", "1σ error of dec, degrees"),
-    "peak_x": ("int64", "primary (most significant) peak x"),
-    "peak_y": ("int64", "primary peak y"),
-    "peak_significance": ("float64", "matched-filter significance at the primary peak (signed)"),
-    "n_peaks_positive": ("int64", "positive peaks in the footprint"),
-    "n_peaks_negative": ("int64", "negative peaks in the footprint"),
-    "is_negative": ("bool", "footprint has negative peaks only"),
-    "footprint_area": ("int64", "footprint pixels"),
-    "bbox_x_min": ("int64", "footprint bbox, parent pixels, [min, max)"),
-    "bbox_x_max": ("int64", ""),
-    "bbox_y_min": ("int64", ""),
-    "bbox_y_max": ("int64", ""),
-    "footprint_truncated": ("bool", "footprint cut by a tile edge and not completed (pieces are re-measured whole)"),
-}
-_MEASURE_DOC = {
-    "centroid_flag": "centroid fit failed (x, y = peak) or was not fitted (sky sources)",
-    "psf_flux": "PSF flux ΣPD/V / ΣP²/V (counts)",
-    "psf_flux_err": "1/√(ΣP²/V)",
-    "psf_chi2": "χ² of the PSF model in its stamp",
-    "psf_dof": "degrees of freedom of psf_chi2",
-    "psf_flux_flag": "PSF flux failed or < half the PSF weight on good pixels",
-    "snr": "psf_flux / psf_flux_err",
-    "ap12_flux": "circular aperture flux, radius 12 px",
-    "ap12_flux_err": "",
-    "ap12_flag": "aperture touched excluded pixels or the tile edge",
-    "ap2fwhm_flux": "circular aperture flux, radius 2 × FWHM",
-    "ap2fwhm_flux_err": "",
-    "ap2fwhm_flag": "",
-    "ixx": "adaptive second moment xx (px²)",
-    "iyy": "adaptive second moment yy",
-    "ixy": "adaptive second moment xy",
-    "shape_flag": "adaptive moments failed",
-}
-_FORCED_DOC = {
-    "science_forced_flux": ("float64", "forced PSF flux on the science image at (x, y)"),
-    "science_forced_flux_err": ("float64", ""),
-    "science_forced_flag": ("bool", "no science image, or forced flux failed"),
-    "template_forced_flux": ("float64", "forced PSF flux on the matched template at (x, y)"),
-    "template_forced_flux_err": ("float64", ""),
-    "template_forced_flag": ("bool", "no template image, or forced flux failed"),
-    "sky_source": ("bool", "sky source (blank-sky position), not a DiaSource"),
-}
-
-
-def _build_columns() -> dict[str, tuple[str, str]]:
-    cols = dict(_SOURCE_DOC)
-    for name, dtype in measurement_columns().items():
-        doc = _MEASURE_DOC.get(name)
-        if doc is None and name.startswith("pixel_flags_"):
-            plane = name[len("pixel_flags_") :].removesuffix("_center").upper()
-            doc = f"{plane} set {'in the 3×3 centre' if name.endswith('_center') else 'anywhere in the footprint'}"
-        cols[name] = (dtype, doc or "")
-    for name, dtype in DIPOLE_COLUMNS.items():
-        cols[name] = (dtype, f"dipole fit: {name[len('dipole_'):].replace('_', ' ')}" if name.startswith("dipole_") else
-                      "classified as a dipole (S/N > 5√2, each lobe < 0.65 of the total)")
-    cols.update(_FORCED_DOC)
-    return cols
-
-
-#: Column → (dtype, description) of ``dia_sources.parquet``.
-DIA_SOURCE_COLUMNS: dict[str, tuple[str, str]] = _build_columns()
-
-
-def empty_dia_sources() -> pd.DataFrame:
-    """A zero-row catalogue with the full schema."""
-    return pd.DataFrame({k: pd.Series([], dtype=v[0]) for k, v in DIA_SOURCE_COLUMNS.items()})
-
-
-def _conform(df: pd.DataFrame) -> pd.DataFrame:
-    out = {}
-    for k, (dtype, _) in DIA_SOURCE_COLUMNS.items():
-        if k in df:
-            col = df[k]
-            if dtype == "bool":
-                col = col.fillna(False)
-            elif dtype == "int64":
-                col = col.fillna(-1)  # e.g. footprint fields of sky sources
-            out[k] = col.astype(dtype).to_numpy()
-        else:
-            out[k] = np.full(len(df), False if dtype == "bool" else (-1 if dtype == "int64" else np.nan)).astype(dtype)
-    return pd.DataFrame(out)
-
-
-def write_dia_sources(catalog: pd.DataFrame, path: str | os.PathLike) -> str:
-    """Write the catalogue to Parquet (full schema, column descriptions in the metadata).
-
-    An empty catalogue is written with every column and ``n_dia_sources = 0`` in the
-    metadata (and a log line saying so).
-    """
-    import json
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    df = _conform(catalog)
-    table = pa.Table.from_pandas(df, preserve_index=False)
-    n_real = int((~df["sky_source"]).sum()) if len(df) else 0
-    meta = dict(table.schema.metadata or {})
-    meta[b"diffim_dag.columns"] = json.dumps({k: v[1] for k, v in DIA_SOURCE_COLUMNS.items()}).encode()
-    meta[b"diffim_dag.n_dia_sources"] = str(n_real).encode()
-    table = table.replace_schema_metadata(meta)
-    if n_real == 0:
-        log.warning("%s: no DiaSource detected; writing a catalogue with the full schema and %d sky source rows",
-                    path, len(df))
-    from ..io.atomic import atomic_path
-
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
-    return os.fspath(path)
-
-
-def read_dia_sources(path: str | os.PathLike) -> pd.DataFrame:
-    """Read ``dia_sources.parquet`` back (pandas)."""
-    return pd.read_parquet(path)
 
 
 # --------------------------------------------------------------------------- tiles
@@ -499,134 +366,6 @@ def stitch_catalogs(results: Sequence[TileResult]) -> TileResult:
     order = cat["_i"].to_numpy()
     return TileResult(catalog=cat.drop(columns="_i").reset_index(drop=True), footprints=[fps[i] for i in order])
 
-
-def place_sky_sources(
-    n: int,
-    footprints_mask: np.ndarray,
-    bad: np.ndarray,
-    *,
-    avoid_radius: int,
-    origin: tuple[int, int] = (0, 0),
-    seed: int = 0,
-    source_xy: np.ndarray | None = None,
-    max_tries: int = 200,
-) -> np.ndarray:
-    """``n`` parent positions ``(x, y)`` on blank sky.
-
-    A position is accepted when no footprint or ``bad`` pixel lies within
-    ``avoid_radius`` (a disc, :math:`dx^2 + dy^2 \\le r^2`), it is at least ``avoid_radius``
-    from the image edge, farther than ``avoid_radius + 1`` from every ``source_xy`` (rounded
-    to pixel centres) and farther than ``2·avoid_radius`` from the sky sources already placed.
-    Positions are pixel centres, uniform over the allowed pixels and seeded.
-
-    Two phases draw from the same distribution. Rejection sampling tests uniform draws
-    against the ``(2r+1)²`` window around each one (cost independent of the image size:
-    blank sky is most of a difference image). When fewer than ``n`` were accepted after
-    ``max_tries·n`` draws, or the sampling acceptance is below 1 %, the exact map of allowed
-    centres is built (distance transform) and draws continue from it only. Fewer than ``n``
-    positions come back, with a warning, when the image has no more room.
-    """
-    ny, nx = footprints_mask.shape
-    r = int(avoid_radius)
-    if n <= 0 or nx <= 2 * r or ny <= 2 * r:
-        return np.empty((0, 2))
-    blocked_px = np.asarray(footprints_mask, dtype=bool) | np.asarray(bad, dtype=bool)
-    src = np.empty((0, 2)) if source_xy is None else np.asarray(source_xy, dtype=np.float64).reshape(-1, 2)
-    src_pix = np.rint(src - np.asarray(origin, dtype=np.float64)).astype(np.int64)
-    tree = None
-    if len(src_pix):
-        from scipy.spatial import cKDTree
-
-        tree = cKDTree(src_pix)
-    disc_y, disc_x = np.nonzero(det.disc(r))
-    disc_y, disc_x = disc_y - r, disc_x - r
-    rng = np.random.default_rng(seed)
-    placed: list[tuple[int, int]] = []
-    min_sep2 = (2 * r) ** 2
-
-    def free_of_sources(iy: np.ndarray, ix: np.ndarray) -> np.ndarray:
-        if tree is None:
-            return np.ones(iy.size, dtype=bool)
-        d, _ = tree.query(np.column_stack([ix, iy]), k=1)
-        return d * d > (r + 1) ** 2 + 1e-9
-
-    def accept(iy: np.ndarray, ix: np.ndarray) -> None:
-        for py, px in zip(iy.tolist(), ix.tolist()):
-            if len(placed) == n:
-                return
-            if placed and min((qx - px) ** 2 + (qy - py) ** 2 for qy, qx in placed) <= min_sep2:
-                continue
-            placed.append((py, px))
-
-    # phase 1: rejection sampling inside the margins [r, n - r)
-    budget = max_tries * n
-    drawn = accepted = 0
-    batch = max(64, 4 * n)
-    while len(placed) < n and drawn < budget:
-        k = min(batch, budget - drawn)
-        iy = rng.integers(r, ny - r, size=k)
-        ix = rng.integers(r, nx - r, size=k)
-        drawn += k
-        ok = ~blocked_px[iy[:, None] + disc_y, ix[:, None] + disc_x].any(axis=1)
-        ok &= free_of_sources(iy, ix)
-        accepted += int(ok.sum())
-        accept(iy[ok], ix[ok])
-        if drawn >= 20 * batch and accepted < 0.01 * drawn:
-            break  # crowded: the exact map is cheaper than more blind draws
-    if len(placed) < n:
-        # phase 2: the exact map of allowed centres (no index array of every allowed pixel)
-        allowed = ~det.dilate_disc(blocked_px, r)
-        allowed[:r] = allowed[ny - r :] = False
-        allowed[:, :r] = allowed[:, nx - r :] = False
-        if tree is not None:
-            near = np.zeros_like(allowed)
-            inside = (src_pix[:, 0] >= 0) & (src_pix[:, 0] < nx) & (src_pix[:, 1] >= 0) & (src_pix[:, 1] < ny)
-            near[src_pix[inside, 1], src_pix[inside, 0]] = True
-            allowed &= ~det.dilate_disc(near, r + 1)
-        for qy, qx in placed:  # the already placed ones exclude their 2r disc
-            y0, y1, x0, x1 = max(qy - 2 * r, 0), min(qy + 2 * r + 1, ny), max(qx - 2 * r, 0), min(qx + 2 * r + 1, nx)
-            yy, xx = np.ogrid[y0:y1, x0:x1]
-            allowed[y0:y1, x0:x1] &= (yy - qy) ** 2 + (xx - qx) ** 2 > min_sep2
-        row_start = np.concatenate([[0], np.cumsum(np.count_nonzero(allowed, axis=1))])
-        n_candidates = int(row_start[-1])
-        if n_candidates:
-            order = rng.choice(n_candidates, size=min(n_candidates, max_tries * n), replace=False)
-            for k in order.tolist():
-                iy = int(np.searchsorted(row_start, k, side="right")) - 1
-                ix = int(np.flatnonzero(allowed[iy])[k - row_start[iy]])
-                accept(np.array([iy]), np.array([ix]))
-                if len(placed) == n:
-                    break
-    if len(placed) < n:
-        log.warning("placed only %d of %d sky sources (no more blank sky)", len(placed), n)
-    out = np.asarray([(px + origin[0], py + origin[1]) for py, px in placed], dtype=np.float64)
-    return out.reshape(-1, 2)
-
-
-def _sky_to_radec(cat: pd.DataFrame, wcs) -> None:
-    n = len(cat)
-    for c in ("ra", "dec", "ra_err", "dec_err"):
-        cat[c] = np.full(n, np.nan)
-    if wcs is None or n == 0:
-        return
-    import copy
-
-    w = copy.deepcopy(wcs)  # astropy WCS is not thread-safe
-    x = cat["x"].to_numpy()
-    y = cat["y"].to_numpy()
-    ra, dec = w.all_pix2world(x, y, 0)
-    step = 0.5
-    ra_x, dec_x = w.all_pix2world(x + step, y, 0)
-    ra_y, dec_y = w.all_pix2world(x, y + step, 0)
-    cosd = np.cos(np.radians(dec))
-    dra_dx = ((ra_x - ra + 180.0) % 360.0 - 180.0) * cosd / step
-    dra_dy = ((ra_y - ra + 180.0) % 360.0 - 180.0) * cosd / step
-    ddec_dx = (dec_x - dec) / step
-    ddec_dy = (dec_y - dec) / step
-    sx, sy = cat["x_err"].to_numpy(), cat["y_err"].to_numpy()
-    cat["ra"], cat["dec"] = ra, dec
-    cat["ra_err"] = np.sqrt((dra_dx * sx) ** 2 + (dra_dy * sy) ** 2)
-    cat["dec_err"] = np.sqrt((ddec_dx * sx) ** 2 + (ddec_dy * sy) ** 2)
 
 
 def _detect_measure_task(kwargs: dict) -> TileResult:
