@@ -15,17 +15,23 @@ SHARED_DATA = Path(os.environ.get("DIFFIM_SHARED_DATA", REPO.parent / "shared" /
 def pytest_addoption(parser):
     parser.addoption("--acceptance", action="store_true", default=False,
                      help="also run the acceptance tier (tests marked 'acceptance': 40-visit batches, killed "
-                          "workers, notebooks, the no-flag CLI runs on simulated pairs); .ci/run and the README's "
-                          "test command do")
+                          "workers, notebooks, the no-flag CLI runs on simulated pairs; 'slow': images larger than "
+                          "512²; 'realdata': ../shared/data); .ci/run and the README's test command do")
+
+
+#: Markers of the tests outside the fast tier: the end-to-end runs, the larger (> 512²) simulated images, the
+#: real images of ../shared/data.
+OUTSIDE_FAST_TIER = ("acceptance", "slow", "realdata")
 
 
 def pytest_collection_modifyitems(config, items):
-    """The fast tier by default: the acceptance tier is deselected unless ``--acceptance`` is given."""
+    """The fast tier by default (analytic fixtures, ≤ 512²): tests marked ``acceptance``, ``slow`` or ``realdata``
+    are deselected unless ``--acceptance`` is given."""
     if config.getoption("--acceptance"):
         return
     keep, drop = [], []
     for item in items:
-        (drop if item.get_closest_marker("acceptance") else keep).append(item)
+        (drop if any(item.get_closest_marker(m) for m in OUTSIDE_FAST_TIER) else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep

@@ -149,6 +149,7 @@ def test_overlap_is_checked_before_any_pixel_is_warped(small, tmp_path, monkeypa
 # ------------------------------------------------------------------------------------------------ --out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["a file", "under a file", "not writable"])
 def test_unusable_out_is_reported_before_any_work(big, tmp_path, case):
     afile = tmp_path / "afile"
@@ -260,6 +261,7 @@ def _stop_after(cmd: list, wait_s: float, signum: int, ready=None):
     return proc.returncode, proc.stdout.read(), gone
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("earlier", [False, True], ids=["fresh", "earlier-set"])
 def test_ctrl_c_during_a_2048_subtract(big, small, tmp_path, earlier):
     out = tmp_path / "out"

@@ -139,16 +139,16 @@ def test_peaks_on_bad_planes_are_dropped(rng, transients, plane):
         assert cat2[f"pixel_flags_{plane.lower()}_center"].to_numpy()[idx2[hit]].all()
 
 
-def _tiled_fixture(rng, n=1024):
+def _tiled_fixture(rng, n=512):
     xy0 = (64, 96)
-    # sources exactly on 256- and 512-pixel tile borders (core edges), plus random ones
+    # sources exactly on 128- and 256-pixel tile borders (core edges), plus random ones
     border = []
-    for b in (256, 512, 768):
-        for t in (100.0, 300.3, 620.7, 900.2):
+    for b in (128, 256, 384):
+        for t in (50.0, 150.3, 310.7, 450.2):
             border.append((xy0[0] + b, xy0[1] + t))
             border.append((xy0[0] + t + 11.0, xy0[1] + b - 0.5))
-    border.append((xy0[0] + 512.0, xy0[1] + 512.0))  # a corner of four tiles
-    border.append((xy0[0] + 256.4, xy0[1] + 768.6))
+    border.append((xy0[0] + 256.0, xy0[1] + 256.0))  # a corner of four tiles
+    border.append((xy0[0] + 128.4, xy0[1] + 384.6))
     rand = isolated_positions(rng, 30, 30, n - 30, 30) + np.array(xy0)
     pos = np.vstack([border, rand])
     keep = [0]
@@ -157,14 +157,14 @@ def _tiled_fixture(rng, n=1024):
             keep.append(i)
     pos = pos[keep]
     flux = rng.uniform(800, 3000, len(pos)) * rng.choice([-1, 1], len(pos))
-    # a dipole straddling the 512 border
+    # a dipole straddling the 256 border
     exp = make_difference(rng, (n, n), xy0, pos[:, 0], pos[:, 1], flux)
     img = exp.image.values.copy()
-    add_sources(img, [xy0[0] + 510.5, xy0[0] + 513.5], [xy0[1] + 140.0, xy0[1] + 141.0], [2000.0, -2000.0], PSF, xy0=xy0)
+    add_sources(img, [xy0[0] + 254.5, xy0[0] + 257.5], [xy0[1] + 100.0, xy0[1] + 101.0], [2000.0, -2000.0], PSF, xy0=xy0)
     return exp.with_planes(image=img), pos
 
 
-@pytest.mark.parametrize("tile_size", [512, 256])
+@pytest.mark.parametrize("tile_size", [256, 128])
 def test_tiled_equals_untiled(rng, tile_size):
     exp, pos = _tiled_fixture(rng)
     cfg = DetectMeasureConfig(n_sky_sources=0)
@@ -392,15 +392,15 @@ def test_footprints_larger_than_the_halo_are_completed_across_tiles(rng):
     across the image span several 128-px tiles and are wider than the tiles' halo: the tiled catalogue
     still equals the untiled one, each big source once with its whole footprint; point sources elsewhere
     are unaffected."""
-    n, xy0 = 640, (1000, 2000)
-    pos = isolated_positions(rng, 25, 30, n - 30, 40)
-    pos = pos[np.hypot(pos[:, 0] - 256, pos[:, 1] - 256) > 130]
-    pos = pos[np.hypot(pos[:, 0] - 450, pos[:, 1] - 500) > 130] + np.array(xy0)
+    n, xy0 = 512, (1000, 2000)
+    pos = isolated_positions(rng, 20, 30, n - 30, 40)
+    pos = pos[np.hypot(pos[:, 0] - 190, pos[:, 1] - 200) > 130]
+    pos = pos[np.hypot(pos[:, 0] - 370, pos[:, 1] - 390) > 130] + np.array(xy0)
     flux = rng.uniform(1000, 3000, len(pos)) * rng.choice([-1, 1], len(pos))
     exp = make_difference(rng, (n, n), xy0, pos[:, 0], pos[:, 1], flux)
     img = exp.image.values.copy()
     big = GaussianPsf(20.0)
-    add_sources(img, [xy0[0] + 256.0, xy0[0] + 450.0], [xy0[1] + 256.0, xy0[1] + 500.0], [3e6, -2e6], big, xy0=xy0)
+    add_sources(img, [xy0[0] + 190.0, xy0[0] + 370.0], [xy0[1] + 200.0, xy0[1] + 390.0], [3e6, -2e6], big, xy0=xy0)
     # and a satellite streak across the whole image (σ = 1.5 px, ~8σ per pixel on its ridge)
     yy, xx = np.mgrid[:n, :n]
     img += 40.0 * np.exp(-0.5 * ((yy - (60.0 + 0.05 * xx)) / 1.5) ** 2)

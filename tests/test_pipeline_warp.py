@@ -18,7 +18,7 @@ from diffim_dag.pipeline import subtract_exposures
 from diffim_dag.sim import SimConfig, simulate_pair
 from diffim_dag.stages.template import prepare_template, warp_exposure
 
-CFG = SimConfig(size=1024, seed=11, sky_subtracted=True, n_cosmic_rays=0)
+CFG = SimConfig(size=512, seed=11, sky_subtracted=True, n_cosmic_rays=0, n_transients=12)
 
 
 @pytest.fixture(scope="module")

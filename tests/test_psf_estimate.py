@@ -34,6 +34,7 @@ def varying_pair():
                                    xy0=(100, -50)))
 
 
+@pytest.mark.slow
 def test_fwhm_within_3_percent_at_the_centre_and_the_corners(varying_pair):
     for role in ("science", "template"):
         exposure = getattr(varying_pair, role)
@@ -52,6 +53,7 @@ def test_fwhm_within_3_percent_at_the_centre_and_the_corners(varying_pair):
     assert _estimate(varying_pair.template).report["spatial_order"] == 0
 
 
+@pytest.mark.slow
 def test_estimated_model_measures_fluxes_like_the_truth(varying_pair):
     """PSF-fit flux of a true-PSF star with the estimated model: within 2 % (wings unbiased, no floor)."""
     e = varying_pair.science
@@ -104,6 +106,7 @@ def test_no_star_is_an_error_naming_the_image():
         estimate_psf(flat, source="empty.fits")
 
 
+@pytest.mark.slow
 def test_a_supplied_psf_wins_and_is_described(varying_pair):
     result = measure_psf(varying_pair.science, role="science")
     assert result.psf is varying_pair.science.psf

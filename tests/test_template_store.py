@@ -48,7 +48,7 @@ def make_patch(i, j, variance):
                                 wcs=tract_wcs(), psf=GaussianPsf(sigma_x=1.5))
 
 
-def science_exposure(size=560, x0=1000, y0=2000):
+def science_exposure(size=512, x0=1000, y0=2000):
     img = np.zeros((size, size), np.float32)
     # science parent pixel p ↔ tract pixel p + (DX, DY): shift CRPIX by -(DX, DY)
     return Exposure.from_arrays(img, np.ones_like(img), xy0=(x0, y0), wcs=tract_wcs(shift=(-DX, -DY)),
@@ -71,7 +71,7 @@ def test_four_patches_one_missing(tmp_path):
     tmpl, metrics = prepare_template(science, store=folder, border=border)
     assert metrics["n_patches"] == 3
     img, var, msk = tmpl.arrays()
-    assert tmpl.xy0 == (1000 - border, 2000 - border) and img.shape == (560 + 2 * border,) * 2
+    assert tmpl.xy0 == (1000 - border, 2000 - border) and img.shape == (512 + 2 * border,) * 2
     # expected data: a present patch holds every needed tap (floor(u)-2 … floor(u)+3) of the pixel
     ys, xs = np.mgrid[0:img.shape[0], 0:img.shape[1]]
     u = xs + tmpl.xy0[0] + DX
@@ -101,7 +101,7 @@ def test_four_patches_one_missing(tmp_path):
 def test_too_little_coverage_is_no_work_found():
     patch = make_patch(0, 0, 1.0)
     # science box that only clips the patch corner: ~5 % covered
-    science = science_exposure(size=560, x0=1000 + 160, y0=2000 + 160)
+    science = science_exposure(size=512, x0=1000 + 160, y0=2000 + 160)
     with pytest.raises(NoWorkFound) as info:
         prepare_template(science, store=TemplateStore.from_exposures([patch]))
     assert 0.0 < info.value.coverage < 0.1

@@ -74,7 +74,7 @@ def test_an_image_wide_footprint_and_no_blank_sky_are_bad():
     assert q["verdict"] == "bad_subtraction" and "only 10 of 100 sky sources" in q["verdict_reasons"][0]
 
 
-BASE = dict(size=1024, seed=31, psf_profile="moffat", moffat_beta=3.5, science_fwhm=3.7, template_fwhm=2.7,
+BASE = dict(size=512, seed=31, psf_profile="moffat", moffat_beta=3.5, science_fwhm=3.7, template_fwhm=2.7,
             n_stars=650, n_cosmic_rays=0, n_bad_columns=0)
 
 
