@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import dask
-import dask.array as da
 
 
 __all__ = [
@@ -61,12 +60,14 @@ def tile_starts(chunks: tuple[tuple[int, ...], tuple[int, ...]], xy0: tuple[int,
     return ys, xs
 
 
-def array_view(a: np.ndarray, chunks: tuple[int, int], *, prefix: str = "plane") -> da.Array:
+def array_view(a: np.ndarray, chunks: tuple[int, int], *, prefix: str = "plane") -> "dask.array.Array":
     """A dask array whose chunks are slices (views) of the in-memory array ``a``.
 
     ``da.from_array`` and tokenizing both copy the whole array (67 MB for a 4096² float32
     plane); here the array is referenced once in the graph and each tile task slices it.
     """
+    import dask.array as da
+
     import operator
     import uuid
 
@@ -89,6 +90,8 @@ def array_view(a: np.ndarray, chunks: tuple[int, int], *, prefix: str = "plane")
 
 def planes_to_dask(image, variance, mask, tile: int | tuple[int, int]):
     """Dask arrays (chunks = tiles) from numpy or dask planes (numpy planes are not copied)."""
+    import dask.array as da
+
     ty, tx = (tile, tile) if isinstance(tile, int) else tile
 
     def conv(a):
@@ -101,6 +104,8 @@ def planes_to_dask(image, variance, mask, tile: int | tuple[int, int]):
 
 def _with_halo(func, arrays, depth: int, *, boundary, xy0, dtype, extra=()):
     """map_blocks over overlapped arrays; func(*blocks, *extra, origin=(x, y)) gets each tile's halo origin."""
+    import dask.array as da
+
     ref = arrays[0]
     ys, xs = tile_starts(ref.chunks, xy0)
     over = [da.overlap.overlap(a, depth={0: depth, 1: depth}, boundary=boundary) for a in arrays]
@@ -149,6 +154,8 @@ def difference_tiles(science, template, *, mode, kernel_sum, background_solution
     ``science`` and ``template`` are (image, variance, mask) triples of equally chunked dask arrays.
     Returns float32 image and variance and the int32 mask as dask arrays.
     """
+    import dask.array as da
+
     from .stages.subtract import combine_tile, edge_bits_for_tile
 
     ys, xs = tile_starts(science[0].chunks, xy0)
@@ -216,6 +223,8 @@ def compute(*collections, client=None):
     Without a client, arrays are stored tile by tile into preallocated numpy arrays
     (``da.store``), so no output is ever held twice (chunk list + concatenation).
     """
+    import dask.array as da
+
     if client is not None:
         futures = client.compute(list(collections))
         return tuple(client.gather(futures))
