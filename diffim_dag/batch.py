@@ -64,7 +64,8 @@ from typing import Sequence
 from .config import PipelineConfig, config_to_dict
 from .manifest import VisitSpec, read_manifest, visit_dir, visit_key, write_manifest  # noqa: F401 - the batch API
 from .io.outputs import OUTPUTS_MANIFEST, check_output_root, register_cleanup, unregister_cleanup
-from .visit import DIA_SOURCE_DATASET, VisitRecord, process_visit, verify_outputs  # noqa: F401 - the batch API
+from .visit import process_visit  # noqa: F401 - the batch API
+from .visit_outputs import DIA_SOURCE_DATASET, VisitRecord, verify_outputs
 
 __all__ = [
     "VisitSpec",
