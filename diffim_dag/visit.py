@@ -133,6 +133,7 @@ class Warped:
     exposure: object
     metrics: dict
     seconds: float
+    read_seconds: float = 0.0  # both inputs' reads (the raw exposures themselves are not kept)
 
     def __sizeof__(self) -> int:
         from .stages.inputs import _nbytes
@@ -151,7 +152,7 @@ def template_stage(science: Read, template: Read, config: PipelineConfig, store=
     exposure, metrics = prepare_template(science.exposure, template.exposure, store=store, warp=warp,
                                          min_coverage=config.subtract.min_template_coverage,
                                          tile=config.subtract.tile_size, workers=workers)
-    return Warped(exposure, metrics, time.perf_counter() - t0)
+    return Warped(exposure, metrics, time.perf_counter() - t0, science.seconds + template.seconds)
 
 
 def exposure_stage(source, config: PipelineConfig, role: str, psf=None):
@@ -163,7 +164,7 @@ def exposure_stage(source, config: PipelineConfig, role: str, psf=None):
     return prepare_exposure(source.exposure, config, role, psf=psf)
 
 
-def inputs_stage(science, template, read_science: Read, read_template: Read, warped: Warped):
+def inputs_stage(science, template, warped: Warped):
     """The ``("inputs", V, D)`` task: both prepared exposures as one
     :class:`~diffim_dag.stages.prepare.PreparedExposures`, with the reads', the warp's and the input stages'
     reports and wall times."""
@@ -171,8 +172,8 @@ def inputs_stage(science, template, read_science: Read, read_template: Read, war
 
     prepared = combine_prepared({"science": science, "template": template})
     first = {}
-    if read_science.seconds or read_template.seconds:  # (exposures in hand were not read here)
-        first["read"] = read_science.seconds + read_template.seconds
+    if warped.read_seconds:  # (exposures in hand were not read here)
+        first["read"] = warped.read_seconds
     if warped.metrics:  # (the Python API's pair has no template task)
         prepared.metrics = {"template": warped.metrics, **prepared.metrics}
         first["template_warp"] = warped.seconds
@@ -405,7 +406,8 @@ def _input_tasks(g: _Builder, config, source, *, out_dir, run_id, warp, workers,
     done = [g.task("exposure", (i,), exposure_stage, reads[0] if i == 0 else g.key("template"), config, role,
                    (psfs or {}).get(role))
             for i, role in enumerate(PSF_ROLES)]
-    return g.task("inputs", (), inputs_stage, *done, *reads, g.key("template"))
+    # the raw template goes once warped, the raw science once both its tasks are done
+    return g.task("inputs", (), inputs_stage, *done, g.key("template"))
 
 
 def _al_tasks(g: _Builder, config, grid: VisitGrid, inputs, *, sources=None) -> tuple:

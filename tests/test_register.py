@@ -94,3 +94,23 @@ def test_refinement_fixes_a_science_wcs_wrong_by_6px():
     # without refinement the residual stays
     _, m2 = prepare_template(science, pair.template, refine=False, border=0)
     assert "alignment_rms_after_px" not in m2
+
+
+def test_alignment_windows_and_the_stars_found_in_them():
+    """Large images check their alignment on stars of five windows (corners and centre); smaller ones whole."""
+    from diffim_dag.stages.template import _stars, alignment_windows
+
+    assert alignment_windows((0, 2048, 0, 2048)) == [(0, 2048, 0, 2048)]
+    boxes = alignment_windows((10, 4106, -5, 4091))
+    assert boxes == [(10, 1034, -5, 1019), (3082, 4106, -5, 1019), (10, 1034, 3067, 4091), (3082, 4106, 3067, 4091),
+                     (1546, 2570, 1531, 2555)]
+    science, _, _ = _render_pair()
+    whole = _stars(science)
+    windows = alignment_windows(science.bbox, side=128)
+    assert len(windows) == 5
+    part = _stars(science, windows=windows)
+    assert 5 <= len(part) < len(whole)
+    assert np.all(np.diff(part[:, 2]) <= 0)  # brightest first
+    for x, y, _ in part:  # parent pixels, inside a window, and the same stars as the whole image's search
+        assert any(b[0] <= x < b[1] and b[2] <= y < b[3] for b in windows)
+        assert np.min(np.hypot(whole[:, 0] - x, whole[:, 1] - y)) < 0.05

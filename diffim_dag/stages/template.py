@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import InputError, NoWorkFound
 from ..exposure import Exposure
-from ..kernels.register import StarMatch, detect_stars, match_star_lists
+from ..kernels.register import StarMatch, match_star_lists
 from ..kernels.warp import (
     AffineMapping,
     ComposedMapping,
@@ -379,22 +379,58 @@ class PatchworkPsf(Psf):
 # ---------------------------------------------------------------------------------------------
 # registration
 # ---------------------------------------------------------------------------------------------
-def _stars(exposure: Exposure, *, max_stars: int = 150, min_snr: float = 30.0) -> np.ndarray:
+#: Side (px) of the windows an alignment check finds its stars in, on images too large to search whole.
+ALIGNMENT_WINDOW = 1024
+
+
+def alignment_windows(bbox, side: int = ALIGNMENT_WINDOW, *, max_fraction: float = 0.4):
+    """Boxes ``(x0, x1, y0, y1)`` (parent pixels) an alignment check looks for stars in: the four corners and the
+    centre, ``side`` px each, when they cover less than ``max_fraction`` of ``bbox``; else ``[bbox]``.
+
+    A misalignment shows at the corners as well as anywhere (a rotation or scale error most of all there),
+    and five windows of a 4096² image hold 31 % of its pixels: the check's star finding (twice, once on the
+    warped template) costs that much less."""
+    x0, x1, y0, y1 = (int(v) for v in bbox)
+    nx, ny = x1 - x0, y1 - y0
+    if 5 * side * side >= max_fraction * nx * ny or side >= min(nx, ny):
+        return [(x0, x1, y0, y1)]
+    cx, cy = x0 + (nx - side) // 2, y0 + (ny - side) // 2
+    corners = [(x0, y0), (x1 - side, y0), (x0, y1 - side), (x1 - side, y1 - side), (cx, cy)]
+    return [(a, a + side, b, b + side) for a, b in corners]
+
+
+def _stars(exposure: Exposure, *, max_stars: int = 150, min_snr: float = 30.0, windows=None) -> np.ndarray:
     """Bright point sources of an exposure, brightest first: ``(n, 3)`` of parent ``x, y`` and flux.
 
     The PSF star finder (:func:`~diffim_dag.psf.estimate.find_psf_stars`: stellar locus of the
     half-light radius, so elongated and undersampled PSFs qualify; saturated, masked and blended
     sources out), positions refined by a Gaussian-windowed centroid on the full-resolution pixels.
+    ``windows`` (parent boxes, :func:`alignment_windows`) restricts the search to them, the brightest
+    ``max_stars / len(windows)`` (at least 20) in each; the whole image by default.
     """
+    img, var, msk = exposure.arrays()
+    bad = (msk & _bits(exposure.mask_planes, STAR_BAD_PLANES)) != 0
+    sat = (msk & _bits(exposure.mask_planes, ["SAT"])) != 0
+    ex, ey = exposure.xy0
+    found = []
+    windows = windows or [exposure.bbox]
+    per_window = max(20, max_stars // len(windows))  # the brightest of each: the best centroids, as in one search
+    for box in windows:
+        sl = (slice(box[2] - ey, box[3] - ey), slice(box[0] - ex, box[1] - ex))
+        stars = _stars_in(img[sl], bad[sl], sat[sl], exposure.info.saturation, max_stars=per_window, min_snr=min_snr)
+        found.append(stars + np.array([box[0], box[2], 0.0]))
+    out = np.concatenate(found) if found else np.empty((0, 3))
+    return out[np.argsort(-out[:, 2], kind="stable")] if len(found) > 1 else out
+
+
+def _stars_in(img, bad, sat, saturation, *, max_stars: int, min_snr: float) -> np.ndarray:
+    """:func:`_stars` of one array: ``(n, 3)`` of ``x, y`` (array pixels) and flux, brightest first."""
     from ..config import PsfEstimationConfig
     from ..kernels.centroid import window_centroid
     from ..psf.estimate import find_psf_stars
 
-    img, var, msk = exposure.arrays()
-    bad = (msk & _bits(exposure.mask_planes, STAR_BAD_PLANES)) != 0
-    sat = (msk & _bits(exposure.mask_planes, ["SAT"])) != 0
     cfg = PsfEstimationConfig(min_snr=min_snr, max_stars=max_stars)
-    stars, info = find_psf_stars(img, bad, saturated=sat, saturation=exposure.info.saturation, config=cfg)
+    stars, info = find_psf_stars(img, bad, saturated=sat, saturation=saturation, config=cfg)
     use = stars[stars["reason"].isin(["", "max_stars"])].head(max_stars)
     if not len(use) or info["fwhm_guess"] is None or not np.isfinite(info["fwhm_guess"]):
         return np.empty((0, 3))
@@ -409,7 +445,7 @@ def _stars(exposure: Exposure, *, max_stars: int = 150, min_snr: float = 30.0) -
         stamp = img[iy - h: iy + h + 1, ix - h: ix + h + 1].astype(np.float64) - row.background
         dx, dy = window_centroid(stamp, sigma)
         if abs(dx) < 1.5 and abs(dy) < 1.5:
-            out.append((ix + dx + exposure.xy0[0], iy + dy + exposure.xy0[1], row.flux))
+            out.append((ix + dx, iy + dy, row.flux))
     return np.asarray(out, dtype=np.float64).reshape(-1, 3)
 
 
@@ -444,8 +480,9 @@ def _raw_rms(science_stars: np.ndarray, warped_stars: np.ndarray, match: StarMat
 
 
 def _alignment(science: Exposure, warped: Exposure, science_stars=None):
-    s = _stars(science) if science_stars is None else science_stars
-    t = _stars(warped)
+    windows = alignment_windows(science.bbox)
+    s = _stars(science, windows=windows) if science_stars is None else science_stars
+    t = _stars(warped, windows=windows)
     match = match_star_lists(s, t, kind="affine", guess=AffineMapping.identity(), match_radius=2.0)
     return match, _raw_rms(s, t, match), s
 
