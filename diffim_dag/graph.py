@@ -1,22 +1,16 @@
-"""Dask wiring: with :mod:`diffim_dag.cluster` (client set-up), the only code that imports dask.
+"""Execution: with :mod:`diffim_dag.cluster` (client set-up), the only code that imports dask.
 
-It turns the pure kernels into tiled graphs.  Tiles are the chunks of the
-exposure planes; every tiled operation here has an eager twin that runs the same
-pure function on the whole array as one tile (``tiled == eager`` is tested).
-
-* :func:`convolve_tiles`: spatially varying convolution of image (K), variance
-  (K²) and mask (dilation) with an overlap of the kernel half-width; each tile
-  knows its parent-frame origin, so the Chebyshev spatial terms use absolute
-  coordinates.
-* :func:`difference_tiles`: the per-tile combine (difference, variance, masks,
-  background, EDGE).
-* :func:`filter_tiles`: a fixed small kernel (the decorrelation kernel) applied by
-  FFT per tile with a reflected halo.
-
-The visit graphs (:mod:`diffim_dag.visit`) use the execution helpers here: task keys that name
-``(stage, visit, detector[, tile or cell index])`` and carry the run's token (:func:`task_key`), and
-:func:`run_stage`, the body of every stage task: a permanent error becomes a :class:`StageFailure`
-value that the visit's later tasks hand on to its ``write`` task.
+* :func:`execute` — the one executor: a visit's graph (:func:`diffim_dag.visit.visit_graph`), or a batch of
+  them, computed on this process's threads or on a distributed client;
+* task keys that name ``(stage, visit, detector[, tile or cell index])`` and carry the run's token
+  (:func:`task_key`), and :func:`run_stage`, the body of every stage task: a permanent error becomes a
+  :class:`StageFailure` value that the visit's later tasks hand on to its ``write`` task (a single
+  subtraction raises it again: :func:`raise_failure`);
+* :class:`TileRunner` — the runner a stage with tiled work of its own is handed (ZOGY's cells, the
+  pre-convolution score's filters): each tile a task of a tiled Dask array whose chunks are the tiles
+  (:func:`convolve_tiles`: the spatially varying convolution with the kernel half-width as overlap, each tile
+  knowing its parent-frame origin; :func:`difference_tiles`: the per-tile combine; :func:`filter_tiles`: a
+  small fixed kernel with a reflected halo).  Tiled equals untiled is tested at the kernel level.
 """
 from __future__ import annotations
 

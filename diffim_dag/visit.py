@@ -26,7 +26,7 @@ from .visit_outputs import verify_outputs, write_output_set_stage, write_stage
 
 log = logging.getLogger(__name__)
 
-#: The exposures of a visit whose PSF tasks are ``("psf", V, D, i)``, in index order.
+#: The exposures of a visit whose read and exposure tasks are ``("read"|"exposure", V, D, i)``, in index order.
 PSF_ROLES = ("science", "template")
 
 

@@ -45,10 +45,9 @@ def _decorrelation_inputs(mode, science, template, solution, bad_s, bad_t):
 
 # --------------------------------------------------------------------------- the stages of one AL subtraction
 #
-# prepare → kernel sources → fit cells → spatial solve → subtract tiles → decorrelate tiles → difference
-# → detection (whole image) → detect tiles → catalogue.  subtract_exposures runs them in turn (the tile
-# steps on one tile, or through the tiled Dask arrays of graph.py); visit.visit_graph makes each one a task
-# of the batch graph.  Every stage returns a new object and never modifies its inputs (a task's result may
+# prepare → kernel sources → fit cells → spatial solve → window, subtract and decorrelate per tile →
+# difference; visit.visit_graph makes each one a task (per tile, per cell) of the visit's graph, the one
+# path of every run.  Every stage returns a new object and never modifies its inputs (a task's result may
 # feed several tasks, or be recomputed after a worker is lost).
 
 

@@ -17,8 +17,8 @@ r"""Alard–Lupton subtraction with pre-convolution (score image), as LSST's ``A
 5. score correction :math:`\phi_S` and the propagated variance plane
    (:mod:`diffim_dag.kernels.preconvolve`), applied tile by tile with a reflected halo.
 
-:func:`diffim_dag.pipeline.subtract_al_preconvolve` runs the AL subtraction (``subtract_exposures``) for the
-difference that DiaSources are *measured* on, adds the score exposure, and *detects* on
+The visit graph of ``method: al-preconvolve`` (:mod:`diffim_dag.visit`) runs the AL stages for the
+difference that DiaSources are *measured* on, adds the score exposure (its ``score`` task), and *detects* on
 the score's significance :math:`\phi_S\Sigma/\sqrt V` directly (no further smoothing).
 """
 from __future__ import annotations

@@ -491,7 +491,7 @@ class DifferenceTile:
 def subtract_tile(science, template, solution, *, core: Box, halo: int, xy0, shape, mode: str, kernel_sum: float,
                   mask_planes: dict, kept, skip_bits: int, subtract_background: bool, edge_bit: int,
                   planes_xy0=None) -> DifferenceTile:
-    """Convolve and subtract one tile: the step every path (eager, tiled, batch graph) runs.
+    """Convolve and subtract one tile: the step of every ``subtract`` task of the visit graph.
 
     Parameters
     ----------
@@ -501,7 +501,7 @@ def subtract_tile(science, template, solution, *, core: Box, halo: int, xy0, sha
         image zero, as :func:`cut_box` fills them).
     solution : KernelSolution
     core : (x_min, x_max, y_min, y_max)
-        The tile (the whole image for the eager path).
+        The tile (or the whole image, as one tile).
     halo : int
         Pixels of the convolved image read around the core (the kernel half-width for tiles,
         zero beyond the image as in :func:`diffim_dag.graph.convolve_tiles`; 0 for the whole

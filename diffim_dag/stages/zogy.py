@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ScoreSubtractionResult(SubtractionResult):
-    """A :class:`~diffim_dag.pipeline.SubtractionResult` with the score exposure of a score method.
+    """A :class:`~diffim_dag.stages.inputs.SubtractionResult` with the score exposure of a score method.
 
     ``score`` holds the score image and its variance plane, so that
     ``score.image / sqrt(score.variance)`` is the detection significance (written as
