@@ -44,7 +44,7 @@ stage_peaks = {}
 if profile:
     # --profile: the RSS sampled every 2 ms by a thread, its maximum over each Timings stage
     import contextlib, os, threading
-    from diffim_dag import pipeline as _pipeline
+    from diffim_dag.stages import inputs as _pipeline  # Timings
     page = os.sysconf("SC_PAGE_SIZE")
     samples = []
     def _poll():
@@ -80,11 +80,12 @@ with dask.config.set(num_workers=workers, scheduler="threads"):
     elif method == "al-preconvolve":
         from diffim_dag.pipeline import subtract_al_preconvolve
         r = subtract_al_preconvolve(science, template, config=config, detect=True)
-    else:
-        from diffim_dag.stages.zogy import ZogyConfig, subtract_zogy
-        from diffim_dag.graph import TileRunner
-        r = subtract_zogy(science, template, config=config, zogy_config=ZogyConfig(grid_cells=4),
-                          runner=TileRunner(tile_size=config.subtract.tile_size), detect=True)
+    else:  # the visit graph from its inputs on: ZOGY's cells on the threads, then detection on S_corr
+        import dataclasses
+        from diffim_dag.pipeline import subtract_prepared
+        from diffim_dag.stages.zogy import ZogyConfig
+        config = dataclasses.replace(config, zogy=ZogyConfig(grid_cells=4))
+        r = subtract_prepared(science, template, config=config, detect=True)
     total = time.perf_counter() - t0
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 r.dia_sources.to_parquet(out + "/dia.parquet")
