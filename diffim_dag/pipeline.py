@@ -133,8 +133,8 @@ def run_subtraction(science: Exposure, template: Exposure | None, *, config: Pip
 
     Runs on ``client``, or on ``scheduler`` (an address, or ``"local"`` for a new LocalCluster), or, by
     default (``config.cluster.scheduler`` unset), on this process's threads: for one visit that is faster
-    than starting a LocalCluster and shipping the planes to its workers (2048², 2 cores: 11.6 s against 19.2 s
-    end to end, median of 3).  ``warp=None`` warps the template when the pixel grids differ by more than
+    than starting a LocalCluster and moving the planes between its workers (2048², 2 cores: 13.2 s against
+    23.3 s end to end, median of 3).  ``warp=None`` warps the template when the pixel grids differ by more than
     0.01 px; ``warp=False`` declares one grid; ``template_store`` (a folder of patches) replaces
     ``template``.  The outputs are written into a temporary folder beside ``out_dir`` and installed as a
     whole (:func:`~diffim_dag.products.write_output_set`); ``out_dir=None`` writes nothing.
@@ -159,13 +159,15 @@ def subtract_files(science: str, template: str | None, *, config: PipelineConfig
 
     from .manifest import VisitSpec
 
-    def opts(d):
-        return tuple((k, v) for k, v in (d or {}).items() if v is not None)
+    def path(p):  # absolute: the read tasks may run on a worker with another working directory
+        return os.path.abspath(os.fspath(p)) if p is not None else None
 
-    spec = VisitSpec(visit=0, detector=0, science=os.fspath(science),
-                     template=os.fspath(template) if template is not None else None,
-                     template_store=os.fspath(template_store) if template_store is not None else None,
-                     science_options=opts(science_options), template_options=opts(template_options))
+    def opts(d):  # the auxiliary planes' files (psf, variance, ...) likewise; an HDU name stays as it is
+        return tuple((k, v if k == "hdu" else path(v)) for k, v in (d or {}).items() if v is not None)
+
+    spec = VisitSpec(visit=0, detector=0, science=path(science), template=path(template),
+                     template_store=path(template_store), science_options=opts(science_options),
+                     template_options=opts(template_options))
     (lines,) = _run(spec, config, ["summary"], scheduler=scheduler or config.cluster.scheduler, out_dir=out_dir,
                     output="set", plots=plots, warp=warp)
     return lines
