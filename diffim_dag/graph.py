@@ -34,6 +34,8 @@ __all__ = [
     "compute",
     "lazy_parquet",
     "run_in_turn",
+    "Fused",
+    "run_fused",
     "execute",
     "raise_failure",
     "write_key",
@@ -197,6 +199,19 @@ def execute(dsk: dict, keys, *, client=None):
     if client is not None:
         return client.get(dsk, keys)
     return _THREADS(dsk, keys, num_workers=os.cpu_count() or 1)
+
+
+class Fused:
+    """A piece of a graph run as one task (:func:`run_fused`): its tasks run in turn where that task runs, so
+    their intermediate results never travel between workers.  Dask does not look inside it."""
+
+    def __init__(self, dsk: dict, key):
+        self.dsk, self.key = dsk, key
+
+
+def run_fused(fused: Fused):
+    """The body of a fused task: its graph's ``key``, computed in turn."""
+    return dask.get(fused.dsk, fused.key)
 
 
 def run_in_turn(dsk: dict, key):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import PipelineConfig
-from .graph import run_in_turn, run_stage, task_key, write_key
+from .graph import Fused, run_fused, run_in_turn, run_stage, task_key, write_key
 from .manifest import VisitSpec
 from .visit_outputs import verify_outputs, write_output_set_stage, write_stage
 
@@ -517,7 +517,10 @@ def visit_graph(source, config, out_dir=None, *, visit: int | None = None, detec
     ``("summary", V, D)``                         ``output="set"``: the result's summary lines
     ============================================  ===============================================================
 
-    ``decorrelate`` tasks exist when a spatially constant decorrelation is configured.  The keys depend
+    On a cluster (``in_process=False``) the input stages — ``read`` … ``inputs`` — run as the one ``inputs`` task
+    (:class:`~diffim_dag.graph.Fused`: the same tasks in turn), so that the raw and prepared exposures do not
+    travel between workers.  ``decorrelate`` tasks exist when a spatially constant decorrelation is
+    configured.  The keys depend
     on (visit, detector), the grid and ``run_id`` only: the same for every build of one run, disjoint
     between runs.
 
@@ -572,9 +575,17 @@ def visit_graph(source, config, out_dir=None, *, visit: int | None = None, detec
     workers = (os.cpu_count() or 1) if in_process else config.cluster.threads_per_worker
     if prepared is not None:
         inputs = g.value("inputs", (), prepared)
-    else:
+    elif in_process:
         inputs = _input_tasks(g, config, source, out_dir=out if output == "visit" else None, run_id=run_id,
                               warp=warp, workers=workers, psfs=psfs, template_store=template_store)
+    else:
+        # on a cluster the input stages run as one task: the raw and prepared exposures stay on one worker (a
+        # batch of 6 visits of 2048² on 2 workers: 1.5–1.7× one worker's throughput with them as separate
+        # tasks, whose exposures travelled between the workers); the visits keep the workers busy
+        sub = _Builder(v, d, run_id)
+        inputs = _input_tasks(sub, config, source, out_dir=out if output == "visit" else None, run_id=run_id,
+                              warp=warp, workers=workers, psfs=psfs, template_store=template_store)
+        g.dsk[inputs] = (run_fused, Fused(sub.dsk, inputs))
     pair, result = _method_tasks(g, config, grid, inputs, runner=runner, sources=sources)
     catalog = injection = None
     if detect:

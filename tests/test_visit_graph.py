@@ -75,16 +75,21 @@ def test_keys_name_stage_visit_detector_and_tile(spec, tmp_path):
     for ty, tx in tiles:
         args = dsk[task_key("subtract", v, d, ty, tx, run_id="a")]
         assert [stage_of(a) for a in args if isinstance(a, tuple)] == ["window", "spatial-solve"]
-    for stage in ("template", "inputs", "prepare", "kernel-sources", "spatial-solve", "difference", "detect-prepare",
+    for stage in ("inputs", "prepare", "kernel-sources", "spatial-solve", "difference", "detect-prepare",
                   "catalog", "result", "write"):
         assert _keys(dsk, stage) == [(stage, v, d)]
-    for stage in ("read", "exposure"):  # science, template
-        assert _keys(dsk, stage) == [(stage, v, d, 0), (stage, v, d, 1)]
-    assert len(dsk) == 10 + 2 * 2 + 25 + 4 * 9
-    # a single visit on this process's threads: one cell task, one detection task (its FFTs on every core)
+    assert len(dsk) == 9 + 25 + 4 * 9
+    # on a cluster the input stages are one task, run in turn where it runs (the exposures stay on its worker)
+    fused = dsk[task_key("inputs", v, d, run_id="a")][1]
+    assert sorted({stage_of(k) for k in fused.dsk}) == ["exposure", "inputs", "read", "template"]
+    # a single visit on this process's threads: the input stages as separate tasks (both reads, both
+    # inputs' stages at once), one cell task, one detection task (its FFTs on every core)
     local = visit_grid(input_shape(spec), config, in_process=True)
     assert local == VisitGrid(tiles=(3, 3), cells=1, shape=(SIZE, SIZE), detect=(1, 1))
     one = visit_graph(spec, config, tmp_path, grid=local, in_process=True)
+    for stage in ("read", "exposure"):  # science, template
+        assert _keys(one, stage) == [(stage, v, d, 0), (stage, v, d, 1)]
+    assert _keys(one, "template") == [("template", v, d)]
     assert len(_keys(one, "fit-cell")) == 1 and len(_keys(one, "detect")) == 1 and len(_keys(one, "subtract")) == 9
     # a decorrelate tile reads its neighbours' edges
     def deps(graph, *index, run_id="a"):
@@ -112,8 +117,8 @@ def test_keys_name_stage_visit_detector_and_tile(spec, tmp_path):
     # ZOGY: one subtract task, then the same detection tiles, catalogue and write; al-preconvolve: the AL
     # stages and a score task
     zg = visit_graph(spec, _config("zogy"), tmp_path)
-    assert sorted({stage_of(k) for k in zg}) == ["catalog", "detect", "detect-prepare", "exposure", "inputs", "read",
-                                                 "result", "subtract", "template", "write"]
+    assert sorted({stage_of(k) for k in zg}) == ["catalog", "detect", "detect-prepare", "inputs", "result", "subtract",
+                                                 "write"]
     assert _keys(zg, "subtract") == [("subtract", v, d)]
     assert len(_keys(zg, "detect")) == 9
     pc = visit_graph(spec, _config("al-preconvolve"), tmp_path)
