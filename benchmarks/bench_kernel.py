@@ -12,8 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import scipy.fft
 from scipy.signal import fftconvolve
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))

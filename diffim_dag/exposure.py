@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np

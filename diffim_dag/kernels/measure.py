@@ -109,7 +109,6 @@ def render_psf(
     out = np.zeros((by1 - by0, bx1 - bx0), dtype=np.float64)
     sx, sy = (x, y) if shape_at is None else shape_at
     size = psf.default_size(sx, sy) if size is None else int(size)
-    h = size // 2
     ix, iy = int(math.floor(x + 0.5)), int(math.floor(y + 0.5))
     _paste(out, psf.kernel_image(sx, sy, size=size, offset=(x - ix, y - iy)), ix, iy, bbox)
     return out

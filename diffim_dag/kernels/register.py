@@ -28,7 +28,6 @@ matches whose residual exceeds ``clip`` × the RMS (and at least ``min_residual`
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 
 import numpy as np

@@ -34,7 +34,7 @@ import math
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -325,8 +325,6 @@ def _shift_image(img: np.ndarray, dx: float, dy: float, a: int = 5) -> np.ndarra
     """Shift an image by (dx, dy) pixels with a separable, flux-normalized Lanczos kernel."""
     if dx == 0 and dy == 0:
         return img.copy()
-    from scipy import ndimage
-
     taps = np.arange(-a, a + 1, dtype=np.float64)
     kx, ky = _lanczos(taps[None, :] - np.array([[dx], [dy]]), a)  # convolution kernels L(t - d): out(i) = img(i - d)
     kx = _centroid_exact(kx / kx.sum(), taps, dx)
