@@ -26,6 +26,7 @@ __all__ = [
     "sky_noise_map",
     "build_variance",
     "grow_cross",
+    "row_strips",
 ]
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,17 @@ MAD_TO_SIGMA = 1.4826
 #: Statistics of more values than this use a deterministic strided subsample (a 4096² image has
 #: 16.8M pixels; 1M samples pin a σ to 0.1% and cost 1/16 of the medians).
 MAX_STAT_SAMPLES = 1 << 20
+
+
+#: Rows per strip of :func:`row_strips`: a 4096-wide float64 strip of 256 rows is 8 MB.
+STRIP_ROWS = 256
+
+
+def row_strips(n_rows: int, rows: int = STRIP_ROWS):
+    """Slices of ``rows`` rows covering ``range(n_rows)``: element-wise work on a whole image done strip by
+    strip, so that its temporaries are a strip's size, not the image's (the values are the same)."""
+    for y in range(0, int(n_rows), int(rows)):
+        yield slice(y, min(y + int(rows), int(n_rows)))
 
 
 def grow_cross(mask: np.ndarray, iterations: int = 1) -> np.ndarray:
@@ -129,7 +141,7 @@ def measure_background(
     ny, nx = img.shape
     box = int(max(8, min(box, ny // 2 or 1, nx // 2 or 1)))
     bad_mask = ~np.isfinite(img) if bad is None else (np.asarray(bad, dtype=bool) | ~np.isfinite(img))
-    work = np.where(bad_mask, 0, img).astype(np.float32)
+    work = np.where(bad_mask, np.float32(0), img).astype(np.float32, copy=False)
     bkg = sep.Background(work, mask=bad_mask, bw=box, bh=box, fw=filter_size, fh=filter_size)
     level = np.asarray(bkg.back(), dtype=np.float32)  # float32 maps: a 4096² frame costs 64 MB each
     rms = np.asarray(bkg.rms(), dtype=np.float32)
@@ -157,8 +169,11 @@ def sky_noise_map(image: np.ndarray, bad: np.ndarray | None = None, *, box: int 
     box = int(max(8, min(box, ny, nx)))
     skip = ~np.isfinite(img) if bad is None else (np.asarray(bad, bool) | ~np.isfinite(img))
     if level is not None and rms is not None:
-        src = img - level > 3.0 * rms
+        src = np.empty(img.shape, dtype=bool)
+        for s in row_strips(ny):
+            src[s] = img[s] - level[s] > 3.0 * rms[s]
         skip = skip | grow_cross(src, 2)
+        del src
     # every ``step``-th row: ~1000 differences per box pin its σ to ~3 %
     step = max(1, box * box // 1024)
     rows = np.arange(0, ny, step)
@@ -181,7 +196,7 @@ def sky_noise_map(image: np.ndarray, bad: np.ndarray | None = None, *, box: int 
     grid = MAD_TO_SIGMA * nan_median(np.abs(blocks - med[:, :, None]), count)
     grid = np.where(count >= 50, grid, np.nan).astype(np.float64)
     if rms is not None and np.isfinite(grid).any():
-        rms_b = np.asarray(rms, dtype=np.float64)[box // 2:: box, box // 2:: box][:nby, :nbx]
+        rms_b = np.asarray(rms)[box // 2:: box, box // 2:: box][:nby, :nbx].astype(np.float64)
         g = grid[: rms_b.shape[0], : rms_b.shape[1]]
         ok = np.isfinite(g) & (g > 0) & (rms_b > 0)
         if ok.sum() >= 3:
@@ -211,22 +226,34 @@ def _bilinear_upsample(grid: np.ndarray, box: int, shape: tuple[int, int]) -> np
     y0, y1, wy = axis(shape[0], g.shape[0])
     rows = g[y0] * (1 - wy[:, None]) + g[y1] * wy[:, None]  # (ny, nbx)
     x0, x1, wx = axis(shape[1], g.shape[1])
-    return (rows[:, x0] * (1 - wx[None, :]) + rows[:, x1] * wx[None, :]).astype(np.float32)
+    out = np.empty(shape, dtype=np.float32)
+    for s in row_strips(shape[0]):
+        out[s] = rows[s][:, x0] * (1 - wx[None, :]) + rows[s][:, x1] * wx[None, :]
+    return out
 
 
-def _source_excess(excess: np.ndarray, rms: np.ndarray) -> np.ndarray:
+def _source_excess(image: np.ndarray, level: np.ndarray, rms: np.ndarray) -> np.ndarray:
     """Counts above the background where a source is (the Poisson term's input), else 0.
 
-    Pure sky pixels must not get a larger variance just because their noise fluctuated up
+    The excess is ``image − level``.  Pure sky pixels must not get a larger variance just because their noise fluctuated up
     (that skews detections toward positive): a pixel counts as source only where the 3×3
     mean of the excess is above 1σ of the sky (3σ of the mean's own noise), grown by one
     pixel; there its own positive excess is used.
     """
     from scipy import ndimage
 
-    ex = np.nan_to_num(np.asarray(excess, dtype=np.float32))
-    significant = grow_cross(ndimage.uniform_filter(ex, size=3, mode="nearest") > np.asarray(rms, dtype=np.float32))
-    return np.where(significant, np.maximum(ex, np.float32(0.0)), np.float32(0.0))
+    ex = np.subtract(np.asarray(image, dtype=np.float32), np.asarray(level, dtype=np.float32), dtype=np.float32)
+    np.nan_to_num(ex, copy=False)
+    smooth = ndimage.uniform_filter(ex, size=3, mode="nearest")
+    rms = np.asarray(rms, dtype=np.float32)
+    above = np.empty(ex.shape, dtype=bool)
+    for s in row_strips(ex.shape[0]):
+        above[s] = smooth[s] > rms[s]
+    del smooth
+    significant = grow_cross(above)
+    np.maximum(ex, np.float32(0.0), out=ex)
+    ex[~significant] = 0.0
+    return ex
 
 
 def build_variance(
@@ -269,23 +296,26 @@ def build_variance(
     bkg = measure_background(image, bad, box=box)
     img = np.asarray(image, dtype=np.float32)
     noise = sky_noise_map(image, bad, box=box, level=bkg.level, rms=bkg.rms)
-    src = _source_excess(img - bkg.level, noise)
-    sky_var_measured = noise * noise  # float32: the planes are float32, and so is the result
+    level = bkg.level  # (the mesh rms is no longer needed)
+    del bkg
+    src = _source_excess(img, level, noise)
+    sky_var_measured = np.multiply(noise, noise, out=noise)  # float32: the planes are float32, and so is the result
+    del noise
 
     def smooth_median(a):  # the maps are smooth on the mesh scale: every 4th pixel each way pins the median
         return float(np.median(np.asarray(a, dtype=np.float64)[::4, ::4])) if np.ndim(a) == 2 else float(np.median(a))
 
     if gain is not None and gain > 0:
         rn_counts2 = (read_noise / gain) ** 2 if read_noise is not None and read_noise > 0 else 0.0
-        header_sky_var = np.maximum(bkg.level, np.float32(0.0)) / np.float32(gain) + np.float32(rn_counts2)
+        header_sky_var = np.maximum(level, np.float32(0.0)) / np.float32(gain) + np.float32(rn_counts2)
         # The header model only holds if the image still carries its sky.  Sky-subtracted
         # images (level ≈ 0) would get only the read noise: check against the measurement.
         ratio = smooth_median(header_sky_var) / max(smooth_median(sky_var_measured), 1e-30)
         if 0.8 <= ratio <= 1.25:
-            var = header_sky_var + src / np.float32(gain)
+            var = np.add(header_sky_var, np.divide(src, np.float32(gain), out=src), out=src)
             how = "gain+read_noise"
         else:
-            var = sky_var_measured + src / np.float32(gain)
+            var = np.add(sky_var_measured, np.divide(src, np.float32(gain), out=src), out=src)
             how = "measured_sky+gain"
             log.info(
                 "%s: header noise model (GAIN, read noise) predicts %.3g x the measured sky variance "
@@ -294,12 +324,12 @@ def build_variance(
                 ratio,
             )
     else:
-        level = smooth_median(bkg.level)
+        level = smooth_median(level)
         sky_var = smooth_median(sky_var_measured)
         g_eff = level / sky_var if sky_var > 0 else 0.0
         # a sky of many σ (a raw frame) fixes an effective gain; a sky-subtracted frame (level ≈ 0) cannot
         if level > 10.0 * np.sqrt(max(sky_var, 1e-30)) and 1e-3 < g_eff < 1e3:
-            var = sky_var_measured + src / np.float32(g_eff)
+            var = np.add(sky_var_measured, np.divide(src, np.float32(g_eff), out=src), out=src)
             how = f"measured_sky+effective_gain (g={g_eff:.4g} from sky level {level:.6g} and noise {np.sqrt(sky_var):.4g})"
         else:
             var = sky_var_measured

@@ -339,7 +339,8 @@ def _decorrelate_task(window, kernel, neighbours: list):
 def _difference_task(prepared, kernel, config, tiles: list):
     from .stages.al import difference_stage
 
-    return difference_stage(prepared, kernel, config, _merge(tiles))
+    # the task is its tiles' only user: their planes are freed as they are assembled
+    return difference_stage(prepared, kernel, config, tiles, consume=True)
 
 
 def _kernel_sources_task(prepared, config, sources):

@@ -299,11 +299,9 @@ def read_exposure(
         lsst_like = hdu is None and ("MASK" in names or "VARIANCE" in names)
         if lsst_like and not is_lsst:
             raise InputError(f"{path}: missing IMAGE extension (extensions: {', '.join(n or '(primary)' for n in names)})")
-    if is_lsst:
-        exposure = _read_lsst(path)
-    else:
-        exposure = _read_plain(path, hdu=hdu, xy0=xy0 or (0, 0))
-    exposure = _attach_aux(exposure, path, variance=variance, noise=noise, weight=weight, mask=mask, mask_plane=mask_plane)
+    read = (lambda: _read_lsst(path)) if is_lsst else (lambda: _read_plain(path, hdu=hdu, xy0=xy0 or (0, 0)))
+    # (the exposure as read is only _attach_aux's: it can drop the placeholder variance before building one)
+    exposure = _attach_aux(read(), path, variance=variance, noise=noise, weight=weight, mask=mask, mask_plane=mask_plane)
     if psf is not None:
         p = psf if isinstance(psf, Psf) else read_psf(psf)
         exposure = exposure.with_attrs(psf=p)
@@ -378,6 +376,8 @@ def _read_plain(path: str, *, hdu, xy0) -> Exposure:
 def _attach_aux(exposure: Exposure, path: str, *, variance, noise, weight, mask, mask_plane) -> Exposure:
     img, var, msk = exposure.arrays()
     planes = exposure.mask_planes
+    xy0, wcs, psf, info = exposure.xy0, exposure.wcs, exposure.psf, exposure.info
+    del exposure
     nodata = (msk & planes.bitmask("NO_DATA")) != 0
     if mask is not None:
         extra, extra_header = _read_mask_file(mask)
@@ -402,7 +402,7 @@ def _attach_aux(exposure: Exposure, path: str, *, variance, noise, weight, mask,
             if mask_plane not in planes:
                 raise InputError(f"{mask}: " + unknown_plane_message(mask_plane, planes))
             msk = msk | np.where(np.nan_to_num(extra) != 0, planes.bitmask(mask_plane), 0).astype(MASK_DTYPE)
-    how = exposure.info.variance_source
+    how = info.variance_source
     if variance is not None or noise is not None or weight is not None:
         aux_path = str(variance or noise or weight)
         kind = "VARIANCE" if variance is not None else ("noise" if noise is not None else "weight")
@@ -430,12 +430,12 @@ def _attach_aux(exposure: Exposure, path: str, *, variance, noise, weight, mask,
         how = f"{kind} map"
     elif how is None:
         bad = (msk & planes.bitmask(["NO_DATA", "BAD", "SAT"])) != 0
-        info = exposure.info
+        del var  # (the placeholder of ones)
         var, how = build_variance(img, gain=info.gain, read_noise=info.read_noise, bad=bad, source=path)
-        var = np.where(nodata, 0.0, var).astype(np.float32)
+        var[nodata] = 0.0  # (a new float32 plane)
     out = Exposure.from_arrays(
-        img, var, msk, xy0=exposure.xy0, mask_planes=planes, wcs=exposure.wcs, psf=exposure.psf,
-        info=exposure.info.replace(variance_source=how), source=path, validate=False, copy=False,
+        img, var, msk, xy0=xy0, mask_planes=planes, wcs=wcs, psf=psf,
+        info=info.replace(variance_source=how), source=path, validate=False, copy=False,
     )
     return out
 

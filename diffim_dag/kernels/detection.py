@@ -57,6 +57,7 @@ import pandas as pd
 import scipy.ndimage as ndi
 
 from ..masks import DEFAULT_MASK_PLANES
+from ..noise import row_strips
 from .maskops import bits_of
 
 __all__ = [
@@ -203,9 +204,10 @@ def significance_image(smoothed: np.ndarray, smoothed_variance: np.ndarray) -> n
     # float32 in, float32 out (the threshold needs no more); float64 otherwise
     dtype = np.float32 if sm.dtype == np.float32 and vs.dtype == np.float32 else np.float64
     with np.errstate(invalid="ignore"):
-        root = np.sqrt(vs, dtype=dtype)
-    out = np.zeros(vs.shape, dtype=dtype)
-    np.divide(sm, root, out=out, where=ok)
+        out = np.sqrt(vs, dtype=dtype)
+    np.divide(sm, out, out=out, where=ok)  # in place: one full-frame array, not two
+    np.logical_not(ok, out=ok)
+    np.copyto(out, 0, where=ok)
     return out
 
 
@@ -834,8 +836,8 @@ def find_cosmic_rays(
     -------
     ndarray of bool
     """
-    d = np.asarray(image, dtype=np.float64)
-    sig = np.sqrt(np.clip(np.asarray(variance, dtype=np.float64), 0.0, None))
+    d = np.asarray(image)
+    var = np.asarray(variance)
     p = np.asarray(psf_image, dtype=np.float64)
     hy, hx = p.shape[0] // 2, p.shape[1] // 2
     p0 = p[hy, hx]
@@ -845,8 +847,12 @@ def find_cosmic_rays(
         (1, 1): p[hy + 1, hx + 1] / p0,
         (1, -1): p[hy + 1, hx - 1] / p0,
     }
-    ad = np.abs(d)
-    cand = ad > nsigma * sig
+    def sigma(v):
+        return np.sqrt(np.clip(np.asarray(v, dtype=np.float64), 0.0, None))
+
+    cand = np.empty(d.shape, dtype=bool)
+    for rows in row_strips(d.shape[0]):  # in float64, a strip at a time
+        cand[rows] = np.abs(np.asarray(d[rows], dtype=np.float64)) > nsigma * sigma(var[rows])
     if bad is not None:
         cand &= ~np.asarray(bad, bool)
     out = np.zeros(d.shape, dtype=bool)
@@ -855,11 +861,13 @@ def find_cosmic_rays(
     # only the candidates are tested (a few per mille of the pixels): neighbours by index, edges clamped
     ny, nx = d.shape
     cy, cx = np.nonzero(cand)
-    dc, sc, s = d[cy, cx], sig[cy, cx], np.sign(d[cy, cx])
+    del cand
+    dc, sc = d[cy, cx].astype(np.float64), sigma(var[cy, cx])
+    s = np.sign(dc)
     hit = np.zeros(len(cy), dtype=bool)
     for (dy, dx), ratio in ratios.items():
-        a = d[np.clip(cy + dy, 0, ny - 1), np.clip(cx + dx, 0, nx - 1)]
-        b = d[np.clip(cy - dy, 0, ny - 1), np.clip(cx - dx, 0, nx - 1)]
+        a = d[np.clip(cy + dy, 0, ny - 1), np.clip(cx + dx, 0, nx - 1)].astype(np.float64)
+        b = d[np.clip(cy - dy, 0, ny - 1), np.clip(cx - dx, 0, nx - 1)].astype(np.float64)
         hit |= np.abs(dc) * ratio - cond * sc > 0.5 * s * (a + b)
     out[cy[hit], cx[hit]] = True
     if grow > 0 and out.any():

@@ -373,11 +373,14 @@ def decorrelate_tiles_stage(window: PairWindow, kernel: KernelStage, tiles) -> d
             for c in window.cores}
 
 
-def difference_stage(prepared: PreparedPair, kernel: KernelStage, config: PipelineConfig, tiles) -> SubtractionResult:
+def difference_stage(prepared: PreparedPair, kernel: KernelStage, config: PipelineConfig, tiles, *,
+                     consume: bool = False) -> SubtractionResult:
     """Stage 7: the difference, matched template and matched science from their tiles; spatially varying
     decorrelation (whole image), the difference PSF and the quality metrics.
 
-    ``tiles`` maps cores to :class:`~diffim_dag.stages.subtract.DifferenceTile` and covers the image.
+    ``tiles`` maps cores to :class:`~diffim_dag.stages.subtract.DifferenceTile` (or is a list of such
+    mappings) and covers the image.  ``consume=True``: the tiles are taken out of their mappings as they are
+    assembled (:func:`~diffim_dag.stages.subtract.assemble_tiles`; the ``difference`` task is their only user).
     Returns the :class:`SubtractionResult` without DiaSources (see :func:`with_catalog`).
     """
     timings = Timings(kernel.timings)
@@ -386,19 +389,12 @@ def difference_stage(prepared: PreparedPair, kernel: KernelStage, config: Pipeli
     fit = kernel.fit
     solution = fit.solution
     decorr = config.decorrelation
-    pieces = list(tiles.values())
-    for t in pieces:
-        for k, v in t.seconds.items():
-            timings[k] = timings.get(k, 0.0) + v
-
-    def plane(name, dtype):
-        return st.assemble(((t.core, getattr(t, name)) for t in pieces), science.bbox, dtype=dtype)
-
-    d_img, d_var, d_msk = plane("image", np.float32), plane("variance", np.float32), plane("mask", np.int32)
-    conv_img = plane("convolved_image", np.float32)
-    conv_var = plane("convolved_variance", np.float32)
-    conv_msk = plane("convolved_mask", np.int32)
-    del pieces
+    assembled, seconds = st.assemble_tiles(tiles, science.bbox, consume=consume)
+    for k, v in seconds.items():
+        timings[k] = timings.get(k, 0.0) + v
+    d_img, d_var, d_msk = (assembled.pop(n) for n in ("image", "variance", "mask"))
+    conv_img, conv_var, conv_msk = (assembled.pop(n) for n in ("convolved_image", "convolved_variance",
+                                                                "convolved_mask"))
     vu, vc = _variances(prepared, kernel.kernel_sum)
     if decorr.enabled and decorr.spatially_varying:
         with timings.stage("decorrelate_spatial"):

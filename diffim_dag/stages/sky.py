@@ -46,9 +46,11 @@ def subtract_sky(exposure: Exposure, config: SkyConfig = SkyConfig()) -> SkyResu
     bad = (msk & planes.bitmask([p for p in SKY_BAD_PLANES if p in planes])) != 0
     nodata = (msk & planes.bitmask("NO_DATA")) != 0 if "NO_DATA" in planes else np.zeros(img.shape, bool)
     bkg = measure_background(img, bad, box=config.box, filter_size=config.filter_size)
-    level = bkg.level
-    out = np.where(nodata, img, img - level).astype(np.float32)
+    level, noise = bkg.level, float(bkg.global_rms)
+    del bkg  # (its rms map)
+    out = np.subtract(img, level, dtype=np.float32)
+    np.copyto(out, img, where=nodata)  # no-data pixels stay as they are
     good = level[~bad] if (~bad).any() else level.ravel()
     report = {"subtracted": True, "box": int(config.box), "level_median": float(np.median(good)),
-              "level_min": float(good.min()), "level_max": float(good.max()), "noise": float(bkg.global_rms)}
+              "level_min": float(good.min()), "level_max": float(good.max()), "noise": noise}
     return SkyResult(exposure.with_planes(image=out), report)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -439,6 +440,52 @@ def assemble(pieces, box: Box, *, dtype) -> np.ndarray:
         if ix1 > ix0 and iy1 > iy0:
             out[iy0 - by0 : iy1 - by0, ix0 - bx0 : ix1 - bx0] = arr[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0]
     return out
+
+
+#: The planes of a :class:`DifferenceTile` and their dtypes.
+TILE_PLANES = (("image", np.float32), ("variance", np.float32), ("mask", np.int32),
+               ("convolved_image", np.float32), ("convolved_variance", np.float32), ("convolved_mask", np.int32))
+
+
+def assemble_tiles(tiles, box: Box, *, consume: bool = False) -> tuple[dict, dict]:
+    """The planes of :class:`DifferenceTile` pieces (:data:`TILE_PLANES`) on ``box``, and the tiles' summed
+    wall times.
+
+    ``tiles``: a mapping core → tile, or a list of them.  ``consume=True`` checks that the tiles cover ``box``
+    and takes each tile out of its mapping once it is written, so that its arrays are freed as the planes fill (for a caller that is the tiles' only
+    user: the ``difference`` task, which would otherwise hold a 4096² image's tiles and its assembled planes
+    at once, 0.4 GB each).  Uncovered pixels are 0; a tile that is exactly ``box`` is used as it is.
+    """
+    maps = [tiles] if isinstance(tiles, Mapping) else list(tiles)
+    bx0, bx1, by0, by1 = box
+    if consume:  # tiles taken by an earlier try of the same task must not become zeros
+        covered = sum(max(0, min(c[1], bx1) - max(c[0], bx0)) * max(0, min(c[3], by1) - max(c[2], by0))
+                      for m in maps for c in m)
+        if covered != (bx1 - bx0) * (by1 - by0):
+            raise RuntimeError(f"the tiles cover {covered} of the {(bx1 - bx0) * (by1 - by0)} pixels of {tuple(box)} "
+                               "(already assembled by an earlier try of this task?)")
+    planes: dict = {}
+    seconds: dict = {}
+    for m in maps:
+        for core in list(m):
+            tile = m.pop(core) if consume else m[core]
+            for k, v in tile.seconds.items():
+                seconds[k] = seconds.get(k, 0.0) + v
+            x0, x1, y0, y1 = core
+            if tuple(core) == tuple(box):
+                planes.update({name: getattr(tile, name) for name, _ in TILE_PLANES})
+                continue
+            ix0, ix1, iy0, iy1 = max(x0, bx0), min(x1, bx1), max(y0, by0), min(y1, by1)
+            for name, dtype in TILE_PLANES:
+                if name not in planes:
+                    planes[name] = np.zeros((by1 - by0, bx1 - bx0), dtype=dtype)
+                if ix1 > ix0 and iy1 > iy0:
+                    planes[name][iy0 - by0: iy1 - by0, ix0 - bx0: ix1 - bx0] = \
+                        getattr(tile, name)[iy0 - y0: iy1 - y0, ix0 - x0: ix1 - x0]
+            del tile
+    for name, dtype in TILE_PLANES:
+        planes.setdefault(name, np.zeros((by1 - by0, bx1 - bx0), dtype=dtype))
+    return planes, seconds
 
 
 def convolve_planes(image, variance, mask, solution, *, origin, skip_bits: int = 0):

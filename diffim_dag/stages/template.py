@@ -189,20 +189,22 @@ def warp_exposure(
                              no_data_bit=nd, invalid_variance_bit=bad, variance_fill=fill,
                              interp_length=interp_length)
 
+    def place(results):  # each tile is written, then dropped (never all of them at once)
+        for task, (i, v, m) in zip(tasks, results):
+            x, y = task.out_origin
+            sl = (slice(y - oy0, y - oy0 + i.shape[0]), slice(x - ox0, x - ox0 + i.shape[1]))
+            out_i[sl], out_v[sl], out_m[sl] = i, v, m
+
     if workers > 1 and len(tasks) > 1:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(min(int(workers), len(tasks))) as pool:
-            results = list(pool.map(run, tasks))
+            place(pool.map(run, tasks))
     else:
-        results = map(run, tasks)
-    for task, (i, v, m) in zip(tasks, results):
-        x, y = task.out_origin
-        sl = (slice(y - oy0, y - oy0 + i.shape[0]), slice(x - ox0, x - ox0 + i.shape[1]))
-        out_i[sl], out_v[sl], out_m[sl] = i, v, m
+        place(map(run, tasks))
     psf = None if source.psf is None else WarpedPsf(source.psf, mapping, out_bbox)
     return Exposure.from_arrays(out_i, out_v, out_m, xy0=(ox0, oy0), mask_planes=planes, wcs=wcs, psf=psf,
-                                info=source.info, source="warped template", validate=False)
+                                info=source.info, source="warped template", validate=False, copy=False)
 
 
 # ---------------------------------------------------------------------------------------------
