@@ -194,6 +194,48 @@ def test_tiled_equals_eager(tile):
         np.testing.assert_allclose(t_var, e_var, rtol=0, atol=1e-5 * np.abs(e_var).max())
 
 
+def _tiles(box, step, seed=0):
+    """DifferenceTile pieces of ``step``-sized cores covering ``box``, with random planes."""
+    from diffim_dag.stages.subtract import TILE_PLANES, DifferenceTile
+
+    rng = np.random.default_rng(seed)
+    x0, x1, y0, y1 = box
+    tiles = {}
+    for ty in range(y0, y1, step):
+        for tx in range(x0, x1, step):
+            core = (tx, min(tx + step, x1), ty, min(ty + step, y1))
+            shape = (core[3] - core[2], core[1] - core[0])
+            planes = {n: (rng.normal(size=shape) * 100).astype(d) for n, d in TILE_PLANES}
+            tiles[core] = DifferenceTile(core=core, seconds={"convolve_subtract": 1.0}, **planes)
+    return tiles
+
+
+def test_assemble_tiles_consumes_and_refuses_a_second_try():
+    """The difference task's assembly: the same planes whether or not it takes the tiles out of their mappings;
+    taking them empties the mappings (the planes are freed as they fill), and a second try on the emptied
+    mappings is an error, not an image of zeros."""
+    from diffim_dag.stages.subtract import TILE_PLANES, assemble_tiles
+
+    box = (100, 230, -40, 60)  # ragged tiles, non-zero origin
+    tiles = _tiles(box, 48)
+    kept, seconds = assemble_tiles(tiles, box)
+    # what the task gets: one mapping per tile task
+    per_task = [{c: t} for c, t in tiles.items()]
+    taken, seconds2 = assemble_tiles(per_task, box, consume=True)
+    assert all(not m for m in per_task)
+    assert seconds == seconds2 == {"convolve_subtract": float(len(tiles))}
+    for name, dtype in TILE_PLANES:
+        assert taken[name].dtype == dtype and taken[name].shape == (100, 130)
+        np.testing.assert_array_equal(taken[name], kept[name])
+        core = (148, 196, 8, 56)
+        np.testing.assert_array_equal(kept[name][48:96, 48:96], getattr(tiles[core], name))
+    with pytest.raises(RuntimeError, match="already assembled"):
+        assemble_tiles(per_task, box, consume=True)
+    partial = dict(list(tiles.items())[1:])
+    with pytest.raises(RuntimeError, match="cover"):
+        assemble_tiles(partial, box, consume=True)
+
+
 def test_masks_edge_and_template_rules():
     science, template = make_pair(seed=11)
     tmask = template.mask.values.copy()
