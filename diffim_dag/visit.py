@@ -336,11 +336,10 @@ def _decorrelate_task(window, kernel, neighbours: list):
     return decorrelate_tiles_stage(window, kernel, _merge(neighbours))
 
 
-def _difference_task(prepared, kernel, config, tiles: list):
+def _difference_task(prepared, kernel, config, tiles: list, consume: bool):
     from .stages.al import difference_stage
 
-    # the task is its tiles' only user: their planes are freed as they are assembled
-    return difference_stage(prepared, kernel, config, tiles, consume=True)
+    return difference_stage(prepared, kernel, config, tiles, consume=consume)
 
 
 def _kernel_sources_task(prepared, config, sources):
@@ -411,9 +410,13 @@ def _input_tasks(g: _Builder, config, source, *, out_dir, run_id, warp, workers,
     return g.task("inputs", (), inputs_stage, *done, g.key("template"))
 
 
-def _al_tasks(g: _Builder, config, grid: VisitGrid, inputs, *, sources=None) -> tuple:
+def _al_tasks(g: _Builder, config, grid: VisitGrid, inputs, *, sources=None, in_process: bool = False) -> tuple:
     """The AL stages: prepare → kernel-sources → fit-cell × n → spatial-solve → (inject) → subtract per tile →
-    (decorrelate per tile) → difference.  Returns ``(prepare key, prepared-pair key, difference key)``."""
+    (decorrelate per tile) → difference.  Returns ``(prepare key, prepared-pair key, difference key)``.
+
+    ``in_process``: the ``difference`` task frees the tiles as it assembles them (it is their only user; a
+    4096² image's tiles and planes are 0.4 GB each).  Not on a cluster: there a retried ``difference`` task
+    needs its tiles again."""
     from .stages import al
 
     nty, ntx = grid.tiles
@@ -444,10 +447,12 @@ def _al_tasks(g: _Builder, config, grid: VisitGrid, inputs, *, sources=None) -> 
             g.task("decorrelate", (ty, tx), _decorrelate_task, g.key("window", ty, tx), kernel,
                    [g.key("subtract", *n) for n in near])
         last = "decorrelate"
-    return pair, g.task("difference", (), _difference_task, pair, kernel, config, [g.key(last, *t) for t in tiles])
+    return pair, g.task("difference", (), _difference_task, pair, kernel, config, [g.key(last, *t) for t in tiles],
+                        in_process)
 
 
-def _method_tasks(g: _Builder, config, grid: VisitGrid, inputs, *, runner=None, sources=None) -> tuple:
+def _method_tasks(g: _Builder, config, grid: VisitGrid, inputs, *, runner=None, sources=None,
+                  in_process: bool = False) -> tuple:
     """The tasks of ``config.method`` from the ``inputs`` pair to its result (no DiaSources yet).
 
     ``al``: :func:`_al_tasks`; ``al-preconvolve``: those and a ``score`` task (the pre-convolution score of
@@ -459,7 +464,7 @@ def _method_tasks(g: _Builder, config, grid: VisitGrid, inputs, *, runner=None, 
     if config.method == "zogy":
         pair = g.task("inject", (), inject_stage, inputs, config) if config.fakes.enabled else inputs
         return pair, g.task("subtract", (), zogy_stage, pair, config, runner)
-    pair, difference = _al_tasks(g, config, grid, inputs, sources=sources)
+    pair, difference = _al_tasks(g, config, grid, inputs, sources=sources, in_process=in_process)
     if config.method == "al-preconvolve":
         # the score of the pair the AL difference saw (with its fakes), on the input stages' planes
         scored = pair if config.fakes.enabled else inputs
@@ -587,7 +592,7 @@ def visit_graph(source, config, out_dir=None, *, visit: int | None = None, detec
         inputs = _input_tasks(sub, config, source, out_dir=out if output == "visit" else None, run_id=run_id,
                               warp=warp, workers=workers, psfs=psfs, template_store=template_store)
         g.dsk[inputs] = (run_fused, Fused(sub.dsk, inputs))
-    pair, result = _method_tasks(g, config, grid, inputs, runner=runner, sources=sources)
+    pair, result = _method_tasks(g, config, grid, inputs, runner=runner, sources=sources, in_process=in_process)
     catalog = injection = None
     if detect:
         fft_workers = (os.cpu_count() or 1) if in_process and (grid.detect or grid.tiles) == (1, 1) else 1
