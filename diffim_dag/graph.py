@@ -376,6 +376,7 @@ def run_stage(stage: str, visit: int, detector: int, function, *args):
     so that the scheduler retries the task.
     """
     from .errors import DiffimError
+    from .memory import release_freed_memory
 
     marker = _passthrough(args)
     if marker is not None:
@@ -390,28 +391,6 @@ def run_stage(stage: str, visit: int, detector: int, function, *args):
                             exception=exc)
     finally:
         release_freed_memory()
-
-
-@functools.lru_cache(maxsize=1)
-def _malloc_trim():
-    """glibc's ``malloc_trim`` (None elsewhere: macOS, musl)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-def release_freed_memory() -> None:
-    """Hand the memory a task freed back to the system (glibc ``malloc_trim``), as Dask's workers are told
-    to do.  A task's temporaries are many arrays of a few MB (tiles, strips): glibc keeps their freed pages in
-    its heaps, and with two threads allocating, the process's resident size grew by ~0.4 GB over what it
-    held at 4096² — memory no other process could use."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 @functools.lru_cache(maxsize=64)  # one hash per run, not per task key

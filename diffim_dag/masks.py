@@ -155,7 +155,9 @@ class MaskPlanes(Mapping[str, int]):
     def describe(self, mask: np.ndarray) -> dict[str, float]:
         """Fraction of pixels with each plane set."""
         n = max(mask.size, 1)
-        return {name: float(np.count_nonzero(mask & (1 << bit))) / n for name, bit in self._planes.items()}
+        present = int(np.bitwise_or.reduce(mask, axis=None)) if mask.size else 0  # one pass: the bits set at all
+        return {name: float(np.count_nonzero(mask & (1 << bit))) / n if present & (1 << bit) else 0.0
+                for name, bit in self._planes.items()}
 
 
 def unknown_plane_message(name: str, known: Iterable[str]) -> str:

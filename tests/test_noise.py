@@ -150,3 +150,30 @@ def test_grow_cross_is_binary_dilation():
         m = rng.uniform(size=(int(rng.integers(1, 60)), int(rng.integers(1, 60)))) > 0.9
         for it in (1, 2, 4):
             np.testing.assert_array_equal(grow_cross(m, it), ndimage.binary_dilation(m, iterations=it))
+
+
+def test_grow_square_is_binary_dilation_by_the_square():
+    from scipy import ndimage
+
+    from diffim_dag.noise import grow_square
+
+    rng = np.random.default_rng(1)
+    square = np.ones((3, 3), bool)
+    for _ in range(20):
+        m = rng.uniform(size=(int(rng.integers(1, 60)), int(rng.integers(1, 60)))) > 0.95
+        for it in (1, 2, 4):
+            np.testing.assert_array_equal(grow_square(m, it), ndimage.binary_dilation(m, square, iterations=it))
+
+
+def test_mask_fractions_of_every_plane():
+    from diffim_dag.masks import MaskPlanes
+
+    planes = MaskPlanes()
+    msk = np.zeros((40, 50), np.int32)
+    msk[:10] |= planes.bitmask("EDGE")
+    msk[5:7, :25] |= planes.bitmask(["SAT", "NO_DATA"])
+    got = planes.describe(msk)
+    assert set(got) == set(planes.as_dict())
+    for name, bit in planes.as_dict().items():
+        assert got[name] == np.count_nonzero(msk & (1 << bit)) / msk.size
+    assert got["EDGE"] == 0.25 and got["SAT"] == got["NO_DATA"] == 0.025

@@ -57,7 +57,7 @@ import pandas as pd
 import scipy.ndimage as ndi
 
 from ..masks import DEFAULT_MASK_PLANES
-from ..noise import row_strips
+from ..noise import grow_square, row_strips
 from .maskops import bits_of
 
 __all__ = [
@@ -871,5 +871,5 @@ def find_cosmic_rays(
         hit |= np.abs(dc) * ratio - cond * sc > 0.5 * s * (a + b)
     out[cy[hit], cx[hit]] = True
     if grow > 0 and out.any():
-        out = ndi.binary_dilation(out, structure=np.ones((3, 3), bool), iterations=grow)
+        out = grow_square(out, grow)
     return out

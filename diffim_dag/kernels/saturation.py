@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..noise import grow_square
 from .detection import local_max_at
 
 __all__ = ["SaturationResult", "integer_limit", "find_saturation"]
@@ -138,7 +139,7 @@ def find_saturation(image: np.ndarray, bad: np.ndarray | None = None, *, type_li
         return SaturationResult(level=None, mask=np.zeros(img.shape, bool), rule=rule)
     mask = good & (img >= np.float32(level))
     if grow > 0 and mask.any():
-        mask = ndimage.binary_dilation(mask, structure=np.ones((3, 3), bool), iterations=int(grow))
+        mask = grow_square(mask, int(grow))
     if math.isfinite(level):
         rule += f"; saturated at >= {level:.6g}, grown by {grow} px"
     return SaturationResult(level=float(level), mask=mask, rule=rule, n_stars=n_stars)

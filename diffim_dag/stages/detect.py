@@ -512,18 +512,18 @@ def prepare_detection(
         if config.mask_cosmic_rays and "CR" in planes:
             nd = (msk & bits_of(planes, ["NO_DATA"])) != 0
             cr = det.find_cosmic_rays(img, var, psf_image, bad=nd)
-            msk = msk | np.where(cr, np.int32(1 << planes["CR"]), np.int32(0)).astype(msk.dtype)
+            del nd
+            msk = msk.copy()  # (the difference's own mask stays as it is)
+            msk[cr] |= msk.dtype.type(1 << planes["CR"])
+            del cr
             find_crs = False
         no_data = list(config.no_data_mask_planes) + (["CR"] if config.mask_cosmic_rays else [])
         nodata = (msk & bits_of(planes, no_data)) != 0
-        smoothed, svar = det.matched_filter(img, var, psf_image, bad=nodata, workers=config.fft_workers)
-        score = det.significance_image(smoothed, svar)
-        if config.threshold_type == "pixel_stdev":
-            stat_bad = (msk & bits_of(planes, list(config.bad_peak_mask_planes) + no_data)) != 0
-            significance_stdev = _significance_stdev(score, ~stat_bad & (svar > 0))
-        factor = significance_stdev or 1.0
-        if tmp is not None and config.systematic_fraction != 0:
-            # ν = S / sqrt(s² V_S + ε² M_S²): residuals that scale with the static source
+        systematic_term = tmp is not None and config.systematic_fraction != 0
+        if systematic_term:
+            # ν = S / sqrt(s² V_S + ε² M_S²): residuals that scale with the static source.  The template is
+            # filtered first and its bright static peaks found, so that its variance is gone before the
+            # difference's planes are made (a 4096² image: 0.13 GB less at the peak)
             m_s, mv_s = det.matched_filter(tmp[0], tmp[1], psf_image, bad=nodata, workers=config.fft_workers)
             if config.systematic_fraction == "auto":
                 bad_pk = (msk & bits_of(planes, list(config.bad_peak_mask_planes) + no_data + ["SAT"]
@@ -531,12 +531,22 @@ def prepare_detection(
                                            if p in planes])) != 0
                 iy, ix = det.bright_static_peaks(m_s, mv_s, bad_pk, min_snr=config.systematic_min_snr,
                                                  border=psf_image.shape[0] // 2)
+                del bad_pk
                 mpk = m_s[iy, ix]
+            del mv_s
+        smoothed, svar = det.matched_filter(img, var, psf_image, bad=nodata, workers=config.fft_workers)
+        score = det.significance_image(smoothed, svar)
+        if config.threshold_type == "pixel_stdev":
+            stat_bad = (msk & bits_of(planes, list(config.bad_peak_mask_planes) + no_data)) != 0
+            significance_stdev = _significance_stdev(score, ~stat_bad & (svar > 0))
+            del stat_bad
+        factor = significance_stdev or 1.0
+        if systematic_term:
+            if config.systematic_fraction == "auto":
                 epsilon = det.systematic_fraction(smoothed[iy, ix] / mpk, factor * np.sqrt(svar[iy, ix]) / mpk)
                 n_peaks = int(iy.size)
             else:
                 epsilon, n_peaks = float(config.systematic_fraction), None
-            del mv_s
             systematic = {"fraction": float(epsilon), "n_static_peaks": n_peaks}
             if epsilon > 0:
                 if config.systematic_radius > 0:

@@ -30,6 +30,7 @@ import numpy as np
 from ..errors import InputError, NoWorkFound
 from ..kernels.solution import CONVOLVE_SCIENCE, CONVOLVE_TEMPLATE
 from ..masks import MaskPlanes
+from ..memory import release_freed_memory
 from ..noise import clipped_stats, grow_cross, measure_background, robust_std
 from ..psf import Psf
 
@@ -483,6 +484,8 @@ def assemble_tiles(tiles, box: Box, *, consume: bool = False) -> tuple[dict, dic
                     planes[name][iy0 - by0: iy1 - by0, ix0 - bx0: ix1 - bx0] = \
                         getattr(tile, name)[iy0 - y0: iy1 - y0, ix0 - x0: ix1 - x0]
             del tile
+        if consume:
+            release_freed_memory()  # the tiles just taken, before the planes grow further
     for name, dtype in TILE_PLANES:
         planes.setdefault(name, np.zeros((by1 - by0, bx1 - bx0), dtype=dtype))
     return planes, seconds
