@@ -17,7 +17,7 @@ Graph
 Each row becomes one small graph of tasks (:func:`diffim_dag.visit.visit_graph`), keyed
 ``(stage, visit, detector[, index...])``: ``("template", V, D)`` reads the inputs on a
 worker and fetches/warps the template; then ``("kernel-sources", V, D)``, one
-``("fit-cell", V, D, i)`` per kernel cell, ``("spatial-solve", V, D)``, one
+``("fit-cell", V, D, i)`` per 64 kernel cells, ``("spatial-solve", V, D)``, one
 ``("subtract", V, D, ty, tx)`` and ``("decorrelate", V, D, ty, tx)`` per tile,
 ``("difference", V, D)``, ``("detect-prepare", V, D)``, one ``("detect", V, D, ty, tx)``
 per tile, ``("catalog", V, D)`` (the tiles stitched) and ``("write", V, D)``, whose result
@@ -234,7 +234,7 @@ def run_batch(
     """Run every (visit, detector) of ``specs`` (or of a manifest path) and write ``out_dir/run_report.json``.
 
     Completed visits (outputs manifest verified) are skipped; the others form one task graph
-    (:func:`build_batch_graph`: per visit, one task per stage, per cell and per tile) run on
+    (:func:`build_batch_graph`: per visit, one task per stage and per tile, and one per 64 kernel cells) run on
     ``client``, or on ``scheduler`` (``tcp://HOST:PORT`` or ``kubernetes://...``), or on a new
     LocalCluster with one worker per core.  The records are collected from the visits'
     ``("write", visit, detector)`` tasks as they finish.  Every task that raises is retried

@@ -282,8 +282,15 @@ class VisitGrid:
     detect: tuple[int, int] | None = None
 
 
+#: Kernel cells per ``fit-cell`` task on a cluster: a cell fit is ~1 ms, a task's overhead on a cluster several
+#: ms, so a task per cell (256 for a 2048² image) cost more than the fits (6 visits of 2048² on one worker:
+#: 113 s with a task per cell).
+CELLS_PER_TASK = 64
+
+
 def visit_grid(shape: tuple[int, int] | None, config, *, in_process: bool = False) -> VisitGrid:
-    """The task grid of a visit whose science image has ``shape`` (ny, nx): one task per tile and per cell.
+    """The task grid of a visit whose science image has ``shape`` (ny, nx): one task per tile, and one
+    ``fit-cell`` task per :data:`CELLS_PER_TASK` kernel cells.
 
     ``in_process`` (a single visit on this process's threads): one ``fit-cell`` task (a cell fit is ~1 ms
     of GIL-bound numpy: 1000 candidates took 1.38 s on threads, 0.82 s in turn) and one ``detect`` task with
@@ -300,7 +307,7 @@ def visit_grid(shape: tuple[int, int] | None, config, *, in_process: bool = Fals
         return VisitGrid(tiles=tiles, cells=1, shape=(ny, nx), detect=(1, 1))
     cell = config.kernel.cell_size
     n_cells = max(1, -(-nx // cell)) * max(1, -(-ny // cell))
-    return VisitGrid(tiles=tiles, cells=n_cells, shape=(ny, nx))
+    return VisitGrid(tiles=tiles, cells=max(1, n_cells // CELLS_PER_TASK), shape=(ny, nx))
 
 
 def _fit_cells_task(cells, index: int, n_tasks: int):
