@@ -253,10 +253,10 @@ def _bilinear_upsample(grid: np.ndarray, box: int, shape: tuple[int, int]) -> np
 def _source_excess(image: np.ndarray, level: np.ndarray, rms: np.ndarray) -> np.ndarray:
     """Counts above the background where a source is (the Poisson term's input), else 0.
 
-    The excess is ``image − level``.  Pure sky pixels must not get a larger variance just because their noise fluctuated up
-    (that skews detections toward positive): a pixel counts as source only where the 3×3
-    mean of the excess is above 1σ of the sky (3σ of the mean's own noise), grown by one
-    pixel; there its own positive excess is used.
+    The excess is ``image − level``.  Pure sky pixels must not get a larger variance just because
+    their noise fluctuated up (that skews detections toward positive): a pixel counts as source only
+    where the 3×3 mean of the excess is above 1σ of the sky (3σ of the mean's own noise), grown by
+    one pixel; there its own positive excess is used.
     """
     from scipy import ndimage
 

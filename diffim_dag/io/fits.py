@@ -301,7 +301,8 @@ def read_exposure(
             raise InputError(f"{path}: missing IMAGE extension (extensions: {', '.join(n or '(primary)' for n in names)})")
     read = (lambda: _read_lsst(path)) if is_lsst else (lambda: _read_plain(path, hdu=hdu, xy0=xy0 or (0, 0)))
     # (the exposure as read is only _attach_aux's: it can drop the placeholder variance before building one)
-    exposure = _attach_aux(read(), path, variance=variance, noise=noise, weight=weight, mask=mask, mask_plane=mask_plane)
+    exposure = _attach_aux(read(), path, variance=variance, noise=noise, weight=weight, mask=mask,
+                           mask_plane=mask_plane)
     if psf is not None:
         p = psf if isinstance(psf, Psf) else read_psf(psf)
         exposure = exposure.with_attrs(psf=p)

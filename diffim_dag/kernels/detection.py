@@ -847,6 +847,7 @@ def find_cosmic_rays(
         (1, 1): p[hy + 1, hx + 1] / p0,
         (1, -1): p[hy + 1, hx - 1] / p0,
     }
+
     def sigma(v):
         return np.sqrt(np.clip(np.asarray(v, dtype=np.float64), 0.0, None))
 

@@ -453,9 +453,9 @@ def assemble_tiles(tiles, box: Box, *, consume: bool = False) -> tuple[dict, dic
     wall times.
 
     ``tiles``: a mapping core → tile, or a list of them.  ``consume=True`` checks that the tiles cover ``box``
-    and takes each tile out of its mapping once it is written, so that its arrays are freed as the planes fill (for a caller that is the tiles' only
-    user: the ``difference`` task, which would otherwise hold a 4096² image's tiles and its assembled planes
-    at once, 0.4 GB each).  Uncovered pixels are 0; a tile that is exactly ``box`` is used as it is.
+    and takes each tile out of its mapping once it is written, so that its arrays are freed as the planes
+    fill (for a caller that is the tiles' only user: the in-process ``difference`` task, which would
+    otherwise hold a 4096² image's tiles and its assembled planes at once, 0.4 GB each).  Uncovered pixels are 0; a tile that is exactly ``box`` is used as it is.
     """
     maps = [tiles] if isinstance(tiles, Mapping) else list(tiles)
     bx0, bx1, by0, by1 = box
