@@ -13,18 +13,22 @@ def _malloc_trim():
     import ctypes.util
 
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):
         return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
 
 
-def release_freed_memory() -> None:
+def release_freed_memory() -> bool:
     """Hand the memory freed so far back to the system (glibc ``malloc_trim``), as Dask's workers are told to.
 
-    Tiles and strips are arrays of a few MB: glibc keeps their freed pages in its heaps, and with two threads
-    allocating, a 4096² subtraction's resident size grew by ~0.4 GB over what it held — memory no other
-    process could use.  A no-op where the C library has no ``malloc_trim``.
+    Tiles, strips and FFT cells are arrays of a few MB: glibc allocates them below its mmap threshold from
+    the thread's arena, and once freed their pages stay resident unless the heap is trimmed.  With two
+    threads allocating, a 4096² subtraction's resident size grew by ~0.4 GB over what it held — memory no
+    other process could use.  Live memory is untouched.
+
+    Returns whether the C library released any memory (False where it has no ``malloc_trim``).
     """
     trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    return bool(trim is not None and trim(0))

@@ -35,10 +35,8 @@ differential-background term.
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,6 +48,7 @@ from ..exposure import Exposure
 from ..kernels import zogy as zk
 from ..kernels.decorrelate import clipped_mean_variance
 from ..kernels.maskops import dilate_mask, edge_mask, template_mask_for_difference
+from ..memory import release_freed_memory
 from ..noise import clipped_stats
 from .photometry import aperture_flux_ratio
 from .verdict import background_left
@@ -214,41 +213,8 @@ def zogy_cell_task(task: dict) -> dict:
     out["psf_difference"] = res.psf_difference
     out["flux_difference"] = res.flux_difference
     del res, w
-    _release_free_memory()
+    release_freed_memory()
     return out
-
-
-_LIBC = None
-
-
-def _release_free_memory() -> bool:
-    """Return the freed pages of the C heap to the operating system (glibc ``malloc_trim``).
-
-    A ZOGY cell's FFT working set (about ten float64/complex128 arrays of the cell's padded
-    size, 10–20 MB each for a 4×4 grid on 4096²) is allocated by glibc below its mmap
-    threshold, from the worker thread's arena.  Once freed those pages stay resident in
-    the process (≈ 0.25 GB after the 16 cells of a 4096² image, with two threads) unless
-    the heap is trimmed; this does so after each cell and after the cell stage.  Live
-    memory is untouched; the call is a no-op (returns False) where the C library has no
-    ``malloc_trim``.
-
-    Returns
-    -------
-    bool
-        Whether the C library released any memory.
-    """
-    global _LIBC
-    if _LIBC is None:
-        _LIBC = False
-        if sys.platform.startswith("linux"):
-            try:
-                libc = ctypes.CDLL("libc.so.6")
-                libc.malloc_trim.argtypes = [ctypes.c_size_t]
-                libc.malloc_trim.restype = ctypes.c_int
-                _LIBC = libc
-            except (OSError, AttributeError):
-                _LIBC = False
-    return bool(_LIBC and _LIBC.malloc_trim(0))
 
 
 #: The weighted planes a cell task returns, blended into full-frame float32 planes.
@@ -459,7 +425,7 @@ def subtract_zogy(
         tasks, grid = _cell_tasks(science, template, smask, tmask, kappa=kappa, config=zogy_config,
                                   psf_size=psf_size, bad_bits=bad_bits)
         blended, pd_list, fd_list = _run_cells(tasks, shape, runner=runner)
-        _release_free_memory()
+        release_freed_memory()
         d_img, d_var, s_img, s_var = (blended[k] for k in _CELL_PLANES)
         del blended
         gy, gx = grid["cells"]
