@@ -390,3 +390,25 @@ def test_release_freed_memory_is_harmless():
     keep = np.ones(1000)
     assert isinstance(release_freed_memory(), bool)
     assert keep.sum() == 1000
+
+
+def test_significance_sample_is_the_clipped_stats_sample(monkeypatch):
+    """ZOGY's score-significance metric samples S/√V(S) at the good pixels exactly as clipped_stats would
+    sample the whole significance plane (every ⌈n/max⌉-th good pixel), without making that plane."""
+    from diffim_dag.stages import zogy
+
+    rng = np.random.default_rng(3)
+    img = rng.normal(size=(60, 70)).astype(np.float32)
+    var = rng.uniform(0.5, 2.0, size=img.shape).astype(np.float32)
+    var[5, :10] = 0.0
+    img[7, 3] = np.nan
+    score = Exposure.from_arrays(img, var, None)
+    msk = score.arrays()[2].copy()
+    msk[20:25, 30:40] |= score.bitmask("NO_DATA")
+    score = score.with_planes(mask=msk)
+    good = rng.uniform(size=img.shape) > 0.2
+    plane = zogy.score_significance(score)[good]
+    np.testing.assert_array_equal(zogy._significance_sample(score, good), plane)
+    monkeypatch.setattr(zogy, "MAX_STAT_SAMPLES", 1000)
+    step = -(-plane.size // 1000)
+    np.testing.assert_array_equal(zogy._significance_sample(score, good), plane[::step])

@@ -49,7 +49,7 @@ from ..kernels import zogy as zk
 from ..kernels.decorrelate import clipped_mean_variance
 from ..kernels.maskops import dilate_mask, edge_mask, template_mask_for_difference
 from ..memory import release_freed_memory
-from ..noise import clipped_stats
+from ..noise import MAX_STAT_SAMPLES, clipped_stats
 from .photometry import aperture_flux_ratio
 from .verdict import background_left
 from .inputs import SubtractionResult, Timings, prepare_inputs
@@ -457,13 +457,13 @@ def subtract_zogy(
                                  validate=False, copy=False)
     k = np.float32(kappa)
     mt_img = ti * k
-    mt_var = tv * k * k
+    mt_var = tv * k
+    mt_var *= k  # (tv·κ)·κ, with no temporary plane
     mt_mask = tm if (tm.dtype == np.int32 and np.isfinite(mt_img).all()) else tm.copy()
     matched_template = Exposure.from_arrays(mt_img, mt_var, mt_mask, xy0=science.xy0, mask_planes=planes,
                                             wcs=template.wcs, psf=template.psf, info=template.info, validate=False,
                                             copy=False)
     del mt_img, mt_var, mt_mask
-    significance = score_significance(score)
 
     with timings.stage("metrics"):
         noise_bits = planes.bitmask([p for p in ("NO_DATA", "BAD", "SAT", "EDGE", "CR") if p in planes])
@@ -481,7 +481,7 @@ def subtract_zogy(
             ratio_std_limit=config.subtract.bad_subtraction_ratio_std,
         )
         good = ((mask & planes.bitmask(["NO_DATA", "BAD", "SAT", "EDGE"])) == 0) & (s_var > 0)
-        q["score_significance_std"] = float(clipped_stats(significance[good])[1]) if good.any() else None
+        q["score_significance_std"] = float(clipped_stats(_significance_sample(score, good))[1]) if good.any() else None
         q["background_left"] = background_left(d_img, d_var, ~good, psf_d.kernel_image(cx, cy))
         q.update(scaled)
         del good
@@ -503,6 +503,19 @@ def score_significance(score: Exposure) -> np.ndarray:
         i, v = img[sl], var[sl]
         ok = (v > 0) & np.isfinite(i) & ((msk[sl] & bit) == 0)
         out[sl][ok] = i[ok] / np.sqrt(v[ok])
+    return out
+
+
+def _significance_sample(score: Exposure, good: np.ndarray) -> np.ndarray:
+    """``score_significance(score)[good]`` as :func:`~diffim_dag.noise.clipped_stats` samples it (every
+    ``⌈n / MAX_STAT_SAMPLES⌉``-th of the ``n`` good pixels, in raster order), with no full-frame plane."""
+    idx = np.flatnonzero(good)
+    if idx.size > MAX_STAT_SAMPLES:
+        idx = idx[:: -(-idx.size // MAX_STAT_SAMPLES)]
+    img, var, msk = (a.ravel()[idx] for a in score.arrays())
+    ok = (var > 0) & np.isfinite(img) & ((msk & score.bitmask("NO_DATA")) == 0)
+    out = np.zeros(idx.size, dtype=np.float32)
+    out[ok] = img[ok] / np.sqrt(var[ok])
     return out
 
 
