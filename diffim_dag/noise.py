@@ -136,7 +136,7 @@ class BackgroundModel:
     """Smooth background level and sky noise on the image grid."""
 
     level: np.ndarray  # counts
-    rms: np.ndarray  # counts (1σ of the sky)
+    rms: np.ndarray | None  # counts (1σ of the sky); None when not asked for
     global_level: float
     global_rms: float
 
@@ -147,11 +147,13 @@ def measure_background(
     *,
     box: int = 64,
     filter_size: int = 3,
+    rms: bool = True,
 ) -> BackgroundModel:
     """Mesh background and noise (sigma-clipped per box, median-filtered, spline-interpolated).
 
     Uses ``sep.Background`` (SExtractor's algorithm).  Sources are excluded by
-    clipping; ``bad`` pixels are excluded outright.
+    clipping; ``bad`` pixels are excluded outright.  ``rms=False`` leaves out the noise map (``rms`` is
+    None; the global rms is still given): interpolating it costs as much as the level's.
     """
     import sep
 
@@ -162,8 +164,9 @@ def measure_background(
     work = np.where(bad_mask, np.float32(0), img).astype(np.float32, copy=False)
     bkg = sep.Background(work, mask=bad_mask, bw=box, bh=box, fw=filter_size, fh=filter_size)
     level = np.asarray(bkg.back(), dtype=np.float32)  # float32 maps: a 4096² frame costs 64 MB each
-    rms = np.asarray(bkg.rms(), dtype=np.float32)
-    return BackgroundModel(level=level, rms=rms, global_level=float(bkg.globalback), global_rms=float(bkg.globalrms))
+    noise = np.asarray(bkg.rms(), dtype=np.float32) if rms else None
+    return BackgroundModel(level=level, rms=noise, global_level=float(bkg.globalback),
+                           global_rms=float(bkg.globalrms))
 
 
 def sky_noise_map(image: np.ndarray, bad: np.ndarray | None = None, *, box: int = 64,
@@ -245,8 +248,14 @@ def _bilinear_upsample(grid: np.ndarray, box: int, shape: tuple[int, int]) -> np
     rows = g[y0] * (1 - wy[:, None]) + g[y1] * wy[:, None]  # (ny, nbx)
     x0, x1, wx = axis(shape[1], g.shape[1])
     out = np.empty(shape, dtype=np.float32)
-    for s in row_strips(shape[0]):
-        out[s] = rows[s][:, x0] * (1 - wx[None, :]) + rows[s][:, x1] * wx[None, :]
+    w0, w1 = (1 - wx)[None, :], wx[None, :]
+    for s in row_strips(shape[0]):  # (np.take into the output: no gathered temporaries, same sums)
+        strip = out[s]
+        np.take(rows[s], x0, axis=1, out=strip)
+        strip *= w0
+        right = np.take(rows[s], x1, axis=1)
+        right *= w1
+        strip += right
     return out
 
 
@@ -321,7 +330,7 @@ def build_variance(
     del noise
 
     def smooth_median(a):  # the maps are smooth on the mesh scale: every 4th pixel each way pins the median
-        return float(np.median(np.asarray(a, dtype=np.float64)[::4, ::4])) if np.ndim(a) == 2 else float(np.median(a))
+        return float(np.median(np.asarray(a)[::4, ::4].astype(np.float64))) if np.ndim(a) == 2 else float(np.median(a))
 
     if gain is not None and gain > 0:
         rn_counts2 = (read_noise / gain) ** 2 if read_noise is not None and read_noise > 0 else 0.0

@@ -177,3 +177,33 @@ def test_mask_fractions_of_every_plane():
     for name, bit in planes.as_dict().items():
         assert got[name] == np.count_nonzero(msk & (1 << bit)) / msk.size
     assert got["EDGE"] == 0.25 and got["SAT"] == got["NO_DATA"] == 0.025
+
+
+def test_background_without_its_noise_map_has_the_same_level(rng):
+    """``rms=False`` skips the noise map's interpolation only: level and global figures are unchanged."""
+    from diffim_dag.noise import measure_background
+
+    yy, xx = np.mgrid[:300, :260]
+    img = (100.0 + 0.05 * xx + 0.02 * yy + rng.normal(0.0, 3.0, yy.shape)).astype(np.float32)
+    bad = np.zeros(img.shape, bool)
+    bad[40:60, 100:130] = True
+    full = measure_background(img, bad, box=32)
+    lean = measure_background(img, bad, box=32, rms=False)
+    assert lean.rms is None and full.rms.shape == img.shape
+    np.testing.assert_array_equal(lean.level, full.level)
+    assert (lean.global_level, lean.global_rms) == (full.global_level, full.global_rms)
+    assert abs(full.global_rms - 3.0) < 0.3
+
+
+def test_bilinear_upsample_interpolates_between_box_centres():
+    """Box centres sit at ``(k + 0.5) box − 0.5``: the map equals the grid there, is linear between them and
+    flat beyond the outer centres."""
+    from diffim_dag.noise import _bilinear_upsample
+
+    grid = np.array([[0.0, 4.0, 8.0], [2.0, 6.0, 10.0]], dtype=np.float32)
+    box = 4
+    out = _bilinear_upsample(grid, box, (8, 12))
+    assert out.dtype == np.float32 and out.shape == (8, 12)
+    expected = (2.0 * np.clip((np.arange(8)[:, None] - 1.5) / 4.0, 0, 1)
+                + 4.0 * np.clip((np.arange(12)[None, :] - 1.5) / 4.0, 0, 2))
+    np.testing.assert_allclose(out, expected, atol=1e-6)

@@ -507,14 +507,24 @@ def _warp_translated(img, var, msk, shift, *, a, out_origin, out_shape, src_orig
     if np.any(msk):
         pm = padded(msk, np.int32)
         ax, ay = np.abs(wx), np.abs(wy)
+        # The 2-D weight |w_y w_x| is monotone in each factor (rounding included), so the product of the
+        # factors' largest (smallest) values over the tile says whether a tap is needed nowhere (everywhere):
+        # only a tap near the threshold somewhere (an edge's renormalized weights) needs the whole product.
+        # fmax skips NaN (a pixel with every tap outside, never needed); min keeps it (not needed everywhere).
+        hi_x, hi_y = np.fmax.reduce(ax, axis=0), np.fmax.reduce(ay, axis=0)
+        lo_x, lo_y = ax.min(axis=0), ay.min(axis=0)
         for i in range(2 * a):
             for j in range(2 * a):
-                take = ay[:, i:i + 1] * ax[None, :, j] > mask_threshold
-                if not take.any():
+                if not (hi_y[i:i + 1] * hi_x[j:j + 1] > mask_threshold)[0]:
                     continue
                 r, s = cv + ky0 + i + 1, cu + kx0 + j + 1
                 vals = pm[r:r + nky, s:s + nkx]
-                m |= vals if take.all() else np.where(take, vals, 0)
+                if (lo_y[i:i + 1] * lo_x[j:j + 1] > mask_threshold)[0]:
+                    m |= vals
+                    continue
+                take = ay[:, i:i + 1] * ax[None, :, j] > mask_threshold
+                if take.any():
+                    m |= vals if take.all() else np.where(take, vals, 0)
         nodata = (m & no_data_bit) != 0  # a missing contributor leaves no value
         res_i[nodata] = 0.0
         res_v[nodata] = 0.0
@@ -529,6 +539,7 @@ def _warp_translated(img, var, msk, shift, *, a, out_origin, out_shape, src_orig
     out_var[ky0:ky1, kx0:kx1] = res_v
     out_msk[ky0:ky1, kx0:kx1] = m
     return out_img, out_var, out_msk
+
 
 def _window_counts(flags: np.ndarray):
     """Summed-area table of a boolean array (padded with a zero row and column)."""

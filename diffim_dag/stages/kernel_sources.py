@@ -151,7 +151,9 @@ def measure_sources(
     subtracting the mesh background.
     """
     img, var, msk = science.arrays()
-    level = (background if background is not None else measure_background(img, None, box=BACKGROUND_BOX)).level
+    if background is None:
+        background = measure_background(img, None, box=BACKGROUND_BOX, rms=False)
+    level = background.level
     x0, y0 = science.xy0
     psf = science.psf
     size = 2 * half + 1

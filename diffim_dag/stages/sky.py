@@ -45,9 +45,9 @@ def subtract_sky(exposure: Exposure, config: SkyConfig = SkyConfig()) -> SkyResu
     planes = exposure.mask_planes
     bad = (msk & planes.bitmask([p for p in SKY_BAD_PLANES if p in planes])) != 0
     nodata = (msk & planes.bitmask("NO_DATA")) != 0 if "NO_DATA" in planes else np.zeros(img.shape, bool)
-    bkg = measure_background(img, bad, box=config.box, filter_size=config.filter_size)
+    bkg = measure_background(img, bad, box=config.box, filter_size=config.filter_size, rms=False)
     level, noise = bkg.level, float(bkg.global_rms)
-    del bkg  # (its rms map)
+    del bkg
     out = np.subtract(img, level, dtype=np.float32)
     np.copyto(out, img, where=nodata)  # no-data pixels stay as they are
     good = level[~bad] if (~bad).any() else level.ravel()

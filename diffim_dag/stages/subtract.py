@@ -101,7 +101,7 @@ def _source_free_chi(image, variance, good) -> np.ndarray:
     """``(I − B)/√V`` over good pixels away from sources (3×3-mean S/N > 3, grown by 4 px)."""
     from scipy import ndimage
 
-    bkg = measure_background(image, ~good)
+    bkg = measure_background(image, ~good, rms=False)
     norm = (image - bkg.level) / np.sqrt(np.where(good, variance, 1.0))
     norm = np.where(good, norm, 0.0)
     scale0 = max(robust_std(norm[good]), 1e-12)
@@ -175,7 +175,7 @@ def measure_noise_correlation(image: np.ndarray, variance: np.ndarray, bad: np.n
         if good.sum() < 1000:
             continue
         img, var = image[w], variance[w]
-        bkg = measure_background(img, ~good)
+        bkg = measure_background(img, ~good, rms=False)
         z = np.where(good, (img - bkg.level) / np.sqrt(np.where(good, var, 1.0)), 0.0)
         sources = grow_cross(ndimage.uniform_filter(z, 3) > 1.0, 4)
         sky = good & ~sources
