@@ -38,8 +38,6 @@ def _read_input(path: str, options: dict):
     return read_exposure(path, **options)
 
 
-
-
 def input_shape(spec: VisitSpec) -> tuple[int, int] | None:
     """``(ny, nx)`` of the visit's science image from its header alone, or None when it cannot be read.
 
