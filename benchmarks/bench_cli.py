@@ -21,7 +21,7 @@ Measured per run:
 
 Targets (issue 15, 2 cores):
 
-* 4096² end to end ≤ 8 s (0.5× HOTPANTS), and ≤ 1.5 GB peak in any process;
+* 4096² end to end ≤ 8 s (0.5× HOTPANTS), and ≤ 1.5 GB (1.40 GiB) peak in any process;
 * 1024² ≤ 3 s;
 * 8192² ≤ 4.5× the 4096² time;
 * ``--method zogy`` ≤ 2× the AL time.
@@ -73,7 +73,7 @@ def _peak_kb(proc: psutil.Process) -> int:
 
 
 def run(cmd: list[str]) -> dict:
-    """Run ``cmd``; its wall time and the peak RSS (GB) of it and of every process it started."""
+    """Run ``cmd``; its wall time and the peak RSS (GiB) of it and of every process it started."""
     t0 = time.perf_counter()
     popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     root = psutil.Process(popen.pid)
@@ -146,7 +146,7 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
 
     print(f"diffim-dag subtract end to end, {args.repeats} run(s) each, {os.cpu_count()} cores")
-    print("| size | tool | median s | min–max s | peak GB main | peak GB largest child (n) | × HOTPANTS | × AL | verdict |")
+    print("| size | tool | median s | min–max s | peak GiB main | peak GiB largest child (n) | × HOTPANTS | × AL | verdict |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         same = {x["tool"]: x["median"] for x in rows if x["size"] == r["size"]}
