@@ -262,3 +262,27 @@ def test_pixels_without_equals_the_whole_frame_expression():
         m = rng.integers(0, 1 << 20, size=shape).astype(np.int32)
         for bits in (0, 1, 0b1011000, (1 << 20) - 1):
             np.testing.assert_array_equal(pixels_without(m, bits, block_pixels=97), (m & bits) == 0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_apertures_on_stamps_equal_the_whole_tile(monkeypatch, rng, dtype):
+    """Few apertures on a large tile are summed on stamps: bitwise the whole tile's sums, edges (circles cut by
+    the tile), excluded pixels, per-source radii and positions off the tile included."""
+    import diffim_dag.kernels.measure as measure
+
+    shape, origin = (300, 340), (1000, 2000)
+    img = rng.normal(5.0, 3.0, shape).astype(dtype)
+    var = rng.uniform(4.0, 16.0, shape).astype(dtype)
+    good = rng.random(shape) > 0.02
+    n = 60
+    x = rng.uniform(-20, shape[1] + 20, n) + origin[0]
+    y = rng.uniform(-20, shape[0] + 20, n) + origin[1]
+    x[:4] = [origin[0] + 0.3, origin[0] + shape[1] - 1.2, origin[0] + 150.5, np.nan]  # on both edges, a NaN
+    r = rng.uniform(1.5, 14.0, n)
+    monkeypatch.setattr(measure, "APERTURE_STAMP_PIXELS", 0)  # stamps
+    stamps = measure.aperture_fluxes(img, var, good, x, y, r, origin=origin)
+    monkeypatch.setattr(measure, "APERTURE_STAMP_PIXELS", 10**9)  # whole-tile planes
+    whole = measure.aperture_fluxes(img, var, good, x, y, r, origin=origin)
+    for a, b in zip(stamps, whole):
+        np.testing.assert_array_equal(a, b)
+    assert np.isfinite(whole[0]).sum() > 40 and whole[2][np.isfinite(whole[0])].any()

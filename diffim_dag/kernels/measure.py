@@ -348,8 +348,6 @@ def aperture_fluxes(
     flag : ndarray of bool
         The aperture touched excluded pixels or the tile edge (those pixels count as 0).
     """
-    import sep
-
     xl = np.asarray(x, dtype=np.float64) - origin[0]
     yl = np.asarray(y, dtype=np.float64) - origin[1]
     n = xl.size
@@ -363,15 +361,41 @@ def aperture_fluxes(
     if not ok.any():
         return flux, err, flag
     good = np.asarray(good, dtype=bool)
-    zero = np.float32(0.0)
-    d = np.where(good, image, zero).astype(np.float32, copy=False)
-    v = np.where(good, variance, zero).astype(np.float32, copy=False)
     xo, yo, ro = xl[ok], yl[ok], r[ok]
-    f, e, _ = sep.sum_circle(d, xo, yo, ro, var=v, subpix=0)
-    excluded, _, _ = sep.sum_circle((~good).astype(np.float32), xo, yo, ro, subpix=0)
+    if xo.size * APERTURE_STAMP_PIXELS < ny * nx:
+        # a few apertures on a large tile: each on a stamp holding its circle's pixels (2 px to spare) instead
+        # of whole-tile planes.  The same pixels in the same order, and the centre moves by whole pixels
+        # (exact), so SEP's overlaps and sums are those of the whole tile.
+        f, e, excluded = (np.empty(xo.size) for _ in range(3))
+        for i in range(xo.size):
+            ya, yb = max(math.floor(yo[i] - ro[i] + 0.5) - 2, 0), min(math.floor(yo[i] + ro[i] + 0.5) + 3, ny)
+            xa, xb = max(math.floor(xo[i] - ro[i] + 0.5) - 2, 0), min(math.floor(xo[i] + ro[i] + 0.5) + 3, nx)
+            win = (slice(ya, yb), slice(xa, xb))
+            f[i:i + 1], e[i:i + 1], excluded[i:i + 1] = _circle_sums(
+                image[win], variance[win], good[win], xo[i:i + 1] - xa, yo[i:i + 1] - ya, ro[i:i + 1])
+    else:
+        f, e, excluded = _circle_sums(image, variance, good, xo, yo, ro)
     cut = (xo - ro < -0.5) | (xo + ro > nx - 0.5) | (yo - ro < -0.5) | (yo + ro > ny - 0.5)
     flux[ok], err[ok], flag[ok] = f, e, cut | (excluded > 0)
     return flux, err, flag
+
+
+#: Whole-tile planes cost about as much as this many pixels per aperture on its own stamp: below it (few
+#: apertures on a large tile) :func:`aperture_fluxes` measures each on a stamp.
+APERTURE_STAMP_PIXELS = 4096
+
+
+def _circle_sums(image, variance, good, x, y, r):
+    """SEP's exact circle sums of the image and variance with excluded pixels set to 0, and of the excluded
+    pixels (``subpix=0``)."""
+    import sep
+
+    zero = np.float32(0.0)
+    d = np.where(good, image, zero).astype(np.float32, copy=False)
+    v = np.where(good, variance, zero).astype(np.float32, copy=False)
+    f, e, _ = sep.sum_circle(d, x, y, r, var=v, subpix=0)
+    excluded, _, _ = sep.sum_circle((~good).astype(np.float32), x, y, r, subpix=0)
+    return f, e, excluded
 
 
 def adaptive_moments(
