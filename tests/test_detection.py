@@ -430,3 +430,29 @@ def test_local_max_at_is_the_3x3_maximum_filter():
     iy, ix = np.nonzero(np.ones(img.shape, bool))
     expected = (img >= ndimage.maximum_filter(img, size=3, mode="nearest"))[iy, ix]
     np.testing.assert_array_equal(local_max_at(img, iy, ix), expected)
+
+
+def test_repair_cosmic_rays_flags_and_fills_only_the_hits(rng):
+    """The input stage's repair: hits (grown by one) get the CR bit on top of their other bits, their values the
+    mean of the unflagged pixels around them; stars, other pixels and the input exposure stay as they were."""
+    from diffim_dag.stages.cosmic_rays import repair_cosmic_rays
+
+    img = rng.normal(0, 2.0, (120, 120)).astype(np.float32)
+    add_sources(img, [40.0], [50.0], [4000.0], PSF)
+    img[90, 20] += 500.0
+    var = np.full(img.shape, 4.0, np.float32)
+    msk = np.zeros(img.shape, np.int32)
+    msk[90, 21] = 1 << DEFAULT_MASK_PLANES["INTRP"]  # a neighbour with a bit of its own
+    msk[10, 10] = 1 << DEFAULT_MASK_PLANES["BAD"]
+    exp = Exposure.from_arrays(img, var, msk, psf=PSF)
+    out = repair_cosmic_rays(exp)
+    o_img, o_var, o_msk = out.exposure.arrays()
+    cr = 1 << out.exposure.mask_planes["CR"]
+    hit = (o_msk & cr) != 0
+    assert hit[89:92, 19:22].all() and hit.sum() == 9 and out.report["pixels"] == 9 and out.report["groups"] == 1
+    np.testing.assert_array_equal(o_msk & ~cr, msk)  # every other bit kept
+    assert o_msk.dtype == msk.dtype and o_msk[90, 21] == (1 << DEFAULT_MASK_PLANES["INTRP"]) | cr
+    np.testing.assert_array_equal(o_img[~hit], img[~hit])
+    assert abs(float(o_img[90, 20])) < 10.0
+    np.testing.assert_array_equal(o_var, var)
+    np.testing.assert_array_equal(exp.arrays()[2], msk)  # the input is not modified

@@ -77,7 +77,8 @@ def repair_cosmic_rays(exposure: Exposure, config: CosmicRayConfig = CosmicRayCo
 
     n_groups = int(ndimage.label(hit)[1])
     repaired = _fill(img, hit, ~(hit | skip))
-    mask = (msk | np.where(hit, planes.bitmask("CR"), 0)).astype(msk.dtype)
+    mask = msk.copy()  # the CR bit set where hit (no full-frame int64 temporaries)
+    mask[hit] |= np.asarray(planes.bitmask("CR")).astype(msk.dtype)
     out = Exposure.from_arrays(repaired, var, mask, xy0=exposure.xy0, mask_planes=planes, wcs=exposure.wcs,
                                psf=exposure.psf, info=exposure.info, validate=False, copy=False)
     return CosmicRayResult(out, {"enabled": True, "pixels": n, "groups": n_groups})

@@ -151,7 +151,7 @@ def scale_difference_variance(image: np.ndarray, variance: np.ndarray, bad: np.n
     report = {"sky_ratio_propagated": float(math.sqrt(factor)) if factor > 0 else None,
               "variance_scale": float(factor) if enabled and factor > 0 else 1.0}
     if enabled and np.isfinite(factor) and factor > 0 and abs(factor - 1.0) > 1e-3:
-        variance = (variance * np.float32(factor)).astype(np.float32)
+        variance = (variance * np.float32(factor)).astype(np.float32, copy=False)
     return variance, report
 
 
