@@ -268,3 +268,33 @@ def test_cli_subtract_and_a_batch_of_one_write_the_same_bits(tmp_path, fakes):
     if fakes:
         pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "one" / "injection.parquet"),
                                       pd.read_parquet(folder / "injection.parquet"))
+
+
+def test_in_process_zogy_takes_its_inputs_and_gives_the_same_result(spec, inputs, tmp_path):
+    """In process the ZOGY task takes the exposures out of the input stages' result (their planes are freed as
+    variance scaling replaces them); the result is bitwise the one of a task that leaves them, and a second
+    try is refused rather than run on nothing.  Exposures handed in by a caller are never taken."""
+    from diffim_dag.stages.prepare import prepare_exposures
+    from diffim_dag.visit import zogy_stage
+
+    config = _config("zogy")
+    science, template = inputs
+    kept = prepare_exposures(science, template, config)
+    taken = dataclasses.replace(kept)
+    a = zogy_stage(kept, config)
+    b = zogy_stage(taken, config, consume=True)
+    assert kept.science is not None and taken.science is None and taken.template is None
+    for x, y in zip(a.difference.arrays() + a.score.arrays(), b.difference.arrays() + b.score.arrays()):
+        np.testing.assert_array_equal(x, y)
+    assert a.metrics["zogy"] == b.metrics["zogy"] and taken.__sizeof__() == 1024
+    with pytest.raises(RuntimeError, match="already taken"):
+        zogy_stage(taken, config, consume=True)
+
+    def consumes(dsk):
+        (task,) = [t for k, t in dsk.items() if stage_of(k) == "subtract"]
+        return task[-1]
+
+    local = visit_grid(input_shape(spec), config, in_process=True)
+    assert consumes(visit_graph(spec, config, tmp_path, grid=local, in_process=True)) is True
+    assert consumes(visit_graph(spec, config, tmp_path, grid=local)) is False
+    assert consumes(visit_graph(spec, config, tmp_path, grid=local, in_process=True, prepared=kept)) is False

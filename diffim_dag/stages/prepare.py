@@ -32,8 +32,8 @@ class PreparedExposures:
     timings: dict
     fakes: object = None  # pandas.DataFrame of the fakes injected (inject_stage), None without
 
-    def __sizeof__(self) -> int:  # what Dask's memory accounting sees
-        return 1024 + _nbytes(self.science) + _nbytes(self.template)
+    def __sizeof__(self) -> int:  # what Dask's memory accounting sees (an exposure a task took is None)
+        return 1024 + sum(_nbytes(e) for e in (self.science, self.template) if e is not None)
 
 
 def inject_stage(prepared, config: PipelineConfig, kernel=None):

@@ -386,8 +386,9 @@ def subtract_zogy(
 
     Notes
     -----
-    Peak memory on a 4096² pair with a 4×4 grid and two threads is ≈ 1.5 GB (inputs
-    included): the full-frame planes are float32 (:math:`D_N`, :math:`V(D_N)`, :math:`S`,
+    Peak memory of the CLI on a 4096² pair with a 4×4 grid and two threads is ≈ 1.27 GiB (inputs
+    included; the in-process task takes its inputs, so the planes variance scaling replaces are freed):
+    the full-frame planes are float32 (:math:`D_N`, :math:`V(D_N)`, :math:`S`,
     :math:`V(S)`, the mask, the κ-scaled template and :math:`S_\mathrm{corr}`), each cell's
     float64 FFT work is freed (and the heap trimmed) as soon as its weighted planes are
     made, the cells run in batches, and the masks are dilated in bands of rows.
