@@ -26,7 +26,6 @@ __all__ = [
     "sky_noise_map",
     "build_variance",
     "grow_cross",
-    "grow_square",
     "row_strips",
 ]
 
@@ -62,23 +61,6 @@ def grow_cross(mask: np.ndarray, iterations: int = 1) -> np.ndarray:
         src = out.copy()
         out[1:] |= src[:-1]
         out[:-1] |= src[1:]
-        out[:, 1:] |= src[:, :-1]
-        out[:, :-1] |= src[:, 1:]
-    return out
-
-
-def grow_square(mask: np.ndarray, iterations: int = 1) -> np.ndarray:
-    """``mask`` dilated ``iterations`` times by the 3×3 square (outside the array counts as unset).
-
-    Equal to ``scipy.ndimage.binary_dilation(mask, structure=np.ones((3, 3)), iterations=iterations)``, by
-    shifted ORs along each axis in turn (the square is separable): a 4096² mask in ~40 ms a step against ~0.6 s.
-    """
-    out = np.array(mask, dtype=bool)
-    for _ in range(int(iterations)):
-        src = out.copy()
-        out[1:] |= src[:-1]
-        out[:-1] |= src[1:]
-        src = out.copy()
         out[:, 1:] |= src[:, :-1]
         out[:, :-1] |= src[:, 1:]
     return out

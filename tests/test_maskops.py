@@ -128,3 +128,16 @@ def test_edge_mask(shape, h):
     assert set(np.unique(out)) <= {0, 1 << P["EDGE"]}
     assert out.dtype == np.int32
     assert (out != 0).sum() == ny * nx - max(ny - 2 * h, 0) * max(nx - 2 * h, 0)
+
+
+def test_grow_square_is_binary_dilation_by_the_square():
+    from scipy import ndimage
+
+    from diffim_dag.kernels.maskops import grow_square
+
+    rng = np.random.default_rng(1)
+    square = np.ones((3, 3), bool)
+    for _ in range(20):
+        m = rng.uniform(size=(int(rng.integers(1, 60)), int(rng.integers(1, 60)))) > 0.95
+        for it in (1, 2, 4):
+            np.testing.assert_array_equal(grow_square(m, it), ndimage.binary_dilation(m, square, iterations=it))

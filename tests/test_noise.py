@@ -152,19 +152,6 @@ def test_grow_cross_is_binary_dilation():
             np.testing.assert_array_equal(grow_cross(m, it), ndimage.binary_dilation(m, iterations=it))
 
 
-def test_grow_square_is_binary_dilation_by_the_square():
-    from scipy import ndimage
-
-    from diffim_dag.noise import grow_square
-
-    rng = np.random.default_rng(1)
-    square = np.ones((3, 3), bool)
-    for _ in range(20):
-        m = rng.uniform(size=(int(rng.integers(1, 60)), int(rng.integers(1, 60)))) > 0.95
-        for it in (1, 2, 4):
-            np.testing.assert_array_equal(grow_square(m, it), ndimage.binary_dilation(m, square, iterations=it))
-
-
 def test_mask_fractions_of_every_plane():
     from diffim_dag.masks import MaskPlanes
 

@@ -412,3 +412,10 @@ def test_significance_sample_is_the_clipped_stats_sample(monkeypatch):
     monkeypatch.setattr(zogy, "MAX_STAT_SAMPLES", 1000)
     step = -(-plane.size // 1000)
     np.testing.assert_array_equal(zogy._significance_sample(score, good), plane[::step])
+    # strips of 7 rows: the stride runs on across strips
+    from diffim_dag.noise import row_strips
+
+    monkeypatch.setattr(zogy, "row_strips", lambda n: row_strips(n, 7))
+    np.testing.assert_array_equal(zogy._significance_sample(score, good), plane[::step])
+    monkeypatch.setattr(zogy, "MAX_STAT_SAMPLES", 10**9)
+    np.testing.assert_array_equal(zogy._significance_sample(score, good), plane)

@@ -57,8 +57,8 @@ import pandas as pd
 import scipy.ndimage as ndi
 
 from ..masks import DEFAULT_MASK_PLANES
-from ..noise import grow_square, row_strips
-from .maskops import bits_of
+from ..noise import row_strips
+from .maskops import bits_of, grow_square
 
 __all__ = [
     "Footprint",

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..noise import grow_square
 from .detection import local_max_at
+from .maskops import grow_square
 
 __all__ = ["SaturationResult", "integer_limit", "find_saturation"]
 

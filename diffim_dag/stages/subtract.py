@@ -436,11 +436,18 @@ def assemble(pieces, box: Box, *, dtype) -> np.ndarray:
             return arr
     bx0, bx1, by0, by1 = box
     out = np.zeros((by1 - by0, bx1 - bx0), dtype=dtype)
-    for (x0, x1, y0, y1), arr in pieces:
-        ix0, ix1, iy0, iy1 = max(x0, bx0), min(x1, bx1), max(y0, by0), min(y1, by1)
-        if ix1 > ix0 and iy1 > iy0:
-            out[iy0 - by0 : iy1 - by0, ix0 - bx0 : ix1 - bx0] = arr[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0]
+    for core, arr in pieces:
+        _place(out, box, core, arr)
     return out
+
+
+def _place(out: np.ndarray, box: Box, core: Box, arr: np.ndarray) -> None:
+    """Write the part of ``arr`` (an array on ``core``) that lies in ``box`` into ``out`` (an array on ``box``)."""
+    bx0, bx1, by0, by1 = box
+    x0, x1, y0, y1 = core
+    ix0, ix1, iy0, iy1 = max(x0, bx0), min(x1, bx1), max(y0, by0), min(y1, by1)
+    if ix1 > ix0 and iy1 > iy0:
+        out[iy0 - by0 : iy1 - by0, ix0 - bx0 : ix1 - bx0] = arr[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0]
 
 
 #: The planes of a :class:`DifferenceTile` and their dtypes.
@@ -455,7 +462,8 @@ def assemble_tiles(tiles, box: Box, *, consume: bool = False) -> tuple[dict, dic
     ``tiles``: a mapping core → tile, or a list of them.  ``consume=True`` checks that the tiles cover ``box``
     and takes each tile out of its mapping once it is written, so that its arrays are freed as the planes
     fill (for a caller that is the tiles' only user: the in-process ``difference`` task, which would
-    otherwise hold a 4096² image's tiles and its assembled planes at once, 0.4 GB each).  Uncovered pixels are 0; a tile that is exactly ``box`` is used as it is.
+    otherwise hold a 4096² image's tiles and its assembled planes at once, 0.4 GB each).  Uncovered pixels
+    are 0; a tile that is exactly ``box`` is used as it is.
     """
     maps = [tiles] if isinstance(tiles, Mapping) else list(tiles)
     bx0, bx1, by0, by1 = box
@@ -472,17 +480,13 @@ def assemble_tiles(tiles, box: Box, *, consume: bool = False) -> tuple[dict, dic
             tile = m.pop(core) if consume else m[core]
             for k, v in tile.seconds.items():
                 seconds[k] = seconds.get(k, 0.0) + v
-            x0, x1, y0, y1 = core
             if tuple(core) == tuple(box):
                 planes.update({name: getattr(tile, name) for name, _ in TILE_PLANES})
                 continue
-            ix0, ix1, iy0, iy1 = max(x0, bx0), min(x1, bx1), max(y0, by0), min(y1, by1)
             for name, dtype in TILE_PLANES:
                 if name not in planes:
                     planes[name] = np.zeros((by1 - by0, bx1 - bx0), dtype=dtype)
-                if ix1 > ix0 and iy1 > iy0:
-                    planes[name][iy0 - by0: iy1 - by0, ix0 - bx0: ix1 - bx0] = \
-                        getattr(tile, name)[iy0 - y0: iy1 - y0, ix0 - x0: ix1 - x0]
+                _place(planes[name], box, core, getattr(tile, name))
             del tile
         if consume:
             release_freed_memory()  # the tiles just taken, before the planes grow further

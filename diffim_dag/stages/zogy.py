@@ -49,7 +49,7 @@ from ..kernels import zogy as zk
 from ..kernels.decorrelate import clipped_mean_variance
 from ..kernels.maskops import dilate_mask, edge_mask, template_mask_for_difference
 from ..memory import release_freed_memory
-from ..noise import MAX_STAT_SAMPLES, clipped_stats
+from ..noise import MAX_STAT_SAMPLES, clipped_stats, row_strips
 from .photometry import aperture_flux_ratio
 from .verdict import background_left
 from .inputs import SubtractionResult, Timings, prepare_inputs
@@ -501,23 +501,33 @@ def score_significance(score: Exposure) -> np.ndarray:
     step = max(1, _SIGNIFICANCE_PIXELS // max(img.shape[1], 1))
     for y0 in range(0, img.shape[0], step):  # row blocks: no full-frame temporaries
         sl = slice(y0, y0 + step)
-        i, v = img[sl], var[sl]
-        ok = (v > 0) & np.isfinite(i) & ((msk[sl] & bit) == 0)
-        out[sl][ok] = i[ok] / np.sqrt(v[ok])
+        out[sl] = _significance(img[sl], var[sl], msk[sl], bit)
+    return out
+
+
+def _significance(img: np.ndarray, var: np.ndarray, msk: np.ndarray, no_data_bit: int) -> np.ndarray:
+    """``img / sqrt(var)`` (float32), 0 where the variance is not positive, the image not finite or NO_DATA."""
+    ok = (var > 0) & np.isfinite(img) & ((msk & no_data_bit) == 0)
+    out = np.zeros(img.shape, dtype=np.float32)
+    out[ok] = img[ok] / np.sqrt(var[ok])
     return out
 
 
 def _significance_sample(score: Exposure, good: np.ndarray) -> np.ndarray:
     """``score_significance(score)[good]`` as :func:`~diffim_dag.noise.clipped_stats` samples it (every
-    ``⌈n / MAX_STAT_SAMPLES⌉``-th of the ``n`` good pixels, in raster order), with no full-frame plane."""
-    idx = np.flatnonzero(good)
-    if idx.size > MAX_STAT_SAMPLES:
-        idx = idx[:: -(-idx.size // MAX_STAT_SAMPLES)]
-    img, var, msk = (a.ravel()[idx] for a in score.arrays())
-    ok = (var > 0) & np.isfinite(img) & ((msk & score.bitmask("NO_DATA")) == 0)
-    out = np.zeros(idx.size, dtype=np.float32)
-    out[ok] = img[ok] / np.sqrt(var[ok])
-    return out
+    ``⌈n / MAX_STAT_SAMPLES⌉``-th of the ``n`` good pixels, in raster order), row strip by row strip: no
+    full-frame plane and no index array of every good pixel."""
+    n = int(np.count_nonzero(good))
+    step = -(-n // MAX_STAT_SAMPLES) if n > MAX_STAT_SAMPLES else 1
+    img, var, msk = score.arrays()
+    bit = score.bitmask("NO_DATA")
+    parts, seen = [], 0
+    for rows in row_strips(good.shape[0]):
+        idx = np.flatnonzero(good[rows])
+        take = idx[(-seen) % step:: step]  # the strip's good pixels whose running number is a multiple of step
+        seen += idx.size
+        parts.append(_significance(*(a[rows].ravel()[take] for a in (img, var, msk)), bit))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
 
 
 #: Pixels per row block of :func:`score_significance`.
