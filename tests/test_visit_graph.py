@@ -81,6 +81,13 @@ def test_keys_name_stage_visit_detector_and_tile(spec, tmp_path):
                   "catalog", "result", "write"):
         assert _keys(dsk, stage) == [(stage, v, d)]
     assert len(dsk) == 9 + 1 + 4 * 9
+    # fewer cells to a task: the cells are dealt out over several fit-cell tasks
+    import diffim_dag.visit as visit_module
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(visit_module, "CELLS_PER_TASK", 4)
+        spread = visit_graph(spec, config, tmp_path, run_id="a")
+    assert _keys(spread, "fit-cell") == [("fit-cell", v, d, i) for i in range(25 // 4)]
     # on a cluster the input stages are one task, run in turn where it runs (the exposures stay on its worker)
     fused = dsk[task_key("inputs", v, d, run_id="a")][1]
     assert sorted({stage_of(k) for k in fused.dsk}) == ["exposure", "inputs", "read", "template"]
@@ -176,11 +183,16 @@ def test_a_batch_visit_equals_the_python_api(spec, inputs, tmp_path):
     assert (folder / "_outputs.json").stat().st_mtime_ns == before
 
 
-def test_batch_on_a_cluster_equals_the_in_process_subtraction(spec, inputs, tmp_path):
-    """The same visit as a batch on a (threaded) LocalCluster: tasks spread over two workers."""
+def test_batch_on_a_cluster_equals_the_in_process_subtraction(spec, inputs, tmp_path, monkeypatch):
+    """The same visit as a batch on a (threaded) LocalCluster: tasks spread over two workers, the kernel cells
+    over six fit-cell tasks."""
     from distributed import Client, LocalCluster
 
+    import diffim_dag.visit as visit_module
+
+    monkeypatch.setattr(visit_module, "CELLS_PER_TASK", 4)
     config = _config()
+    assert len(_keys(build_batch_graph([spec], config, tmp_path / "g"), "fit-cell")) == 6
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
         with Client(cluster) as client:
             report = run_batch([spec], config, tmp_path / "out", client=client, progress=False)
