@@ -1,4 +1,8 @@
 """diffim_dag: image differencing for time-domain astronomy, built as Dask graphs."""
+from .memory import quiet_idle_blas_threads as _quiet_idle_blas_threads
+
+_quiet_idle_blas_threads()  # before NumPy loads OpenBLAS
+
 from .errors import (
     ConfigError,
     DiffimError,

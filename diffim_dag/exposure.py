@@ -109,6 +109,13 @@ def validate_planes(image, variance, mask, *, source: str) -> None:
             )
 
 
+def _plane(values, lazy: bool) -> xr.Variable:
+    """A ``(y, x)`` plane as an xarray variable.  NumPy planes skip xarray's conversion checks
+    (``fastpath``): they are already arrays, and the checks' first call imports ``dask.array`` (0.5 s of
+    every command's start-up) to ask whether the plane is one."""
+    return xr.Variable(("y", "x"), values) if lazy else xr.Variable(("y", "x"), np.asarray(values), fastpath=True)
+
+
 class Exposure:
     """An image with variance, mask, WCS, PSF and metadata, held as an ``xarray.Dataset``.
 
@@ -169,12 +176,8 @@ class Exposure:
         x0, y0 = int(xy0[0]), int(xy0[1])
         coords = {"y": np.arange(y0, y0 + ny, dtype=np.int64), "x": np.arange(x0, x0 + nx, dtype=np.int64)}
         ds = xr.Dataset(
-            {
-                "image": (("y", "x"), img),
-                "variance": (("y", "x"), var),
-                "mask": (("y", "x"), msk),
-            },
-            coords=coords,
+            {"image": _plane(img, is_lazy), "variance": _plane(var, is_lazy), "mask": _plane(msk, is_lazy)},
+            coords={k: xr.IndexVariable((k,), v, fastpath=True) for k, v in coords.items()},
             attrs={
                 "mask_planes": planes.as_dict(),
                 "wcs": wcs,
@@ -257,7 +260,7 @@ class Exposure:
         ds = self.ds.copy(deep=False)
         for name, value in (("image", image), ("variance", variance), ("mask", mask)):
             if value is not None:
-                ds[name] = (("y", "x"), value)
+                ds[name] = _plane(value, hasattr(value, "dask"))
         ds.attrs = dict(self.ds.attrs)
         return Exposure(ds)
 

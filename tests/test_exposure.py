@@ -85,3 +85,46 @@ def test_lazy_requires_all_planes():
 
     with pytest.raises(InputError, match="lazy"):
         Exposure.from_arrays(da.zeros((8, 8), chunks=4))
+
+
+def _fresh_python(code: str, env: dict | None = None) -> str:
+    import os
+    import subprocess
+    import sys
+
+    environ = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    environ.update(env or {})
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_numpy_planes_do_not_import_dask_array():
+    """xarray's conversion checks import dask.array (0.5 s) to ask whether a plane is one; NumPy planes skip them,
+    and the dataset is the one the checked path builds."""
+    out = _fresh_python(
+        "import sys, numpy as np\n"
+        "from diffim_dag.exposure import Exposure\n"
+        "a = np.arange(54, dtype=np.float32).reshape(6, 9)\n"
+        "e = Exposure.from_arrays(a, a + 1, None, xy0=(3, 4))\n"
+        "e = e.with_planes(image=a * 2).subset(4, 8, 5, 9)\n"
+        "assert e.bbox == (4, 8, 5, 9) and e.arrays()[0][0, 0] == 2 * a[1, 1]\n"
+        "print('dask.array' in sys.modules)\n")
+    assert out == "False"
+    import xarray as xr
+
+    a = np.arange(54, dtype=np.float32).reshape(6, 9)
+    e = Exposure.from_arrays(a, a + 1, None, xy0=(3, 4))
+    checked = xr.Dataset({"image": (("y", "x"), a), "variance": (("y", "x"), a + 1),
+                          "mask": (("y", "x"), np.zeros(a.shape, np.int32))},
+                         coords={"y": np.arange(4, 10), "x": np.arange(3, 12)}, attrs=e.ds.attrs)
+    assert e.ds.identical(checked)
+    lazy = e.chunk(4).with_planes(image=e.chunk(4).ds["image"].data * 2)
+    assert lazy.is_lazy and np.array_equal(lazy.load().arrays()[0], a * 2)
+
+
+def test_openblas_idle_threads_sleep_unless_numpy_came_first_or_the_user_chose():
+    show = "import os\nprint(os.environ.get('OPENBLAS_THREAD_TIMEOUT'))\n"
+    assert _fresh_python("import diffim_dag\n" + show) == "4"
+    assert _fresh_python("import numpy, diffim_dag\n" + show) == "None"
+    assert _fresh_python("import diffim_dag\n" + show, {"OPENBLAS_THREAD_TIMEOUT": "20"}) == "20"
