@@ -456,3 +456,25 @@ def test_repair_cosmic_rays_flags_and_fills_only_the_hits(rng):
     assert abs(float(o_img[90, 20])) < 10.0
     np.testing.assert_array_equal(o_var, var)
     np.testing.assert_array_equal(exp.arrays()[2], msk)  # the input is not modified
+
+
+def test_cosmic_ray_search_of_the_positive_image_and_its_group_count(rng):
+    """``positive=True`` finds what the search of ``max(image, 0)`` finds, without that image; the repair's group
+    count (from the hit pixels alone) is ``scipy.ndimage.label``'s."""
+    from scipy import ndimage
+
+    from diffim_dag.stages.cosmic_rays import _groups
+
+    psf = GaussianPsf(1.3).kernel_image(0, 0)
+    for _ in range(20):
+        img = rng.normal(0, 1, (60, 70)).astype(np.float32)
+        iy, ix = rng.integers(0, 60, 25), rng.integers(0, 70, 25)
+        img[iy, ix] += rng.uniform(-80, 80, 25).astype(np.float32)  # hits of both signs, some at the edges
+        bad = rng.random(img.shape) < 0.01
+        clipped = det.find_cosmic_rays(np.where(img > 0, img, 0.0), np.ones_like(img), psf, bad=bad)
+        assert clipped.any()
+        assert np.array_equal(det.find_cosmic_rays(img, np.ones_like(img), psf, bad=bad, positive=True), clipped)
+    for _ in range(200):
+        hit = rng.random(tuple(rng.integers(1, 40, 2))) < rng.uniform(0.01, 0.6)
+        if hit.any():
+            assert _groups(hit) == ndimage.label(hit)[1]

@@ -819,6 +819,7 @@ def find_cosmic_rays(
     nsigma: float = 6.0,
     cond: float = 2.5,
     grow: int = 1,
+    positive: bool = False,
 ) -> np.ndarray:
     r"""Cosmic rays on a difference: pixels too sharp to be the PSF (either sign).
 
@@ -831,6 +832,8 @@ def find_cosmic_rays(
     i.e. the centre exceeds its neighbours by more than any PSF-shaped source can
     (:math:`\delta` the neighbour offset, :math:`\kappa` = ``cond``; LSST
     ``findCosmicRays`` ``cond3_fac``).  The result is grown by ``grow`` pixels.
+    ``positive``: search ``max(image, 0)`` (hot pixels and cosmic rays of an input image), without
+    making that image.
 
     Returns
     -------
@@ -851,9 +854,13 @@ def find_cosmic_rays(
     def sigma(v):
         return np.sqrt(np.clip(np.asarray(v, dtype=np.float64), 0.0, None))
 
+    def values(v):  # float64 (of the image clipped at 0 when ``positive``)
+        v = np.asarray(v, dtype=np.float64)
+        return np.where(v > 0, v, 0.0) if positive else v
+
     cand = np.empty(d.shape, dtype=bool)
     for rows in row_strips(d.shape[0]):  # in float64, a strip at a time
-        cand[rows] = np.abs(np.asarray(d[rows], dtype=np.float64)) > nsigma * sigma(var[rows])
+        cand[rows] = np.abs(values(d[rows])) > nsigma * sigma(var[rows])
     if bad is not None:
         cand &= ~np.asarray(bad, bool)
     out = np.zeros(d.shape, dtype=bool)
@@ -863,12 +870,12 @@ def find_cosmic_rays(
     ny, nx = d.shape
     cy, cx = np.nonzero(cand)
     del cand
-    dc, sc = d[cy, cx].astype(np.float64), sigma(var[cy, cx])
+    dc, sc = values(d[cy, cx]), sigma(var[cy, cx])
     s = np.sign(dc)
     hit = np.zeros(len(cy), dtype=bool)
     for (dy, dx), ratio in ratios.items():
-        a = d[np.clip(cy + dy, 0, ny - 1), np.clip(cx + dx, 0, nx - 1)].astype(np.float64)
-        b = d[np.clip(cy - dy, 0, ny - 1), np.clip(cx - dx, 0, nx - 1)].astype(np.float64)
+        a = values(d[np.clip(cy + dy, 0, ny - 1), np.clip(cx + dx, 0, nx - 1)])
+        b = values(d[np.clip(cy - dy, 0, ny - 1), np.clip(cx - dx, 0, nx - 1)])
         hit |= np.abs(dc) * ratio - cond * sc > 0.5 * s * (a + b)
     out[cy[hit], cx[hit]] = True
     if grow > 0 and out.any():

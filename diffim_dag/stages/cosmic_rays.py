@@ -50,6 +50,26 @@ def _fill(image: np.ndarray, hit: np.ndarray, keep: np.ndarray, radius: int = 2)
     return out
 
 
+def _groups(hit: np.ndarray) -> int:
+    """The number of 4-connected groups of ``hit`` (``scipy.ndimage.label``'s count), from the hit pixels alone:
+    labelling the whole frame cost 0.14 s at 4096² for a few thousand pixels."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    nx = hit.shape[1]
+    hy, hx = np.nonzero(hit)
+    lin = hy.astype(np.int64) * nx + hx  # ascending (row-major)
+    edges = []
+    for step, ok in ((1, hx < nx - 1), (nx, np.ones(len(lin), bool))):  # right and lower neighbour
+        j = np.minimum(np.searchsorted(lin, lin + step), len(lin) - 1)
+        link = ok & (lin[j] == lin + step)
+        edges.append((np.flatnonzero(link), j[link]))
+    a = np.concatenate([e[0] for e in edges])
+    b = np.concatenate([e[1] for e in edges])
+    graph = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(len(lin), len(lin)))
+    return int(connected_components(graph, directed=False)[0])
+
+
 def repair_cosmic_rays(exposure: Exposure, config: CosmicRayConfig = CosmicRayConfig()) -> CosmicRayResult:
     """Find (``CR`` plane) and repair the cosmic rays and hot pixels of a sky-subtracted exposure with a PSF."""
     from ..kernels.detection import find_cosmic_rays
@@ -67,15 +87,14 @@ def repair_cosmic_rays(exposure: Exposure, config: CosmicRayConfig = CosmicRayCo
     core = psf[h, h]
     psf = psf * config.psf_margin
     psf[h, h] = core
-    positive = np.where(img > 0, img, 0.0)  # a hot pixel or a cosmic ray is positive
-    hit = find_cosmic_rays(positive, var, psf, bad=skip, nsigma=config.nsigma, cond=config.cond, grow=config.grow)
+    # a hot pixel or a cosmic ray is positive: the search sees the image clipped at 0
+    hit = find_cosmic_rays(img, var, psf, bad=skip, nsigma=config.nsigma, cond=config.cond, grow=config.grow,
+                           positive=True)
     hit &= ~skip
     n = int(hit.sum())
     if n == 0:
         return CosmicRayResult(exposure, {"enabled": True, "pixels": 0})
-    from scipy import ndimage
-
-    n_groups = int(ndimage.label(hit)[1])
+    n_groups = _groups(hit)
     repaired = _fill(img, hit, ~(hit | skip))
     mask = msk.copy()  # the CR bit set where hit (no full-frame int64 temporaries)
     mask[hit] |= np.asarray(planes.bitmask("CR")).astype(msk.dtype)

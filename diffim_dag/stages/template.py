@@ -411,15 +411,15 @@ def _stars(exposure: Exposure, *, max_stars: int = 150, min_snr: float = 30.0, w
     ``max_stars / len(windows)`` (at least 20) in each; the whole image by default.
     """
     img, var, msk = exposure.arrays()
-    bad = (msk & _bits(exposure.mask_planes, STAR_BAD_PLANES)) != 0
-    sat = (msk & _bits(exposure.mask_planes, ["SAT"])) != 0
+    bad_bits, sat_bits = _bits(exposure.mask_planes, STAR_BAD_PLANES), _bits(exposure.mask_planes, ["SAT"])
     ex, ey = exposure.xy0
     found = []
     windows = windows or [exposure.bbox]
     per_window = max(20, max_stars // len(windows))  # the brightest of each: the best centroids, as in one search
     for box in windows:
         sl = (slice(box[2] - ey, box[3] - ey), slice(box[0] - ex, box[1] - ex))
-        stars = _stars_in(img[sl], bad[sl], sat[sl], exposure.info.saturation, max_stars=per_window, min_snr=min_snr)
+        bad, sat = (msk[sl] & bad_bits) != 0, (msk[sl] & sat_bits) != 0  # the window's pixels only
+        stars = _stars_in(img[sl], bad, sat, exposure.info.saturation, max_stars=per_window, min_snr=min_snr)
         found.append(stars + np.array([box[0], box[2], 0.0]))
     out = np.concatenate(found) if found else np.empty((0, 3))
     return out[np.argsort(-out[:, 2], kind="stable")] if len(found) > 1 else out
