@@ -202,10 +202,20 @@ def _THREADS(*args, **kwargs):
 def execute(dsk: dict, keys, *, client=None):
     """The executor: compute ``keys`` of the graph ``dsk`` on ``client`` (a distributed client: a
     LocalCluster, a scheduler, Kubernetes), or in this process on one thread per core (Dask's threaded
-    scheduler: no cluster start-up, no pixels shipped)."""
+    scheduler: no cluster start-up, no pixels shipped).
+
+    In process, an error reaches the caller only once no task of the graph runs any more (Dask's scheduler
+    raises the first error while the other threads' tasks go on): the caller's clean-up — an output set's
+    temporary folder — cannot be undone by a task still writing."""
     if client is not None:
         return client.get(dsk, keys)
-    return _THREADS(dsk, keys, num_workers=_cores())
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(_cores(), thread_name_prefix="diffim-dag")
+    try:
+        return _THREADS(dsk, keys, num_workers=_cores(), pool=pool)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class Fused:

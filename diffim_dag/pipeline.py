@@ -92,11 +92,16 @@ def _run(source, config: PipelineConfig, stages, *, client=None, scheduler=None,
     """Build the visit graph of ``source`` and compute the results of ``stages`` (task names of visit 0,
     detector 0) with :func:`~diffim_dag.graph.execute`: on ``client``, on ``scheduler`` (an address, or
     ``"local"`` for a new LocalCluster), or on this process's threads.  A permanent error of any stage is
-    raised here (:func:`~diffim_dag.graph.raise_failure`)."""
+    raised here (:func:`~diffim_dag.graph.raise_failure`).  An output set's temporary folder does not outlive the
+    run."""
     from .graph import TileRunner, execute, raise_failure, task_key
+    from .io.outputs import discard_temporary, temporary_name
     from .visit import visit_graph
 
     with contextlib.ExitStack() as stack:
+        if graph_options.get("out_dir") is not None and graph_options.get("output") == "set":
+            staging = graph_options["staging"] = temporary_name(Path(graph_options["out_dir"]))
+            stack.callback(discard_temporary, staging)
         if client is None and scheduler is not None:
             from .cluster import open_client
 

@@ -12,12 +12,12 @@ import numpy as np
 
 from .config import PipelineConfig, config_to_dict
 from .io.atomic import atomic_path, atomic_write_text
-from .io.fits import write_exposure
+from .io.fits import unswappable, write_exposure
 
 if TYPE_CHECKING:
     from .stages.inputs import SubtractionResult
 
-__all__ = ["write_outputs", "write_output_set"]
+__all__ = ["write_planes", "write_outputs", "write_output_set"]
 
 
 def _write_kernel(result: SubtractionResult, path: Path) -> None:
@@ -34,7 +34,7 @@ def _write_kernel(result: SubtractionResult, path: Path) -> None:
         primary.header[f"BBOX{i}"] = v
     hdus = [primary]
     for name, arr in arrays.items():
-        hdus.append(fits.ImageHDU(np.asarray(arr, dtype=np.float64), name=name.upper()[:8] if len(name) <= 8 else {
+        hdus.append(fits.ImageHDU(unswappable(arr, np.float64), name=name.upper()[:8] if len(name) <= 8 else {
             "basis": "BASIS", "kernel_coefficients": "KCOEFFS", "background_coefficients": "BGCOEFFS"}[name]))
     if result.decorrelation_kernel is not None:
         hdus.append(fits.ImageHDU(result.decorrelation_kernel.astype(np.float64), name="DECORR"))
@@ -42,12 +42,14 @@ def _write_kernel(result: SubtractionResult, path: Path) -> None:
         fits.HDUList(hdus).writeto(tmp)
 
 
-def write_outputs(result: SubtractionResult, out_dir, *, plots: bool = False, config: PipelineConfig | None = None) -> dict:
-    """Write the output contract into ``out_dir`` (every file atomically)."""
+def write_planes(result: SubtractionResult, out_dir) -> dict:
+    """The outputs that the subtraction fixes before detection — the difference, matched template (and score)
+    exposures, the kernel and its candidates — written into ``out_dir`` (every file atomically); returns
+    ``{name: path}``.  Detection reads the same planes while they are written (the write task of a single
+    subtraction runs beside it): :func:`~diffim_dag.io.fits.write_exposure` never byte-swaps them in place."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
-    t0 = time.perf_counter()
     paths["difference"] = write_exposure(result.difference, out / "difference.fits")
     paths["matched_template"] = write_exposure(result.matched_template, out / "matched_template.fits")
     if getattr(result, "score", None) is not None:
@@ -58,6 +60,19 @@ def write_outputs(result: SubtractionResult, out_dir, *, plots: bool = False, co
         with atomic_path(out / "kernel_candidates.parquet") as tmp:
             result.kernel_fit.candidates.to_parquet(tmp, index=False)
         paths["kernel_candidates"] = out / "kernel_candidates.parquet"
+    return paths
+
+
+def write_outputs(result: SubtractionResult, out_dir, *, plots: bool = False, config: PipelineConfig | None = None,
+                  planes: dict | None = None) -> dict:
+    """Write the output contract into ``out_dir`` (every file atomically).
+
+    ``planes``: the ``{name: path}`` of :func:`write_planes` already written into ``out_dir`` (by the
+    ``write-planes`` task), taken as they are."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    paths = {k: Path(v) for k, v in planes.items()} if planes is not None else write_planes(result, out)
     if result.dia_sources is not None:
         from .stages.detect import write_dia_sources
 
@@ -156,18 +171,24 @@ def _plot_residual_stamps(result: SubtractionResult, path) -> None:
 
 
 def write_output_set(result: SubtractionResult, out_dir, *, plots: bool = False, config: PipelineConfig | None = None,
-                     before_install=None) -> dict:
+                     before_install=None, staged=None) -> dict:
     """:func:`write_outputs` into a temporary folder beside ``out_dir``, installed as a whole with its
     completion manifest (:func:`~diffim_dag.io.outputs.output_set`); ``result.paths`` name the final files.
 
-    ``before_install(tmp)`` may write more into the set (the demo's inputs)."""
+    ``before_install(tmp)`` may write more into the set (the demo's inputs).  ``staged``: the
+    :class:`~diffim_dag.visit_outputs.StagedPlanes` of the ``write-planes`` task — the set's temporary
+    folder, already holding the planes (and their checksums)."""
     from .io.outputs import output_set
 
     final = Path(out_dir)
-    with output_set(final, extra={"method": result.metrics.get("method")}) as tmp:
+    with output_set(final, extra={"method": result.metrics.get("method")},
+                    folder=None if staged is None else Path(staged.folder),
+                    entries=None if staged is None else staged.entries) as tmp:
         if before_install is not None:
             before_install(tmp)
-        write_outputs(result, tmp, plots=plots, config=config)
+        if staged is not None:
+            result.metrics.setdefault("timings_s", {})["write_planes"] = staged.seconds
+        write_outputs(result, tmp, plots=plots, config=config, planes=None if staged is None else staged.paths)
         inside = dict(result.paths)
     result.paths = {k: str(final / Path(v).relative_to(tmp)) for k, v in inside.items()}
     return result.paths

@@ -21,8 +21,9 @@ from pathlib import Path
 
 from .config import PipelineConfig
 from .graph import Fused, run_fused, run_in_turn, run_stage, task_key, write_key
+from .io.outputs import temporary_name
 from .manifest import VisitSpec
-from .visit_outputs import verify_outputs, write_output_set_stage, write_stage
+from .visit_outputs import verify_outputs, write_planes_stage, write_set_task, write_stage
 
 log = logging.getLogger(__name__)
 
@@ -511,7 +512,8 @@ def _detect_tasks(g: _Builder, config, grid: VisitGrid, result, *, fft_workers: 
 def visit_graph(source, config, out_dir=None, *, visit: int | None = None, detector: int | None = None,
                 run_id: str = "", grid: VisitGrid | None = None, output: str = "visit", plots: bool = False,
                 detect: bool = True, in_process: bool = False, runner=None, warp: bool | None = None,
-                psfs: dict | None = None, sources=None, prepared=None, template_store=None) -> dict:
+                psfs: dict | None = None, sources=None, prepared=None, template_store=None,
+                staging=None) -> dict:
     """The task graph of one (visit, detector): a dict ``{key: task}`` in Dask's graph format.
 
     The one description of a subtraction's stages: a batch is the union of its visits' graphs
@@ -543,6 +545,8 @@ def visit_graph(source, config, out_dir=None, *, visit: int | None = None, detec
     ``("catalog", V, D)``                         stitch the tiles (footprints cut by tile edges), sky sources
     ``("fakes", V, D)``, ``("match", V, D)``      with ``fakes``: the fakes' table; matched to the DiaSources
     ``("result", V, D)``                          the result with its DiaSources, fakes and verdict
+    ``("write-planes", V, D)``                    ``output="set"``: the planes and kernel written into the set's
+                                                  temporary folder (beside detection)
     ``("write", V, D)``                           write, checksum and install the outputs
     ``("summary", V, D)``                         ``output="set"``: the result's summary lines
     ============================================  ===============================================================
@@ -590,6 +594,10 @@ def visit_graph(source, config, out_dir=None, *, visit: int | None = None, detec
         starts at ``inputs``, ``source`` is ignored.
     template_store : optional
         With exposures in hand: the store (folder of patches) the template comes from (``source[1]`` None).
+    staging : path, optional
+        ``output="set"``: the temporary folder (:func:`~diffim_dag.io.outputs.temporary_name`) the set is
+        written into before it is installed; the caller removes it if the run stops before its ``write`` task
+        (default: a new name).
     """
     spec = source if isinstance(source, VisitSpec) else None
     v = int(visit if visit is not None else (spec.visit if spec else 0))
@@ -632,7 +640,13 @@ def visit_graph(source, config, out_dir=None, *, visit: int | None = None, detec
     if out is not None and output == "visit":
         g.dsk[write_key(v, d, run_id)] = (write_stage, spec, config, out, run_id, final)
     elif out is not None:
-        g.task("write", (), write_output_set_stage, final, out, config, plots)
+        # the planes are final with the method's result: written (and checksummed) into the set's temporary
+        # folder beside detection, whose per-source fits leave a core idle (in process: after the matched
+        # filter, which has every core); the write task adds the rest
+        folder = os.fspath(staging or temporary_name(Path(out)))
+        after = [g.key("detect-prepare")] if detect and in_process else []
+        staged = g.task("write-planes", (), write_planes_stage, result, folder, after)
+        g.dsk[g.key("write")] = (write_set_task, v, d, final, staged, out, config, plots)
         g.task("summary", (), summary_stage, final, g.key("write"))
     return g.dsk
 

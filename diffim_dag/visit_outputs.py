@@ -90,13 +90,56 @@ def _write_dataset_part(catalog, path: Path) -> Path:
     return path
 
 
-def write_output_set_stage(result, out_dir: str, config: PipelineConfig, plots: bool = False) -> dict:
-    """The ``("write", V, D)`` task of a single subtraction: the output set written to ``out_dir`` and
-    installed as a whole (:func:`~diffim_dag.products.write_output_set`); returns ``{name: path}``."""
+@dataclass(frozen=True)
+class StagedPlanes:
+    """What the ``write-planes`` task of a single subtraction wrote into the set's temporary folder."""
+
+    folder: str
+    paths: dict  # name -> path inside ``folder``
+    entries: dict  # path relative to ``folder`` -> its file entry (size, SHA-256)
+    seconds: float
+
+
+def write_planes_stage(result, folder: str, after=()) -> StagedPlanes:
+    """The ``("write-planes", V, D)`` task of a single subtraction: the planes, kernel and kernel candidates
+    (:func:`~diffim_dag.products.write_planes`), final once the method's result is, written and checksummed into
+    the set's temporary folder ``folder`` while detection runs (the ``write`` task adds the catalogues and
+    installs the set).  ``after``: results of tasks it waits for, unused."""
+    from .io.outputs import open_temporary
+    from .products import write_planes
+
+    t0 = time.perf_counter()
+    tmp = open_temporary(Path(folder))
+    paths = write_planes(result, tmp)
+    entries = {Path(p).relative_to(tmp).as_posix(): file_entry(Path(p), tmp) for p in paths.values()}
+    return StagedPlanes(os.fspath(tmp), {k: os.fspath(v) for k, v in paths.items()}, entries,
+                        time.perf_counter() - t0)
+
+
+def write_output_set_stage(result, out_dir: str, config: PipelineConfig, plots: bool = False,
+                           staged: StagedPlanes | None = None) -> dict:
+    """The ``("write", V, D)`` task of a single subtraction: the output set written to ``out_dir`` (into
+    ``staged``'s folder, when the ``write-planes`` task began it) and installed as a whole
+    (:func:`~diffim_dag.products.write_output_set`); returns ``{name: path}``."""
     from .products import write_output_set
 
-    write_output_set(result, out_dir, plots=plots, config=config)
+    write_output_set(result, out_dir, plots=plots, config=config, staged=staged)
     return {k: os.fspath(v) for k, v in result.paths.items()}
+
+
+def write_set_task(visit: int, detector: int, result, staged, out_dir: str, config: PipelineConfig,
+                   plots: bool = False):
+    """The body of a single subtraction's ``write`` task (:func:`~diffim_dag.graph.run_stage` of
+    :func:`write_output_set_stage`) that removes the ``write-planes`` task's folder whatever happens: installed,
+    it is gone already; after a failed stage (handed on here) or a failed write, nothing of it stays."""
+    from .graph import run_stage
+    from .io.outputs import discard_temporary
+
+    try:
+        return run_stage("write", visit, detector, write_output_set_stage, result, out_dir, config, plots, staged)
+    finally:
+        if isinstance(staged, StagedPlanes):
+            discard_temporary(Path(staged.folder))
 
 
 def write_stage(spec: VisitSpec, config: PipelineConfig, out_dir: str, run_id: str, result) -> dict:

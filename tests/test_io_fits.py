@@ -346,3 +346,33 @@ def test_write_is_atomic_and_overwrite_flag(tmp_path):
     with pytest.raises(InputError, match="exists"):
         write_exposure(exp, path, overwrite=False)
     assert [p.name for p in tmp_path.iterdir()] == ["e.fits"]  # no temporary left behind
+
+
+def test_writers_never_byte_swap_the_callers_arrays(tmp_path, monkeypatch):
+    """astropy writes a writeable little-endian array by swapping it in place and back; a single subtraction
+    writes its planes while detection reads them, so the writers hand astropy read-only arrays and every
+    array of the exposure (planes and PSF stamps) holds its values while the file is written."""
+    from astropy.io.fits.file import _File
+
+    from diffim_dag.io.fits import write_plain_image, write_psf
+
+    exp = make_exposure(PSFS["grid"])
+    img, var, msk = exp.arrays()
+    stamps = exp.psf.to_payload()[1]
+    watched = [(a, a.copy()) for a in (img, var, msk, stamps)]
+    writes = []
+    real = _File.writearray
+
+    def checked(self, array):
+        writes.append(array.nbytes)
+        for a, before in watched:
+            np.testing.assert_array_equal(a, before)
+        return real(self, array)
+
+    monkeypatch.setattr(_File, "writearray", checked)
+    back = read_exposure(write_exposure(exp, tmp_path / "e.fits"))
+    write_plain_image(exp, tmp_path / "plain.fits")
+    write_psf(exp.psf, tmp_path / "psf.fits")
+    assert len(writes) >= 6
+    assert_exposures_equal(exp, back)
+    assert img.flags.writeable and var.flags.writeable and msk.flags.writeable  # the caller's arrays as they were

@@ -310,3 +310,42 @@ def test_in_process_zogy_takes_its_inputs_and_gives_the_same_result(spec, inputs
     assert consumes(visit_graph(spec, config, tmp_path, grid=local, in_process=True)) is True
     assert consumes(visit_graph(spec, config, tmp_path, grid=local)) is False
     assert consumes(visit_graph(spec, config, tmp_path, grid=local, in_process=True, prepared=kept)) is False
+
+
+@pytest.mark.parametrize("error", [None, "permanent", "transient"])
+def test_an_output_set_is_begun_beside_detection_and_never_left_half_written(spec, inputs, tmp_path, monkeypatch,
+                                                                              error):
+    """A single subtraction's ``write-planes`` task writes the planes into the set's temporary folder while
+    detection runs (in process, after the matched filter); the ``write`` task completes and installs the set,
+    whose manifest checksums are those of the files.  When detection fails — a permanent error (raised as the
+    user's one-line error) or any other — neither the set nor its temporary folder is left."""
+    from diffim_dag.errors import NoWorkFound
+    from diffim_dag.io.outputs import read_manifest, sha256
+    from diffim_dag.pipeline import run_subtraction
+    import diffim_dag.stages.catalog as catalog
+
+    config = _config()
+    dsk = visit_graph(inputs, config, tmp_path / "g", output="set", in_process=True, warp="none")
+    planes = [k for k in dsk if stage_of(k) == "write-planes"]
+    assert len(planes) == 1
+    assert task_key("detect-prepare", 0, 0) in dsk[planes[0]][-1]  # after the matched filter, in process
+    out = tmp_path / "set"
+    if error:
+        def fail(*args, **kwargs):
+            raise NoWorkFound("no detection today") if error == "permanent" else RuntimeError("worker lost")
+
+        monkeypatch.setattr(catalog, "detect_tiles_stage", fail)
+        with pytest.raises(NoWorkFound if error == "permanent" else RuntimeError):
+            run_subtraction(*inputs, config=config, out_dir=out, warp=False)
+        assert not out.exists()
+    else:
+        result = run_subtraction(*inputs, config=config, out_dir=out, warp=False)
+        manifest = read_manifest(out)
+        assert {"difference.fits", "matched_template.fits", "kernel.fits", "kernel_candidates.parquet",
+                "dia_sources.parquet", "metrics.json"} <= set(manifest["files"])
+        for name, entry in manifest["files"].items():
+            assert entry["sha256"] == sha256(out / name) and entry["size"] == (out / name).stat().st_size
+        assert "write_planes" in json.loads((out / "metrics.json").read_text())["timings_s"]
+        np.testing.assert_array_equal(read_exposure(out / "difference.fits").arrays()[0],
+                                      result.difference.arrays()[0])
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -35,6 +35,7 @@ from .wcs import wcs_from_header, wcs_to_header
 __all__ = [
     "read_exposure",
     "write_exposure",
+    "unswappable",
     "write_plain_image",
     "write_psf",
     "read_psf",
@@ -471,7 +472,7 @@ def write_psf(psf: Psf, path: str | os.PathLike, *, overwrite: bool = True) -> P
     header = fits.Header()
     header["PSFMETA"] = json.dumps(meta, separators=(",", ":"))
     with atomic_path(path) as tmp:
-        fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(data, header=header, name="PSF")]).writeto(tmp, overwrite=True)
+        fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(unswappable(data), header=header, name="PSF")]).writeto(tmp, overwrite=True)
     return path
 
 
@@ -486,12 +487,27 @@ def write_plain_image(exposure: Exposure, path: str | os.PathLike, *, overwrite:
     if exposure.wcs is not None:
         header.extend(wcs_to_header(exposure.wcs, exposure.xy0), update=True)
     _info_to_header(exposure.info.replace(variance_source=None), header)
-    hdu = fits.PrimaryHDU(np.asarray(img, dtype=np.float32), header=header)
+    hdu = fits.PrimaryHDU(unswappable(img, np.float32), header=header)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", fits.verify.VerifyWarning)
         with atomic_path(path) as tmp:
             hdu.writeto(tmp, overwrite=True, output_verify="silentfix")
     return path
+
+
+def unswappable(plane, dtype=None) -> np.ndarray:
+    """``plane`` as ``dtype`` (default its own) for astropy's writer, read-only where it is the caller's array.
+
+    astropy writes a writeable little-endian array by byte-swapping it in place and back; another thread
+    reading the array meanwhile (detection, while a single subtraction writes its planes and PSFs) would see
+    swapped values.  A read-only array makes astropy swap a copy instead (the same bytes in the file)."""
+    if plane is None:
+        return None
+    out = np.asarray(plane, dtype=dtype)
+    if np.may_share_memory(out, plane):
+        out = out.view()
+        out.flags.writeable = False
+    return out
 
 
 def write_exposure(exposure: Exposure, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
@@ -527,15 +543,15 @@ def write_exposure(exposure: Exposure, path: str | os.PathLike, *, overwrite: bo
     mask_header["EXTTYPE"] = "MASK"
     hdus = [
         primary,
-        fits.ImageHDU(np.asarray(img, dtype=np.float32), header=img_header, name="IMAGE"),
-        fits.ImageHDU(np.asarray(msk, dtype=np.int32), header=mask_header, name="MASK"),
-        fits.ImageHDU(np.asarray(var, dtype=np.float32), header=fits.Header([("EXTTYPE", "VARIANCE")]), name="VARIANCE"),
+        fits.ImageHDU(unswappable(img, np.float32), header=img_header, name="IMAGE"),
+        fits.ImageHDU(unswappable(msk, np.int32), header=mask_header, name="MASK"),
+        fits.ImageHDU(unswappable(var, np.float32), header=fits.Header([("EXTTYPE", "VARIANCE")]), name="VARIANCE"),
     ]
     if exposure.psf is not None:
         meta, data = exposure.psf.to_payload()
         psf_header = fits.Header()
         psf_header["PSFMETA"] = json.dumps(meta, separators=(",", ":"))
-        hdus.append(fits.ImageHDU(data, header=psf_header, name="PSF"))
+        hdus.append(fits.ImageHDU(unswappable(data), header=psf_header, name="PSF"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", fits.verify.VerifyWarning)
         with atomic_path(path) as tmp:

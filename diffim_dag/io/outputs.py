@@ -27,7 +27,8 @@ from pathlib import Path
 from ..errors import InputError
 
 __all__ = ["OUTPUTS_MANIFEST", "OutputError", "check_output_dir", "check_output_root", "output_set", "install", "file_entry", "sha256",
-           "read_manifest", "remove_temporaries", "register_cleanup", "unregister_cleanup"]
+           "read_manifest", "remove_temporaries", "register_cleanup", "unregister_cleanup", "temporary_dir",
+           "temporary_name", "open_temporary", "forget_temporary", "discard_temporary"]
 
 #: The completion manifest of an output set.
 OUTPUTS_MANIFEST = "_outputs.json"
@@ -35,6 +36,7 @@ OUTPUTS_MANIFEST = "_outputs.json"
 _OPEN: set[Path] = set()
 _CLEANUPS: dict[int, object] = {}
 _LOCK = threading.Lock()
+_STOPPING = False
 
 
 class OutputError(InputError):
@@ -146,11 +148,25 @@ def install(tmp: Path, final: Path) -> None:
 
 def temporary_dir(final: Path, tag: str = "") -> Path:
     """A new hidden folder beside ``final``, registered for :func:`remove_temporaries`."""
+    tmp = temporary_name(final, tag)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    return open_temporary(tmp, exist_ok=False)
+
+
+def temporary_name(final: Path, tag: str = "") -> Path:
+    """A new name for a hidden temporary folder beside ``final`` (nothing is created)."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{tag + '-' if tag else ''}{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()
+    return final.parent / f".{final.name}.tmp-{tag + '-' if tag else ''}{uuid.uuid4().hex[:12]}"
+
+
+def open_temporary(tmp: Path, *, exist_ok: bool = True) -> Path:
+    """Create the temporary folder ``tmp`` (:func:`temporary_name`) if it is not there yet and register it for
+    :func:`remove_temporaries` in this process (refused once that has run: the process is stopping)."""
+    tmp = Path(tmp)
     with _LOCK:
+        if _STOPPING:
+            raise OutputError(f"{tmp}: not created, the command is stopping")
+        tmp.mkdir(parents=True, exist_ok=exist_ok)
         _OPEN.add(tmp)
     return tmp
 
@@ -158,6 +174,12 @@ def temporary_dir(final: Path, tag: str = "") -> Path:
 def forget_temporary(tmp: Path) -> None:
     with _LOCK:
         _OPEN.discard(Path(tmp))
+
+
+def discard_temporary(tmp: Path) -> None:
+    """Remove the temporary folder ``tmp`` if it is still there (a set that was not installed) and forget it."""
+    forget_temporary(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def register_cleanup(function) -> int:
@@ -174,8 +196,11 @@ def unregister_cleanup(handle: int) -> None:
 
 
 def remove_temporaries() -> None:
-    """Remove every temporary output folder still open in this process and run the registered cleanups."""
+    """Remove every temporary output folder still open in this process and run the registered cleanups: the
+    process is stopping (Ctrl-C), and no temporary folder is created after this."""
+    global _STOPPING
     with _LOCK:
+        _STOPPING = True
         open_now = list(_OPEN)
         _OPEN.clear()
         cleanups = list(_CLEANUPS.values())
@@ -190,19 +215,24 @@ def remove_temporaries() -> None:
 
 
 @contextlib.contextmanager
-def output_set(final, *, extra: dict | None = None):
+def output_set(final, *, extra: dict | None = None, folder: Path | None = None, entries: dict | None = None):
     """A temporary folder to write one output set into; installed as ``final`` when the block ends.
 
-    The completion manifest lists every file written (path, size, SHA-256) plus ``extra``.
+    The completion manifest lists every file written (path, size, SHA-256) plus ``extra``.  ``folder``: a
+    temporary folder (:func:`open_temporary`) already holding part of the set, whose ``entries``
+    (``{relative path: file_entry}``) were taken when those files were written; it is removed on any error.
     """
     final = Path(final)
-    tmp = temporary_dir(final)
+    tmp = temporary_dir(final) if folder is None else Path(folder)
     try:
         yield tmp
         files = {}
         for p in sorted(tmp.rglob("*")):
             if p.is_file():
-                files[p.relative_to(tmp).as_posix()] = file_entry(p, tmp)
+                rel = p.relative_to(tmp).as_posix()
+                known = (entries or {}).get(rel)
+                ok = known is not None and known.get("size") == p.stat().st_size
+                files[rel] = dict(known) if ok else file_entry(p, tmp)
         manifest = {"written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "files": files,
                     **(extra or {})}
         (tmp / OUTPUTS_MANIFEST).write_text(json.dumps(manifest, indent=2))
