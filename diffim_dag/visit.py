@@ -156,8 +156,9 @@ def template_stage(science: Read, template: Read, config: PipelineConfig, store=
 
 def exposure_stage(source, config: PipelineConfig, role: str, psf=None):
     """The ``("exposure", V, D, i)`` task: the input stages of the science (0) or the warped template (1):
-    its PSF (supplied, ``psf``, or estimated from its stars), sky and cosmic rays
-    (:func:`~diffim_dag.stages.prepare.prepare_exposure`).  Returns ``(exposure, reports, timings)``."""
+    its PSF (supplied, ``psf``, or estimated from its stars), sky and cosmic rays, and the factor its variance
+    plane is to be scaled by (:func:`~diffim_dag.stages.prepare.prepare_exposure`).  Returns ``(exposure,
+    reports, timings)``."""
     from .stages.prepare import prepare_exposure
 
     return prepare_exposure(source.exposure, config, role, psf=psf)
@@ -186,7 +187,7 @@ def prepare_stage(inputs, config: PipelineConfig):
     from .stages.al import prepare_subtraction
 
     return prepare_subtraction(inputs.science, inputs.template, config, metrics=inputs.metrics,
-                               timings=inputs.timings)
+                               timings=inputs.timings, variance_scales=inputs.variance_scales)
 
 
 def _with_inputs(result, inputs):
@@ -208,9 +209,10 @@ def zogy_stage(inputs, config: PipelineConfig, runner=None, consume: bool = Fals
 
     if consume:  # (passed straight on: no reference stays here)
         result = subtract_zogy(_take(inputs, "science"), _take(inputs, "template"), config=config,
-                               zogy_config=config.zogy, runner=runner)
+                               zogy_config=config.zogy, runner=runner, variance_scales=inputs.variance_scales)
     else:
-        result = subtract_zogy(inputs.science, inputs.template, config=config, zogy_config=config.zogy, runner=runner)
+        result = subtract_zogy(inputs.science, inputs.template, config=config, zogy_config=config.zogy, runner=runner,
+                               variance_scales=inputs.variance_scales)
     return _with_inputs(result, inputs)
 
 
@@ -232,7 +234,7 @@ def score_stage(al, inputs, config: PipelineConfig, runner=None, sources=None):
     t0 = time.perf_counter()
     metrics = {**al.metrics, "method": "al-preconvolve"}
     score, _ = preconvolved_score(inputs.science, inputs.template, config=config, runner=runner, sources=sources,
-                                  metrics=metrics)
+                                  metrics=metrics, variance_scales=getattr(inputs, "variance_scales", None))
     metrics["timings_s"] = {**metrics.get("timings_s", {}), "preconvolve_score": time.perf_counter() - t0}
     return ScoreSubtractionResult(
         difference=al.difference, matched_template=al.matched_template, matched_science=al.matched_science,
@@ -435,8 +437,8 @@ def _input_tasks(g: _Builder, config, source, *, out_dir, run_id, warp, workers,
 
 
 def _al_tasks(g: _Builder, config, grid: VisitGrid, inputs, *, sources=None, in_process: bool = False) -> tuple:
-    """The AL stages: prepare → kernel-sources → fit-cell × n → spatial-solve → (inject) → subtract per tile →
-    (decorrelate per tile) → difference.  Returns ``(prepare key, prepared-pair key, difference key)``.
+    """The AL stages: prepare → kernel-sources → fit-cell × n (and input-noise × 2) → spatial-solve → (inject) →
+    subtract per tile → (decorrelate per tile) → difference.  Returns ``(prepare key, prepared-pair key, difference key)``.
 
     ``in_process``: the ``difference`` task frees the tiles as it assembles them (it is their only user; a
     4096² image's tiles and planes are 0.4 GB each).  Not on a cluster: there a retried ``difference`` task
@@ -449,8 +451,10 @@ def _al_tasks(g: _Builder, config, grid: VisitGrid, inputs, *, sources=None, in_
     g.task("kernel-sources", (), _kernel_sources_task, prepared, config, sources)
     for i in range(grid.cells):
         g.task("fit-cell", (i,), _fit_cells_task, g.key("kernel-sources"), i, grid.cells)
+    # the inputs' noise needs no kernel: measured beside the source selection and the cell fits
+    noise = [g.task("input-noise", (i,), al.input_noise_stage, prepared, i) for i in range(2)]
     kernel = g.task("spatial-solve", (), al.spatial_solve_stage, prepared, g.key("kernel-sources"),
-                    [g.key("fit-cell", i) for i in range(grid.cells)], config)
+                    [g.key("fit-cell", i) for i in range(grid.cells)], config, noise)
     pair = prepared
     if config.fakes.enabled:  # after the kernel fit (on the images without fakes), before the convolution
         from .stages.prepare import inject_stage
@@ -525,12 +529,14 @@ def visit_graph(source, config, out_dir=None, *, visit: int | None = None, detec
     ============================================  ===============================================================
     ``("read", V, D, i)``                         read the science (0) / the template (1)
     ``("template", V, D)``                        bring the template onto the science grid (warp, or registration)
-    ``("exposure", V, D, i)``                     PSF (supplied, or estimated from its stars), sky and cosmic rays
-                                                  of the science (0) / the warped template (1)
+    ``("exposure", V, D, i)``                     PSF (supplied, or estimated from its stars), sky, cosmic rays and
+                                                  variance factor of the science (0) / the warped template (1)
     ``("inputs", V, D)``                          the prepared pair and its reports
-    ``("prepare", V, D)``                         ``al``: coverage, variance scaling and mode
+    ``("prepare", V, D)``                         ``al``: coverage, variance scaled (by the measured factors), mode
     ``("kernel-sources", V, D)``                  kernel sources and their stamps by cell
     ``("fit-cell", V, D, i)``                     first fit of cell ``i`` (``i`` < ``grid.cells``)
+    ``("input-noise", V, D, i)``                  the science's (0) / template's (1) clipped mean variance and
+                                                  noise correlation
     ``("spatial-solve", V, D)``                   clipping, refits, spatial solve, decorrelation kernel
     ``("inject", V, D)``                          with ``fakes``: fake sources added (``al``: after the spatial
                                                   solve; the score methods: before their subtraction)

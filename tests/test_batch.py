@@ -184,7 +184,7 @@ def test_batch_graph_of_100_visits_is_small_and_has_no_pixels(inputs40, tmp_path
     # 256² at tile 1024 and cell 128: one tile, 2 × 2 kernel cells in one fit-cell task
     assert sorted(per_visit[(7000, 0)]) == sorted([
         ("inputs", 7000, 0), ("prepare", 7000, 0),
-        ("kernel-sources", 7000, 0), ("fit-cell", 7000, 0, 0),
+        ("kernel-sources", 7000, 0), ("fit-cell", 7000, 0, 0), ("input-noise", 7000, 0, 0), ("input-noise", 7000, 0, 1),
         ("spatial-solve", 7000, 0), ("window", 7000, 0, 0, 0), ("subtract", 7000, 0, 0, 0), ("decorrelate", 7000, 0, 0, 0),
         ("difference", 7000, 0), ("detect-prepare", 7000, 0), ("detect", 7000, 0, 0, 0), ("catalog", 7000, 0),
         ("result", 7000, 0), ("write", 7000, 0)])

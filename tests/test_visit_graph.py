@@ -80,7 +80,11 @@ def test_keys_name_stage_visit_detector_and_tile(spec, tmp_path):
     for stage in ("inputs", "prepare", "kernel-sources", "spatial-solve", "difference", "detect-prepare",
                   "catalog", "result", "write"):
         assert _keys(dsk, stage) == [(stage, v, d)]
-    assert len(dsk) == 9 + 1 + 4 * 9
+    # each input's noise needs no kernel: two tasks beside the source selection and cell fits, read by the solve
+    assert _keys(dsk, "input-noise") == [("input-noise", v, d, 0), ("input-noise", v, d, 1)]
+    solve = dsk[task_key("spatial-solve", v, d, run_id="a")]
+    assert [stage_of(k) for k in solve[-1]] == ["input-noise", "input-noise"]
+    assert len(dsk) == 9 + 1 + 4 * 9 + 2
     # fewer cells to a task: the cells are dealt out over several fit-cell tasks
     import diffim_dag.visit as visit_module
 
@@ -349,3 +353,36 @@ def test_an_output_set_is_begun_beside_detection_and_never_left_half_written(spe
         np.testing.assert_array_equal(read_exposure(out / "difference.fits").arrays()[0],
                                       result.difference.arrays()[0])
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_noise_measured_beside_the_kernel_fit_equals_the_solve_measuring_it(spec, inputs):
+    """The input stages measure each input's variance factor, and the ``input-noise`` tasks its clipped mean
+    variance and noise correlation, each beside other work; what the later stages compute from them is
+    bitwise what they compute measuring it themselves.  Fakes added to the exposures drop the factors (their
+    planes changed)."""
+    from diffim_dag.stages import al
+    from diffim_dag.stages.inputs import input_variance_scale
+    from diffim_dag.stages.prepare import inject_stage, prepare_exposures
+
+    config = _config()
+    prepared = prepare_exposures(*inputs, config)
+    assert prepared.variance_scales == {role: input_variance_scale(getattr(prepared, role), config, role)
+                                        for role in ("science", "template")}
+    given = al.prepare_subtraction(prepared.science, prepared.template, config,
+                                   variance_scales=prepared.variance_scales)
+    measured = al.prepare_subtraction(prepared.science, prepared.template, config)
+    for a, b in zip(given.science.arrays() + given.template.arrays(),
+                    measured.science.arrays() + measured.template.arrays()):
+        np.testing.assert_array_equal(a, b)
+    assert given.metrics == measured.metrics
+    cells = al.kernel_sources_stage(given, config)
+    fits = [al.fit_cells_stage(cells)]
+    noise = [al.input_noise_stage(given, i) for i in range(2)]
+    a = al.spatial_solve_stage(given, cells, fits, config, noise)
+    b = al.spatial_solve_stage(given, cells, fits, config)
+    np.testing.assert_array_equal(a.decorrelation_kernel, b.decorrelation_kernel)
+    assert (a.variance_factor, a.sigma_unconvolved2, a.sigma_convolved2) == (b.variance_factor, b.sigma_unconvolved2,
+                                                                           b.sigma_convolved2)
+    assert a.metrics["noise_correlation"] == b.metrics["noise_correlation"]
+    with_fakes = dataclasses.replace(config, fakes=dataclasses.replace(config.fakes, n=5))
+    assert inject_stage(prepared, with_fakes).variance_scales is None

@@ -1,7 +1,8 @@
 """The Alard–Lupton stages of a visit, each a task of its graph (:mod:`diffim_dag.visit`):
 
 prepare (:func:`prepare_subtraction`) → kernel sources (:func:`kernel_sources_stage`) → first cell fits
-(:func:`fit_cells_stage`) → spatial solve and decorrelation kernel (:func:`spatial_solve_stage`) →
+(:func:`fit_cells_stage`), beside them each input's noise (:func:`input_noise_stage`) → spatial solve and
+decorrelation kernel (:func:`spatial_solve_stage`) →
 each task's window of the pair (:func:`window_stage`) → convolve/subtract tiles (:func:`subtract_tiles_stage`) → decorrelate tiles (:func:`decorrelate_tiles_stage`)
 → the difference, its PSF and quality metrics (:func:`difference_stage`).
 
@@ -25,22 +26,38 @@ from .inputs import SubtractionResult, Timings, _nbytes, prepare_inputs
 from .verdict import background_left
 
 __all__ = ["PreparedPair", "prepare_subtraction", "kernel_sources_stage", "CellFits", "fit_cells_stage",
-           "KernelStage", "spatial_solve_stage", "PairWindow", "window_stage", "subtract_tiles_stage", "decorrelate_tiles_stage",
+           "KernelStage", "InputNoise", "input_noise_stage", "spatial_solve_stage", "PairWindow", "window_stage", "subtract_tiles_stage", "decorrelate_tiles_stage",
            "difference_stage", "decorrelated_psf"]
 
 
-def _decorrelation_inputs(mode, science, template, solution, bad_s, bad_t):
+@dataclass(frozen=True)
+class InputNoise:
+    """One input's noise as the decorrelation sees it (:func:`input_noise_stage`)."""
+
+    mean_variance: float  # clipped mean of the variance plane (counts²)
+    correlation: np.ndarray  # its sky's pixel-noise autocorrelation, lags ±3
+
+
+def input_noise_stage(prepared: PreparedPair, index: int) -> InputNoise:
+    """The ``("input-noise", V, D, i)`` task: the clipped mean variance and the noise correlation of the science
+    (0) or the template (1), off NO_DATA, BAD and SAT pixels.  Neither depends on the kernel: the two tasks run
+    beside the kernel-source selection and the cell fits, and the spatial solve takes their results."""
     from ..kernels.decorrelate import clipped_mean_variance
 
+    image, variance, mask = (prepared.science if index == 0 else prepared.template).arrays()
+    bad = (mask & prepared.planes.bitmask(["NO_DATA", "BAD", "SAT"])) != 0
+    return InputNoise(mean_variance=clipped_mean_variance(variance, bad),
+                      correlation=st.measure_noise_correlation(image, variance, bad))
+
+
+def _decorrelation_inputs(mode, solution, noise_s: InputNoise, noise_t: InputNoise):
     kernel = solution.kernel_at(*solution.center)
     kappa = float(kernel.sum())
-    _, sv, _ = science.arrays()
-    _, tv, _ = template.arrays()
     if mode == CONVOLVE_TEMPLATE:
-        return kernel, clipped_mean_variance(sv, bad_s), clipped_mean_variance(tv, bad_t), kappa
+        return kernel, noise_s.mean_variance, noise_t.mean_variance, kappa
     # convolveScience: D = S ⊗ (K/κ) − T/κ, the science convolved with a unit-sum kernel and the template
     # (the unconvolved image) on the science's scale
-    return kernel / kappa, clipped_mean_variance(tv, bad_t) / kappa**2, clipped_mean_variance(sv, bad_s), 1.0
+    return kernel / kappa, noise_t.mean_variance / kappa**2, noise_s.mean_variance, 1.0
 
 
 # --------------------------------------------------------------------------- the stages of one AL subtraction
@@ -83,14 +100,17 @@ class PreparedPair:
 
 
 def prepare_subtraction(science: Exposure, template: Exposure, config: PipelineConfig, *,
-                        metrics: dict | None = None, timings: dict | None = None) -> PreparedPair:
+                        metrics: dict | None = None, timings: dict | None = None,
+                        variance_scales: dict | None = None) -> PreparedPair:
     """Stage 1: :func:`prepare_inputs` (grid, PSFs, coverage, variance scaling) and the mode choice.
 
-    ``metrics`` and ``timings`` (e.g. the read and warp times of a batch) start the result's.
+    ``metrics`` and ``timings`` (e.g. the read and warp times of a batch) start the result's;
+    ``variance_scales`` are the factors the input stages measured (:func:`prepare_inputs`).
     """
     timings = Timings(timings or {})
     metrics = {"method": config.method, **(metrics or {})}
-    science, template, planes, coverage = prepare_inputs(science, template, config, timings, metrics)
+    science, template, planes, coverage = prepare_inputs(science, template, config, timings, metrics,
+                                                         variance_scales)
     cx, cy = science.center
     mode = st.choose_mode(config.subtract.mode, science.psf, template.psf, cx, cy)
     metrics["mode"] = mode
@@ -180,7 +200,7 @@ class KernelStage:
         return 65536
 
 
-def spatial_solve_stage(prepared: PreparedPair, cells, cell_fits, config: PipelineConfig, *,
+def spatial_solve_stage(prepared: PreparedPair, cells, cell_fits, config: PipelineConfig, noise=None, *,
                         map_cells=None) -> KernelStage:
     """Stage 4: clipping, refits, spatial solve (:func:`~diffim_dag.stages.kernel_fit.solve_kernel` started
     from ``cell_fits``), the differential-background check and the decorrelation kernel.
@@ -192,6 +212,8 @@ def spatial_solve_stage(prepared: PreparedPair, cells, cell_fits, config: Pipeli
     cell_fits : sequence of CellFits
         Together the first fit of every cell of ``cells``.
     config : PipelineConfig
+    noise : (InputNoise, InputNoise), optional
+        The science's and the template's (:func:`input_noise_stage`); measured here when None.
     map_cells : callable, optional
         How the refits run (in turn when None).
 
@@ -225,19 +247,17 @@ def spatial_solve_stage(prepared: PreparedPair, cells, cell_fits, config: Pipeli
     kg = np.arange(-kh, kh + 1)
     metrics["kernel"]["kernel_centroid_center"] = [float((k0.sum(0) * kg).sum() / k0.sum()),
                                                    float((k0.sum(1) * kg).sum() / k0.sum())]
-    science, template, planes = prepared.science, prepared.template, prepared.planes
+    science, template = prepared.science, prepared.template
     _check_differential_background(solution, science, template, config, metrics)
 
     decorr = config.decorrelation
     decorr_kernel = psf_phi = None
     with timings.stage("decorrelation_kernel"):
-        sm, tm = science.arrays()[2], template.arrays()[2]
-        bad_s = (sm & planes.bitmask(["NO_DATA", "BAD", "SAT"])) != 0
-        bad_t = (tm & planes.bitmask(["NO_DATA", "BAD", "SAT"])) != 0
-        kernel, su2, sc2, kappa = _decorrelation_inputs(prepared.mode, science, template, solution, bad_s, bad_t)
-        factor, correlations = _correlated_noise_factor(prepared, kernel, su2, sc2, kappa, bad_s, bad_t,
-                                                        decorrelated=decorr.enabled)
-        del bad_s, bad_t
+        noise_s, noise_t = noise if noise is not None else (input_noise_stage(prepared, 0),
+                                                            input_noise_stage(prepared, 1))
+        kernel, su2, sc2, kappa = _decorrelation_inputs(prepared.mode, solution, noise_s, noise_t)
+        factor, correlations = _correlated_noise_factor(prepared.mode, kernel, su2, sc2, kappa, noise_s.correlation,
+                                                        noise_t.correlation, decorrelated=decorr.enabled)
         metrics["noise_correlation"] = {**correlations, "variance_factor": factor}
         if decorr.enabled:
             metrics["decorrelation"] = {"sigma_unconvolved2": su2, "sigma_convolved2": sc2, "kappa": kappa,
@@ -252,16 +272,12 @@ def spatial_solve_stage(prepared: PreparedPair, cells, cell_fits, config: Pipeli
                        psf_decorrelation_kernel=psf_phi)
 
 
-def _correlated_noise_factor(prepared, kernel, su2, sc2, kappa, bad_s, bad_t, *, decorrelated: bool):
-    """The inputs' noise correlations and the factor they put on the difference's white-noise variance
-    (:func:`~diffim_dag.kernels.decorrelate.correlated_variance_factor`)."""
+def _correlated_noise_factor(mode, kernel, su2, sc2, kappa, rho_s, rho_t, *, decorrelated: bool):
+    """The factor the inputs' noise correlations (``rho_s``, ``rho_t``) put on the difference's white-noise
+    variance (:func:`~diffim_dag.kernels.decorrelate.correlated_variance_factor`), and their lag-1 summary."""
     from ..kernels.decorrelate import correlated_variance_factor
 
-    si, sv, _ = prepared.science.arrays()
-    ti, tv, _ = prepared.template.arrays()
-    rho_s = st.measure_noise_correlation(si, sv, bad_s)
-    rho_t = st.measure_noise_correlation(ti, tv, bad_t)
-    rho_u, rho_c = (rho_s, rho_t) if prepared.mode == CONVOLVE_TEMPLATE else (rho_t, rho_s)
+    rho_u, rho_c = (rho_s, rho_t) if mode == CONVOLVE_TEMPLATE else (rho_t, rho_s)
     factor = correlated_variance_factor(kernel, sigma_u2=su2, sigma_c2=sc2, kappa=kappa, correlation_u=rho_u,
                                         correlation_c=rho_c, decorrelated=decorrelated)
     h = rho_s.shape[0] // 2

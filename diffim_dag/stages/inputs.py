@@ -18,7 +18,7 @@ from ..exposure import Exposure
 from ..kernels.solution import KernelSolution
 from . import subtract as st
 
-__all__ = ["Timings", "SubtractionResult", "prepare_inputs", "eager_convolve"]
+__all__ = ["Timings", "SubtractionResult", "input_variance_scale", "prepare_inputs", "eager_convolve"]
 
 
 class Timings(dict):
@@ -95,22 +95,37 @@ def _fmt(v):
     return "n/a" if v is None else f"{v:.3f}"
 
 
-def _variance_scaled(exposure: Exposure, config: PipelineConfig, role: str, metrics: dict) -> Exposure:
+def input_variance_scale(exposure: Exposure, config: PipelineConfig, role: str) -> float:
+    """The factor that brings ``exposure``'s variance plane to its measured pixel noise
+    (:func:`~diffim_dag.stages.subtract.measure_variance_scale`, off its NO_DATA, BAD and SAT pixels);
+    :class:`~diffim_dag.errors.InputError` when it is beyond ``subtract.max_variance_scale``."""
     img, var, msk = exposure.arrays()
-    planes = exposure.mask_planes
-    bad = (msk & planes.bitmask(["NO_DATA", "BAD", "SAT"])) != 0
-    factor = st.measure_variance_scale(
+    bad = (msk & exposure.mask_planes.bitmask(["NO_DATA", "BAD", "SAT"])) != 0
+    return st.measure_variance_scale(
         img, var, bad, source=f"{role} ({exposure.info.filename or 'in memory'})", max_scale=config.subtract.max_variance_scale
     )
+
+
+def _variance_scaled(exposure: Exposure, config: PipelineConfig, role: str, metrics: dict,
+                     factor: float | None = None) -> Exposure:
+    """``exposure`` with its variance scaled by ``factor`` (:func:`input_variance_scale`, measured here when
+    None), when ``subtract.scale_variance`` is on."""
+    if factor is None:
+        factor = input_variance_scale(exposure, config, role)
     metrics[f"{role}_variance_scale"] = factor
     if not config.subtract.scale_variance or abs(factor - 1.0) < 1e-3:
         return exposure
+    var = exposure.arrays()[1]
     return exposure.with_planes(variance=(var * np.float32(factor)).astype(np.float32))
 
 
-def prepare_inputs(science: Exposure, template: Exposure, config: PipelineConfig, timings: Timings, metrics: dict):
+def prepare_inputs(science: Exposure, template: Exposure, config: PipelineConfig, timings: Timings, metrics: dict,
+                   variance_scales: dict | None = None):
     """Checks and steps every method starts with: one pixel grid, both PSFs, the merged mask planes,
     template coverage (:class:`NoWorkFound` below the minimum) and variance scaling.
+
+    ``variance_scales``: ``{"science"|"template": factor}`` measured on these very exposures already (the input
+    stages' :func:`input_variance_scale`); those not given are measured here.
 
     Returns ``(science, template, planes, coverage)`` (in-memory, variance-scaled exposures).
     """
@@ -134,8 +149,9 @@ def prepare_inputs(science: Exposure, template: Exposure, config: PipelineConfig
         metrics["template_coverage"] = coverage
         st.check_coverage(coverage, config.subtract.min_template_coverage)
     with timings.stage("variance_scaling"):
-        science = _variance_scaled(science, config, "science", metrics)
-        template = _variance_scaled(template, config, "template", metrics)
+        scales = variance_scales or {}
+        science = _variance_scaled(science, config, "science", metrics, scales.get("science"))
+        template = _variance_scaled(template, config, "template", metrics, scales.get("template"))
     return science, template, planes, coverage
 
 

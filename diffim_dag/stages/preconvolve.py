@@ -102,11 +102,13 @@ def preconvolution_kernel_sources(science: Exposure, template: Exposure, *, conf
 
 
 def preconvolved_score(science: Exposure, template: Exposure, *, config: PipelineConfig, runner=None,
-                       map_cells=None, sources=None, metrics: dict | None = None):
+                       map_cells=None, sources=None, metrics: dict | None = None,
+                       variance_scales: dict | None = None):
     r"""The corrected pre-convolution score exposure (module doc, steps 1–5).
 
     ``runner`` runs the filters and the convolution (:mod:`diffim_dag.stages.runner`; in turn on the whole
-    image when None) and ``map_cells`` the kernel's cell fits (in turn when None).
+    image when None) and ``map_cells`` the kernel's cell fits (in turn when None).  ``variance_scales``: the
+    input stages' variance factors of these exposures (measured here when None).
 
     Returns
     -------
@@ -131,8 +133,9 @@ def preconvolved_score(science: Exposure, template: Exposure, *, config: Pipelin
         planes = planes.with_plane(name)
     xy0, shape = science.xy0, science.shape
     scale_metrics: dict = {}
-    science = _variance_scaled(science, config, "science", scale_metrics)
-    template = _variance_scaled(template, config, "template", scale_metrics)
+    scales = variance_scales or {}
+    science = _variance_scaled(science, config, "science", scale_metrics, scales.get("science"))
+    template = _variance_scaled(template, config, "template", scale_metrics, scales.get("template"))
     si, sv, sm = science.arrays()
     ti, tv, tm = template.arrays()
     fill_bits = planes.bitmask([p for p in FILLED_PLANES if p in planes])

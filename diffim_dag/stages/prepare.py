@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from ..config import PipelineConfig
 from ..exposure import Exposure
 from .catalog import CatalogStage
-from .inputs import SubtractionResult, Timings, _nbytes
+from .inputs import SubtractionResult, Timings, _nbytes, input_variance_scale
 
 __all__ = ["PreparedExposures", "prepare_exposure", "prepare_exposures", "combine_prepared", "inject_stage", "match_stage",
            "with_injection"]
@@ -23,7 +23,10 @@ __all__ = ["PreparedExposures", "prepare_exposure", "prepare_exposures", "combin
 class PreparedExposures:
     """Both exposures as every method starts from them: sky removed, PSF models attached.
 
-    ``metrics`` holds ``sky`` and ``psf`` (one report per role) and ``timings`` their wall times.
+    ``metrics`` holds ``sky`` and ``psf`` (one report per role) and ``timings`` their wall times;
+    ``variance_scales`` the factors (``{"science"|"template": factor}``) that bring these exposures' variance
+    planes to their measured noise (:func:`~diffim_dag.stages.inputs.input_variance_scale`), None when they are
+    to be measured (fakes were added since).
     """
 
     science: Exposure
@@ -31,6 +34,7 @@ class PreparedExposures:
     metrics: dict
     timings: dict
     fakes: object = None  # pandas.DataFrame of the fakes injected (inject_stage), None without
+    variance_scales: dict | None = None
 
     def __sizeof__(self) -> int:  # what Dask's memory accounting sees (an exposure a task took is None)
         return 1024 + sum(_nbytes(e) for e in (self.science, self.template) if e is not None)
@@ -57,7 +61,8 @@ def inject_stage(prepared, config: PipelineConfig, kernel=None):
     science, template, fakes = inject_fakes(prepared.science, prepared.template, config.fakes, border=border)
     fakes.attrs["seconds"] = time.perf_counter() - t0  # travels with the table to the match stage
     timings = {**prepared.timings, "inject": fakes.attrs["seconds"]}
-    return dataclasses.replace(prepared, science=science, template=template, fakes=fakes, timings=timings)
+    changes = {"variance_scales": None} if isinstance(prepared, PreparedExposures) else {}  # (the planes changed)
+    return dataclasses.replace(prepared, science=science, template=template, fakes=fakes, timings=timings, **changes)
 
 
 def match_stage(result: SubtractionResult, catalog, fakes, config: PipelineConfig):
@@ -96,9 +101,12 @@ def with_injection(result: SubtractionResult, injection) -> SubtractionResult:
 def prepare_exposure(exposure: Exposure, config: PipelineConfig, role: str, *, psf=None):
     """The input stages of one exposure: PSF (:mod:`~diffim_dag.stages.psf`; ``psf``, a
     :class:`~diffim_dag.stages.psf.PsfResult` already computed, skips it), sky (:mod:`~diffim_dag.stages.sky`),
-    cosmic rays and hot pixels (:mod:`~diffim_dag.stages.cosmic_rays`).
+    cosmic rays and hot pixels (:mod:`~diffim_dag.stages.cosmic_rays`), and the factor that brings the result's
+    variance plane to its measured noise (:func:`~diffim_dag.stages.inputs.input_variance_scale`; the methods
+    apply it), measured here so that the science's and the template's run at once.
 
-    Returns ``(exposure, {"psf": report, "sky": report, "cosmic_rays": report}, timings)``.
+    Returns ``(exposure, {"psf": report, "sky": report, "cosmic_rays": report, "variance_scale": factor},
+    timings)``.
     """
     from .cosmic_rays import repair_cosmic_rays
     from .psf import measure_psf
@@ -116,7 +124,10 @@ def prepare_exposure(exposure: Exposure, config: PipelineConfig, role: str, *, p
         sky = subtract_sky(exposure, config.sky)
     with timings.stage("cosmic_rays"):
         cr = repair_cosmic_rays(sky.exposure, config.cosmic_rays)
-    return cr.exposure, {"psf": result.report, "sky": sky.report, "cosmic_rays": cr.report}, timings
+    with timings.stage("variance_scaling"):
+        scale = input_variance_scale(cr.exposure, config, role)
+    return cr.exposure, {"psf": result.report, "sky": sky.report, "cosmic_rays": cr.report,
+                         "variance_scale": scale}, timings
 
 
 def prepare_exposures(science: Exposure, template: Exposure, config: PipelineConfig, *,
@@ -137,14 +148,18 @@ def combine_prepared(done: dict) -> PreparedExposures:
     :class:`PreparedExposures` (``timings``: the sum over both, as in turn)."""
     timings = Timings()
     metrics: dict = {"sky": {}, "psf": {}, "cosmic_rays": {}}
-    out = {}
+    out, scales = {}, {}
     for role in ("science", "template"):
         exposure, reports, t = done[role]
         out[role] = exposure
         for name, report in reports.items():
-            metrics[name][role] = report
+            if name == "variance_scale":
+                scales[role] = report
+            else:
+                metrics[name][role] = report
         for name, seconds in t.items():
             timings[name] = timings.get(name, 0.0) + seconds
-    return PreparedExposures(science=out["science"], template=out["template"], metrics=metrics, timings=timings)
+    return PreparedExposures(science=out["science"], template=out["template"], metrics=metrics, timings=timings,
+                             variance_scales=scales if len(scales) == 2 else None)
 
 

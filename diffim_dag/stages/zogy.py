@@ -360,6 +360,7 @@ def subtract_zogy(
     config: PipelineConfig,
     zogy_config: ZogyConfig = ZogyConfig(),
     runner=None,
+    variance_scales: dict | None = None,
 ):
     r"""ZOGY subtraction of ``template`` from ``science`` (same pixel grid), cell by cell.
 
@@ -374,6 +375,8 @@ def subtract_zogy(
     runner : optional
         Runs the cell tasks (:mod:`diffim_dag.stages.runner`; in turn in this thread when None: the same
         function and, since cells are blended in task order, the same bits).
+    variance_scales : dict, optional
+        The input stages' variance factors of these exposures (:func:`~diffim_dag.stages.inputs.prepare_inputs`).
 
     Returns
     -------
@@ -405,7 +408,8 @@ def subtract_zogy(
     runner = IN_TURN if runner is None else runner
     timings = Timings()
     metrics: dict = {"method": "zogy", "mode": "zogy", "kernel": {}}
-    science, template, planes, coverage = prepare_inputs(science, template, config, timings, metrics)
+    science, template, planes, coverage = prepare_inputs(science, template, config, timings, metrics,
+                                                         variance_scales)
 
     with timings.stage("flux_ratio"):
         kappa, origin, stars = flux_ratio(science, template, zogy_config)
