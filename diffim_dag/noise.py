@@ -247,22 +247,24 @@ def _source_excess(image: np.ndarray, level: np.ndarray, rms: np.ndarray) -> np.
     The excess is ``image − level``.  Pure sky pixels must not get a larger variance just because
     their noise fluctuated up (that skews detections toward positive): a pixel counts as source only
     where the 3×3 mean of the excess is above 1σ of the sky (3σ of the mean's own noise), grown by
-    one pixel; there its own positive excess is used.
+    one pixel; there its own positive excess is used.  Computed in row strips with two rows of halo (the
+    mean's row and the growth's), so that the temporaries are a strip's.
     """
     from scipy import ndimage
 
-    ex = np.subtract(np.asarray(image, dtype=np.float32), np.asarray(level, dtype=np.float32), dtype=np.float32)
-    np.nan_to_num(ex, copy=False)
-    smooth = ndimage.uniform_filter(ex, size=3, mode="nearest")
-    rms = np.asarray(rms, dtype=np.float32)
-    above = np.empty(ex.shape, dtype=bool)
-    for s in row_strips(ex.shape[0]):
-        above[s] = smooth[s] > rms[s]
-    del smooth
-    significant = grow_cross(above)
-    np.maximum(ex, np.float32(0.0), out=ex)
-    ex[~significant] = 0.0
-    return ex
+    ny = image.shape[0]
+    out = np.empty(image.shape, dtype=np.float32)
+    for s in row_strips(ny):
+        lo, hi = max(s.start - 2, 0), min(s.stop + 2, ny)
+        ex = np.subtract(np.asarray(image[lo:hi], dtype=np.float32), np.asarray(level[lo:hi], dtype=np.float32),
+                         dtype=np.float32)
+        np.nan_to_num(ex, copy=False)
+        above = ndimage.uniform_filter(ex, size=3, mode="nearest") > np.asarray(rms[lo:hi], dtype=np.float32)
+        significant = grow_cross(above)[s.start - lo:s.stop - lo]
+        strip = out[s]
+        np.maximum(ex[s.start - lo:s.stop - lo], np.float32(0.0), out=strip)
+        strip *= significant  # (excess ≥ 0 and finite: × 1 keeps it, × 0 zeroes it)
+    return out
 
 
 def build_variance(

@@ -194,3 +194,26 @@ def test_bilinear_upsample_interpolates_between_box_centres():
     expected = (2.0 * np.clip((np.arange(8)[:, None] - 1.5) / 4.0, 0, 1)
                 + 4.0 * np.clip((np.arange(12)[None, :] - 1.5) / 4.0, 0, 2))
     np.testing.assert_allclose(out, expected, atol=1e-6)
+
+
+def test_source_excess_in_strips_equals_the_whole_frame():
+    """The Poisson term's input, computed strip by strip with two rows of halo, is bitwise the whole-frame
+    computation (3×3 mean of the excess above the sky's σ, grown by one pixel), sources and NaNs on the strips'
+    edges included."""
+    from diffim_dag.noise import STRIP_ROWS, _source_excess
+
+    rng = np.random.default_rng(5)
+    ny, nx = 2 * STRIP_ROWS + 140, 300
+    level = (100.0 + 0.01 * np.arange(nx)[None, :] + np.zeros((ny, 1))).astype(np.float32)
+    rms = np.full((ny, nx), 3.0, np.float32)
+    img = (level + rng.normal(0, 3.0, (ny, nx))).astype(np.float32)
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    for y in (0, STRIP_ROWS - 2, STRIP_ROWS - 1, STRIP_ROWS, STRIP_ROWS + 1, 2 * STRIP_ROWS, ny - 1):
+        img += (400 * np.exp(-((yy - y) ** 2 + (xx - rng.uniform(5, nx - 5)) ** 2) / 4.0)).astype(np.float32)
+    img[STRIP_ROWS, 17] = np.nan
+    ex = np.nan_to_num(img - level)
+    significant = ndimage.binary_dilation(ndimage.uniform_filter(ex, size=3, mode="nearest") > rms)
+    expected = np.where(significant, np.maximum(ex, 0), 0).astype(np.float32)
+    got = _source_excess(img, level, rms)
+    assert got.dtype == np.float32 and np.count_nonzero(got) > 100
+    np.testing.assert_array_equal(got, expected)
