@@ -242,12 +242,15 @@ def score_stage(al, inputs, config: PipelineConfig, runner=None, sources=None):
         dia_sources=None, score=score)
 
 
-def result_stage(result, catalog, injection, config: PipelineConfig):
-    """The ``("result", V, D)`` task: the subtraction with its DiaSources (``catalog``: None without
-    detection), the matched fakes and the verdict (:func:`~diffim_dag.stages.catalog.judge_result`)."""
+def result_stage(result, catalog, injection, config: PipelineConfig, quality=None):
+    """The ``("result", V, D)`` task: the subtraction with its residual metrics (``quality``: the AL methods'
+    ``quality`` task), its DiaSources (``catalog``: None without detection), the matched fakes and the verdict
+    (:func:`~diffim_dag.stages.catalog.judge_result`)."""
+    from .stages.al import with_quality
     from .stages.catalog import judge_result, with_catalog
     from .stages.prepare import with_injection
 
+    result = with_quality(result, quality)
     if catalog is not None:
         result = with_catalog(result, catalog)
     return judge_result(with_injection(result, injection), config)
@@ -365,7 +368,13 @@ def _decorrelate_task(window, kernel, neighbours: list):
 def _difference_task(prepared, kernel, config, tiles: list, consume: bool):
     from .stages.al import difference_stage
 
-    return difference_stage(prepared, kernel, config, tiles, consume=consume)
+    return difference_stage(prepared, kernel, config, tiles, consume=consume, quality=False)
+
+
+def _quality_task(result, config):
+    from .stages.al import quality_stage
+
+    return quality_stage(result, config)
 
 
 def _kernel_sources_task(prepared, config, sources):
@@ -543,7 +552,8 @@ def visit_graph(source, config, out_dir=None, *, visit: int | None = None, detec
     ``("window", V, D, ty, tx)``                  the pair's planes on tile ``(ty, tx)`` and its halo
     ``("subtract", V, D, ty, tx)``                convolve and subtract tile ``(ty, tx)`` (reads its window)
     ``("decorrelate", V, D, ty, tx)``             decorrelate the tile (reads the neighbouring tiles' edges)
-    ``("difference", V, D)``                      assemble the planes, quality metrics
+    ``("difference", V, D)``                      assemble the planes, scale the variance to the noise
+    ``("quality", V, D)``                         the AL methods: residuals on the kernel stars, background left
     ``("score", V, D)``                           ``al-preconvolve``: the pre-convolution score
     ``("subtract", V, D)``                        ``zogy``: D, P_D, S, S_corr
     ``("detect-prepare", V, D)``                  whole-image matched filter / significance
@@ -642,7 +652,9 @@ def visit_graph(source, config, out_dir=None, *, visit: int | None = None, detec
 
             g.task("fakes", (), _fakes_of, pair)  # the table alone travels to the match task
             injection = g.task("match", (), match_stage, result, catalog, g.key("fakes"), config)
-    final = g.task("result", (), result_stage, result, catalog, injection, config)
+    # the AL methods' residual metrics: beside detection (the verdict needs them, detection does not)
+    quality = None if config.method == "zogy" else g.task("quality", (), _quality_task, g.key("difference"), config)
+    final = g.task("result", (), result_stage, result, catalog, injection, config, quality)
     if out is not None and output == "visit":
         g.dsk[write_key(v, d, run_id)] = (write_stage, spec, config, out, run_id, final)
     elif out is not None:

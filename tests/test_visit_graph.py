@@ -84,7 +84,9 @@ def test_keys_name_stage_visit_detector_and_tile(spec, tmp_path):
     assert _keys(dsk, "input-noise") == [("input-noise", v, d, 0), ("input-noise", v, d, 1)]
     solve = dsk[task_key("spatial-solve", v, d, run_id="a")]
     assert [stage_of(k) for k in solve[-1]] == ["input-noise", "input-noise"]
-    assert len(dsk) == 9 + 1 + 4 * 9 + 2
+    # the residual metrics: a task beside detection, which the result task (the verdict) reads
+    assert task_key("quality", v, d, run_id="a") in dsk[task_key("result", v, d, run_id="a")]
+    assert len(dsk) == 9 + 1 + 4 * 9 + 2 + 1
     # fewer cells to a task: the cells are dealt out over several fit-cell tasks
     import diffim_dag.visit as visit_module
 
@@ -386,3 +388,20 @@ def test_noise_measured_beside_the_kernel_fit_equals_the_solve_measuring_it(spec
     assert a.metrics["noise_correlation"] == b.metrics["noise_correlation"]
     with_fakes = dataclasses.replace(config, fakes=dataclasses.replace(config.fakes, n=5))
     assert inject_stage(prepared, with_fakes).variance_scales is None
+
+
+def test_residual_metrics_beside_detection_equal_the_difference_stage_computing_them(inputs):
+    """The ``quality`` task's residual metrics, added to the ``difference`` task's result, are those the
+    difference stage computes itself with ``quality=True``, key order included (metrics.json is unchanged)."""
+    from diffim_dag.stages.al import difference_stage, with_quality
+
+    config = _config()
+    dsk = visit_graph(inputs, config, warp="none", detect=False)
+    tiles = sorted(k for k in dsk if stage_of(k) == "decorrelate")
+    keys = [task_key(s, 0, 0) for s in ("prepare", "spatial-solve", "difference", "quality")] + tiles
+    prepared, kernel, difference, quality, *decorrelated = dask.get(dsk, keys)
+    assert set(difference.metrics["quality"]) == {"sky_ratio_propagated", "variance_scale"}
+    whole = difference_stage(prepared, kernel, config, decorrelated, quality=True)
+    merged = with_quality(difference, quality)
+    assert list(merged.metrics["quality"].items()) == list(whole.metrics["quality"].items())
+    assert "footprint_residual_ratio_mean" in merged.metrics["quality"] and "quality" in merged.metrics["timings_s"]

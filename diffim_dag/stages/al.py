@@ -27,7 +27,7 @@ from .verdict import background_left
 
 __all__ = ["PreparedPair", "prepare_subtraction", "kernel_sources_stage", "CellFits", "fit_cells_stage",
            "KernelStage", "InputNoise", "input_noise_stage", "spatial_solve_stage", "PairWindow", "window_stage", "subtract_tiles_stage", "decorrelate_tiles_stage",
-           "difference_stage", "decorrelated_psf"]
+           "difference_stage", "QualityStage", "quality_stage", "with_quality", "decorrelated_psf"]
 
 
 @dataclass(frozen=True)
@@ -390,13 +390,15 @@ def decorrelate_tiles_stage(window: PairWindow, kernel: KernelStage, tiles) -> d
 
 
 def difference_stage(prepared: PreparedPair, kernel: KernelStage, config: PipelineConfig, tiles, *,
-                     consume: bool = False) -> SubtractionResult:
+                     consume: bool = False, quality: bool = True) -> SubtractionResult:
     """Stage 7: the difference, matched template and matched science from their tiles; spatially varying
-    decorrelation (whole image), the difference PSF and the quality metrics.
+    decorrelation (whole image), the difference PSF, its variance scaled to its noise, and the metrics.
 
     ``tiles`` maps cores to :class:`~diffim_dag.stages.subtract.DifferenceTile` (or is a list of such
     mappings) and covers the image.  ``consume=True``: the tiles are taken out of their mappings as they are
     assembled (:func:`~diffim_dag.stages.subtract.assemble_tiles`; the ``difference`` task is their only user).
+    ``quality=False`` leaves out the residual metrics (:func:`quality_stage`, a task of its own beside
+    detection; :func:`with_quality` adds them).
     Returns the :class:`SubtractionResult` without DiaSources (see :func:`with_catalog`).
     """
     timings = Timings(kernel.timings)
@@ -465,20 +467,11 @@ def difference_stage(prepared: PreparedPair, kernel: KernelStage, config: Pipeli
         d_var, scaled = st.scale_difference_variance(d_img, d_var, (d_msk & noise_bits) != 0,
                                                      enabled=config.subtract.scale_difference_variance)
         difference = difference.with_planes(variance=d_var)
-        used = fit.candidates[fit.candidates["status"] == "used"] if len(fit.candidates) else fit.candidates
-        star_xy = np.column_stack([used["x"] - science.xy0[0], used["y"] - science.xy0[1]]) if len(used) else np.zeros((0, 2))
-        psf_c = unconvolved.psf
-        q = st.quality_metrics(
-            science=matched_science.arrays()[0], difference=d_img, difference_variance=d_var, difference_mask=d_msk,
-            planes=planes, star_xy=star_xy, fwhm=psf_c.fwhm(cx, cy),
-            ratio_mean_limit=config.subtract.bad_subtraction_ratio_mean,
-            ratio_std_limit=config.subtract.bad_subtraction_ratio_std,
-        )
-        q.update(scaled)
-        good_bits = planes.bitmask(["NO_DATA", "BAD", "SAT", "EDGE"])
-        q["background_left"] = background_left(d_img, d_var, (d_msk & good_bits) != 0,
-                                               difference.psf.kernel_image(cx, cy))
-        metrics["quality"] = q
+        used = _used_stars(fit)
+        metrics["quality"] = dict(scaled)
+        if quality:
+            metrics["quality"] = _with_residuals(metrics["quality"], _residual_metrics(
+                difference, matched_science, unconvolved.psf, used, config))
         metrics["photometric_scale"] = _photometric_scale(science, template, used, kernel_sum, mode)
         metrics["limiting_magnitude"] = {
             role: st.exposure_limit(exp, (cx, cy), zero_point=None if exp.info.photo_calib is None
@@ -489,6 +482,66 @@ def difference_stage(prepared: PreparedPair, kernel: KernelStage, config: Pipeli
         difference=difference, matched_template=matched_template, matched_science=matched_science, mode=mode,
         kernel_fit=fit, decorrelation_kernel=decorr_kernel, metrics=metrics, dia_sources=None,
     )
+
+
+def _used_stars(fit):
+    return fit.candidates[fit.candidates["status"] == "used"] if len(fit.candidates) else fit.candidates
+
+
+def _residual_metrics(difference: Exposure, matched_science: Exposure, psf, used, config: PipelineConfig) -> dict:
+    """The difference's residuals on the kernel stars (:func:`~diffim_dag.stages.subtract.quality_metrics`, with
+    ``psf``'s FWHM: the unconvolved image's) and the background it has left
+    (:func:`~diffim_dag.stages.verdict.background_left`)."""
+    d_img, d_var, d_msk = difference.arrays()
+    planes = difference.mask_planes
+    cx, cy = difference.center
+    x0, y0 = difference.xy0
+    star_xy = np.column_stack([used["x"] - x0, used["y"] - y0]) if len(used) else np.zeros((0, 2))
+    q = st.quality_metrics(
+        science=matched_science.arrays()[0], difference=d_img, difference_variance=d_var, difference_mask=d_msk,
+        planes=planes, star_xy=star_xy, fwhm=psf.fwhm(cx, cy),
+        ratio_mean_limit=config.subtract.bad_subtraction_ratio_mean,
+        ratio_std_limit=config.subtract.bad_subtraction_ratio_std,
+    )
+    good_bits = planes.bitmask(["NO_DATA", "BAD", "SAT", "EDGE"])
+    q["background_left"] = background_left(d_img, d_var, (d_msk & good_bits) != 0, difference.psf.kernel_image(cx, cy))
+    return q
+
+
+def _with_residuals(quality: dict, residuals: dict) -> dict:
+    """``metrics["quality"]``: the residual metrics, the variance scaling's report, the background left."""
+    left = {k: v for k, v in residuals.items() if k != "background_left"}
+    return {**left, **quality, "background_left": residuals["background_left"]}
+
+
+@dataclass(frozen=True)
+class QualityStage:
+    """The ``quality`` task's result: the residual metrics of a difference and their wall time."""
+
+    residuals: dict
+    seconds: float
+
+
+def quality_stage(result: SubtractionResult, config: PipelineConfig) -> QualityStage:
+    """The ``("quality", V, D)`` task of the AL methods: the residual metrics of the ``difference`` task's result
+    (the same as :func:`difference_stage` computes with ``quality=True``), beside detection, which does not
+    need them; the ``result`` task adds them (:func:`with_quality`) before the verdict."""
+    t0 = time.perf_counter()
+    # the unconvolved image's PSF: the matched science's (the science, or the template on its scale)
+    residuals = _residual_metrics(result.difference, result.matched_science, result.matched_science.psf,
+                                  _used_stars(result.kernel_fit), config)
+    return QualityStage(residuals=residuals, seconds=time.perf_counter() - t0)
+
+
+def with_quality(result: SubtractionResult, quality: QualityStage | None) -> SubtractionResult:
+    """``result`` with the ``quality`` task's residual metrics in ``metrics["quality"]`` (unchanged for None)."""
+    if quality is None:
+        return result
+    import dataclasses
+
+    metrics = {**result.metrics, "quality": _with_residuals(result.metrics.get("quality") or {}, quality.residuals)}
+    metrics["timings_s"] = {**metrics.get("timings_s", {}), "quality": quality.seconds}
+    return dataclasses.replace(result, metrics=metrics)
 
 
 def _photometric_scale(science: Exposure, template: Exposure, stars, kernel_sum: float, mode: str) -> dict:
