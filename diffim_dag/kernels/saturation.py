@@ -54,9 +54,14 @@ def integer_limit(bitpix: int, bzero: float = 0.0, bscale: float = 1.0) -> float
     return float(bzero) + float(bscale) * raw
 
 
+def _good_values(image: np.ndarray, good: np.ndarray) -> np.ndarray:
+    """``image[good]``; the flat image itself (no copy) when every pixel is good."""
+    return image.ravel() if good.all() else image[good]
+
+
 def _bright_peaks(image: np.ndarray, good: np.ndarray, n_max: int) -> np.ndarray:
     """Flat indices of the ``n_max`` brightest local maxima (3×3) of ``image`` above its 99.9th percentile."""
-    vals = image[good]
+    vals = _good_values(image, good)
     if vals.size == 0:
         return np.zeros(0, dtype=np.int64)
     step = max(1, vals.size // (1 << 20))
@@ -109,7 +114,7 @@ def find_saturation(image: np.ndarray, bad: np.ndarray | None = None, *, type_li
     else:
         peaks = _bright_peaks(img, good, max_peaks)
         ny, nx = img.shape
-        sample = img[good][:: max(1, int(np.count_nonzero(good)) // (1 << 20))]
+        sample = _good_values(img, good)[:: max(1, int(np.count_nonzero(good)) // (1 << 20))]
         sky = float(np.median(sample)) if sample.size else 0.0
         noise = float(1.4826 * np.median(np.abs(sample - sky))) if sample.size else 0.0
         plateaus = []

@@ -50,11 +50,14 @@ def subtract_sky(exposure: Exposure, config: SkyConfig = SkyConfig()) -> SkyResu
     del bkg
     out = np.subtract(img, level, dtype=np.float32)
     np.copyto(out, img, where=nodata)  # no-data pixels stay as they are
-    good = level[~bad] if (~bad).any() else level.ravel()
+    keep = ~bad
+    if not keep.any():
+        keep = np.ones(level.shape, bool)
     # the level is a spline through the mesh (boxes of config.box px): every 4th pixel each way pins its
-    # median (the median of all 16M levels of a 4096² frame took 0.27 s)
-    grid, grid_bad = level[::4, ::4], bad[::4, ::4]
+    # median (the median of all 16M levels of a 4096² frame took 0.27 s); its extremes without a copy
+    grid, grid_keep = level[::4, ::4], keep[::4, ::4]
     report = {"subtracted": True, "box": int(config.box),
-              "level_median": float(np.median(grid[~grid_bad] if (~grid_bad).any() else good)),
-              "level_min": float(good.min()), "level_max": float(good.max()), "noise": noise}
+              "level_median": float(np.median(grid[grid_keep] if grid_keep.any() else level[keep])),
+              "level_min": float(np.min(level, where=keep, initial=np.inf)),
+              "level_max": float(np.max(level, where=keep, initial=-np.inf)), "noise": noise}
     return SkyResult(exposure.with_planes(image=out), report)
