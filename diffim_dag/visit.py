@@ -377,10 +377,19 @@ def _quality_task(result, config):
     return quality_stage(result, config)
 
 
-def _kernel_sources_task(prepared, config, sources):
+def _kernel_sources_task(prepared, config, sources, detection=None):
     from .stages.al import kernel_sources_stage
 
-    return kernel_sources_stage(prepared, config, sources=sources)
+    return kernel_sources_stage(prepared, config, sources=sources, detection=detection)
+
+
+def _kernel_detect_task(science, config, sources):
+    """The ``kernel-detect`` task: the science's background and (without a catalogue) its sources, from the
+    science's ``exposure`` task (its image and mask are those of the prepared pair; only the variance is
+    scaled later)."""
+    from .stages.kernel_sources import detect_kernel_sources
+
+    return detect_kernel_sources(science[0], config.sources, detect=sources is None)
 
 
 def _detect_prepare_task(result, config, fft_workers: int):
@@ -457,7 +466,12 @@ def _al_tasks(g: _Builder, config, grid: VisitGrid, inputs, *, sources=None, in_
     nty, ntx = grid.tiles
     tiles = [(ty, tx) for ty in range(nty) for tx in range(ntx)]
     prepared = g.task("prepare", (), prepare_stage, inputs, config)
-    g.task("kernel-sources", (), _kernel_sources_task, prepared, config, sources)
+    detection = None
+    if g.key("exposure", 0) in g.dsk:
+        # in process, the science's source detection runs as soon as its input stages are done, beside the
+        # template's (which wait for the warp)
+        detection = g.task("kernel-detect", (), _kernel_detect_task, g.key("exposure", 0), config, sources)
+    g.task("kernel-sources", (), _kernel_sources_task, prepared, config, sources, detection)
     for i in range(grid.cells):
         g.task("fit-cell", (i,), _fit_cells_task, g.key("kernel-sources"), i, grid.cells)
     # the inputs' noise needs no kernel: measured beside the source selection and the cell fits
@@ -542,6 +556,8 @@ def visit_graph(source, config, out_dir=None, *, visit: int | None = None, detec
                                                   variance factor of the science (0) / the warped template (1)
     ``("inputs", V, D)``                          the prepared pair and its reports
     ``("prepare", V, D)``                         ``al``: coverage, variance scaled (by the measured factors), mode
+    ``("kernel-detect", V, D)``                   in process: the science's background and sources, once its
+                                                  ``exposure`` task is done
     ``("kernel-sources", V, D)``                  kernel sources and their stamps by cell
     ``("fit-cell", V, D, i)``                     first fit of cell ``i`` (``i`` < ``grid.cells``)
     ``("input-noise", V, D, i)``                  the science's (0) / template's (1) clipped mean variance and

@@ -405,3 +405,35 @@ def test_residual_metrics_beside_detection_equal_the_difference_stage_computing_
     merged = with_quality(difference, quality)
     assert list(merged.metrics["quality"].items()) == list(whole.metrics["quality"].items())
     assert "footprint_residual_ratio_mean" in merged.metrics["quality"] and "quality" in merged.metrics["timings_s"]
+
+
+def test_kernel_sources_detected_once_the_science_is_ready_are_the_selection_s_own(spec, inputs, tmp_path):
+    """In process a ``kernel-detect`` task finds the science's sources right after its ``exposure`` task (the
+    template's input stages still running); the selection that takes them equals the one that detects itself,
+    and so does the one from a catalogue with the background measured early.  A cluster's graph (input stages
+    fused) has no such task."""
+    from diffim_dag.stages import al
+    from diffim_dag.stages.kernel_sources import detect_kernel_sources
+    from diffim_dag.stages.prepare import prepare_exposures
+
+    config = _config()
+    one = visit_graph(spec, config, tmp_path, in_process=True)
+    detect = one[task_key("kernel-detect", spec.visit, spec.detector)]
+    assert task_key("exposure", spec.visit, spec.detector, 0) in detect
+    assert task_key("kernel-detect", spec.visit, spec.detector) in one[task_key("kernel-sources", spec.visit,
+                                                                               spec.detector)]
+    assert not [k for k in visit_graph(spec, config, tmp_path) if stage_of(k) == "kernel-detect"]
+
+    prepared = prepare_exposures(*inputs, config)
+    pair = al.prepare_subtraction(prepared.science, prepared.template, config,
+                                  variance_scales=prepared.variance_scales)
+    early = detect_kernel_sources(prepared.science, config.sources)
+    a = al.kernel_sources_stage(pair, config, detection=early)
+    b = al.kernel_sources_stage(pair, config)
+    pd.testing.assert_frame_equal(a.sources, b.sources)
+    assert a.source_stats["found"] == b.source_stats["found"] > 0 and a.source_stats["origin"] == b.source_stats["origin"]
+    catalog = b.sources[["x", "y"]]
+    c = al.kernel_sources_stage(pair, config, sources=catalog,
+                                detection=detect_kernel_sources(prepared.science, config.sources, detect=False))
+    d = al.kernel_sources_stage(pair, config, sources=catalog)
+    pd.testing.assert_frame_equal(c.sources, d.sources)

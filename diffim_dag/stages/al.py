@@ -129,8 +129,10 @@ def _raise_kernel_failure(exc: DiffimError, coverage: float, config: PipelineCon
     raise exc
 
 
-def kernel_sources_stage(prepared: PreparedPair, config: PipelineConfig, *, sources=None):
-    """Stage 2: kernel sources and their stamps by cell (:func:`~diffim_dag.stages.kernel_fit.select_kernel_cells`).
+def kernel_sources_stage(prepared: PreparedPair, config: PipelineConfig, *, sources=None, detection=None):
+    """Stage 2: kernel sources and their stamps by cell (:func:`~diffim_dag.stages.kernel_fit.select_kernel_cells`;
+    ``detection``: the science's background and sources found already, by
+    :func:`~diffim_dag.stages.kernel_sources.detect_kernel_sources`).
 
     Returns
     -------
@@ -144,7 +146,7 @@ def kernel_sources_stage(prepared: PreparedPair, config: PipelineConfig, *, sour
 
     try:
         return select_kernel_cells(prepared.science, prepared.template, mode=prepared.mode, config=config.kernel,
-                                   source_config=config.sources, sources=sources)
+                                   source_config=config.sources, sources=sources, detection=detection)
     except DiffimError as exc:
         _raise_kernel_failure(exc, prepared.coverage, config)
 

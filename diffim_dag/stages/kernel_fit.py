@@ -398,6 +398,7 @@ def select_kernel_cells(
     source_config: KernelSourceConfig = KernelSourceConfig(),
     sources: pd.DataFrame | None = None,
     mode: str = CONVOLVE_TEMPLATE,
+    detection=None,
 ) -> KernelCells:
     """Steps 1–3 of the module doc: basis, kernel sources and their stamps grouped by cell.
 
@@ -411,6 +412,9 @@ def select_kernel_cells(
         Kernel-source catalog (``x``, ``y`` parent pixels, optional ``id``); detection
         on the science image when None.
     mode : {"convolveTemplate", "convolveScience", "auto"}
+    detection : SourceDetection, optional
+        The science's background and sources detected already
+        (:func:`~diffim_dag.stages.kernel_sources.detect_kernel_sources`).
 
     Returns
     -------
@@ -434,7 +438,7 @@ def select_kernel_cells(
     reference, target = (template, science) if mode == CONVOLVE_TEMPLATE else (science, template)
     fwhm_ref, fwhm_tgt = (fwhm_tmpl, fwhm_sci) if mode == CONVOLVE_TEMPLATE else (fwhm_sci, fwhm_tmpl)
     basis = basis_from_config(config, fwhm_ref, fwhm_tgt)
-    table, source_stats = select_kernel_sources(science, template, basis.size, source_config, sources)
+    table, source_stats = select_kernel_sources(science, template, basis.size, source_config, sources, detection)
     config, reduced = adapt_spatial_orders(config, len(table))
     cells = extract_cell_stamps(reference, target, table, basis.size, box, config.cell_size)
     sol_bbox = (float(box[0]), float(box[1] - 1), float(box[2]), float(box[3] - 1))

@@ -29,19 +29,21 @@ is measured and cut, in this order (the count each cut removes is recorded):
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
 import numpy as np
 import pandas as pd
-from ..kernels.convolve import fft_convolve_strips
 
 from ..config import KernelSourceConfig
 from ..errors import InsufficientKernelSourcesError
 from ..exposure import Exposure
-from ..noise import measure_background
+from ..kernels.convolve import fft_convolve_strips
+from ..noise import BackgroundModel, measure_background
 
-__all__ = ["select_kernel_sources", "detect_sources", "measure_sources", "overlap_bbox", "SOURCE_CUTS"]
+__all__ = ["select_kernel_sources", "SourceDetection", "detect_kernel_sources", "detect_sources", "measure_sources",
+           "overlap_bbox", "SOURCE_CUTS"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,27 @@ def science_background(science: Exposure, config: KernelSourceConfig):
     img, _, msk = science.arrays()
     bad = (msk & _bad_bits(science, config)) != 0
     return measure_background(img, bad, box=BACKGROUND_BOX)
+
+
+@dataclasses.dataclass(eq=False)
+class SourceDetection:
+    """What kernel-source selection needs of the science image alone (:func:`detect_kernel_sources`): its mesh
+    background level and, unless a catalogue is given, the sources detected on it."""
+
+    background: BackgroundModel  # the level (the noise map served the detection only)
+    table: pd.DataFrame | None  # x, y (parent pixels); None: the sources come from a catalogue
+
+    def __sizeof__(self) -> int:  # what Dask's memory accounting sees
+        return 1024 + int(self.background.level.nbytes)
+
+
+def detect_kernel_sources(science: Exposure, config: KernelSourceConfig, *, detect: bool = True) -> SourceDetection:
+    """The science's background (:func:`science_background`) and, with ``detect``, its sources
+    (:func:`detect_sources`): the part of the selection that needs neither the template nor the variance
+    scaling, so that it can run as soon as the science's input stages are done."""
+    background = science_background(science, config)
+    table = detect_sources(science, config, background) if detect else None
+    return SourceDetection(dataclasses.replace(background, rms=None), table)
 
 
 def correlate_in_strips(image: np.ndarray, kernel: np.ndarray, *, strip: int = 1024) -> np.ndarray:
@@ -199,6 +222,7 @@ def select_kernel_sources(
     kernel_size: int,
     config: KernelSourceConfig = KernelSourceConfig(),
     catalog: pd.DataFrame | None = None,
+    detection: SourceDetection | None = None,
 ) -> tuple[pd.DataFrame, dict]:
     """Kernel sources: detected (or given), measured and cut; highest S/N first.
 
@@ -210,6 +234,8 @@ def select_kernel_sources(
     config : KernelSourceConfig
     catalog : DataFrame, optional
         Columns ``x``, ``y`` (parent pixels); detection on the science image when None.
+    detection : SourceDetection, optional
+        :func:`detect_kernel_sources` of ``science`` done already (with ``detect=catalog is None``).
 
     Returns
     -------
@@ -227,9 +253,11 @@ def select_kernel_sources(
     if science.psf is None:
         raise ValueError("kernel source selection needs the science PSF")
     half = int(kernel_size)
-    background = science_background(science, config)
+    if detection is None:
+        detection = detect_kernel_sources(science, config, detect=catalog is None)
+    background = detection.background
     if catalog is None:
-        table = detect_sources(science, config, background)
+        table = detection.table
         origin = "detected on the science image"
     else:
         if not {"x", "y"} <= set(catalog.columns):
