@@ -68,11 +68,15 @@ def write_outputs(result: SubtractionResult, out_dir, *, plots: bool = False, co
     """Write the output contract into ``out_dir`` (every file atomically).
 
     ``planes``: the ``{name: path}`` of :func:`write_planes` already written into ``out_dir`` (by the
-    ``write-planes`` task), taken as they are."""
+    ``write-planes`` task), taken as they are while they are all there (a retried write task finds the folder
+    its first attempt removed: then they are written again)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    paths = {k: Path(v) for k, v in planes.items()} if planes is not None else write_planes(result, out)
+    if planes is not None and all(Path(v).is_file() for v in planes.values()):
+        paths = {k: Path(v) for k, v in planes.items()}
+    else:
+        paths = write_planes(result, out)
     if result.dia_sources is not None:
         from .stages.detect import write_dia_sources
 

@@ -437,3 +437,35 @@ def test_kernel_sources_detected_once_the_science_is_ready_are_the_selection_s_o
                                 detection=detect_kernel_sources(prepared.science, config.sources, detect=False))
     d = al.kernel_sources_stage(pair, config, sources=catalog)
     pd.testing.assert_frame_equal(c.sources, d.sources)
+
+
+def test_a_retried_write_task_installs_the_whole_set(inputs, tmp_path, monkeypatch):
+    """A single subtraction's write task that fails transiently removes the folder the write-planes task began;
+    its retry (on a cluster) writes the planes again, so the installed set is never without them."""
+    import diffim_dag.stages.detect as detect_module
+    from diffim_dag.io.outputs import read_manifest, temporary_name
+    from diffim_dag.visit_outputs import write_planes_stage, write_set_task
+
+    config = _config()
+    result = subtract(*inputs, config=config)
+    out = tmp_path / "set"
+    staged = write_planes_stage(result, temporary_name(out))
+    assert (Path(staged.folder) / "difference.fits").is_file()
+    real = detect_module.write_dia_sources
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("NFS hiccup")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(detect_module, "write_dia_sources", flaky)
+    with pytest.raises(OSError):
+        write_set_task(0, 0, result, staged, str(out), config)
+    assert not Path(staged.folder).exists() and not out.exists()
+    paths = write_set_task(0, 0, result, staged, str(out), config)
+    assert {"difference.fits", "matched_template.fits", "kernel.fits", "dia_sources.parquet"} <= set(
+        read_manifest(out)["files"])
+    np.testing.assert_array_equal(read_exposure(paths["difference"]).arrays()[0], result.difference.arrays()[0])
+    assert [p.name for p in tmp_path.iterdir()] == ["set"]

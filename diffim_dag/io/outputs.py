@@ -223,7 +223,7 @@ def output_set(final, *, extra: dict | None = None, folder: Path | None = None, 
     (``{relative path: file_entry}``) were taken when those files were written; it is removed on any error.
     """
     final = Path(final)
-    tmp = temporary_dir(final) if folder is None else Path(folder)
+    tmp = temporary_dir(final) if folder is None else open_temporary(Path(folder))
     try:
         yield tmp
         files = {}
