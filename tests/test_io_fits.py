@@ -376,3 +376,20 @@ def test_writers_never_byte_swap_the_callers_arrays(tmp_path, monkeypatch):
     assert len(writes) >= 6
     assert_exposures_equal(exp, back)
     assert img.flags.writeable and var.flags.writeable and msk.flags.writeable  # the caller's arrays as they were
+
+
+def test_a_frame_without_wcs_does_not_import_astropy_wcs(tmp_path):
+    """astropy.wcs brings astropy.coordinates (~0.25 s of every command's start-up): a plain frame without WCS
+    keywords is read without it; one with them gets its WCS."""
+    import subprocess
+    import sys
+
+    plain = tmp_path / "plain.fits"
+    fits.PrimaryHDU(np.ones((40, 50), np.float32)).writeto(plain)
+    with_wcs = write_exposure(make_exposure(None), tmp_path / "wcs.fits")
+    code = ("import sys; from diffim_dag.io.fits import read_exposure; "
+            f"e = read_exposure({str(plain)!r}); print(e.wcs is None, 'astropy.wcs' in sys.modules); "
+            f"e = read_exposure({str(with_wcs)!r}); print(e.wcs is not None, 'astropy.wcs' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "False", "True", "True"]
