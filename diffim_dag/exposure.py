@@ -25,6 +25,7 @@ import xarray as xr
 from .errors import InputError
 from .masks import MASK_DTYPE, MaskPlanes
 from .psf import Psf
+from .kernels.maskops import lacks_bits
 
 __all__ = ["PhotoCalib", "ExposureInfo", "Exposure", "validate_planes"]
 
@@ -318,7 +319,7 @@ class Exposure:
 
         img, var, msk = self.arrays()
         planes = self.mask_planes
-        good = (msk & planes.bitmask(["NO_DATA", "BAD", "SAT"])) == 0
+        good = lacks_bits(msk, planes.bitmask(["NO_DATA", "BAD", "SAT"]))
         out: dict[str, Any] = {
             "shape": list(self.shape),
             "xy0": list(self.xy0),

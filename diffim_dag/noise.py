@@ -142,8 +142,15 @@ def measure_background(
     img = np.ascontiguousarray(image, dtype=np.float32)
     ny, nx = img.shape
     box = int(max(8, min(box, ny // 2 or 1, nx // 2 or 1)))
-    bad_mask = ~np.isfinite(img) if bad is None else (np.asarray(bad, dtype=bool) | ~np.isfinite(img))
-    work = np.where(bad_mask, np.float32(0), img).astype(np.float32, copy=False)
+    # SEP ignores the values of masked pixels (and no mask is an all-False one): a frame whose pixels are all
+    # finite, as an exposure's are, is measured as it is, without a copy
+    nonfinite = ~np.isfinite(img)
+    if not nonfinite.any():
+        work, bad_mask = img, (None if bad is None else np.ascontiguousarray(bad, dtype=bool))
+    else:
+        bad_mask = nonfinite if bad is None else (np.asarray(bad, dtype=bool) | nonfinite)
+        work = np.where(bad_mask, np.float32(0), img).astype(np.float32, copy=False)
+    del nonfinite
     bkg = sep.Background(work, mask=bad_mask, bw=box, bh=box, fw=filter_size, fh=filter_size)
     level = np.asarray(bkg.back(), dtype=np.float32)  # float32 maps: a 4096² frame costs 64 MB each
     noise = np.asarray(bkg.rms(), dtype=np.float32) if rms else None

@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from ..noise import build_variance
 from ..psf import ImagePsf, Psf, psf_from_payload
 from .atomic import atomic_path
 from .wcs import wcs_from_header, wcs_to_header
+from ..kernels.maskops import has_bits
 
 __all__ = [
     "read_exposure",
@@ -91,6 +93,11 @@ def _native_float32(data, *, source: str) -> np.ndarray:
         arr = squeezed
     if not np.issubdtype(arr.dtype, np.number):
         raise InputError(f"{source}: data of type {arr.dtype} is not numeric")
+    if arr.dtype == np.dtype(">f4") and arr.flags.writeable and arr.flags.c_contiguous and sys.byteorder == "little":
+        # the buffer astropy read for this call alone: swapped where it is, instead of into a second plane (64 MB
+        # of fresh pages for a 4096² frame); the HDU, which still sees it as big-endian, is dropped by the caller
+        arr.byteswap(inplace=True)
+        return arr.view(np.float32)
     return np.array(arr, dtype=np.float32)  # one copy, native byte order (FITS is big-endian)
 
 
@@ -370,8 +377,16 @@ def _read_plain(path: str, *, hdu, xy0) -> Exposure:
             info = info.replace(saturation=found.level)
         info = info.replace(saturation_source=found.rule)
         log.info("%s: saturation %s", source, found.rule)
-    exp = Exposure.from_arrays(image, None, mask, xy0=xy0, mask_planes=planes, wcs=wcs, info=info, source=source,
-                               copy=False)
+    nonfinite = ~np.isfinite(image)
+    if nonfinite.any():  # (what from_arrays would do, before the variance placeholder below)
+        image[nonfinite] = 0.0
+        mask[nonfinite] |= planes.bitmask("NO_DATA")
+    del nonfinite
+    # the variance plane is built by _attach_aux, which takes this exposure: meanwhile a read-only placeholder of
+    # ones that holds no memory
+    placeholder = np.broadcast_to(np.float32(1.0), image.shape)
+    exp = Exposure.from_arrays(image, placeholder, mask, xy0=xy0, mask_planes=planes, wcs=wcs, info=info,
+                               source=source, validate=False, copy=False)
     return exp.with_info(variance_source=None)
 
 
@@ -380,7 +395,7 @@ def _attach_aux(exposure: Exposure, path: str, *, variance, noise, weight, mask,
     planes = exposure.mask_planes
     xy0, wcs, psf, info = exposure.xy0, exposure.wcs, exposure.psf, exposure.info
     del exposure
-    nodata = (msk & planes.bitmask("NO_DATA")) != 0
+    nodata = has_bits(msk, planes.bitmask("NO_DATA"))
     if mask is not None:
         extra, extra_header = _read_mask_file(mask)
         if extra.shape != img.shape:
@@ -431,7 +446,7 @@ def _attach_aux(exposure: Exposure, path: str, *, variance, noise, weight, mask,
         var = np.where(nodata, 0.0, aux).astype(np.float32)
         how = f"{kind} map"
     elif how is None:
-        bad = (msk & planes.bitmask(["NO_DATA", "BAD", "SAT"])) != 0
+        bad = has_bits(msk, planes.bitmask(["NO_DATA", "BAD", "SAT"]))
         del var  # (the placeholder of ones)
         var, how = build_variance(img, gain=info.gain, read_noise=info.read_noise, bad=bad, source=path)
         var[nodata] = 0.0  # (a new float32 plane)

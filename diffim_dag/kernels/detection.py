@@ -58,7 +58,7 @@ import scipy.ndimage as ndi
 
 from ..masks import DEFAULT_MASK_PLANES
 from ..noise import row_strips
-from .maskops import bits_of, grow_square
+from .maskops import bits_of, grow_square, has_bits, lacks_bits
 
 __all__ = [
     "Footprint",
@@ -558,7 +558,7 @@ def detect_tile(
     h = psf.shape[0] // 2
     if psf_sigma is None:
         psf_sigma = psf_sigma_from_image(psf)
-    nodata = (msk & bits_of(planes, no_data_planes)) != 0
+    nodata = has_bits(msk, bits_of(planes, no_data_planes))
     if score is None:
         smoothed, svar = matched_filter(img, variance, psf, bad=nodata, workers=workers)
         nu = significance_image(smoothed, svar)
@@ -583,7 +583,7 @@ def detect_tile(
     py = np.concatenate([py_p, py_n])
     px = np.concatenate([px_p, px_n])
     bad_bits = bits_of(planes, bad_peak_planes)
-    keep = (msk[py, px] & bad_bits) == 0
+    keep = lacks_bits(msk[py, px], bad_bits)
     py, px = py[keep], px[keep]
     lab = labels[py, px]
     sig = nu[py, px]

@@ -53,7 +53,7 @@ import pandas as pd
 from ..masks import DEFAULT_MASK_PLANES
 from ..psf import Psf
 from .detection import Footprint
-from .maskops import bits_of
+from .maskops import bits_of, lacks_bits
 
 __all__ = [
     "FLAG_PLANES",
@@ -157,33 +157,11 @@ def _cut(arr, bbox, origin):
     return arr[by0 - origin[1] : by1 - origin[1], bx0 - origin[0] : bx1 - origin[0]]
 
 
-def pixels_without(mask: np.ndarray, bits: int, *, block_pixels: int = 1 << 20) -> np.ndarray:
-    """Boolean image, True where ``mask`` has none of ``bits`` (``(mask & bits) == 0``).
-
-    Computed in blocks of rows of about ``block_pixels`` pixels, so that a whole-image mask
-    (sky sources, forced photometry of the whole frame) needs no full-size integer temporary.
-
-    Parameters
-    ----------
-    mask : ndarray of int
-        Bit-field mask, any shape (blocks run along the first axis).
-    bits : int
-        OR of the plane bit values to test.
-
-    Returns
-    -------
-    ndarray of bool, shape of ``mask``
-    """
-    mask = np.asarray(mask)
-    out = np.empty(mask.shape, dtype=bool)
-    if mask.ndim < 2:
-        np.equal(mask & mask.dtype.type(bits), 0, out=out)
-        return out
-    bits = mask.dtype.type(bits)
-    step = max(1, int(block_pixels) // max(int(np.prod(mask.shape[1:])), 1))
-    for y0 in range(0, mask.shape[0], step):
-        np.equal(mask[y0 : y0 + step] & bits, 0, out=out[y0 : y0 + step])
-    return out
+def pixels_without(mask: np.ndarray, bits: int) -> np.ndarray:
+    """Boolean image, True where ``mask`` has none of ``bits`` (``(mask & bits) == 0``), computed in blocks of
+    rows so that a whole-image mask (sky sources, forced photometry of the whole frame) needs no full-size
+    integer temporary (:func:`~diffim_dag.kernels.maskops.lacks_bits`)."""
+    return lacks_bits(mask, bits)
 
 
 def _weights(var, good):

@@ -63,6 +63,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..psf import GridPsf, Psf, measure_fwhm
+from .maskops import has_bits
 
 __all__ = [
     "LANCZOS_TABLE_BINS",
@@ -525,7 +526,7 @@ def _warp_translated(img, var, msk, shift, *, a, out_origin, out_shape, src_orig
                 take = ay[:, i:i + 1] * ax[None, :, j] > mask_threshold
                 if take.any():
                     m |= vals if take.all() else np.where(take, vals, 0)
-        nodata = (m & no_data_bit) != 0  # a missing contributor leaves no value
+        nodata = has_bits(m, no_data_bit)  # a missing contributor leaves no value
         res_i[nodata] = 0.0
         res_v[nodata] = 0.0
     if conserve == "flux":
@@ -735,7 +736,7 @@ def warp_tile(
             jac = det_const if det is None else np.asarray(det, dtype=np.float64).ravel()
             res_i *= np.asarray(jac, dtype=np.float32)
             res_v *= np.asarray(jac, dtype=np.float32) ** 2
-        nodata = (m & no_data_bit) != 0
+        nodata = has_bits(m, no_data_bit)
         res_i[nodata] = 0.0
         res_v[nodata] = 0.0
         out_img[r0:r1] = res_i.reshape(r1 - r0, nx)

@@ -24,6 +24,7 @@ from ..masks import MaskPlanes
 from . import subtract as st
 from .inputs import SubtractionResult, Timings, _nbytes, prepare_inputs
 from .verdict import background_left
+from ..kernels.maskops import has_bits
 
 __all__ = ["PreparedPair", "prepare_subtraction", "kernel_sources_stage", "CellFits", "fit_cells_stage",
            "KernelStage", "InputNoise", "input_noise_stage", "spatial_solve_stage", "PairWindow", "window_stage", "subtract_tiles_stage", "decorrelate_tiles_stage",
@@ -45,7 +46,7 @@ def input_noise_stage(prepared: PreparedPair, index: int) -> InputNoise:
     from ..kernels.decorrelate import clipped_mean_variance
 
     image, variance, mask = (prepared.science if index == 0 else prepared.template).arrays()
-    bad = (mask & prepared.planes.bitmask(["NO_DATA", "BAD", "SAT"])) != 0
+    bad = has_bits(mask, prepared.planes.bitmask(["NO_DATA", "BAD", "SAT"]))
     return InputNoise(mean_variance=clipped_mean_variance(variance, bad),
                       correlation=st.measure_noise_correlation(image, variance, bad))
 
@@ -466,7 +467,7 @@ def difference_stage(prepared: PreparedPair, kernel: KernelStage, config: Pipeli
     with timings.stage("metrics"):
         cx, cy = science.center
         noise_bits = planes.bitmask([p for p in ("NO_DATA", "BAD", "SAT", "EDGE", "CR") if p in planes])
-        d_var, scaled = st.scale_difference_variance(d_img, d_var, (d_msk & noise_bits) != 0,
+        d_var, scaled = st.scale_difference_variance(d_img, d_var, has_bits(d_msk, noise_bits),
                                                      enabled=config.subtract.scale_difference_variance)
         difference = difference.with_planes(variance=d_var)
         used = _used_stars(fit)
@@ -506,7 +507,7 @@ def _residual_metrics(difference: Exposure, matched_science: Exposure, psf, used
         ratio_std_limit=config.subtract.bad_subtraction_ratio_std,
     )
     good_bits = planes.bitmask(["NO_DATA", "BAD", "SAT", "EDGE"])
-    q["background_left"] = background_left(d_img, d_var, (d_msk & good_bits) != 0, difference.psf.kernel_image(cx, cy))
+    q["background_left"] = background_left(d_img, d_var, has_bits(d_msk, good_bits), difference.psf.kernel_image(cx, cy))
     return q
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..config import CosmicRayConfig
 from ..exposure import Exposure
+from ..kernels.maskops import has_bits
 
 __all__ = ["CosmicRayResult", "repair_cosmic_rays"]
 
@@ -78,7 +79,7 @@ def repair_cosmic_rays(exposure: Exposure, config: CosmicRayConfig = CosmicRayCo
         return CosmicRayResult(exposure, {"enabled": False})
     img, var, msk = exposure.arrays()
     planes = exposure.mask_planes.with_plane("CR")
-    skip = (msk & planes.bitmask([p for p in ("NO_DATA", "BAD", "SAT", "EDGE") if p in planes])) != 0
+    skip = has_bits(msk, planes.bitmask([p for p in ("NO_DATA", "BAD", "SAT", "EDGE") if p in planes]))
     cx, cy = exposure.center
     psf = exposure.psf.kernel_image(cx, cy)
     # a PSF sharper elsewhere in the field has relatively fainter neighbours: ease the criterion

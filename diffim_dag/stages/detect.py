@@ -42,7 +42,7 @@ from ..errors import ConfigError
 from ..exposure import Exposure
 from ..kernels import detection as det
 from ..kernels.dipole import DIPOLE_COLUMNS, empty_dipole, fit_dipole
-from ..kernels.maskops import bits_of
+from ..kernels.maskops import bits_of, has_bits
 from ..kernels.measure import DEFAULT_EXCLUDED_PLANES, forced_psf_flux, measure_sources, pixels_without
 from ..masks import DEFAULT_MASK_PLANES
 from ..psf import Psf
@@ -498,7 +498,7 @@ def prepare_detection(
     psf_image = psf.kernel_image(cx, cy)
     if config.subtract_background:
         img = np.asarray(img, dtype=np.float64)
-        bad = (msk & bits_of(planes, ["NO_DATA", "BAD", "SAT", "EDGE"])) != 0
+        bad = has_bits(msk, bits_of(planes, ["NO_DATA", "BAD", "SAT", "EDGE"]))
         img = img - det.two_pass_background(img, var, bad, psf_image, threshold=config.threshold,
                                             bin_sizes=tuple(config.background_bin_sizes), psf_sigma=psf.sigma(cx, cy))
     sci = science.arrays() if science is not None else None
@@ -510,7 +510,7 @@ def prepare_detection(
         # the significance of the whole image, once: the pixel_stdev threshold needs its global
         # clipped σ, and every tile then thresholds the same values (tiled == untiled)
         if config.mask_cosmic_rays and "CR" in planes:
-            nd = (msk & bits_of(planes, ["NO_DATA"])) != 0
+            nd = has_bits(msk, bits_of(planes, ["NO_DATA"]))
             cr = det.find_cosmic_rays(img, var, psf_image, bad=nd)
             del nd
             msk = msk.copy()  # (the difference's own mask stays as it is)
@@ -518,7 +518,7 @@ def prepare_detection(
             del cr
             find_crs = False
         no_data = list(config.no_data_mask_planes) + (["CR"] if config.mask_cosmic_rays else [])
-        nodata = (msk & bits_of(planes, no_data)) != 0
+        nodata = has_bits(msk, bits_of(planes, no_data))
         systematic_term = tmp is not None and config.systematic_fraction != 0
         if systematic_term:
             # ν = S / sqrt(s² V_S + ε² M_S²): residuals that scale with the static source.  The template is
@@ -526,9 +526,9 @@ def prepare_detection(
             # difference's planes are made (a 4096² image: 0.13 GB less at the peak)
             m_s, mv_s = det.matched_filter(tmp[0], tmp[1], psf_image, bad=nodata, workers=config.fft_workers)
             if config.systematic_fraction == "auto":
-                bad_pk = (msk & bits_of(planes, list(config.bad_peak_mask_planes) + no_data + ["SAT"]
+                bad_pk = has_bits(msk, bits_of(planes, list(config.bad_peak_mask_planes) + no_data + ["SAT"]
                                         + [p for p in ("SAT_TEMPLATE", "INJECTED", "INJECTED_TEMPLATE")
-                                           if p in planes])) != 0
+                                           if p in planes]))
                 iy, ix = det.bright_static_peaks(m_s, mv_s, bad_pk, min_snr=config.systematic_min_snr,
                                                  border=psf_image.shape[0] // 2)
                 del bad_pk
@@ -537,7 +537,7 @@ def prepare_detection(
         smoothed, svar = det.matched_filter(img, var, psf_image, bad=nodata, workers=config.fft_workers)
         score = det.significance_image(smoothed, svar)
         if config.threshold_type == "pixel_stdev":
-            stat_bad = (msk & bits_of(planes, list(config.bad_peak_mask_planes) + no_data)) != 0
+            stat_bad = has_bits(msk, bits_of(planes, list(config.bad_peak_mask_planes) + no_data))
             significance_stdev = _significance_stdev(score, ~stat_bad & (svar > 0))
             del stat_bad
         factor = significance_stdev or 1.0
@@ -567,7 +567,7 @@ def prepare_detection(
     elif config.threshold_type == "pixel_stdev":
         # a score supplied by the method (ZOGY S_corr, pre-convolution) is thresholded in the same
         # units: its clipped σ over the good pixels (warped or drizzled inputs leave it a few % above 1)
-        stat_bad = (msk & bits_of(planes, list(config.bad_peak_mask_planes) + list(config.no_data_mask_planes))) != 0
+        stat_bad = has_bits(msk, bits_of(planes, list(config.bad_peak_mask_planes) + list(config.no_data_mask_planes)))
         significance_stdev = _significance_stdev(score, ~stat_bad & np.isfinite(score) & (score != 0))
         del stat_bad
         if significance_stdev is not None:

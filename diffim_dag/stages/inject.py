@@ -35,6 +35,7 @@ from ..exposure import Exposure
 from ..noise import robust_std
 from ..psf.render import point_source_stamps
 from .subtract import exposure_limit
+from ..kernels.maskops import has_bits, lacks_bits
 
 __all__ = [
     "ENVIRONMENTS",
@@ -80,7 +81,7 @@ def effective_gain(exposure: Exposure) -> float | None:
     img, var, msk = exposure.arrays()
     step = max(1, int(math.sqrt(img.size / 4e6)))
     img, var, msk = img[::step, ::step], var[::step, ::step], msk[::step, ::step]
-    good = ((msk & _bits(exposure, _AVOID_PLANES)) == 0) & np.isfinite(img) & (var > 0)
+    good = lacks_bits(msk, _bits(exposure, _AVOID_PLANES)) & np.isfinite(img) & (var > 0)
     if good.sum() < 100:
         return None
     v_sky = float(np.median(var[good]))
@@ -102,7 +103,7 @@ def environment_catalog(exposure: Exposure, *, threshold: float = 3.0):
     from ..psf.estimate import sep_extract
 
     img, var, msk = exposure.arrays()
-    bad = ((msk & _bits(exposure, ("NO_DATA", "BAD", "EDGE"))) != 0) | ~np.isfinite(img) | ~(var > 0)
+    bad = has_bits(msk, _bits(exposure, ("NO_DATA", "BAD", "EDGE"))) | ~np.isfinite(img) | ~(var > 0)
     data = np.ascontiguousarray(np.where(bad, 0.0, img), dtype=np.float32)
     err = np.ascontiguousarray(np.sqrt(np.where(bad, np.inf, var)), dtype=np.float32)
     objects, segmap = sep_extract(data, threshold, err, bad, segmentation_map=True)
@@ -138,7 +139,7 @@ def _allowed(science: Exposure, template: Exposure, fwhm: float, margin: int, re
     bad = np.zeros(science.shape, bool)
     for exp in (science, template):
         img, var, msk = exp.arrays()
-        bad |= ((msk & _bits(exp, _AVOID_PLANES)) != 0) | ~np.isfinite(img) | ~(var > 0)
+        bad |= has_bits(msk, _bits(exp, _AVOID_PLANES)) | ~np.isfinite(img) | ~(var > 0)
     ok = ~_grow(bad, max(1, int(math.ceil(fwhm))) + int(reach))
     ok[:margin], ok[-margin:], ok[:, :margin], ok[:, -margin:] = False, False, False, False
     return ok
@@ -225,7 +226,7 @@ def place_fakes(science: Exposure, template: Exposure, config: FakesConfig, rng:
 def _noise_and_area(exposure: Exposure, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The sky σ per pixel (median variance) and the PSF's effective area 1/ΣP² at each position."""
     img, var, msk = exposure.arrays()
-    good = ((msk & _bits(exposure, _AVOID_PLANES)) == 0) & (var > 0)
+    good = lacks_bits(msk, _bits(exposure, _AVOID_PLANES)) & (var > 0)
     sigma = math.sqrt(float(np.median(var[good]))) if good.any() else 1.0
     area = np.array([1.0 / float(np.sum(exposure.psf.kernel_image(xi, yi) ** 2)) for xi, yi in zip(x, y)])
     return np.full(len(x), sigma), area

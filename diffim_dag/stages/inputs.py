@@ -17,6 +17,7 @@ from ..errors import DiffimError
 from ..exposure import Exposure
 from ..kernels.solution import KernelSolution
 from . import subtract as st
+from ..kernels.maskops import has_bits
 
 __all__ = ["Timings", "SubtractionResult", "input_variance_scale", "prepare_inputs", "eager_convolve"]
 
@@ -100,7 +101,7 @@ def input_variance_scale(exposure: Exposure, config: PipelineConfig, role: str) 
     (:func:`~diffim_dag.stages.subtract.measure_variance_scale`, off its NO_DATA, BAD and SAT pixels);
     :class:`~diffim_dag.errors.InputError` when it is beyond ``subtract.max_variance_scale``."""
     img, var, msk = exposure.arrays()
-    bad = (msk & exposure.mask_planes.bitmask(["NO_DATA", "BAD", "SAT"])) != 0
+    bad = has_bits(msk, exposure.mask_planes.bitmask(["NO_DATA", "BAD", "SAT"]))
     return st.measure_variance_scale(
         img, var, bad, source=f"{role} ({exposure.info.filename or 'in memory'})", max_scale=config.subtract.max_variance_scale
     )

@@ -41,6 +41,7 @@ from ..errors import InsufficientKernelSourcesError
 from ..exposure import Exposure
 from ..kernels.convolve import fft_convolve_strips
 from ..noise import BackgroundModel, measure_background
+from ..kernels.maskops import has_bits
 
 __all__ = ["select_kernel_sources", "SourceDetection", "detect_kernel_sources", "detect_sources", "measure_sources",
            "overlap_bbox", "SOURCE_CUTS"]
@@ -74,7 +75,7 @@ def _bad_bits(exposure: Exposure, config: KernelSourceConfig) -> int:
 def science_background(science: Exposure, config: KernelSourceConfig):
     """The mesh background of the science image (bad planes excluded), shared by detection and measurement."""
     img, _, msk = science.arrays()
-    bad = (msk & _bad_bits(science, config)) != 0
+    bad = has_bits(msk, _bad_bits(science, config))
     return measure_background(img, bad, box=BACKGROUND_BOX)
 
 
@@ -117,7 +118,7 @@ def detect_sources(science: Exposure, config: KernelSourceConfig, background=Non
     import sep
 
     img, var, msk = science.arrays()
-    bad = (msk & _bad_bits(science, config)) != 0
+    bad = has_bits(msk, _bad_bits(science, config))
     bkg = background if background is not None else science_background(science, config)
     data = np.ascontiguousarray(np.where(bad, np.float32(0), img - bkg.level), dtype=np.float32)
     cx, cy = science.center

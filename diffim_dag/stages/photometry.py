@@ -17,6 +17,7 @@ import pandas as pd
 
 from ..exposure import Exposure
 from ..noise import clipped_stats
+from ..kernels.maskops import has_bits
 
 __all__ = ["aperture_flux_ratio", "captured_fraction"]
 
@@ -55,7 +56,7 @@ def aperture_flux_ratio(science: Exposure, template: Exposure, x: np.ndarray, y:
     for exp in (science, template):
         captured = captured_fraction(exp.psf.kernel_image(cx, cy, size=2 * int(np.ceil(radius + 8.0)) + 1), radius)
         img, var, msk = exp.arrays()
-        bad = (msk & exp.bitmask([p for p in bad_mask_planes if p in exp.mask_planes])) != 0
+        bad = has_bits(msk, exp.bitmask([p for p in bad_mask_planes if p in exp.mask_planes]))
         x0, y0 = exp.xy0
         if x.size:
             f, e, flag = sep.sum_circle(np.ascontiguousarray(img, dtype=np.float32), x - x0, y - y0, radius,

@@ -21,6 +21,7 @@ import numpy as np
 from ..config import PsfEstimationConfig
 from ..exposure import Exposure
 from ..psf.estimate import describe_psf, estimate_psf
+from ..kernels.maskops import has_bits
 
 __all__ = ["PsfResult", "measure_psf", "PSF_BAD_PLANES"]
 
@@ -52,8 +53,8 @@ def measure_psf(exposure: Exposure, config: PsfEstimationConfig = PsfEstimationC
         return PsfResult(exposure, exposure.psf, report)
     img, _, msk = exposure.arrays()
     planes = exposure.mask_planes
-    bad = (msk & planes.bitmask([p for p in PSF_BAD_PLANES if p in planes])) != 0
-    sat = (msk & planes.bitmask("SAT")) != 0 if "SAT" in planes else np.zeros(img.shape, bool)
+    bad = has_bits(msk, planes.bitmask([p for p in PSF_BAD_PLANES if p in planes]))
+    sat = has_bits(msk, planes.bitmask("SAT")) if "SAT" in planes else np.zeros(img.shape, bool)
     est = estimate_psf(img, bad=bad, saturated=sat, saturation=exposure.info.saturation, xy0=exposure.xy0,
                        config=config, source=f"{role} {name}")
     return PsfResult(exposure.with_attrs(psf=est.psf), est.psf, est.report)

@@ -22,6 +22,7 @@ import numpy as np
 from ..config import SkyConfig
 from ..exposure import Exposure
 from ..noise import measure_background
+from ..kernels.maskops import has_bits
 
 __all__ = ["SkyResult", "subtract_sky"]
 
@@ -43,8 +44,8 @@ def subtract_sky(exposure: Exposure, config: SkyConfig = SkyConfig()) -> SkyResu
         return SkyResult(exposure, {"subtracted": False})
     img, var, msk = exposure.arrays()
     planes = exposure.mask_planes
-    bad = (msk & planes.bitmask([p for p in SKY_BAD_PLANES if p in planes])) != 0
-    nodata = (msk & planes.bitmask("NO_DATA")) != 0 if "NO_DATA" in planes else np.zeros(img.shape, bool)
+    bad = has_bits(msk, planes.bitmask([p for p in SKY_BAD_PLANES if p in planes]))
+    nodata = has_bits(msk, planes.bitmask("NO_DATA")) if "NO_DATA" in planes else np.zeros(img.shape, bool)
     bkg = measure_background(img, bad, box=config.box, filter_size=config.filter_size, rms=False)
     level, noise = bkg.level, float(bkg.global_rms)
     del bkg

@@ -33,6 +33,7 @@ from ..masks import MaskPlanes
 from ..memory import release_freed_memory
 from ..noise import clipped_stats, grow_cross, measure_background, robust_std
 from ..psf import Psf
+from ..kernels.maskops import has_bits, lacks_bits
 
 __all__ = [
     "template_coverage",
@@ -62,11 +63,11 @@ log = logging.getLogger(__name__)
 def template_coverage(template_mask: np.ndarray, science_mask: np.ndarray, planes: MaskPlanes) -> float:
     """Fraction of science pixels (with data) where the template has data."""
     nodata = planes.bitmask("NO_DATA")
-    science_ok = (science_mask & nodata) == 0
+    science_ok = lacks_bits(science_mask, nodata)
     n = int(np.count_nonzero(science_ok))
     if n == 0:
         return 0.0
-    return float(np.count_nonzero(science_ok & ((template_mask & nodata) == 0)) / n)
+    return float(np.count_nonzero(science_ok & lacks_bits(template_mask, nodata)) / n)
 
 
 def check_coverage(coverage: float, minimum: float) -> None:
@@ -232,7 +233,7 @@ def exposure_limit(exposure, at: tuple[float, float], *, zero_point: float | Non
     step = max(1, int(np.sqrt(var.size / 2**20)))  # ~1M samples pin a median variance
     var, msk = var[::step, ::step], msk[::step, ::step]
     bits = exposure.bitmask([p for p in ("NO_DATA", "BAD", "SAT", "EDGE") if p in exposure.mask_planes])
-    good = ((msk & bits) == 0) & (var > 0)
+    good = lacks_bits(msk, bits) & (var > 0)
     sigma = float(np.sqrt(np.median(var[good]))) if good.any() else float("nan")
     return limiting_magnitude(sigma, exposure.psf.kernel_image(*at), zero_point)
 
@@ -273,7 +274,7 @@ def quality_metrics(
     exceeds ``ratio_std_limit`` (the full verdict is :func:`~diffim_dag.stages.verdict.judge`).
     The sky ratio is the robust std of D/√V over good pixels (≈ 1 for a correct variance plane).
     """
-    bad = (difference_mask & planes.bitmask(["NO_DATA", "BAD", "SAT", "EDGE"])) != 0
+    bad = has_bits(difference_mask, planes.bitmask(["NO_DATA", "BAD", "SAT", "EDGE"]))
     ny, nx = difference.shape
     r_in = max(2.0 * fwhm, 3.0)
     r_sky0, r_sky1 = r_in + 3.0, r_in + 8.0
@@ -365,7 +366,7 @@ def decorrelated_variance(variance, mask, variance_unconvolved, variance_convolv
     """Variance plane after decorrelation: ``V_u + κ̄² V_c`` (white noise of the decorrelated difference),
     keeping the propagated variance where ``keep_bits`` (NO_DATA, EDGE) are set."""
     new = variance_unconvolved + np.float32(kappa**2) * variance_convolved
-    return np.where((mask & keep_bits) != 0, variance, new).astype(np.float32)
+    return np.where(has_bits(mask, keep_bits), variance, new).astype(np.float32)
 
 
 # --------------------------------------------------------------------------- tiles (shared by every path)

@@ -44,6 +44,7 @@ from ..kernels.warp import (
 )
 from ..masks import MaskPlanes
 from ..psf import GridPsf, Psf, measure_fwhm
+from ..kernels.maskops import has_bits, lacks_bits
 
 __all__ = [
     "SAME_GRID_TOLERANCE",
@@ -225,8 +226,8 @@ def merge_warped(planes_list: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]
     img = np.stack([p[0] for p in planes_list]).astype(np.float64)
     var = np.stack([p[1] for p in planes_list]).astype(np.float64)
     msk = np.stack([p[2] for p in planes_list]).astype(np.int32)
-    has = (msk & no_data_bit) == 0
-    clean = has & ((msk & reject_bits) == 0)
+    has = lacks_bits(msk, no_data_bit)
+    clean = has & lacks_bits(msk, reject_bits)
     use = np.where(clean.any(axis=0)[None], clean, has)
     w = np.where(use & (var > 0) & np.isfinite(var), 1.0 / np.where(var > 0, var, 1.0), 0.0)
     nuse = use.sum(axis=0)
@@ -418,7 +419,7 @@ def _stars(exposure: Exposure, *, max_stars: int = 150, min_snr: float = 30.0, w
     per_window = max(20, max_stars // len(windows))  # the brightest of each: the best centroids, as in one search
     for box in windows:
         sl = (slice(box[2] - ey, box[3] - ey), slice(box[0] - ex, box[1] - ex))
-        bad, sat = (msk[sl] & bad_bits) != 0, (msk[sl] & sat_bits) != 0  # the window's pixels only
+        bad, sat = has_bits(msk[sl], bad_bits), has_bits(msk[sl], sat_bits)  # the window's pixels only
         stars = _stars_in(img[sl], bad, sat, exposure.info.saturation, max_stars=per_window, min_snr=min_snr)
         found.append(stars + np.array([box[0], box[2], 0.0]))
     out = np.concatenate(found) if found else np.empty((0, 3))
@@ -526,11 +527,11 @@ def _coverage(science: Exposure, template_mask: np.ndarray, out_bbox, no_data_bi
     ox0, _, oy0, _ = out_bbox
     sub = template_mask[sy0 - oy0: sy1 - oy0, sx0 - ox0: sx1 - ox0]
     _, _, smask = science.arrays()
-    sgood = (smask & science.bitmask("NO_DATA")) == 0 if "NO_DATA" in science.mask_planes else np.ones(sub.shape, bool)
+    sgood = lacks_bits(smask, science.bitmask("NO_DATA")) if "NO_DATA" in science.mask_planes else np.ones(sub.shape, bool)
     n = int(sgood.sum())
     if n == 0:
         return 0.0
-    return float(np.count_nonzero(sgood & ((sub & no_data_bit) == 0))) / n
+    return float(np.count_nonzero(sgood & lacks_bits(sub, no_data_bit))) / n
 
 
 def _check_coverage(coverage: float, min_coverage: float, what: str) -> None:

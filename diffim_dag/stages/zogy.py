@@ -47,7 +47,7 @@ from ..errors import DiffimError
 from ..exposure import Exposure
 from ..kernels import zogy as zk
 from ..kernels.decorrelate import clipped_mean_variance
-from ..kernels.maskops import dilate_mask, edge_mask, template_mask_for_difference
+from ..kernels.maskops import dilate_mask, edge_mask, has_bits, lacks_bits, template_mask_for_difference
 from ..memory import release_freed_memory
 from ..noise import MAX_STAT_SAMPLES, clipped_stats, row_strips
 from .photometry import aperture_flux_ratio
@@ -199,7 +199,7 @@ def zogy_cell_task(task: dict) -> dict:
         task["psf_new"], task["psf_reference"],
         sigma_new2=task["sigma_new2"], sigma_reference2=task["sigma_reference2"],
         flux_new=task["flux_new"], flux_reference=task["flux_reference"], pad=task["pad"],
-        bad_new=(task["new_mask"] & bad_bits) != 0, bad_reference=(task["reference_mask"] & bad_bits) != 0,
+        bad_new=has_bits(task["new_mask"], bad_bits), bad_reference=has_bits(task["reference_mask"], bad_bits),
         seed=task["seed"], workers=task["workers"],
     )
     y0, y1, x0, x1 = task["support"]
@@ -323,12 +323,12 @@ def _cell_tasks(science, template, smask, tmask, *, kappa, config: ZogyConfig, p
             zk.check_psf_centroids(pn, pr, max_offset=config.max_centroid_offset,
                                    where=f" at ({px:.0f}, {py:.0f})")
             core = (slice(ey[i], ey[i + 1]), slice(ex[j], ex[j + 1]))
-            sn2 = clipped_mean_variance(sv[core], (smask[core] & bad_bits) != 0)
-            sr2 = clipped_mean_variance(tv[core], (tmask[core] & bad_bits) != 0)
+            sn2 = clipped_mean_variance(sv[core], has_bits(smask[core], bad_bits))
+            sr2 = clipped_mean_variance(tv[core], has_bits(tmask[core], bad_bits))
             if not (np.isfinite(sn2) and sn2 > 0):
-                sn2 = clipped_mean_variance(sv, (smask & bad_bits) != 0)
+                sn2 = clipped_mean_variance(sv, has_bits(smask, bad_bits))
             if not (np.isfinite(sr2) and sr2 > 0):
-                sr2 = clipped_mean_variance(tv, (tmask & bad_bits) != 0)
+                sr2 = clipped_mean_variance(tv, has_bits(tmask, bad_bits))
             if not (np.isfinite(sn2) and sn2 > 0 and np.isfinite(sr2) and sr2 > 0):
                 raise DiffimError(f"ZOGY: no usable variance in the cell at ({px:.0f}, {py:.0f})")
             tasks.append({
@@ -472,7 +472,7 @@ def subtract_zogy(
 
     with timings.stage("metrics"):
         noise_bits = planes.bitmask([p for p in ("NO_DATA", "BAD", "SAT", "EDGE", "CR") if p in planes])
-        d_var, scaled = st.scale_difference_variance(d_img, d_var, (mask & noise_bits) != 0,
+        d_var, scaled = st.scale_difference_variance(d_img, d_var, has_bits(mask, noise_bits),
                                                      enabled=config.subtract.scale_difference_variance)
         difference = difference.with_planes(variance=d_var)
         star_xy = (np.column_stack([stars.loc[stars["used"], "x"] - science.xy0[0],
@@ -485,7 +485,7 @@ def subtract_zogy(
             ratio_mean_limit=config.subtract.bad_subtraction_ratio_mean,
             ratio_std_limit=config.subtract.bad_subtraction_ratio_std,
         )
-        good = ((mask & planes.bitmask(["NO_DATA", "BAD", "SAT", "EDGE"])) == 0) & (s_var > 0)
+        good = lacks_bits(mask, planes.bitmask(["NO_DATA", "BAD", "SAT", "EDGE"])) & (s_var > 0)
         q["score_significance_std"] = float(clipped_stats(_significance_sample(score, good))[1]) if good.any() else None
         q["background_left"] = background_left(d_img, d_var, ~good, psf_d.kernel_image(cx, cy))
         q.update(scaled)
@@ -511,7 +511,7 @@ def score_significance(score: Exposure) -> np.ndarray:
 
 def _significance(img: np.ndarray, var: np.ndarray, msk: np.ndarray, no_data_bit: int) -> np.ndarray:
     """``img / sqrt(var)`` (float32), 0 where the variance is not positive, the image not finite or NO_DATA."""
-    ok = (var > 0) & np.isfinite(img) & ((msk & no_data_bit) == 0)
+    ok = (var > 0) & np.isfinite(img) & lacks_bits(msk, no_data_bit)
     out = np.zeros(img.shape, dtype=np.float32)
     out[ok] = img[ok] / np.sqrt(var[ok])
     return out
