@@ -127,10 +127,10 @@ def convolve_tiles(image, variance, mask, solution, *, half_width: int, xy0, ski
     from .kernels.maskops import dilate_mask
 
     def conv_image(block, sol, origin):
-        return convolve_spatial(block, sol, origin=origin).astype(np.float32)
+        return convolve_spatial(block, sol, origin=origin).astype(np.float32, copy=False)
 
     def conv_var(block, sol, origin):
-        return convolve_variance_spatial(block, sol, origin=origin).astype(np.float32)
+        return convolve_variance_spatial(block, sol, origin=origin).astype(np.float32, copy=False)
 
     def conv_mask(block, origin):
         return dilate_mask(block, 2 * half_width + 1, skip_bits=skip_bits).astype(np.int32)
@@ -179,7 +179,7 @@ def filter_tiles(image, kernel, *, half_width: int, xy0):
     from .stages.subtract import apply_small_kernel
 
     def f(block, k, origin):
-        return apply_small_kernel(block, k).astype(np.float32)
+        return apply_small_kernel(block, k).astype(np.float32, copy=False)
 
     return _with_halo(f, [image], int(half_width), boundary="reflect", xy0=xy0, dtype=np.float32, extra=(kernel,))
 

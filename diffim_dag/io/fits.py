@@ -443,7 +443,7 @@ def _attach_aux(exposure: Exposure, path: str, *, variance, noise, weight, mask,
             nodata = nodata | zero
         check = np.where(nodata, 0.0, aux)
         validate_planes(np.where(nodata, np.nan, img) if not nodata.all() else img, check, None, source=f"{aux_path} ({kind} map)")
-        var = np.where(nodata, 0.0, aux).astype(np.float32)
+        var = np.where(nodata, 0.0, aux).astype(np.float32, copy=False)
         how = f"{kind} map"
     elif how is None:
         bad = has_bits(msk, planes.bitmask(["NO_DATA", "BAD", "SAT"]))

@@ -90,20 +90,33 @@ def fft_convolve(a: np.ndarray, k: np.ndarray, mode: str = "same") -> np.ndarray
     return out.copy()
 
 
-def fft_convolve_strips(a: np.ndarray, k: np.ndarray, *, strip: int = 1024) -> np.ndarray:
+def fft_convolve_strips(a: np.ndarray, k: np.ndarray, *, strip: int = 1024, zero: np.ndarray | None = None,
+                        dtype=None) -> np.ndarray:
     """:func:`fft_convolve` ``(a, k, "same")`` of a 2-D array, computed in row strips of ``strip`` rows with the
     kernel's half-height of halo: the FFT buffers are those of one strip (a 4096² frame at once needs ~4.5×
-    its size in transforms), the values those of the whole-frame transform to FFT rounding."""
+    its size in transforms), the values those of the whole-frame transform to FFT rounding.
+
+    ``zero`` (boolean, ``a``'s shape) and ``dtype``: convolve ``a`` cast to ``dtype`` with 0 where ``zero`` is
+    set, strip by strip, without making that whole-frame copy (the same values as convolving the copy)."""
     a = np.asarray(a)
     h = k.shape[0] // 2
     ny = a.shape[0]
+
+    def piece(lo, hi):
+        if zero is None and dtype is None:
+            return a[lo:hi]
+        part = np.array(a[lo:hi], dtype=dtype or a.dtype)
+        if zero is not None:
+            np.copyto(part, 0, where=zero[lo:hi])
+        return part
+
     if ny <= strip:
-        return fft_convolve(a, k, "same")
+        return fft_convolve(piece(0, ny), k, "same")
     out = None
     for y0 in range(0, ny, strip):
         y1 = min(y0 + strip, ny)
         lo, hi = max(y0 - h, 0), min(y1 + h, ny)
-        part = fft_convolve(a[lo:hi], k, "same")
+        part = fft_convolve(piece(lo, hi), k, "same")
         if out is None:
             out = np.empty(a.shape, dtype=part.dtype)
         out[y0:y1] = part[y0 - lo:y0 - lo + (y1 - y0)]

@@ -141,13 +141,13 @@ class Footprint:
 # --------------------------------------------------------------------------- matched filter
 
 
-def _fftconvolve(a: np.ndarray, k: np.ndarray, workers: int = 1) -> np.ndarray:
+def _fftconvolve(a: np.ndarray, k: np.ndarray, workers: int = 1, *, zero: np.ndarray | None = None) -> np.ndarray:
     import scipy.fft
 
     from .convolve import fft_convolve_strips
 
     with scipy.fft.set_workers(workers):  # strips: a 4096² frame needs ~1/4 of the transform buffers
-        return fft_convolve_strips(a, k)
+        return fft_convolve_strips(a, k, zero=zero, dtype=np.float32)
 
 
 def matched_filter(
@@ -176,20 +176,20 @@ def matched_filter(
     if p.ndim != 2 or p.shape[0] % 2 == 0 or p.shape[1] % 2 == 0:
         raise ValueError(f"psf_image must be 2-D with odd sides, got shape {p.shape}")
     p = p / p.sum()
-    d = np.array(image, dtype=np.float32)
-    v = np.array(variance, dtype=np.float32)
+    d = np.asarray(image)
+    v = np.asarray(variance)
+    # the planes are cast to float32 and zeroed where w = 0 strip by strip, as they are transformed: no
+    # whole-frame copies (a 4096² frame: 0.13 GB of fresh pages less per call)
     good = np.isfinite(d)
     good &= np.isfinite(v)
-    good &= v >= 0
+    with np.errstate(invalid="ignore"):
+        good &= v >= 0
     if bad is not None:
         good &= ~np.asarray(bad, dtype=bool)
     np.logical_not(good, out=good)
-    np.copyto(d, 0.0, where=good)
-    np.copyto(v, 0.0, where=good)
+    smoothed = _fftconvolve(d, p.astype(np.float32), workers, zero=good)
+    svar = _fftconvolve(v, (p * p).astype(np.float32), workers, zero=good)
     del good
-    smoothed = _fftconvolve(d, p.astype(np.float32), workers)
-    del d
-    svar = _fftconvolve(v, (p * p).astype(np.float32), workers)
     np.clip(svar, 0.0, None, out=svar)
     return smoothed, svar
 

@@ -635,8 +635,8 @@ def warp_tile(
         good_var = var[np.isfinite(var) & (var >= 0) & ~bad_img]
         fill = float(variance_fill) if variance_fill is not None else (
             float(np.median(good_var)) if good_var.size else 0.0)
-        img = np.where(bad_img, 0.0, img).astype(np.float32)
-        var = np.where(bad_img, 0.0, np.where(bad_var, fill, var)).astype(np.float32)
+        img = np.where(bad_img, 0.0, img).astype(np.float32, copy=False)
+        var = np.where(bad_img, 0.0, np.where(bad_var, fill, var)).astype(np.float32, copy=False)
         msk = msk | np.where(bad_img, no_data_bit, 0).astype(np.int32) | np.where(
             bad_var, invalid_variance_bit, 0).astype(np.int32)
     shift = _translation(mapping, out_origin, (ny, nx))

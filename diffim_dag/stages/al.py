@@ -299,7 +299,7 @@ def _variances(prepared: PreparedPair, kernel_sum: float):
 def _scaled_variances(mode: str, sv, tv, kernel_sum: float):
     if mode == CONVOLVE_TEMPLATE:
         return sv, tv
-    return (tv * np.float32(1.0 / kernel_sum**2)).astype(np.float32), sv
+    return (tv * np.float32(1.0 / kernel_sum**2)).astype(np.float32, copy=False), sv
 
 
 @dataclass(eq=False)
@@ -431,7 +431,7 @@ def difference_stage(prepared: PreparedPair, kernel: KernelStage, config: Pipeli
     if kernel.variance_factor != 1.0:
         # resampled inputs: their correlated noise makes the difference's per-pixel variance differ from
         # the white-noise propagation (the factor is 1 for white inputs)
-        d_var = (d_var * np.float32(kernel.variance_factor)).astype(np.float32)
+        d_var = (d_var * np.float32(kernel.variance_factor)).astype(np.float32, copy=False)
     decorr_kernel = kernel.decorrelation_kernel
     unconvolved = science if mode == CONVOLVE_TEMPLATE else template
     difference_psf = science.psf

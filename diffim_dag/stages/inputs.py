@@ -117,7 +117,7 @@ def _variance_scaled(exposure: Exposure, config: PipelineConfig, role: str, metr
     if not config.subtract.scale_variance or abs(factor - 1.0) < 1e-3:
         return exposure
     var = exposure.arrays()[1]
-    return exposure.with_planes(variance=(var * np.float32(factor)).astype(np.float32))
+    return exposure.with_planes(variance=(var * np.float32(factor)).astype(np.float32, copy=False))
 
 
 def prepare_inputs(science: Exposure, template: Exposure, config: PipelineConfig, timings: Timings, metrics: dict,

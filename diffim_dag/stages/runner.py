@@ -45,7 +45,7 @@ class InTurn:
         return [function(t) for t in tasks]
 
     def filter(self, image, kernel, *, xy0):
-        return st.apply_small_kernel_padded(image, kernel).astype(np.float32)
+        return st.apply_small_kernel_padded(image, kernel).astype(np.float32, copy=False)
 
     def convolve_difference(self, science, template, solution, *, kernel_sum, xy0, skip_bits: int, **common):
         conv = eager_convolve(template, solution, xy0=xy0, skip_bits=skip_bits)

@@ -366,7 +366,7 @@ def decorrelated_variance(variance, mask, variance_unconvolved, variance_convolv
     """Variance plane after decorrelation: ``V_u + κ̄² V_c`` (white noise of the decorrelated difference),
     keeping the propagated variance where ``keep_bits`` (NO_DATA, EDGE) are set."""
     new = variance_unconvolved + np.float32(kappa**2) * variance_convolved
-    return np.where(has_bits(mask, keep_bits), variance, new).astype(np.float32)
+    return np.where(has_bits(mask, keep_bits), variance, new).astype(np.float32, copy=False)
 
 
 # --------------------------------------------------------------------------- tiles (shared by every path)
@@ -645,7 +645,7 @@ def decorrelate_tile(tiles, core: Box, *, bbox: Box, kernel: np.ndarray, varianc
     region = assemble(((t.core, t.image) for t in tiles.values()), grown, dtype=tile.image.dtype)
     pads = ((h - (y0 - grown[2]), h - (grown[3] - y1)), (h - (x0 - grown[0]), h - (grown[1] - x1)))
     block = np.pad(region, pads, mode="symmetric") if any(p for pair in pads for p in pair) else region
-    image = apply_small_kernel(block, kernel).astype(np.float32)
+    image = apply_small_kernel(block, kernel).astype(np.float32, copy=False)
     if h:
         image = np.ascontiguousarray(image[h:-h, h:-h])
     variance = decorrelated_variance(tile.variance, tile.mask, cut_box(variance_unconvolved, xy0, core),
