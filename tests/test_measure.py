@@ -291,3 +291,48 @@ def test_apertures_on_stamps_equal_the_whole_tile(monkeypatch, rng, dtype):
     for a, b in zip(stamps, whole):
         np.testing.assert_array_equal(a, b)
     assert np.isfinite(whole[0]).sum() > 40 and whole[2][np.isfinite(whole[0])].any()
+
+
+@pytest.mark.parametrize("model", ["grid", "varying"])
+def test_psf_fits_of_a_batch_equal_each_source_alone(model):
+    """The batched fits (all sources' Gauss–Newton iterations at once, grouped by kernel size) give what each
+    source's fit alone gives: sources of both signs, faint and bright, cut by the tile's edge, on masked rows,
+    with a grid PSF (interpolated per source) and with an analytic PSF whose kernel size varies over the image
+    (several size groups); forced photometry too."""
+    from diffim_dag.kernels.measure import psf_fits, render_psf
+    from diffim_dag.psf import GridPsf, MoffatPsf, VaryingPsf
+
+    rng = np.random.default_rng(11)
+    origin, shape = (100, 200), (500, 560)
+    box = (origin[0], origin[0] + shape[1], origin[1], origin[1] + shape[0])
+    if model == "grid":
+        nodes = np.stack([np.stack([MoffatPsf(fwhm_pixels=2.6 + 0.8 * i + 0.5 * j, beta=3.5).kernel_image(size=41)
+                                    for i in range(3)]) for j in range(3)])
+        psf = GridPsf(nodes, [100, 400, 700], [200, 500, 800])
+    else:
+        psf = VaryingPsf(profile="moffat", fwhm_coeffs=[3.6, 1.2, 0.6, 0.0, 0.0, 0.0], bbox=box, beta=3.5)
+    n = 60
+    xs = rng.uniform(box[0] - 2, box[1] + 2, n)
+    ys = rng.uniform(box[2] - 2, box[3] + 2, n)
+    img = rng.normal(0.0, 3.0, shape)
+    for x, y, f in zip(xs, ys, rng.choice([-1.0, 1.0], n) * rng.uniform(20, 4000, n)):
+        img += f * render_psf(psf, x, y, box)
+    var = np.full(shape, 9.0)
+    good = rng.random(shape) > 0.01
+    good[240:246] = False
+    sx, sy = np.round(xs), np.round(ys)
+    on = (sx >= box[0]) & (sx < box[1]) & (sy >= box[2]) & (sy < box[3])
+    sx, sy = sx[on], sy[on]
+    if model == "varying":
+        assert len({psf.default_size(x, y) for x, y in zip(sx, sy)}) > 1  # several size groups
+    for fit_centroid in (True, False):
+        batch = psf_fits(img, var, good, psf, sx, sy, origin=origin, fit_centroid=fit_centroid)
+        for i, (x, y) in enumerate(zip(sx, sy)):
+            alone = psf_fit(img, var, good, psf, x, y, origin=origin, fit_centroid=fit_centroid)
+            for key, value in alone.items():
+                if isinstance(value, float):
+                    np.testing.assert_allclose(batch[key][i], value, rtol=1e-10, atol=1e-12, err_msg=key)
+                else:
+                    assert batch[key][i] == value, key
+        if fit_centroid:
+            assert (~batch["centroid_flag"]).sum() > len(sx) // 2

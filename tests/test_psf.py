@@ -227,3 +227,26 @@ def test_kernel_images_equal_kernel_image_bit_for_bit():
             many = psf.kernel_images(x, y, size=size, offsets=offsets)
             one = np.stack([psf.kernel_image(x, y, size=size, offset=o) for o in offsets])
             np.testing.assert_array_equal(many, one)
+
+
+def test_kernel_images_many_equal_kernel_images_position_by_position():
+    """The batch renderer (every source's model and shifted copies at once) gives each position's
+    :meth:`kernel_images` to rounding: grid (interpolated per position), image and analytic models, zero and
+    half-pixel offsets, positions off the grid's nodes."""
+    from diffim_dag.psf import GaussianPsf, GridPsf, ImagePsf, MoffatPsf
+
+    rng = np.random.default_rng(2)
+    nodes = np.stack([np.stack([MoffatPsf(fwhm_pixels=3.0 + 0.3 * i + 0.2 * j, beta=3.5).kernel_image(size=31)
+                                for i in range(3)]) for j in range(4)])
+    models = [GridPsf(nodes, [0, 500, 1000], [0, 300, 600, 900]), ImagePsf(GaussianPsf.from_fwhm(3.5).kernel_image(size=25)),
+              GaussianPsf.from_fwhm(3.5)]
+    xs, ys = rng.uniform(-50, 1050, 40), rng.uniform(-50, 950, 40)
+    offsets = rng.uniform(-0.55, 0.55, (40, 5, 2))
+    offsets[3] = 0.0
+    for psf in models:
+        for size in (15, 21):
+            many = psf.kernel_images_many(xs, ys, size=size, offsets=offsets)
+            one = np.stack([psf.kernel_images(x, y, size=size, offsets=[tuple(o) for o in off])
+                            for x, y, off in zip(xs, ys, offsets)])
+            np.testing.assert_allclose(many, one, rtol=0, atol=1e-15)
+            np.testing.assert_allclose(many.sum(axis=(2, 3)), 1.0, rtol=1e-12)

@@ -61,6 +61,7 @@ __all__ = [
     "render_psf",
     "render_psfs",
     "psf_fit",
+    "psf_fits",
     "forced_psf_flux",
     "aperture_fluxes",
     "adaptive_moments",
@@ -171,6 +172,172 @@ def _weights(var, good):
     return w
 
 
+def _frames(image, variance, good, cx, cy, half: int, origin):
+    """Data and inverse-variance weights ``(n, size, size)`` (float64) of the stamps of half-width ``half`` centred
+    on parent pixels ``(cx, cy)``: the tile's pixels where the stamp lies on it, 0 (no weight) off it."""
+    ny, nx = image.shape
+    grid = np.arange(-half, half + 1)
+    rows = np.asarray(cy)[:, None] - origin[1] + grid  # (n, size) array rows
+    cols = np.asarray(cx)[:, None] - origin[0] + grid
+    on = ((rows >= 0) & (rows < ny))[:, :, None] & ((cols >= 0) & (cols < nx))[:, None, :]
+    r, c = np.clip(rows, 0, ny - 1)[:, :, None], np.clip(cols, 0, nx - 1)[:, None, :]
+    d = np.where(on, np.asarray(image[r, c], dtype=np.float64), 0.0)
+    var = np.asarray(variance[r, c], dtype=np.float64)
+    ok = on & np.asarray(good[r, c], dtype=bool) & (var > 0) & np.isfinite(var)
+    w = np.zeros(d.shape)
+    w[ok] = 1.0 / var[ok]
+    return d, w
+
+
+def _renders(psf: Psf, xs, ys, positions, cx, cy, size: int) -> np.ndarray:
+    """``(n, k, size, size)``: the unit-sum PSF of shape ``(xs[i], ys[i])`` centred at each of ``positions[i]``
+    (``(n, k, 2)``), rendered at its nearest pixel with the sub-pixel offset and placed in the stamp centred on
+    ``(cx[i], cy[i])`` (:func:`render_psfs`, for a batch of sources)."""
+    centre = np.floor(positions + 0.5)
+    kern = psf.kernel_images_many(xs, ys, size=size, offsets=positions - centre)
+    grid = np.arange(size)
+    # stamp pixel a sits at kernel pixel a + (stamp centre − kernel centre); none where that is off the kernel
+    u = grid + (np.asarray(cx)[:, None] - centre[..., 0]).astype(np.int64)[..., None]  # (n, k, size)
+    v = grid + (np.asarray(cy)[:, None] - centre[..., 1]).astype(np.int64)[..., None]
+    if not (np.all(u[..., 0] == 0) and np.all(v[..., 0] == 0)):
+        n, k = u.shape[:2]
+        on = ((u >= 0) & (u < size))[:, :, None, :] & ((v >= 0) & (v < size))[:, :, :, None]
+        kern = kern[np.arange(n)[:, None, None, None], np.arange(k)[None, :, None, None],
+                    np.clip(v, 0, size - 1)[:, :, :, None], np.clip(u, 0, size - 1)[:, :, None, :]]
+        kern[~on] = 0.0
+    return kern
+
+
+def _inverses(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inverses of the ``(n, 3, 3)`` matrices and whether each exists (NaN where it does not)."""
+    try:
+        return np.linalg.inv(m), np.ones(len(m), dtype=bool)
+    except np.linalg.LinAlgError:
+        out, ok = np.full(m.shape, np.nan), np.ones(len(m), dtype=bool)
+        for i, a in enumerate(m):
+            try:
+                out[i] = np.linalg.inv(a)
+            except np.linalg.LinAlgError:
+                ok[i] = False
+        return out, ok
+
+
+def _fit_group(image, variance, good, psf, xs, ys, size: int, *, origin, fit_centroid: bool, max_iter: int) -> dict:
+    """:func:`psf_fits` of sources whose kernels have one ``size``: every source's Gauss–Newton iteration of
+    the module notes, all sources at once (each stops where its own fit stops)."""
+    n = len(xs)
+    half = size // 2
+    x0, y0 = np.array(xs, dtype=np.float64), np.array(ys, dtype=np.float64)
+    x, y = x0.copy(), y0.copy()
+    x_err, y_err = np.full(n, np.nan), np.full(n, np.nan)
+    cx, cy = np.floor(x + 0.5).astype(np.int64), np.floor(y + 0.5).astype(np.int64)
+    d, w = _frames(image, variance, good, cx, cy, half, origin)
+    converged = np.zeros(n, dtype=bool)
+    if fit_centroid:
+        active = np.ones(n, dtype=bool)
+        s = _DERIV_STEP
+        shifts = np.array([(0.0, 0.0), (s, 0.0), (-s, 0.0), (0.0, s), (0.0, -s)])
+        for _ in range(max_iter):
+            ia = np.flatnonzero(active)
+            if not ia.size:
+                break
+            pos = np.stack([x[ia], y[ia]], axis=-1)[:, None, :] + shifts  # (m, 5, 2)
+            r = _renders(psf, x[ia], y[ia], pos, cx[ia], cy[ia], size)
+            m = len(ia)
+            a = np.stack([r[:, 0], (r[:, 1] - r[:, 2]) / (2 * s), (r[:, 3] - r[:, 4]) / (2 * s)], axis=1).reshape(m, 3, -1)
+            ww = w[ia].reshape(m, -1)
+            ata = np.einsum("nip,njp->nij", a, a * ww[:, None, :])
+            atb = np.einsum("nip,np->ni", a, d[ia].reshape(m, -1) * ww)
+            cov, ok = _inverses(ata)
+            sol = np.einsum("nij,nj->ni", cov, atb)
+            f = sol[:, 0]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                ok &= np.isfinite(f) & (f != 0) & (np.sqrt(np.maximum(cov[:, 0, 0], 0.0)) < np.abs(f))
+                dx, dy = sol[:, 1] / f, sol[:, 2] / f
+            active[ia[~ok]] = False  # (no update: the fit stops where it is)
+            ia, dx, dy, f, cov = ia[ok], dx[ok], dy[ok], f[ok], cov[ok]
+            step = np.hypot(dx, dy)
+            big = step > 1.0
+            dx[big], dy[big] = dx[big] / step[big], dy[big] / step[big]
+            x[ia] += dx
+            y[ia] += dy
+            x_err[ia] = np.sqrt(np.maximum(cov[:, 1, 1], 0.0)) / np.abs(f)
+            y_err[ia] = np.sqrt(np.maximum(cov[:, 2, 2], 0.0)) / np.abs(f)
+            far = np.hypot(x[ia] - x0[ia], y[ia] - y0[ia]) > half / 2
+            done = ~far & (step < 1e-4)
+            converged[ia[done]] = True
+            active[ia[far | done]] = False
+        keep = converged & np.isfinite(x) & np.isfinite(y)
+        x, y = np.where(keep, x, x0), np.where(keep, y, y0)
+        x_err[~keep], y_err[~keep] = np.nan, np.nan
+        centroid_flag = ~keep
+        ncx, ncy = np.floor(x + 0.5).astype(np.int64), np.floor(y + 0.5).astype(np.int64)
+        moved = np.flatnonzero((ncx != cx) | (ncy != cy))
+        if moved.size:
+            d[moved], w[moved] = _frames(image, variance, good, ncx[moved], ncy[moved], half, origin)
+            cx[moved], cy[moved] = ncx[moved], ncy[moved]
+    else:
+        centroid_flag = np.ones(n, dtype=bool)
+    # the flux at the final position: the PSF there, one render, in the stamp centred on its pixel
+    p = _renders(psf, x, y, np.stack([x, y], axis=-1)[:, None, :], cx, cy, size)[:, 0]
+    spp = np.einsum("nij,nij->n", p * p, w)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pos = spp > 0
+        flux = np.where(pos, np.einsum("nij,nij->n", p * d, w) / np.where(pos, spp, 1.0), np.nan)
+        flux_err = np.where(pos, 1.0 / np.sqrt(np.where(pos, spp, 1.0)), np.nan)
+        chi2 = np.where(pos, np.einsum("nij,nij->n", (d - flux[:, None, None] * p) ** 2, w), np.nan)
+        # flag when the stamp lost more than half of the PSF's weight (masked or cut pixels); p is the whole,
+        # uncut kernel (the stamp is centred on its pixel)
+        covered = np.einsum("nij,nij->n", p * p, (w > 0).astype(np.float64)) / np.maximum(
+            np.einsum("nij,nij->n", p, p), 1e-300)
+    dof = np.count_nonzero(w.reshape(n, -1), axis=1) - (3 if fit_centroid else 1)
+    return {"x": x, "y": y, "x_err": x_err, "y_err": y_err, "flux": flux, "flux_err": flux_err, "chi2": chi2,
+            "dof": dof.astype(np.int64), "centroid_flag": centroid_flag,
+            "flux_flag": ~np.isfinite(flux) | (covered < 0.5)}
+
+
+def psf_fits(
+    image: np.ndarray,
+    variance: np.ndarray,
+    good: np.ndarray,
+    psf: Psf,
+    x: Sequence[float],
+    y: Sequence[float],
+    *,
+    origin: tuple[int, int] = (0, 0),
+    fit_centroid: bool = True,
+    max_iter: int = 10,
+    size: int | None = None,
+) -> dict[str, np.ndarray]:
+    r"""PSF fluxes (and optionally centroids) of a batch of sources (:func:`psf_fit` of each), as arrays.
+
+    The sources' fits run together, in array operations (a Python loop per source held the GIL for ~1 ms a
+    fit); sources are grouped by kernel size (``size``, default ``psf.default_size`` at each start).
+
+    Returns
+    -------
+    dict of ndarray
+        ``x, y, x_err, y_err, flux, flux_err, chi2, dof, centroid_flag, flux_flag``, one entry per source.
+    """
+    x = np.asarray(x, dtype=np.float64).ravel()
+    y = np.asarray(y, dtype=np.float64).ravel()
+    n = x.size
+    out = {"x": x.copy(), "y": y.copy(), "x_err": np.full(n, np.nan), "y_err": np.full(n, np.nan),
+           "flux": np.full(n, np.nan), "flux_err": np.full(n, np.nan), "chi2": np.full(n, np.nan),
+           "dof": np.zeros(n, dtype=np.int64), "centroid_flag": np.ones(n, dtype=bool),
+           "flux_flag": np.ones(n, dtype=bool)}
+    if n == 0:
+        return out
+    sizes = np.array([psf.default_size(x[i], y[i]) if size is None else int(size) for i in range(n)])
+    for k in np.unique(sizes):
+        idx = np.flatnonzero(sizes == k)
+        res = _fit_group(image, variance, good, psf, x[idx], y[idx], int(k), origin=origin,
+                         fit_centroid=fit_centroid, max_iter=max_iter)
+        for name, values in res.items():
+            out[name][idx] = values
+    return out
+
+
 def psf_fit(
     image: np.ndarray,
     variance: np.ndarray,
@@ -184,7 +351,7 @@ def psf_fit(
     max_iter: int = 10,
     size: int | None = None,
 ) -> dict[str, float]:
-    r"""PSF flux (and optionally centroid) of one source.
+    r"""PSF flux (and optionally centroid) of one source (:func:`psf_fits` of one).
 
     Parameters
     ----------
@@ -204,72 +371,9 @@ def psf_fit(
     dict
         ``x, y, x_err, y_err, flux, flux_err, chi2, dof, centroid_flag, flux_flag``.
     """
-    size = psf.default_size(x, y) if size is None else int(size)
-    half = size // 2
-    x_start, y_start = float(x), float(y)
-    bbox = _stamp(image.shape, origin, x, y, half)
-    d = _cut(image, bbox, origin).astype(np.float64)
-    w = _weights(_cut(variance, bbox, origin).astype(np.float64), _cut(good, bbox, origin))
-    res = {"x": x, "y": y, "x_err": np.nan, "y_err": np.nan, "centroid_flag": not fit_centroid}
-    if fit_centroid:
-        converged = False
-        for _ in range(max_iter):
-            s = _DERIV_STEP
-            p, xp, xm, yp, ym = render_psfs(psf, [(x, y), (x + s, y), (x - s, y), (x, y + s), (x, y - s)], bbox,
-                                            size=size, shape_at=(x, y))
-            dpx = (xp - xm) / (2 * s)
-            dpy = (yp - ym) / (2 * s)
-            a = np.stack([p.ravel(), dpx.ravel(), dpy.ravel()], axis=1)
-            ww = w.ravel()
-            ata = a.T @ (a * ww[:, None])
-            atb = a.T @ (d.ravel() * ww)
-            try:
-                cov = np.linalg.inv(ata)
-            except np.linalg.LinAlgError:
-                break
-            sol = cov @ atb
-            f = sol[0]
-            if not (np.isfinite(f) and f != 0 and np.sqrt(max(cov[0, 0], 0)) < abs(f)):
-                break
-            # D ≈ F P + a ∂P/∂x0 → the model centre moves by δ = a / F
-            dx, dy = sol[1] / f, sol[2] / f
-            step = math.hypot(dx, dy)
-            if step > 1.0:
-                dx, dy = dx / step, dy / step
-            x, y = x + dx, y + dy
-            res["x_err"] = math.sqrt(max(cov[1, 1], 0.0)) / abs(f)
-            res["y_err"] = math.sqrt(max(cov[2, 2], 0.0)) / abs(f)
-            if math.hypot(x - x_start, y - y_start) > half / 2:
-                break
-            if step < 1e-4:
-                converged = True
-                break
-        if converged and np.isfinite(x) and np.isfinite(y):
-            res.update(x=x, y=y, centroid_flag=False)
-        else:
-            res.update(x=x_start, y=y_start, x_err=np.nan, y_err=np.nan, centroid_flag=True)
-            x, y = x_start, y_start
-        bbox_new = _stamp(image.shape, origin, x, y, half)
-        if bbox_new != bbox:
-            bbox = bbox_new
-            d = _cut(image, bbox, origin).astype(np.float64)
-            w = _weights(_cut(variance, bbox, origin).astype(np.float64), _cut(good, bbox, origin))
-    ix, iy = int(math.floor(x + 0.5)), int(math.floor(y + 0.5))
-    k = psf.kernel_image(x, y, size=size, offset=(x - ix, y - iy))
-    p = np.zeros((bbox[3] - bbox[2], bbox[1] - bbox[0]))
-    _paste(p, k, ix, iy, bbox)
-    spp = float(np.sum(p * p * w))
-    if spp > 0:
-        flux = float(np.sum(p * d * w)) / spp
-        flux_err = 1.0 / math.sqrt(spp)
-        chi2 = float(np.sum((d - flux * p) ** 2 * w))
-    else:
-        flux = flux_err = chi2 = np.nan
-    # flag when the stamp lost more than half of the PSF's weight (masked or cut pixels)
-    covered = float(np.sum(p * p * (w > 0))) / max(float(np.sum(k * k)), 1e-300)  # k: the whole, uncut stamp
-    res.update(flux=flux, flux_err=flux_err, chi2=chi2, dof=int(np.count_nonzero(w)) - (3 if fit_centroid else 1),
-               flux_flag=bool(not np.isfinite(flux) or covered < 0.5))
-    return res
+    r = psf_fits(image, variance, good, psf, [x], [y], origin=origin, fit_centroid=fit_centroid, max_iter=max_iter,
+                 size=size)
+    return {k: (bool(v[0]) if v.dtype == bool else int(v[0]) if k == "dof" else float(v[0])) for k, v in r.items()}
 
 
 def forced_psf_flux(
@@ -290,17 +394,17 @@ def forced_psf_flux(
     flag : ndarray of bool
         Set where under half the PSF weight fell on good pixels of the tile.
     """
-    n = len(x)
+    x = np.asarray(x, dtype=np.float64).ravel()
+    y = np.asarray(y, dtype=np.float64).ravel()
+    n = x.size
     flux, err, flag = np.full(n, np.nan), np.full(n, np.nan), np.ones(n, dtype=bool)
     ny, nx = image.shape
-    for i in range(n):
-        xi, yi = float(x[i]), float(y[i])
-        if not (np.isfinite(xi) and np.isfinite(yi)):
-            continue
-        if not (origin[0] - 0.5 <= xi < origin[0] + nx - 0.5 and origin[1] - 0.5 <= yi < origin[1] + ny - 0.5):
-            continue
-        r = psf_fit(image, variance, good, psf, xi, yi, origin=origin, fit_centroid=False)
-        flux[i], err[i], flag[i] = r["flux"], r["flux_err"], r["flux_flag"]
+    with np.errstate(invalid="ignore"):
+        on = (np.isfinite(x) & np.isfinite(y) & (origin[0] - 0.5 <= x) & (x < origin[0] + nx - 0.5)
+              & (origin[1] - 0.5 <= y) & (y < origin[1] + ny - 0.5))
+    if on.any():
+        r = psf_fits(image, variance, good, psf, x[on], y[on], origin=origin, fit_centroid=False)
+        flux[on], err[on], flag[on] = r["flux"], r["flux_err"], r["flux_flag"]
     return flux, err, flag
 
 
@@ -495,17 +599,17 @@ def measure_sources(
     cols = measurement_columns(flag_planes)
     out: dict[str, np.ndarray] = {k: np.zeros(n, dtype=v) if v != "float64" else np.full(n, np.nan) for k, v in cols.items()}
     ny, nx = image.shape
+    fits = psf_fits(image, variance, good, psf, x, y, origin=origin, fit_centroid=fit_centroid)
+    for ours, theirs in (("x", "x"), ("y", "y"), ("x_err", "x_err"), ("y_err", "y_err"),
+                         ("centroid_flag", "centroid_flag"), ("psf_flux", "flux"), ("psf_flux_err", "flux_err"),
+                         ("psf_chi2", "chi2"), ("psf_dof", "dof"), ("psf_flux_flag", "flux_flag")):
+        out[ours][:] = fits[theirs]
     for i in range(n):
-        r = psf_fit(image, variance, good, psf, float(x[i]), float(y[i]), origin=origin, fit_centroid=fit_centroid)
-        out["x"][i], out["y"][i] = r["x"], r["y"]
-        out["x_err"][i], out["y_err"][i] = r["x_err"], r["y_err"]
-        out["centroid_flag"][i] = r["centroid_flag"]
-        out["psf_flux"][i], out["psf_flux_err"][i] = r["flux"], r["flux_err"]
-        out["psf_chi2"][i], out["psf_dof"][i], out["psf_flux_flag"][i] = r["chi2"], r["dof"], r["flux_flag"]
-        sign = -1.0 if (np.isfinite(r["flux"]) and r["flux"] < 0) else 1.0
+        xi, yi, fi = float(out["x"][i]), float(out["y"][i]), float(out["psf_flux"][i])
+        sign = -1.0 if (np.isfinite(fi) and fi < 0) else 1.0
         ixx, iyy, ixy, sflag = adaptive_moments(
-            image, good, r["x"], r["y"], origin=origin, sigma0=psf.sigma(r["x"], r["y"]), sign=sign,
-            half=max(psf.default_size(r["x"], r["y"]) // 2, 6),
+            image, good, xi, yi, origin=origin, sigma0=psf.sigma(xi, yi), sign=sign,
+            half=max(psf.default_size(xi, yi) // 2, 6),
         )
         out["ixx"][i], out["iyy"][i], out["ixy"][i], out["shape_flag"][i] = ixx, iyy, ixy, sflag
     out["snr"] = out["psf_flux"] / out["psf_flux_err"]

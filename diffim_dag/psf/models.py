@@ -176,6 +176,16 @@ class Psf(ABC):
         work between the copies (:class:`ImagePsf`, :class:`GridPsf`) do."""
         return np.stack([self.kernel_image(x, y, size=size, offset=o) for o in offsets])
 
+    def kernel_images_many(self, xs, ys, *, size: int, offsets) -> np.ndarray:
+        """``(n, k, size, size)``: :meth:`kernel_images` at each position ``(xs[i], ys[i])`` for its offsets
+        ``offsets[i]`` (``(n, k, 2)``).  A batch of fits renders every source's model and shifted copies at once;
+        :class:`ImagePsf` and :class:`GridPsf` do it in array operations, other models position by position."""
+        offsets = np.asarray(offsets, dtype=np.float64)
+        out = np.empty((len(offsets), offsets.shape[1], int(size), int(size)))
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            out[i] = self.kernel_images(float(x), float(y), size=int(size), offsets=[tuple(o) for o in offsets[i]])
+        return out
+
     def second_moments(self, x: float | None = None, y: float | None = None) -> tuple[float, float, float]:
         """``(Ixx, Iyy, Ixy)`` in pixel² of the rendered kernel at (x, y)."""
         img = self.kernel_image(x, y, size=max(self.default_size(x, y), _odd(8 * self.fwhm(x, y))))
@@ -371,6 +381,29 @@ def _shift_images(img: np.ndarray, offsets, a: int = 5) -> np.ndarray:
     return out
 
 
+def _shift_images_many(imgs: np.ndarray, offsets: np.ndarray, a: int = 5) -> np.ndarray:
+    """``(n, k, ny, nx)``: each ``imgs[i]`` (``(n, ny, nx)``, sides ≤ :data:`_BANDED_MAX`) shifted by each
+    ``offsets[i, j]`` (``(n, k, 2)``): the taps, first-moment correction and banded products of
+    :func:`_shift_images`, for all of them in array operations."""
+    imgs = np.asarray(imgs, dtype=np.float64)
+    n, ny, nx = imgs.shape
+    offsets = np.asarray(offsets, dtype=np.float64)
+    taps = np.arange(-a, a + 1, dtype=np.float64)
+
+    def kernels(d):  # (n, k) shifts → (n, k, 2a + 2) taps (the last one 0: the band's outside)
+        k = _lanczos(taps - d[..., None], a)
+        k = k / k.sum(axis=-1, keepdims=True)
+        c = (taps * k).sum(axis=-1)
+        k[..., a + 1] += 0.5 * (d - c)
+        k[..., a - 1] -= 0.5 * (d - c)
+        return np.concatenate([k, np.zeros(k.shape[:-1] + (1,))], axis=-1)
+
+    kx, ky = kernels(offsets[..., 0]), kernels(offsets[..., 1])
+    bx = kx[..., _band_index(nx, a)]  # (n, k, nx, nx): B[i, j] = k[a + i − j] in the band
+    by = ky[..., _band_index(ny, a)]
+    return by @ imgs[:, None] @ np.swapaxes(bx, -1, -2)
+
+
 _BANDED_MAX = 160  # stamps up to this side are shifted by matrix products
 
 
@@ -426,6 +459,9 @@ class ImagePsf(Psf):
         size = self.default_size() if size is None else int(size)
         return _kernels_from_image(self.image, size, offsets, self.source)
 
+    def kernel_images_many(self, xs, ys, *, size, offsets):
+        return _kernels_many(self.image, int(size), offsets, self.source)
+
     def default_size(self, x=None, y=None) -> int:
         return int(min(self.image.shape[0], self.image.shape[1], max(_odd(6.0 * self._fwhm), 15)))
 
@@ -467,6 +503,28 @@ def _kernels_from_image(image: np.ndarray, size: int, offsets, source: str) -> n
         if not total > 0:
             raise PsfError(f"{source}: PSF image cut to {size}px has no flux")
         k /= total
+    return out
+
+
+def _kernels_many(images: np.ndarray, size: int, offsets, source: str) -> np.ndarray:
+    """``(n, k, size, size)``: :func:`_kernels_from_image` of each ``images[i]`` for its ``offsets[i]`` (one
+    image for all: ``images`` 2-D), in array operations (:func:`_shift_images_many`)."""
+    if size < 1 or size % 2 == 0:
+        raise PsfError(f"PSF kernel size must be a positive odd integer, got {size}")
+    offsets = np.asarray(offsets, dtype=np.float64)
+    if size > _BANDED_MAX:
+        imgs = np.broadcast_to(images, (len(offsets),) + np.shape(images)[-2:]) if np.ndim(images) == 2 else images
+        return np.stack([_kernels_from_image(im, size, [tuple(o) for o in off], source)
+                         for im, off in zip(imgs, offsets)])
+    if np.ndim(images) == 2:
+        cut = np.broadcast_to(_resize_centred(images, size), (len(offsets), size, size))
+    else:
+        cut = np.stack([_resize_centred(im, size) for im in images])
+    out = _shift_images_many(cut, offsets)
+    total = out.sum(axis=(2, 3))
+    if not np.all(total > 0):
+        raise PsfError(f"{source}: PSF image cut to {size}px has no flux")
+    out /= total[:, :, None, None]
     return out
 
 
@@ -629,6 +687,30 @@ class GridPsf(Psf):
     def kernel_images(self, x=None, y=None, *, size=None, offsets=((0.0, 0.0),)):
         size = self.default_size(x, y) if size is None else int(size)
         return _kernels_from_image(self._image(x, y), size, offsets, self.source)
+
+    def _images_at(self, xs, ys) -> np.ndarray:
+        """``(n, ny, nx)``: :meth:`_image` at each position (the same four weighted node images, summed in the
+        same order, and normalized)."""
+
+        def weights(nodes, v):
+            v = np.asarray(v, dtype=np.float64)
+            if len(nodes) == 1:
+                i = np.full(v.shape, len(nodes) // 2)
+                return [(i, np.ones(v.shape))]
+            v = np.minimum(np.maximum(v, nodes[0]), nodes[-1])
+            i = np.clip(np.searchsorted(nodes, v, side="left") - 1, 0, len(nodes) - 2)
+            t = (v - nodes[i]) / (nodes[i + 1] - nodes[i])
+            return [(i, 1.0 - t), (i + 1, t)]
+
+        out = np.zeros((len(xs),) + self.images.shape[2:], dtype=np.float64)
+        for j, wy in weights(self.y_nodes, ys):
+            for i, wx in weights(self.x_nodes, xs):
+                out += (wx * wy)[:, None, None] * self.images[j, i]
+        out /= out.sum(axis=(1, 2))[:, None, None]
+        return out
+
+    def kernel_images_many(self, xs, ys, *, size, offsets):
+        return _kernels_many(self._images_at(xs, ys), int(size), offsets, self.source)
 
     def __getstate__(self):  # the per-thread cache does not travel (pickle, Dask)
         return {k: v for k, v in self.__dict__.items() if k != "_cache"}
