@@ -159,3 +159,56 @@ def test_too_few_sources_raises_with_counts():
     assert err.found == 4 and err.used == 2
     assert err.rejected["outside"] == 2  # (15, 150) and (5, 5): their 43-px stamps leave the image
     assert "only 2 kernel source(s) left of 4" in str(err) and "outside: 2" in str(err)
+
+
+def test_batched_source_measures_equal_a_source_by_source_reference(monkeypatch):
+    """The kernel sources' flux, S/N and size ratio, measured in batches of stamps (PSFs rendered together),
+    equal the plain per-source computation: a grid PSF that varies over the image, sub-pixel positions,
+    zero-variance pixels, batches that do not divide the sources."""
+    import math
+
+    from diffim_dag.noise import measure_background
+    from diffim_dag.psf import GridPsf, MoffatPsf
+    from diffim_dag.stages import kernel_sources as ks
+
+    rng = np.random.default_rng(4)
+    ny, nx, xy0 = 300, 340, (50, 80)
+    nodes = np.stack([np.stack([MoffatPsf(fwhm_pixels=2.8 + 0.6 * i + 0.3 * j, beta=3.5).kernel_image(size=31)
+                                for i in range(3)]) for j in range(3)])
+    psf = GridPsf(nodes, [60, 200, 380], [90, 230, 370])
+    img = (100.0 + rng.normal(0, 4.0, (ny, nx))).astype(np.float32)
+    var = np.full((ny, nx), 16.0, np.float32)
+    var[rng.random((ny, nx)) < 0.02] = 0.0
+    n, half = 23, 9
+    x = rng.uniform(xy0[0] + half + 1, xy0[0] + nx - half - 2, n)
+    y = rng.uniform(xy0[1] + half + 1, xy0[1] + ny - half - 2, n)
+    exp = Exposure.from_arrays(img, var, None, xy0=xy0, psf=psf)
+    background = measure_background(img, None, box=64, rms=False)
+    monkeypatch.setattr(ks, "MEASURE_BATCH", 5)
+    got = ks.measure_sources(exp, x, y, half, background)
+
+    def trace(stamp, xc, yc, sigma_w):
+        g = np.arange(stamp.shape[0], dtype=np.float64)
+        dx, dy = g[None, :] - xc, g[:, None] - yc
+        w = np.exp(-0.5 * (dx * dx + dy * dy) / sigma_w**2) * stamp
+        tot = w.sum()
+        if not tot > 0:
+            return float("nan")
+        mx, my = (w * dx).sum() / tot, (w * dy).sum() / tot
+        return float((w * ((dx - mx) ** 2 + (dy - my) ** 2)).sum() / tot)
+
+    for k in range(n):
+        ix, iy = int(round(x[k])), int(round(y[k]))
+        sl = (slice(iy - xy0[1] - half, iy - xy0[1] + half + 1), slice(ix - xy0[0] - half, ix - xy0[0] + half + 1))
+        stamp = img[sl].astype(np.float64) - background.level[sl]
+        v = var[sl].astype(np.float64)
+        off = (x[k] - ix, y[k] - iy)
+        p = psf.kernel_image(x[k], y[k], size=2 * half + 1, offset=off)
+        w = np.where(v > 0, 1.0 / np.where(v > 0, v, 1.0), 0.0)
+        ppw = (p * p * w).sum()
+        flux = (p * stamp * w).sum() / ppw
+        sigma_w = psf.sigma(x[k], y[k])
+        ratio = trace(stamp, half + off[0], half + off[1], sigma_w) / trace(p, half + off[0], half + off[1], sigma_w)
+        np.testing.assert_allclose(got["flux"][k], flux, rtol=1e-10)
+        np.testing.assert_allclose(got["snr"][k], flux * math.sqrt(ppw), rtol=1e-10)
+        np.testing.assert_allclose(got["size_ratio"][k], ratio, rtol=1e-10, equal_nan=True)

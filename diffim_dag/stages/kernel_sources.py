@@ -148,18 +148,25 @@ def detect_sources(science: Exposure, config: KernelSourceConfig, background=Non
     return pd.DataFrame({"x": objects["x"] + x0, "y": objects["y"] + y0})
 
 
-def _weighted_trace(stamp: np.ndarray, xc: float, yc: float, sigma_w: float) -> float:
-    s = stamp.shape[0]
+def _weighted_traces(stamps: np.ndarray, xc: np.ndarray, yc: np.ndarray, sigma_w: np.ndarray) -> np.ndarray:
+    """Trace of the Gaussian-weighted (σ ``sigma_w``, centred on ``(xc, yc)``) second moments of each stamp
+    (``(n, s, s)``) about its weighted centroid; NaN where the weighted sum is not positive."""
+    s = stamps.shape[-1]
     g = np.arange(s, dtype=np.float64)
-    dx = g[None, :] - xc
-    dy = g[:, None] - yc
-    w = np.exp(-0.5 * (dx * dx + dy * dy) / sigma_w**2) * stamp
-    tot = w.sum()
-    if not tot > 0:
-        return float("nan")
-    mx = (w * dx).sum() / tot
-    my = (w * dy).sum() / tot
-    return float((w * ((dx - mx) ** 2 + (dy - my) ** 2)).sum() / tot)
+    dx = g[None, None, :] - xc[:, None, None]
+    dy = g[None, :, None] - yc[:, None, None]
+    w = np.exp(-0.5 * (dx * dx + dy * dy) / (sigma_w**2)[:, None, None]) * stamps
+    tot = w.sum(axis=(1, 2))
+    ok = tot > 0
+    safe = np.where(ok, tot, 1.0)[:, None, None]
+    mx = (w * dx).sum(axis=(1, 2))[:, None, None] / safe
+    my = (w * dy).sum(axis=(1, 2))[:, None, None] / safe
+    trace = (w * ((dx - mx) ** 2 + (dy - my) ** 2)).sum(axis=(1, 2)) / safe[:, 0, 0]
+    return np.where(ok, trace, np.nan)
+
+
+#: Sources measured together by :func:`measure_sources` (bounds its stamp arrays: 512 stamps of 31² are 4 MB each).
+MEASURE_BATCH = 512
 
 
 def measure_sources(
@@ -172,7 +179,8 @@ def measure_sources(
     """PSF flux, S/N, peak and size ratio of sources at parent (x, y) on the science image.
 
     Measured in a ``2·half + 1`` box (which must lie inside the image) after
-    subtracting the mesh background.
+    subtracting the mesh background; the sources of a batch together, in array operations (their PSFs
+    rendered at once, :meth:`~diffim_dag.psf.Psf.kernel_images_many`).
     """
     img, var, msk = science.arrays()
     if background is None:
@@ -181,25 +189,32 @@ def measure_sources(
     x0, y0 = science.xy0
     psf = science.psf
     size = 2 * half + 1
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     flux = np.full(len(x), np.nan)
     snr = np.full(len(x), np.nan)
     ratio = np.full(len(x), np.nan)
-    for k, (xs, ys) in enumerate(zip(x, y)):
-        ix, iy = int(round(xs)), int(round(ys))
-        sl = (slice(iy - y0 - half, iy - y0 + half + 1), slice(ix - x0 - half, ix - x0 + half + 1))
-        stamp = img[sl].astype(np.float64) - level[sl]
-        v = var[sl].astype(np.float64)
-        offset = (xs - ix, ys - iy)
-        p = psf.kernel_image(xs, ys, size=size, offset=offset)
+    grid = np.arange(-half, half + 1)
+    for start in range(0, len(x), MEASURE_BATCH):
+        b = slice(start, start + MEASURE_BATCH)
+        xs, ys = x[b], y[b]
+        ix, iy = np.round(xs).astype(np.int64), np.round(ys).astype(np.int64)  # (half to even, as round())
+        rows = (iy - y0)[:, None, None] + grid[None, :, None]
+        cols = (ix - x0)[:, None, None] + grid[None, None, :]
+        stamp = img[rows, cols].astype(np.float64) - level[rows, cols]
+        v = var[rows, cols].astype(np.float64)
+        off_x, off_y = xs - ix, ys - iy
+        p = psf.kernel_images_many(xs, ys, size=size, offsets=np.stack([off_x, off_y], axis=-1)[:, None, :])[:, 0]
         w = np.where(v > 0, 1.0 / np.where(v > 0, v, 1.0), 0.0)
-        ppw = (p * p * w).sum()
-        if ppw > 0:
-            flux[k] = (p * stamp * w).sum() / ppw
-            snr[k] = flux[k] * math.sqrt(ppw)
-        sigma_w = psf.sigma(xs, ys)
-        t_data = _weighted_trace(stamp, half + offset[0], half + offset[1], sigma_w)
-        t_psf = _weighted_trace(p, half + offset[0], half + offset[1], sigma_w)
-        ratio[k] = t_data / t_psf if t_psf > 0 else np.nan
+        ppw = (p * p * w).sum(axis=(1, 2))
+        pos = ppw > 0
+        f = (p * stamp * w).sum(axis=(1, 2)) / np.where(pos, ppw, 1.0)
+        flux[b] = np.where(pos, f, np.nan)
+        snr[b] = np.where(pos, f * np.sqrt(np.where(pos, ppw, 0.0)), np.nan)
+        sigma_w = np.array([psf.sigma(a, c) for a, c in zip(xs, ys)])
+        t_data = _weighted_traces(stamp, half + off_x, half + off_y, sigma_w)
+        t_psf = _weighted_traces(p, half + off_x, half + off_y, sigma_w)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratio[b] = np.where(t_psf > 0, t_data / np.where(t_psf > 0, t_psf, 1.0), np.nan)
     return pd.DataFrame({"flux": flux, "snr": snr, "size_ratio": ratio})
 
 
