@@ -336,3 +336,34 @@ def test_psf_fits_of_a_batch_equal_each_source_alone(model):
                     assert batch[key][i] == value, key
         if fit_centroid:
             assert (~batch["centroid_flag"]).sum() > len(sx) // 2
+
+
+def test_adaptive_moments_of_a_batch_equal_each_source_alone():
+    """Batched adaptive moments equal each source's alone (both signs, per-source starting widths, stamps cut by
+    the tile's edge, a source that fails: flagged with NaNs), and recover a Gaussian's covariance."""
+    from diffim_dag.kernels.measure import adaptive_moments_many
+
+    rng = np.random.default_rng(8)
+    shape, origin = (120, 150), (10, 20)
+    yy, xx = np.mgrid[origin[1]:origin[1] + shape[0], origin[0]:origin[0] + shape[1]]
+    img = rng.normal(0.0, 0.01, shape)
+    truth = [(40.3, 50.6, 4.0, 2.0, 0.8, 300.0), (120.2, 90.1, 2.5, 3.0, -0.5, -200.0), (12.0, 25.0, 3.0, 3.0, 0.0, 250.0)]
+    for x0, y0, sxx, syy, sxy, f in truth:
+        c = np.array([[sxx, sxy], [sxy, syy]])
+        ci = np.linalg.inv(c)
+        dx, dy = xx - x0, yy - y0
+        q = ci[0, 0] * dx * dx + 2 * ci[0, 1] * dx * dy + ci[1, 1] * dy * dy
+        img += f * np.exp(-0.5 * q) / (2 * np.pi * np.sqrt(np.linalg.det(c)))
+    good = np.ones(shape, bool)
+    xs = np.array([40.3, 120.2, 12.0, 80.0])
+    ys = np.array([50.6, 90.1, 25.0, 60.0])  # the last: empty sky, fails
+    signs = np.array([1.0, -1.0, 1.0, 1.0])
+    sig0 = np.array([1.5, 2.0, 1.7, 2.0])
+    many = adaptive_moments_many(img, good, xs, ys, origin=origin, sigma0=sig0, sign=signs, half=10)
+    for i in range(len(xs)):
+        one = adaptive_moments(img, good, xs[i], ys[i], origin=origin, sigma0=sig0[i], sign=signs[i], half=10)
+        np.testing.assert_allclose([m[i] for m in many[:3]], one[:3], rtol=1e-12, equal_nan=True)
+        assert bool(many[3][i]) == one[3]
+    np.testing.assert_allclose([many[0][0], many[1][0], many[2][0]], [4.0, 2.0, 0.8], rtol=2e-3)
+    np.testing.assert_allclose([many[0][1], many[1][1], many[2][1]], [2.5, 3.0, -0.5], rtol=2e-3)
+    assert not many[3][0] and not many[3][1]

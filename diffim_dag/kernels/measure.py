@@ -65,6 +65,7 @@ __all__ = [
     "forced_psf_flux",
     "aperture_fluxes",
     "adaptive_moments",
+    "adaptive_moments_many",
     "measure_sources",
     "measurement_columns",
 ]
@@ -480,6 +481,78 @@ def _circle_sums(image, variance, good, x, y, r):
     return f, e, excluded
 
 
+def adaptive_moments_many(
+    image: np.ndarray,
+    good: np.ndarray,
+    x,
+    y,
+    *,
+    origin: tuple[int, int] = (0, 0),
+    sigma0=2.0,
+    sign=1.0,
+    half: int = 12,
+    max_iter: int = 30,
+    tol: float = 1e-4,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    r""":func:`adaptive_moments` of a batch of sources with one stamp half-width ``half`` (``sigma0`` and
+    ``sign``: one per source or one for all): every source's iteration at once, each stopping where its own
+    stops.  Returns arrays ``(ixx, iyy, ixy, flag)``."""
+    x = np.asarray(x, dtype=np.float64).ravel()
+    y = np.asarray(y, dtype=np.float64).ravel()
+    n = x.size
+    out = np.full((3, n), np.nan)
+    flag = np.ones(n, dtype=bool)
+    if n == 0:
+        return out[0], out[1], out[2], flag
+    ny, nx = image.shape
+    grid = np.arange(-half, half + 1)
+    cx, cy = np.floor(x + 0.5).astype(np.int64), np.floor(y + 0.5).astype(np.int64)
+    rows, cols = cy[:, None] - origin[1] + grid, cx[:, None] - origin[0] + grid
+    on = ((rows >= 0) & (rows < ny))[:, :, None] & ((cols >= 0) & (cols < nx))[:, None, :]
+    r, c = np.clip(rows, 0, ny - 1)[:, :, None], np.clip(cols, 0, nx - 1)[:, None, :]
+    sign = np.broadcast_to(np.asarray(sign, dtype=np.float64), (n,))
+    # the stamp off the tile and its excluded pixels count as 0 (the tile's own stamp is cut there)
+    d = np.where(on & np.asarray(good[r, c], dtype=bool), sign[:, None, None] * np.asarray(image[r, c], np.float64), 0.0)
+    dx = (cx[:, None] + grid)[:, None, :] - x[:, None, None]
+    dy = (cy[:, None] + grid)[:, :, None] - y[:, None, None]
+    s0 = np.broadcast_to(np.asarray(sigma0, dtype=np.float64), (n,))
+    cxx, cyy, cxy = s0 * s0, s0 * s0, np.zeros(n)
+    active = np.ones(n, dtype=bool)
+    for _ in range(max_iter):
+        ia = np.flatnonzero(active)
+        if not ia.size:
+            break
+        axx, ayy, axy = cxx[ia], cyy[ia], cxy[ia]
+        det = axx * ayy - axy * axy
+        # a weight narrower than ~1e-3 px (a one-pixel spike) is no moment measurement: flag it
+        ok = (det > 1e-12 * axx * ayy) & (np.minimum(axx, ayy) > 1e-6)
+        active[ia[~ok]] = False
+        ia, axx, ayy, axy, det = ia[ok], axx[ok], ayy[ok], axy[ok], det[ok]
+        if not ia.size:
+            break
+        ex, ey = dx[ia], dy[ia]
+        q = (ayy[:, None, None] * ex * ex - 2 * axy[:, None, None] * ex * ey + axx[:, None, None] * ey * ey) \
+            / det[:, None, None]
+        wgt = np.exp(-0.5 * q) * d[ia]
+        s = wgt.sum(axis=(1, 2))
+        ok = s > 0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ss = np.where(ok, s, 1.0)
+            nxx = 2 * (wgt * ex * ex).sum(axis=(1, 2)) / ss
+            nyy = 2 * (wgt * ey * ey).sum(axis=(1, 2)) / ss
+            nxy = 2 * (wgt * ex * ey).sum(axis=(1, 2)) / ss
+            ok &= (nxx > 0) & (nyy > 0) & (nxx * nyy - nxy * nxy > 0) & ~(np.maximum(nxx, nyy) > 4 * half * half)
+        active[ia[~ok]] = False
+        ia, axx, ayy, axy, nxx, nyy, nxy = ia[ok], axx[ok], ayy[ok], axy[ok], nxx[ok], nyy[ok], nxy[ok]
+        change = np.abs(nxx - axx) + np.abs(nyy - ayy) + np.abs(nxy - axy)
+        cxx[ia], cyy[ia], cxy[ia] = nxx, nyy, nxy
+        done = change < tol * (nxx + nyy)
+        out[:, ia[done]] = np.stack([nxx[done], nyy[done], nxy[done]])
+        flag[ia[done]] = False
+        active[ia[done]] = False
+    return out[0], out[1], out[2], flag
+
+
 def adaptive_moments(
     image: np.ndarray,
     good: np.ndarray,
@@ -500,35 +573,11 @@ def adaptive_moments(
     :math:`W = \exp(-\tfrac12 \mathbf{d}^T C_w^{-1} \mathbf{d})`, ``I = sign × image``.
     ``flag`` is set (and NaNs returned) when the weighted flux is not positive, the
     matrix stops being positive definite or the iteration does not converge.
+    (:func:`adaptive_moments_many` of one source.)
     """
-    bbox = _stamp(image.shape, origin, x, y, half)
-    d = sign * _cut(image, bbox, origin).astype(np.float64)
-    g = _cut(good, bbox, origin)
-    d = np.where(g, d, 0.0)
-    yy, xx = np.mgrid[bbox[2] : bbox[3], bbox[0] : bbox[1]]
-    dx, dy = xx - x, yy - y
-    cxx = cyy = sigma0 * sigma0
-    cxy = 0.0
-    for _ in range(max_iter):
-        det = cxx * cyy - cxy * cxy
-        # a weight narrower than ~1e-3 px (a one-pixel spike) is no moment measurement: flag it
-        # instead of overflowing the quadratic form
-        if not (det > 1e-12 * cxx * cyy and min(cxx, cyy) > 1e-6):
-            break
-        q = (cyy * dx * dx - 2 * cxy * dx * dy + cxx * dy * dy) / det
-        wgt = np.exp(-0.5 * q) * d
-        s = wgt.sum()
-        if not s > 0:
-            break
-        mxx, myy, mxy = (wgt * dx * dx).sum() / s, (wgt * dy * dy).sum() / s, (wgt * dx * dy).sum() / s
-        nxx, nyy, nxy = 2 * mxx, 2 * myy, 2 * mxy
-        if not (nxx > 0 and nyy > 0 and nxx * nyy - nxy * nxy > 0) or max(nxx, nyy) > 4 * half * half:
-            break
-        change = abs(nxx - cxx) + abs(nyy - cyy) + abs(nxy - cxy)
-        cxx, cyy, cxy = nxx, nyy, nxy
-        if change < tol * (cxx + cyy):
-            return float(cxx), float(cyy), float(cxy), False
-    return np.nan, np.nan, np.nan, True
+    ixx, iyy, ixy, flag = adaptive_moments_many(image, good, [x], [y], origin=origin, sigma0=sigma0, sign=sign,
+                                                half=half, max_iter=max_iter, tol=tol)
+    return float(ixx[0]), float(iyy[0]), float(ixy[0]), bool(flag[0])
 
 
 def measurement_columns(flag_planes: Sequence[str] = FLAG_PLANES) -> dict[str, str]:
@@ -604,14 +653,17 @@ def measure_sources(
                          ("centroid_flag", "centroid_flag"), ("psf_flux", "flux"), ("psf_flux_err", "flux_err"),
                          ("psf_chi2", "chi2"), ("psf_dof", "dof"), ("psf_flux_flag", "flux_flag")):
         out[ours][:] = fits[theirs]
-    for i in range(n):
-        xi, yi, fi = float(out["x"][i]), float(out["y"][i]), float(out["psf_flux"][i])
-        sign = -1.0 if (np.isfinite(fi) and fi < 0) else 1.0
-        ixx, iyy, ixy, sflag = adaptive_moments(
-            image, good, xi, yi, origin=origin, sigma0=psf.sigma(xi, yi), sign=sign,
-            half=max(psf.default_size(xi, yi) // 2, 6),
-        )
-        out["ixx"][i], out["iyy"][i], out["ixy"][i], out["shape_flag"][i] = ixx, iyy, ixy, sflag
+    xs, ys, fl = out["x"], out["y"], out["psf_flux"]
+    with np.errstate(invalid="ignore"):
+        signs = np.where(np.isfinite(fl) & (fl < 0), -1.0, 1.0)
+    sigma0 = np.array([psf.sigma(xs[i], ys[i]) for i in range(n)])
+    halves = np.array([max(psf.default_size(xs[i], ys[i]) // 2, 6) for i in range(n)], dtype=np.int64)
+    for h in np.unique(halves):  # the sources of one stamp size together
+        idx = np.flatnonzero(halves == h)
+        moments = adaptive_moments_many(image, good, xs[idx], ys[idx], origin=origin, sigma0=sigma0[idx],
+                                        sign=signs[idx], half=int(h))
+        for name, values in zip(("ixx", "iyy", "ixy", "shape_flag"), moments):
+            out[name][idx] = values
     out["snr"] = out["psf_flux"] / out["psf_flux_err"]
     xs, ys = out["x"], out["y"]
     out["ap12_flux"], out["ap12_flux_err"], out["ap12_flag"] = aperture_fluxes(

@@ -602,7 +602,9 @@ def _check_differential_background(solution, science, template, config, metrics)
     """
     cx, cy = solution.center
     b = float(solution.background_at(cx, cy))
-    var = float(np.median(science.arrays()[1])) + float(np.median(template.arrays()[1]))
+    # every 4th pixel each way gives the planes' medians (sky pixels, nearly all of them) to well under 1 % (the
+    # whole 4096² planes' took 0.18 s on the spatial solve's path)
+    var = float(np.median(science.arrays()[1][::4, ::4])) + float(np.median(template.arrays()[1][::4, ::4]))
     nea = 1.0 / float(np.sum(science.psf.kernel_image(cx, cy) ** 2))
     shift = abs(b) * np.sqrt(nea) / np.sqrt(max(var, 1e-30))
     metrics["differential_background"] = {"center": b, "detection_sigma": shift,
