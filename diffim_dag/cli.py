@@ -320,10 +320,28 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None and args.command in ("subtract", "demo", "run"):  # the command line, not an in-process call
         _install_stop_handlers(args.command)
     try:
-        return handlers[args.command](args)
+        code = handlers[args.command](args)
     except DiffimError as exc:
         print(f"diffim-dag {args.command}: error: {_plain(str(exc))}", file=sys.stderr)
-        return 2
+        code = 2
+    if argv is None:  # the command line, not an in-process call
+        _end_process(code)
+    return code
+
+
+def _end_process(code) -> None:
+    """End the command line's process with ``code`` once its work is done: its outputs are written, checksummed
+    and closed, so the interpreter's teardown of ~1800 modules and their objects (0.4 s of every command,
+    a tenth of a 1024² subtraction) only frees memory the system takes back at once.  Not after a Dask
+    cluster ran in this process: its clean-up runs at the interpreter's exit."""
+    if "distributed" in sys.modules:
+        return
+    logging.shutdown()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(int(code or 0))
 
 
 def _plain(message: str) -> str:

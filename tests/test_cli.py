@@ -97,6 +97,22 @@ def test_console_script_entry_point():
         assert sub in proc.stdout
 
 
+def test_command_line_ends_with_its_code_and_all_its_output(tmp_path):
+    """The command line's process ends at once when its work is done (no interpreter teardown): everything it
+    printed reaches a pipe, and the exit code is the command's, for a success, a bad input and a long output."""
+    sim = subprocess.run([sys.executable, "-m", "diffim_dag.cli", "simulate", "--size", "128", "--seed", "3",
+                          "--out", str(tmp_path / "sim")], capture_output=True, text=True)
+    assert sim.returncode == 0, sim.stderr
+    assert "wrote" in sim.stdout and sim.stdout.endswith("\n")
+    bad = subprocess.run([sys.executable, "-m", "diffim_dag.cli", "info", str(tmp_path / "missing.fits")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "missing.fits" in bad.stderr
+    info = subprocess.run([sys.executable, "-m", "diffim_dag.cli", "info", str(tmp_path / "sim" / "science.fits"),
+                           "--json"], capture_output=True, text=True)
+    assert info.returncode == 0
+    assert json.loads(info.stdout)["shape"]  # the whole JSON document arrived
+
+
 def test_no_warp_and_missing_template(tmp_path, capsys):
     sim_dir = tmp_path / "sim"
     assert main(["simulate", "--size", "256", "--seed", "5", "--out", str(sim_dir), "--set", "sky_subtracted=true",
