@@ -173,15 +173,22 @@ def _weights(var, good):
     return w
 
 
-def _frames(image, variance, good, cx, cy, half: int, origin):
-    """Data and inverse-variance weights ``(n, size, size)`` (float64) of the stamps of half-width ``half`` centred
-    on parent pixels ``(cx, cy)``: the tile's pixels where the stamp lies on it, 0 (no weight) off it."""
-    ny, nx = image.shape
+def _stamp_pixels(shape, cx, cy, half: int, origin):
+    """Index arrays ``(rows, cols)`` of the ``(n, size, size)`` stamps of half-width ``half`` centred on parent
+    pixels ``(cx, cy)`` in an array of ``shape`` at ``origin`` (clipped to it), and where each stamp pixel is
+    on the array."""
+    ny, nx = shape
     grid = np.arange(-half, half + 1)
     rows = np.asarray(cy)[:, None] - origin[1] + grid  # (n, size) array rows
     cols = np.asarray(cx)[:, None] - origin[0] + grid
     on = ((rows >= 0) & (rows < ny))[:, :, None] & ((cols >= 0) & (cols < nx))[:, None, :]
-    r, c = np.clip(rows, 0, ny - 1)[:, :, None], np.clip(cols, 0, nx - 1)[:, None, :]
+    return np.clip(rows, 0, ny - 1)[:, :, None], np.clip(cols, 0, nx - 1)[:, None, :], on
+
+
+def _frames(image, variance, good, cx, cy, half: int, origin):
+    """Data and inverse-variance weights ``(n, size, size)`` (float64) of the stamps of half-width ``half`` centred
+    on parent pixels ``(cx, cy)``: the tile's pixels where the stamp lies on it, 0 (no weight) off it."""
+    r, c, on = _stamp_pixels(image.shape, cx, cy, half, origin)
     d = np.where(on, np.asarray(image[r, c], dtype=np.float64), 0.0)
     var = np.asarray(variance[r, c], dtype=np.float64)
     ok = on & np.asarray(good[r, c], dtype=bool) & (var > 0) & np.isfinite(var)
@@ -504,12 +511,9 @@ def adaptive_moments_many(
     flag = np.ones(n, dtype=bool)
     if n == 0:
         return out[0], out[1], out[2], flag
-    ny, nx = image.shape
     grid = np.arange(-half, half + 1)
     cx, cy = np.floor(x + 0.5).astype(np.int64), np.floor(y + 0.5).astype(np.int64)
-    rows, cols = cy[:, None] - origin[1] + grid, cx[:, None] - origin[0] + grid
-    on = ((rows >= 0) & (rows < ny))[:, :, None] & ((cols >= 0) & (cols < nx))[:, None, :]
-    r, c = np.clip(rows, 0, ny - 1)[:, :, None], np.clip(cols, 0, nx - 1)[:, None, :]
+    r, c, on = _stamp_pixels(image.shape, cx, cy, half, origin)
     sign = np.broadcast_to(np.asarray(sign, dtype=np.float64), (n,))
     # the stamp off the tile and its excluded pixels count as 0 (the tile's own stamp is cut there)
     d = np.where(on & np.asarray(good[r, c], dtype=bool), sign[:, None, None] * np.asarray(image[r, c], np.float64), 0.0)
