@@ -167,6 +167,8 @@ class Exposure:
             nonfinite = ~np.isfinite(img)
             if nonfinite.any():
                 img[nonfinite] = 0.0
+                if not var.flags.writeable:  # (a read-only or broadcast plane, e.g. a reader's placeholder)
+                    var = np.array(var)
                 var[nonfinite] = 0.0
                 msk[nonfinite] |= planes.bitmask("NO_DATA")
         else:

@@ -377,13 +377,8 @@ def _read_plain(path: str, *, hdu, xy0) -> Exposure:
             info = info.replace(saturation=found.level)
         info = info.replace(saturation_source=found.rule)
         log.info("%s: saturation %s", source, found.rule)
-    nonfinite = ~np.isfinite(image)
-    if nonfinite.any():  # (what from_arrays would do, before the variance placeholder below)
-        image[nonfinite] = 0.0
-        mask[nonfinite] |= planes.bitmask("NO_DATA")
-    del nonfinite
     # the variance plane is built by _attach_aux, which takes this exposure: meanwhile a read-only placeholder of
-    # ones that holds no memory
+    # ones that holds no memory (from_arrays zeroes non-finite pixels in its own copy of it)
     placeholder = np.broadcast_to(np.float32(1.0), image.shape)
     exp = Exposure.from_arrays(image, placeholder, mask, xy0=xy0, mask_planes=planes, wcs=wcs, info=info,
                                source=source, validate=False, copy=False)

@@ -57,7 +57,6 @@ from .maskops import bits_of, lacks_bits
 
 __all__ = [
     "FLAG_PLANES",
-    "pixels_without",
     "render_psf",
     "render_psfs",
     "psf_fit",
@@ -159,13 +158,6 @@ def _cut(arr, bbox, origin):
     return arr[by0 - origin[1] : by1 - origin[1], bx0 - origin[0] : bx1 - origin[0]]
 
 
-def pixels_without(mask: np.ndarray, bits: int) -> np.ndarray:
-    """Boolean image, True where ``mask`` has none of ``bits`` (``(mask & bits) == 0``), computed in blocks of
-    rows so that a whole-image mask (sky sources, forced photometry of the whole frame) needs no full-size
-    integer temporary (:func:`~diffim_dag.kernels.maskops.lacks_bits`)."""
-    return lacks_bits(mask, bits)
-
-
 def _weights(var, good):
     w = np.zeros(var.shape, dtype=np.float64)
     ok = good & (var > 0) & np.isfinite(var)
@@ -190,11 +182,7 @@ def _frames(image, variance, good, cx, cy, half: int, origin):
     on parent pixels ``(cx, cy)``: the tile's pixels where the stamp lies on it, 0 (no weight) off it."""
     r, c, on = _stamp_pixels(image.shape, cx, cy, half, origin)
     d = np.where(on, np.asarray(image[r, c], dtype=np.float64), 0.0)
-    var = np.asarray(variance[r, c], dtype=np.float64)
-    ok = on & np.asarray(good[r, c], dtype=bool) & (var > 0) & np.isfinite(var)
-    w = np.zeros(d.shape)
-    w[ok] = 1.0 / var[ok]
-    return d, w
+    return d, _weights(np.asarray(variance[r, c], dtype=np.float64), on & np.asarray(good[r, c], dtype=bool))
 
 
 def _renders(psf: Psf, xs, ys, positions, cx, cy, size: int) -> np.ndarray:
@@ -647,7 +635,7 @@ def measure_sources(
     image = np.asarray(image)
     variance = np.asarray(variance)
     mask = np.asarray(mask)
-    good = pixels_without(mask, bits_of(planes, excluded_planes))
+    good = lacks_bits(mask, bits_of(planes, excluded_planes))
     n = len(x)
     cols = measurement_columns(flag_planes)
     out: dict[str, np.ndarray] = {k: np.zeros(n, dtype=v) if v != "float64" else np.full(n, np.nan) for k, v in cols.items()}

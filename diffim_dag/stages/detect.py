@@ -42,8 +42,8 @@ from ..errors import ConfigError
 from ..exposure import Exposure
 from ..kernels import detection as det
 from ..kernels.dipole import DIPOLE_COLUMNS, empty_dipole, fit_dipole
-from ..kernels.maskops import bits_of, has_bits
-from ..kernels.measure import DEFAULT_EXCLUDED_PLANES, forced_psf_flux, measure_sources, pixels_without
+from ..kernels.maskops import bits_of, has_bits, lacks_bits
+from ..kernels.measure import DEFAULT_EXCLUDED_PLANES, forced_psf_flux, measure_sources
 from ..masks import DEFAULT_MASK_PLANES
 from ..psf import Psf
 from .dia_schema import DIA_SOURCE_COLUMNS, _conform, empty_dia_sources, read_dia_sources, write_dia_sources
@@ -202,7 +202,7 @@ class TileResult:
 
 
 def _planes_good(mask, planes, excluded):
-    return pixels_without(mask, bits_of(planes, excluded))
+    return lacks_bits(mask, bits_of(planes, excluded))
 
 
 def _tile_mask(image, variance, mask, psf_image, config, planes, find_cosmic_rays):
@@ -679,7 +679,7 @@ def finish_catalog(inputs: DetectionInputs, results: Sequence[TileResult]) -> pd
     parts = [cat] if len(cat) else []
     if config.n_sky_sources > 0:
         fpm = det.footprint_mask(stitched.footprints, inputs.shape, origin=(x0, y0))
-        bad = ~pixels_without(msk, bits_of(planes, list(config.bad_peak_mask_planes)))
+        bad = has_bits(msk, bits_of(planes, list(config.bad_peak_mask_planes)))
         xy = place_sky_sources(
             config.n_sky_sources, fpm, bad, avoid_radius=inputs.psf_image.shape[0] // 2, origin=(x0, y0),
             seed=config.sky_source_seed, source_xy=cat[["x", "y"]].to_numpy() if len(cat) else None,
