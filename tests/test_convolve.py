@@ -5,13 +5,14 @@ import numpy as np
 import pytest
 import scipy.signal
 
-from diffim_dag.kernels.chebyshev import n_terms
+from diffim_dag.kernels.chebyshev import chebyshev_terms, n_terms
 from diffim_dag.kernels.convolve import (
     _spatial_factors,
     choose_method,
     convolve_spatial,
     convolve_tile,
     convolve_variance_spatial,
+    squared_kernel_terms,
 )
 from diffim_dag.kernels.solution import KernelSolution
 from diffim_dag.masks import DEFAULT_MASK_PLANES
@@ -298,3 +299,17 @@ def test_fft_convolve_in_strips_equals_the_whole_frame():
     k = rng.uniform(size=(15, 15))
     np.testing.assert_allclose(fft_convolve_strips(a, k, strip=64), fft_convolve(a, k), rtol=0, atol=1e-12)
     np.testing.assert_array_equal(fft_convolve_strips(a, k, strip=400), fft_convolve(a, k))  # one strip
+
+
+@pytest.mark.parametrize("order", [0, 1, 2, 3])
+def test_squared_kernel_terms_reproduce_the_squared_kernel(order):
+    """K(u; x)² at any position is the twice-the-degree Chebyshev series of the regrouped products."""
+    bbox = (0.0, 300.0, 0.0, 200.0)
+    solution = make_solution(order, 9, bbox=bbox, seed=order + 5)
+    squared, high = squared_kernel_terms(solution.term_kernels(), order)
+    assert high == 2 * order and squared.shape[0] == n_terms(2 * order)
+    assert squared.shape[0] <= n_terms(order) * (n_terms(order) + 1) // 2
+    for x, y in [(0.0, 0.0), (300.0, 200.0), (37.5, 151.0), (222.0, 12.0)]:
+        t = chebyshev_terms(x, y, high, bbox)
+        np.testing.assert_allclose(np.tensordot(t, squared, axes=1), solution.kernel_at(x, y) ** 2,
+                                   rtol=1e-12, atol=1e-14)
