@@ -464,11 +464,12 @@ class DetectionInputs:
 
 
 def _significance_stdev(score: np.ndarray, good: np.ndarray) -> float | None:
-    """Clipped σ of ``score`` over ``good`` (a deterministic strided sample of ≤ ~1e6 values is
-    plenty for one σ); None when it is not a positive number."""
-    vals = score[good]
-    step = max(1, vals.size // 1_000_000)
-    sigma = det.clipped_stdev(vals[::step]) if vals.size else float("nan")
+    """Clipped σ of ``score`` over ``good`` (the good ones of every ``step``-th pixel, ≤ ~1e6 values: plenty for
+    one σ, and no gather of the whole frame); None when it is not a positive number."""
+    step = max(1, int(np.count_nonzero(good)) // 1_000_000)
+    flat_score, flat_good = score.reshape(-1), good.reshape(-1)  # (views of the contiguous planes)
+    vals = flat_score[::step][flat_good[::step]]
+    sigma = det.clipped_stdev(vals) if vals.size else float("nan")
     return sigma if np.isfinite(sigma) and sigma > 0 else None
 
 
