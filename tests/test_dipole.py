@@ -8,7 +8,8 @@ import pytest
 
 from diffim_dag import Exposure, GaussianPsf
 from diffim_dag.kernels import detection as det
-from diffim_dag.kernels.dipole import classify_dipole, fit_dipole
+from diffim_dag.kernels.dipole import classify_dipole, fit_dipole, fit_dipoles, linear_background
+from diffim_dag.kernels.measure import render_psfs
 from diffim_dag.sim import add_sources
 from diffim_dag.stages.detect import DetectMeasureConfig, detect_and_measure
 
@@ -151,3 +152,93 @@ def test_transient_next_to_weak_negative_is_not_a_dipole(rng):
     # a merged footprint larger than max_dipole_area is not fitted
     cat2 = detect_and_measure(exp, config=DetectMeasureConfig(n_sky_sources=0, max_dipole_area=10))
     assert not cat2["dipole_fitted"].any()
+
+
+def _many_dipoles(rng, n=12, joint=True):
+    """A field of dipoles of assorted separations and flux ratios (lobes 1–3 px apart), with its footprints."""
+    shape, xy0, noise = (260, 300), (15, 25), 3.0
+    centres = _positions(rng, n, 25, 235, 30) + np.array(xy0)
+    offsets = rng.uniform(0.5, 1.5, (n, 2)) * rng.choice([-1, 1], (n, 2))
+    f_pos, f_neg = rng.uniform(2000, 9000, n), rng.uniform(2000, 9000, n)
+    sci, tmp = rng.normal(0, noise, shape), rng.normal(0, noise, shape)
+    add_sources(sci, centres[:, 0] + offsets[:, 0], centres[:, 1] + offsets[:, 1], f_pos, PSF, xy0=xy0)
+    add_sources(tmp, centres[:, 0] - offsets[:, 0], centres[:, 1] - offsets[:, 1], f_neg, PSF, xy0=xy0)
+    var = np.full(shape, noise**2)
+    diff, dvar = sci - tmp, 2 * var
+    fps = [f for f in det.detect_tile(diff, dvar, np.zeros(shape, np.int32), PSF.kernel_image(), origin=xy0)
+           if f.has_both_polarities]
+    good = np.ones(shape, bool)
+    kw = dict(science=(sci, var, good), template=(tmp, var, good)) if joint else {}
+    return diff, dvar, good, fps, xy0, kw
+
+
+def _trf_reference(diff, dvar, good, fp, xy0, science=None, template=None, margin=6, weight=0.5):
+    """The dipole model fitted by scipy's trust-region reflective least squares, one footprint at a time, with
+    the public renderer: an independent reference for the batched Levenberg–Marquardt fits."""
+    from scipy.optimize import least_squares
+
+    x0, y0 = xy0
+    ny, nx = diff.shape
+    bx0, bx1, by0, by1 = fp.bbox
+    bbox = (max(bx0 - margin, x0), min(bx1 + margin, x0 + nx), max(by0 - margin, y0), min(by1 + margin, y0 + ny))
+    sl = (slice(bbox[2] - y0, bbox[3] - y0), slice(bbox[0] - x0, bbox[1] - x0))
+    inside = np.zeros((bbox[3] - bbox[2], bbox[1] - bbox[0]), bool)
+    inside[by0 - bbox[2]:by1 - bbox[2], bx0 - bbox[0]:bx1 - bbox[0]] = fp.spans
+    blocks = [(diff[sl], np.sqrt(1.0 / dvar[sl]))]
+    if science is not None:
+        for img, var, _ in (science, template):
+            w = 1.0 / var[sl]
+            blocks.append((img[sl] - linear_background(img[sl], w, ~inside), np.sqrt(weight * w)))
+    shape_at = (0.5 * (bx0 + bx1 - 1), 0.5 * (by0 + by1 - 1))
+    size = PSF.default_size(*shape_at)
+
+    def residuals(p):
+        pos, neg = render_psfs(PSF, [(p[0], p[1]), (p[2], p[3])], bbox, size=size, shape_at=shape_at)
+        pos, neg = p[4] * pos, p[5] * neg
+        parts = [(blocks[0][0] - (pos - neg)) * blocks[0][1]]
+        if len(blocks) == 3:
+            parts += [(blocks[1][0] - pos) * blocks[1][1], (blocks[2][0] - neg) * blocks[2][1]]
+        return np.concatenate([q.ravel() for q in parts])
+
+    sig = fp.peak_significance
+    ip, ineg = int(np.argmax(sig > 0)), int(np.argmax(sig < 0))
+    p0 = [fp.peak_x[ip], fp.peak_y[ip], fp.peak_x[ineg], fp.peak_y[ineg], 1000.0, 1000.0]
+    lo = [bbox[0] - 0.5, bbox[2] - 0.5, bbox[0] - 0.5, bbox[2] - 0.5, 0.0, 0.0]
+    hi = [bbox[1] - 0.5, bbox[3] - 0.5, bbox[1] - 0.5, bbox[3] - 0.5, np.inf, np.inf]
+    res = least_squares(residuals, p0, bounds=(lo, hi), x_scale=[1, 1, 1, 1, 1000, 1000], xtol=1e-12, ftol=1e-12,
+                        method="trf")
+    n_data = blocks[0][0].size * (1 + (2 * weight if len(blocks) == 3 else 0))  # every pixel good here
+    return res.x, float(np.sum(res.fun ** 2)), n_data
+
+
+@pytest.mark.parametrize("joint", [True, False])
+def test_batched_dipole_fits_reach_the_least_squares_minimum(rng, joint):
+    """Each batched fit reaches the minimum scipy's trust-region fit finds on its own: the same χ² and the
+    same lobes (to a small fraction of their errors); fitted in a batch or alone, the same result."""
+    diff, dvar, good, fps, xy0, kw = _many_dipoles(rng, joint=joint)
+    assert len(fps) >= 8
+    batch = fit_dipoles(diff, dvar, good, PSF, fps, origin=xy0, **kw)
+    for fp, fit in zip(fps, batch):
+        assert fit["dipole_fitted"] and not fit["dipole_flag"]
+        p_ref, chi2_ref, n_data = _trf_reference(diff, dvar, good, fp, xy0, **kw)
+        got = np.array([fit["dipole_pos_x"], fit["dipole_pos_y"], fit["dipole_neg_x"], fit["dipole_neg_y"],
+                        fit["dipole_pos_flux"], -fit["dipole_neg_flux"]])
+        err = np.array([fit[f"dipole_{k}_err"] for k in ("pos_x", "pos_y", "neg_x", "neg_y", "pos_flux", "neg_flux")])
+        assert np.all(np.abs(got - p_ref) < 0.01 * err), (got, p_ref, err)
+        # the χ² the fit reports (χ²/dof × dof) is the reference's minimum
+        assert fit["dipole_chi2dof"] * (n_data - 6) == pytest.approx(chi2_ref, rel=1e-7)
+        alone = fit_dipole(diff, dvar, good, PSF, fp, origin=xy0, **kw)
+        for key, value in fit.items():
+            if isinstance(value, float) and np.isfinite(value):
+                assert alone[key] == pytest.approx(value, rel=1e-7, abs=1e-9), key
+            else:
+                assert alone[key] == value or (np.isnan(alone[key]) and np.isnan(value)), key
+
+
+def test_footprint_without_both_signs_is_not_fitted(rng):
+    diff, dvar, good, fps, xy0, kw = _many_dipoles(rng, n=3)
+    single = det.detect_tile(np.where(diff > 0, diff, 0.0), dvar, np.zeros(diff.shape, np.int32),
+                             PSF.kernel_image(), origin=xy0)
+    out = fit_dipoles(diff, dvar, good, PSF, [single[0], fps[0]], origin=xy0, **kw)
+    assert not out[0]["dipole_fitted"] and not out[0]["dipole_flag"]
+    assert out[1]["dipole_fitted"]

@@ -41,7 +41,7 @@ from ..config import DetectionConfig
 from ..errors import ConfigError
 from ..exposure import Exposure
 from ..kernels import detection as det
-from ..kernels.dipole import DIPOLE_COLUMNS, empty_dipole, fit_dipole
+from ..kernels.dipole import DIPOLE_COLUMNS, empty_dipole, fit_dipoles
 from ..kernels.maskops import bits_of, has_bits, lacks_bits
 from ..kernels.measure import DEFAULT_EXCLUDED_PLANES, forced_psf_flux, measure_sources
 from ..masks import DEFAULT_MASK_PLANES
@@ -316,17 +316,15 @@ def detect_measure_tile(
     if template is not None:
         tmp_g = _planes_good(np.asarray(template[2]), planes, DEFAULT_EXCLUDED_PLANES)
     joint = science is not None and template is not None
-    rows = []
-    for fp in footprints:
-        if fp.has_both_polarities and fp.area <= config.max_dipole_area:
-            rows.append(fit_dipole(
-                image, variance, good, psf, fp, origin=origin,
-                science=(science[0], science[1], sci_g) if joint else None,
-                template=(template[0], template[1], tmp_g) if joint else None,
-                direct_weight=config.dipole_direct_weight,
-            ))
-        else:
-            rows.append(empty_dipole())
+    rows = [empty_dipole() for _ in footprints]
+    fit = [i for i, fp in enumerate(footprints) if fp.has_both_polarities and fp.area <= config.max_dipole_area]
+    if fit:
+        fitted = fit_dipoles(image, variance, good, psf, [footprints[i] for i in fit], origin=origin,
+                             science=(science[0], science[1], sci_g) if joint else None,
+                             template=(template[0], template[1], tmp_g) if joint else None,
+                             direct_weight=config.dipole_direct_weight)
+        for i, row in zip(fit, fitted):
+            rows[i] = row
     dip = pd.DataFrame({k: pd.Series([r[k] for r in rows], dtype=v) for k, v in DIPOLE_COLUMNS.items()})
     cat = pd.concat([base, meas, dip], axis=1)
     # dipoles: the centroid is the flux-weighted centre of the lobes
