@@ -335,9 +335,11 @@ def _fit_batch(psf, group: list, size: int) -> list[dict]:
         c2, a2, r2 = _normal_equations(psf, sub, trial, boxes[ia], shape, size, [x[ia] for x in data],
                                        [x[ia] for x in roots], joint)
         better = np.isfinite(c2) & (c2 <= chi2[ia])
+        # converged: a step (taken or not) below XTOL of the parameters, or χ² that no longer changes beyond
+        # FTOL (at the minimum a step can be refused for a rounding-level increase: no use damping further)
         moved = np.linalg.norm(trial - p[ia], axis=1)
         small_step = moved <= XTOL * (XTOL + np.linalg.norm(p[ia], axis=1))
-        small_gain = better & (chi2[ia] - c2 <= FTOL * chi2[ia])
+        small_gain = np.isfinite(c2) & (np.abs(chi2[ia] - c2) <= FTOL * chi2[ia])
         acc = ia[better]
         p[acc], chi2[acc], ata[acc], atr[acc] = trial[better], c2[better], a2[better], r2[better]
         lam[acc] = np.maximum(lam[acc] / 10.0, 1e-12)
