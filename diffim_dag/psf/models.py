@@ -84,7 +84,7 @@ def image_moments(image: np.ndarray) -> tuple[float, float, float, float, float]
     return xc, yc, ixx, iyy, ixy
 
 
-def measure_fwhm(image: np.ndarray, *, upsample: int = 9) -> float:
+def measure_fwhm(image: np.ndarray, *, upsample: int = 5) -> float:
     """FWHM of a centred PSF image from the area above half maximum.
 
     The image (cropped to the pixels above a quarter of its peak plus a margin) is
@@ -95,7 +95,9 @@ def measure_fwhm(image: np.ndarray, *, upsample: int = 9) -> float:
     (``clip(0.5 + (f - f_½) / |∇f|, 0, 1)``), which removes the pixel-counting noise.
     Exact for circular profiles in the limit of fine upsampling, and the usual
     effective FWHM for elliptical ones.  Accuracy on point-sampled Gaussian and
-    Moffat (β=3) kernels: better than 0.15 % for FWHM ≥ 2.5 px, 0.7 % at 2 px.
+    Moffat (β=3) kernels: better than 0.2 % for FWHM ≥ 2.5 px, 0.7 % at 2 px.  The spline through the
+    samples sets it, not the upsampling: 9× instead of the default 5× is as accurate (0.15 %, 0.7 %) and
+    takes three times as long (the ~70 PSF images of a run: 0.3 s).
     """
     from scipy import ndimage
 
