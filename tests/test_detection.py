@@ -477,4 +477,4 @@ def test_cosmic_ray_search_of_the_positive_image_and_its_group_count(rng):
     for _ in range(200):
         hit = rng.random(tuple(rng.integers(1, 40, 2))) < rng.uniform(0.01, 0.6)
         if hit.any():
-            assert _groups(hit) == ndimage.label(hit)[1]
+            assert _groups(*np.nonzero(hit), hit.shape[1]) == ndimage.label(hit)[1]
