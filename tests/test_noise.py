@@ -217,3 +217,15 @@ def test_source_excess_in_strips_equals_the_whole_frame():
     got = _source_excess(img, level, rms)
     assert got.dtype == np.float32 and np.count_nonzero(got) > 100
     np.testing.assert_array_equal(got, expected)
+
+
+def test_grown_rows_are_those_of_the_grown_mask(rng):
+    """The sky noise map grows its source mask on the sampled rows only: the same rows as growing it all."""
+    from diffim_dag.noise import _grown_rows, grow_cross
+
+    for _ in range(300):
+        shape = tuple(int(v) for v in rng.integers(1, 30, 2))
+        mask = rng.random(shape) < rng.uniform(0.01, 0.3)
+        radius, step = int(rng.integers(0, 4)), int(rng.integers(1, 6))
+        rows = np.arange(0, shape[0], step)
+        assert np.array_equal(_grown_rows(mask, rows, radius), grow_cross(mask, radius)[rows])
