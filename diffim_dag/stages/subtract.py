@@ -31,7 +31,7 @@ from ..errors import InputError, NoWorkFound
 from ..kernels.solution import CONVOLVE_SCIENCE, CONVOLVE_TEMPLATE
 from ..masks import MaskPlanes
 from ..memory import release_freed_memory
-from ..noise import clipped_stats, grow_cross, measure_background, robust_std
+from ..noise import box_mean3, clipped_stats, grow_cross, measure_background, robust_std
 from ..psf import Psf
 from ..kernels.maskops import has_bits, lacks_bits
 
@@ -100,13 +100,11 @@ def _windows(shape: tuple[int, int], size: int = 512, per_axis: int = 4):
 
 def _source_free_chi(image, variance, good) -> np.ndarray:
     """``(I − B)/√V`` over good pixels away from sources (3×3-mean S/N > 3, grown by 4 px)."""
-    from scipy import ndimage
-
     bkg = measure_background(image, ~good, rms=False)
     norm = (image - bkg.level) / np.sqrt(np.where(good, variance, 1.0))
     norm = np.where(good, norm, 0.0)
     scale0 = max(robust_std(norm[good]), 1e-12)
-    sources = grow_cross(ndimage.uniform_filter(norm, 3) > scale0, 4)
+    sources = grow_cross(box_mean3(norm) > scale0, 4)
     use = good & ~sources
     return norm[use] if np.count_nonzero(use) >= 100 else norm[good]
 
@@ -164,8 +162,6 @@ def measure_noise_correlation(image: np.ndarray, variance: np.ndarray, bad: np.n
     :math:`(I - B)/\sqrt V` with the pixels near sources (3×3-mean S/N > 1σ of its own noise, grown
     by 4 px) left out; the windows' correlations are averaged.
     """
-    from scipy import ndimage
-
     from ..kernels.decorrelate import noise_correlation
 
     good_all = ~bad & np.isfinite(image) & (variance > 0)
@@ -178,7 +174,7 @@ def measure_noise_correlation(image: np.ndarray, variance: np.ndarray, bad: np.n
         img, var = image[w], variance[w]
         bkg = measure_background(img, ~good, rms=False)
         z = np.where(good, (img - bkg.level) / np.sqrt(np.where(good, var, 1.0)), 0.0)
-        sources = grow_cross(ndimage.uniform_filter(z, 3) > 1.0, 4)
+        sources = grow_cross(box_mean3(z) > 1.0, 4)
         sky = good & ~sources
         if sky.sum() < 1000:
             continue
