@@ -68,16 +68,17 @@ def grow_cross(mask: np.ndarray, iterations: int = 1) -> np.ndarray:
 
 def box_mean3(a: np.ndarray, mode: str = "reflect") -> np.ndarray:
     """The 3×3 mean of each pixel of a 2-D float array (``scipy.ndimage.uniform_filter(a, 3, mode=mode)`` to
-    rounding, in ``a``'s dtype), as shifted sums: 2–3× faster than the filter's running sums.  ``mode``:
-    ``"reflect"`` (the edge pixel repeated, ``d c b a | a b c d``) or ``"nearest"`` (the edge value)."""
+    rounding, in ``a``'s dtype), as shifted sums: 2–3× faster than the filter's running sums.  Summed in float64,
+    as the filter does, so that float32 values near their largest do not overflow.  ``mode``: ``"reflect"`` (the
+    edge pixel repeated, ``d c b a | a b c d``) or ``"nearest"`` (the edge value)."""
     pad = {"reflect": "symmetric", "nearest": "edge"}[mode]
-    p = np.pad(a, 1, mode=pad)
+    p = np.pad(np.asarray(a, dtype=np.float64), 1, mode=pad)
     rows = p[:-2] + p[1:-1]
     rows += p[2:]
     out = rows[:, :-2] + rows[:, 1:-1]
     out += rows[:, 2:]
-    out *= out.dtype.type(1.0 / 9.0)
-    return out
+    out *= 1.0 / 9.0
+    return out.astype(a.dtype, copy=False)
 
 
 def _grown_rows(mask: np.ndarray, rows: np.ndarray, radius: int) -> np.ndarray:

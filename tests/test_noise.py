@@ -242,3 +242,7 @@ def test_box_mean3_is_the_uniform_filter(rng, mode, dtype):
         assert out.dtype == dtype and out.shape == a.shape
         np.testing.assert_allclose(out, ndimage.uniform_filter(a, 3, mode=mode),
                                    rtol=1e-6 if dtype == np.float32 else 1e-13)
+    # the largest float32 values (a frame's inf made finite) do not overflow
+    top = np.full((4, 4), np.finfo(np.float32).max, np.float32)
+    with np.errstate(over="raise"):
+        assert np.all(box_mean3(top.astype(dtype), mode) == top.astype(dtype))
