@@ -184,3 +184,46 @@ def test_decam_template_on_rotated_grid(shared_data):
     snr_r, snr_a = _psf_snr(result), _psf_snr(ref)
     assert snr_a > 8
     assert abs(snr_r / snr_a - 1) < 0.10, f"S/N {snr_r:.2f} (rotated template) vs {snr_a:.2f} (aligned)"
+
+
+def test_alignment_windows_searched_at_the_whole_images_binning():
+    """A frame of 4 Mpix or more has its alignment windows searched binned 2×2, as the whole frame would be; the
+    stars found are those of the unbinned search, with the same centroids."""
+    import numpy as np
+    from scipy.spatial import cKDTree
+
+    from diffim_dag import Exposure
+    import diffim_dag.psf.estimate as est
+    from diffim_dag.sim import add_sources
+    from diffim_dag.stages.template import _stars, alignment_windows
+    from diffim_dag.psf import GaussianPsf
+
+    rng = np.random.default_rng(7)
+    n = 2048
+    psf = GaussianPsf(1.5)
+    img = rng.normal(100.0, 5.0, (n, n))
+    xs, ys = rng.uniform(10, n - 10, 3000), rng.uniform(10, n - 10, 3000)
+    add_sources(img, xs, ys, rng.uniform(3e3, 5e4, 3000), psf)
+    exp = Exposure.from_arrays(img.astype(np.float32), np.full((n, n), 25.0, np.float32), psf=psf)
+    windows = alignment_windows(exp.bbox, side=512)
+    seen = []
+    original = est.find_psf_stars
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("binning"))
+        return original(*args, **kwargs)
+
+    est.find_psf_stars = spy
+    try:
+        binned = _stars(exp, windows=windows)
+        est.BIN_PIXELS, saved = n * n + 1, est.BIN_PIXELS  # the frame now counts as small: unbinned windows
+        try:
+            unbinned = _stars(exp, windows=windows)
+        finally:
+            est.BIN_PIXELS = saved
+    finally:
+        est.find_psf_stars = original
+    assert seen == [2] * len(windows) + [1] * len(windows)
+    assert len(binned) >= 0.9 * len(unbinned) > 20
+    d, _ = cKDTree(unbinned[:, :2]).query(binned[:, :2])
+    assert np.mean(d < 0.01) > 0.9

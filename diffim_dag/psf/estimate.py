@@ -87,6 +87,10 @@ class PsfEstimate:
     stars: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
+#: Images of this many pixels or more are searched for stars binned 2×2 (:func:`find_psf_stars`).
+BIN_PIXELS = 2048 * 2048
+
+
 def _odd(n: float) -> int:
     n = int(math.ceil(n))
     return n if n % 2 else n + 1
@@ -171,12 +175,12 @@ def _radial_measures(stamps: np.ndarray, dx: np.ndarray, dy: np.ndarray, rmax: f
 
 def find_psf_stars(image: np.ndarray, bad: np.ndarray | None = None, *, saturated: np.ndarray | None = None,
                    saturation: float | None = None, config: PsfEstimationConfig = PsfEstimationConfig(),
-                   ) -> tuple[pd.DataFrame, dict]:
+                   binning: int | None = None) -> tuple[pd.DataFrame, dict]:
     """Candidate PSF stars of ``image`` with the reason each one was rejected (``""``: used).
 
-    Detection runs on the image binned 2×2 when it has 4 Mpix or more (4× fewer pixels for the
-    mesh background and ``sep.extract``; a star stays a star); every measurement is made on the
-    full-resolution pixels, in stamps, with the mesh level at the star subtracted.
+    Detection runs on the image binned 2×2 when it has ``BIN_PIXELS`` (4 Mpix) or more, or as ``binning``
+    says (4× fewer pixels for the mesh background and ``sep.extract``; a star stays a star); every
+    measurement is made on the full-resolution pixels, in stamps, with the mesh level at the star subtracted.
 
     Parameters
     ----------
@@ -205,7 +209,7 @@ def find_psf_stars(image: np.ndarray, bad: np.ndarray | None = None, *, saturate
     bad = np.zeros(img.shape, bool) if bad is None else np.asarray(bad, bool)
     bad = bad | ~np.isfinite(img)
     sat = np.zeros(img.shape, bool) if saturated is None else np.asarray(saturated, bool)
-    b = 2 if ny * nx >= 2048 * 2048 else 1
+    b = (2 if ny * nx >= BIN_PIXELS else 1) if binning is None else int(binning)
     binned, bad_b = _bin(img, bad | sat, b)
     bkg = measure_background(binned, bad_b, box=max(64 // b, 16))
     data_b = np.ascontiguousarray(np.where(bad_b, np.float32(0), binned - bkg.level), dtype=np.float32)
