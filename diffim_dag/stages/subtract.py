@@ -120,10 +120,16 @@ def measure_variance_scale(image: np.ndarray, variance: np.ndarray, bad: np.ndar
     A factor above ``max_scale`` (or below 1/max_scale) means the variance plane is not
     usable: :class:`InputError`.
     """
-    good = ~bad & np.isfinite(image) & (variance > 0)
-    if np.count_nonzero(good) < 100:
+    def good_in(w):  # the usable pixels of a window (the windows of a large frame hold a quarter of it)
+        return ~bad[w] & np.isfinite(image[w]) & (variance[w] > 0)
+
+    chunks = []
+    for w in _windows(image.shape):
+        good = good_in(w)
+        if np.count_nonzero(good) >= 100:
+            chunks.append(_source_free_chi(image[w], variance[w], good))
+    if not chunks and np.count_nonzero(good_in((slice(None), slice(None)))) < 100:
         return 1.0
-    chunks = [_source_free_chi(image[w], variance[w], good[w]) for w in _windows(image.shape) if good[w].sum() >= 100]
     vals = np.concatenate(chunks) if chunks else np.zeros(0)
     _, std, _ = clipped_stats(vals, nsigma=4.0)
     factor = float(std**2)
