@@ -125,3 +125,24 @@ def test_fourier_shift_moves_content_by_the_offset():
     img = MoffatPsf(fwhm_pixels=3.0).kernel_image(size=31)
     moved = fourier_shift(img[None], np.array([0.4]), np.array([-0.3]))[0]
     assert window_centroid(moved, 1.3) == pytest.approx((0.4, -0.3), abs=1e-3)
+
+
+def test_binned_detection_image_skips_bad_pixels(rng):
+    """Each 2×2 (3×3) block is the sum of its good pixels scaled to the block's size, whether a few pixels are
+    bad (the blocks that hold them summed again) or much of the frame is (a masked copy); no good pixel: empty."""
+    from diffim_dag.psf.estimate import _bin
+
+    for _ in range(100):
+        shape = tuple(int(v) for v in rng.integers(3, 40, 2))
+        img = rng.normal(100.0, 10.0, shape).astype(np.float32)
+        img[rng.random(shape) < 0.02] = np.nan
+        bad = (rng.random(shape) < rng.choice([0.0, 0.01, 0.3, 1.0])) | ~np.isfinite(img)
+        for b in (2, 3):
+            total, empty = _bin(img, bad, b)
+            ny, nx = shape[0] // b, shape[1] // b
+            blocks = img[: ny * b, : nx * b].reshape(ny, b, nx, b).astype(np.float64)
+            good = ~bad[: ny * b, : nx * b].reshape(ny, b, nx, b)
+            n = good.sum(axis=(1, 3))
+            expect = np.where(good, blocks, 0.0).sum(axis=(1, 3)) * b * b / np.maximum(n, 1)
+            np.testing.assert_allclose(total, expect, rtol=1e-5, atol=1e-3)
+            np.testing.assert_array_equal(empty, n == 0)

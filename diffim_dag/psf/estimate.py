@@ -129,17 +129,40 @@ def _bin(image: np.ndarray, bad: np.ndarray, b: int) -> tuple[np.ndarray, np.nda
     if b == 1:
         return np.where(bad, np.float32(0), image).astype(np.float32), bad
     ny, nx = (image.shape[0] // b) * b, (image.shape[1] // b) * b
-    good = ~bad[:ny, :nx]
-    img = np.where(good, image[:ny, :nx], np.float32(0)).astype(np.float32, copy=False)
+    bad = np.asarray(bad[:ny, :nx], dtype=bool)
     total = np.zeros((ny // b, nx // b), np.float32)
-    count = np.zeros((ny // b, nx // b), np.uint8)
+    if np.count_nonzero(bad) * 16 > bad.size:  # much of the frame bad (no data): a masked copy
+        good = ~bad
+        img = np.where(good, image[:ny, :nx], np.float32(0)).astype(np.float32, copy=False)
+        count = np.zeros(total.shape, np.uint8)
+        for j in range(b):
+            for i in range(b):
+                total += img[j::b, i::b]
+                count += good[j::b, i::b]
+        if (count < b * b).any():
+            total *= np.float32(b * b) / np.maximum(count, 1)
+        return total, count == 0
+    img = np.asarray(image[:ny, :nx], dtype=np.float32)
     for j in range(b):
         for i in range(b):
             total += img[j::b, i::b]
-            count += good[j::b, i::b]
-    empty = count == 0
-    if (count < b * b).any():
-        total *= np.float32(b * b) / np.maximum(count, 1)
+    # the blocks with a bad pixel (a few: saturated stars, bad columns) summed again without it, in the same
+    # order, and scaled to b² pixels: no masked copy of the whole frame
+    by, bx = np.nonzero(bad)
+    blocks = np.unique((by // b) * (nx // b) + bx // b)
+    qy, qx = np.divmod(blocks, nx // b)
+    part = np.zeros(len(blocks), np.float32)
+    count = np.zeros(len(blocks), np.uint8)
+    for j in range(b):
+        for i in range(b):
+            v = img[qy * b + j, qx * b + i]
+            ok = ~bad[qy * b + j, qx * b + i]
+            part += np.where(ok, v, np.float32(0))
+            count += ok
+    part *= np.float32(b * b) / np.maximum(count, 1)
+    total[qy, qx] = part
+    empty = np.zeros(total.shape, dtype=bool)
+    empty[qy, qx] = count == 0
     return total, empty
 
 
