@@ -1,6 +1,8 @@
 """Detection on synthetic differences: matched filter, polarity merging, masks, tiles."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -478,3 +480,19 @@ def test_cosmic_ray_search_of_the_positive_image_and_its_group_count(rng):
         hit = rng.random(tuple(rng.integers(1, 40, 2))) < rng.uniform(0.01, 0.6)
         if hit.any():
             assert _groups(*np.nonzero(hit), hit.shape[1]) == ndimage.label(hit)[1]
+
+
+def test_cosmic_ray_threshold_is_exact_at_n_sigma():
+    """The float32 pre-selection does not move the n σ threshold: a spike one float32 step above n σ is found,
+    one at or below it is not, for either sign and for ``positive``."""
+    psf = GaussianPsf(1.3).kernel_image(0, 0)
+    var = np.full((40, 60), 2.7, np.float32)
+    img = np.zeros(var.shape, np.float32)
+    thr = 6.0 * math.sqrt(float(np.float32(2.7)))
+    above = np.nextafter(np.float32(thr), np.float32(np.inf))
+    below = np.float32(thr) if np.float32(thr) <= thr else np.nextafter(np.float32(thr), np.float32(0))
+    img[10, 10], img[10, 30], img[30, 10], img[30, 30] = above, below, -above, -below
+    hits = det.find_cosmic_rays(img, var, psf, nsigma=6.0, grow=0)
+    assert hits[10, 10] and hits[30, 10] and not hits[10, 30] and not hits[30, 30]
+    pos = det.find_cosmic_rays(img, var, psf, nsigma=6.0, grow=0, positive=True)
+    assert pos[10, 10] and not pos[10, 30] and not pos[30, 10] and not pos[30, 30]
