@@ -148,11 +148,13 @@ def _bin(image: np.ndarray, bad: np.ndarray, b: int) -> tuple[np.ndarray, np.nda
             total += img[j::b, i::b]
     # the blocks with a bad pixel (a few: saturated stars, bad columns) summed again without it, in the same
     # order, and scaled to b² pixels: no masked copy of the whole frame
-    by, bx = np.nonzero(bad)
-    blocks = np.unique((by // b) * (nx // b) + bx // b)
-    qy, qx = np.divmod(blocks, nx // b)
-    part = np.zeros(len(blocks), np.float32)
-    count = np.zeros(len(blocks), np.uint8)
+    hit = np.zeros(total.shape, dtype=bool)
+    for j in range(b):
+        for i in range(b):
+            hit |= bad[j::b, i::b]
+    qy, qx = np.nonzero(hit)
+    part = np.zeros(len(qy), np.float32)
+    count = np.zeros(len(qy), np.uint8)
     for j in range(b):
         for i in range(b):
             v = img[qy * b + j, qx * b + i]

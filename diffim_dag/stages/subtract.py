@@ -98,11 +98,21 @@ def _windows(shape: tuple[int, int], size: int = 512, per_axis: int = 4):
     return [(slice(y, y + size), slice(x, x + size)) for y in ys for x in xs]
 
 
+def _usable(image, variance, bad, window) -> np.ndarray:
+    """The pixels of ``window`` that a noise measurement can use: not ``bad``, finite, with a positive variance
+    (found in the window only: the windows of a large frame hold a quarter of it)."""
+    return ~bad[window] & np.isfinite(image[window]) & (variance[window] > 0)
+
+
+def _sky_normalized(image, variance, good) -> np.ndarray:
+    """``(I − B)/√V`` on the ``good`` pixels (0 elsewhere), B the mesh background of the good pixels."""
+    bkg = measure_background(image, ~good, rms=False)
+    return np.where(good, (image - bkg.level) / np.sqrt(np.where(good, variance, 1.0)), 0.0)
+
+
 def _source_free_chi(image, variance, good) -> np.ndarray:
     """``(I − B)/√V`` over good pixels away from sources (3×3-mean S/N > 3, grown by 4 px)."""
-    bkg = measure_background(image, ~good, rms=False)
-    norm = (image - bkg.level) / np.sqrt(np.where(good, variance, 1.0))
-    norm = np.where(good, norm, 0.0)
+    norm = _sky_normalized(image, variance, good)
     scale0 = max(robust_std(norm[good]), 1e-12)
     sources = grow_cross(box_mean3(norm) > scale0, 4)
     use = good & ~sources
@@ -120,15 +130,12 @@ def measure_variance_scale(image: np.ndarray, variance: np.ndarray, bad: np.ndar
     A factor above ``max_scale`` (or below 1/max_scale) means the variance plane is not
     usable: :class:`InputError`.
     """
-    def good_in(w):  # the usable pixels of a window (the windows of a large frame hold a quarter of it)
-        return ~bad[w] & np.isfinite(image[w]) & (variance[w] > 0)
-
     chunks = []
     for w in _windows(image.shape):
-        good = good_in(w)
+        good = _usable(image, variance, bad, w)
         if np.count_nonzero(good) >= 100:
             chunks.append(_source_free_chi(image[w], variance[w], good))
-    if not chunks and np.count_nonzero(good_in((slice(None), slice(None)))) < 100:
+    if not chunks and np.count_nonzero(_usable(image, variance, bad, (slice(None), slice(None)))) < 100:
         return 1.0
     vals = np.concatenate(chunks) if chunks else np.zeros(0)
     _, std, _ = clipped_stats(vals, nsigma=4.0)
@@ -170,16 +177,13 @@ def measure_noise_correlation(image: np.ndarray, variance: np.ndarray, bad: np.n
     """
     from ..kernels.decorrelate import noise_correlation
 
-    good_all = ~bad & np.isfinite(image) & (variance > 0)
     n = 2 * max_lag + 1
     acc, weight = np.zeros((n, n)), 0.0
     for w in _windows(image.shape, per_axis=3):
-        good = good_all[w]
+        good = _usable(image, variance, bad, w)
         if good.sum() < 1000:
             continue
-        img, var = image[w], variance[w]
-        bkg = measure_background(img, ~good, rms=False)
-        z = np.where(good, (img - bkg.level) / np.sqrt(np.where(good, var, 1.0)), 0.0)
+        z = _sky_normalized(image[w], variance[w], good)
         sources = grow_cross(box_mean3(z) > 1.0, 4)
         sky = good & ~sources
         if sky.sum() < 1000:
