@@ -53,7 +53,6 @@ import datetime as _dt
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 import uuid
@@ -63,7 +62,7 @@ from typing import Sequence
 
 from .config import PipelineConfig, config_to_dict
 from .manifest import VisitSpec, read_manifest, visit_dir, visit_key, write_manifest  # noqa: F401 - the batch API
-from .io.outputs import OUTPUTS_MANIFEST, check_output_root, register_cleanup, unregister_cleanup
+from .io.outputs import OUTPUTS_MANIFEST, check_output_root, register_cleanup, remove_tree, unregister_cleanup
 from .visit import process_visit  # noqa: F401 - the batch API
 from .visit_outputs import DIA_SOURCE_DATASET, VisitRecord, verify_outputs
 
@@ -214,7 +213,7 @@ def _remove_orphans(out: Path, run_id: str) -> None:
     """
     for tmp in out.glob(f"visit=*/.detector=*.tmp-{run_id}-*"):
         log.info("removing %s, left by a worker lost while writing it", tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
 
 
 def run_batch(

@@ -278,7 +278,6 @@ def _stop(command: str, message: str, code: int) -> None:
 
     from .io.outputs import remove_temporaries
 
-    remove_temporaries()
     for child in multiprocessing.active_children():  # a LocalCluster's workers (and their nannies' processes)
         with contextlib.suppress(Exception):
             child.kill()
@@ -288,6 +287,7 @@ def _stop(command: str, message: str, code: int) -> None:
         pid = resource_tracker._resource_tracker._pid
         if pid:
             os.kill(pid, 9)
+    remove_temporaries()  # once no worker process can write into them any more
     try:
         sys.stderr.write(f"diffim-dag {command}: {message}\n")
         sys.stderr.flush()

@@ -13,6 +13,7 @@ import numpy as np
 from .config import PipelineConfig, config_to_dict
 from .io.atomic import atomic_path, atomic_write_text
 from .io.fits import unswappable, write_exposure
+from .io.outputs import make_folder, output_set
 
 if TYPE_CHECKING:
     from .stages.inputs import SubtractionResult
@@ -48,7 +49,7 @@ def write_planes(result: SubtractionResult, out_dir) -> dict:
     ``{name: path}``.  Detection reads the same planes while they are written (the write task of a single
     subtraction runs beside it): :func:`~diffim_dag.io.fits.write_exposure` never byte-swaps them in place."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     paths = {}
     paths["difference"] = write_exposure(result.difference, out / "difference.fits")
     paths["matched_template"] = write_exposure(result.matched_template, out / "matched_template.fits")
@@ -71,7 +72,7 @@ def write_outputs(result: SubtractionResult, out_dir, *, plots: bool = False, co
     ``write-planes`` task), taken as they are while they are all there (a retried write task finds the folder
     its first attempt removed: then they are written again)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     t0 = time.perf_counter()
     if planes is not None and all(Path(v).is_file() for v in planes.values()):
         paths = {k: Path(v) for k, v in planes.items()}
@@ -118,7 +119,7 @@ def _write_plots(result: SubtractionResult, folder: Path) -> dict:
 
     from .stages.kernel_fit import plot_candidates, plot_kernel_grid
 
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
     paths = {}
     for name, exp in (("difference", result.difference), ("matched_template", result.matched_template)):
         img = exp.arrays()[0]
@@ -182,8 +183,6 @@ def write_output_set(result: SubtractionResult, out_dir, *, plots: bool = False,
     ``before_install(tmp)`` may write more into the set (the demo's inputs).  ``staged``: the
     :class:`~diffim_dag.visit_outputs.StagedPlanes` of the ``write-planes`` task — the set's temporary
     folder, already holding the planes (and their checksums)."""
-    from .io.outputs import output_set
-
     final = Path(out_dir)
     with output_set(final, extra={"method": result.metrics.get("method")},
                     folder=None if staged is None else Path(staged.folder),

@@ -241,7 +241,7 @@ def _stop_after(cmd: list, wait_s: float, signum: int, ready=None):
     proc = subprocess.Popen([*CLI, *map(str, cmd)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     t0 = time.monotonic()
     while time.monotonic() - t0 < wait_s and proc.poll() is None and not (ready and ready()):
-        time.sleep(0.1)
+        time.sleep(0.01 if ready else 0.1)
     assert proc.poll() is None, "the run ended before the signal: " + proc.stdout.read()[-2000:]
     children = _children(proc.pid)
     t_signal = time.monotonic()
@@ -261,16 +261,27 @@ def _stop_after(cmd: list, wait_s: float, signum: int, ready=None):
     return proc.returncode, proc.stdout.read(), gone
 
 
+def _writing(parent: Path):
+    """True once a temporary output folder beside ``--out`` holds a file: the set is being written."""
+    return lambda: any(p.is_file() for tmp in parent.glob(".out.tmp-*") for p in tmp.rglob("*"))
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("when", ["computing", "writing"])
 @pytest.mark.parametrize("earlier", [False, True], ids=["fresh", "earlier-set"])
-def test_ctrl_c_during_a_2048_subtract(big, small, tmp_path, earlier):
+def test_ctrl_c_during_a_2048_subtract(big, small, tmp_path, earlier, when):
+    """Ctrl-C while the stages run (after 2.5 s) or while the output set is being written (its planes are
+    written beside detection, by another thread than the signal handler's)."""
     out = tmp_path / "out"
     if earlier:  # --out holds a complete earlier set, which the interrupted --overwrite run must leave intact
         proc = run_cli("subtract", small / "science.fits", small / "template.fits", "--out", out)
         assert proc.returncode == 0, proc.stderr[-3000:]
     before = _tree(out)
     args = ["subtract", big / "science.fits", big / "template.fits", "--out", out] + (["--overwrite"] if earlier else [])
-    code, text, gone = _stop_after(args, 8.0, signal.SIGINT)
+    if when == "computing":
+        code, text, gone = _stop_after(args, 2.5, signal.SIGINT)
+    else:
+        code, text, gone = _stop_after(args, 120.0, signal.SIGINT, ready=_writing(tmp_path))
     assert code == 130, text[-3000:]
     assert gone < 2.0, f"still running {gone:.1f} s after Ctrl-C"
     assert "Traceback" not in text and len(text.strip().splitlines()) <= 3, text[-3000:]

@@ -7,6 +7,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .outputs import make_folder
+
 __all__ = ["atomic_path", "atomic_write_text", "atomic_write_bytes"]
 
 
@@ -18,7 +20,7 @@ def atomic_path(path: str | os.PathLike, *, directory: bool = False):
     half-written output.  ``directory=True`` does the same for folders (zarr stores).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)  # refused once the command is stopping (its temporary folders are being removed)
     # keep the real suffixes last: writers infer the format from them (".png", ".fits.gz")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + "".join(path.suffixes), dir=path.parent)
     os.close(fd)

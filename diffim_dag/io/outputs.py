@@ -8,7 +8,10 @@
   ends, the completion manifest (every file's size and SHA-256) is written and the folder installed
   with one rename (:func:`install`: an atomic exchange with an earlier set where the kernel offers
   it), so a stopped run leaves the old set or the new one, never a mix; on any error the temporary
-  folder is removed.  :func:`remove_temporaries` removes the ones still open (the signal handler's job).
+  folder is removed.  :func:`remove_temporaries` removes the ones still open (the signal handler's job)
+  while other threads may still be writing into them: from then on :func:`make_folder`, which every
+  writer uses to create its folder, refuses, so no writer re-creates a removed folder, and a folder
+  that gained a file while it was being removed is removed again until it is gone.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -28,14 +32,14 @@ from ..errors import InputError
 
 __all__ = ["OUTPUTS_MANIFEST", "OutputError", "check_output_dir", "check_output_root", "output_set", "install", "file_entry", "sha256",
            "read_manifest", "remove_temporaries", "register_cleanup", "unregister_cleanup", "temporary_dir",
-           "temporary_name", "open_temporary", "forget_temporary", "discard_temporary"]
+           "temporary_name", "open_temporary", "forget_temporary", "discard_temporary", "make_folder", "remove_tree"]
 
 #: The completion manifest of an output set.
 OUTPUTS_MANIFEST = "_outputs.json"
 
 _OPEN: set[Path] = set()
 _CLEANUPS: dict[int, object] = {}
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()  # re-entrant: the signal handler runs in the main thread, maybe inside a held lock
 _STOPPING = False
 
 
@@ -164,11 +168,32 @@ def open_temporary(tmp: Path, *, exist_ok: bool = True) -> Path:
     :func:`remove_temporaries` in this process (refused once that has run: the process is stopping)."""
     tmp = Path(tmp)
     with _LOCK:
-        if _STOPPING:
-            raise OutputError(f"{tmp}: not created, the command is stopping")
-        tmp.mkdir(parents=True, exist_ok=exist_ok)
+        make_folder(tmp, exist_ok=exist_ok)
         _OPEN.add(tmp)
     return tmp
+
+
+def make_folder(path, *, exist_ok: bool = True) -> Path:
+    """``mkdir -p path``, refused (:class:`OutputError`) once :func:`remove_temporaries` has run: the process is
+    stopping, and a writer thread must not re-create a temporary folder it removed.  Every output writer
+    creates its folders with this."""
+    path = Path(path)
+    with _LOCK:
+        if _STOPPING:
+            raise OutputError(f"{path}: not created, the command is stopping")
+        path.mkdir(parents=True, exist_ok=exist_ok)
+    return path
+
+
+def remove_tree(path, *, attempts: int = 200) -> None:
+    """Remove the folder ``path`` and all it holds, again while it is still there: a thread writing into it
+    can add a file between the listing and the removal of the folder (no folder can be re-created once
+    :data:`_STOPPING` is set; a file can no longer be created once the folder is gone)."""
+    for i in range(attempts):
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.lexists(path):
+            return
+        time.sleep(0.002 if i < 50 else 0.01)
 
 
 def forget_temporary(tmp: Path) -> None:
@@ -206,7 +231,7 @@ def remove_temporaries() -> None:
         cleanups = list(_CLEANUPS.values())
         _CLEANUPS.clear()
     for tmp in open_now:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
     for function in cleanups:
         try:
             function()
