@@ -185,15 +185,17 @@ def make_folder(path, *, exist_ok: bool = True) -> Path:
     return path
 
 
-def remove_tree(path, *, attempts: int = 200) -> None:
-    """Remove the folder ``path`` and all it holds, again while it is still there: a thread writing into it
+def remove_tree(path, *, within_s: float = 0.5) -> None:
+    """Remove the folder ``path`` and all it holds, again while it is still there (for up to ``within_s``
+    seconds: a folder that cannot be removed must not hold up a stopping command): a thread writing into it
     can add a file between the listing and the removal of the folder (no folder can be re-created once
     :data:`_STOPPING` is set; a file can no longer be created once the folder is gone)."""
-    for i in range(attempts):
+    deadline = time.monotonic() + within_s
+    while True:
         shutil.rmtree(path, ignore_errors=True)
-        if not os.path.lexists(path):
+        if not os.path.lexists(path) or time.monotonic() > deadline:
             return
-        time.sleep(0.002 if i < 50 else 0.01)
+        time.sleep(0.002)
 
 
 def forget_temporary(tmp: Path) -> None:
