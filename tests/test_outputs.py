@@ -37,17 +37,21 @@ def test_a_temporary_set_removed_while_threads_write_into_it_stays_removed(stopp
                 pass
             i += 1
 
-    threads = [threading.Thread(target=writer, args=(k,)) for k in range(2)]
+    threads = [threading.Thread(target=writer, args=(k,), daemon=True) for k in range(2)]
     for t in threads:
         t.start()
     go.set()
-    while min(written) < 50:  # both writers are busy in the folder
-        time.sleep(0.001)
-    remove_temporaries()
-    time.sleep(0.2)  # the writers go on trying, as a task does between the signal and the process's end
-    stop.set()
-    for t in threads:
-        t.join()
+    try:
+        deadline = time.monotonic() + 30.0
+        while min(written) < 50:  # both writers are busy in the folder
+            assert time.monotonic() < deadline, f"the writers did not get going: {written}"
+            time.sleep(0.001)
+        remove_temporaries()
+        time.sleep(0.2)  # the writers go on trying, as a task does between the signal and the process's end
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
     assert not tmp.exists()
     assert [p.name for p in tmp_path.iterdir()] == []
 
