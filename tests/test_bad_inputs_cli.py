@@ -263,7 +263,14 @@ def _stop_after(cmd: list, wait_s: float, signum: int, ready=None):
 
 def _writing(parent: Path):
     """True once a temporary output folder beside ``--out`` holds a file: the set is being written."""
-    return lambda: any(p.is_file() for tmp in parent.glob(".out.tmp-*") for p in tmp.rglob("*"))
+
+    def ready() -> bool:
+        try:
+            return any(p.is_file() for tmp in parent.glob(".out.tmp-*") for p in tmp.rglob("*"))
+        except OSError:  # the folder was renamed into place (or removed) while it was being listed
+            return False
+
+    return ready
 
 
 @pytest.mark.slow
