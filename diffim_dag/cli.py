@@ -318,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"info": _cmd_info, "simulate": _cmd_simulate, "subtract": _cmd_subtract, "demo": _cmd_demo,
                 "run": _cmd_run}
     if argv is None and args.command in ("subtract", "demo", "run"):  # the command line, not an in-process call
+        from .memory import reuse_freed_memory
+
+        reuse_freed_memory()  # (before any task thread starts)
         _install_stop_handlers(args.command)
     try:
         code = handlers[args.command](args)

@@ -91,15 +91,19 @@ def make_client(scheduler: str | None = None, *, n_workers: int | None = None, t
                 memory_limit: str = "auto"):
     """``(client, cluster)``: connect to ``scheduler``, or start a LocalCluster (cluster is None when connecting).
 
-    Workers get one FFT/BLAS thread each (``OMP_NUM_THREADS=1`` etc.) so that they do not oversubscribe the cores.
+    Workers get one FFT/BLAS thread each (``OMP_NUM_THREADS=1`` etc.) so that they do not oversubscribe the cores,
+    and the command line's allocator settings (:func:`~diffim_dag.memory.allocator_environment`: freed arrays
+    reused, not fresh pages), which must be in a process's environment when it starts.
     """
     from distributed import Client, LocalCluster
+
+    from .memory import allocator_environment
 
     if not logging.getLogger("diffim_dag").isEnabledFor(logging.DEBUG):
         logging.getLogger("distributed").setLevel(logging.WARNING)  # the in-process scheduler's INFO chatter
     if scheduler:
         return Client(scheduler), None
-    env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **allocator_environment()}
     for k, v in env.items():
         os.environ.setdefault(k, v)
     n = n_workers or os.cpu_count() or 1

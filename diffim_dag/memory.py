@@ -6,7 +6,7 @@ import functools
 import os
 import sys
 
-__all__ = ["release_freed_memory", "quiet_idle_blas_threads"]
+__all__ = ["release_freed_memory", "reuse_freed_memory", "quiet_idle_blas_threads"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -21,6 +21,58 @@ def _malloc_trim():
         return None
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     return trim
+
+
+#: glibc ``mallopt`` parameters (``malloc.h``) and the environment variables that set them at start-up.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+_ALLOCATOR = ((_M_ARENA_MAX, "MALLOC_ARENA_MAX", 1), (_M_MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_", 1 << 30),
+              (_M_TRIM_THRESHOLD, "MALLOC_TRIM_THRESHOLD_", 1 << 30))
+
+
+@functools.lru_cache(maxsize=1)
+def _mallopt():
+    """glibc's ``mallopt`` (None elsewhere)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        function = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return None
+    function.argtypes, function.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return function
+
+
+def allocator_environment() -> dict:
+    """The environment variables that give a new process the allocator settings of :func:`reuse_freed_memory`
+    (for the worker processes of a LocalCluster), less those the environment already sets."""
+    return {name: str(value) for _, name, value in _ALLOCATOR if name not in os.environ}
+
+
+def reuse_freed_memory() -> bool:
+    """Have glibc reuse the memory a task frees for the next arrays, instead of handing each large array fresh
+    pages from the system (which the kernel must zero: 17 % of a 4096² subtraction's CPU time went to
+    ``clear_page``).  Call it once, before the process starts its threads; for a process of ours (the command
+    line), not a host's (a notebook), whose allocator is its own business.
+
+    * one arena (``M_ARENA_MAX`` 1): a thread's own arena holds at most 64 MB, so a 4096² plane that a task
+      thread allocated was a fresh mapping every time, and freed memory went straight back;
+    * arrays up to 1 GiB from the heap (``M_MMAP_THRESHOLD``), not each from a new mapping;
+    * no trimming at every ``free`` (``M_TRIM_THRESHOLD``): :func:`release_freed_memory` still hands the freed
+      memory back after every task, so the peak resident size stays where it was.
+
+    A 4096² subtraction on 2 cores: wall 0.90×, system time 3.8 s instead of 5.4 s, peak 1.28 GB instead of
+    1.26 GB (6 interleaved pairs).  A setting that the environment already makes (``MALLOC_ARENA_MAX`` …) is
+    kept.  Returns whether the settings were applied (False where the C library is not glibc).
+    """
+    mallopt = _mallopt()
+    if mallopt is None:
+        return False
+    ok = True
+    for param, name, value in _ALLOCATOR:
+        if name not in os.environ:
+            ok = bool(mallopt(param, value)) and ok
+    return ok
 
 
 def release_freed_memory() -> bool:

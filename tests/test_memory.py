@@ -1,0 +1,48 @@
+"""The command line's allocator settings (diffim_dag.memory.reuse_freed_memory): a large array freed by one step is
+reused by the next without the system handing out (and zeroing) fresh pages.  Measured in a child process, so
+that this test process's allocator stays as it was."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from diffim_dag.memory import _mallopt, allocator_environment
+
+pytestmark = pytest.mark.skipif(_mallopt() is None, reason="the C library is not glibc (no mallopt)")
+
+_CHILD = """
+import resource, sys
+import numpy as np
+from diffim_dag.memory import reuse_freed_memory
+if sys.argv[1] == "tuned":
+    assert reuse_freed_memory()
+a = np.ones(1 << 24, np.float32); del a  # 64 MB, as a 4096² plane
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    a = np.ones(1 << 24, np.float32); del a
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _faults(mode: str) -> int:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", _CHILD, mode], capture_output=True, text=True, env=env, check=True)
+    return int(out.stdout.split()[-1])
+
+
+def test_a_freed_plane_is_reused_without_new_page_faults():
+    default, tuned = _faults("default"), _faults("tuned")
+    # glibc's default maps each 64 MB array afresh (≥ 32 faults of 2 MB pages each time, 16k of 4 kB ones)
+    assert default >= 64
+    assert tuned < 32 and 4 * tuned < default
+
+
+def test_settings_the_environment_makes_are_kept(monkeypatch):
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    env = allocator_environment()
+    assert "MALLOC_ARENA_MAX" not in env
+    assert env["MALLOC_MMAP_THRESHOLD_"] == str(1 << 30)
