@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from diffim_dag.memory import _mallopt, allocator_environment
+from diffim_dag.memory import _glibc, allocator_environment
 
-pytestmark = pytest.mark.skipif(_mallopt() is None, reason="the C library is not glibc (no mallopt)")
+pytestmark = pytest.mark.skipif(_glibc("mallopt") is None, reason="the C library is not glibc (no mallopt)")
 
 _CHILD = """
 import resource, sys
