@@ -14,6 +14,8 @@ otherwise its defaults.
 Measured per run:
 
 * the wall time of the whole command, start-up included;
+* its CPU time, user and system (the kernel's: page faults, page zeroing, file writes), of the command and the
+  processes it waited for (``RUSAGE_CHILDREN`` before and after);
 * the peak resident set of every process of the run: the CLI and each Dask worker it starts.  The process
   tree is polled every 50 ms and each process's high-water mark (``VmHWM``) is kept, so the per-process
   peaks are exact up to the last 50 ms of a process's life.  ``RUSAGE_CHILDREN`` gives the largest waited-for
@@ -73,7 +75,9 @@ def _peak_kb(proc: psutil.Process) -> int:
 
 
 def run(cmd: list[str]) -> dict:
-    """Run ``cmd``; its wall time and the peak RSS (GiB) of it and of every process it started."""
+    """Run ``cmd``; its wall time, the CPU time (user, system) of it and of the processes it waited for, and the
+    peak RSS (GiB) of it and of every process it started."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     root = psutil.Process(popen.pid)
@@ -91,12 +95,14 @@ def run(cmd: list[str]) -> dict:
         time.sleep(0.05)
     out, err = popen.communicate()
     wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # (this loop runs one command at a time)
     if popen.returncode:
         raise RuntimeError(f"{' '.join(cmd[:4])}… exited {popen.returncode}: {err[-2000:]}")
     gb = 1024.0 ** 2
     children = sorted((kb / gb for role, kb in peaks.values() if role == "child"), reverse=True)
     main = max((kb for role, kb in peaks.values() if role == "main"), default=0) / gb
-    return {"wall": wall, "main_gb": main, "children_gb": children,
+    return {"wall": wall, "user": after.ru_utime - before.ru_utime, "sys": after.ru_stime - before.ru_stime,
+            "main_gb": main, "children_gb": children,
             "rusage_children_gb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / gb}
 
 
@@ -138,7 +144,8 @@ def main() -> None:
                 metrics = root / f"out{size}-{name}" / "metrics.json"
                 verdict = json.loads(metrics.read_text())["quality"]["verdict"] if metrics.exists() else "—"
                 rows.append({"size": size, "tool": name, "median": statistics.median(walls), "min": min(walls),
-                             "max": max(walls), "main_gb": max(r["main_gb"] for r in runs),
+                             "max": max(walls), "user": statistics.median(r["user"] for r in runs),
+                             "sys": statistics.median(r["sys"] for r in runs), "main_gb": max(r["main_gb"] for r in runs),
                              "worker_gb": max((max(r["children_gb"], default=0.0) for r in runs)),
                              "n_children": max(len(r["children_gb"]) for r in runs), "verdict": verdict})
     finally:
@@ -146,13 +153,15 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
 
     print(f"diffim-dag subtract end to end, {args.repeats} run(s) each, {os.cpu_count()} cores")
-    print("| size | tool | median s | min–max s | peak GiB main | peak GiB largest child (n) | × HOTPANTS | × AL | verdict |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| size | tool | median s | min–max s | CPU user / sys s | peak GiB main | peak GiB largest child (n) "
+          "| × HOTPANTS | × AL | verdict |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         same = {x["tool"]: x["median"] for x in rows if x["size"] == r["size"]}
         vs_hp = f"{r['median'] / same['HOTPANTS']:.2f}" if "HOTPANTS" in same and r["tool"] != "HOTPANTS" else "—"
         vs_al = f"{r['median'] / same['al']:.2f}" if "al" in same and r["tool"] not in ("al", "HOTPANTS") else "—"
-        print(f"| {r['size']}² | {r['tool']} | {r['median']:.2f} | {r['min']:.2f}–{r['max']:.2f} | {r['main_gb']:.2f} "
+        print(f"| {r['size']}² | {r['tool']} | {r['median']:.2f} | {r['min']:.2f}–{r['max']:.2f} "
+              f"| {r['user']:.1f} / {r['sys']:.1f} | {r['main_gb']:.2f} "
               f"| {r['worker_gb']:.2f} ({r['n_children']}) | {vs_hp} | {vs_al} | {r['verdict']} |")
     by = {(r["size"], r["tool"]): r["median"] for r in rows}
     if (8192, "al") in by and (4096, "al") in by:
