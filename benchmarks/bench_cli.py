@@ -103,7 +103,7 @@ def run(cmd: list[str]) -> dict:
     main = max((kb for role, kb in peaks.values() if role == "main"), default=0) / gb
     return {"wall": wall, "user": after.ru_utime - before.ru_utime, "sys": after.ru_stime - before.ru_stime,
             "main_gb": main, "children_gb": children,
-            "rusage_children_gb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / gb}
+            "rusage_children_gb": after.ru_maxrss / gb}
 
 
 def _diffim_dag(pair: Path, out: Path, method: str) -> list[str]:
@@ -145,7 +145,8 @@ def main() -> None:
                 verdict = json.loads(metrics.read_text())["quality"]["verdict"] if metrics.exists() else "—"
                 rows.append({"size": size, "tool": name, "median": statistics.median(walls), "min": min(walls),
                              "max": max(walls), "user": statistics.median(r["user"] for r in runs),
-                             "sys": statistics.median(r["sys"] for r in runs), "main_gb": max(r["main_gb"] for r in runs),
+                             "sys": statistics.median(r["sys"] for r in runs),
+                             "main_gb": max(r["main_gb"] for r in runs),
                              "worker_gb": max((max(r["children_gb"], default=0.0) for r in runs)),
                              "n_children": max(len(r["children_gb"]) for r in runs), "verdict": verdict})
     finally:

@@ -50,9 +50,9 @@ def reuse_freed_memory() -> bool:
       memory back after every task, so the peak resident size stays where it was.
 
     A 4096² subtraction on 2 cores (two calls of 6 interleaved pairs): wall 0.90× and 0.98×, system time 3.7–3.8 s
-    instead of 4.2–5.4 s, peak 1.29 GB instead of 1.26 GB.  A setting that the environment already makes (``MALLOC_ARENA_MAX`` …) is
-    kept.  Returns whether the settings were applied (False where the C library is not glibc).
-    """
+    instead of 4.2–5.4 s, peak 1.29 GB instead of 1.26 GB.  A setting that the environment already makes
+    (``MALLOC_ARENA_MAX`` …) is kept.  Returns whether the settings were applied (False where the C library is not
+    glibc)."""
     mallopt = _glibc("mallopt")
     if mallopt is None:
         return False
