@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None and args.command in ("subtract", "demo", "run"):  # the command line, not an in-process call
         from .memory import reuse_freed_memory
 
-        reuse_freed_memory()  # (before any task thread starts)
+        reuse_freed_memory()  # (before NumPy starts OpenBLAS's threads, and before any task thread starts)
         _install_stop_handlers(args.command)
     try:
         code = handlers[args.command](args)

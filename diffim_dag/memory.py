@@ -40,8 +40,10 @@ def allocator_environment() -> dict:
 def reuse_freed_memory() -> bool:
     """Have glibc reuse the memory a task frees for the next arrays, instead of handing each large array fresh
     pages from the system (which the kernel must zero: 17 % of a 4096² subtraction's CPU time went to
-    ``clear_page``).  Call it once, before the process starts its threads; for a process of ours (the command
-    line), not a host's (a notebook), whose allocator is its own business.
+    ``clear_page``).  Call it once, before NumPy loads (``import diffim_dag.cli`` loads none): glibc gives a
+    thread that allocates before the settings, such as the OpenBLAS threads NumPy starts, an arena of its own,
+    which task threads then share whatever the settings.  For a process of ours (the command line), not a
+    host's (a notebook), whose allocator is its own business.
 
     * one arena (``M_ARENA_MAX`` 1): a thread's own arena holds at most 64 MB, so a 4096² plane that a task
       thread allocated was a fresh mapping every time, and freed memory went straight back;
@@ -49,8 +51,10 @@ def reuse_freed_memory() -> bool:
     * no trimming at every ``free`` (``M_TRIM_THRESHOLD``): :func:`release_freed_memory` still hands the freed
       memory back after every task, so the peak resident size stays where it was.
 
-    A 4096² subtraction on 2 cores (two calls of 6 interleaved pairs): wall 0.90× and 0.98×, system time 3.7–3.8 s
-    instead of 4.2–5.4 s, peak 1.29 GB instead of 1.26 GB.  A setting that the environment already makes
+    A 4096² subtraction on 2 cores (6 interleaved pairs each): with the settings in the environment, wall 0.90× and
+    system time 3.8 s instead of 5.4 s; as calls made after NumPy had loaded (the task threads then had an
+    arena of their own), 0.98×; as calls before NumPy, as now, 1.04× in a quieter phase of the machine (within its
+    noise; the task threads' arrays no longer come from fresh mappings).  Peak 1.25–1.29 GB either way.  A setting that the environment already makes
     (``MALLOC_ARENA_MAX`` …) is kept.  Returns whether the settings were applied (False where the C library is not
     glibc)."""
     mallopt = _glibc("mallopt")

@@ -1,6 +1,6 @@
 """The command line's allocator settings (diffim_dag.memory.reuse_freed_memory): a large array freed by one step is
-reused by the next without the system handing out (and zeroing) fresh pages.  Measured in a child process, so
-that this test process's allocator stays as it was."""
+reused by the next without the system handing out (and zeroing) fresh pages, in a task thread as in a run.  Measured
+in a child process, so that this test process's allocator stays as it was."""
 from __future__ import annotations
 
 import os
@@ -14,16 +14,22 @@ from diffim_dag.memory import _glibc, allocator_environment
 pytestmark = pytest.mark.skipif(_glibc("mallopt") is None, reason="the C library is not glibc (no mallopt)")
 
 _CHILD = """
-import resource, sys
-import numpy as np
+import resource, sys, threading
+import diffim_dag.cli  # as the command line starts: the settings come before NumPy (and OpenBLAS's threads)
 from diffim_dag.memory import reuse_freed_memory
 if sys.argv[1] == "tuned":
+    assert "numpy" not in sys.modules
     assert reuse_freed_memory()
-a = np.ones(1 << 24, np.float32); del a  # 64 MB, as a 4096² plane
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(4):
-    a = np.ones(1 << 24, np.float32); del a
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+import numpy as np
+faults = []
+def task():  # the arrays of a task thread, as the pipeline's are
+    a = np.ones(1 << 24, np.float32); del a  # 64 MB, as a 4096² plane
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(4):
+        a = np.ones(1 << 24, np.float32); del a
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+t = threading.Thread(target=task); t.start(); t.join()
+print(faults[0])
 """
 
 
@@ -46,3 +52,11 @@ def test_settings_the_environment_makes_are_kept(monkeypatch):
     env = allocator_environment()
     assert "MALLOC_ARENA_MAX" not in env
     assert env["MALLOC_MMAP_THRESHOLD_"] == str(1 << 30)
+
+
+def test_the_command_line_module_loads_no_numpy():
+    # glibc gives a thread that allocates before the settings (OpenBLAS's, started when NumPy loads) an arena of its
+    # own, and task threads then share it: 64 MB planes mapped afresh each time, whatever the settings
+    code = "import sys, diffim_dag.cli; print('numpy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-1] == "False"
