@@ -318,10 +318,14 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"info": _cmd_info, "simulate": _cmd_simulate, "subtract": _cmd_subtract, "demo": _cmd_demo,
                 "run": _cmd_run}
     if argv is None and args.command in ("subtract", "demo", "run"):  # the command line, not an in-process call
-        from .memory import reuse_freed_memory
+        import importlib
+
+        from .memory import imported_out_of_collection, reuse_freed_memory
 
         reuse_freed_memory()  # (before NumPy starts OpenBLAS's threads, and before any task thread starts)
         _install_stop_handlers(args.command)
+        with imported_out_of_collection():
+            importlib.import_module(".batch" if args.command == "run" else ".pipeline", __package__)
     try:
         code = handlers[args.command](args)
     except DiffimError as exc:

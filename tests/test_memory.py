@@ -60,3 +60,16 @@ def test_the_command_line_module_loads_no_numpy():
     code = "import sys, diffim_dag.cli; print('numpy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split()[-1] == "False"
+
+
+def test_modules_imported_for_a_command_leave_the_collectors_passes():
+    code = """
+import gc
+from diffim_dag.memory import imported_out_of_collection
+with imported_out_of_collection():
+    assert not gc.isenabled()
+    import fractions  # (a module the child has not loaded)
+print(gc.isenabled(), gc.get_freeze_count() > 1000)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True"]
