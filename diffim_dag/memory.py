@@ -1,5 +1,5 @@
 """Memory and threads of the process: freed memory handed back to the system, OpenBLAS's idle threads put to
-sleep (pure Python; no Dask, no NumPy)."""
+sleep, the command line's allocator settings and garbage-collector freeze (pure Python; no Dask, no NumPy)."""
 from __future__ import annotations
 
 import contextlib
@@ -53,11 +53,11 @@ def reuse_freed_memory() -> bool:
     * no trimming at every ``free`` (``M_TRIM_THRESHOLD``): :func:`release_freed_memory` still hands the freed
       memory back after every task, so the peak resident size stays where it was.
 
-    A 4096² subtraction on 2 cores (6 interleaved pairs each): with the settings in the environment, wall 0.90× and
-    system time 3.8 s instead of 5.4 s; as calls made after NumPy had loaded (the task threads then had an
-    arena of their own), 0.98×; as calls before NumPy, as now, 1.04× in a quieter phase of the machine (within its
-    noise; the task threads' arrays no longer come from fresh mappings).  Peak 1.25–1.29 GB either way.  A setting that the environment already makes
-    (``MALLOC_ARENA_MAX`` …) is kept.  Returns whether the settings were applied (False where the C library is not
+    A 4096² subtraction on 2 cores (6 interleaved pairs each): with the settings in the environment, wall 0.90×
+    and system time 3.8 s instead of 5.4 s; as calls made after NumPy had loaded (the task threads then had an
+    arena of their own), 0.98×; as calls before NumPy, as now, 1.04× in a quieter phase of the machine (within
+    its noise; the task threads' arrays no longer come from fresh mappings).  Peak 1.25–1.29 GB either way.
+    A setting that the environment already makes (``MALLOC_ARENA_MAX`` …) is kept.  Returns whether the settings were applied (False where the C library is not
     glibc)."""
     mallopt = _glibc("mallopt")
     if mallopt is None:
