@@ -57,8 +57,8 @@ def reuse_freed_memory() -> bool:
     and system time 3.8 s instead of 5.4 s; as calls made after NumPy had loaded (the task threads then had an
     arena of their own), 0.98×; as calls before NumPy, as now, 1.04× in a quieter phase of the machine (within
     its noise; the task threads' arrays no longer come from fresh mappings).  Peak 1.25–1.29 GB either way.
-    A setting that the environment already makes (``MALLOC_ARENA_MAX`` …) is kept.  Returns whether the settings were applied (False where the C library is not
-    glibc)."""
+    A setting that the environment already makes (``MALLOC_ARENA_MAX`` …) is kept.  Returns whether the settings
+    were applied (False where the C library is not glibc)."""
     mallopt = _glibc("mallopt")
     if mallopt is None:
         return False
