@@ -37,6 +37,10 @@ MAD_TO_SIGMA = 1.4826
 #: Statistics of more values than this use a deterministic strided subsample (a 4096² image has
 #: 16.8M pixels; 1M samples pin a σ to 0.1% and cost 1/16 of the medians).
 MAX_STAT_SAMPLES = 1 << 20
+#: The starting point of a σ-clipping (or a threshold that only masks sources) is taken from at most this many of
+#: the values: the iterations that follow use them all, and a 0.3 % start moves their result by far less than
+#: its own noise.  (Two medians of 1M values cost ~30 ms, a tenth of a 1024² run's statistics.)
+START_SAMPLES = 1 << 18
 
 
 #: Rows per strip of :func:`row_strips`: a 4096-wide float64 strip of 256 rows is 8 MB.
@@ -119,7 +123,8 @@ def clipped_stats(
 ) -> tuple[float, float, int]:
     """Iterative σ-clipped mean and standard deviation (as afw's MEANCLIP/STDEVCLIP).
 
-    Above ``max_samples`` values a deterministic strided subsample is used (``None``: all).
+    Above ``max_samples`` values a deterministic strided subsample is used (``None``: all); the first centre and
+    scale (median and MAD) come from at most :data:`START_SAMPLES` of them.
 
     Returns
     -------
@@ -129,8 +134,9 @@ def clipped_stats(
     v = _finite_sample(values, max_samples)
     if v.size == 0:
         return float("nan"), float("nan"), 0
-    center = np.median(v)
-    scale = robust_std(v)
+    start = v[:: -(-v.size // START_SAMPLES)] if v.size > START_SAMPLES else v
+    center = np.median(start)
+    scale = robust_std(start)
     keep = v
     for _ in range(iterations):
         if not scale > 0:

@@ -31,7 +31,7 @@ from ..errors import InputError, NoWorkFound
 from ..kernels.solution import CONVOLVE_SCIENCE, CONVOLVE_TEMPLATE
 from ..masks import MaskPlanes
 from ..memory import release_freed_memory
-from ..noise import box_mean3, clipped_stats, grow_cross, measure_background, robust_std
+from ..noise import START_SAMPLES, box_mean3, clipped_stats, grow_cross, measure_background, robust_std
 from ..psf import Psf
 from ..kernels.maskops import has_bits, lacks_bits
 
@@ -113,7 +113,7 @@ def _sky_normalized(image, variance, good) -> np.ndarray:
 def _source_free_chi(image, variance, good) -> np.ndarray:
     """``(I − B)/√V`` over good pixels away from sources (3×3-mean S/N > 3, grown by 4 px)."""
     norm = _sky_normalized(image, variance, good)
-    scale0 = max(robust_std(norm[good]), 1e-12)
+    scale0 = max(robust_std(norm[good], max_samples=START_SAMPLES), 1e-12)  # (a threshold: masks sources)
     sources = grow_cross(box_mean3(norm) > scale0, 4)
     use = good & ~sources
     return norm[use] if np.count_nonzero(use) >= 100 else norm[good]
