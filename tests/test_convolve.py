@@ -313,3 +313,28 @@ def test_squared_kernel_terms_reproduce_the_squared_kernel(order):
         t = chebyshev_terms(x, y, high, bbox)
         np.testing.assert_allclose(np.tensordot(t, squared, axes=1), solution.kernel_at(x, y) ** 2,
                                    rtol=1e-12, atol=1e-14)
+
+
+def test_kernel_transforms_kept_per_solution_and_shape_give_the_same_tiles(small_case):
+    """Tiles of one shape share the kernels' transforms (kept with the solution); a tile convolved with them
+    kept equals one convolved afresh, a tile of another shape gets its own, and they go with the solution."""
+    import gc
+
+    from diffim_dag.kernels.convolve import _KERNEL_FTS
+
+    image, variance, origin, _ = small_case
+    solution = make_solution(2, 7, bbox=(100.0, 220.0, 40.0, 120.0))
+    first = convolve_spatial(image, solution, origin=origin, method="fft")
+    first_var = convolve_variance_spatial(variance, solution, origin=origin, method="fft")
+    memo = _KERNEL_FTS[solution]
+    assert {name for name, _, _ in memo} == {"image", "variance"}
+    again = convolve_spatial(image, solution, origin=origin, method="fft")
+    np.testing.assert_array_equal(again, first)
+    np.testing.assert_array_equal(convolve_variance_spatial(variance, solution, origin=origin, method="fft"), first_var)
+    part = convolve_spatial(image[:30, :35], solution, origin=origin, method="fft")
+    assert len(memo) == 3
+    assert_rel(part, brute_force(image[:30, :35], solution, origin))
+    n = len(_KERNEL_FTS)
+    del solution, memo
+    gc.collect()
+    assert len(_KERNEL_FTS) == n - 1

@@ -141,3 +141,27 @@ def test_grow_square_is_binary_dilation_by_the_square():
         m = rng.uniform(size=(int(rng.integers(1, 60)), int(rng.integers(1, 60)))) > 0.95
         for it in (1, 2, 4):
             np.testing.assert_array_equal(grow_square(m, it), ndimage.binary_dilation(m, square, iterations=it))
+
+
+def test_grow_square_of_a_sparse_mask_from_its_pixels_is_the_same_dilation():
+    """Saturated stars and cosmic rays are a few pixels in a million: grown from their coordinates (the
+    sparse path), with pixels on every edge and corner, the result is the dense path's and the filter's."""
+    from scipy import ndimage
+
+    from diffim_dag.kernels.maskops import _or_window_1d, grow_square, nonzero_2d
+
+    rng = np.random.default_rng(7)
+    square = np.ones((3, 3), bool)
+    for shape in ((300, 410), (2000, 3), (3, 2000)):
+        m = rng.uniform(size=shape) > 0.9995
+        m[0, 0] = m[-1, -1] = m[0, -1] = m[-1, 0] = True
+        for it in (1, 2):
+            k = 2 * it + 1
+            assert np.count_nonzero(m) * k * k * 16 < m.size  # (the sparse path is the one taken)
+            dense = _or_window_1d(_or_window_1d(m, k, axis=1), k, axis=0)
+            np.testing.assert_array_equal(grow_square(m, it), dense)
+            np.testing.assert_array_equal(grow_square(m, it), ndimage.binary_dilation(m, square, iterations=it))
+        ys, xs = nonzero_2d(m)
+        ny, nx = np.nonzero(m)
+        np.testing.assert_array_equal(ys, ny)
+        np.testing.assert_array_equal(xs, nx)

@@ -58,7 +58,7 @@ import scipy.ndimage as ndi
 
 from ..masks import DEFAULT_MASK_PLANES
 from ..noise import row_strips
-from .maskops import bits_of, grow_square, has_bits, lacks_bits
+from .maskops import bits_of, grow_square, has_bits, lacks_bits, nonzero_2d
 
 __all__ = [
     "Footprint",
@@ -260,7 +260,7 @@ def bright_static_peaks(
     if border > 0:
         cand[:border] = cand[-border:] = False
         cand[:, :border] = cand[:, -border:] = False
-    iy, ix = np.nonzero(cand)
+    iy, ix = nonzero_2d(cand)
     del cand
     if iy.size == 0:
         return np.zeros(0, int), np.zeros(0, int)
@@ -474,7 +474,7 @@ def _local_extrema(
         sub = nu[y0:y1, x0:x1] if sign > 0 else -nu[y0:y1, x0:x1]
         mx = ndi.maximum_filter(sub, size=3, mode="constant", cval=-np.inf)
         cand = (sub >= mx) & region[y0:y1, x0:x1]
-        cy, cx = np.nonzero(cand)
+        cy, cx = nonzero_2d(cand)
         if len(cy) > 1:
             # plateau ties: keep one pixel per 8-connected group of equal maxima
             lab, nlab = ndi.label(cand, structure=np.ones((3, 3), bool))
@@ -875,7 +875,7 @@ def find_cosmic_rays(
         return out
     # only the candidates are tested (a few per mille of the pixels): neighbours by index, edges clamped
     ny, nx = d.shape
-    cy, cx = np.nonzero(cand)
+    cy, cx = nonzero_2d(cand)
     del cand
     exact = np.abs(values(d[cy, cx])) > nsigma * sigma(var[cy, cx])
     cy, cx = cy[exact], cx[exact]

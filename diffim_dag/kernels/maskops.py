@@ -28,7 +28,7 @@ import numpy as np
 from ..masks import MASK_DTYPE
 
 __all__ = ["dilate_mask", "grow_square", "template_mask_for_difference", "edge_mask", "bits_of", "has_bits",
-           "lacks_bits"]
+           "lacks_bits", "nonzero_2d"]
 
 #: Template planes kept as they are in the difference (LSST ``preserveTemplateMask``).
 DEFAULT_KEPT_TEMPLATE_PLANES: tuple[str, ...] = ("NO_DATA", "BAD", "HIGH_VARIANCE")
@@ -126,15 +126,39 @@ def _or_window_1d(a: np.ndarray, size: int, axis: int) -> np.ndarray:
     return w[tuple(sl)]
 
 
+def nonzero_2d(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.nonzero`` of a 2-D array, ``(rows, columns)`` in the same (row-major) order, from the flat indices:
+    a 4096² mask in 2 ms instead of 30 (NumPy's 2-D ``nonzero`` walks every pixel index by index)."""
+    mask = np.asarray(mask)
+    return np.divmod(np.flatnonzero(mask), mask.shape[1])
+
+
 def grow_square(mask: np.ndarray, iterations: int = 1) -> np.ndarray:
     """A boolean ``mask`` dilated ``iterations`` times by the 3×3 square (outside the array counts as unset).
 
     Equal to ``scipy.ndimage.binary_dilation(mask, structure=np.ones((3, 3)), iterations=iterations)``: the
     ``2·iterations + 1`` square's OR, along x and then along y (:func:`_or_window_1d`, as :func:`dilate_mask`
-    does for bit fields); a 4096² mask in ~40 ms against ~0.6 s.
+    does for bit fields); a 4096² mask in ~40 ms against ~0.6 s.  A sparse mask (saturated stars, cosmic rays:
+    set pixels times the square's area under 1/16 of the image) is grown from its set pixels' coordinates instead,
+    one assignment per offset of the square, with no full-size temporaries but the result.
     """
-    k = 2 * int(iterations) + 1
-    return _or_window_1d(_or_window_1d(np.asarray(mask, dtype=bool), k, axis=1), k, axis=0)
+    mask = np.asarray(mask, dtype=bool)
+    r = int(iterations)
+    k = 2 * r + 1
+    if mask.ndim == 2 and r > 0:
+        n = int(np.count_nonzero(mask))
+        if n * k * k * 16 < mask.size:
+            ny, nx = mask.shape
+            ys, xs = nonzero_2d(mask)
+            out = np.zeros(mask.shape, dtype=bool)
+            for dy in range(-r, r + 1):
+                yy = ys + dy
+                for dx in range(-r, r + 1):
+                    xx = xs + dx
+                    inside = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
+                    out[yy[inside], xx[inside]] = True
+            return out
+    return _or_window_1d(_or_window_1d(mask, k, axis=1), k, axis=0)
 
 
 def dilate_mask(mask: np.ndarray, footprint_size: int, *, skip_bits: int = 0) -> np.ndarray:

@@ -59,6 +59,7 @@ import pandas as pd
 from ..config import PsfEstimationConfig
 from ..errors import PsfError
 from ..kernels.centroid import window_centroid
+from ..kernels.maskops import nonzero_2d
 from .models import GridPsf, ImagePsf, MoffatPsf, Psf, measure_fwhm
 
 __all__ = [
@@ -152,7 +153,7 @@ def _bin(image: np.ndarray, bad: np.ndarray, b: int) -> tuple[np.ndarray, np.nda
     for j in range(b):
         for i in range(b):
             hit |= bad[j::b, i::b]
-    qy, qx = np.nonzero(hit)
+    qy, qx = nonzero_2d(hit)
     part = np.zeros(len(qy), np.float32)
     count = np.zeros(len(qy), np.uint8)
     for j in range(b):

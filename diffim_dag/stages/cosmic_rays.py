@@ -18,7 +18,7 @@ import numpy as np
 
 from ..config import CosmicRayConfig
 from ..exposure import Exposure
-from ..kernels.maskops import has_bits
+from ..kernels.maskops import has_bits, nonzero_2d
 
 __all__ = ["CosmicRayResult", "repair_cosmic_rays"]
 
@@ -91,7 +91,7 @@ def repair_cosmic_rays(exposure: Exposure, config: CosmicRayConfig = CosmicRayCo
     hit = find_cosmic_rays(img, var, psf, bad=skip, nsigma=config.nsigma, cond=config.cond, grow=config.grow,
                            positive=True)
     hit &= ~skip
-    hy, hx = np.nonzero(hit)  # (once: the groups, the repair and the mask take the pixels from here)
+    hy, hx = nonzero_2d(hit)  # (once: the groups, the repair and the mask take the pixels from here)
     n = len(hy)
     if n == 0:
         return CosmicRayResult(exposure, {"enabled": True, "pixels": 0})
