@@ -24,6 +24,8 @@ __all__ = [
     "BackgroundModel",
     "measure_background",
     "sky_noise_map",
+    "sky_noise_grid",
+    "BoxGridMap",
     "build_variance",
     "grow_cross",
     "row_strips",
@@ -208,8 +210,17 @@ def sky_noise_map(image: np.ndarray, bad: np.ndarray | None = None, *, box: int 
     Correlated noise (a resampled image) makes adjacent differences smaller than the pixel noise by
     :math:`\sqrt{1-\rho}`: with the mesh ``rms`` (σ of the pixel values) given, the map is scaled
     by the median ratio of the two over the image — the sky boxes, which are most of them, fix it;
-    the few boxes on a galaxy cannot.
+    the few boxes on a galaxy cannot.  (:func:`sky_noise_grid` is the box grid; :func:`build_variance`
+    interpolates it strip by strip instead of making this plane.)
     """
+    grid, box = sky_noise_grid(image, bad, box=box, level=level, rms=rms)
+    return _bilinear_upsample(grid, box, np.shape(image))
+
+
+def sky_noise_grid(image: np.ndarray, bad: np.ndarray | None = None, *, box: int = 64,
+                   level: np.ndarray | None = None, rms: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """The box grid of :func:`sky_noise_map` (float32, median-filtered and scaled; ``(1, 1)`` for a constant
+    σ) and the box size it was measured with: the map is its bilinear interpolation (:class:`BoxGridMap`)."""
     from scipy import ndimage
 
     img = np.asarray(image, dtype=np.float32)
@@ -253,63 +264,95 @@ def sky_noise_map(image: np.ndarray, bad: np.ndarray | None = None, *, box: int 
             grid = grid * float(np.clip(np.median(rms_b[ok] / g[ok]), 1.0, 2.0))
     if not np.isfinite(grid).any():
         sigma = robust_std(diff[ok]) if ok.any() else robust_std(img)
-        return np.full(img.shape, np.float32(sigma if np.isfinite(sigma) else 0.0))
+        return np.full((1, 1), np.float32(sigma if np.isfinite(sigma) else 0.0)), box
     fill = float(np.nanmedian(grid))
     grid = np.where(np.isfinite(grid), grid, fill)
     if grid.size > 1:
         grid = ndimage.median_filter(grid, size=3, mode="nearest")
     if grid.shape == (1, 1):
-        return np.full(img.shape, np.float32(grid[0, 0]))
-    return _bilinear_upsample(grid, box, (ny, nx))
+        return np.full((1, 1), np.float32(grid[0, 0])), box
+    return np.asarray(grid, dtype=np.float32), box
 
 
-def _bilinear_upsample(grid: np.ndarray, box: int, shape: tuple[int, int]) -> np.ndarray:
-    """Bilinear interpolation of a box grid (box centres at ``(k + 0.5) box - 0.5``) onto ``shape`` (float32)."""
+class BoxGridMap:
+    """Bilinear interpolation of a box grid (box centres at ``(k + 0.5) box - 0.5``) onto a ``shape`` image,
+    row by row, in float32: :meth:`rows` gives any run of rows, :meth:`sampled` every ``step``-th pixel each way,
+    with the same arithmetic as the whole map (bitwise its pixels); beyond the outer centres it is flat.
+    A ``(1, 1)`` grid is its constant."""
 
-    def axis(n, m):
+    def __init__(self, grid: np.ndarray, box: int, shape: tuple[int, int]):
+        g = np.asarray(grid, dtype=np.float32)
+        self.shape = (int(shape[0]), int(shape[1]))
+        y0, y1, wy = self._axis(self.shape[0], g.shape[0], box)
+        self._by_row = g[y0] * (1 - wy[:, None]) + g[y1] * wy[:, None]  # (ny, nbx): the grid at each row
+        self._x0, self._x1, wx = self._axis(self.shape[1], g.shape[1], box)
+        self._w0, self._w1 = (1 - wx)[None, :], wx[None, :]
+
+    @staticmethod
+    def _axis(n, m, box):
         c = np.clip((np.arange(n) + 0.5) / box - 0.5, 0, m - 1)
         i0 = np.minimum(np.floor(c).astype(np.int64), max(m - 2, 0))
         w = (c - i0).astype(np.float32)
         return i0, np.minimum(i0 + 1, m - 1), w
 
-    g = np.asarray(grid, dtype=np.float32)
-    y0, y1, wy = axis(shape[0], g.shape[0])
-    rows = g[y0] * (1 - wy[:, None]) + g[y1] * wy[:, None]  # (ny, nbx)
-    x0, x1, wx = axis(shape[1], g.shape[1])
-    out = np.empty(shape, dtype=np.float32)
-    w0, w1 = (1 - wx)[None, :], wx[None, :]
-    for s in row_strips(shape[0]):  # (np.take into the output: no gathered temporaries, same sums)
-        strip = out[s]
-        np.take(rows[s], x0, axis=1, out=strip)
-        strip *= w0
-        right = np.take(rows[s], x1, axis=1)
-        right *= w1
-        strip += right
+    def rows(self, s: slice, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``s`` of the map (into ``out``, when given: no temporaries but one row block)."""
+        part = self._by_row[s]
+        if out is None:
+            out = np.empty((part.shape[0], self.shape[1]), dtype=np.float32)
+        np.take(part, self._x0, axis=1, out=out)  # (np.take into the output: no gathered temporaries, same sums)
+        out *= self._w0
+        right = np.take(part, self._x1, axis=1)
+        right *= self._w1
+        out += right
+        return out
+
+    def sampled(self, step: int) -> np.ndarray:
+        """``map[::step, ::step]`` without the map."""
+        part = self._by_row[::step]
+        return np.take(part, self._x0[::step], axis=1) * self._w0[:, ::step] + \
+            np.take(part, self._x1[::step], axis=1) * self._w1[:, ::step]
+
+
+def _bilinear_upsample(grid: np.ndarray, box: int, shape: tuple[int, int]) -> np.ndarray:
+    """The whole :class:`BoxGridMap` of ``grid`` (float32, ``shape``)."""
+    bilinear = BoxGridMap(grid, box, shape)
+    out = np.empty(bilinear.shape, dtype=np.float32)
+    for s in row_strips(shape[0]):
+        bilinear.rows(s, out=out[s])
     return out
 
 
-def _source_excess(image: np.ndarray, level: np.ndarray, rms: np.ndarray) -> np.ndarray:
+def _source_excess(image: np.ndarray, level: np.ndarray, rms) -> np.ndarray:
     """Counts above the background where a source is (the Poisson term's input), else 0.
 
     The excess is ``image − level``.  Pure sky pixels must not get a larger variance just because
     their noise fluctuated up (that skews detections toward positive): a pixel counts as source only
     where the 3×3 mean of the excess is above 1σ of the sky (3σ of the mean's own noise), grown by
     one pixel; there its own positive excess is used.  Computed in row strips with two rows of halo (the
-    mean's row and the growth's), so that the temporaries are a strip's.
+    mean's row and the growth's), so that the temporaries are a strip's.  ``rms``: the sky σ, a plane or a
+    :class:`BoxGridMap`.
     """
     ny = image.shape[0]
     out = np.empty(image.shape, dtype=np.float32)
     for s in row_strips(ny):
-        lo, hi = max(s.start - 2, 0), min(s.stop + 2, ny)
-        ex = np.subtract(np.asarray(image[lo:hi], dtype=np.float32), np.asarray(level[lo:hi], dtype=np.float32),
-                         dtype=np.float32)
-        np.nan_to_num(ex, copy=False)
-        above = box_mean3(ex, mode="nearest") > np.asarray(rms[lo:hi], dtype=np.float32)
-        significant = grow_cross(above)[s.start - lo:s.stop - lo]
-        strip = out[s]
-        np.maximum(ex[s.start - lo:s.stop - lo], np.float32(0.0), out=strip)
-        strip *= significant  # (excess ≥ 0 and finite: × 1 keeps it, × 0 zeroes it)
+        out[s] = _excess_rows(image, level, rms, s)
     return out
+
+
+def _excess_rows(image, level, rms, s: slice) -> np.ndarray:
+    """Rows ``s`` of :func:`_source_excess` (float32), from those rows and two on each side."""
+    ny = image.shape[0]
+    lo, hi = max(s.start - 2, 0), min(s.stop + 2, ny)
+    ex = np.subtract(np.asarray(image[lo:hi], dtype=np.float32), np.asarray(level[lo:hi], dtype=np.float32),
+                     dtype=np.float32)
+    np.nan_to_num(ex, copy=False)
+    sigma = rms.rows(slice(lo, hi)) if isinstance(rms, BoxGridMap) else np.asarray(rms[lo:hi], dtype=np.float32)
+    above = box_mean3(ex, mode="nearest") > sigma
+    significant = grow_cross(above)[s.start - lo:s.stop - lo]
+    strip = np.maximum(ex[s.start - lo:s.stop - lo], np.float32(0.0))
+    strip *= significant  # (excess ≥ 0 and finite: × 1 keeps it, × 0 zeroes it)
+    return strip
 
 
 def build_variance(
@@ -351,27 +394,31 @@ def build_variance(
     """
     bkg = measure_background(image, bad, box=box)
     img = np.asarray(image, dtype=np.float32)
-    noise = sky_noise_map(image, bad, box=box, level=bkg.level, rms=bkg.rms)
+    grid, box = sky_noise_grid(image, bad, box=box, level=bkg.level, rms=bkg.rms)
     level = bkg.level  # (the mesh rms is no longer needed)
     del bkg
-    src = _source_excess(img, level, noise)
-    sky_var_measured = np.multiply(noise, noise, out=noise)  # float32: the planes are float32, and so is the result
-    del noise
+    noise = BoxGridMap(grid, box, img.shape)  # the sky σ, interpolated strip by strip: no σ plane is made
+    # the choice of model needs the maps' medians only: they are smooth on the mesh scale, and every 4th pixel
+    # each way pins them
+    noise_4 = noise.sampled(4)
+    sky_var_4 = np.multiply(noise_4, noise_4, out=noise_4)  # float32: the planes are float32, and so is the result
 
-    def smooth_median(a):  # the maps are smooth on the mesh scale: every 4th pixel each way pins the median
-        return float(np.median(np.asarray(a)[::4, ::4].astype(np.float64))) if np.ndim(a) == 2 else float(np.median(a))
+    def smooth_median(a):
+        return float(np.median(np.asarray(a).astype(np.float64))) if np.ndim(a) == 2 else float(np.median(a))
 
+    header = None  # (gain, read noise²): the header's sky model
+    divisor = None  # counts per e⁻ of the sources' Poisson term (None: no source term)
     if gain is not None and gain > 0:
         rn_counts2 = (read_noise / gain) ** 2 if read_noise is not None and read_noise > 0 else 0.0
-        header_sky_var = np.maximum(level, np.float32(0.0)) / np.float32(gain) + np.float32(rn_counts2)
+        header_4 = np.maximum(level[::4, ::4], np.float32(0.0)) / np.float32(gain) + np.float32(rn_counts2)
         # The header model only holds if the image still carries its sky.  Sky-subtracted
         # images (level ≈ 0) would get only the read noise: check against the measurement.
-        ratio = smooth_median(header_sky_var) / max(smooth_median(sky_var_measured), 1e-30)
+        ratio = smooth_median(header_4) / max(smooth_median(sky_var_4), 1e-30)
+        divisor = float(gain)
         if 0.8 <= ratio <= 1.25:
-            var = np.add(header_sky_var, np.divide(src, np.float32(gain), out=src), out=src)
+            header = (np.float32(gain), np.float32(rn_counts2))
             how = "gain+read_noise"
         else:
-            var = np.add(sky_var_measured, np.divide(src, np.float32(gain), out=src), out=src)
             how = "measured_sky+gain"
             log.info(
                 "%s: header noise model (GAIN, read noise) predicts %.3g x the measured sky variance "
@@ -380,15 +427,30 @@ def build_variance(
                 ratio,
             )
     else:
-        level = smooth_median(level)
-        sky_var = smooth_median(sky_var_measured)
-        g_eff = level / sky_var if sky_var > 0 else 0.0
+        level_med = smooth_median(level[::4, ::4])
+        sky_var = smooth_median(sky_var_4)
+        g_eff = level_med / sky_var if sky_var > 0 else 0.0
         # a sky of many σ (a raw frame) fixes an effective gain; a sky-subtracted frame (level ≈ 0) cannot
-        if level > 10.0 * np.sqrt(max(sky_var, 1e-30)) and 1e-3 < g_eff < 1e3:
-            var = np.add(sky_var_measured, np.divide(src, np.float32(g_eff), out=src), out=src)
-            how = f"measured_sky+effective_gain (g={g_eff:.4g} from sky level {level:.6g} and noise {np.sqrt(sky_var):.4g})"
+        if level_med > 10.0 * np.sqrt(max(sky_var, 1e-30)) and 1e-3 < g_eff < 1e3:
+            divisor = float(g_eff)
+            how = (f"measured_sky+effective_gain (g={g_eff:.4g} from sky level {level_med:.6g} and noise "
+                   f"{np.sqrt(sky_var):.4g})")
         else:
-            var = sky_var_measured
             how = "measured_sky"
+    # strip by strip: the sky term (the header's, or the measured σ²) plus the sources' excess / gain
+    var = np.empty(img.shape, dtype=np.float32)
+    for s in row_strips(img.shape[0]):
+        out = var[s]
+        if header is not None:
+            np.maximum(level[s], np.float32(0.0), out=out)
+            out /= header[0]
+            out += header[1]
+        else:
+            noise.rows(s, out=out)
+            out *= out
+        if divisor is not None:
+            src = _excess_rows(img, level, noise, s)
+            src /= np.float32(divisor)
+            out += src
     log.info("%s: variance plane built from %s", source, how)
-    return np.asarray(var, dtype=np.float32), how
+    return var, how

@@ -246,3 +246,43 @@ def test_box_mean3_is_the_uniform_filter(rng, mode, dtype):
     top = np.full((4, 4), np.finfo(np.float32).max, np.float32)
     with np.errstate(over="raise"):
         assert np.all(box_mean3(top.astype(dtype), mode) == top.astype(dtype))
+
+
+@pytest.mark.parametrize("sky, kw, how", [
+    (1000.0, {"gain": 4.0, "read_noise": 5.0}, "gain+read_noise"),
+    (0.0, {"gain": 4.0, "read_noise": 5.0}, "measured_sky+gain"),
+    (1000.0, {}, "measured_sky+effective_gain"),
+    (0.0, {}, "measured_sky"),
+])
+def test_variance_built_in_strips_is_the_whole_plane_model(rng, sky, kw, how):
+    """build_variance interpolates the sky σ grid and adds the sources' term strip by strip: bitwise the planes
+    of its definition (the σ map of :func:`sky_noise_map`, the excess of :func:`_source_excess`), each branch."""
+    from diffim_dag.noise import _source_excess, measure_background, sky_noise_map
+
+    noise = np.sqrt(sky / 4.0 + (5.0 / 4.0) ** 2) if sky else 5.0
+    shape = (600, 520)  # (more rows than a strip, and a ragged last one)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    stars = np.zeros(shape)
+    for _ in range(60):
+        y, x = rng.uniform(0, shape[0]), rng.uniform(0, shape[1])
+        stars += rng.uniform(200, 5000) * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / 5.0)
+    img = (sky + 0.01 * xx + stars + rng.normal(0.0, noise, shape)).astype(np.float32)
+    bad = np.zeros(shape, bool)
+    bad[:, 30:32] = True
+    var, got = build_variance(img, bad=bad, **kw)
+    assert got.startswith(how) and var.dtype == np.float32
+    bkg = measure_background(img, bad, box=64)
+    sigma = sky_noise_map(img, bad, box=64, level=bkg.level, rms=bkg.rms)
+    src = _source_excess(img, bkg.level, sigma)
+    gain = kw.get("gain")
+    if how == "gain+read_noise":
+        expected = np.maximum(bkg.level, np.float32(0)) / np.float32(gain) + np.float32((5.0 / gain) ** 2)
+        expected += src / np.float32(gain)
+    elif how == "measured_sky":
+        expected = sigma * sigma
+    else:
+        g = gain if gain else float(np.median(bkg.level[::4, ::4].astype(np.float64))) / float(
+            np.median((sigma * sigma)[::4, ::4].astype(np.float64)))
+        expected = sigma * sigma + src / np.float32(g)
+    assert np.count_nonzero(src) > 100
+    np.testing.assert_array_equal(var, expected.astype(np.float32))
