@@ -368,7 +368,9 @@ def _decorrelate_task(window, kernel, neighbours: list):
 def _difference_task(prepared, kernel, config, tiles: list, consume: bool):
     from .stages.al import difference_stage
 
-    return difference_stage(prepared, kernel, config, tiles, consume=consume, quality=False)
+    # in process (consume), the task runs alone on the machine: the tiles are copied on every core
+    workers = (os.cpu_count() or 1) if consume else 1
+    return difference_stage(prepared, kernel, config, tiles, consume=consume, quality=False, workers=workers)
 
 
 def _quality_task(result, config):

@@ -234,6 +234,12 @@ def test_assemble_tiles_consumes_and_refuses_a_second_try():
     partial = dict(list(tiles.items())[1:])
     with pytest.raises(RuntimeError, match="cover"):
         assemble_tiles(partial, box, consume=True)
+    # the in-process task copies a tile's planes on two threads: the same planes
+    threaded, seconds3 = assemble_tiles([{c: t} for c, t in tiles.items()], box, consume=True, workers=2)
+    assert seconds3 == seconds
+    for name, dtype in TILE_PLANES:
+        assert threaded[name].dtype == dtype
+        np.testing.assert_array_equal(threaded[name], kept[name])
 
 
 def test_masks_edge_and_template_rules():

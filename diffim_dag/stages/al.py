@@ -393,7 +393,7 @@ def decorrelate_tiles_stage(window: PairWindow, kernel: KernelStage, tiles) -> d
 
 
 def difference_stage(prepared: PreparedPair, kernel: KernelStage, config: PipelineConfig, tiles, *,
-                     consume: bool = False, quality: bool = True) -> SubtractionResult:
+                     consume: bool = False, quality: bool = True, workers: int = 1) -> SubtractionResult:
     """Stage 7: the difference, matched template and matched science from their tiles; spatially varying
     decorrelation (whole image), the difference PSF, its variance scaled to its noise, and the metrics.
 
@@ -401,7 +401,8 @@ def difference_stage(prepared: PreparedPair, kernel: KernelStage, config: Pipeli
     mappings) and covers the image.  ``consume=True``: the tiles are taken out of their mappings as they are
     assembled (:func:`~diffim_dag.stages.subtract.assemble_tiles`; the ``difference`` task is their only user).
     ``quality=False`` leaves out the residual metrics (:func:`quality_stage`, a task of its own beside
-    detection; :func:`with_quality` adds them).
+    detection; :func:`with_quality` adds them).  ``workers``: threads that copy the tiles into the planes (the
+    in-process run's cores, which nothing else uses while this task runs).
     Returns the :class:`SubtractionResult` without DiaSources (see :func:`with_catalog`).
     """
     timings = Timings(kernel.timings)
@@ -410,7 +411,7 @@ def difference_stage(prepared: PreparedPair, kernel: KernelStage, config: Pipeli
     fit = kernel.fit
     solution = fit.solution
     decorr = config.decorrelation
-    assembled, seconds = st.assemble_tiles(tiles, science.bbox, consume=consume)
+    assembled, seconds = st.assemble_tiles(tiles, science.bbox, consume=consume, workers=workers)
     for k, v in seconds.items():
         timings[k] = timings.get(k, 0.0) + v
     d_img, d_var, d_msk = (assembled.pop(n) for n in ("image", "variance", "mask"))

@@ -463,7 +463,7 @@ TILE_PLANES = (("image", np.float32), ("variance", np.float32), ("mask", np.int3
                ("convolved_image", np.float32), ("convolved_variance", np.float32), ("convolved_mask", np.int32))
 
 
-def assemble_tiles(tiles, box: Box, *, consume: bool = False) -> tuple[dict, dict]:
+def assemble_tiles(tiles, box: Box, *, consume: bool = False, workers: int = 1) -> tuple[dict, dict]:
     """The planes of :class:`DifferenceTile` pieces (:data:`TILE_PLANES`) on ``box``, and the tiles' summed
     wall times.
 
@@ -471,7 +471,9 @@ def assemble_tiles(tiles, box: Box, *, consume: bool = False) -> tuple[dict, dic
     and takes each tile out of its mapping once it is written, so that its arrays are freed as the planes
     fill (for a caller that is the tiles' only user: the in-process ``difference`` task, which would
     otherwise hold a 4096² image's tiles and its assembled planes at once, 0.4 GB each).  Uncovered pixels
-    are 0; a tile that is exactly ``box`` is used as it is.
+    are 0; a tile that is exactly ``box`` is used as it is.  ``workers`` threads copy a tile's planes at once
+    (NumPy copies without the GIL: the copies, and the first touch of the planes' fresh pages, are the whole
+    cost; a 4096² image's six planes took 0.47 s in one thread).
     """
     maps = [tiles] if isinstance(tiles, Mapping) else list(tiles)
     bx0, bx1, by0, by1 = box
@@ -481,23 +483,39 @@ def assemble_tiles(tiles, box: Box, *, consume: bool = False) -> tuple[dict, dic
         if covered != (bx1 - bx0) * (by1 - by0):
             raise RuntimeError(f"the tiles cover {covered} of the {(bx1 - bx0) * (by1 - by0)} pixels of {tuple(box)} "
                                "(already assembled by an earlier try of this task?)")
+    # (tiles that cover the box leave no pixel unwritten: no zeroing pass over the planes)
+    new_plane = np.empty if consume else np.zeros
     planes: dict = {}
     seconds: dict = {}
-    for m in maps:
-        for core in list(m):
-            tile = m.pop(core) if consume else m[core]
-            for k, v in tile.seconds.items():
-                seconds[k] = seconds.get(k, 0.0) + v
-            if tuple(core) == tuple(box):
-                planes.update({name: getattr(tile, name) for name, _ in TILE_PLANES})
-                continue
-            for name, dtype in TILE_PLANES:
-                if name not in planes:
-                    planes[name] = np.zeros((by1 - by0, bx1 - bx0), dtype=dtype)
-                _place(planes[name], box, core, getattr(tile, name))
-            del tile
-        if consume:
-            release_freed_memory()  # the tiles just taken, before the planes grow further
+    pool = None
+    if workers > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(max_workers=int(workers), thread_name_prefix="diffim-assemble")
+    try:
+        for m in maps:
+            for core in list(m):
+                tile = m.pop(core) if consume else m[core]
+                for k, v in tile.seconds.items():
+                    seconds[k] = seconds.get(k, 0.0) + v
+                if tuple(core) == tuple(box):
+                    planes.update({name: getattr(tile, name) for name, _ in TILE_PLANES})
+                    continue
+                for name, dtype in TILE_PLANES:
+                    if name not in planes:
+                        planes[name] = new_plane((by1 - by0, bx1 - bx0), dtype=dtype)
+                jobs = [(planes[name], box, core, getattr(tile, name)) for name, _ in TILE_PLANES]
+                if pool is None:
+                    for job in jobs:
+                        _place(*job)
+                else:
+                    list(pool.map(lambda job: _place(*job), jobs))
+                del tile, jobs
+            if consume:
+                release_freed_memory()  # the tiles just taken, before the planes grow further
+    finally:
+        if pool is not None:
+            pool.shutdown()
     for name, dtype in TILE_PLANES:
         planes.setdefault(name, np.zeros((by1 - by0, bx1 - bx0), dtype=dtype))
     return planes, seconds
