@@ -149,7 +149,13 @@ def run_warp_task(task: WarpTileTask, source_planes, source_xy0, mapping, *, ker
                      interp_length=interp_length)
 
 
-def _variance_fill(var: np.ndarray) -> float:
+def _variance_fill(var: np.ndarray) -> float | None:
+    """The variance a warp gives pixels whose own is unusable (the median of the positive ones); None when every
+    variance is usable, so that nothing is filled (the median of a 4096² plane took 0.2 s of every warp)."""
+    usable = np.isfinite(var)
+    usable &= var >= 0
+    if usable.all():
+        return None
     good = var[np.isfinite(var) & (var > 0)]
     return float(np.median(good)) if good.size else 0.0
 
