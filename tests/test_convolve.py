@@ -299,6 +299,14 @@ def test_fft_convolve_in_strips_equals_the_whole_frame():
     k = rng.uniform(size=(15, 15))
     np.testing.assert_allclose(fft_convolve_strips(a, k, strip=64), fft_convolve(a, k), rtol=0, atol=1e-12)
     np.testing.assert_array_equal(fft_convolve_strips(a, k, strip=400), fft_convolve(a, k))  # one strip
+    # strips on two threads, cast and masked as the matched filter asks: the values of the strips in turn, and of
+    # each strip convolved on its own (the kernel's transform made once per strip shape changes nothing)
+    zero = rng.uniform(size=a.shape) < 0.02
+    in_turn = fft_convolve_strips(a, k, strip=64, zero=zero, dtype=np.float32)
+    np.testing.assert_array_equal(fft_convolve_strips(a, k, strip=64, zero=zero, dtype=np.float32, workers=2), in_turn)
+    masked = np.where(zero, 0.0, a).astype(np.float32)
+    h = k.shape[0] // 2
+    np.testing.assert_array_equal(in_turn[128:192], fft_convolve(masked[128 - h:192 + h], k)[h:-h])
 
 
 @pytest.mark.parametrize("order", [0, 1, 2, 3])

@@ -45,6 +45,7 @@ Alard, C. & Lupton, R. H. 1998, ApJ 503, 325.  Alard, C. 2000, A&AS 144, 363.
 """
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
@@ -75,6 +76,12 @@ def fft_convolve(a: np.ndarray, k: np.ndarray, mode: str = "same") -> np.ndarray
     importing ``scipy.signal``, which pulls in ``scipy.stats``: 0.6 s of every command's start-up.  ``mode``:
     ``"same"`` (the centre, ``a``'s shape) or ``"full"``.  FFT threads follow ``scipy.fft.set_workers``.
     """
+    return _fft_convolve(a, k, mode)
+
+
+def _fft_convolve(a: np.ndarray, k: np.ndarray, mode: str = "same", kernel_fts: dict | None = None) -> np.ndarray:
+    """:func:`fft_convolve`; ``kernel_fts`` keeps ``k``'s transform per padded shape for the next call with the
+    same ``k`` (the strips of :func:`fft_convolve_strips`: the same values as transforming it each time)."""
     a, k = np.asarray(a), np.asarray(k)
     if a.ndim != k.ndim:
         raise ValueError(f"fft_convolve: arrays of {a.ndim} and {k.ndim} dimensions")
@@ -87,8 +94,14 @@ def fft_convolve(a: np.ndarray, k: np.ndarray, mode: str = "same") -> np.ndarray
     full = [n + m - 1 for n, m in zip(a.shape, k.shape)]
     fshape = [scipy.fft.next_fast_len(n, True) for n in full]
     axes = list(range(a.ndim))
-    out = scipy.fft.irfftn(scipy.fft.rfftn(a, fshape, axes=axes) * scipy.fft.rfftn(k, fshape, axes=axes), fshape,
-                           axes=axes)[tuple(slice(n) for n in full)]
+    key = (tuple(fshape), a.dtype.str)
+    k_ft = None if kernel_fts is None else kernel_fts.get(key)
+    if k_ft is None:
+        k_ft = scipy.fft.rfftn(k, fshape, axes=axes)
+        if kernel_fts is not None:
+            kernel_fts[key] = k_ft
+    out = scipy.fft.irfftn(scipy.fft.rfftn(a, fshape, axes=axes) * k_ft, fshape, axes=axes)[
+        tuple(slice(n) for n in full)]
     if mode == "same":
         start = [(n - m) // 2 for n, m in zip(full, a.shape)]
         out = out[tuple(slice(s0, s0 + m) for s0, m in zip(start, a.shape))]
@@ -96,16 +109,20 @@ def fft_convolve(a: np.ndarray, k: np.ndarray, mode: str = "same") -> np.ndarray
 
 
 def fft_convolve_strips(a: np.ndarray, k: np.ndarray, *, strip: int = 1024, zero: np.ndarray | None = None,
-                        dtype=None) -> np.ndarray:
+                        dtype=None, workers: int = 1) -> np.ndarray:
     """:func:`fft_convolve` ``(a, k, "same")`` of a 2-D array, computed in row strips of ``strip`` rows with the
     kernel's half-height of halo: the FFT buffers are those of one strip (a 4096² frame at once needs ~4.5×
     its size in transforms), the values those of the whole-frame transform to FFT rounding.
 
     ``zero`` (boolean, ``a``'s shape) and ``dtype``: convolve ``a`` cast to ``dtype`` with 0 where ``zero`` is
-    set, strip by strip, without making that whole-frame copy (the same values as convolving the copy)."""
+    set, strip by strip, without making that whole-frame copy (the same values as convolving the copy).
+    ``k``'s transform is made once per strip shape.  ``workers``: strips convolved at once on that many threads
+    (each strip's copy, transforms and placement: the same values as in turn; one strip: FFT threads instead).
+    """
     a = np.asarray(a)
     h = k.shape[0] // 2
     ny = a.shape[0]
+    workers = (os.cpu_count() or 1) if workers < 0 else max(int(workers), 1)
 
     def piece(lo, hi):
         if zero is None and dtype is None:
@@ -116,15 +133,29 @@ def fft_convolve_strips(a: np.ndarray, k: np.ndarray, *, strip: int = 1024, zero
         return part
 
     if ny <= strip:
-        return fft_convolve(piece(0, ny), k, "same")
-    out = None
-    for y0 in range(0, ny, strip):
-        y1 = min(y0 + strip, ny)
+        with scipy.fft.set_workers(workers):
+            return fft_convolve(piece(0, ny), k, "same")
+    kernel_fts: dict = {}  # (two threads meeting a new strip shape at once both make its transform: the same)
+
+    def convolve(bounds):
+        y0, y1 = bounds
         lo, hi = max(y0 - h, 0), min(y1 + h, ny)
-        part = fft_convolve(piece(lo, hi), k, "same")
-        if out is None:
-            out = np.empty(a.shape, dtype=part.dtype)
-        out[y0:y1] = part[y0 - lo:y0 - lo + (y1 - y0)]
+        return _fft_convolve(piece(lo, hi), k, "same", kernel_fts)[y0 - lo:y0 - lo + (y1 - y0)]
+
+    strips = [(y0, min(y0 + strip, ny)) for y0 in range(0, ny, strip)]
+    first = convolve(strips[0])
+    out = np.empty(a.shape, dtype=first.dtype)
+    out[strips[0][0]:strips[0][1]] = first
+    del first
+    if workers > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="diffim-strips") as pool:
+            for (y0, y1), part in zip(strips[1:], pool.map(convolve, strips[1:])):
+                out[y0:y1] = part
+    else:
+        for y0, y1 in strips[1:]:
+            out[y0:y1] = convolve((y0, y1))
     return out
 
 

@@ -142,12 +142,10 @@ class Footprint:
 
 
 def _fftconvolve(a: np.ndarray, k: np.ndarray, workers: int = 1, *, zero: np.ndarray | None = None) -> np.ndarray:
-    import scipy.fft
-
     from .convolve import fft_convolve_strips
 
-    with scipy.fft.set_workers(workers):  # strips: a 4096² frame needs ~1/4 of the transform buffers
-        return fft_convolve_strips(a, k, zero=zero, dtype=np.float32)
+    # strips: a 4096² frame needs ~1/4 of the transform buffers; ``workers`` of them at once
+    return fft_convolve_strips(a, k, zero=zero, dtype=np.float32, workers=workers)
 
 
 def matched_filter(
