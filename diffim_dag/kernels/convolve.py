@@ -387,17 +387,22 @@ def _convolve_terms(image: np.ndarray, kernels: np.ndarray, fx, fy, *, method: s
         product = np.multiply(kernel_ft, image_ft)
         # full[n] = Σ_m k[m] I[n − m]: the centred ("same") rows are h … h + ny
         along_y = scipy.fft.ifft(product, axis=0, workers=workers, overwrite_x=True)[h: h + ny]
-        along_y *= fy[t].astype(ftype)[:, None]
+        if not np.all(fy[t] == 1.0):  # (the terms of degree 0 in y: a factor of exactly 1)
+            along_y *= fy[t].astype(ftype)[:, None]
         first = next((g for g in groups if np.array_equal(fx[g], fx[t])), None)
         if first is None:
             groups[t] = along_y
         else:
             groups[first] += along_y
-    out = np.zeros((ny, nx), dtype=ftype)
+    out = None
     for g, summed in groups.items():
         part = scipy.fft.irfft(summed, n=shape[1], axis=1, workers=workers)[:, h: h + nx]
-        part *= fx[g].astype(ftype)[None, :]
-        out += part
+        if not np.all(fx[g] == 1.0):
+            part *= fx[g].astype(ftype)[None, :]
+        if out is None:
+            out = part
+        else:
+            out += part
     return out
 
 
