@@ -88,6 +88,19 @@ def test_matched_filter_significance_is_unit_normal_on_noise(rng):
     assert fps == []
 
 
+def test_matched_filter_does_not_depend_on_its_threads(rng):
+    """In process the matched filter's strips run on every core, on a cluster on one: the same strips, so the
+    same values (a subtraction and a batch of one write the same bits), on a frame of several strips."""
+    rows = det.MATCHED_FILTER_STRIP * 2 + 77
+    img = rng.normal(0, 3.0, (rows, 90)).astype(np.float32)
+    var = np.full(img.shape, 9.0, np.float32)
+    bad = rng.uniform(size=img.shape) < 0.01
+    one = det.matched_filter(img, var, PSF.kernel_image(), bad=bad, workers=1)
+    two = det.matched_filter(img, var, PSF.kernel_image(), bad=bad, workers=2)
+    for a, b in zip(one, two):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_positive_and_negative_footprints_merge_with_ordered_peaks(rng):
     img = rng.normal(0, 1.0, (120, 120))
     add_sources(img, [55.0, 62.0], [60.0, 60.0], [900.0, -1500.0], PSF)

@@ -117,7 +117,8 @@ def fft_convolve_strips(a: np.ndarray, k: np.ndarray, *, strip: int = 1024, zero
     ``zero`` (boolean, ``a``'s shape) and ``dtype``: convolve ``a`` cast to ``dtype`` with 0 where ``zero`` is
     set, strip by strip, without making that whole-frame copy (the same values as convolving the copy).
     ``k``'s transform is made once per strip shape.  ``workers``: strips convolved at once on that many threads
-    (each strip's copy, transforms and placement: the same values as in turn; one strip: FFT threads instead).
+    (each strip's copy, transforms and placement: the same values as in turn; one strip: FFT threads instead);
+    ``workers`` strips' buffers are then in flight.  The strips do not depend on ``workers``, nor do the values.
     """
     a = np.asarray(a)
     h = k.shape[0] // 2
