@@ -407,7 +407,7 @@ def build_variance(
         return float(np.median(np.asarray(a).astype(np.float64))) if np.ndim(a) == 2 else float(np.median(a))
 
     header = None  # (gain, read noise²): the header's sky model
-    divisor = None  # counts per e⁻ of the sources' Poisson term (None: no source term)
+    divisor = None  # the gain (e⁻ per count) that turns the sources' excess into its Poisson variance (None: none)
     if gain is not None and gain > 0:
         rn_counts2 = (read_noise / gain) ** 2 if read_noise is not None and read_noise > 0 else 0.0
         header_4 = np.maximum(level[::4, ::4], np.float32(0.0)) / np.float32(gain) + np.float32(rn_counts2)
