@@ -346,10 +346,10 @@ def _window_task(prepared, kernel, config, ty: int, tx: int, nty: int, ntx: int)
     return window_stage(prepared, kernel, list(cores))
 
 
-def _subtract_task(window, kernel, config):
+def _subtract_task(window, kernel, config, workers: int = 1):
     from .stages.al import subtract_tiles_stage
 
-    return subtract_tiles_stage(window, kernel, config)
+    return subtract_tiles_stage(window, kernel, config, workers=workers)
 
 
 def _merge(dicts) -> dict:
@@ -485,10 +485,13 @@ def _al_tasks(g: _Builder, config, grid: VisitGrid, inputs, *, sources=None, in_
         from .stages.prepare import inject_stage
 
         pair = g.task("inject", (), inject_stage, prepared, config, kernel)
+    # in process, a single tile task (an image of one tile) has the machine to itself: its image's and variance's
+    # convolutions run at once
+    workers = (os.cpu_count() or 1) if in_process and len(tiles) == 1 else 1
     for ty, tx in tiles:
         # each tile task reads its window (core + the kernel's half-width), cut where the pair is
         window = g.task("window", (ty, tx), _window_task, pair, kernel, config, ty, tx, nty, ntx)
-        g.task("subtract", (ty, tx), _subtract_task, window, kernel, config)
+        g.task("subtract", (ty, tx), _subtract_task, window, kernel, config, workers)
     last = "subtract"
     if config.decorrelation.enabled and not config.decorrelation.spatially_varying:
         for ty, tx in tiles:

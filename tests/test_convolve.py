@@ -346,3 +346,18 @@ def test_kernel_transforms_kept_per_solution_and_shape_give_the_same_tiles(small
     del solution, memo
     gc.collect()
     assert len(_KERNEL_FTS) == n - 1
+
+
+def test_tile_planes_convolved_on_two_threads_are_the_same(small_case):
+    """A single tile in process convolves its variance on a thread of its own beside the image: the same planes."""
+    from diffim_dag.stages.subtract import convolve_planes
+
+    image, variance, origin, _ = small_case
+    solution = make_solution(1, 7, bbox=(100.0, 220.0, 40.0, 120.0))
+    mask = np.zeros(image.shape, np.int32)
+    mask[10, 12] = 1 << 3
+    one = convolve_planes(image, variance, mask, solution, origin=origin)
+    two = convolve_planes(image, variance, mask, solution, origin=origin, workers=2)
+    for a, b in zip(one, two):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)

@@ -359,9 +359,11 @@ def window_stage(prepared: PreparedPair, kernel: KernelStage, cores) -> PairWind
                       mode=prepared.mode, planes=prepared.planes)
 
 
-def subtract_tiles_stage(window: PairWindow, kernel: KernelStage, config: PipelineConfig) -> dict:
+def subtract_tiles_stage(window: PairWindow, kernel: KernelStage, config: PipelineConfig, *,
+                         workers: int = 1) -> dict:
     """Stage 5: convolve and subtract the tiles of ``window`` (:func:`~diffim_dag.stages.subtract.subtract_tile`,
-    reading the kernel half-width around each).  Returns ``{core: DifferenceTile}``."""
+    reading the kernel half-width around each).  Returns ``{core: DifferenceTile}``.  ``workers``: threads of
+    each tile's convolutions (the same values)."""
     planes = window.planes
     solution = kernel.fit.solution
     params = dict(
@@ -369,7 +371,7 @@ def subtract_tiles_stage(window: PairWindow, kernel: KernelStage, config: Pipeli
         mask_planes=planes.as_dict(), kept=tuple(config.subtract.template_mask_planes_kept),
         skip_bits=planes.bitmask([p for p in ("INJECTED", "INJECTED_TEMPLATE") if p in planes]),
         subtract_background=config.subtract.subtract_background, edge_bit=planes["EDGE"],
-        planes_xy0=window.origin,
+        planes_xy0=window.origin, workers=workers,
     )
     return {c: st.subtract_tile(window.science, window.template, solution, core=c, halo=solution.half_width,
                                 **params)

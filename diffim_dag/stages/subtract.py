@@ -521,18 +521,30 @@ def assemble_tiles(tiles, box: Box, *, consume: bool = False, workers: int = 1) 
     return planes, seconds
 
 
-def convolve_planes(image, variance, mask, solution, *, origin, skip_bits: int = 0):
+def convolve_planes(image, variance, mask, solution, *, origin, skip_bits: int = 0, workers: int = 1):
     """``image ⊗ K``, ``variance ⊗ K²`` (float32) and the mask dilated by the kernel footprint (int32).
 
     One tile with its halo (``origin`` = parent position of ``image[0, 0]``, which the spatial
-    terms need) or the whole image; pixels beyond the array count as zero.
+    terms need) or the whole image; pixels beyond the array count as zero.  ``workers`` > 1: the variance's
+    convolution runs on a thread of its own beside the image's (FFTs without the GIL; the same values).
     """
     from ..kernels.convolve import convolve_spatial, convolve_variance_spatial
     from ..kernels.maskops import dilate_mask
 
+    def convolved_variance():
+        return convolve_variance_spatial(variance, solution, origin=origin).astype(np.float32)
+
+    if workers > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffim-variance") as pool:
+            pending = pool.submit(convolved_variance)
+            image_out = convolve_spatial(image, solution, origin=origin).astype(np.float32)
+            mask_out = dilate_mask(mask, solution.size, skip_bits=skip_bits).astype(np.int32)
+            return image_out, pending.result(), mask_out
     return (
         convolve_spatial(image, solution, origin=origin).astype(np.float32),
-        convolve_variance_spatial(variance, solution, origin=origin).astype(np.float32),
+        convolved_variance(),
         dilate_mask(mask, solution.size, skip_bits=skip_bits).astype(np.int32),
     )
 
@@ -570,7 +582,7 @@ class DifferenceTile:
 
 def subtract_tile(science, template, solution, *, core: Box, halo: int, xy0, shape, mode: str, kernel_sum: float,
                   mask_planes: dict, kept, skip_bits: int, subtract_background: bool, edge_bit: int,
-                  planes_xy0=None) -> DifferenceTile:
+                  planes_xy0=None, workers: int = 1) -> DifferenceTile:
     """Convolve and subtract one tile: the step of every ``subtract`` task of the visit graph.
 
     Parameters
@@ -592,6 +604,8 @@ def subtract_tile(science, template, solution, *, core: Box, halo: int, xy0, sha
         Template mask rules (:func:`~diffim_dag.kernels.maskops.template_mask_for_difference`).
     skip_bits : int
         Mask bits not dilated by the kernel footprint (INJECTED planes).
+    workers : int
+        Threads of the convolutions (:func:`convolve_planes`; the same values).
 
     Returns
     -------
@@ -616,7 +630,7 @@ def subtract_tile(science, template, solution, *, core: Box, halo: int, xy0, sha
     convolve_template = mode == CONVOLVE_TEMPLATE
     ref, other = (template, science) if convolve_template else (science, template)
     conv = convolve_planes(*planes_on(ref, grown, convolve_template), solution, origin=(grown[0], grown[2]),
-                           skip_bits=skip_bits)
+                           skip_bits=skip_bits, workers=workers)
     if halo:
         conv = tuple(np.ascontiguousarray(a[halo:-halo, halo:-halo]) for a in conv)
     direct = planes_on(other, core, not convolve_template)
