@@ -29,6 +29,7 @@ __all__ = [
     "build_variance",
     "grow_cross",
     "row_strips",
+    "strided_sample",
 ]
 
 log = logging.getLogger(__name__)
@@ -104,11 +105,16 @@ def _grown_rows(mask: np.ndarray, rows: np.ndarray, radius: int) -> np.ndarray:
     return out
 
 
+def strided_sample(values: np.ndarray, max_samples: int | None) -> np.ndarray:
+    """Every k-th of the (1-D) ``values``, k the smallest step that leaves at most ``max_samples`` (None: all):
+    the deterministic subsample of the module's statistics."""
+    if max_samples is not None and values.size > max_samples:
+        return values[:: -(-values.size // max_samples)]
+    return values
+
+
 def _finite_sample(values, max_samples: int | None) -> np.ndarray:
-    v = np.asarray(values).ravel()
-    if max_samples is not None and v.size > max_samples:
-        v = v[:: -(-v.size // max_samples)]
-    v = v.astype(np.float64, copy=False)
+    v = strided_sample(np.asarray(values).ravel(), max_samples).astype(np.float64, copy=False)
     return v[np.isfinite(v)]
 
 
@@ -136,7 +142,7 @@ def clipped_stats(
     v = _finite_sample(values, max_samples)
     if v.size == 0:
         return float("nan"), float("nan"), 0
-    start = v[:: -(-v.size // START_SAMPLES)] if v.size > START_SAMPLES else v
+    start = strided_sample(v, START_SAMPLES)
     center = np.median(start)
     scale = robust_std(start)
     keep = v

@@ -365,12 +365,15 @@ def _decorrelate_task(window, kernel, neighbours: list):
     return decorrelate_tiles_stage(window, kernel, _merge(neighbours))
 
 
-def _difference_task(prepared, kernel, config, tiles: list, consume: bool):
+def _difference_task(prepared, kernel, config, tiles: list, consume: bool, workers: int = 1):
     from .stages.al import difference_stage
 
-    # in process (consume), the task runs alone on the machine: the tiles are copied on every core
-    workers = (os.cpu_count() or 1) if consume else 1
     return difference_stage(prepared, kernel, config, tiles, consume=consume, quality=False, workers=workers)
+
+
+def _alone_threads(alone: bool) -> int:
+    """Threads for a task that has the in-process run's machine to itself (every core), else 1."""
+    return (os.cpu_count() or 1) if alone else 1
 
 
 def _quality_task(result, config):
@@ -487,7 +490,7 @@ def _al_tasks(g: _Builder, config, grid: VisitGrid, inputs, *, sources=None, in_
         pair = g.task("inject", (), inject_stage, prepared, config, kernel)
     # in process, a single tile task (an image of one tile) has the machine to itself: its image's and variance's
     # convolutions run at once
-    workers = (os.cpu_count() or 1) if in_process and len(tiles) == 1 else 1
+    workers = _alone_threads(in_process and len(tiles) == 1)
     for ty, tx in tiles:
         # each tile task reads its window (core + the kernel's half-width), cut where the pair is
         window = g.task("window", (ty, tx), _window_task, pair, kernel, config, ty, tx, nty, ntx)
@@ -503,8 +506,9 @@ def _al_tasks(g: _Builder, config, grid: VisitGrid, inputs, *, sources=None, in_
             g.task("decorrelate", (ty, tx), _decorrelate_task, g.key("window", ty, tx), kernel,
                    [g.key("subtract", *n) for n in near])
         last = "decorrelate"
+    # in process the difference task runs alone (it waits for every tile): the tiles are copied on every core
     return pair, g.task("difference", (), _difference_task, pair, kernel, config, [g.key(last, *t) for t in tiles],
-                        in_process)
+                        in_process, _alone_threads(in_process))
 
 
 def _method_tasks(g: _Builder, config, grid: VisitGrid, inputs, *, runner=None, sources=None,
@@ -666,7 +670,7 @@ def visit_graph(source, config, out_dir=None, *, visit: int | None = None, detec
                                  consume=in_process and prepared is None)
     catalog = injection = None
     if detect:
-        fft_workers = (os.cpu_count() or 1) if in_process and (grid.detect or grid.tiles) == (1, 1) else 1
+        fft_workers = _alone_threads(in_process and (grid.detect or grid.tiles) == (1, 1))
         catalog = _detect_tasks(g, config, grid, result, fft_workers=fft_workers)
         if config.fakes.enabled:
             from .stages.prepare import match_stage

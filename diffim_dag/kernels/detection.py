@@ -57,7 +57,7 @@ import pandas as pd
 import scipy.ndimage as ndi
 
 from ..masks import DEFAULT_MASK_PLANES
-from ..noise import START_SAMPLES, row_strips
+from ..noise import START_SAMPLES, row_strips, strided_sample
 from .maskops import bits_of, grow_square, has_bits, lacks_bits, nonzero_2d
 
 __all__ = [
@@ -367,7 +367,7 @@ def clipped_stdev(values: np.ndarray, *, nsigma: float = 3.0, iterations: int = 
     v = v[np.isfinite(v)]
     if v.size == 0:
         return float("nan")
-    start = v[:: -(-v.size // START_SAMPLES)] if v.size > START_SAMPLES else v  # (the iterations use them all)
+    start = strided_sample(v, START_SAMPLES)  # (the iterations use them all)
     med = float(np.median(start))
     sigma = 1.4826 * float(np.median(np.abs(start - med)))
     for _ in range(iterations):
