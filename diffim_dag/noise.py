@@ -179,11 +179,12 @@ def measure_background(
 ) -> BackgroundModel:
     """Mesh background and noise (sigma-clipped per box, median-filtered, spline-interpolated).
 
-    Uses ``sep.Background`` (SExtractor's algorithm).  Sources are excluded by
-    clipping; ``bad`` pixels are excluded outright.  ``rms=False`` leaves out the noise map (``rms`` is
-    None; the global rms is still given): interpolating it costs as much as the level's.
+    Uses SEP's ``Background`` (SExtractor's algorithm), through its C interface where it can
+    (:func:`~diffim_dag.kernels.sep_c.mesh_background`: the interpreter lock is released meanwhile).  Sources are
+    excluded by clipping; ``bad`` pixels are excluded outright.  ``rms=False`` leaves out the noise map (``rms``
+    is None; the global rms is still given): interpolating it costs as much as the level's.
     """
-    import sep
+    from .kernels.sep_c import mesh_background
 
     img = np.ascontiguousarray(image, dtype=np.float32)
     ny, nx = img.shape
@@ -197,11 +198,10 @@ def measure_background(
         bad_mask = nonfinite if bad is None else (np.asarray(bad, dtype=bool) | nonfinite)
         work = np.where(bad_mask, np.float32(0), img).astype(np.float32, copy=False)
     del nonfinite
-    bkg = sep.Background(work, mask=bad_mask, bw=box, bh=box, fw=filter_size, fh=filter_size)
-    level = np.asarray(bkg.back(), dtype=np.float32)  # float32 maps: a 4096² frame costs 64 MB each
-    noise = np.asarray(bkg.rms(), dtype=np.float32) if rms else None
-    return BackgroundModel(level=level, rms=noise, global_level=float(bkg.globalback),
-                           global_rms=float(bkg.globalrms))
+    # float32 maps: a 4096² frame costs 64 MB each
+    level, noise, global_level, global_rms = mesh_background(work, bad_mask, bw=box, bh=box, fw=filter_size,
+                                                             fh=filter_size, rms=rms)
+    return BackgroundModel(level=level, rms=noise, global_level=global_level, global_rms=global_rms)
 
 
 def sky_noise_map(image: np.ndarray, bad: np.ndarray | None = None, *, box: int = 64,

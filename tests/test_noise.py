@@ -182,6 +182,48 @@ def test_background_without_its_noise_map_has_the_same_level(rng):
     assert abs(full.global_rms - 3.0) < 0.3
 
 
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_mesh_background_through_the_c_interface_is_sep_background(rng, monkeypatch, with_mask):
+    """SEP's C interface through ctypes (the interpreter lock released) and its Python wrapper (the fallback) give
+    ``sep.Background``'s maps and global figures bitwise, masked pixels left out alike."""
+    import sep
+
+    from diffim_dag.kernels import sep_c
+
+    yy, xx = np.mgrid[:333, :270]
+    img = (50.0 + 0.1 * xx - 0.03 * yy + rng.normal(0.0, 4.0, yy.shape)).astype(np.float32)
+    img[100:104, 50:54] += 5000.0  # a star the clipping leaves out
+    mask = None
+    if with_mask:
+        mask = np.zeros(img.shape, bool)
+        mask[200:260, 10:90] = True
+        img[mask] = 1e6  # (ignored only through the mask)
+    ref = sep.Background(img, mask=mask, bw=32, bh=48, fw=3, fh=5)
+    want = (ref.back(), ref.rms(), float(ref.globalback), float(ref.globalrms))
+    if sep_c.c_interface_available():
+        got = sep_c.mesh_background(img, mask, bw=32, bh=48, fw=3, fh=5)
+        for a, b in zip(got[:2], want[:2]):
+            assert a.dtype == np.float32 and a.shape == img.shape
+            np.testing.assert_array_equal(a, b)
+        assert got[2:] == want[2:]
+        lean = sep_c.mesh_background(img, mask, bw=32, bh=48, fw=3, fh=5, rms=False)
+        assert lean[1] is None
+        np.testing.assert_array_equal(lean[0], want[0])
+    monkeypatch.setattr(sep_c, "_library", lambda: None)
+    assert not sep_c.c_interface_available()
+    got = sep_c.mesh_background(img, mask, bw=32, bh=48, fw=3, fh=5)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    assert got[2:] == want[2:]
+
+
+def test_mesh_background_rejects_a_mask_of_another_shape():
+    from diffim_dag.kernels.sep_c import mesh_background
+
+    with pytest.raises(ValueError, match="mask shape"):
+        mesh_background(np.zeros((64, 64), np.float32), np.zeros((64, 63), bool), bw=16, bh=16, fw=3, fh=3)
+
+
 def test_bilinear_upsample_interpolates_between_box_centres():
     """Box centres sit at ``(k + 0.5) box − 0.5``: the map equals the grid there, is linear between them and
     flat beyond the outer centres."""
