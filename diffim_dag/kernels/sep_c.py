@@ -1,17 +1,19 @@
-"""SEP's mesh background through its C interface, with the interpreter lock released.
+"""SEP's mesh background and source extraction through its C interface, with the interpreter lock released.
 
 ``sep`` (SExtractor as a library) is a C library with a Cython wrapper, and the wrapper holds the interpreter
 lock for the whole of each call: while one thread measures a 4096² background (0.2–0.4 s), no other thread of
 the process runs Python.  The visit graph runs the science's and the template's input stages on two threads,
-and each measures several mesh backgrounds (variance, sky, PSF stars, kernel sources), so the two threads took
-turns.  The wheel's extension module also exports SEP's C functions (``sep.h``, its public C interface);
+and each measures several mesh backgrounds and extracts sources (variance, sky, PSF stars, kernel sources), so
+the two threads took turns.  The wheel's extension module also exports SEP's C functions (``sep.h``, its public C interface);
 called through :mod:`ctypes`, which releases the lock for the length of a foreign call, they run at once.
 
 The C structures are declared here as ``sep.h`` has them since SEP 1.4.0 (64-bit sizes and the segmentation-map
 fields of ``sep_image``); another version of SEP, or a build without the exported symbols, falls back to the
-Python wrapper, with the same results.  Both paths call the same C code with the same arguments as
-``sep.Background(data, mask=mask, bw=…, bh=…, fw=…, fh=…)``, so the level and rms maps are bitwise the same
-(tested).
+Python wrapper, with the same results.  Both paths call the same C code with the arguments the wrapper passes
+for ``sep.Background(data, mask=mask, bw=…, bh=…, fw=…, fh=…)`` and ``sep.extract(…)``, so the maps and
+catalogues are bitwise the same (tested).  SEP's C library is thread-safe since 1.4 (its extraction state is
+thread-local); the pixel-stack and sub-object limits (``sep.set_extract_pixstack`` …) are the library's own,
+shared by both paths.
 """
 from __future__ import annotations
 
@@ -20,11 +22,17 @@ import functools
 
 import numpy as np
 
-__all__ = ["mesh_background", "c_interface_available"]
+__all__ = ["mesh_background", "extract", "c_interface_available"]
 
-#: ``sep.h`` type codes.
-_SEP_TBYTE, _SEP_TFLOAT = 11, 42
+#: ``sep.h`` codes: element types, noise and threshold kinds, filter types.
+_SEP_TBYTE, _SEP_TFLOAT, _SEP_TDOUBLE = 11, 42, 82
+_SEP_NOISE_NONE, _SEP_NOISE_STDDEV, _SEP_NOISE_VAR = 0, 1, 2
+_SEP_THRESH_REL, _SEP_THRESH_ABS = 0, 1
+_SEP_FILTER_CONV, _SEP_FILTER_MATCHED = 0, 1
 _MEMORY_ALLOC_ERROR = 1
+
+#: ``sep.extract``'s default filter (SExtractor's 3×3 pyramid).
+DEFAULT_FILTER = np.array([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]], dtype=np.float32)
 
 
 class _SepImage(ctypes.Structure):
@@ -36,6 +44,29 @@ class _SepImage(ctypes.Structure):
                 ("idcounts", ctypes.c_void_p), ("numids", ctypes.c_int64), ("w", ctypes.c_int64),
                 ("h", ctypes.c_int64), ("noiseval", ctypes.c_double), ("noise_type", ctypes.c_short),
                 ("gain", ctypes.c_double), ("maskthresh", ctypes.c_double)]
+
+
+#: ``sep_catalog``'s arrays in order, with their C type and the column type of ``sep.extract``'s table.
+_CATALOG = [("thresh", ctypes.c_float, np.float64), ("npix", ctypes.c_int64, np.int64),
+            ("tnpix", ctypes.c_int64, np.int64), ("xmin", ctypes.c_int64, np.int64),
+            ("xmax", ctypes.c_int64, np.int64), ("ymin", ctypes.c_int64, np.int64), ("ymax", ctypes.c_int64, np.int64),
+            ("x", ctypes.c_double, np.float64), ("y", ctypes.c_double, np.float64),
+            ("x2", ctypes.c_double, np.float64), ("y2", ctypes.c_double, np.float64),
+            ("xy", ctypes.c_double, np.float64), ("errx2", ctypes.c_double, np.float64),
+            ("erry2", ctypes.c_double, np.float64), ("errxy", ctypes.c_double, np.float64),
+            ("a", ctypes.c_float, np.float64), ("b", ctypes.c_float, np.float64), ("theta", ctypes.c_float, np.float64),
+            ("cxx", ctypes.c_float, np.float64), ("cyy", ctypes.c_float, np.float64), ("cxy", ctypes.c_float, np.float64),
+            ("cflux", ctypes.c_float, np.float64), ("flux", ctypes.c_float, np.float64),
+            ("cpeak", ctypes.c_float, np.float64), ("peak", ctypes.c_float, np.float64),
+            ("xcpeak", ctypes.c_int64, np.int64), ("ycpeak", ctypes.c_int64, np.int64),
+            ("xpeak", ctypes.c_int64, np.int64), ("ypeak", ctypes.c_int64, np.int64), ("flag", ctypes.c_short, np.short)]
+
+
+class _SepCatalog(ctypes.Structure):
+    """``sep_catalog`` (SEP ≥ 1.4): one array per quantity, ``nobj`` long."""
+
+    _fields_ = ([("nobj", ctypes.c_int)] + [(name, ctypes.POINTER(ctype)) for name, ctype, _ in _CATALOG]
+                + [("pix", ctypes.POINTER(ctypes.POINTER(ctypes.c_int64))), ("objectspix", ctypes.POINTER(ctypes.c_int64))])
 
 
 def _version(text: str) -> tuple[int, int]:
@@ -65,7 +96,13 @@ def _library():
             "sep_bkg_global": ([ctypes.c_void_p], ctypes.c_float),
             "sep_bkg_globalrms": ([ctypes.c_void_p], ctypes.c_float),
             "sep_bkg_free": ([ctypes.c_void_p], None),
+            "sep_extract": ([ctypes.POINTER(_SepImage), ctypes.c_float, ctypes.c_int, ctypes.c_int,
+                             ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
+                             ctypes.c_double, ctypes.c_int, ctypes.c_double,
+                             ctypes.POINTER(ctypes.POINTER(_SepCatalog))], ctypes.c_int),
+            "sep_catalog_free": ([ctypes.POINTER(_SepCatalog)], None),
             "sep_get_errmsg": ([ctypes.c_int, ctypes.c_char_p], None),
+            "sep_get_errdetail": ([ctypes.c_char_p], None),
         }
         for name, (args, result) in signatures.items():
             function = getattr(lib, name)
@@ -85,9 +122,21 @@ def _check(lib, status: int) -> None:
         return
     if status == _MEMORY_ALLOC_ERROR:
         raise MemoryError("sep: memory allocation failed")
-    text = ctypes.create_string_buffer(61)
+    text, detail = ctypes.create_string_buffer(61), ctypes.create_string_buffer(512)
     lib.sep_get_errmsg(status, text)
-    raise RuntimeError(f"sep: {text.value.decode(errors='replace')}")
+    lib.sep_get_errdetail(detail)
+    message = text.value.decode(errors="replace")
+    if detail.value:
+        message += ": " + detail.value.decode(errors="replace")
+    raise RuntimeError(message)  # (the wrapper's bare Exception, with its text: "pixel buffer full" …)
+
+
+def _element_type(array: np.ndarray) -> int:
+    codes = {np.dtype(np.float32): _SEP_TFLOAT, np.dtype(np.float64): _SEP_TDOUBLE, np.dtype(bool): _SEP_TBYTE,
+             np.dtype(np.uint8): _SEP_TBYTE}
+    if array.dtype not in codes:
+        raise ValueError(f"sep: array type {array.dtype} not supported here")
+    return codes[array.dtype]
 
 
 def mesh_background(data: np.ndarray, mask: np.ndarray | None, *, bw: int, bh: int, fw: int, fh: int,
@@ -125,3 +174,63 @@ def mesh_background(data: np.ndarray, mask: np.ndarray | None, *, bw: int, bh: i
         return level, noise, float(lib.sep_bkg_global(handle)), float(lib.sep_bkg_globalrms(handle))
     finally:
         lib.sep_bkg_free(handle)
+
+
+def extract(data: np.ndarray, thresh: float, *, err=None, mask: np.ndarray | None = None, minarea: int = 5,
+            filter_kernel: np.ndarray | None = DEFAULT_FILTER, filter_type: str = "matched", deblend_nthresh: int = 32,
+            deblend_cont: float = 0.005, clean: bool = True, clean_param: float = 1.0) -> np.ndarray:
+    """``sep.extract(data, thresh, err=err, mask=mask, …)`` with its defaults and its structured table of objects,
+    without holding the interpreter lock where SEP's C interface can be reached.  ``data`` and a 2-D ``err`` are
+    float32 or float64 arrays, ``mask`` a bool array (True: left out); ``thresh`` is in units of ``err`` when it is
+    given and absolute otherwise."""
+    lib = _library()
+    if lib is None:
+        import sep
+
+        return sep.extract(data, thresh, err=err, mask=mask, minarea=minarea, filter_kernel=filter_kernel,
+                           filter_type=filter_type, deblend_nthresh=deblend_nthresh, deblend_cont=deblend_cont,
+                           clean=clean, clean_param=clean_param)
+    if filter_type not in ("matched", "conv"):
+        raise ValueError(f"unknown filter_type: {filter_type!r}")
+    keep = []  # the arrays the C call reads, alive until it returns
+    image = _SepImage()
+    data = np.ascontiguousarray(data) if data.dtype.isnative else np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("="))
+    image.data, image.dtype = data.ctypes.data, _element_type(data)
+    image.h, image.w = data.shape
+    image.noise_type = _SEP_NOISE_NONE
+    if err is not None:
+        image.noise_type = _SEP_NOISE_STDDEV
+        if np.ndim(err) == 2:
+            noise = np.ascontiguousarray(err)
+            if noise.shape != data.shape:
+                raise ValueError("size of error/variance array must match data")
+            image.noise, image.ndtype = noise.ctypes.data, _element_type(noise)
+            keep.append(noise)
+        else:
+            image.noiseval = float(err)
+    if mask is not None:
+        mask = np.ascontiguousarray(mask)
+        if mask.shape != data.shape:
+            raise ValueError("size of mask array must match data")
+        image.mask, image.mdtype = mask.ctypes.data, _element_type(mask)
+    kernel, kw, kh = None, 0, 0
+    if filter_kernel is not None:
+        kernel = np.ascontiguousarray(filter_kernel, dtype=np.float32)
+        kh, kw = kernel.shape
+    catalog = ctypes.POINTER(_SepCatalog)()
+    status = lib.sep_extract(ctypes.byref(image), thresh,
+                             _SEP_THRESH_ABS if image.noise_type == _SEP_NOISE_NONE else _SEP_THRESH_REL, minarea,
+                             None if kernel is None else kernel.ctypes.data, kw, kh,
+                             _SEP_FILTER_MATCHED if filter_type == "matched" else _SEP_FILTER_CONV,
+                             deblend_nthresh, deblend_cont, int(bool(clean)), clean_param, ctypes.byref(catalog))
+    _check(lib, status)
+    try:
+        cat = catalog.contents
+        n = int(cat.nobj)
+        out = np.empty(n, dtype=np.dtype([(name, dtype) for name, _, dtype in _CATALOG]))
+        for name, _, _ in _CATALOG:
+            if n:
+                out[name] = np.ctypeslib.as_array(getattr(cat, name), shape=(n,))
+        return out
+    finally:
+        lib.sep_catalog_free(catalog)

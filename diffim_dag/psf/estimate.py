@@ -99,15 +99,19 @@ def _odd(n: float) -> int:
 
 def sep_extract(data, threshold, err, mask, **options):
     """``sep.extract`` (minimum area 5 px, deblending contrast 0.005) that grows sep's pixel buffer until the
-    image fits; ``options`` go to ``sep.extract`` (e.g. ``segmentation_map=True``)."""
+    image fits; ``options`` go to ``sep.extract`` (e.g. ``segmentation_map=True``).  Without a segmentation map it
+    runs through SEP's C interface (:func:`~diffim_dag.kernels.sep_c.extract`: the interpreter lock released)."""
     import sep
 
+    from ..kernels.sep_c import extract
+
+    run = sep.extract if options.get("segmentation_map") else extract
     pixstack = 1_000_000
     sep.set_sub_object_limit(4096)
     while True:
         sep.set_extract_pixstack(pixstack)
         try:
-            return sep.extract(data, threshold, err=err, mask=mask, **{"minarea": 5, "deblend_cont": 0.005, **options})
+            return run(data, threshold, err=err, mask=mask, **{"minarea": 5, "deblend_cont": 0.005, **options})
         except Exception as exc:  # sep raises a bare Exception when its pixel buffer overflows
             if "pixel buffer full" not in str(exc) or pixstack >= 64_000_000:
                 raise

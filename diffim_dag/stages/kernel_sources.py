@@ -117,6 +117,8 @@ def detect_sources(science: Exposure, config: KernelSourceConfig, background=Non
     """
     import sep
 
+    from ..kernels.sep_c import extract
+
     img, var, msk = science.arrays()
     bad = has_bits(msk, _bad_bits(science, config))
     bkg = background if background is not None else science_background(science, config)
@@ -138,7 +140,7 @@ def detect_sources(science: Exposure, config: KernelSourceConfig, background=Non
     while True:
         sep.set_extract_pixstack(pixstack)
         try:
-            objects = sep.extract(significance, float(config.detection_threshold), mask=bad, filter_kernel=None)
+            objects = extract(significance, float(config.detection_threshold), mask=bad, filter_kernel=None)
             break
         except Exception as exc:  # sep raises a bare Exception when its pixel buffer overflows
             if "pixel buffer full" not in str(exc) or pixstack >= 64 * SEP_PIXSTACK:
