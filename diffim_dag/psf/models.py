@@ -520,6 +520,8 @@ def _kernels_many(images: np.ndarray, size: int, offsets, source: str) -> np.nda
                          for im, off in zip(imgs, offsets)])
     if np.ndim(images) == 2:
         cut = np.broadcast_to(_resize_centred(images, size), (len(offsets), size, size))
+    elif np.shape(images)[1:] == (size, size):  # (cut already)
+        cut = images
     else:
         cut = np.stack([_resize_centred(im, size) for im in images])
     out = _shift_images_many(cut, offsets)
@@ -690,9 +692,18 @@ class GridPsf(Psf):
         size = self.default_size(x, y) if size is None else int(size)
         return _kernels_from_image(self._image(x, y), size, offsets, self.source)
 
-    def _images_at(self, xs, ys) -> np.ndarray:
+    def _images_at(self, xs, ys, size: int | None = None) -> np.ndarray:
         """``(n, ny, nx)``: :meth:`_image` at each position (the same four weighted node images, summed in the
-        same order, and normalized)."""
+        same order, and normalized).  With ``size`` (odd, at most the node images'), the central ``size²`` of
+        each, interpolated from the node images cut to it and not normalized: :meth:`kernel_images_many` cuts,
+        shifts and normalizes its renders, so only their centres count (a 51² node image rendered for a 25²
+        kernel cost 4× the arithmetic)."""
+        nodes = self.images
+        if size is not None:
+            nodes = self.__dict__.setdefault("_cuts", {}).get(size)
+            if nodes is None:
+                c, h = self.images.shape[2] // 2, size // 2
+                nodes = self._cuts[size] = np.ascontiguousarray(self.images[:, :, c - h:c + h + 1, c - h:c + h + 1])
 
         def weights(nodes, v):
             v = np.asarray(v, dtype=np.float64)
@@ -704,18 +715,21 @@ class GridPsf(Psf):
             t = (v - nodes[i]) / (nodes[i + 1] - nodes[i])
             return [(i, 1.0 - t), (i + 1, t)]
 
-        out = np.zeros((len(xs),) + self.images.shape[2:], dtype=np.float64)
+        out = np.zeros((len(xs),) + nodes.shape[2:], dtype=np.float64)
         for j, wy in weights(self.y_nodes, ys):
             for i, wx in weights(self.x_nodes, xs):
-                out += (wx * wy)[:, None, None] * self.images[j, i]
-        out /= out.sum(axis=(1, 2))[:, None, None]
+                out += (wx * wy)[:, None, None] * nodes[j, i]
+        if size is None:
+            out /= out.sum(axis=(1, 2))[:, None, None]
         return out
 
     def kernel_images_many(self, xs, ys, *, size, offsets):
-        return _kernels_many(self._images_at(xs, ys), int(size), offsets, self.source)
+        size = int(size)
+        cut = size if size % 2 and size <= min(self.images.shape[2:]) and size <= _BANDED_MAX else None
+        return _kernels_many(self._images_at(xs, ys, cut), size, offsets, self.source)
 
-    def __getstate__(self):  # the per-thread cache does not travel (pickle, Dask)
-        return {k: v for k, v in self.__dict__.items() if k != "_cache"}
+    def __getstate__(self):  # the per-thread cache and the cut node images do not travel (pickle, Dask)
+        return {k: v for k, v in self.__dict__.items() if k not in ("_cache", "_cuts")}
 
     @property
     def node_fwhm(self) -> np.ndarray:
