@@ -4,8 +4,9 @@
 lock for the whole of each call: while one thread measures a 4096² background (0.2–0.4 s), no other thread of
 the process runs Python.  The visit graph runs the science's and the template's input stages on two threads,
 and each measures several mesh backgrounds and extracts sources (variance, sky, PSF stars, kernel sources), so
-the two threads took turns.  The wheel's extension module also exports SEP's C functions (``sep.h``, its public C interface);
-called through :mod:`ctypes`, which releases the lock for the length of a foreign call, they run at once.
+the two threads took turns.  The wheel's extension module also exports SEP's C functions (``sep.h``, its public
+C interface); called through :mod:`ctypes`, which releases the lock for the length of a foreign call, they run at
+once.
 
 The C structures are declared here as ``sep.h`` has them since SEP 1.4.0 (64-bit sizes and the segmentation-map
 fields of ``sep_image``); another version of SEP, or a build without the exported symbols, falls back to the
@@ -26,7 +27,7 @@ __all__ = ["mesh_background", "extract", "c_interface_available"]
 
 #: ``sep.h`` codes: element types, noise and threshold kinds, filter types.
 _SEP_TBYTE, _SEP_TFLOAT, _SEP_TDOUBLE = 11, 42, 82
-_SEP_NOISE_NONE, _SEP_NOISE_STDDEV, _SEP_NOISE_VAR = 0, 1, 2
+_SEP_NOISE_NONE, _SEP_NOISE_STDDEV = 0, 1
 _SEP_THRESH_REL, _SEP_THRESH_ABS = 0, 1
 _SEP_FILTER_CONV, _SEP_FILTER_MATCHED = 0, 1
 _MEMORY_ALLOC_ERROR = 1
@@ -47,26 +48,20 @@ class _SepImage(ctypes.Structure):
 
 
 #: ``sep_catalog``'s arrays in order, with their C type and the column type of ``sep.extract``'s table.
-_CATALOG = [("thresh", ctypes.c_float, np.float64), ("npix", ctypes.c_int64, np.int64),
-            ("tnpix", ctypes.c_int64, np.int64), ("xmin", ctypes.c_int64, np.int64),
-            ("xmax", ctypes.c_int64, np.int64), ("ymin", ctypes.c_int64, np.int64), ("ymax", ctypes.c_int64, np.int64),
-            ("x", ctypes.c_double, np.float64), ("y", ctypes.c_double, np.float64),
-            ("x2", ctypes.c_double, np.float64), ("y2", ctypes.c_double, np.float64),
-            ("xy", ctypes.c_double, np.float64), ("errx2", ctypes.c_double, np.float64),
-            ("erry2", ctypes.c_double, np.float64), ("errxy", ctypes.c_double, np.float64),
-            ("a", ctypes.c_float, np.float64), ("b", ctypes.c_float, np.float64), ("theta", ctypes.c_float, np.float64),
-            ("cxx", ctypes.c_float, np.float64), ("cyy", ctypes.c_float, np.float64), ("cxy", ctypes.c_float, np.float64),
-            ("cflux", ctypes.c_float, np.float64), ("flux", ctypes.c_float, np.float64),
-            ("cpeak", ctypes.c_float, np.float64), ("peak", ctypes.c_float, np.float64),
-            ("xcpeak", ctypes.c_int64, np.int64), ("ycpeak", ctypes.c_int64, np.int64),
-            ("xpeak", ctypes.c_int64, np.int64), ("ypeak", ctypes.c_int64, np.int64), ("flag", ctypes.c_short, np.short)]
+_I64, _F32, _F64 = (ctypes.c_int64, np.int64), (ctypes.c_float, np.float64), (ctypes.c_double, np.float64)
+_CATALOG = [(name, *types) for names, types in (
+    (("thresh",), _F32), (("npix", "tnpix", "xmin", "xmax", "ymin", "ymax"), _I64),
+    (("x", "y", "x2", "y2", "xy", "errx2", "erry2", "errxy"), _F64),
+    (("a", "b", "theta", "cxx", "cyy", "cxy", "cflux", "flux", "cpeak", "peak"), _F32),
+    (("xcpeak", "ycpeak", "xpeak", "ypeak"), _I64), (("flag",), (ctypes.c_short, np.short))) for name in names]
 
 
 class _SepCatalog(ctypes.Structure):
     """``sep_catalog`` (SEP ≥ 1.4): one array per quantity, ``nobj`` long."""
 
     _fields_ = ([("nobj", ctypes.c_int)] + [(name, ctypes.POINTER(ctype)) for name, ctype, _ in _CATALOG]
-                + [("pix", ctypes.POINTER(ctypes.POINTER(ctypes.c_int64))), ("objectspix", ctypes.POINTER(ctypes.c_int64))])
+                + [("pix", ctypes.POINTER(ctypes.POINTER(ctypes.c_int64))),
+                   ("objectspix", ctypes.POINTER(ctypes.c_int64))])
 
 
 def _version(text: str) -> tuple[int, int]:
@@ -194,7 +189,7 @@ def extract(data: np.ndarray, thresh: float, *, err=None, mask: np.ndarray | Non
         raise ValueError(f"unknown filter_type: {filter_type!r}")
     keep = []  # the arrays the C call reads, alive until it returns
     image = _SepImage()
-    data = np.ascontiguousarray(data) if data.dtype.isnative else np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("="))
+    data = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("="))  # (SEP reads native byte order)
     image.data, image.dtype = data.ctypes.data, _element_type(data)
     image.h, image.w = data.shape
     image.noise_type = _SEP_NOISE_NONE
