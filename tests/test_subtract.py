@@ -272,6 +272,23 @@ def test_variance_scale_recorded_and_refused():
         subtract_exposures(science.with_planes(variance=science.variance.values * 0.05), template)
 
 
+def test_variance_scale_does_not_depend_on_its_threads(rng):
+    """The windows measured on threads give the factor measured in turn, bit for bit (a frame large enough for
+    16 windows of 512²)."""
+    from diffim_dag.stages.subtract import _windows, measure_variance_scale
+
+    assert len(_windows((2100, 2100))) == 16
+    img = rng.normal(0.0, 3.0, (2100, 2100)).astype(np.float32)
+    img[500:505, 500:505] += 400.0  # a source, left out
+    var = np.full(img.shape, 4.0, np.float32)  # declared σ 2, measured 3: factor ≈ 2.25
+    bad = np.zeros(img.shape, bool)
+    bad[:, :40] = True
+    alone = measure_variance_scale(img, var, bad, source="test", workers=1)
+    assert alone == pytest.approx(2.25, rel=0.03)
+    assert measure_variance_scale(img, var, bad, source="test", workers=2) == alone
+    assert measure_variance_scale(img, var, bad, source="test", workers=5) == alone
+
+
 def test_quality_metrics_flag_bad_subtraction():
     science, template = make_pair(seed=13)
     good = subtract_exposures(science, template)

@@ -403,8 +403,8 @@ def difference_stage(prepared: PreparedPair, kernel: KernelStage, config: Pipeli
     mappings) and covers the image.  ``consume=True``: the tiles are taken out of their mappings as they are
     assembled (:func:`~diffim_dag.stages.subtract.assemble_tiles`; the ``difference`` task is their only user).
     ``quality=False`` leaves out the residual metrics (:func:`quality_stage`, a task of its own beside
-    detection; :func:`with_quality` adds them).  ``workers``: threads that copy the tiles into the planes (the
-    in-process run's cores, which nothing else uses while this task runs).
+    detection; :func:`with_quality` adds them).  ``workers``: threads that copy the tiles into the planes and
+    measure the difference's noise (the in-process run's cores, which nothing else uses while this task runs).
     Returns the :class:`SubtractionResult` without DiaSources (see :func:`with_catalog`).
     """
     timings = Timings(kernel.timings)
@@ -471,7 +471,8 @@ def difference_stage(prepared: PreparedPair, kernel: KernelStage, config: Pipeli
         cx, cy = science.center
         noise_bits = planes.bitmask([p for p in ("NO_DATA", "BAD", "SAT", "EDGE", "CR") if p in planes])
         d_var, scaled = st.scale_difference_variance(d_img, d_var, has_bits(d_msk, noise_bits),
-                                                     enabled=config.subtract.scale_difference_variance)
+                                                     enabled=config.subtract.scale_difference_variance,
+                                                     workers=workers)
         difference = difference.with_planes(variance=d_var)
         used = _used_stars(fit)
         metrics["quality"] = dict(scaled)

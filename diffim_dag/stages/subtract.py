@@ -120,7 +120,7 @@ def _source_free_chi(image, variance, good) -> np.ndarray:
 
 
 def measure_variance_scale(image: np.ndarray, variance: np.ndarray, bad: np.ndarray, *, source: str,
-                           max_scale: float = 10.0) -> float:
+                           max_scale: float = 10.0, workers: int = 1) -> float:
     r"""Ratio of the measured pixel noise to the declared variance, outside sources.
 
     ``factor = σ_clipped[(I − B) / √V]²`` over good pixels, with B the mesh
@@ -128,13 +128,23 @@ def measure_variance_scale(image: np.ndarray, variance: np.ndarray, bad: np.ndar
     as LSST's ScaleVarianceTask excludes DETECTED pixels.  Large images are measured on
     16 windows of 512² spread over the frame (4M pixels pin the factor to < 0.1%).
     A factor above ``max_scale`` (or below 1/max_scale) means the variance plane is not
-    usable: :class:`InputError`.
+    usable: :class:`InputError`.  ``workers`` threads measure the windows (their backgrounds and whole-window
+    NumPy passes release the GIL); the values, joined in window order, are the same whatever their number.
     """
-    chunks = []
-    for w in _windows(image.shape):
+
+    def window_chi(w):
         good = _usable(image, variance, bad, w)
-        if np.count_nonzero(good) >= 100:
-            chunks.append(_source_free_chi(image[w], variance[w], good))
+        return _source_free_chi(image[w], variance[w], good) if np.count_nonzero(good) >= 100 else None
+
+    windows = _windows(image.shape)
+    if workers > 1 and len(windows) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(workers, len(windows))) as pool:
+            measured = list(pool.map(window_chi, windows))
+    else:
+        measured = [window_chi(w) for w in windows]
+    chunks = [c for c in measured if c is not None]
     if not chunks and np.count_nonzero(_usable(image, variance, bad, (slice(None), slice(None)))) < 100:
         return 1.0
     vals = np.concatenate(chunks) if chunks else np.zeros(0)
@@ -149,15 +159,15 @@ def measure_variance_scale(image: np.ndarray, variance: np.ndarray, bad: np.ndar
 
 
 def scale_difference_variance(image: np.ndarray, variance: np.ndarray, bad: np.ndarray, *,
-                              enabled: bool = True) -> tuple[np.ndarray, dict]:
+                              enabled: bool = True, workers: int = 1) -> tuple[np.ndarray, dict]:
     r"""The difference's variance plane scaled to its measured sky noise (LSST's ``doScaleDiffimVariance``).
 
     The factor is :func:`measure_variance_scale` on the difference (the clipped σ² of
-    :math:`D/\sqrt V` away from sources).  Returns the (possibly) scaled plane and
+    :math:`D/\sqrt V` away from sources; ``workers``: its threads).  Returns the (possibly) scaled plane and
     ``{"sky_ratio_propagated": σ ratio before scaling, "variance_scale": factor applied}``.
     """
     try:
-        factor = measure_variance_scale(image, variance, bad, source="difference", max_scale=1e6)
+        factor = measure_variance_scale(image, variance, bad, source="difference", max_scale=1e6, workers=workers)
     except InputError:
         factor = float("nan")
     report = {"sky_ratio_propagated": float(math.sqrt(factor)) if factor > 0 else None,
