@@ -101,6 +101,25 @@ def test_matched_filter_does_not_depend_on_its_threads(rng):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("dtypes", [(np.float32, np.float32), (np.float64, np.float32), (np.float64, np.float64)])
+def test_significance_image_in_strips_on_threads_is_the_formula(rng, dtypes):
+    """S/√V_S, 0 where V_S is at most 1e-12 of its maximum (no data), in the inputs' precision; the strips on
+    threads give the same bits as one thread."""
+    sm = rng.normal(0.0, 3.0, (600, 130)).astype(dtypes[0])  # 3 strips of 256 rows, the last one short
+    vs = rng.uniform(0.5, 10.0, sm.shape).astype(dtypes[1])
+    vs[::7, ::5] = 0.0
+    vs[3] = 1e-20
+    one = det.significance_image(sm, vs)
+    dtype = np.float32 if dtypes == (np.float32, np.float32) else np.float64
+    assert one.dtype == dtype
+    ok = vs > 1e-12 * vs.max()
+    with np.errstate(divide="ignore"):
+        want = np.where(ok, sm / np.sqrt(vs, dtype=dtype), 0.0).astype(dtype)
+    np.testing.assert_array_equal(one, want)
+    for workers in (2, 3):
+        np.testing.assert_array_equal(det.significance_image(sm, vs, workers=workers), one)
+
+
 def test_positive_and_negative_footprints_merge_with_ordered_peaks(rng):
     img = rng.normal(0, 1.0, (120, 120))
     add_sources(img, [55.0, 62.0], [60.0, 60.0], [900.0, -1500.0], PSF)

@@ -197,21 +197,46 @@ def matched_filter(
     return smoothed, svar
 
 
-def significance_image(smoothed: np.ndarray, smoothed_variance: np.ndarray) -> np.ndarray:
-    r""":math:`\nu = S / \sqrt{V_S}`, 0 where :math:`V_S` vanishes (no data)."""
+def significance_image(smoothed: np.ndarray, smoothed_variance: np.ndarray, *, workers: int = 1) -> np.ndarray:
+    r""":math:`\nu = S / \sqrt{V_S}`, 0 where :math:`V_S` vanishes (no data).
+
+    Row strips of 256 on ``workers`` threads (element-wise NumPy releases the GIL; the values are the same
+    whatever their number): a 4096² plane's six passes took 0.18 s on one.
+    """
     vs = np.asarray(smoothed_variance)
     sm = np.asarray(smoothed)
     vmax = float(np.max(vs)) if vs.size else 0.0
     floor = 1e-12 * vmax if vmax > 0 else 0.0
-    ok = vs > floor
     # float32 in, float32 out (the threshold needs no more); float64 otherwise
     dtype = np.float32 if sm.dtype == np.float32 and vs.dtype == np.float32 else np.float64
+    out = np.empty(np.broadcast_shapes(sm.shape, vs.shape), dtype=dtype)
+    if out.ndim != 2:
+        _significance_rows(sm, vs, floor, out)
+        return out
+
+    def strip(s):
+        _significance_rows(sm[s], vs[s], floor, out[s])
+
+    strips = list(row_strips(out.shape[0]))
+    if workers > 1 and len(strips) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(workers, len(strips))) as pool:
+            list(pool.map(strip, strips))
+    else:
+        for s in strips:
+            strip(s)
+    return out
+
+
+def _significance_rows(sm, vs, floor: float, out) -> None:
+    """:func:`significance_image` of some rows, into ``out`` (the whole-image variance floor given)."""
+    ok = vs > floor
     with np.errstate(invalid="ignore"):
-        out = np.sqrt(vs, dtype=dtype)
-    np.divide(sm, out, out=out, where=ok)  # in place: one full-frame array, not two
+        np.sqrt(vs, out=out, dtype=out.dtype)
+    np.divide(sm, out, out=out, where=ok)  # in place: one array, not two
     np.logical_not(ok, out=ok)
     np.copyto(out, 0, where=ok)
-    return out
 
 
 def local_max_at(image: np.ndarray, iy: np.ndarray, ix: np.ndarray) -> np.ndarray:
@@ -239,6 +264,7 @@ def bright_static_peaks(
     min_snr: float = 20.0,
     border: int = 0,
     max_peaks: int = 300,
+    workers: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     r"""Local maxima of the matched-filtered *model* (the matched template) above ``min_snr``.
 
@@ -257,7 +283,7 @@ def bright_static_peaks(
     # candidates from the significance in the planes' own precision, a hair below the cut (float32 rounds
     # at 1e-7); the cut itself, and the 3×3 maximum, only at those pixels, in float64 as the whole frame once
     # was: the same peaks with no full-frame float64 copies (~0.4 GB at 4096²)
-    nu = significance_image(m, vs)
+    nu = significance_image(m, vs, workers=workers)
     cand = (nu >= min_snr * (1.0 - 1e-5)) & ~np.asarray(bad, dtype=bool)
     del nu
     if border > 0:
@@ -566,7 +592,7 @@ def detect_tile(
     nodata = has_bits(msk, bits_of(planes, no_data_planes))
     if score is None:
         smoothed, svar = matched_filter(img, variance, psf, bad=nodata, workers=workers)
-        nu = significance_image(smoothed, svar)
+        nu = significance_image(smoothed, svar, workers=workers)
     else:
         nu = np.asarray(score)
         if nu.dtype not in (np.float32, np.float64):

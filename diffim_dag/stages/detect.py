@@ -529,12 +529,12 @@ def prepare_detection(
                                         + [p for p in ("SAT_TEMPLATE", "INJECTED", "INJECTED_TEMPLATE")
                                            if p in planes]))
                 iy, ix = det.bright_static_peaks(m_s, mv_s, bad_pk, min_snr=config.systematic_min_snr,
-                                                 border=psf_image.shape[0] // 2)
+                                                 border=psf_image.shape[0] // 2, workers=config.fft_workers)
                 del bad_pk
                 mpk = m_s[iy, ix]
             del mv_s
         smoothed, svar = det.matched_filter(img, var, psf_image, bad=nodata, workers=config.fft_workers)
-        score = det.significance_image(smoothed, svar)
+        score = det.significance_image(smoothed, svar, workers=config.fft_workers)
         if config.threshold_type == "pixel_stdev":
             stat_bad = has_bits(msk, bits_of(planes, list(config.bad_peak_mask_planes) + no_data))
             significance_stdev = _significance_stdev(score, ~stat_bad & (svar > 0))
@@ -556,7 +556,7 @@ def prepare_detection(
                 m_s *= epsilon * epsilon
                 svar *= factor * factor
                 svar += m_s
-                score = det.significance_image(smoothed, svar)
+                score = det.significance_image(smoothed, svar, workers=config.fft_workers)
             elif significance_stdev is not None:
                 score /= significance_stdev
             del m_s
