@@ -8,9 +8,9 @@ the two threads took turns.  The wheel's extension module also exports SEP's C f
 C interface); called through :mod:`ctypes`, which releases the lock for the length of a foreign call, they run at
 once.
 
-The C structures are declared here as ``sep.h`` has them since SEP 1.4.0 (64-bit sizes and the segmentation-map
-fields of ``sep_image``); another version of SEP, or a build without the exported symbols, falls back to the
-Python wrapper, with the same results.  Both paths call the same C code with the arguments the wrapper passes
+The C structures are declared here as ``sep.h`` has them in SEP 1.4 (64-bit sizes and the segmentation-map
+fields of ``sep_image``, new in 1.4.0); another version of SEP, or a build without the exported symbols, falls
+back to the Python wrapper, with the same results.  Both paths call the same C code with the arguments the wrapper passes
 for ``sep.Background(data, mask=mask, bw=…, bh=…, fw=…, fh=…)`` and ``sep.extract(…)``, so the maps and
 catalogues are bitwise the same (tested).  SEP's C library is thread-safe since 1.4 (its extraction state is
 thread-local); the pixel-stack and sub-object limits (``sep.set_extract_pixstack`` …) are the library's own,
@@ -79,7 +79,7 @@ def _library():
         import sep
     except ImportError:
         return None
-    if not (1, 4) <= _version(getattr(sep, "__version__", "")) < (2, 0):
+    if _version(getattr(sep, "__version__", "")) != (1, 4):  # (the layout declared here; a later one may differ)
         return None
     try:
         lib = ctypes.CDLL(sep.__file__)  # (already loaded by the import: the same handle)
