@@ -1,5 +1,6 @@
 """Memory and threads of the process: freed memory handed back to the system, OpenBLAS's idle threads put to
-sleep, the command line's allocator settings and garbage-collector freeze (pure Python; no Dask, no NumPy)."""
+sleep, the command line's allocator settings and garbage-collector freeze, and the one helper that maps work
+over threads in order (pure Python; no Dask, no NumPy)."""
 from __future__ import annotations
 
 import contextlib
@@ -8,7 +9,7 @@ import os
 import sys
 
 __all__ = ["release_freed_memory", "reuse_freed_memory", "quiet_idle_blas_threads",
-           "imported_out_of_collection"]
+           "imported_out_of_collection", "map_on_threads"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -115,3 +116,17 @@ def quiet_idle_blas_threads() -> None:
     """
     if "numpy" not in sys.modules:
         os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
+
+def map_on_threads(function, items, workers: int = 1):
+    """``function(item)`` for each of ``items``, in their order, as an iterator: on up to ``workers`` threads when
+    there are more than one of both (for work whose NumPy, FFT or C calls release the GIL), else in turn.  The
+    results come as they are ready, in order, so a caller can place each and drop it (never all at once)."""
+    items = list(items)
+    if int(workers) <= 1 or len(items) <= 1:
+        yield from map(function, items)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(int(workers), len(items)), thread_name_prefix="diffim-map") as pool:
+        yield from pool.map(function, items)

@@ -73,3 +73,22 @@ print(gc.isenabled(), gc.get_freeze_count() > 1000)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "True"]
+
+
+def test_map_on_threads_keeps_the_order_and_uses_the_threads():
+    """Results in the items' order whatever the threads; one worker (or one item) runs in the caller's thread."""
+    import threading
+    import time
+
+    from diffim_dag.memory import map_on_threads
+
+    def slow_square(i):  # later items finish first
+        time.sleep(0.01 * (5 - i))
+        return i * i, threading.current_thread().name
+
+    one = list(map_on_threads(slow_square, range(5), 1))
+    many = list(map_on_threads(slow_square, range(5), 3))
+    assert [r for r, _ in one] == [r for r, _ in many] == [0, 1, 4, 9, 16]
+    assert {name for _, name in one} == {threading.current_thread().name}
+    assert all(name.startswith("diffim-map") for _, name in many)
+    assert [name for _, name in map_on_threads(slow_square, [2], 4)] == [threading.current_thread().name]

@@ -54,6 +54,7 @@ import numpy as np
 import scipy.fft
 import scipy.ndimage
 
+from ..memory import map_on_threads
 from .chebyshev import chebyshev_terms, term_powers
 from .maskops import bits_of, dilate_mask
 from .solution import KernelSolution
@@ -148,15 +149,8 @@ def fft_convolve_strips(a: np.ndarray, k: np.ndarray, *, strip: int = 1024, zero
     out = np.empty(a.shape, dtype=first.dtype)
     out[strips[0][0]:strips[0][1]] = first
     del first
-    if workers > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="diffim-strips") as pool:
-            for (y0, y1), part in zip(strips[1:], pool.map(convolve, strips[1:])):
-                out[y0:y1] = part
-    else:
-        for y0, y1 in strips[1:]:
-            out[y0:y1] = convolve((y0, y1))
+    for part, (y0, y1) in zip(map_on_threads(convolve, strips[1:], workers), strips[1:]):
+        out[y0:y1] = part
     return out
 
 

@@ -57,6 +57,7 @@ import pandas as pd
 import scipy.ndimage as ndi
 
 from ..masks import DEFAULT_MASK_PLANES
+from ..memory import map_on_threads
 from ..noise import START_SAMPLES, row_strips, strided_sample
 from .maskops import bits_of, grow_square, has_bits, lacks_bits, nonzero_2d
 
@@ -214,18 +215,9 @@ def significance_image(smoothed: np.ndarray, smoothed_variance: np.ndarray, *, w
         _significance_rows(sm, vs, floor, out)
         return out
 
-    def strip(s):
-        _significance_rows(sm[s], vs[s], floor, out[s])
-
-    strips = list(row_strips(out.shape[0]))
-    if workers > 1 and len(strips) > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(min(workers, len(strips))) as pool:
-            list(pool.map(strip, strips))
-    else:
-        for s in strips:
-            strip(s)
+    for _ in map_on_threads(lambda s: _significance_rows(sm[s], vs[s], floor, out[s]), row_strips(out.shape[0]),
+                            workers):
+        pass
     return out
 
 

@@ -187,8 +187,7 @@ def extract(data: np.ndarray, thresh: float, *, err=None, mask: np.ndarray | Non
                            clean=clean, clean_param=clean_param)
     if filter_type not in ("matched", "conv"):
         raise ValueError(f"unknown filter_type: {filter_type!r}")
-    keep = []  # the arrays the C call reads, alive until it returns
-    image = _SepImage()
+    image = _SepImage()  # (the arrays it points to are locals here: alive until the call returns)
     data = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("="))  # (SEP reads native byte order)
     image.data, image.dtype = data.ctypes.data, _element_type(data)
     image.h, image.w = data.shape
@@ -200,7 +199,6 @@ def extract(data: np.ndarray, thresh: float, *, err=None, mask: np.ndarray | Non
             if noise.shape != data.shape:
                 raise ValueError("size of error/variance array must match data")
             image.noise, image.ndtype = noise.ctypes.data, _element_type(noise)
-            keep.append(noise)
         else:
             image.noiseval = float(err)
     if mask is not None:

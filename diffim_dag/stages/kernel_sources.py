@@ -52,7 +52,6 @@ SOURCE_CUTS = ("outside", "masked", "saturated", "not_point_like", "not_isolated
 #: Background mesh size (pixels) for detection and local sky.
 BACKGROUND_BOX = 64
 #: sep's pixel stack (large images with many sources overflow the default).
-SEP_PIXSTACK = 1_000_000  # grown ×4 on overflow (sep allocates it up front)
 #: Minimum number of kernel sources (the issue's "fewer than 3").
 MIN_KERNEL_SOURCES = 3
 
@@ -115,9 +114,7 @@ def detect_sources(science: Exposure, config: KernelSourceConfig, background=Non
 
     Returns a table with ``x``, ``y`` (parent pixels).
     """
-    import sep
-
-    from ..kernels.sep_c import extract
+    from ..psf.estimate import sep_extract
 
     img, var, msk = science.arrays()
     bad = has_bits(msk, _bad_bits(science, config))
@@ -135,17 +132,7 @@ def detect_sources(science: Exposure, config: KernelSourceConfig, background=Non
     with np.errstate(divide="ignore", invalid="ignore"):
         significance /= bkg.rms * np.float32(math.sqrt(float((psf**2).sum())))
     significance[bad | ~np.isfinite(significance)] = 0.0
-    sep.set_sub_object_limit(4096)
-    pixstack = SEP_PIXSTACK
-    while True:
-        sep.set_extract_pixstack(pixstack)
-        try:
-            objects = extract(significance, float(config.detection_threshold), mask=bad, filter_kernel=None)
-            break
-        except Exception as exc:  # sep raises a bare Exception when its pixel buffer overflows
-            if "pixel buffer full" not in str(exc) or pixstack >= 64 * SEP_PIXSTACK:
-                raise
-            pixstack *= 4
+    objects = sep_extract(significance, float(config.detection_threshold), None, bad, filter_kernel=None)
     x0, y0 = science.xy0
     return pd.DataFrame({"x": objects["x"] + x0, "y": objects["y"] + y0})
 

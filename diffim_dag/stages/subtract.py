@@ -30,7 +30,7 @@ import numpy as np
 from ..errors import InputError, NoWorkFound
 from ..kernels.solution import CONVOLVE_SCIENCE, CONVOLVE_TEMPLATE
 from ..masks import MaskPlanes
-from ..memory import release_freed_memory
+from ..memory import map_on_threads, release_freed_memory
 from ..noise import START_SAMPLES, box_mean3, clipped_stats, grow_cross, measure_background, robust_std
 from ..psf import Psf
 from ..kernels.maskops import has_bits, lacks_bits
@@ -136,15 +136,7 @@ def measure_variance_scale(image: np.ndarray, variance: np.ndarray, bad: np.ndar
         good = _usable(image, variance, bad, w)
         return _source_free_chi(image[w], variance[w], good) if np.count_nonzero(good) >= 100 else None
 
-    windows = _windows(image.shape)
-    if workers > 1 and len(windows) > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(min(workers, len(windows))) as pool:
-            measured = list(pool.map(window_chi, windows))
-    else:
-        measured = [window_chi(w) for w in windows]
-    chunks = [c for c in measured if c is not None]
+    chunks = [c for c in map_on_threads(window_chi, _windows(image.shape), workers) if c is not None]
     if not chunks and np.count_nonzero(_usable(image, variance, bad, (slice(None), slice(None)))) < 100:
         return 1.0
     vals = np.concatenate(chunks) if chunks else np.zeros(0)

@@ -43,6 +43,7 @@ from ..kernels.warp import (
     warp_tile,
 )
 from ..masks import MaskPlanes
+from ..memory import map_on_threads
 from ..psf import GridPsf, Psf, measure_fwhm
 from ..kernels.maskops import has_bits, lacks_bits
 
@@ -197,18 +198,12 @@ def warp_exposure(
                              interp_length=interp_length)
 
     def place(results):  # each tile is written, then dropped (never all of them at once)
-        for task, (i, v, m) in zip(tasks, results):
+        for (i, v, m), task in zip(results, tasks):
             x, y = task.out_origin
             sl = (slice(y - oy0, y - oy0 + i.shape[0]), slice(x - ox0, x - ox0 + i.shape[1]))
             out_i[sl], out_v[sl], out_m[sl] = i, v, m
 
-    if workers > 1 and len(tasks) > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(min(int(workers), len(tasks))) as pool:
-            place(pool.map(run, tasks))
-    else:
-        place(map(run, tasks))
+    place(map_on_threads(run, tasks, workers))
     psf = None if source.psf is None else WarpedPsf(source.psf, mapping, out_bbox)
     return Exposure.from_arrays(out_i, out_v, out_m, xy0=(ox0, oy0), mask_planes=planes, wcs=wcs, psf=psf,
                                 info=source.info, source="warped template", validate=False, copy=False)
