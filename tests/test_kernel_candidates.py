@@ -13,6 +13,7 @@ from diffim_dag.kernels.candidates import (
     convolve_stamps,
     fit_candidates,
     fit_cell,
+    fit_cells,
 )
 from diffim_dag.psf import FWHM_PER_SIGMA, GaussianPsf
 
@@ -114,6 +115,37 @@ def test_fit_cell_replaces_rejected_candidates_and_caps_per_cell():
     assert [(f.id, f.reason) for f in cf.fits if f.status == "rejected"] == [(11, "residual_std")]
     cf = fit_cell(cell, basis, KernelConfig(candidates_per_cell=2), exclude={10})
     assert [f.id for f in cf.used] == [12, 13] and len(cf.fits) == 3
+
+
+def test_cells_fitted_together_equal_the_cells_fitted_one_by_one(monkeypatch):
+    """fit_cells stacks the rounds' candidates of every cell (FIT_BATCH at a time): each fit is bitwise the one
+    of fit_cell, rejected candidates are replaced within their own cell, exclusions stay per cell."""
+    import diffim_dag.kernels.candidates as candidates
+
+    monkeypatch.setattr(candidates, "FIT_BATCH", 16)  # batches that cut across cells
+    basis = basis_from_config(KernelConfig(), SIGMA_T * FWHM_PER_SIGMA, SIGMA_S * FWHM_PER_SIGMA)
+    cells, seed = [], 0
+    for c, n in enumerate([1, 4, 2, 6, 3, 5, 6, 2, 6, 1]):
+        pairs = [_star_pair(basis.size, noise=5.0, seed=seed + k, scale=1.0 + 0.1 * c) for k in range(n)]
+        seed += n
+        tgt = np.concatenate([p[1] for p in pairs])
+        if n >= 4:
+            tgt[1, 21 + 3, 21 + 2] += 3000.0  # a rejected candidate: the cell fits a second round
+        cells.append(CellStamps(cell=c, ids=100 * c + np.arange(n), x=np.arange(n, dtype=float),
+                                y=np.arange(n, dtype=float), reference=np.concatenate([p[0] for p in pairs]),
+                                target=tgt, variance=np.concatenate([p[2] for p in pairs])))
+    config = KernelConfig(candidates_per_cell=3)
+    excludes = [frozenset(), frozenset({100}), frozenset(), frozenset({301})] + [frozenset()] * 6
+    together = fit_cells(cells, basis, config, excludes)
+    alone = [fit_cell(cell, basis, config, ex) for cell, ex in zip(cells, excludes)]
+    assert any(f.status == "rejected" for cf in alone for f in cf.fits)
+    for a, b in zip(together, alone):
+        assert (a.cell, a.n_available, [f.id for f in a.fits]) == (b.cell, b.n_available, [f.id for f in b.fits])
+        for fa, fb in zip(a.fits, b.fits):
+            assert (fa.cell, fa.status, fa.reason) == (fb.cell, fb.status, fb.reason)
+            assert fa.kernel_sum == fb.kernel_sum and fa.background == fb.background
+            assert fa.residual_mean == fb.residual_mean and fa.residual_std == fb.residual_std
+            assert np.array_equal(fa.coefficients, fb.coefficients)
 
 
 def test_kernel_sum_clipping_rejects_only_the_outlier():

@@ -44,6 +44,7 @@ from ..kernels.candidates import (
     assign_cells,
     clip_kernel_sums,
     fit_cell,
+    fit_cells,
 )
 from ..kernels.solution import CONVOLVE_SCIENCE, CONVOLVE_TEMPLATE, KernelSolution
 from ..kernels.spatial import SpatialFit, assess_spatial, solve_spatial
@@ -72,6 +73,12 @@ CellMapper = Callable[[Sequence[CellTask]], Sequence[CellFit]]
 
 
 def _map_eager(tasks: Sequence[CellTask]) -> list[CellFit]:
+    """The tasks' :func:`~diffim_dag.kernels.candidates.fit_cell` here: those that share a basis and a config (all,
+    as :func:`fit_kernel_cells` and :func:`solve_kernel` make them) fitted together
+    (:func:`~diffim_dag.kernels.candidates.fit_cells`: the same values)."""
+    tasks = list(tasks)
+    if tasks and all(t[1] is tasks[0][1] and t[2] is tasks[0][2] for t in tasks):
+        return fit_cells([t[0] for t in tasks], tasks[0][1], tasks[0][2], [t[3] for t in tasks])
     return [fit_cell(*task) for task in tasks]
 
 
