@@ -718,8 +718,8 @@ def footprints_table(footprints: Sequence[Footprint]) -> pd.DataFrame:
     }
     return pd.DataFrame(
         {
-            k: pd.Series(v, dtype=("bool" if k in ("is_negative", "footprint_truncated") else "float64"
-                                   if k == "peak_significance" else "int64"))
+            k: np.array(v, dtype=("bool" if k in ("is_negative", "footprint_truncated") else "float64"
+                                  if k == "peak_significance" else "int64"))
             for k, v in cols.items()
         }
     )

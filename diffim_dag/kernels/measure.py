@@ -687,4 +687,6 @@ def measure_sources(
             bit = 1 << planes[plane]
             out[f"pixel_flags_{plane.lower()}"][i] = bool(any_bits & bit)
             out[f"pixel_flags_{plane.lower()}_center"][i] = bool(centre_bits & bit)
-    return pd.DataFrame({k: pd.Series(v, dtype=cols[k]) for k, v in out.items()})
+    # (arrays, not Series: a Series resolves its dtype's name through pandas' registry of extension types, which
+    # was most of the table's cost, tile after tile)
+    return pd.DataFrame({k: np.asarray(v, dtype=cols[k]) for k, v in out.items()})

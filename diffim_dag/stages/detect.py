@@ -325,7 +325,7 @@ def detect_measure_tile(
                              direct_weight=config.dipole_direct_weight)
         for i, row in zip(fit, fitted):
             rows[i] = row
-    dip = pd.DataFrame({k: pd.Series([r[k] for r in rows], dtype=v) for k, v in DIPOLE_COLUMNS.items()})
+    dip = pd.DataFrame({k: np.array([r[k] for r in rows], dtype=v) for k, v in DIPOLE_COLUMNS.items()})
     cat = pd.concat([base, meas, dip], axis=1)
     # dipoles: the centroid is the flux-weighted centre of the lobes
     isd = cat["is_dipole"].to_numpy(dtype=bool)
