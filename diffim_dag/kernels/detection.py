@@ -65,6 +65,7 @@ __all__ = [
     "Footprint",
     "matched_filter",
     "significance_image",
+    "significance_above",
     "local_max_at",
     "clipped_stdev",
     "grow_radius",
@@ -221,6 +222,29 @@ def significance_image(smoothed: np.ndarray, smoothed_variance: np.ndarray, *, w
     return out
 
 
+def significance_above(smoothed: np.ndarray, smoothed_variance: np.ndarray, threshold: float, *,
+                       workers: int = 1) -> np.ndarray:
+    """``significance_image(smoothed, smoothed_variance) >= threshold`` (boolean), strip by strip: the significance
+    of one strip at a time instead of a whole plane (64 MB for a 4096² frame, at the matched filter's peak)."""
+    vs = np.asarray(smoothed_variance)
+    sm = np.asarray(smoothed)
+    if sm.ndim != 2 or sm.shape != vs.shape:
+        return significance_image(sm, vs, workers=workers) >= threshold
+    vmax = float(np.max(vs)) if vs.size else 0.0
+    floor = 1e-12 * vmax if vmax > 0 else 0.0
+    dtype = np.float32 if sm.dtype == np.float32 and vs.dtype == np.float32 else np.float64
+    out = np.empty(sm.shape, dtype=bool)
+
+    def rows(s):
+        nu = np.empty((s.stop - s.start, sm.shape[1]), dtype=dtype)
+        _significance_rows(sm[s], vs[s], floor, nu)
+        np.greater_equal(nu, threshold, out=out[s])
+
+    for _ in map_on_threads(rows, row_strips(sm.shape[0]), workers):
+        pass
+    return out
+
+
 def _significance_rows(sm, vs, floor: float, out) -> None:
     """:func:`significance_image` of some rows, into ``out`` (the whole-image variance floor given)."""
     ok = vs > floor
@@ -275,9 +299,8 @@ def bright_static_peaks(
     # candidates from the significance in the planes' own precision, a hair below the cut (float32 rounds
     # at 1e-7); the cut itself, and the 3×3 maximum, only at those pixels, in float64 as the whole frame once
     # was: the same peaks with no full-frame float64 copies (~0.4 GB at 4096²)
-    nu = significance_image(m, vs, workers=workers)
-    cand = (nu >= min_snr * (1.0 - 1e-5)) & ~np.asarray(bad, dtype=bool)
-    del nu
+    cand = significance_above(m, vs, min_snr * (1.0 - 1e-5), workers=workers)
+    cand &= ~np.asarray(bad, dtype=bool)
     if border > 0:
         cand[:border] = cand[-border:] = False
         cand[:, :border] = cand[:, -border:] = False
