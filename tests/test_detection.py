@@ -118,6 +118,12 @@ def test_significance_image_in_strips_on_threads_is_the_formula(rng, dtypes):
     np.testing.assert_array_equal(one, want)
     for workers in (2, 3):
         np.testing.assert_array_equal(det.significance_image(sm, vs, workers=workers), one)
+    # thresholded strip by strip, without the plane: the same pixels, whatever the threads
+    for threshold in (0.5, float(np.median(one))):
+        for workers in (1, 2):
+            above = det.significance_above(sm, vs, threshold, workers=workers)
+            assert above.dtype == bool and above.any() and not above.all()
+            np.testing.assert_array_equal(above, one >= threshold)
 
 
 def test_positive_and_negative_footprints_merge_with_ordered_peaks(rng):

@@ -207,10 +207,7 @@ def significance_image(smoothed: np.ndarray, smoothed_variance: np.ndarray, *, w
     """
     vs = np.asarray(smoothed_variance)
     sm = np.asarray(smoothed)
-    vmax = float(np.max(vs)) if vs.size else 0.0
-    floor = 1e-12 * vmax if vmax > 0 else 0.0
-    # float32 in, float32 out (the threshold needs no more); float64 otherwise
-    dtype = np.float32 if sm.dtype == np.float32 and vs.dtype == np.float32 else np.float64
+    floor, dtype = _significance_floor(sm, vs)
     out = np.empty(np.broadcast_shapes(sm.shape, vs.shape), dtype=dtype)
     if out.ndim != 2:
         _significance_rows(sm, vs, floor, out)
@@ -230,9 +227,7 @@ def significance_above(smoothed: np.ndarray, smoothed_variance: np.ndarray, thre
     sm = np.asarray(smoothed)
     if sm.ndim != 2 or sm.shape != vs.shape:
         return significance_image(sm, vs, workers=workers) >= threshold
-    vmax = float(np.max(vs)) if vs.size else 0.0
-    floor = 1e-12 * vmax if vmax > 0 else 0.0
-    dtype = np.float32 if sm.dtype == np.float32 and vs.dtype == np.float32 else np.float64
+    floor, dtype = _significance_floor(sm, vs)
     out = np.empty(sm.shape, dtype=bool)
 
     def rows(s):
@@ -243,6 +238,14 @@ def significance_above(smoothed: np.ndarray, smoothed_variance: np.ndarray, thre
     for _ in map_on_threads(rows, row_strips(sm.shape[0]), workers):
         pass
     return out
+
+
+def _significance_floor(sm: np.ndarray, vs: np.ndarray) -> tuple[float, type]:
+    """The whole image's variance floor (below it: no data) and the significance's dtype: float32 in, float32 out
+    (the threshold needs no more); float64 otherwise."""
+    vmax = float(np.max(vs)) if vs.size else 0.0
+    dtype = np.float32 if sm.dtype == np.float32 and vs.dtype == np.float32 else np.float64
+    return (1e-12 * vmax if vmax > 0 else 0.0), dtype
 
 
 def _significance_rows(sm, vs, floor: float, out) -> None:
