@@ -217,6 +217,39 @@ def test_mesh_background_through_the_c_interface_is_sep_background(rng, monkeypa
     assert got[2:] == want[2:]
 
 
+@pytest.mark.parametrize("c_interface", [True, False])
+def test_mesh_rows_are_sep_background_rows(rng, monkeypatch, c_interface):
+    """The mesh's maps row by row (sep_c.Mesh; noise.background_mesh's MeshMap) are the rows of
+    ``sep.Background``'s planes, bitwise: slices, row lists, into a given buffer, and every 4th pixel each way."""
+    import sep
+
+    from diffim_dag import noise
+    from diffim_dag.kernels import sep_c
+
+    if c_interface and not sep_c.c_interface_available():
+        pytest.skip("SEP's C interface is not reachable here")
+    if not c_interface:
+        monkeypatch.setattr(sep_c, "_library", lambda: None)
+    yy, xx = np.mgrid[:301, :257]
+    img = (80.0 + 0.05 * xx + 0.02 * yy + rng.normal(0.0, 3.0, yy.shape)).astype(np.float32)
+    mask = np.zeros(img.shape, bool)
+    mask[40:90, 120:200] = True
+    ref = sep.Background(img, mask=mask, bw=32, bh=32, fw=3, fh=3)
+    back, rms = ref.back(), ref.rms()
+    mesh = sep_c.mesh(img, mask, bw=32, bh=32, fw=3, fh=3)
+    assert (mesh.global_level, mesh.global_rms) == (float(ref.globalback), float(ref.globalrms))
+    np.testing.assert_array_equal(mesh.level_rows(slice(0, 301)), back)
+    np.testing.assert_array_equal(mesh.rms_rows(slice(17, 140)), rms[17:140])
+    np.testing.assert_array_equal(mesh.level_rows([300, 0, 151]), back[[300, 0, 151]])
+    buffer = np.empty((10, 257), np.float32)
+    assert mesh.rms_rows(slice(5, 15), out=buffer) is buffer
+    np.testing.assert_array_equal(buffer, rms[5:15])
+    level, noise_rows, global_level, _ = noise.background_mesh(img, mask, box=32)
+    np.testing.assert_array_equal(level.sampled(4), back[::4, ::4])
+    np.testing.assert_array_equal(noise.rows_of(noise_rows, slice(250, 301)), rms[250:])
+    assert global_level == float(ref.globalback)
+
+
 @pytest.mark.parametrize("case", ["err-plane", "no-filter", "err-scalar", "float64"])
 def test_extract_through_the_c_interface_is_sep_extract(rng, monkeypatch, case):
     """SEP's extraction through ctypes gives ``sep.extract``'s table (its columns, types and values) for a 2-D or

@@ -6,7 +6,7 @@ the process runs Python.  The visit graph runs the science's and the template's 
 and each measures several mesh backgrounds and extracts sources (variance, sky, PSF stars, kernel sources), so
 the two threads took turns.  The wheel's extension module also exports SEP's C functions (``sep.h``, its public
 C interface); called through :mod:`ctypes`, which releases the lock for the length of a foreign call, they run at
-once.
+once.  :func:`mesh` keeps SEP's mesh and gives its maps row by row (:class:`Mesh`), for work done in strips.
 
 The C structures are declared here as ``sep.h`` has them in SEP 1.4 (64-bit sizes and the segmentation-map
 fields of ``sep_image``, new in 1.4.0); another version of SEP, or a build without the exported symbols, falls
@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import weakref
 
 import numpy as np
 
-__all__ = ["mesh_background", "extract", "c_interface_available"]
+__all__ = ["Mesh", "mesh", "mesh_background", "extract", "c_interface_available"]
 
 #: ``sep.h`` codes: element types, noise and threshold kinds, filter types.
 _SEP_TBYTE, _SEP_TFLOAT, _SEP_TDOUBLE = 11, 42, 82
@@ -102,6 +103,14 @@ def _library():
         for name, (args, result) in signatures.items():
             function = getattr(lib, name)
             function.argtypes, function.restype = args, result
+        # one row's spline (~10 µs) is called with the interpreter lock held: released and taken back for every
+        # row, the lock would cost a thread that wants it back up to the switch interval (5 ms) per row
+        held = ctypes.PyDLL(sep.__file__)
+        for name in ("sep_bkg_line", "sep_bkg_rmsline"):
+            function = getattr(held, name)
+            function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+            function.restype = ctypes.c_int
+            setattr(lib, name + "_held", function)
     except (OSError, AttributeError):
         return None
     return lib
@@ -134,12 +143,54 @@ def _element_type(array: np.ndarray) -> int:
     return codes[array.dtype]
 
 
-def mesh_background(data: np.ndarray, mask: np.ndarray | None, *, bw: int, bh: int, fw: int, fh: int,
-                    rms: bool = True) -> tuple[np.ndarray, np.ndarray | None, float, float]:
-    """SEP's mesh background of ``data`` (float32, C order; ``mask``: bool, True = ignored): the level map, the
-    rms map (None unless ``rms``), and the global level and rms — those of ``sep.Background(data, mask=mask,
-    bw=bw, bh=bh, fw=fw, fh=fh)``, computed without holding the interpreter lock where SEP's C interface can be
-    reached."""
+class Mesh:
+    """SEP's mesh background of an image (:func:`mesh`): the level and rms maps row by row, without the whole
+    planes (a 4096² frame's are 64 MB each), for callers that work in strips.
+
+    ``level_rows(rows)`` and ``rms_rows(rows)`` are the rows ``rows`` (a slice or a sequence of row indices) of
+    ``sep.Background(…).back()`` and ``.rms()``, bitwise (SEP fills its whole maps row by row with the same
+    function); ``global_level`` and ``global_rms`` its global figures.  Through the C interface the mesh itself (a
+    few thousand boxes) is all that is held; the fallback computes the planes once and slices them."""
+
+    def __init__(self, shape, handle=None, planes=None, global_level=0.0, global_rms=0.0):
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.global_level, self.global_rms = float(global_level), float(global_rms)
+        self._handle, self._planes = handle, planes
+        if handle is not None:
+            self._free = weakref.finalize(self, _library().sep_bkg_free, handle)
+
+    def _rows(self, rows, which: int, out: np.ndarray | None) -> np.ndarray:
+        index = range(*rows.indices(self.shape[0])) if isinstance(rows, slice) else [int(r) for r in rows]
+        if out is None:
+            out = np.empty((len(index), self.shape[1]), dtype=np.float32)
+        if self._handle is None:
+            plane = self._planes()[which]
+            out[...] = plane[rows] if isinstance(rows, slice) else plane[list(index)]
+            return out
+        lib = _library()
+        line = lib.sep_bkg_line_held if which == 0 else lib.sep_bkg_rmsline_held
+        if not out.flags.c_contiguous or out.dtype != np.float32:
+            raise ValueError("out must be a C-contiguous float32 array")
+        base, step = out.ctypes.data, out.strides[0]
+        for i, y in enumerate(index):
+            if not 0 <= y < self.shape[0]:
+                raise IndexError(f"row {y} outside the image's {self.shape[0]}")
+            _check(lib, line(self._handle, y, base + i * step, _SEP_TFLOAT))
+        return out
+
+    def level_rows(self, rows, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``rows`` of the level map (float32; into ``out``, C-contiguous float32, when given)."""
+        return self._rows(rows, 0, out)
+
+    def rms_rows(self, rows, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``rows`` of the rms map (float32; into ``out`` when given)."""
+        return self._rows(rows, 1, out)
+
+
+def mesh(data: np.ndarray, mask: np.ndarray | None, *, bw: int, bh: int, fw: int, fh: int) -> Mesh:
+    """SEP's mesh background of ``data`` (float32, C order; ``mask``: bool, True = ignored) as a :class:`Mesh`:
+    that of ``sep.Background(data, mask=mask, bw=bw, bh=bh, fw=fw, fh=fh)``, measured without holding the
+    interpreter lock where SEP's C interface can be reached."""
     data = np.ascontiguousarray(data, dtype=np.float32)
     if mask is not None:
         mask = np.ascontiguousarray(mask, dtype=bool)
@@ -150,8 +201,9 @@ def mesh_background(data: np.ndarray, mask: np.ndarray | None, *, bw: int, bh: i
         import sep
 
         bkg = sep.Background(data, mask=mask, bw=bw, bh=bh, fw=fw, fh=fh)
-        return (np.asarray(bkg.back(), dtype=np.float32), np.asarray(bkg.rms(), dtype=np.float32) if rms else None,
-                float(bkg.globalback), float(bkg.globalrms))
+        planes = functools.lru_cache(maxsize=1)(
+            lambda: (np.asarray(bkg.back(), dtype=np.float32), np.asarray(bkg.rms(), dtype=np.float32)))
+        return Mesh(data.shape, planes=planes, global_level=bkg.globalback, global_rms=bkg.globalrms)
     image = _SepImage()
     image.data, image.dtype = data.ctypes.data, _SEP_TFLOAT
     image.h, image.w = data.shape
@@ -159,16 +211,28 @@ def mesh_background(data: np.ndarray, mask: np.ndarray | None, *, bw: int, bh: i
         image.mask, image.mdtype = mask.ctypes.data, _SEP_TBYTE
     handle = ctypes.c_void_p()
     _check(lib, lib.sep_background(ctypes.byref(image), bw, bh, fw, fh, 0.0, ctypes.byref(handle)))
-    try:
-        level = np.empty(data.shape, dtype=np.float32)
-        _check(lib, lib.sep_bkg_array(handle, level.ctypes.data, _SEP_TFLOAT))
-        noise = None
-        if rms:
-            noise = np.empty(data.shape, dtype=np.float32)
-            _check(lib, lib.sep_bkg_rmsarray(handle, noise.ctypes.data, _SEP_TFLOAT))
-        return level, noise, float(lib.sep_bkg_global(handle)), float(lib.sep_bkg_globalrms(handle))
-    finally:
-        lib.sep_bkg_free(handle)
+    return Mesh(data.shape, handle=handle.value, global_level=lib.sep_bkg_global(handle),
+                global_rms=lib.sep_bkg_globalrms(handle))
+
+
+def mesh_background(data: np.ndarray, mask: np.ndarray | None, *, bw: int, bh: int, fw: int, fh: int,
+                    rms: bool = True) -> tuple[np.ndarray, np.ndarray | None, float, float]:
+    """SEP's mesh background of ``data`` (float32, C order; ``mask``: bool, True = ignored): the level map, the
+    rms map (None unless ``rms``), and the global level and rms — those of ``sep.Background(data, mask=mask,
+    bw=bw, bh=bh, fw=fw, fh=fh)``, computed without holding the interpreter lock where SEP's C interface can be
+    reached (:func:`mesh` gives the maps row by row instead)."""
+    m = mesh(data, mask, bw=bw, bh=bh, fw=fw, fh=fh)
+    if m._handle is None:
+        level, noise = m._planes()
+        return level, (noise if rms else None), m.global_level, m.global_rms
+    lib = _library()
+    level = np.empty(m.shape, dtype=np.float32)
+    _check(lib, lib.sep_bkg_array(m._handle, level.ctypes.data, _SEP_TFLOAT))
+    noise = None
+    if rms:
+        noise = np.empty(m.shape, dtype=np.float32)
+        _check(lib, lib.sep_bkg_rmsarray(m._handle, noise.ctypes.data, _SEP_TFLOAT))
+    return level, noise, m.global_level, m.global_rms
 
 
 def extract(data: np.ndarray, thresh: float, *, err=None, mask: np.ndarray | None = None, minarea: int = 5,

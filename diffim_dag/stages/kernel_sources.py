@@ -40,7 +40,7 @@ from ..config import KernelSourceConfig
 from ..errors import InsufficientKernelSourcesError
 from ..exposure import Exposure
 from ..kernels.convolve import fft_convolve_strips
-from ..noise import BackgroundModel, measure_background
+from ..noise import BackgroundModel, background_mesh, measure_background, row_strips, rows_of
 from ..kernels.maskops import has_bits
 
 __all__ = ["select_kernel_sources", "SourceDetection", "detect_kernel_sources", "detect_sources", "measure_sources",
@@ -72,10 +72,14 @@ def _bad_bits(exposure: Exposure, config: KernelSourceConfig) -> int:
 
 
 def science_background(science: Exposure, config: KernelSourceConfig):
-    """The mesh background of the science image (bad planes excluded), shared by detection and measurement."""
+    """The mesh background of the science image (bad planes excluded), shared by detection and measurement: the
+    level as a plane (the measurement takes it at its stamps), the rms as a :class:`~diffim_dag.noise.MeshMap`
+    (the detection takes it strip by strip: no second 64 MB plane for a 4096² frame)."""
     img, _, msk = science.arrays()
     bad = has_bits(msk, _bad_bits(science, config))
-    return measure_background(img, bad, box=BACKGROUND_BOX)
+    level, rms, global_level, global_rms = background_mesh(img, bad, box=BACKGROUND_BOX)
+    return BackgroundModel(level=level.rows(slice(0, img.shape[0])), rms=rms, global_level=global_level,
+                           global_rms=global_rms)
 
 
 @dataclasses.dataclass(eq=False)
@@ -130,8 +134,10 @@ def detect_sources(science: Exposure, config: KernelSourceConfig, background=Non
     # criterion and needs no second full-frame map.
     significance = correlate_in_strips(data, psf)
     del data
+    norm = np.float32(math.sqrt(float((psf**2).sum())))
     with np.errstate(divide="ignore", invalid="ignore"):
-        significance /= bkg.rms * np.float32(math.sqrt(float((psf**2).sum())))
+        for s in row_strips(significance.shape[0]):
+            significance[s] /= rows_of(bkg.rms, s) * norm
     significance[bad | ~np.isfinite(significance)] = 0.0
     objects = sep_extract(significance, float(config.detection_threshold), None, bad, filter_kernel=None)
     x0, y0 = science.xy0
