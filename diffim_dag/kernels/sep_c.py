@@ -89,6 +89,8 @@ def _library():
                                 ctypes.c_int64, ctypes.c_double, ctypes.POINTER(ctypes.c_void_p)], ctypes.c_int),
             "sep_bkg_array": ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int], ctypes.c_int),
             "sep_bkg_rmsarray": ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int], ctypes.c_int),
+            "sep_bkg_line": ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int], ctypes.c_int),
+            "sep_bkg_rmsline": ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int], ctypes.c_int),
             "sep_bkg_global": ([ctypes.c_void_p], ctypes.c_float),
             "sep_bkg_globalrms": ([ctypes.c_void_p], ctypes.c_float),
             "sep_bkg_free": ([ctypes.c_void_p], None),
@@ -103,14 +105,6 @@ def _library():
         for name, (args, result) in signatures.items():
             function = getattr(lib, name)
             function.argtypes, function.restype = args, result
-        # one row's spline (~10 µs) is called with the interpreter lock held: released and taken back for every
-        # row, the lock would cost a thread that wants it back up to the switch interval (5 ms) per row
-        held = ctypes.PyDLL(sep.__file__)
-        for name in ("sep_bkg_line", "sep_bkg_rmsline"):
-            function = getattr(held, name)
-            function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
-            function.restype = ctypes.c_int
-            setattr(lib, name + "_held", function)
     except (OSError, AttributeError):
         return None
     return lib
@@ -168,7 +162,9 @@ class Mesh:
             out[...] = plane[rows] if isinstance(rows, slice) else plane[list(index)]
             return out
         lib = _library()
-        line = lib.sep_bkg_line_held if which == 0 else lib.sep_bkg_rmsline_held
+        # one call a row (~10 µs of spline), the lock released for each as for every foreign call: with it held
+        # instead, a 4096² subtraction ran 1.03× (6 pairs; the other input thread waited on the rows)
+        line = lib.sep_bkg_line if which == 0 else lib.sep_bkg_rmsline
         if not out.flags.c_contiguous or out.dtype != np.float32:
             raise ValueError("out must be a C-contiguous float32 array")
         base, step = out.ctypes.data, out.strides[0]
