@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import dask
@@ -98,14 +99,15 @@ def test_keys_name_stage_visit_detector_and_tile(spec, tmp_path):
     fused = dsk[task_key("inputs", v, d, run_id="a")][1]
     assert sorted({stage_of(k) for k in fused.dsk}) == ["exposure", "inputs", "read", "template"]
     # a single visit on this process's threads: the input stages as separate tasks (both reads, both
-    # inputs' stages at once), one cell task, one detection task (its FFTs on every core)
+    # inputs' stages at once), a cell task per core, one detection task (its FFTs on every core)
     local = visit_grid(input_shape(spec), config, in_process=True)
-    assert local == VisitGrid(tiles=(3, 3), cells=1, shape=(SIZE, SIZE), detect=(1, 1))
+    cores = min(os.cpu_count() or 1, 25)
+    assert local == VisitGrid(tiles=(3, 3), cells=cores, shape=(SIZE, SIZE), detect=(1, 1))
     one = visit_graph(spec, config, tmp_path, grid=local, in_process=True)
     for stage in ("read", "exposure"):  # science, template
         assert _keys(one, stage) == [(stage, v, d, 0), (stage, v, d, 1)]
     assert _keys(one, "template") == [("template", v, d)]
-    assert len(_keys(one, "fit-cell")) == 1 and len(_keys(one, "detect")) == 1 and len(_keys(one, "subtract")) == 9
+    assert len(_keys(one, "fit-cell")) == cores and len(_keys(one, "detect")) == 1 and len(_keys(one, "subtract")) == 9
     # a decorrelate tile reads its neighbours' edges
     def deps(graph, *index, run_id="a"):
         task = graph[task_key("decorrelate", v, d, *index, run_id=run_id)]
