@@ -154,23 +154,28 @@ def template_stage(science: Read, template: Read, config: PipelineConfig, store=
     return Warped(exposure, metrics, time.perf_counter() - t0, science.seconds + template.seconds)
 
 
-def exposure_stage(source, config: PipelineConfig, role: str, psf=None):
+def exposure_stage(source, config: PipelineConfig, role: str, psf=None, scale: bool = True):
     """The ``("exposure", V, D, i)`` task: the input stages of the science (0) or the warped template (1):
-    its PSF (supplied, ``psf``, or estimated from its stars), sky and cosmic rays, and the factor its variance
-    plane is to be scaled by (:func:`~diffim_dag.stages.prepare.prepare_exposure`).  Returns ``(exposure,
-    reports, timings)``."""
+    its PSF (supplied, ``psf``, or estimated from its stars), sky and cosmic rays, and (``scale``) the factor its
+    variance plane is to be scaled by (:func:`~diffim_dag.stages.prepare.prepare_exposure`).  Returns
+    ``(exposure, reports, timings)``."""
     from .stages.prepare import prepare_exposure
 
-    return prepare_exposure(source.exposure, config, role, psf=psf)
+    return prepare_exposure(source.exposure, config, role, psf=psf, scale=scale)
 
 
-def inputs_stage(science, template, warped: Warped):
+def inputs_stage(science, template, warped: Warped, config: PipelineConfig | None = None):
     """The ``("inputs", V, D)`` task: both prepared exposures as one
     :class:`~diffim_dag.stages.prepare.PreparedExposures`, with the reads', the warp's and the input stages'
-    reports and wall times."""
-    from .stages.prepare import combine_prepared
+    reports and wall times; the variance factors that the exposure tasks did not measure measured here
+    (``config``)."""
+    from .stages.prepare import combine_prepared, variance_scale_stage
 
-    prepared = combine_prepared({"science": science, "template": template})
+    done = {"science": science, "template": template}
+    if config is not None:
+        done = {role: r if "variance_scale" in r[1] else variance_scale_stage(r, config, role)
+                for role, r in done.items()}
+    prepared = combine_prepared(done)
     first = {}
     if warped.read_seconds:  # (exposures in hand were not read here)
         first["read"] = warped.read_seconds
@@ -438,8 +443,10 @@ class _Builder:
         return self.key(stage, *index)
 
 
-def _input_tasks(g: _Builder, config, source, *, out_dir, run_id, warp, workers, psfs, template_store=None) -> tuple:
-    """read ×2 → template → exposure ×2 → inputs: the pair on one grid, sky removed, PSFs attached.
+def _input_tasks(g: _Builder, config, source, *, out_dir, run_id, warp, workers, psfs, template_store=None,
+                 in_process: bool = False) -> tuple:
+    """read ×2 → template → exposure ×2 → inputs: the pair on one grid, sky removed, PSFs attached (``in_process``:
+    the variance factors measured by the inputs task, not the exposure tasks).
 
     ``source`` is a :class:`VisitSpec` (paths: each ``read`` task reads its file where it runs) or a
     ``(science, template)`` pair of exposures in hand.  Returns the ``inputs`` key."""
@@ -453,11 +460,13 @@ def _input_tasks(g: _Builder, config, source, *, out_dir, run_id, warp, workers,
         g.value("template", (), Warped(source[1], {}, 0.0))
     else:
         g.task("template", (), template_stage, reads[0], reads[1], config, store, warp, workers)
+    # in process, the inputs task measures both variance factors: the science's source detection (kernel-detect,
+    # which needs no variance) starts as soon as its exposure task is done, and the factors take the other core
     done = [g.task("exposure", (i,), exposure_stage, reads[0] if i == 0 else g.key("template"), config, role,
-                   (psfs or {}).get(role))
+                   (psfs or {}).get(role), not in_process)
             for i, role in enumerate(PSF_ROLES)]
     # the raw template goes once warped, the raw science once both its tasks are done
-    return g.task("inputs", (), inputs_stage, *done, g.key("template"))
+    return g.task("inputs", (), inputs_stage, *done, g.key("template"), config)
 
 
 def _al_tasks(g: _Builder, config, grid: VisitGrid, inputs, *, sources=None, in_process: bool = False) -> tuple:
@@ -563,7 +572,8 @@ def visit_graph(source, config, out_dir=None, *, visit: int | None = None, detec
     ``("read", V, D, i)``                         read the science (0) / the template (1)
     ``("template", V, D)``                        bring the template onto the science grid (warp, or registration)
     ``("exposure", V, D, i)``                     PSF (supplied, or estimated from its stars), sky, cosmic rays and
-                                                  variance factor of the science (0) / the warped template (1)
+                                                  (on a cluster) variance factor of the science (0) / the warped
+                                                  template (1)
     ``("inputs", V, D)``                          the prepared pair and its reports
     ``("prepare", V, D)``                         ``al``: coverage, variance scaled (by the measured factors), mode
     ``("kernel-detect", V, D)``                   in process: the science's background and sources, once its
@@ -657,7 +667,7 @@ def visit_graph(source, config, out_dir=None, *, visit: int | None = None, detec
         inputs = g.value("inputs", (), prepared)
     elif in_process:
         inputs = _input_tasks(g, config, source, out_dir=out if output == "visit" else None, run_id=run_id,
-                              warp=warp, workers=workers, psfs=psfs, template_store=template_store)
+                              warp=warp, workers=workers, psfs=psfs, template_store=template_store, in_process=True)
     else:
         # on a cluster the input stages run as one task: the raw and prepared exposures stay on one worker (a
         # batch of 6 visits of 2048² on 2 workers: 1.5–1.7× one worker's throughput with them as separate

@@ -98,15 +98,16 @@ def with_injection(result: SubtractionResult, injection) -> SubtractionResult:
     return dataclasses.replace(result, injection=injection, metrics=metrics)
 
 
-def prepare_exposure(exposure: Exposure, config: PipelineConfig, role: str, *, psf=None):
+def prepare_exposure(exposure: Exposure, config: PipelineConfig, role: str, *, psf=None, scale: bool = True):
     """The input stages of one exposure: PSF (:mod:`~diffim_dag.stages.psf`; ``psf``, a
     :class:`~diffim_dag.stages.psf.PsfResult` already computed, skips it), sky (:mod:`~diffim_dag.stages.sky`),
     cosmic rays and hot pixels (:mod:`~diffim_dag.stages.cosmic_rays`), and the factor that brings the result's
     variance plane to its measured noise (:func:`~diffim_dag.stages.inputs.input_variance_scale`; the methods
-    apply it), measured here so that the science's and the template's run at once.
+    apply it), measured here so that the science's and the template's run at once (``scale=False``: not
+    measured; the caller measures it with :func:`variance_scale_stage`).
 
     Returns ``(exposure, {"psf": report, "sky": report, "cosmic_rays": report, "variance_scale": factor},
-    timings)``.
+    timings)`` (no ``variance_scale`` without ``scale``).
     """
     from .cosmic_rays import repair_cosmic_rays
     from .psf import measure_psf
@@ -124,10 +125,21 @@ def prepare_exposure(exposure: Exposure, config: PipelineConfig, role: str, *, p
         sky = subtract_sky(exposure, config.sky)
     with timings.stage("cosmic_rays"):
         cr = repair_cosmic_rays(sky.exposure, config.cosmic_rays)
+    reports = {"psf": result.report, "sky": sky.report, "cosmic_rays": cr.report}
+    if scale:
+        with timings.stage("variance_scaling"):
+            reports["variance_scale"] = input_variance_scale(cr.exposure, config, role)
+    return cr.exposure, reports, timings
+
+
+def variance_scale_stage(prepared, config: PipelineConfig, role: str):
+    """The variance factor of a :func:`prepare_exposure` result made with ``scale=False``, added to it: the same
+    ``(exposure, reports, timings)`` as with ``scale``."""
+    exposure, reports, timings = prepared
+    timings = Timings(timings)
     with timings.stage("variance_scaling"):
-        scale = input_variance_scale(cr.exposure, config, role)
-    return cr.exposure, {"psf": result.report, "sky": sky.report, "cosmic_rays": cr.report,
-                         "variance_scale": scale}, timings
+        factor = input_variance_scale(exposure, config, role)
+    return exposure, {**reports, "variance_scale": factor}, timings
 
 
 def prepare_exposures(science: Exposure, template: Exposure, config: PipelineConfig, *,
