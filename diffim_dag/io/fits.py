@@ -551,19 +551,42 @@ def write_exposure(exposure: Exposure, path: str | os.PathLike, *, overwrite: bo
         for name, bit in exposure.mask_planes.items():
             mask_header[f"MP_{name}"] = bit
     mask_header["EXTTYPE"] = "MASK"
-    hdus = [
-        primary,
-        fits.ImageHDU(unswappable(img, np.float32), header=img_header, name="IMAGE"),
-        fits.ImageHDU(unswappable(msk, np.int32), header=mask_header, name="MASK"),
-        fits.ImageHDU(unswappable(var, np.float32), header=fits.Header([("EXTTYPE", "VARIANCE")]), name="VARIANCE"),
-    ]
+    planes = [(img, np.float32, img_header, "IMAGE"), (msk, np.int32, mask_header, "MASK"),
+              (var, np.float32, fits.Header([("EXTTYPE", "VARIANCE")]), "VARIANCE")]
     if exposure.psf is not None:
         meta, data = exposure.psf.to_payload()
         psf_header = fits.Header()
         psf_header["PSFMETA"] = json.dumps(meta, separators=(",", ":"))
-        hdus.append(fits.ImageHDU(unswappable(data), header=psf_header, name="PSF"))
+        planes.append((data, None, psf_header, "PSF"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", fits.verify.VerifyWarning)
         with atomic_path(path) as tmp:
-            fits.HDUList(hdus).writeto(tmp, overwrite=True, output_verify="silentfix")
+            fits.HDUList([primary]).writeto(tmp, overwrite=True, output_verify="silentfix")
+            for plane, dtype, header, name in planes:
+                _stream_extension(tmp, plane, dtype, header, name)
     return path
+
+
+#: Bytes of a plane converted to FITS's byte order and written at a time by :func:`_stream_extension`.
+STREAM_BYTES = 4 << 20
+
+
+def _stream_extension(path, plane, dtype, header: fits.Header, name: str) -> None:
+    """Append ``plane`` (as ``dtype``; default its own) to the FITS file ``path`` as image extension ``name``, in
+    blocks of rows each cast to big-endian (:data:`STREAM_BYTES`).
+
+    astropy's writer byte-swaps a whole native array, in place and back (another thread reading it meanwhile,
+    as detection does while a single subtraction writes its planes, would see swapped values) or into a copy of
+    the whole plane, in NumPy's byte swap, which holds the interpreter lock: 0.25 s of a 4096² subtraction's
+    planes, while detection waited for the lock.  A cast releases the lock, a block is a few MB, and the
+    caller's array is only read; the file's bytes are those astropy writes."""
+    a = np.asarray(plane)
+    want = np.dtype(dtype if dtype is not None else a.dtype)
+    big = want.newbyteorder(">")
+    # the header astropy makes for such an array (BITPIX, NAXISn, EXTNAME ...), from a stand-in without pixels
+    hdu = fits.ImageHDU(np.broadcast_to(np.zeros((), big), a.shape), header=header, name=name)
+    hdu.verify("silentfix")
+    rows = max(1, STREAM_BYTES // max(1, big.itemsize * int(np.prod(a.shape[1:], dtype=np.int64))))
+    with fits.StreamingHDU(os.fspath(path), hdu.header) as stream:  # (a Path: astropy takes its name for the file)
+        for r0 in range(0, max(a.shape[0], 1), rows):
+            stream.write(np.ascontiguousarray(a[r0:r0 + rows], dtype=big))
