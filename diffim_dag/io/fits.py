@@ -580,6 +580,11 @@ def _stream_extension(path, plane, dtype, header: fits.Header, name: str) -> Non
     the whole plane, in NumPy's byte swap, which holds the interpreter lock: 0.25 s of a 4096² subtraction's
     planes, while detection waited for the lock.  A cast releases the lock, a block is a few MB, and the
     caller's array is only read; the file's bytes are those astropy writes."""
+    if plane is None:  # a header without data (a PSF model whose payload has no pixels)
+        hdu = fits.ImageHDU(None, header=header, name=name)
+        hdu.verify("silentfix")
+        fits.StreamingHDU(os.fspath(path), hdu.header).close()
+        return
     a = np.asarray(plane)
     want = np.dtype(dtype if dtype is not None else a.dtype)
     big = want.newbyteorder(">")
