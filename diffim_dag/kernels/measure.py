@@ -618,13 +618,15 @@ def measure_sources(
     aperture_radius: float = 12.0,
     excluded_planes: Sequence[str] = DEFAULT_EXCLUDED_PLANES,
     flag_planes: Sequence[str] = FLAG_PLANES,
+    good: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Measure sources at (starting) parent positions ``x, y`` on one tile.
 
     Runs the centroid/PSF fit, the two apertures (``aperture_radius`` and 2×FWHM),
     adaptive moments (of ``sign(flux) × image``) and pixel flags (over ``footprints[i]``
     when given, else the PSF half-width disc).  A failed centroid falls back to the
-    starting position with ``centroid_flag`` set, so every row has a finite centroid.
+    starting position with ``centroid_flag`` set, so every row has a finite centroid.  ``good``: the pixels
+    without ``excluded_planes``, when the caller has them already.
 
     Returns
     -------
@@ -635,7 +637,8 @@ def measure_sources(
     image = np.asarray(image)
     variance = np.asarray(variance)
     mask = np.asarray(mask)
-    good = lacks_bits(mask, bits_of(planes, excluded_planes))
+    if good is None:
+        good = lacks_bits(mask, bits_of(planes, excluded_planes))
     n = len(x)
     cols = measurement_columns(flag_planes)
     out: dict[str, np.ndarray] = {k: np.zeros(n, dtype=v) if v != "float64" else np.full(n, np.nan) for k, v in cols.items()}

@@ -307,9 +307,10 @@ def detect_measure_tile(
     base = det.footprints_table(footprints)
     xs = base["peak_x"].to_numpy(dtype=np.float64)
     ys = base["peak_y"].to_numpy(dtype=np.float64)
-    meas = measure_sources(image, variance, mask, psf, x=xs, y=ys, footprints=footprints, origin=origin,
-                           mask_planes=planes, aperture_radius=config.aperture_radius, excluded_planes=excluded)
     good = _planes_good(mask, planes, excluded)
+    meas = measure_sources(image, variance, mask, psf, x=xs, y=ys, footprints=footprints, origin=origin,
+                           mask_planes=planes, aperture_radius=config.aperture_radius, excluded_planes=excluded,
+                           good=good)
     sci_g = tmp_g = None
     if science is not None:
         sci_g = _planes_good(np.asarray(science[2]), planes, DEFAULT_EXCLUDED_PLANES)
@@ -329,10 +330,10 @@ def detect_measure_tile(
     cat = pd.concat([base, meas, dip], axis=1)
     # dipoles: the centroid is the flux-weighted centre of the lobes
     isd = cat["is_dipole"].to_numpy(dtype=bool)
-    if isd.any():
+    if isd.any():  # (column arrays: pandas' .loc took 3 ms a column)
         for a, b in (("x", "dipole_x"), ("y", "dipole_y"), ("x_err", "dipole_x_err"), ("y_err", "dipole_y_err")):
-            cat.loc[isd, a] = cat.loc[isd, b]
-        cat.loc[isd, "centroid_flag"] = False
+            cat[a] = np.where(isd, cat[b].to_numpy(), cat[a].to_numpy())
+        cat["centroid_flag"] = cat["centroid_flag"].to_numpy(dtype=bool) & ~isd
     _forced(cat, origin, science, science_psf, sci_g, "science")
     _forced(cat, origin, template, template_psf, tmp_g, "template")
     cat["sky_source"] = False
