@@ -496,6 +496,14 @@ def test_repair_cosmic_rays_flags_and_fills_only_the_hits(rng):
     assert abs(float(o_img[90, 20])) < 10.0
     np.testing.assert_array_equal(o_var, var)
     np.testing.assert_array_equal(exp.arrays()[2], msk)  # the input is not modified
+    np.testing.assert_array_equal(exp.arrays()[0], img)
+    # an image plane that is the caller's alone (the sky stage's): the same result, repaired where it is
+    own = Exposure.from_arrays(img.copy(), var, msk, psf=PSF)
+    plane = own.arrays()[0]
+    again = repair_cosmic_rays(own, own_image=True)
+    np.testing.assert_array_equal(again.exposure.arrays()[0], o_img)
+    np.testing.assert_array_equal(again.exposure.arrays()[2], o_msk)
+    assert np.shares_memory(again.exposure.arrays()[0], plane) and plane[90, 20] == o_img[90, 20]
 
 
 def test_cosmic_ray_search_of_the_positive_image_and_its_group_count(rng):

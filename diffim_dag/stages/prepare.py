@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..config import PipelineConfig
 from ..exposure import Exposure
 from .catalog import CatalogStage
@@ -124,7 +126,9 @@ def prepare_exposure(exposure: Exposure, config: PipelineConfig, role: str, *, p
     with timings.stage("sky"):
         sky = subtract_sky(exposure, config.sky)
     with timings.stage("cosmic_rays"):
-        cr = repair_cosmic_rays(sky.exposure, config.cosmic_rays)
+        # the sky stage's image is a fresh plane of its own (nothing else holds it): repaired where it is
+        own = not np.may_share_memory(sky.exposure.arrays()[0], exposure.arrays()[0])
+        cr = repair_cosmic_rays(sky.exposure, config.cosmic_rays, own_image=own)
     reports = {"psf": result.report, "sky": sky.report, "cosmic_rays": cr.report}
     if scale:
         with timings.stage("variance_scaling"):
