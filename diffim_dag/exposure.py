@@ -23,6 +23,7 @@ import numpy as np
 import xarray as xr
 
 from .errors import InputError
+from .kernels.maskops import all_finite
 from .masks import MASK_DTYPE, MaskPlanes
 from .psf import Psf
 from .kernels.maskops import lacks_bits
@@ -95,9 +96,12 @@ def validate_planes(image, variance, mask, *, source: str) -> None:
             raise InputError(
                 f"{source}: {name} plane has shape {np.shape(plane)} but IMAGE has shape {image.shape}; planes must match"
             )
-    finite = np.isfinite(image)
-    if not finite.any():
-        raise InputError(f"{source}: IMAGE plane has no finite pixel (all NaN/inf)")
+    if image.size and all_finite(image):  # (no whole-frame plane for the common case)
+        finite = True
+    else:
+        finite = np.isfinite(image)
+        if not finite.any():
+            raise InputError(f"{source}: IMAGE plane has no finite pixel (all NaN/inf)")
     if variance is not None:
         var = np.asarray(variance)
         bad = finite & ~(var >= 0)  # catches NaN and negative
@@ -164,8 +168,8 @@ class Exposure:
             img = conv(image, dtype=np.float32)
             var = np.ones_like(img) if variance is None else conv(variance, dtype=np.float32)
             msk = np.zeros(img.shape, dtype=MASK_DTYPE) if mask is None else conv(mask, dtype=MASK_DTYPE)
-            nonfinite = ~np.isfinite(img)
-            if nonfinite.any():
+            nonfinite = None if all_finite(img) else ~np.isfinite(img)
+            if nonfinite is not None and nonfinite.any():
                 img[nonfinite] = 0.0
                 if not var.flags.writeable:  # (a read-only or broadcast plane, e.g. a reader's placeholder)
                     var = np.array(var)

@@ -174,13 +174,15 @@ class BackgroundModel:
 
 def _mesh_inputs(image, bad, box: int):
     """The float32 frame SEP measures (non-finite pixels zeroed and masked), its mask, and the box clamped to it."""
+    from .kernels.maskops import all_finite
+
     img = np.ascontiguousarray(image, dtype=np.float32)
     ny, nx = img.shape
     box = int(max(8, min(box, ny // 2 or 1, nx // 2 or 1)))
     # SEP ignores the values of masked pixels (and no mask is an all-False one): a frame whose pixels are all
     # finite, as an exposure's are, is measured as it is, without a copy
-    nonfinite = ~np.isfinite(img)
-    if not nonfinite.any():
+    nonfinite = None if all_finite(img) else ~np.isfinite(img)
+    if nonfinite is None or not nonfinite.any():
         return img, (None if bad is None else np.ascontiguousarray(bad, dtype=bool)), box
     bad_mask = nonfinite if bad is None else (np.asarray(bad, dtype=bool) | nonfinite)
     return np.where(bad_mask, np.float32(0), img).astype(np.float32, copy=False), bad_mask, box

@@ -165,3 +165,26 @@ def test_grow_square_of_a_sparse_mask_from_its_pixels_is_the_same_dilation():
         ny, nx = np.nonzero(m)
         np.testing.assert_array_equal(ys, ny)
         np.testing.assert_array_equal(xs, nx)
+
+
+def test_all_finite_from_one_sum():
+    """True only when no NaN or infinity is present; a sum that overflows says False (the callers then test pixel by
+    pixel, so an exposure of huge finite values keeps them and flags nothing)."""
+    from diffim_dag.exposure import Exposure
+    from diffim_dag.kernels.maskops import all_finite
+
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    assert all_finite(a) and all_finite(np.zeros((0, 3))) and all_finite(np.arange(5))
+    for bad in (np.nan, np.inf, -np.inf):
+        b = a.copy()
+        b[2, 1] = bad
+        assert not all_finite(b)
+    b = a.copy()
+    b[0, 0], b[1, 1] = np.inf, -np.inf  # (their sum is NaN)
+    assert not all_finite(b)
+    huge = np.full((4, 4), 3e38, np.float32)  # finite, but their sum overflows float32
+    assert not all_finite(huge)
+    exp = Exposure.from_arrays(huge, validate=True)
+    image, _, mask = exp.arrays()
+    np.testing.assert_array_equal(image, huge)
+    assert not mask.any()

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .detection import local_max_at
-from .maskops import grow_square
+from .maskops import all_finite, grow_square
 
 __all__ = ["SaturationResult", "integer_limit", "find_saturation"]
 
@@ -54,19 +54,24 @@ def integer_limit(bitpix: int, bzero: float = 0.0, bscale: float = 1.0) -> float
     return float(bzero) + float(bscale) * raw
 
 
-def _good_values(image: np.ndarray, good: np.ndarray) -> np.ndarray:
-    """``image[good]``; the flat image itself (no copy) when every pixel is good."""
-    return image.ravel() if good.all() else image[good]
+def _good_values(image: np.ndarray, good: np.ndarray | None) -> np.ndarray:
+    """``image[good]``; the flat image itself (no copy) when every pixel is good (``good`` None: all are)."""
+    return image.ravel() if good is None or good.all() else image[good]
 
 
-def _bright_peaks(image: np.ndarray, good: np.ndarray, n_max: int) -> np.ndarray:
+def _where_good(condition: np.ndarray, good: np.ndarray | None) -> np.ndarray:
+    """``condition & good`` (``good`` None: every pixel is good, and no plane of it is made)."""
+    return condition if good is None else condition & good
+
+
+def _bright_peaks(image: np.ndarray, good: np.ndarray | None, n_max: int) -> np.ndarray:
     """Flat indices of the ``n_max`` brightest local maxima (3×3) of ``image`` above its 99.9th percentile."""
     vals = _good_values(image, good)
     if vals.size == 0:
         return np.zeros(0, dtype=np.int64)
     step = max(1, vals.size // (1 << 20))
     threshold = float(np.percentile(vals[::step], 99.9))
-    cand = np.flatnonzero((image > threshold).ravel() & good.ravel())
+    cand = np.flatnonzero(_where_good(image > threshold, good).ravel())
     if cand.size == 0:
         return cand
     if cand.size > 200_000:
@@ -102,19 +107,23 @@ def find_saturation(image: np.ndarray, bad: np.ndarray | None = None, *, type_li
     from scipy import ndimage
 
     img = np.asarray(image, dtype=np.float32)
-    good = np.isfinite(img) if bad is None else (np.isfinite(img) & ~np.asarray(bad, bool))
+    if all_finite(img):  # (None: every pixel good, without a plane saying so)
+        good = None if bad is None else ~np.asarray(bad, bool)
+    else:
+        good = np.isfinite(img) if bad is None else (np.isfinite(img) & ~np.asarray(bad, bool))
     level = None
     rule = "none found (no pixel at the integer type's limit, no flat-topped star)"
     n_stars = 0
-    if type_limit is not None and np.any(good & (img >= np.float32(type_limit) - 0.5)):
+    if type_limit is not None and np.any(_where_good(img >= np.float32(type_limit) - 0.5, good)):
         level = float(type_limit) - 0.5
-        hit = good & (img >= level)
+        hit = _where_good(img >= level, good)
         n_stars = int(ndimage.label(hit)[1])
         rule = f"integer limit: {int(np.count_nonzero(hit))} pixel(s) at {type_limit:g}, the largest value of the file's type"
     else:
         peaks = _bright_peaks(img, good, max_peaks)
         ny, nx = img.shape
-        sample = _good_values(img, good)[:: max(1, int(np.count_nonzero(good)) // (1 << 20))]
+        n_good = img.size if good is None else int(np.count_nonzero(good))
+        sample = _good_values(img, good)[:: max(1, n_good // (1 << 20))]
         sky = float(np.median(sample)) if sample.size else 0.0
         noise = float(1.4826 * np.median(np.abs(sample - sky))) if sample.size else 0.0
         plateaus = []
@@ -142,7 +151,7 @@ def find_saturation(image: np.ndarray, bad: np.ndarray | None = None, *, type_li
                     f"{100 * flat_tolerance:g}% of the maximum), the lowest at {lowest:.6g}")
     if level is None:
         return SaturationResult(level=None, mask=np.zeros(img.shape, bool), rule=rule)
-    mask = good & (img >= np.float32(level))
+    mask = _where_good(img >= np.float32(level), good)
     if grow > 0 and mask.any():
         mask = grow_square(mask, int(grow))
     if math.isfinite(level):

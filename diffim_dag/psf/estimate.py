@@ -59,7 +59,7 @@ import pandas as pd
 from ..config import PsfEstimationConfig
 from ..errors import PsfError
 from ..kernels.centroid import window_centroid
-from ..kernels.maskops import nonzero_2d
+from ..kernels.maskops import all_finite, nonzero_2d
 from .models import GridPsf, ImagePsf, MoffatPsf, Psf, measure_fwhm
 
 __all__ = [
@@ -237,7 +237,8 @@ def find_psf_stars(image: np.ndarray, bad: np.ndarray | None = None, *, saturate
     img = np.asarray(image, dtype=np.float32)
     ny, nx = img.shape
     bad = np.zeros(img.shape, bool) if bad is None else np.asarray(bad, bool)
-    bad = bad | ~np.isfinite(img)
+    if not all_finite(img):  # (read only from here on: the caller's plane itself when every pixel is finite)
+        bad = bad | ~np.isfinite(img)
     sat = np.zeros(img.shape, bool) if saturated is None else np.asarray(saturated, bool)
     b = (2 if ny * nx >= BIN_PIXELS else 1) if binning is None else int(binning)
     binned, bad_b = _bin(img, bad | sat, b)
