@@ -54,3 +54,13 @@ def test_unknown_plane_message():
     assert "unknown mask plane 'BADD'" in msg and "did you mean 'BAD'" in msg and "\n" not in msg
     with pytest.raises(InputError, match="'ZZZZZZ'"):
         MaskPlanes().bitmask(["SAT", "ZZZZZZ"])
+
+
+def test_describe_counts_each_plane_in_blocks():
+    """The fractions are those of the whole-frame expression, across block boundaries (more than 2²⁰ pixels)."""
+    rng = np.random.default_rng(3)
+    mask = rng.integers(0, 1 << 12, size=(1100, 1000)).astype(np.int32)
+    planes = MaskPlanes(DEFAULT_MASK_PLANES)
+    expected = {name: float(np.count_nonzero(mask & (1 << bit))) / mask.size for name, bit in planes.as_dict().items()}
+    assert planes.describe(mask) == expected
+    assert set(planes.describe(np.zeros((0, 4), np.int32)).values()) == {0.0}
