@@ -23,10 +23,9 @@ import numpy as np
 import xarray as xr
 
 from .errors import InputError
-from .kernels.maskops import all_finite
+from .kernels.maskops import all_finite, lacks_bits
 from .masks import MASK_DTYPE, MaskPlanes
 from .psf import Psf
-from .kernels.maskops import lacks_bits
 
 __all__ = ["PhotoCalib", "ExposureInfo", "Exposure", "validate_planes"]
 

@@ -445,8 +445,8 @@ class _Builder:
 
 def _input_tasks(g: _Builder, config, source, *, out_dir, run_id, warp, workers, psfs, template_store=None,
                  in_process: bool = False) -> tuple:
-    """read ×2 → template → exposure ×2 → inputs: the pair on one grid, sky removed, PSFs attached (``in_process``:
-    the variance factors measured by the inputs task, not the exposure tasks).
+    """read ×2 → template → exposure ×2 → inputs: the pair on one grid, sky removed, PSFs attached
+    (``in_process``: the variance factors measured by the inputs task, not the exposure tasks).
 
     ``source`` is a :class:`VisitSpec` (paths: each ``read`` task reads its file where it runs) or a
     ``(science, template)`` pair of exposures in hand.  Returns the ``inputs`` key."""
@@ -574,7 +574,8 @@ def visit_graph(source, config, out_dir=None, *, visit: int | None = None, detec
     ``("exposure", V, D, i)``                     PSF (supplied, or estimated from its stars), sky, cosmic rays and
                                                   (on a cluster) variance factor of the science (0) / the warped
                                                   template (1)
-    ``("inputs", V, D)``                          the prepared pair and its reports
+    ``("inputs", V, D)``                          the prepared pair and its reports (in process, with both
+                                                  variance factors measured here)
     ``("prepare", V, D)``                         ``al``: coverage, variance scaled (by the measured factors), mode
     ``("kernel-detect", V, D)``                   in process: the science's background and sources, once its
                                                   ``exposure`` task is done

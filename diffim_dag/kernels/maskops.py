@@ -27,8 +27,8 @@ import numpy as np
 
 from ..masks import MASK_DTYPE
 
-__all__ = ["all_finite", "dilate_mask", "grow_square", "template_mask_for_difference", "edge_mask", "bits_of", "has_bits",
-           "lacks_bits", "nonzero_2d"]
+__all__ = ["all_finite", "dilate_mask", "grow_square", "template_mask_for_difference", "edge_mask", "bits_of",
+           "has_bits", "lacks_bits", "nonzero_2d"]
 
 #: Template planes kept as they are in the difference (LSST ``preserveTemplateMask``).
 DEFAULT_KEPT_TEMPLATE_PLANES: tuple[str, ...] = ("NO_DATA", "BAD", "HIGH_VARIANCE")
