@@ -462,12 +462,22 @@ class DetectionInputs:
         return 1024 + sum(a.nbytes for a in arrays if a is not None)
 
 
-def _significance_stdev(score: np.ndarray, good: np.ndarray) -> float | None:
-    """Clipped σ of ``score`` over ``good`` (the good ones of every ``step``-th pixel, ≤ ~1e6 values: plenty for
-    one σ, and no gather of the whole frame); None when it is not a positive number."""
-    step = max(1, int(np.count_nonzero(good)) // 1_000_000)
-    flat_score, flat_good = score.reshape(-1), good.reshape(-1)  # (views of the contiguous planes)
-    vals = flat_score[::step][flat_good[::step]]
+def _significance_stdev(score: np.ndarray, mask: np.ndarray, bits: int, usable) -> float | None:
+    """Clipped σ of ``score`` over its good pixels — without ``bits`` in ``mask`` and where ``usable(s)`` (a
+    boolean array for the slice ``s`` of the flattened planes) holds — from the good ones of every ``step``-th
+    pixel (≤ ~1e6 values: plenty for one σ, and no gather of the whole frame); None when it is not a positive
+    number.  The good pixels are counted in blocks and tested at the sampled pixels only: no whole-frame boolean
+    plane (a 4096² frame's four were 16 MB of fresh pages each, on the critical path)."""
+    flat_score, flat_mask = score.reshape(-1), mask.reshape(-1)  # (views of the contiguous planes)
+    bits = flat_mask.dtype.type(bits)
+
+    def good(s: slice) -> np.ndarray:
+        return ((flat_mask[s] & bits) == 0) & usable(s)
+
+    block = 1 << 20
+    n_good = sum(int(np.count_nonzero(good(slice(i, i + block)))) for i in range(0, flat_score.size, block))
+    sample = slice(None, None, max(1, n_good // 1_000_000))
+    vals = flat_score[sample][good(sample)]
     sigma = det.clipped_stdev(vals) if vals.size else float("nan")
     return sigma if np.isfinite(sigma) and sigma > 0 else None
 
@@ -537,9 +547,9 @@ def prepare_detection(
         smoothed, svar = det.matched_filter(img, var, psf_image, bad=nodata, workers=config.fft_workers)
         score = det.significance_image(smoothed, svar, workers=config.fft_workers)
         if config.threshold_type == "pixel_stdev":
-            stat_bad = has_bits(msk, bits_of(planes, list(config.bad_peak_mask_planes) + no_data))
-            significance_stdev = _significance_stdev(score, ~stat_bad & (svar > 0))
-            del stat_bad
+            flat_svar = svar.reshape(-1)
+            significance_stdev = _significance_stdev(score, msk, bits_of(planes, list(config.bad_peak_mask_planes)
+                                                                         + no_data), lambda s: flat_svar[s] > 0)
         factor = significance_stdev or 1.0
         if systematic_term:
             if config.systematic_fraction == "auto":
@@ -567,9 +577,10 @@ def prepare_detection(
     elif config.threshold_type == "pixel_stdev":
         # a score supplied by the method (ZOGY S_corr, pre-convolution) is thresholded in the same
         # units: its clipped σ over the good pixels (warped or drizzled inputs leave it a few % above 1)
-        stat_bad = has_bits(msk, bits_of(planes, list(config.bad_peak_mask_planes) + list(config.no_data_mask_planes)))
-        significance_stdev = _significance_stdev(score, ~stat_bad & np.isfinite(score) & (score != 0))
-        del stat_bad
+        flat = np.asarray(score).reshape(-1)
+        significance_stdev = _significance_stdev(
+            np.asarray(score), msk, bits_of(planes, list(config.bad_peak_mask_planes) + list(config.no_data_mask_planes)),
+            lambda s: np.isfinite(flat[s]) & (flat[s] != 0))
         if significance_stdev is not None:
             score = np.asarray(score, dtype=np.float64) / significance_stdev
     halo = config.halo if config.halo is not None else det.required_halo(psf_image.shape[0],
