@@ -59,7 +59,7 @@ import scipy.ndimage as ndi
 from ..masks import DEFAULT_MASK_PLANES
 from ..memory import map_on_threads
 from ..noise import START_SAMPLES, row_strips, strided_sample
-from .maskops import bits_of, grow_square, has_bits, lacks_bits, nonzero_2d
+from .maskops import all_finite, bits_of, grow_square, has_bits, lacks_bits, nonzero_2d
 
 __all__ = [
     "Footprint",
@@ -185,16 +185,22 @@ def matched_filter(
     v = np.asarray(variance)
     # the planes are cast to float32 and zeroed where w = 0 strip by strip, as they are transformed: no
     # whole-frame copies (a 4096² frame: 0.13 GB of fresh pages less per call)
-    good = np.isfinite(d)
-    good &= np.isfinite(v)
+    # w = 0 where V is not ≥ 0 (NaN, negative), where D or V is not finite, or on ``bad``: one boolean plane made
+    # in place (the finiteness tests only for a plane with a NaN or an infinity: three 16 MB temporaries less for
+    # a 4096² frame)
     with np.errstate(invalid="ignore"):
-        good &= v >= 0
+        zero = np.greater_equal(v, 0)
+    np.logical_not(zero, out=zero)
+    if zero.shape != d.shape:  # (a variance broadcast against the image)
+        zero = np.broadcast_to(zero, np.broadcast_shapes(zero.shape, d.shape)).copy()
+    for plane in (v, d):
+        if not all_finite(plane):
+            zero |= ~np.isfinite(plane)
     if bad is not None:
-        good &= ~np.asarray(bad, dtype=bool)
-    np.logical_not(good, out=good)
-    smoothed = _fftconvolve(d, p.astype(np.float32), workers, zero=good)
-    svar = _fftconvolve(v, (p * p).astype(np.float32), workers, zero=good)
-    del good
+        zero |= np.asarray(bad, dtype=bool)
+    smoothed = _fftconvolve(d, p.astype(np.float32), workers, zero=zero)
+    svar = _fftconvolve(v, (p * p).astype(np.float32), workers, zero=zero)
+    del zero
     np.clip(svar, 0.0, None, out=svar)
     return smoothed, svar
 
