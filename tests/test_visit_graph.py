@@ -257,6 +257,36 @@ def test_a_permanent_error_becomes_a_value_that_reaches_the_write_task(spec, tmp
     assert run_stage("detect", 9, 1, boom, done) is done
 
 
+def test_kernel_phase_tasks_keep_the_memory_they_free(tmp_path, monkeypatch):
+    """In process, the tasks from the input stages to the spatial solve keep what they free for the tile tasks (no
+    trim after them); every other task, and every task on a cluster, hands it back; both runners treat failures
+    alike."""
+    import diffim_dag.memory as memory
+    from diffim_dag.graph import run_stage_keeping_freed
+    from diffim_dag.visit import KERNEL_PHASE
+
+    trims = []
+    monkeypatch.setattr(memory, "release_freed_memory", lambda: trims.append(1) or True)
+    assert run_stage("fit-cell", 1, 2, lambda a: a + 1, 1) == 2 and len(trims) == 1
+    assert run_stage_keeping_freed("fit-cell", 1, 2, lambda a: a + 1, 1) == 2 and len(trims) == 1
+
+    def boom(exc):
+        raise exc
+
+    failure = run_stage_keeping_freed("kernel-sources", 9, 1, boom, InputError("bad"))
+    assert failure == StageFailure(stage="kernel-sources", visit=9, detector=1, error="InputError", reason="bad")
+    spec = VisitSpec(visit=1, detector=2, science=str(tmp_path / "s.fits"), template=str(tmp_path / "t.fits"))
+    config = load_config()
+    local = visit_graph(spec, config, tmp_path, grid=VisitGrid(tiles=(2, 2), cells=2, shape=(512, 512),
+                                                              detect=(1, 1)), in_process=True)
+    runners = {stage_of(k): task[0] for k, task in local.items() if isinstance(task, tuple) and callable(task[0])
+               and task[0] in (run_stage, run_stage_keeping_freed)}
+    assert {s for s, r in runners.items() if r is run_stage_keeping_freed} == set(KERNEL_PHASE)
+    assert runners["read"] is run_stage and runners["subtract"] is run_stage and runners["detect"] is run_stage
+    spread = visit_graph(spec, config, tmp_path, grid=VisitGrid(tiles=(2, 2), cells=2, shape=(512, 512)))
+    assert not any(isinstance(t, tuple) and t and t[0] is run_stage_keeping_freed for t in spread.values())
+
+
 @pytest.mark.acceptance
 @pytest.mark.parametrize("fakes", [[], ["--fakes", "20"]])
 def test_cli_subtract_and_a_batch_of_one_write_the_same_bits(tmp_path, fakes):
