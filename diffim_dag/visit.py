@@ -309,7 +309,7 @@ class VisitGrid:
     detect: tuple[int, int] | None = None
 
 
-#: The stages from the input stages' end to the tile convolution.  In process their tasks keep the memory they
+#: The stages from each input's exposure stage to the spatial solve.  In process their tasks keep the memory they
 #: free (:func:`~diffim_dag.graph.run_stage_keeping_freed`): the input stages' planes and temporaries, freed as the
 #: kernel is fitted, are what the tile tasks allocate again a second later, and on a virtual machine memory handed
 #: back is reclaimed by the host within 1–2 s and costs up to 8 s per GB to touch again.  A 4096² pair, each run
