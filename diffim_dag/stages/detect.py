@@ -577,9 +577,10 @@ def prepare_detection(
     elif config.threshold_type == "pixel_stdev":
         # a score supplied by the method (ZOGY S_corr, pre-convolution) is thresholded in the same
         # units: its clipped σ over the good pixels (warped or drizzled inputs leave it a few % above 1)
-        flat = np.asarray(score).reshape(-1)
+        given = np.ascontiguousarray(score)  # (flattened below without a copy, here and in the σ)
+        flat = given.reshape(-1)
         significance_stdev = _significance_stdev(
-            np.asarray(score), msk, bits_of(planes, list(config.bad_peak_mask_planes) + list(config.no_data_mask_planes)),
+            given, msk, bits_of(planes, list(config.bad_peak_mask_planes) + list(config.no_data_mask_planes)),
             lambda s: np.isfinite(flat[s]) & (flat[s] != 0))
         if significance_stdev is not None:
             score = np.asarray(score, dtype=np.float64) / significance_stdev
