@@ -259,8 +259,8 @@ def test_a_permanent_error_becomes_a_value_that_reaches_the_write_task(spec, tmp
 
 def test_kernel_phase_tasks_keep_the_memory_they_free(tmp_path, monkeypatch):
     """In process, the tasks from the input stages to the spatial solve keep what they free for the tile tasks (no
-    trim after them); every other task, and every task on a cluster, hands it back; both runners treat failures
-    alike."""
+    trim after them); every other task hands it back (on a cluster every task runs :func:`run_stage`, which a
+    worker's own limit governs: the next test); both runners treat failures alike."""
     import diffim_dag.memory as memory
     from diffim_dag.graph import run_stage_keeping_freed
     from diffim_dag.visit import KERNEL_PHASE
@@ -285,6 +285,43 @@ def test_kernel_phase_tasks_keep_the_memory_they_free(tmp_path, monkeypatch):
     assert runners["read"] is run_stage and runners["subtract"] is run_stage and runners["detect"] is run_stage
     spread = visit_graph(spec, config, tmp_path, grid=VisitGrid(tiles=(2, 2), cells=2, shape=(512, 512)))
     assert not any(isinstance(t, tuple) and t and t[0] is run_stage_keeping_freed for t in spread.values())
+
+
+def test_worker_tasks_keep_freed_memory_below_half_the_memory_limit(monkeypatch):
+    """On a Dask worker a task keeps what it frees for the worker's next tasks while the worker's resident size is
+    at most half its memory limit (or it has none), and hands it back above that; outside a worker it hands it
+    back as before."""
+    import types
+
+    import distributed
+
+    import diffim_dag.memory as memory
+    from diffim_dag.graph import WORKER_KEEP_FRACTION
+
+    trims = []
+    monkeypatch.setattr(memory, "release_freed_memory", lambda: trims.append(1) or True)
+
+    def on_worker(limit, rss):
+        worker = types.SimpleNamespace(memory_manager=types.SimpleNamespace(memory_limit=limit),
+                                       monitor=types.SimpleNamespace(get_process_memory=lambda: rss))
+        monkeypatch.setattr(distributed, "get_worker", lambda: worker)
+
+    def trimmed():
+        before = len(trims)
+        assert run_stage("subtract", 1, 2, lambda a: a + 1, 1) == 2
+        return len(trims) - before
+
+    def no_worker():
+        raise ValueError("No worker found")
+
+    monkeypatch.setattr(distributed, "get_worker", no_worker)
+    assert trimmed() == 1  # this process: handed back
+    on_worker(8 << 30, 1 << 30)
+    assert trimmed() == 0  # a worker well below its limit keeps it
+    on_worker(8 << 30, int(WORKER_KEEP_FRACTION * (8 << 30)) + 1)
+    assert trimmed() == 1  # above half its limit: handed back
+    on_worker(None, 64 << 30)
+    assert trimmed() == 0  # no memory limit: kept
 
 
 @pytest.mark.acceptance
