@@ -444,7 +444,7 @@ def _worker_keeps_freed_memory() -> bool:
     process (no worker) every task but :data:`~diffim_dag.visit.KERNEL_PHASE`'s still hands it back: a single run
     pays for its high-water mark, which keeping everything raised (1.7 GB against 1.25 GB at 4096², and slower)."""
     distributed = sys.modules.get("distributed")
-    if distributed is None:  # (a worker process has imported it)
+    if distributed is None:  # no worker here (a worker's process has imported distributed)
         return False
     try:
         worker = distributed.get_worker()
@@ -453,7 +453,8 @@ def _worker_keeps_freed_memory() -> bool:
     limit = getattr(getattr(worker, "memory_manager", None), "memory_limit", None)
     if not limit:
         return True
-    return worker.monitor.get_process_memory() <= WORKER_KEEP_FRACTION * limit
+    monitor = getattr(worker, "monitor", None)  # (a worker without one: handed back, as before)
+    return monitor is not None and monitor.get_process_memory() <= WORKER_KEEP_FRACTION * limit
 
 
 @functools.lru_cache(maxsize=64)  # one hash per run, not per task key
