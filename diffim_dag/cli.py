@@ -320,9 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None and args.command in ("subtract", "demo", "run"):  # the command line, not an in-process call
         import importlib
 
-        from .memory import imported_out_of_collection, reuse_freed_memory
+        from .memory import imported_out_of_collection, reuse_freed_memory, small_pages_for_arrays
 
         reuse_freed_memory()  # (before NumPy starts OpenBLAS's threads, and before any task thread starts)
+        small_pages_for_arrays()  # (read when NumPy loads)
         _install_stop_handlers(args.command)
         with imported_out_of_collection():
             importlib.import_module(".batch" if args.command == "run" else ".pipeline", __package__)

@@ -93,7 +93,7 @@ def make_client(scheduler: str | None = None, *, n_workers: int | None = None, t
 
     Workers get one FFT/BLAS thread each (``OMP_NUM_THREADS=1`` etc.) so that they do not oversubscribe the cores,
     and the command line's allocator settings (:func:`~diffim_dag.memory.allocator_environment`: freed arrays
-    reused, not fresh pages), which must be in a process's environment when it starts.
+    reused, not fresh pages; arrays on 4 kB pages), which must be in a process's environment when it starts.
     """
     from distributed import Client, LocalCluster
 

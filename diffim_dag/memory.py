@@ -8,7 +8,7 @@ import functools
 import os
 import sys
 
-__all__ = ["release_freed_memory", "reuse_freed_memory", "quiet_idle_blas_threads",
+__all__ = ["release_freed_memory", "reuse_freed_memory", "small_pages_for_arrays", "quiet_idle_blas_threads",
            "imported_out_of_collection", "map_on_threads"]
 
 
@@ -32,12 +32,16 @@ def _glibc(name: str):
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 _ALLOCATOR = ((_M_ARENA_MAX, "MALLOC_ARENA_MAX", 1), (_M_MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_", 1 << 30),
               (_M_TRIM_THRESHOLD, "MALLOC_TRIM_THRESHOLD_", 1 << 30))
+#: NumPy's advice to the kernel to back each array of 4 MB or more with 2 MB pages, read when NumPy loads.
+_HUGEPAGE_ADVICE = ("NUMPY_MADVISE_HUGEPAGE", "0")
 
 
 def allocator_environment() -> dict:
-    """The environment variables that give a new process the allocator settings of :func:`reuse_freed_memory`
-    (for the worker processes of a LocalCluster), less those the environment already sets."""
-    return {name: str(value) for _, name, value in _ALLOCATOR if name not in os.environ}
+    """The environment variables that give a new process the settings of :func:`reuse_freed_memory` and
+    :func:`small_pages_for_arrays` (for the worker processes of a LocalCluster), less those the environment
+    already sets."""
+    settings = [(name, str(value)) for _, name, value in _ALLOCATOR] + [_HUGEPAGE_ADVICE]
+    return {name: value for name, value in settings if name not in os.environ}
 
 
 def reuse_freed_memory() -> bool:
@@ -68,6 +72,26 @@ def reuse_freed_memory() -> bool:
         if name not in os.environ:
             ok = bool(mallopt(param, value)) and ok
     return ok
+
+
+def small_pages_for_arrays() -> bool:
+    """Have NumPy leave its large arrays on ordinary 4 kB pages: no advice to the kernel to back them with 2 MB
+    pages (``NUMPY_MADVISE_HUGEPAGE=0``, which NumPy reads when it loads; it gives that advice on Linux by default).
+
+    On the virtual machines this tool is measured on (free page reporting: the guest hands its free 2 MB blocks
+    back to the host), each 2 MB page a fault brings in had been handed back, and the kernel spent most of a run's
+    system time fetching and zeroing them; 4 kB pages come from memory the process freed a moment before.  A
+    4096² subtraction on 2 cores (8 interleaved pairs): wall 10.4 s instead of 12.8 s (0.83×), system time 3.5 s
+    instead of 7.2 s, the same peak; 2048², 0.84×; 1024², 1.01×.  A batch of 6 visits of 2048²: 25.3–25.9 s
+    instead of 26.7 s on one worker, 15.1 s instead of 16.3 s on two.  Like :func:`reuse_freed_memory`, for a
+    process of ours (the command line, a LocalCluster's workers), called before NumPy loads; a value already in
+    the environment is kept (``NUMPY_MADVISE_HUGEPAGE=1`` gives the 2 MB pages back, for a machine where they
+    pay).  Returns whether NumPy will load without the advice."""
+    if "numpy" in sys.modules:
+        return False
+    name, value = _HUGEPAGE_ADVICE
+    os.environ.setdefault(name, value)
+    return os.environ[name] == value
 
 
 def release_freed_memory() -> bool:

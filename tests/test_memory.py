@@ -49,9 +49,38 @@ def test_a_freed_plane_is_reused_without_new_page_faults():
 def test_settings_the_environment_makes_are_kept(monkeypatch):
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("NUMPY_MADVISE_HUGEPAGE", raising=False)
     env = allocator_environment()
     assert "MALLOC_ARENA_MAX" not in env
     assert env["MALLOC_MMAP_THRESHOLD_"] == str(1 << 30)
+    assert env["NUMPY_MADVISE_HUGEPAGE"] == "0"  # (LocalCluster workers load NumPy without the 2 MB page advice)
+    monkeypatch.setenv("NUMPY_MADVISE_HUGEPAGE", "1")
+    assert "NUMPY_MADVISE_HUGEPAGE" not in allocator_environment()
+
+
+_ADVICE = """
+import sys
+import diffim_dag.cli
+if sys.argv[1] == "numpy first":
+    import numpy
+from diffim_dag.memory import small_pages_for_arrays
+applied = small_pages_for_arrays()
+import numpy as np
+multiarray = (np._core if hasattr(np, "_core") else np.core).multiarray
+print(applied, multiarray._set_madvise_hugepage(False))  # (it returns the setting NumPy loaded with)
+"""
+
+
+@pytest.mark.parametrize("order, env, expected", [
+    ("ours first", {}, "True False"),  # the command line: NumPy loads without the advice
+    ("ours first", {"NUMPY_MADVISE_HUGEPAGE": "1"}, "False True"),  # the user's choice stands
+    ("numpy first", {}, "False True"),  # too late (a host's NumPy): left with NumPy's default advice (Linux ≥ 4.6)
+])
+def test_numpy_arrays_stay_on_small_pages_unless_the_user_chose(order, env, expected):
+    environ = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}
+    out = subprocess.run([sys.executable, "-c", _ADVICE, order], capture_output=True, text=True, check=True,
+                         env={**environ, **env})
+    assert out.stdout.strip() == expected
 
 
 def test_the_command_line_module_loads_no_numpy():
