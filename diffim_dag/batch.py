@@ -239,7 +239,7 @@ def run_batch(
     ``("write", visit, detector)`` tasks as they finish.  Every task that raises is retried
     ``retries`` times (transient errors); permanent ones are recorded and the batch carries on.
     """
-    from .cluster import as_completed, open_client, performance_report, scheduler_for
+    from .cluster import as_completed, dashboard_link, open_client, performance_report, scheduler_for
     from .graph import write_key
     from .io.atomic import atomic_write_text
 
@@ -275,9 +275,16 @@ def run_batch(
 
     with contextlib.ExitStack() as stack:
         if todo:
+            link = ""
             if client is None:
-                client = stack.enter_context(open_client(scheduler_for(scheduler, config.cluster), config.cluster,
-                                                         n_workers=n_workers))
+                target = scheduler_for(scheduler, config.cluster)
+                client = stack.enter_context(open_client(target, config.cluster, n_workers=n_workers))
+                # a new LocalCluster serves a dashboard only when cluster.dashboard asks for one (its scheduler's
+                # HTTP server, and so its link, is there either way); a scheduler of the user's has its own
+                if progress and (target is not None or config.cluster.dashboard):
+                    link = dashboard_link(client)
+            if link:
+                (stream if stream is not None else sys.stderr).write(f"Dask dashboard: {link}\n")
             address = client.scheduler.address if client.scheduler is not None else ""
             n_w = len(client.scheduler_info().get("workers", {}))
             graph = build_batch_graph(todo, config, out, run_id=run_id)

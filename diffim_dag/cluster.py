@@ -18,7 +18,7 @@ from .errors import DiffimError
 from .io.outputs import register_cleanup, unregister_cleanup
 
 __all__ = ["open_client", "make_client", "scheduler_for", "kubernetes_cluster", "WorkerWatchdog",
-           "set_stall_handler", "performance_report", "worker_name", "as_completed"]
+           "set_stall_handler", "performance_report", "worker_name", "as_completed", "dashboard_link"]
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +88,9 @@ def set_stall_handler(function) -> None:
 
 
 def make_client(scheduler: str | None = None, *, n_workers: int | None = None, threads_per_worker: int = 1,
-                memory_limit: str = "auto"):
-    """``(client, cluster)``: connect to ``scheduler``, or start a LocalCluster (cluster is None when connecting).
+                memory_limit: str = "auto", dashboard_address: str | None = None):
+    """``(client, cluster)``: connect to ``scheduler``, or start a LocalCluster (cluster is None when connecting;
+    ``dashboard_address``: its Dask dashboard, none by default).
 
     Workers get one FFT/BLAS thread each (``OMP_NUM_THREADS=1`` etc.) so that they do not oversubscribe the cores,
     and the command line's allocator settings (:func:`~diffim_dag.memory.allocator_environment`: freed arrays
@@ -108,8 +109,16 @@ def make_client(scheduler: str | None = None, *, n_workers: int | None = None, t
         os.environ.setdefault(k, v)
     n = n_workers or os.cpu_count() or 1
     cluster = LocalCluster(n_workers=n, threads_per_worker=threads_per_worker, processes=True,
-                           memory_limit=memory_limit, dashboard_address=":0")  # any free port
+                           memory_limit=memory_limit, dashboard_address=dashboard_address)
     return Client(cluster), cluster
+
+
+def dashboard_link(client) -> str:
+    """The URL of the Dask dashboard of ``client``'s scheduler; "" where it serves none."""
+    try:
+        return client.dashboard_link or ""
+    except Exception:  # noqa: BLE001 - a scheduler without a dashboard service (KeyError) or gone
+        return ""
 
 
 def scheduler_for(scheduler: str | None, cluster: ClusterConfig) -> str | None:
@@ -167,7 +176,8 @@ def open_client(scheduler: str | None = None, cluster: ClusterConfig | None = No
 
     ``scheduler``: ``kubernetes[://NAME?…]`` (:func:`kubernetes_cluster`, deleted on exit or Ctrl-C), a
     scheduler's address, or None / ``"local"`` for a new LocalCluster (``n_workers``, else
-    ``cluster.n_workers``, else one per core; ``cluster.threads_per_worker``, ``cluster.memory_limit``).
+    ``cluster.n_workers``, else one per core; ``cluster.threads_per_worker``, ``cluster.memory_limit``; a Dask
+    dashboard only at ``cluster.dashboard``).
     A :class:`WorkerWatchdog` ends a run left without workers for ``cluster.no_worker_timeout`` s.
     """
     import warnings
@@ -192,7 +202,7 @@ def open_client(scheduler: str | None = None, cluster: ClusterConfig | None = No
         else:
             client, local = make_client(None, n_workers=n_workers or cluster.n_workers,
                                         threads_per_worker=cluster.threads_per_worker,
-                                        memory_limit=cluster.memory_limit)
+                                        memory_limit=cluster.memory_limit, dashboard_address=cluster.dashboard)
             closers = [client.close, local.close]
         closers.insert(0, WorkerWatchdog(client, cluster.no_worker_timeout).start().stop)
         yield client

@@ -40,7 +40,7 @@ from diffim_dag.batch import (
     write_manifest,
 )
 from diffim_dag.cli import main
-from diffim_dag.config import PipelineConfig, load_config
+from diffim_dag.config import ClusterConfig, PipelineConfig, load_config
 from diffim_dag.errors import InputError
 from diffim_dag.graph import run_token, stage_of, write_key
 
@@ -494,3 +494,37 @@ def test_orphaned_temporary_folders_of_the_run_are_removed(tmp_path):
         (d / "difference.fits").write_bytes(b"partial")
     _remove_orphans(tmp_path, "RUN1")
     assert not mine.exists() and other.is_dir()
+
+
+def test_a_local_cluster_serves_a_dashboard_only_when_asked_and_run_prints_its_link(inputs40, tmp_path):
+    """No dashboard by default (its server took 0.35 s of every start-up, at a port nothing printed);
+    ``cluster.dashboard`` asks for one, and ``run`` prints where it is."""
+    import io
+
+    from diffim_dag.cluster import dashboard_link, make_client
+
+    import urllib.error
+    import urllib.request
+
+    def status_page(link: str) -> int:
+        try:
+            with urllib.request.urlopen(link, timeout=30) as page:
+                return page.status
+        except urllib.error.HTTPError as err:
+            return err.code
+
+    started = {}
+    for asked in (None, "127.0.0.1:0"):
+        client, cluster = make_client(None, n_workers=1, dashboard_address=asked)
+        try:  # the scheduler's HTTP server answers either way; the dashboard's page is there only when asked for
+            started[asked] = status_page(dashboard_link(client))
+        finally:
+            client.close()
+            cluster.close()
+    assert started == {None: 404, "127.0.0.1:0": 200}
+    stream = io.StringIO()
+    config = PipelineConfig(cluster=ClusterConfig(n_workers=1, dashboard="127.0.0.1:0"))
+    report = run_batch(read_manifest(inputs40)[:1], config, tmp_path / "out", stream=stream)
+    assert report.ok
+    link = [line for line in stream.getvalue().splitlines() if line.startswith("Dask dashboard: ")]
+    assert len(link) == 1 and link[0].split(": ", 1)[1].startswith("http://127.0.0.1:"), stream.getvalue()
