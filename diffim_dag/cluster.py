@@ -108,9 +108,31 @@ def make_client(scheduler: str | None = None, *, n_workers: int | None = None, t
     for k, v in env.items():
         os.environ.setdefault(k, v)
     n = n_workers or os.cpu_count() or 1
+    # each worker process (a restarted one too) runs this module's dask_setup as it starts
     cluster = LocalCluster(n_workers=n, threads_per_worker=threads_per_worker, processes=True,
-                           memory_limit=memory_limit, dashboard_address=dashboard_address)
+                           memory_limit=memory_limit, dashboard_address=dashboard_address, preload=[__name__])
     return Client(cluster), cluster
+
+
+class HeartbeatWithoutTraceback(logging.Filter):
+    """Takes the traceback off distributed's "Failed to communicate with scheduler during heartbeat" records.
+
+    When a LocalCluster shuts down, a worker process that its nanny restarted a moment before (after the OOM
+    killer, say) can still send a heartbeat to the scheduler that just closed; the worker logs the failure with
+    the stream's traceback, in the middle of the user's terminal, once the run has ended well (seen in ~1 of 5
+    runs of the killed-worker test).  The line stays, without the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and str(record.msg).startswith("Failed to communicate with scheduler during heartbeat"):
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def dask_setup(worker) -> None:  # noqa: ARG001 - Dask's preload hook (make_client's workers)
+    """Run by each LocalCluster worker process of :func:`make_client` as it starts (Dask's ``preload``)."""
+    logger = logging.getLogger("distributed.worker")
+    if not any(isinstance(f, HeartbeatWithoutTraceback) for f in logger.filters):
+        logger.addFilter(HeartbeatWithoutTraceback())
 
 
 def dashboard_link(client) -> str:

@@ -528,3 +528,34 @@ def test_a_local_cluster_serves_a_dashboard_only_when_asked_and_run_prints_its_l
     assert report.ok
     link = [line for line in stream.getvalue().splitlines() if line.startswith("Dask dashboard: ")]
     assert len(link) == 1 and link[0].split(": ", 1)[1].startswith("http://127.0.0.1:"), stream.getvalue()
+
+
+def test_local_cluster_workers_log_a_failed_heartbeat_without_its_traceback():
+    """A restarted worker whose heartbeat meets the closing scheduler logs one line, not a traceback."""
+    import logging
+
+    from diffim_dag.cluster import HeartbeatWithoutTraceback, make_client
+
+    client, cluster = make_client(None, n_workers=1)
+    try:
+        filters = client.run(lambda: [type(f).__name__ for f in logging.getLogger("distributed.worker").filters])
+    finally:
+        client.close()
+        cluster.close()
+    assert list(filters.values()) == [["HeartbeatWithoutTraceback"]]
+    stream = io.StringIO()
+    logger = logging.getLogger("diffim_dag.test_heartbeat")
+    handler = logging.StreamHandler(stream)
+    logger.addHandler(handler)
+    logger.addFilter(HeartbeatWithoutTraceback())
+    try:
+        for message in ("Failed to communicate with scheduler during heartbeat.", "Unexpected exception"):
+            try:
+                raise OSError("Stream is closed")
+            except OSError:
+                logger.exception(message)
+    finally:
+        logger.removeHandler(handler)
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "Failed to communicate with scheduler during heartbeat."
+    assert lines[1] == "Unexpected exception" and "Traceback" in lines[2]  # other records keep theirs
