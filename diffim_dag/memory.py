@@ -78,9 +78,9 @@ def small_pages_for_arrays() -> bool:
     """Have NumPy leave its large arrays on ordinary 4 kB pages: no advice to the kernel to back them with 2 MB
     pages (``NUMPY_MADVISE_HUGEPAGE=0``, which NumPy reads when it loads; it gives that advice on Linux by default).
 
-    On the virtual machines this tool is measured on (free page reporting: the guest hands its free 2 MB blocks
+    On the virtual machines this tool is measured on (free page reporting: the guest hands its free 8 MB blocks
     back to the host), each 2 MB page a fault brings in had been handed back, and the kernel spent most of a run's
-    system time fetching and zeroing them; 4 kB pages come from memory the process freed a moment before.  A
+    system time fetching and zeroing them; 4 kB pages mostly come from memory freed a moment before.  A
     4096² subtraction on 2 cores (8 interleaved pairs): wall 10.4 s instead of 12.8 s (0.83×), system time 3.5 s
     instead of 7.2 s, the same peak; 2048², 0.84×; 1024², 1.01×.  A batch of 6 visits of 2048²: 25.3–25.9 s
     instead of 26.7 s on one worker, 15.1 s instead of 16.3 s on two.  Like :func:`reuse_freed_memory`, for a

@@ -499,12 +499,10 @@ def test_orphaned_temporary_folders_of_the_run_are_removed(tmp_path):
 def test_a_local_cluster_serves_a_dashboard_only_when_asked_and_run_prints_its_link(inputs40, tmp_path):
     """No dashboard by default (its server took 0.35 s of every start-up, at a port nothing printed);
     ``cluster.dashboard`` asks for one, and ``run`` prints where it is."""
-    import io
-
-    from diffim_dag.cluster import dashboard_link, make_client
-
     import urllib.error
     import urllib.request
+
+    from diffim_dag.cluster import dashboard_link, make_client
 
     def status_page(link: str) -> int:
         try:
@@ -516,7 +514,7 @@ def test_a_local_cluster_serves_a_dashboard_only_when_asked_and_run_prints_its_l
     started = {}
     for asked in (None, "127.0.0.1:0"):
         client, cluster = make_client(None, n_workers=1, dashboard_address=asked)
-        try:  # the scheduler's HTTP server answers either way; the dashboard's page is there only when asked for
+        try:  # the scheduler's HTTP server answers either way; the dashboard's page only when asked for
             started[asked] = status_page(dashboard_link(client))
         finally:
             client.close()
