@@ -24,7 +24,6 @@ import pandas as pd
 import pytest
 from dask.utils import key_split
 
-from diffim_dag import batch
 from diffim_dag import cluster as cluster_setup
 from diffim_dag import visit
 from diffim_dag.batch import (

@@ -1,7 +1,6 @@
 """LSST-layout MEF and plain FITS: exact round trips and the plain-image readers."""
 from __future__ import annotations
 
-import logging
 
 import numpy as np
 import pytest

@@ -104,7 +104,7 @@ def test_catalog_columns_flags_and_radec(rng):
 
 
 def test_forced_photometry_on_science_and_template(rng):
-    shape, xy0, noise = (160, 160), (0, 0), 2.0
+    shape, noise = (160, 160), 2.0
     stars = np.array([[50.2, 60.7], [110.6, 100.1]])
     sci = rng.normal(0, noise, shape)
     tmp = rng.normal(0, noise, shape)

@@ -97,7 +97,7 @@ def test_no_keywords_measured_sky_only(tmp_path, rng):
 
 def test_empty_sky_variance_does_not_follow_the_noise(rng):
     """σ from a smooth model: positive sky fluctuations must not get a larger variance (sign skew)."""
-    gain, sky = 1.0, 0.0
+    gain = 1.0
     img = rng.normal(0.0, 5.0, SHAPE)  # sky-subtracted, low gain: Poisson of noise would be 40 % at +2σ
     var, how = build_variance(img, gain=gain, read_noise=1.0)
     assert how == "measured_sky+gain"

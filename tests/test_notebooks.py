@@ -1,7 +1,6 @@
 """Both notebooks execute top to bottom (nbclient) at 256², each within a time limit."""
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 

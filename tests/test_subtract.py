@@ -6,7 +6,6 @@ Fixtures are analytic: Gaussian PSFs (the matching kernel is then a Gaussian of
 """
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import pandas as pd
@@ -15,7 +14,7 @@ import pytest
 from diffim_dag import Exposure, ExposureInfo, GaussianPsf, NoWorkFound, VaryingPsf
 from diffim_dag.config import PipelineConfig, SubtractConfig, KernelConfig
 from diffim_dag.kernels.chebyshev import chebyshev_terms
-from diffim_dag.noise import clipped_stats, robust_std
+from diffim_dag.noise import clipped_stats
 from diffim_dag.pipeline import subtract_exposures
 from diffim_dag.sim import add_sources
 

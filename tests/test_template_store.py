@@ -11,7 +11,6 @@ from diffim_dag.errors import NoWorkFound
 from diffim_dag.exposure import Exposure
 from diffim_dag.io.fits import read_exposure, write_exposure
 from diffim_dag.io.zarr_store import write_zarr
-from diffim_dag.kernels.warp import WcsMapping, warp_tile
 from diffim_dag.noise import robust_std
 from diffim_dag.psf import GaussianPsf
 from diffim_dag.stages.template import TemplateStore, grid_disagreement, prepare_template
