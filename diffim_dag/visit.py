@@ -164,17 +164,21 @@ def exposure_stage(source, config: PipelineConfig, role: str, psf=None, scale: b
     return prepare_exposure(source.exposure, config, role, psf=psf, scale=scale)
 
 
-def inputs_stage(science, template, warped: Warped, config: PipelineConfig | None = None):
+def inputs_stage(science, template, warped: Warped, config: PipelineConfig | None = None, workers: int = 1):
     """The ``("inputs", V, D)`` task: both prepared exposures as one
     :class:`~diffim_dag.stages.prepare.PreparedExposures`, with the reads', the warp's and the input stages'
     reports and wall times; the variance factors that the exposure tasks did not measure measured here
-    (``config``)."""
+    (``config``; ``workers`` > 1: the two at once, their meshes and NumPy passes releasing the GIL)."""
+    from .memory import map_on_threads
     from .stages.prepare import combine_prepared, variance_scale_stage
 
     done = {"science": science, "template": template}
     if config is not None:
-        done = {role: r if "variance_scale" in r[1] else variance_scale_stage(r, config, role)
-                for role, r in done.items()}
+        def measured(item):
+            role, r = item
+            return role, (r if "variance_scale" in r[1] else variance_scale_stage(r, config, role))
+
+        done = dict(map_on_threads(measured, list(done.items()), workers))
     prepared = combine_prepared(done)
     first = {}
     if warped.read_seconds:  # (exposures in hand were not read here)
@@ -471,13 +475,14 @@ def _input_tasks(g: _Builder, config, source, *, out_dir, run_id, warp, workers,
         g.value("template", (), Warped(source[1], {}, 0.0))
     else:
         g.task("template", (), template_stage, reads[0], reads[1], config, store, warp, workers)
-    # in process, the inputs task measures both variance factors: the science's source detection (kernel-detect,
-    # which needs no variance) starts as soon as its exposure task is done, and the factors take the other core
+    # in process, the inputs task measures both variance factors, at once on every core (0.16 s instead of 0.31 s
+    # at 4096²): the science's source detection (kernel-detect, which needs no variance) starts as soon as its
+    # exposure task is done, and the factors take the other core
     done = [g.task("exposure", (i,), exposure_stage, reads[0] if i == 0 else g.key("template"), config, role,
                    (psfs or {}).get(role), not in_process)
             for i, role in enumerate(PSF_ROLES)]
     # the raw template goes once warped, the raw science once both its tasks are done
-    return g.task("inputs", (), inputs_stage, *done, g.key("template"), config)
+    return g.task("inputs", (), inputs_stage, *done, g.key("template"), config, _alone_threads(in_process))
 
 
 def _al_tasks(g: _Builder, config, grid: VisitGrid, inputs, *, sources=None, in_process: bool = False) -> tuple:
