@@ -79,13 +79,16 @@ def small_pages_for_arrays() -> bool:
     pages (``NUMPY_MADVISE_HUGEPAGE=0``, which NumPy reads when it loads; it gives that advice on Linux by default).
 
     On the virtual machines this tool is measured on (free page reporting: the guest hands its free 8 MB blocks
-    back to the host), each 2 MB page a fault brings in had been handed back, and the kernel spent most of a run's
-    system time fetching and zeroing them; 4 kB pages mostly come from memory freed a moment before.  A
-    4096² subtraction on 2 cores (8 interleaved pairs): wall 10.4 s instead of 12.8 s (0.83×), system time 3.5 s
-    instead of 7.2 s, the same peak; 2048², 0.84×; 1024², 1.01×.  A batch of 6 visits of 2048²: 25.3–25.9 s
-    instead of 26.7 s on one worker, 15.1 s instead of 16.3 s on two.  Like :func:`reuse_freed_memory`, for a
-    process of ours (the command line, a LocalCluster's workers), called before NumPy loads; a value already in
-    the environment is kept (``NUMPY_MADVISE_HUGEPAGE=1`` gives the 2 MB pages back, for a machine where they
+    back to the host), a 2 MB page that a fault brings in has often been handed back, and the host must back and
+    zero it again; 4 kB pages mostly come from memory freed a moment before.  How much that costs depends on what
+    ran before.  A 4096² subtraction on 2 cores took 0.83× and 0.81× the time with 2 MB pages when the two
+    alternated (8 and 4 pairs; system time 3.5 s against 7.2 s), where each 2 MB-page run followed a 4 kB-page
+    one.  Each run after 10 s of rest, it took 0.85× (4 rounds) and, later, 0.97× (5 rounds); back to back with
+    itself, 0.92×.  The peak was the same, and so were the bits.  At 2048² the alternating pairs gave 0.84×; at
+    1024², 1.01×.  A batch of 6 visits of 2048² (3 alternating rounds): 22.1 s instead of 24.6 s on one worker,
+    13.0 s instead of 14.6 s on two.  Like :func:`reuse_freed_memory`, for a process of ours (the command line, a
+    LocalCluster's workers), called before NumPy loads; a value already in the environment is kept
+    (``NUMPY_MADVISE_HUGEPAGE=1`` gives the 2 MB pages back, for a machine where they
     pay).  Returns whether NumPy will load without the advice."""
     if "numpy" in sys.modules:
         return False
