@@ -96,6 +96,7 @@ def make_client(scheduler: str | None = None, *, n_workers: int | None = None, t
     and the command line's allocator settings (:func:`~diffim_dag.memory.allocator_environment`: freed arrays
     reused, not fresh pages; arrays on 4 kB pages), which must be in a process's environment when it starts.
     """
+    import dask
     from distributed import Client, LocalCluster
 
     from .memory import allocator_environment
@@ -108,9 +109,12 @@ def make_client(scheduler: str | None = None, *, n_workers: int | None = None, t
     for k, v in env.items():
         os.environ.setdefault(k, v)
     n = n_workers or os.cpu_count() or 1
-    # each worker process (a restarted one too) runs this module's dask_setup as it starts
+    # each worker process (a restarted one too) runs this module's dask_setup as it starts, after the preloads the
+    # user's Dask config names (distributed.worker.preload)
+    configured = dask.config.get("distributed.worker.preload", default=None) or []
+    preload = [*([configured] if isinstance(configured, str) else configured), __name__]
     cluster = LocalCluster(n_workers=n, threads_per_worker=threads_per_worker, processes=True,
-                           memory_limit=memory_limit, dashboard_address=dashboard_address, preload=[__name__])
+                           memory_limit=memory_limit, dashboard_address=dashboard_address, preload=preload)
     return Client(cluster), cluster
 
 

@@ -527,19 +527,27 @@ def test_a_local_cluster_serves_a_dashboard_only_when_asked_and_run_prints_its_l
     assert len(link) == 1 and link[0].split(": ", 1)[1].startswith("http://127.0.0.1:"), stream.getvalue()
 
 
-def test_local_cluster_workers_log_a_failed_heartbeat_without_its_traceback():
-    """A restarted worker whose heartbeat meets the closing scheduler logs one line, not a traceback."""
+def test_local_cluster_workers_log_a_failed_heartbeat_without_its_traceback(tmp_path):
+    """A restarted worker whose heartbeat meets the closing scheduler logs one line, not a traceback (the workers'
+    start-up hook installs the filter, after the preloads the user's Dask config names)."""
     import logging
+
+    import dask
 
     from diffim_dag.cluster import HeartbeatWithoutTraceback, make_client
 
-    client, cluster = make_client(None, n_workers=1)
+    users = tmp_path / "users_preload.py"
+    users.write_text("def dask_setup(worker):\n    worker.users_preload_ran = True\n")
+    with dask.config.set({"distributed.worker.preload": [str(users)]}):
+        client, cluster = make_client(None, n_workers=1)
     try:
         filters = client.run(lambda: [type(f).__name__ for f in logging.getLogger("distributed.worker").filters])
+        users_ran = client.run(lambda dask_worker: getattr(dask_worker, "users_preload_ran", False))
     finally:
         client.close()
         cluster.close()
     assert list(filters.values()) == [["HeartbeatWithoutTraceback"]]
+    assert list(users_ran.values()) == [True]
     stream = io.StringIO()
     logger = logging.getLogger("diffim_dag.test_heartbeat")
     handler = logging.StreamHandler(stream)
