@@ -510,21 +510,38 @@ def test_a_local_cluster_serves_a_dashboard_only_when_asked_and_run_prints_its_l
         except urllib.error.HTTPError as err:
             return err.code
 
-    started = {}
+    started, profiled = {}, {}
     for asked in (None, "127.0.0.1:0"):
         client, cluster = make_client(None, n_workers=1, dashboard_address=asked)
         try:  # the scheduler's HTTP server answers either way; the dashboard's page only when asked for
             started[asked] = status_page(dashboard_link(client))
+            # the workers' statistical profiler (the dashboard's Profile page) runs only with a dashboard
+            profiled[asked] = client.run(lambda dask_worker: "profile" in dask_worker.periodic_callbacks)
         finally:
             client.close()
             cluster.close()
     assert started == {None: 404, "127.0.0.1:0": 200}
+    assert [list(p.values()) for p in profiled.values()] == [[False], [True]]
     stream = io.StringIO()
     config = PipelineConfig(cluster=ClusterConfig(n_workers=1, dashboard="127.0.0.1:0"))
     report = run_batch(read_manifest(inputs40)[:1], config, tmp_path / "out", stream=stream)
     assert report.ok
     link = [line for line in stream.getvalue().splitlines() if line.startswith("Dask dashboard: ")]
     assert len(link) == 1 and link[0].split(": ", 1)[1].startswith("http://127.0.0.1:"), stream.getvalue()
+
+
+def test_worker_profiling_follows_the_dashboard_unless_the_users_dask_config_says(monkeypatch):
+    import dask
+
+    from diffim_dag.cluster import worker_profiling
+
+    monkeypatch.delenv("DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED", raising=False)
+    assert (worker_profiling(None), worker_profiling("127.0.0.1:0")) == (False, True)
+    with dask.config.set({"distributed.worker.profile.enabled": False}):  # turned off in this process
+        assert worker_profiling("127.0.0.1:0") is False
+    for stated, expected in (("True", True), ("False", False)):  # the user's environment (or config files)
+        monkeypatch.setenv("DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED", stated)
+        assert (worker_profiling(None), worker_profiling("127.0.0.1:0")) == (expected, expected)
 
 
 def test_local_cluster_workers_log_a_failed_heartbeat_without_its_traceback(tmp_path):
