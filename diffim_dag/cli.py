@@ -314,16 +314,21 @@ def _install_stop_handlers(command: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose)
     handlers = {"info": _cmd_info, "simulate": _cmd_simulate, "subtract": _cmd_subtract, "demo": _cmd_demo,
                 "run": _cmd_run}
-    if argv is None and args.command in ("subtract", "demo", "run"):  # the command line, not an in-process call
-        import importlib
+    working = argv is None and args.command in ("subtract", "demo", "run")  # the command line, not an in-process call
+    if working:
+        from .memory import reuse_freed_memory, small_pages_for_arrays
 
-        from .memory import imported_out_of_collection, reuse_freed_memory, small_pages_for_arrays
-
+        # before anything loads NumPy (the logging set-up does: astropy imports it)
         reuse_freed_memory()  # (before NumPy starts OpenBLAS's threads, and before any task thread starts)
         small_pages_for_arrays()  # (read when NumPy loads)
+    _setup_logging(args.verbose)
+    if working:
+        import importlib
+
+        from .memory import imported_out_of_collection
+
         _install_stop_handlers(args.command)
         with imported_out_of_collection():
             importlib.import_module(".batch" if args.command == "run" else ".pipeline", __package__)

@@ -91,6 +91,38 @@ def test_the_command_line_module_loads_no_numpy():
     assert out.stdout.split()[-1] == "False"
 
 
+_MAIN = """
+import os, sys
+end = os._exit
+
+
+def report(code):
+    import numpy as np
+
+    multiarray = (np._core if hasattr(np, "_core") else np.core).multiarray
+    print(os.environ.get("NUMPY_MADVISE_HUGEPAGE"), multiarray._set_madvise_hugepage(False), flush=True)
+    end(code)
+
+
+os._exit = report
+sys.argv = ["diffim-dag", "subtract", sys.argv[1], sys.argv[2], "--out", sys.argv[3]]
+import diffim_dag.cli
+
+diffim_dag.cli.main()
+"""
+
+
+def test_the_command_lines_numpy_loads_without_the_huge_page_advice(tmp_path):
+    """Through ``main`` as the command line runs it: its logging set-up imports astropy, which loads NumPy, and
+    once ran before the settings, so NumPy had loaded with the advice and ``small_pages_for_arrays`` did nothing."""
+    environ = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}
+    missing = [str(tmp_path / name) for name in ("science.fits", "template.fits")]
+    out = subprocess.run([sys.executable, "-c", _MAIN, *missing, str(tmp_path / "out")], capture_output=True,
+                         text=True, env=environ)
+    assert out.returncode == 2 and "science.fits" in out.stderr  # (a missing input: one line, after the set-up)
+    assert out.stdout.split() == ["0", "False"]
+
+
 def test_modules_imported_for_a_command_leave_the_collectors_passes():
     code = """
 import gc
