@@ -46,6 +46,8 @@ __all__ = [
     "StageFailure",
     "AlreadyWritten",
     "run_stage",
+    "run_stage_keeping_freed",
+    "run_stage_keeping_freed_below",
 ]
 
 log = logging.getLogger(__name__)
@@ -406,7 +408,26 @@ def run_stage_keeping_freed(stage: str, visit: int, detector: int, function, *ar
     return _run_stage(stage, visit, detector, function, args, release=False)
 
 
-def _run_stage(stage: str, visit: int, detector: int, function, args, *, release: bool):
+def run_stage_keeping_freed_below(limit: int, stage: str, visit: int, detector: int, function, *args):
+    """:func:`run_stage` that hands the memory the task freed back only once the process's resident size is above
+    ``limit`` bytes: below it the next tasks reuse that memory instead of touching fresh pages
+    (:data:`~diffim_dag.visit.KEEP_PLANES` gives the in-process run's limit)."""
+    return _run_stage(stage, visit, detector, function, args, release=limit)
+
+
+def _hands_back(release: bool | int) -> bool:
+    """Whether a task whose runner says ``release`` (True, False or a resident-size limit) hands back what it freed."""
+    from .memory import resident_bytes
+
+    if release is True:
+        return not _worker_keeps_freed_memory()
+    if release is False:
+        return False
+    resident = resident_bytes()
+    return resident is None or resident > release
+
+
+def _run_stage(stage: str, visit: int, detector: int, function, args, *, release: bool | int):
     from .errors import DiffimError
     from .memory import release_freed_memory
 
@@ -422,7 +443,7 @@ def _run_stage(stage: str, visit: int, detector: int, function, args, *, release
         return StageFailure(stage=stage, visit=visit, detector=detector, error=type(exc).__name__, reason=str(exc),
                             exception=exc)
     finally:
-        if release and not _worker_keeps_freed_memory():
+        if _hands_back(release):
             release_freed_memory()
 
 

@@ -8,8 +8,8 @@ import functools
 import os
 import sys
 
-__all__ = ["release_freed_memory", "reuse_freed_memory", "small_pages_for_arrays", "quiet_idle_blas_threads",
-           "imported_out_of_collection", "map_on_threads"]
+__all__ = ["release_freed_memory", "resident_bytes", "reuse_freed_memory", "small_pages_for_arrays",
+           "quiet_idle_blas_threads", "imported_out_of_collection", "map_on_threads"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -109,6 +109,15 @@ def release_freed_memory() -> bool:
     """
     trim = _glibc("malloc_trim")
     return bool(trim is not None and trim(0))
+
+
+def resident_bytes() -> int | None:
+    """This process's resident size in bytes (Linux ``/proc/self/statm``); None where the system gives none."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 @contextlib.contextmanager

@@ -259,16 +259,23 @@ def test_a_permanent_error_becomes_a_value_that_reaches_the_write_task(spec, tmp
 
 def test_kernel_phase_tasks_keep_the_memory_they_free(tmp_path, monkeypatch):
     """In process, the tasks from the input stages to the spatial solve keep what they free for the tile tasks (no
-    trim after them); every other task hands it back (on a cluster every task runs :func:`run_stage`, which a
-    worker's own limit governs: the next test); both runners treat failures alike."""
+    trim after them); every other task hands it back once the resident size is above the graph's limit, what the
+    process held when the graph was built plus KEEP_PLANES planes of the image (on a cluster every task runs
+    :func:`run_stage`, which a worker's own limit governs: the next test); the runners treat failures alike."""
     import diffim_dag.memory as memory
-    from diffim_dag.graph import run_stage_keeping_freed
-    from diffim_dag.visit import KERNEL_PHASE
+    from diffim_dag.graph import run_stage_keeping_freed, run_stage_keeping_freed_below
+    from diffim_dag.visit import KEEP_PLANES, KERNEL_PHASE
 
     trims = []
     monkeypatch.setattr(memory, "release_freed_memory", lambda: trims.append(1) or True)
     assert run_stage("fit-cell", 1, 2, lambda a: a + 1, 1) == 2 and len(trims) == 1
     assert run_stage_keeping_freed("fit-cell", 1, 2, lambda a: a + 1, 1) == 2 and len(trims) == 1
+    monkeypatch.setattr(memory, "resident_bytes", lambda: 1000)
+    assert run_stage_keeping_freed_below(1000, "subtract", 1, 2, lambda a: a + 1, 1) == 2 and len(trims) == 1
+    assert run_stage_keeping_freed_below(999, "subtract", 1, 2, lambda a: a + 1, 1) == 2 and len(trims) == 2
+    monkeypatch.setattr(memory, "resident_bytes", lambda: None)  # (no resident size to compare: handed back)
+    assert run_stage_keeping_freed_below(1000, "subtract", 1, 2, lambda a: a + 1, 1) == 2 and len(trims) == 3
+    monkeypatch.setattr(memory, "resident_bytes", lambda: 5000)
 
     def boom(exc):
         raise exc
@@ -279,12 +286,15 @@ def test_kernel_phase_tasks_keep_the_memory_they_free(tmp_path, monkeypatch):
     config = load_config()
     local = visit_graph(spec, config, tmp_path, grid=VisitGrid(tiles=(2, 2), cells=2, shape=(512, 512),
                                                               detect=(1, 1)), in_process=True)
+    bodies = (run_stage, run_stage_keeping_freed, run_stage_keeping_freed_below)
     runners = {stage_of(k): task[0] for k, task in local.items() if isinstance(task, tuple) and callable(task[0])
-               and task[0] in (run_stage, run_stage_keeping_freed)}
+               and task[0] in bodies}
     assert {s for s, r in runners.items() if r is run_stage_keeping_freed} == set(KERNEL_PHASE)
-    assert runners["read"] is run_stage and runners["subtract"] is run_stage and runners["detect"] is run_stage
+    limits = {task[1] for task in local.values() if isinstance(task, tuple) and task[0] is run_stage_keeping_freed_below}
+    assert limits == {5000 + KEEP_PLANES * 4 * 512 * 512}
+    assert {runners[s] for s in ("read", "subtract", "detect", "catalog")} == {run_stage_keeping_freed_below}
     spread = visit_graph(spec, config, tmp_path, grid=VisitGrid(tiles=(2, 2), cells=2, shape=(512, 512)))
-    assert not any(isinstance(t, tuple) and t and t[0] is run_stage_keeping_freed for t in spread.values())
+    assert not any(isinstance(t, tuple) and t and t[0] in bodies[1:] for t in spread.values())
 
 
 def test_worker_tasks_keep_freed_memory_below_half_the_memory_limit(monkeypatch):
