@@ -462,8 +462,9 @@ def _worker_keeps_freed_memory() -> bool:
     memory came back as fresh pages the kernel zeroed (and the host backed again) every time.  A batch of 6 visits
     of 2048² (``benchmarks/bench_batch.py --repeats 3``, medians): 24.3 s on one worker instead of 33.8 s, 16.4 s
     on two instead of 19.2 s, with about the same peak per worker (0.97–1.00 GB against 0.92–0.97 GB).  In this
-    process (no worker) every task but :data:`~diffim_dag.visit.KERNEL_PHASE`'s still hands it back: a single run
-    pays for its high-water mark, which keeping everything raised (1.7 GB against 1.25 GB at 4096², and slower)."""
+    process (no worker) a single run pays for its high-water mark, which keeping everything raised (1.75 GB against
+    1.3 GB at 4096²): its tasks keep what they free below a limit instead (:func:`run_stage_keeping_freed_below`,
+    :data:`~diffim_dag.visit.KEEP_PLANES`)."""
     distributed = sys.modules.get("distributed")
     if distributed is None:  # no worker here (a worker's process has imported distributed)
         return False

@@ -15,13 +15,14 @@ __all__ = ["release_freed_memory", "resident_bytes", "reuse_freed_memory", "smal
 @functools.lru_cache(maxsize=None)
 def _glibc(name: str):
     """The C library's function ``name`` (``malloc_trim``, ``mallopt``) with its C signature; None where the C
-    library has none (macOS, musl)."""
+    library has none (macOS, musl).  Looked up among the symbols the process has loaded (the C library's among
+    them), not with ``ctypes.util.find_library``, which runs ``ldconfig -p`` as a child process (``bench_cli``, which
+    polls the command's process tree, saw it as a 0.5 GB child of a 2048² run: the vfork shares the parent's memory)."""
     import ctypes
-    import ctypes.util
 
     signatures = {"malloc_trim": [ctypes.c_size_t], "mallopt": [ctypes.c_int, ctypes.c_int]}
     try:
-        function = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+        function = getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError):
         return None
     function.argtypes, function.restype = signatures[name], ctypes.c_int
@@ -60,8 +61,10 @@ def reuse_freed_memory() -> bool:
 
     A 4096² subtraction on 2 cores (6 interleaved pairs each): with the settings in the environment, wall 0.90×
     and system time 3.8 s instead of 5.4 s; as calls made after NumPy had loaded (the task threads then had an
-    arena of their own), 0.98×; as calls before NumPy, as now, 1.04× in a quieter phase of the machine (within
-    its noise; the task threads' arrays no longer come from fresh mappings).  Peak 1.25–1.29 GB either way.
+    arena of their own), 0.98×; as calls before NumPy, 1.04× in a quieter phase of the machine (within its
+    noise; the task threads' arrays no longer come from fresh mappings).  Peak 1.25–1.29 GB either way.  (The
+    command line made these calls after its logging set-up, which loads NumPy, until the 2026-12-05 stop: its task
+    threads used the OpenBLAS threads' arenas until then.)
     A setting that the environment already makes (``MALLOC_ARENA_MAX`` …) is kept.  Returns whether the settings
     were applied (False where the C library is not glibc)."""
     mallopt = _glibc("mallopt")
