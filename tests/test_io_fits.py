@@ -142,6 +142,31 @@ def test_mef_round_trip_exact(tmp_path, name):
     assert_exposures_equal(exp, back2)
 
 
+def test_mef_mask_is_tile_compressed_losslessly_in_the_lsst_order(tmp_path):
+    """The MASK extension is RICE tile-compressed (lossless for integers): every bit, the highest ones too, comes
+    back, and the extensions keep the LSST order (IMAGE, MASK, VARIANCE by position)."""
+    exp = make_exposure()
+    img, var, msk = exp.arrays()
+    planes = exp.mask_planes
+    for i in range(31 - len(planes.as_dict())):  # every bit a mask may use (0–30: the sign bit stays clear) named
+        planes = planes.with_plane(f"EXTRA{i}")
+    top = max(planes.as_dict().values())
+    rng = np.random.default_rng(5)
+    bits = np.int32(1) << rng.integers(0, top + 1, size=msk.shape).astype(np.int32)
+    wild = np.where(rng.random(msk.shape) < 0.3, bits, 0).astype(np.int32) | msk
+    exp = Exposure.from_arrays(img, var, wild, xy0=exp.xy0, mask_planes=planes, wcs=exp.wcs, psf=exp.psf,
+                               info=exp.info)
+    assert top >= 30 and (wild >= 1 << 29).any()
+    path = write_exposure(exp, tmp_path / "e.fits")
+    with fits.open(path) as hdul:
+        assert [h.name for h in hdul][:4] == ["PRIMARY", "IMAGE", "MASK", "VARIANCE"]
+        assert isinstance(hdul["MASK"], fits.CompImageHDU) and hdul["MASK"].header["EXTTYPE"] == "MASK"
+        assert all(hdul["MASK"].header[f"MP_{k}"] == v for k, v in exp.mask_planes.items())
+        np.testing.assert_array_equal(hdul[2].data, wild)
+    np.testing.assert_array_equal(read_exposure(path).arrays()[2], wild)
+    assert np.array_equal(exp.arrays()[2], wild)  # (the caller's plane untouched)
+
+
 @pytest.mark.parametrize("wcs_kind", ["sip", "tpv", "tan"])
 @pytest.mark.parametrize("xy0", [(0, 0), (17, -5), (-123, 4567)])
 def test_mef_wcs_and_sky_positions(tmp_path, wcs_kind, xy0):

@@ -521,7 +521,8 @@ def unswappable(plane, dtype=None) -> np.ndarray:
 
 
 def write_exposure(exposure: Exposure, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
-    """Write an LSST-layout MEF (IMAGE, MASK, VARIANCE[, PSF]) atomically."""
+    """Write an LSST-layout MEF (IMAGE, MASK, VARIANCE[, PSF]) atomically, the MASK losslessly tile-compressed
+    (:func:`_append_compressed`)."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise InputError(f"{path}: exists (overwrite=False)")
@@ -563,8 +564,32 @@ def write_exposure(exposure: Exposure, path: str | os.PathLike, *, overwrite: bo
         with atomic_path(path) as tmp:
             fits.HDUList([primary]).writeto(tmp, overwrite=True, output_verify="silentfix")
             for plane, dtype, header, name in planes:
-                _stream_extension(tmp, plane, dtype, header, name)
+                if name == "MASK":
+                    _append_compressed(tmp, plane, dtype, header, name)
+                else:
+                    _stream_extension(tmp, plane, dtype, header, name)
     return path
+
+
+#: Bytes of a tile of a losslessly compressed (RICE) integer plane (:func:`_append_compressed`): whole rows.
+COMPRESSED_TILE_BYTES = 4 << 20
+
+
+def _append_compressed(path, plane, dtype, header: fits.Header, name: str) -> None:
+    """Append ``plane`` (integers, as ``dtype``) to the FITS file ``path`` as extension ``name``, tile-compressed
+    with RICE, which is lossless for integers (FITS tiled image compression: astropy, cfitsio, ds9 and the LSST
+    stack read it as the image it holds, with the header's cards).
+
+    A mask plane is mostly zeros: a 4096² difference's MASK took 64 MB as a plain image and takes under 1 MB so
+    (written in 0.03 s, read in 0.02 s), and on a virtual machine every page a file write brings into the page
+    cache costs as much as a fresh page of memory (a 4096² subtraction's two plain masks, 128 MB of its 400 MB of
+    planes).  The array is only read (a read-only view: astropy swaps a copy, not the caller's plane)."""
+    a = unswappable(plane, dtype)
+    row_bytes = a.dtype.itemsize * int(np.prod(a.shape[1:], dtype=np.int64)) if a.ndim > 1 else a.nbytes
+    rows = int(min(max(1, COMPRESSED_TILE_BYTES // max(1, row_bytes)), max(1, a.shape[0])))
+    tile = (rows, *a.shape[1:]) if a.ndim > 1 else None
+    with fits.open(os.fspath(path), mode="append") as hdul:
+        hdul.append(fits.CompImageHDU(a, header=header, name=name, compression_type="RICE_1", tile_shape=tile))
 
 
 #: Bytes of a plane converted to FITS's byte order and written at a time by :func:`_stream_extension`.
