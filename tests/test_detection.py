@@ -342,6 +342,30 @@ def test_systematic_fraction_suppresses_static_residuals_not_transients():
     assert none.attrs["systematic_fraction"] == 0.0
 
 
+def test_systematic_fraction_applies_to_a_methods_score_too():
+    """ZOGY's S_corr and the pre-convolution score are thresholded as given, but the static sources' residuals are
+    in them as in the difference: the score is divided by sqrt(1 + ε²M²/(s²V)), ε measured on the difference's own
+    matched filter as for AL (before, the score methods reported bright stars' residuals that AL did not)."""
+    difference, template, (bx, by) = _static_residual_scene(0.05)
+    img, var, _ = difference.arrays()
+    psf_image = PSF.kernel_image(*difference.center)
+    score = det.significance_image(*det.matched_filter(img, var, psf_image))  # a score of unit noise
+    cfg = dict(n_sky_sources=0, threshold_type="variance")
+    plain = detect_and_measure(difference, template=template, score=score,
+                               config=DetectMeasureConfig(systematic_fraction=0, **cfg))
+    auto = detect_and_measure(difference, template=template, score=score,
+                              config=DetectMeasureConfig(systematic_fraction="auto", **cfg))
+    assert plain.attrs["systematic_fraction"] is None
+    assert 0.035 < auto.attrs["systematic_fraction"] < 0.065, auto.attrs["systematic_fraction"]
+    assert len(plain) >= 30 and len(auto) <= 8, auto[["x", "y", "peak_significance"]]
+    sig = [cat.loc[np.hypot(cat["x"] - bx, cat["y"] - by).idxmin(), "peak_significance"] for cat in (plain, auto)]
+    assert abs(sig[1] - sig[0]) < 0.01 * abs(sig[0])  # the blank-sky transient keeps its significance
+    before = score.copy()
+    detect_and_measure(difference, template=template, score=score, config=DetectMeasureConfig(systematic_fraction=0.05,
+                                                                                             **cfg))
+    np.testing.assert_array_equal(score, before)  # (the caller's score is not written)
+
+
 def test_systematic_fraction_config_is_checked():
     from diffim_dag.errors import ConfigError
 

@@ -83,8 +83,11 @@ def test_brightened_source_detected_at_its_position():
     science, template = _pair(sigma2=10.0, x=x, y=y, flux_science=flux_sci, flux_template=flux, seed=6,
                               zero_points=(None, None))
     cfg = ZogyConfig(flux_ratio_min_snr=20.0)
-    # through the visit graph from its inputs on: ZOGY, then detection on S_corr and measurement on D
+    # through the visit graph from its inputs on: ZOGY, then detection on S_corr and measurement on D.  Without the
+    # systematic term (tested in test_detection): the 10 % change on a bright star is what "auto" gives up by
+    # design (ε ≈ 1.5 % measured on these ten stars, with AL too)
     config = dataclasses.replace(PipelineConfig(), method="zogy", zogy=cfg)
+    config = dataclasses.replace(config, detection=dataclasses.replace(config.detection, systematic_fraction=0))
     result = subtract_prepared(science, template, config=config, detect=True)
     assert result.metrics["zogy"]["flux_ratio_origin"] == "matched_stars"
     assert result.metrics["zogy"]["flux_ratio"] == pytest.approx(1.0, abs=0.03)
