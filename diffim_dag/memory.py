@@ -23,7 +23,7 @@ def _glibc(name: str):
     signatures = {"malloc_trim": [ctypes.c_size_t], "mallopt": [ctypes.c_int, ctypes.c_int]}
     try:
         function = getattr(ctypes.CDLL(None), name)
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # (TypeError: Windows' ctypes loads no library by None)
         return None
     function.argtypes, function.restype = signatures[name], ctypes.c_int
     return function
