@@ -485,8 +485,9 @@ def _significance_stdev(score, mask: np.ndarray, bits: int, usable) -> float | N
 
 
 def _static_sources(template, mask, planes: dict, no_data: list, nodata, psf_image, config: DetectMeasureConfig):
-    """``(M_S, peaks)``: the template's matched filter and, for ``systematic_fraction="auto"``, its bright static
-    peaks ``(iy, ix, M_S there)`` (None for a fixed fraction), whose residuals in the difference measure ε."""
+    """``[M_S, peaks]``: the template's matched filter and, for ``systematic_fraction="auto"``, its bright static
+    peaks ``(iy, ix, M_S there)`` (None for a fixed fraction), whose residuals in the difference measure ε (a list,
+    which :func:`_systematic_term` empties: the plane is then held by nothing else)."""
     m_s, mv_s = det.matched_filter(template[0], template[1], psf_image, bad=nodata, workers=config.fft_workers)
     peaks = None
     if config.systematic_fraction == "auto":
@@ -497,7 +498,7 @@ def _static_sources(template, mask, planes: dict, no_data: list, nodata, psf_ima
         del bad_pk
         peaks = (iy, ix, m_s[iy, ix])
     del mv_s
-    return m_s, peaks
+    return [m_s, peaks]
 
 
 def _systematic_term(static, smoothed, svar, factor: float, config: DetectMeasureConfig):
@@ -505,6 +506,7 @@ def _systematic_term(static, smoothed, svar, factor: float, config: DetectMeasur
     (variance ``svar``, significance σ ``factor``): ε measured at the static peaks (or the configured fraction),
     the plane made in place of ``M_S`` (None when ε = 0)."""
     m_s, peaks = static
+    static.clear()  # (M_S is this function's alone: with systematic_radius it is freed as its maximum is made)
     if peaks is not None:
         iy, ix, mpk = peaks
         epsilon = det.systematic_fraction(smoothed[iy, ix] / mpk, factor * np.sqrt(svar[iy, ix]) / mpk)
