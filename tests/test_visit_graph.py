@@ -290,7 +290,8 @@ def test_kernel_phase_tasks_keep_the_memory_they_free(tmp_path, monkeypatch):
     runners = {stage_of(k): task[0] for k, task in local.items() if isinstance(task, tuple) and callable(task[0])
                and task[0] in bodies}
     assert {s for s, r in runners.items() if r is run_stage_keeping_freed} == set(KERNEL_PHASE)
-    limits = {task[1] for task in local.values() if isinstance(task, tuple) and task[0] is run_stage_keeping_freed_below}
+    limits = {task[1] for task in local.values()
+              if isinstance(task, tuple) and task[0] is run_stage_keeping_freed_below}
     assert limits == {5000 + KEEP_PLANES * 4 * 512 * 512}
     assert {runners[s] for s in ("read", "subtract", "detect", "catalog")} == {run_stage_keeping_freed_below}
     spread = visit_graph(spec, config, tmp_path, grid=VisitGrid(tiles=(2, 2), cells=2, shape=(512, 512)))
