@@ -331,6 +331,9 @@ KERNEL_PHASE = frozenset({"exposure", "inputs", "prepare", "kernel-detect", "inp
 #: 0.7 million pages; system time 3.5 s against 4.3 s) with the same peak (1.29–1.31 GB against 1.28–1.31 GB);
 #: 18 planes, 0.89× with a peak of 1.32–1.35 GB; never handing back, 0.92× in another set but a peak of 1.74–1.79 GB.
 KEEP_PLANES = 16
+#: ... and at most this many bytes (a 4096² image's 16 planes): with 4 GiB at 8192² runs peaked at 4.38–4.72 GiB, with
+#: this 3.95–3.97 GiB, in as much time (32.2–34.2 s against 32.2–33.7 s, 2 interleaved pairs).
+KEEP_MAX_BYTES = 1 << 30
 
 #: Kernel cells per ``fit-cell`` task on a cluster: a cell fit is ~1 ms, a task's overhead on a cluster several
 #: ms, so a task per cell (256 for a 2048² image) cost more than the fits (6 visits of 2048² on one worker:
@@ -363,13 +366,14 @@ def visit_grid(shape: tuple[int, int] | None, config, *, in_process: bool = Fals
 
 def _keep_below(shape: tuple[int, int] | None) -> int | None:
     """The resident size above which an in-process task hands back what it freed: now's plus :data:`KEEP_PLANES`
-    float32 planes of ``shape`` (None, every task hands it back: no shape, or no resident size to compare)."""
+    float32 planes of ``shape``, at most :data:`KEEP_MAX_BYTES` (None, every task hands it back: no shape, or no
+    resident size to compare)."""
     from .memory import resident_bytes
 
     resident = resident_bytes()
     if shape is None or resident is None:
         return None
-    return resident + KEEP_PLANES * 4 * int(shape[0]) * int(shape[1])
+    return resident + min(KEEP_PLANES * 4 * int(shape[0]) * int(shape[1]), KEEP_MAX_BYTES)
 
 
 def _fit_cells_task(cells, index: int, n_tasks: int):

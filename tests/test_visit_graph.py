@@ -293,6 +293,10 @@ def test_kernel_phase_tasks_keep_the_memory_they_free(tmp_path, monkeypatch):
     limits = {task[1] for task in local.values()
               if isinstance(task, tuple) and task[0] is run_stage_keeping_freed_below}
     assert limits == {5000 + KEEP_PLANES * 4 * 512 * 512}
+    from diffim_dag.visit import KEEP_MAX_BYTES, _keep_below
+
+    assert _keep_below((8192, 8192)) == 5000 + KEEP_MAX_BYTES < 5000 + KEEP_PLANES * 4 * 8192 * 8192  # (capped)
+    assert _keep_below(None) is None
     assert {runners[s] for s in ("read", "subtract", "detect", "catalog")} == {run_stage_keeping_freed_below}
     spread = visit_graph(spec, config, tmp_path, grid=VisitGrid(tiles=(2, 2), cells=2, shape=(512, 512)))
     assert not any(isinstance(t, tuple) and t and t[0] in bodies[1:] for t in spread.values())
