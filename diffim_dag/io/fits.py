@@ -584,12 +584,11 @@ def _append_compressed(path, plane, dtype, header: fits.Header, name: str) -> No
     (written in 0.03 s, read in 0.02 s), and on a virtual machine every page a file write brings into the page
     cache costs as much as a fresh page of memory (a 4096² subtraction's two plain masks, 128 MB of its 400 MB of
     planes).  The array is only read (a read-only view: astropy swaps a copy, not the caller's plane)."""
-    a = unswappable(plane, dtype)
-    row_bytes = a.dtype.itemsize * int(np.prod(a.shape[1:], dtype=np.int64)) if a.ndim > 1 else a.nbytes
-    rows = int(min(max(1, COMPRESSED_TILE_BYTES // max(1, row_bytes)), max(1, a.shape[0])))
-    tile = (rows, *a.shape[1:]) if a.ndim > 1 else None
+    a = unswappable(plane, dtype)  # (an exposure's 2-D plane)
+    rows = min(max(1, COMPRESSED_TILE_BYTES // max(1, a.dtype.itemsize * a.shape[1])), max(1, a.shape[0]))
     with fits.open(os.fspath(path), mode="append") as hdul:
-        hdul.append(fits.CompImageHDU(a, header=header, name=name, compression_type="RICE_1", tile_shape=tile))
+        hdul.append(fits.CompImageHDU(a, header=header, name=name, compression_type="RICE_1",
+                                      tile_shape=(rows, a.shape[1])))
 
 
 #: Bytes of a plane converted to FITS's byte order and written at a time by :func:`_stream_extension`.
