@@ -313,6 +313,10 @@ class DetectionConfig:
     # Pixels that carry no difference: zero weight in the matched filter, never in a footprint
     # (EDGE: the kernel reached past the template; LSST excludes it from detection too).
     no_data_mask_planes: tuple[str, ...] = ("NO_DATA", "EDGE")
+    # A method's score (ZOGY's S_corr, the pre-convolution score) is not detected on these planes of the score's
+    # own mask: there the score took filled values (the saturated, bad or missing input pixels, which both methods
+    # replace before filtering, spread by the filters that made the score), as LSST excludes EDGE, SAT and BAD.
+    score_excluded_mask_planes: tuple[str, ...] = ("NO_DATA", "BAD", "SAT", "SAT_TEMPLATE", "EDGE")
     footprint_grow_sigma: float = 2.4
     n_sky_sources: int = 100
     # Fractional systematic error ε of the difference at static sources (kernel/PSF mismatch):
@@ -361,6 +365,7 @@ class DetectionConfig:
         _check(self.systematic_min_snr > 0, n, "systematic_min_snr", "must be > 0")
         _check_planes(n, "bad_peak_mask_planes", self.bad_peak_mask_planes)
         _check_planes(n, "no_data_mask_planes", self.no_data_mask_planes)
+        _check_planes(n, "score_excluded_mask_planes", self.score_excluded_mask_planes)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -422,3 +422,60 @@ def test_significance_sample_is_the_clipped_stats_sample(monkeypatch):
     np.testing.assert_array_equal(zogy._significance_sample(score, good), plane[::step])
     monkeypatch.setattr(zogy, "MAX_STAT_SAMPLES", 10**9)
     np.testing.assert_array_equal(zogy._significance_sample(score, good), plane)
+
+
+
+def test_score_significance_leaves_out_the_excluded_planes():
+    """The detection's significance is 0 where the score's own mask has an excluded plane; the default (the quality
+    metric's) leaves out NO_DATA only."""
+    from diffim_dag.masks import MaskPlanes
+    from diffim_dag.stages import zogy as sz
+
+    rng = np.random.default_rng(4)
+    img = rng.normal(size=(40, 30)).astype(np.float32)
+    planes = MaskPlanes().with_plane("SAT_TEMPLATE")
+    msk = np.zeros(img.shape, np.int32)
+    msk[5:9, 5:9] |= planes.bitmask("SAT_TEMPLATE")
+    msk[20, :] |= planes.bitmask("SAT")
+    msk[30, 3] |= planes.bitmask("CR")  # not excluded: the score there is still a measurement
+    exp = Exposure.from_arrays(img, np.ones(img.shape, np.float32), msk, xy0=XY0, mask_planes=planes)
+    np.testing.assert_array_equal(sz.score_significance(exp), img)
+    cut = sz.score_significance(exp, ("SAT", "SAT_TEMPLATE"))
+    keep = np.ones(img.shape, bool)
+    keep[5:9, 5:9] = keep[20] = False
+    assert not cut[~keep].any()
+    np.testing.assert_array_equal(cut[keep], img[keep])
+
+
+def test_score_methods_do_not_detect_where_their_score_took_filled_pixels():
+    """ZOGY and the pre-convolution score replace saturated (and bad, missing) input pixels before filtering, and
+    their score's mask marks where the filters spread those values (SAT, SAT_TEMPLATE grown by the filters).  The
+    pipeline's detection leaves those pixels out, as LSST excludes SAT from detection: a residual there is not
+    reported, a transient beside it is."""
+    from diffim_dag.config import DetectionConfig
+    from diffim_dag.stages.catalog import catalog_stage, detect_tiles_stage, prepare_detection_stage
+
+    rng = np.random.default_rng(12)
+    shape, psf = (120, 160), GaussianPsf(2.0)
+    img = rng.normal(0.0, 1.0, shape)
+    add_sources(img, np.array([40.0, 120.0]) + XY0[0], np.array([60.0, 60.0]) + XY0[1], np.array([400.0, 400.0]),
+                psf, xy0=XY0)
+    img, var = img.astype(np.float32), np.ones(shape, np.float32)
+    difference = Exposure.from_arrays(img, var, None, xy0=XY0, psf=psf)
+    planes = difference.mask_planes.with_plane("SAT_TEMPLATE")
+    score_mask = np.zeros(shape, np.int32)
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    score_mask[np.hypot(xx - 40, yy - 60) <= 6] |= planes.bitmask("SAT_TEMPLATE")  # a residual at a saturated star
+    score = Exposure.from_arrays(img, var, score_mask, xy0=XY0, psf=psf, mask_planes=planes)
+    result = ScoreSubtractionResult(difference=difference, matched_template=difference, matched_science=difference,
+                                    mode="zogy", kernel_fit=None, decorrelation_kernel=None, metrics={}, score=score)
+
+    def found(**detection):
+        config = PipelineConfig(detection=DetectionConfig(n_sky_sources=0, systematic_fraction=0,
+                                                          threshold_type="variance", **detection))
+        inputs = prepare_detection_stage(result, config)
+        cat = catalog_stage(inputs, [detect_tiles_stage(inputs)]).dia_sources
+        return sorted((round(x) - XY0[0], round(y) - XY0[1]) for x, y in zip(cat["x"], cat["y"]))
+
+    assert found() == [(120, 60)]
+    assert found(score_excluded_mask_planes=("NO_DATA",)) == [(40, 60), (120, 60)]  # the plane is what leaves it out

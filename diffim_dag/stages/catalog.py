@@ -51,12 +51,14 @@ def prepare_detection_stage(result: SubtractionResult, config: PipelineConfig, *
     from .detect import prepare_detection
 
     score = None
+    detection = detection_config(config, result, fft_workers=fft_workers)
     if getattr(result, "score", None) is not None:
         from .zogy import score_significance
 
-        score = score_significance(result.score)
+        # not detected where the score took filled pixels (saturated, bad, missing, off the template's edge)
+        score = score_significance(result.score, detection.score_excluded_mask_planes)
     return prepare_detection(result.difference, science=result.matched_science, template=result.matched_template,
-                             config=detection_config(config, result, fft_workers=fft_workers), score=score)
+                             config=detection, score=score)
 
 
 @dataclass(eq=False)

@@ -87,6 +87,10 @@ class DetectMeasureConfig(DetectionConfig):
         part of a footprint.  EDGE is among them by default: it marks where the PSF-matching kernel
         reached past the template, so its values are not a difference (LSST excludes it from
         detection too); a source next to it is measured on the valid pixels only.
+    score_excluded_mask_planes : tuple of str
+        A method's score (ZOGY, the pre-convolution score) is not detected on these planes of the score's
+        own mask (:func:`~diffim_dag.stages.zogy.score_significance`): there it took the values both methods
+        fill saturated, bad and missing input pixels with, spread by the filters that made it.
     n_sky_sources : int
         Sky sources to place (0: none).
     sky_source_seed : int
@@ -164,7 +168,7 @@ class DetectMeasureConfig(DetectionConfig):
         if radius == "kernel":
             radius = int(kernel_size) // 2 if kernel_size else 0
         fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(DetectionConfig)}
-        for k in ("bad_peak_mask_planes", "no_data_mask_planes", "background_bin_sizes"):
+        for k in ("bad_peak_mask_planes", "no_data_mask_planes", "score_excluded_mask_planes", "background_bin_sizes"):
             fields[k] = tuple(fields[k])
         return cls(**{**fields, "systematic_radius": int(radius), **changes})
 

@@ -497,10 +497,11 @@ def subtract_zogy(
                kernel_fit=None, decorrelation_kernel=None, metrics=metrics, dia_sources=None, score=score)
 
 
-def score_significance(score: Exposure) -> np.ndarray:
-    """``image / sqrt(variance)`` of a score exposure; 0 where the variance is not positive or NO_DATA."""
+def score_significance(score: Exposure, excluded: tuple[str, ...] = ("NO_DATA",)) -> np.ndarray:
+    """``image / sqrt(variance)`` of a score exposure; 0 where the variance is not positive or the score's mask
+    has any of the ``excluded`` planes it knows (detection passes ``score_excluded_mask_planes``)."""
     img, var, msk = score.arrays()
-    bit = score.bitmask("NO_DATA")
+    bit = score.bitmask([p for p in dict.fromkeys(("NO_DATA", *excluded)) if p in score.mask_planes])
     out = np.zeros(img.shape, dtype=np.float32)
     step = max(1, _SIGNIFICANCE_PIXELS // max(img.shape[1], 1))
     for y0 in range(0, img.shape[0], step):  # row blocks: no full-frame temporaries
@@ -509,9 +510,10 @@ def score_significance(score: Exposure) -> np.ndarray:
     return out
 
 
-def _significance(img: np.ndarray, var: np.ndarray, msk: np.ndarray, no_data_bit: int) -> np.ndarray:
-    """``img / sqrt(var)`` (float32), 0 where the variance is not positive, the image not finite or NO_DATA."""
-    ok = (var > 0) & np.isfinite(img) & lacks_bits(msk, no_data_bit)
+def _significance(img: np.ndarray, var: np.ndarray, msk: np.ndarray, excluded_bits: int) -> np.ndarray:
+    """``img / sqrt(var)`` (float32), 0 where the variance is not positive, the image not finite or the mask has
+    any of ``excluded_bits``."""
+    ok = (var > 0) & np.isfinite(img) & lacks_bits(msk, excluded_bits)
     out = np.zeros(img.shape, dtype=np.float32)
     out[ok] = img[ok] / np.sqrt(var[ok])
     return out
