@@ -235,16 +235,18 @@ def _take(prepared, role: str):
     return exposure
 
 
-def score_stage(al, inputs, config: PipelineConfig, runner=None, sources=None):
+def score_stage(al, inputs, config: PipelineConfig, runner=None, sources=None, detection=None):
     """The ``("score", V, D)`` task of ``method: al-preconvolve``: the pre-convolution score of the pair
-    (:func:`~diffim_dag.stages.preconvolve.preconvolved_score`) beside the AL ``difference`` task's result."""
+    (:func:`~diffim_dag.stages.preconvolve.preconvolved_score`) beside the AL ``difference`` task's result
+    (``detection``: the AL stages' ``kernel-detect`` result, when it is of this pair's science)."""
     from .stages.preconvolve import preconvolved_score
     from .stages.zogy import ScoreSubtractionResult
 
     t0 = time.perf_counter()
     metrics = {**al.metrics, "method": "al-preconvolve"}
     score, _ = preconvolved_score(inputs.science, inputs.template, config=config, runner=runner, sources=sources,
-                                  metrics=metrics, variance_scales=getattr(inputs, "variance_scales", None))
+                                  metrics=metrics, variance_scales=getattr(inputs, "variance_scales", None),
+                                  detection=detection)
     metrics["timings_s"] = {**metrics.get("timings_s", {}), "preconvolve_score": time.perf_counter() - t0}
     return ScoreSubtractionResult(
         difference=al.difference, matched_template=al.matched_template, matched_science=al.matched_science,
@@ -586,9 +588,11 @@ def _method_tasks(g: _Builder, config, grid: VisitGrid, inputs, *, runner=None, 
         return pair, g.task("subtract", (), zogy_stage, pair, config, runner, consume)
     pair, difference = _al_tasks(g, config, grid, inputs, sources=sources, in_process=in_process)
     if config.method == "al-preconvolve":
-        # the score of the pair the AL difference saw (with its fakes), on the input stages' planes
+        # the score of the pair the AL difference saw (with its fakes), on the input stages' planes; without fakes
+        # its science is the one the kernel-detect task detected on, and it is not detected again
         scored = pair if config.fakes.enabled else inputs
-        return pair, g.task("score", (), score_stage, difference, scored, config, runner, sources)
+        detection = g.key("kernel-detect") if not config.fakes.enabled and g.key("kernel-detect") in g.dsk else None
+        return pair, g.task("score", (), score_stage, difference, scored, config, runner, sources, detection)
     return pair, difference
 
 

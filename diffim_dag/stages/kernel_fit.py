@@ -82,6 +82,42 @@ def _map_eager(tasks: Sequence[CellTask]) -> list[CellFit]:
     return [fit_cell(*task) for task in tasks]
 
 
+def cells_on(runner) -> CellMapper:
+    """A :data:`CellMapper` for a stage handed a ``runner`` (:mod:`diffim_dag.stages.runner`): the tasks in
+    ``runner.threads`` chunks on it, each chunk's cells fitted together (:func:`_map_eager`: the same values as
+    in turn); in turn when the runner has one thread."""
+    threads = int(getattr(runner, "threads", 1) or 1)
+    if threads <= 1:
+        return _map_eager
+
+    def mapper(tasks: Sequence[CellTask]) -> list[CellFit]:
+        tasks = list(tasks)
+        n = min(threads, len(tasks))
+        if n <= 1:
+            return _map_eager(tasks)
+        bounds = [len(tasks) * i // n for i in range(n + 1)]
+        # (a runner's tasks are dicts; the cells go in a box of their own, which a scheduler does not search for
+        # collections: through the stamps of 800 stars that took 0.64 s a refit)
+        chunks = [{"cells": _Cells(tasks[a:b])} for a, b in zip(bounds[:-1], bounds[1:])]
+        return [fit for part in runner.map(_fit_chunk, chunks, prefix="fit-cells") for fit in part]
+
+    return mapper
+
+
+class _Cells:
+    """A chunk of :func:`cells_on`'s cell tasks, opaque to the scheduler."""
+
+    __slots__ = ("tasks",)
+
+    def __init__(self, tasks: list):
+        self.tasks = tasks
+
+
+def _fit_chunk(task: dict) -> list[CellFit]:
+    """One chunk of :func:`cells_on`'s tasks (``{"cells": _Cells}``), fitted together."""
+    return _map_eager(task["cells"].tasks)
+
+
 @dataclass(frozen=True, eq=False)
 class KernelFitResult:
     """Result of :func:`fit_psf_matching_kernel`.

@@ -48,7 +48,8 @@ log = logging.getLogger(__name__)
 FILLED_PLANES = ("NO_DATA", "BAD", "SAT", "EDGE")
 
 
-def preconvolution_kernel_sources(science: Exposure, template: Exposure, *, config: PipelineConfig, sources=None):
+def preconvolution_kernel_sources(science: Exposure, template: Exposure, *, config: PipelineConfig, sources=None,
+                                  detection=None):
     r"""Kernel sources of the pre-convolution fit, selected on the *original* science image.
 
     The pre-convolution kernel :math:`K` maps :math:`P_t` onto :math:`P_s \otimes H`, so its
@@ -86,6 +87,9 @@ def preconvolution_kernel_sources(science: Exposure, template: Exposure, *, conf
         ``kernel`` (basis widths and sizes) and ``sources`` (cuts).
     sources : DataFrame, optional
         Candidate catalog (``x``, ``y``); detection on the science image when None.
+    detection : SourceDetection, optional
+        :func:`~diffim_dag.stages.kernel_sources.detect_kernel_sources` of this science done already (the AL
+        stages' ``kernel-detect`` task): not detected again.
 
     Returns
     -------
@@ -97,18 +101,20 @@ def preconvolution_kernel_sources(science: Exposure, template: Exposure, *, conf
 
     cx, cy = science.center
     al_size = basis_from_config(config.kernel, template.psf.fwhm(cx, cy), science.psf.fwhm(cx, cy)).size
-    table, _ = select_kernel_sources(science, template, al_size, config.sources, sources)
+    table, _ = select_kernel_sources(science, template, al_size, config.sources, sources, detection=detection)
     return table
 
 
 def preconvolved_score(science: Exposure, template: Exposure, *, config: PipelineConfig, runner=None,
                        map_cells=None, sources=None, metrics: dict | None = None,
-                       variance_scales: dict | None = None):
+                       variance_scales: dict | None = None, detection=None):
     r"""The corrected pre-convolution score exposure (module doc, steps 1–5).
 
     ``runner`` runs the filters and the convolution (:mod:`diffim_dag.stages.runner`; in turn on the whole
-    image when None) and ``map_cells`` the kernel's cell fits (in turn when None).  ``variance_scales``: the
-    input stages' variance factors of these exposures (measured here when None).
+    image when None) and ``map_cells`` the kernel's cell fits (by default on the runner's threads:
+    :func:`~diffim_dag.stages.kernel_fit.cells_on`).  ``variance_scales``: the input stages' variance factors of
+    these exposures (measured here when None).  ``detection``: the science's kernel-source detection done
+    already (:func:`preconvolution_kernel_sources`).
 
     Returns
     -------
@@ -118,7 +124,7 @@ def preconvolved_score(science: Exposure, template: Exposure, *, config: Pipelin
     fit : KernelFitResult
         The pre-convolution kernel fit.
     """
-    from ..stages.kernel_fit import fit_psf_matching_kernel
+    from ..stages.kernel_fit import cells_on, fit_psf_matching_kernel
 
     metrics = {} if metrics is None else metrics
     runner = IN_TURN if runner is None else runner
@@ -159,12 +165,13 @@ def preconvolved_score(science: Exposure, template: Exposure, *, config: Pipelin
         filled_template = template.with_planes(image=t_fill)
 
     with timings.stage("kernel_fit"):
-        table = preconvolution_kernel_sources(science, template, config=config, sources=sources)
+        table = preconvolution_kernel_sources(science, template, config=config, sources=sources, detection=detection)
         # The S/N window and the isolation were applied on the original science; the fit re-checks
         # only what its wider stamps need (inside both images, unmasked, not saturated, point-like).
         pre_sources = dataclasses.replace(config.sources, min_snr=1e-6, max_snr=1e30, isolation_factor=0.0)
         fit = fit_psf_matching_kernel(pre_science, filled_template, mode=CONVOLVE_TEMPLATE, config=config.kernel,
-                                      source_config=pre_sources, sources=table[["x", "y"]], map_cells=map_cells)
+                                      source_config=pre_sources, sources=table[["x", "y"]],
+                                      map_cells=map_cells or cells_on(runner))
     solution = fit.solution
     kernel_sum = solution.kernel_sum_at_center()
     hk = solution.half_width
