@@ -235,23 +235,45 @@ def _take(prepared, role: str):
     return exposure
 
 
-def score_stage(al, inputs, config: PipelineConfig, runner=None, sources=None, detection=None):
-    """The ``("score", V, D)`` task of ``method: al-preconvolve``: the pre-convolution score of the pair
-    (:func:`~diffim_dag.stages.preconvolve.preconvolved_score`) beside the AL ``difference`` task's result
+@dataclass(eq=False)
+class Preconvolved:
+    """The ``preconvolve`` task's result: the pre-convolution score exposure, its metrics and wall time."""
+
+    score: object
+    metrics: dict
+    seconds: float
+
+    def __sizeof__(self) -> int:
+        from .stages.inputs import _nbytes
+
+        return 1024 + _nbytes(self.score)
+
+
+def preconvolve_stage(inputs, config: PipelineConfig, runner=None, sources=None, detection=None) -> Preconvolved:
+    """The ``("preconvolve", V, D)`` task of ``method: al-preconvolve``: the pre-convolution score of the pair
+    (:func:`~diffim_dag.stages.preconvolve.preconvolved_score`, with its own kernel fit), beside the AL stages
     (``detection``: the AL stages' ``kernel-detect`` result, when it is of this pair's science)."""
     from .stages.preconvolve import preconvolved_score
-    from .stages.zogy import ScoreSubtractionResult
 
     t0 = time.perf_counter()
-    metrics = {**al.metrics, "method": "al-preconvolve"}
+    metrics: dict = {}
     score, _ = preconvolved_score(inputs.science, inputs.template, config=config, runner=runner, sources=sources,
                                   metrics=metrics, variance_scales=getattr(inputs, "variance_scales", None),
                                   detection=detection)
-    metrics["timings_s"] = {**metrics.get("timings_s", {}), "preconvolve_score": time.perf_counter() - t0}
+    return Preconvolved(score, metrics, time.perf_counter() - t0)
+
+
+def score_stage(al, preconvolved: Preconvolved):
+    """The ``("score", V, D)`` task of ``method: al-preconvolve``: the AL ``difference`` task's result with the
+    ``preconvolve`` task's score (detection runs on the score, measurement on the AL difference)."""
+    from .stages.zogy import ScoreSubtractionResult
+
+    metrics = {**al.metrics, "method": "al-preconvolve", **preconvolved.metrics}
+    metrics["timings_s"] = {**metrics.get("timings_s", {}), "preconvolve_score": preconvolved.seconds}
     return ScoreSubtractionResult(
         difference=al.difference, matched_template=al.matched_template, matched_science=al.matched_science,
         mode=al.mode, kernel_fit=al.kernel_fit, decorrelation_kernel=al.decorrelation_kernel, metrics=metrics,
-        dia_sources=None, score=score)
+        dia_sources=None, score=preconvolved.score)
 
 
 def result_stage(result, catalog, injection, config: PipelineConfig, quality=None):
@@ -592,7 +614,9 @@ def _method_tasks(g: _Builder, config, grid: VisitGrid, inputs, *, runner=None, 
         # its science is the one the kernel-detect task detected on, and it is not detected again
         scored = pair if config.fakes.enabled else inputs
         detection = g.key("kernel-detect") if not config.fakes.enabled and g.key("kernel-detect") in g.dsk else None
-        return pair, g.task("score", (), score_stage, difference, scored, config, runner, sources, detection)
+        # (beside the AL stages: it needs the pair, not the AL kernel, and its serial parts fill the idle core)
+        g.task("preconvolve", (), preconvolve_stage, scored, config, runner, sources, detection)
+        return pair, g.task("score", (), score_stage, difference, g.key("preconvolve"))
     return pair, difference
 
 
@@ -644,7 +668,9 @@ def visit_graph(source, config, out_dir=None, *, visit: int | None = None, detec
     ``("decorrelate", V, D, ty, tx)``             decorrelate the tile (reads the neighbouring tiles' edges)
     ``("difference", V, D)``                      assemble the planes, scale the variance to the noise
     ``("quality", V, D)``                         the AL methods: residuals on the kernel stars, background left
-    ``("score", V, D)``                           ``al-preconvolve``: the pre-convolution score
+    ``("preconvolve", V, D)``                     ``al-preconvolve``: the pre-convolution score of the pair (its own
+                                                  kernel fit), beside the AL stages
+    ``("score", V, D)``                           ``al-preconvolve``: the AL difference with that score
     ``("subtract", V, D)``                        ``zogy``: D, P_D, S, S_corr
     ``("detect-prepare", V, D)``                  whole-image matched filter / significance
     ``("detect", V, D, ty, tx)``                  detect and measure the tile

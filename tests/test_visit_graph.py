@@ -132,15 +132,34 @@ def test_keys_name_stage_visit_detector_and_tile(spec, tmp_path):
     sv = visit_graph(spec, _config(spatially_varying=True), tmp_path)
     assert not _keys(sv, "decorrelate") and _keys(sv, "subtract")
     # ZOGY: one subtract task, then the same detection tiles, catalogue and write; al-preconvolve: the AL
-    # stages and a score task
+    # stages, the pre-convolution score (beside them: from the pair, not after the AL difference) and the score
+    # task that joins the two
     zg = visit_graph(spec, _config("zogy"), tmp_path)
     assert sorted({stage_of(k) for k in zg}) == ["catalog", "detect", "detect-prepare", "inputs", "result", "subtract",
                                                  "write"]
     assert _keys(zg, "subtract") == [("subtract", v, d)]
     assert len(_keys(zg, "detect")) == 9
     pc = visit_graph(spec, _config("al-preconvolve"), tmp_path)
-    assert {stage_of(k) for k in pc} == {stage_of(k) for k in dsk} | {"score"}
+    assert {stage_of(k) for k in pc} == {stage_of(k) for k in dsk} | {"preconvolve", "score"}
     assert _keys(pc, "score") == [("score", v, d)] and len(_keys(pc, "subtract")) == 9
+    (pre,) = [k for k in pc if stage_of(k) == "preconvolve"]
+    needs = {stage_of(k) for k in pc if k in _flat(pc[pre])}
+    assert needs == {"inputs"}
+    (score,) = [k for k in pc if stage_of(k) == "score"]
+    assert {stage_of(k) for k in pc if k in _flat(pc[score])} == {"difference", "preconvolve"}
+
+
+def _flat(task) -> list:
+    """Everything inside a task tuple: its arguments, and inside nested tuples and lists (a key is a tuple too)."""
+    out = []
+    for item in task if isinstance(task, (tuple, list)) else ():
+        if isinstance(item, list):
+            out.extend(_flat(item))
+        elif isinstance(item, tuple):
+            out += [item, *_flat(item)]
+        else:
+            out.append(item)
+    return out
 
 
 def test_a_batch_visit_equals_the_python_api(spec, inputs, tmp_path):

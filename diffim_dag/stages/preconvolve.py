@@ -35,6 +35,7 @@ from ..exposure import Exposure
 from ..kernels.decorrelate import clipped_mean_variance
 from ..kernels.maskops import dilate_mask, template_mask_for_difference
 from ..kernels.preconvolve import median_fill, preconvolution_kernel, score_correction_kernels
+from ..memory import release_freed_memory
 from ..kernels.solution import CONVOLVE_TEMPLATE
 from .inputs import Timings, _variance_scaled
 from .runner import IN_TURN
@@ -156,7 +157,9 @@ def preconvolved_score(science: Exposure, template: Exposure, *, config: Pipelin
     with timings.stage("preconvolve"):
         s_fill = median_fill(si, bad_s)
         t_fill = median_fill(ti, bad_t)
+        del bad_s, bad_t
         s_pre = runner.filter(s_fill, h_kernel, xy0=xy0)
+        del s_fill  # (each plane is let go once used: this task runs beside the AL tiles, a 4096² plane is 64 MB)
         v_pre = runner.filter(sv, h_kernel**2, xy0=xy0)
         m_pre = dilate_mask(sm, h_kernel.shape[0], skip_bits=skip_bits).astype(np.int32)
         pre_psf = ImagePsf(fftconvolve(psf_s, h_kernel, mode="full"), source="science PSF ⊗ pre-convolution kernel")
@@ -182,6 +185,8 @@ def preconvolved_score(science: Exposure, template: Exposure, *, config: Pipelin
             (s_pre, v_pre, m_pre), (t_fill, tv, tm_rules), solution, kernel_sum=kernel_sum, xy0=xy0,
             skip_bits=skip_bits, mode=CONVOLVE_TEMPLATE, subtract_background=config.subtract.subtract_background,
             shape=shape, half_width=hk + hh, edge_bit=planes["EDGE"])
+        del s_pre, v_pre, m_pre, pre_science, t_fill, filled_template, tm_rules
+        release_freed_memory()  # (the pre-convolved planes and the convolution's tiles, before the score's filters)
 
     with timings.stage("score_correction"):
         kernel = solution.kernel_at(*solution.center)
@@ -190,7 +195,9 @@ def preconvolved_score(science: Exposure, template: Exposure, *, config: Pipelin
         phi, c_science, c_template = score_correction_kernels(kernel, h_kernel, sigma_science2=ss2,
                                                               sigma_template2=st2)
         score_img = runner.filter(raw, phi, xy0=xy0)
-        score_var = runner.filter(sv, c_science**2, xy0=xy0) + runner.filter(tv, c_template**2, xy0=xy0)
+        del raw
+        score_var = runner.filter(sv, c_science**2, xy0=xy0)
+        score_var += runner.filter(tv, c_template**2, xy0=xy0)
     metrics["preconvolution"] = {
         "preconvolution_kernel_size": int(h_kernel.shape[0]),
         "kernel": {k: v for k, v in fit.diagnostics.items() if k != "timings_s"},
@@ -200,7 +207,8 @@ def preconvolved_score(science: Exposure, template: Exposure, *, config: Pipelin
         "variance_scale": scale_metrics,
         "timings_s": dict(timings),
     }
-    score = Exposure.from_arrays(score_img, np.maximum(score_var, 0).astype(np.float32), mask, xy0=xy0,
+    np.maximum(score_var, np.float32(0), out=score_var)  # (float32, as the filters give it)
+    score = Exposure.from_arrays(score_img, score_var, mask, xy0=xy0,
                                  mask_planes=planes, wcs=science.wcs, psf=pre_psf,
                                  info=science.info.replace(variance_source="propagated"), validate=False, copy=False)
     return score, fit
