@@ -48,7 +48,7 @@ from ..exposure import Exposure
 from ..kernels import zogy as zk
 from ..kernels.decorrelate import clipped_mean_variance
 from ..kernels.maskops import dilate_mask, edge_mask, has_bits, lacks_bits, template_mask_for_difference
-from ..memory import release_freed_memory
+from ..memory import map_on_threads, release_freed_memory
 from ..noise import MAX_STAT_SAMPLES, clipped_stats, row_strips
 from .photometry import aperture_flux_ratio
 from .verdict import background_left
@@ -119,7 +119,7 @@ class CellPsf(GridPsf):
 
 def fit_flux_ratio(science: Exposure, template: Exposure, *, min_snr: float = 30.0, match_radius: float = 1.0,
                    detection_threshold: float = 10.0, min_stars: int = 3,
-                   bad_mask_planes=("NO_DATA", "BAD", "SAT", "EDGE")) -> tuple[float, pd.DataFrame]:
+                   bad_mask_planes=("NO_DATA", "BAD", "SAT", "EDGE"), workers: int = 1) -> tuple[float, pd.DataFrame]:
     r"""Photometric ratio :math:`\kappa = F_n / F_r` from stars detected in both exposures.
 
     Stars are detected on each image (PSF-smoothed, ``detection_threshold`` σ), matched
@@ -127,7 +127,8 @@ def fit_flux_ratio(science: Exposure, template: Exposure, *, min_snr: float = 30
     :math:`2\,\max(\mathrm{FWHM}_n, \mathrm{FWHM}_r)` (≥ 99.9 % of a Gaussian's flux, so the
     ratio does not depend on the two PSFs) with a local sky annulus.  Stars with an aperture
     S/N ≥ ``min_snr`` in both and no masked pixel give ratios :math:`f_n / f_r`, whose 3σ-clipped
-    mean is κ.
+    mean is κ.  ``workers``: the two detections at once on that many threads (their mesh, FFTs and extraction
+    release the interpreter lock; the same tables).
 
     Returns
     -------
@@ -145,8 +146,7 @@ def fit_flux_ratio(science: Exposure, template: Exposure, *, min_snr: float = 30
     from .kernel_sources import detect_sources
 
     cfg = KernelSourceConfig(detection_threshold=float(detection_threshold), bad_mask_planes=tuple(bad_mask_planes))
-    ds = detect_sources(science, cfg)
-    dt = detect_sources(template, cfg)
+    ds, dt = map_on_threads(lambda exposure: detect_sources(exposure, cfg), [science, template], workers)
     cols = ["x", "y", "flux_science", "flux_template", "ratio", "used"]
     empty = pd.DataFrame({c: pd.Series(dtype=float if c != "used" else bool) for c in cols})
     if len(ds) and len(dt):
@@ -166,8 +166,10 @@ def fit_flux_ratio(science: Exposure, template: Exposure, *, min_snr: float = 30
     return ratio, stars if len(stars) else empty
 
 
-def flux_ratio(science: Exposure, template: Exposure, config: ZogyConfig) -> tuple[float, str, pd.DataFrame | None]:
-    """κ and where it came from: ``"config"``, ``"photo_calib"`` or ``"matched_stars"`` (with the star table)."""
+def flux_ratio(science: Exposure, template: Exposure, config: ZogyConfig,
+               workers: int = 1) -> tuple[float, str, pd.DataFrame | None]:
+    """κ and where it came from: ``"config"``, ``"photo_calib"`` or ``"matched_stars"`` (with the star table;
+    ``workers``: :func:`fit_flux_ratio`'s)."""
     if config.flux_ratio is not None:
         return float(config.flux_ratio), "config", None
     ps, pt = science.info.photo_calib, template.info.photo_calib
@@ -176,7 +178,7 @@ def flux_ratio(science: Exposure, template: Exposure, config: ZogyConfig) -> tup
     kappa, stars = fit_flux_ratio(science, template, min_snr=config.flux_ratio_min_snr,
                                   match_radius=config.flux_ratio_match_radius,
                                   detection_threshold=config.flux_ratio_detection_threshold,
-                                  min_stars=config.flux_ratio_min_stars)
+                                  min_stars=config.flux_ratio_min_stars, workers=workers)
     return kappa, "matched_stars", stars
 
 
@@ -412,7 +414,7 @@ def subtract_zogy(
                                                          variance_scales)
 
     with timings.stage("flux_ratio"):
-        kappa, origin, stars = flux_ratio(science, template, zogy_config)
+        kappa, origin, stars = flux_ratio(science, template, zogy_config, workers=int(runner.threads))
         metrics["zogy"] = {"flux_ratio": kappa, "flux_ratio_origin": origin}
         if stars is not None:
             metrics["zogy"]["flux_ratio_stars"] = int(stars["used"].sum())
