@@ -35,8 +35,8 @@ from ..exposure import Exposure
 from ..kernels.decorrelate import clipped_mean_variance
 from ..kernels.maskops import dilate_mask, template_mask_for_difference
 from ..kernels.preconvolve import median_fill, preconvolution_kernel, score_correction_kernels
-from ..memory import release_freed_memory
 from ..kernels.solution import CONVOLVE_TEMPLATE
+from ..memory import release_freed_memory
 from .inputs import Timings, _variance_scaled
 from .runner import IN_TURN
 from ..psf import ImagePsf
