@@ -73,6 +73,27 @@ def test_an_image_wide_footprint_and_no_blank_sky_are_bad():
     assert q["verdict"] == "bad_subtraction" and "only 10 of 100 sky sources" in q["verdict_reasons"][0]
 
 
+
+def test_sky_sources_are_judged_against_the_room_the_image_has():
+    """A small image holds fewer sky-source discs than asked for (a 256² stamp about 40 of a 39-px PSF): half of
+    that room is what is asked of it, not half of the 100 requested; footprints over the blank sky still fail."""
+    room = dict(GOOD, dia_sources={"sky_source_room": 41})
+    q = _judge(room, _catalog([30], 37))
+    assert q["verdict"] == "ok" and q["checks"]["sky_sources"]["limit"] == 20.5, q["verdict_reasons"]
+    q = _judge(room, _catalog([30], 12))
+    assert q["verdict"] == "bad_subtraction" and "only 12 of 41 sky sources" in q["verdict_reasons"][0]
+
+
+def test_a_small_clean_subtraction_is_not_judged_bad_for_its_size():
+    """The simulated 160² pair (a clean subtraction) has room for fewer than 50 sky sources; the run says so and
+    its verdict stays good."""
+    pair = simulate_pair(SimConfig(**{**BASE, "size": 160, "n_stars": 60}, sky_subtracted=True))
+    result = subtract(pair.science, pair.template, detect=True)
+    assert result.metrics["quality"]["verdict"] == "ok", result.metrics["quality"]["verdict_reasons"]
+    ds = result.metrics["dia_sources"]
+    assert ds["sky_source_room"] < 50 and ds["n_sky_sources"] >= 0.5 * ds["sky_source_room"]
+
+
 BASE = dict(size=512, seed=31, psf_profile="moffat", moffat_beta=3.5, science_fwhm=3.7, template_fwhm=2.7,
             n_stars=650, n_cosmic_rays=0, n_bad_columns=0)
 

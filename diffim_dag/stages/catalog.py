@@ -117,6 +117,7 @@ def catalog_stage(inputs, detected) -> CatalogStage:
         "n_negative": int(real["is_negative"].sum()),
         "n_dipoles": int(real["is_dipole"].sum()) if "is_dipole" in real else None,
         "n_sky_sources": int(dia_sources["sky_source"].sum()),
+        "sky_source_room": dia_sources.attrs.get("sky_source_room"),
         "systematic_fraction": dia_sources.attrs.get("systematic_fraction"),
         "significance_stdev": dia_sources.attrs.get("significance_stdev"),
     }}

@@ -751,7 +751,9 @@ def finish_catalog(inputs: DetectionInputs, results: Sequence[TileResult]) -> pd
     Returns
     -------
     pandas.DataFrame
-        Columns :data:`DIA_SOURCE_COLUMNS`; ``attrs["n_dia_sources"]`` counts the real sources.
+        Columns :data:`DIA_SOURCE_COLUMNS`; ``attrs["n_dia_sources"]`` counts the real sources,
+        ``attrs["sky_source_room"]`` the sky sources the image has room for with no source on it (the ones asked
+        for, or fewer on a small image).
     """
     config, planes, psf = inputs.config, inputs.mask_planes, inputs.psf
     img, var, msk = inputs.image, inputs.variance, inputs.mask
@@ -766,10 +768,21 @@ def finish_catalog(inputs: DetectionInputs, results: Sequence[TileResult]) -> pd
     if config.n_sky_sources > 0:
         fpm = det.footprint_mask(stitched.footprints, inputs.shape, origin=(x0, y0))
         bad = has_bits(msk, bits_of(planes, list(config.bad_peak_mask_planes)))
-        xy = place_sky_sources(
-            config.n_sky_sources, fpm, bad, avoid_radius=inputs.psf_image.shape[0] // 2, origin=(x0, y0),
-            seed=config.sky_source_seed, source_xy=cat[["x", "y"]].to_numpy() if len(cat) else None,
-        )
+        place = dict(avoid_radius=inputs.psf_image.shape[0] // 2, origin=(x0, y0), seed=config.sky_source_seed)
+        sources = cat[["x", "y"]].to_numpy() if len(cat) else None
+        xy = place_sky_sources(config.n_sky_sources, fpm, bad, source_xy=sources, warn=False, **place)
+        sky_room = len(xy)
+        if sky_room < config.n_sky_sources:
+            # how many the image holds with no source on it: a small image (a 256² stamp, a sky-source disc of the
+            # PSF's size) has room for fewer than asked, which says nothing about the sources covering it
+            blank = place_sky_sources(config.n_sky_sources, np.zeros_like(fpm), bad, warn=False, **place)
+            sky_room = max(sky_room, len(blank))
+            if len(xy) < sky_room:
+                log.warning("placed only %d of %d sky sources: footprints cover the rest of the blank sky (room for "
+                            "%d without them)", len(xy), config.n_sky_sources, sky_room)
+            else:
+                log.info("placed %d of %d sky sources: the image has room for no more (discs of %d px radius)",
+                         len(xy), config.n_sky_sources, place["avoid_radius"])
         if len(xy):
             sky = measure_sources(img, var, msk, psf, x=xy[:, 0], y=xy[:, 1], origin=(x0, y0), mask_planes=planes,
                                   fit_centroid=False, aperture_radius=config.aperture_radius)
@@ -792,6 +805,7 @@ def finish_catalog(inputs: DetectionInputs, results: Sequence[TileResult]) -> pd
     out = _conform(out)
     n_real = int((~out["sky_source"]).sum())
     out.attrs["n_dia_sources"] = n_real
+    out.attrs["sky_source_room"] = sky_room if config.n_sky_sources > 0 else 0
     out.attrs["significance_stdev"] = inputs.significance_stdev
     out.attrs["systematic_fraction"] = None if inputs.systematic is None else inputs.systematic["fraction"]
     if n_real == 0:

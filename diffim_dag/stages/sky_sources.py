@@ -23,6 +23,7 @@ def place_sky_sources(
     seed: int = 0,
     source_xy: np.ndarray | None = None,
     max_tries: int = 200,
+    warn: bool = True,
 ) -> np.ndarray:
     """``n`` parent positions ``(x, y)`` on blank sky.
 
@@ -37,7 +38,7 @@ def place_sky_sources(
     blank sky is most of a difference image). When fewer than ``n`` were accepted after
     ``max_tries·n`` draws, or the sampling acceptance is below 1 %, the exact map of allowed
     centres is built (distance transform) and draws continue from it only. Fewer than ``n``
-    positions come back, with a warning, when the image has no more room.
+    positions come back, with a warning (``warn``), when the image has no more room.
     """
     ny, nx = footprints_mask.shape
     r = int(avoid_radius)
@@ -113,7 +114,7 @@ def place_sky_sources(
                 accept(np.array([iy]), np.array([ix]))
                 if len(placed) == n:
                     break
-    if len(placed) < n:
+    if len(placed) < n and warn:
         log.warning("placed only %d of %d sky sources (no more blank sky)", len(placed), n)
     out = np.asarray([(px + origin[0], py + origin[1]) for py, px in placed], dtype=np.float64)
     return out.reshape(-1, 2)
