@@ -234,10 +234,17 @@ def _cmd_subtract(args) -> int:
                 for name in ("hdu", "psf", "variance", "noise", "weight", "mask")}
 
     # each file is read by its own task of the visit's graph, both at once (and on the workers with --scheduler)
-    lines = subtract_files(args.science, args.template, config=config, out_dir=out,
-                           science_options=options("science"), template_options=options("template"),
-                           template_store=args.template_store, warp=False if args.no_warp else None,
-                           scheduler=args.scheduler, plots=args.plots)
+    try:
+        lines = subtract_files(args.science, args.template, config=config, out_dir=out,
+                               science_options=options("science"), template_options=options("template"),
+                               template_store=args.template_store, warp=False if args.no_warp else None,
+                               scheduler=args.scheduler, plots=args.plots)
+    except DiffimError as exc:
+        # a failure of the pair itself (too few kernel sources or stars) names neither file: the line says which
+        pair = [str(args.science), str(args.template or args.template_store)]
+        if not any(name in str(exc) for name in pair):
+            raise DiffimError(f"{pair[0]} − {pair[1]}: {exc}") from None
+        raise
     for line in lines:
         print(line)
     return 0

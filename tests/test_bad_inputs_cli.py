@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 from astropy.io import fits
@@ -120,6 +121,30 @@ def _moved_template(pair: Path, folder: Path) -> Path:
                 hdu.header["CRVAL1"] += 1.0
         hdul.writeto(far)
     return far
+
+
+def test_a_pair_too_sparse_to_subtract_names_both_files(tmp_path):
+    """Two 96² frames with two stars each and no header beyond the data (an alert stamp): no WCS and too few
+    stars to register by, so they are taken as one grid; then too few kernel sources.  The one line names both
+    files (the failure is the pair's, not a file's)."""
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[:96, :96]
+    paths = []
+    for name in ("sci.fits", "tmpl.fits"):
+        img = 1000.0 + rng.normal(0.0, 10.0, (96, 96))
+        for x, y in ((30.0, 40.0), (70.0, 60.0)):
+            img += 20000.0 * np.exp(-0.5 * ((xx - x) ** 2 + (yy - y) ** 2) / 1.7**2) / (2 * np.pi * 1.7**2)
+        fits.PrimaryHDU(img.astype(np.float32)).writeto(tmp_path / name)
+        paths.append(tmp_path / name)
+    out = tmp_path / "out"
+    proc = run_cli("subtract", *paths, "--out", out)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in text, text[-3000:]
+    error = text.strip().splitlines()[-1]  # (after the warnings: one grid assumed, Moffat PSFs from 2 stars)
+    assert error.startswith("diffim-dag subtract: error:") and "kernel source" in error, text
+    assert "sci.fits" in error and "tmpl.fits" in error, error
+    assert "taken as one pixel grid" in text
+    assert not out.exists() or not any(out.iterdir())
 
 
 def test_template_off_the_science_footprint_is_named_before_warping(small, tmp_path):

@@ -12,6 +12,7 @@ import pytest
 from astropy.io import fits
 
 from diffim_dag import GaussianPsf
+from diffim_dag.errors import InputError
 from diffim_dag.kernels.warp import AffineMapping, WcsMapping
 from diffim_dag.noise import robust_std
 from diffim_dag.pipeline import subtract_exposures
@@ -99,6 +100,32 @@ def test_registration_without_wcs_shift_and_rotation(pair, aligned):
     result = subtract_exposures(science_nowcs, warped, detect=True)
     ratio = _noise_ratio(result, aligned[1], pair.truth)
     assert abs(ratio - 1) < 0.10, f"noise std ratio {ratio:.3f}"
+
+
+def _stamp(n: int, stars, seed: int):
+    """An ``n``² exposure of sky noise with Gaussian stars at ``stars`` [(x, y, flux)], no WCS."""
+    from diffim_dag import Exposure
+    from diffim_dag.sim import add_sources
+
+    img = np.random.default_rng(seed).normal(0.0, 5.0, (n, n))
+    xs, ys, fs = (np.array(c, dtype=float) for c in zip(*stars)) if stars else (np.zeros(0),) * 3
+    add_sources(img, xs, ys, fs, GaussianPsf(1.5))
+    return Exposure.from_arrays(img.astype(np.float32), np.full((n, n), 25.0, np.float32), None)
+
+
+def test_frames_without_wcs_or_stars_to_register_are_taken_as_one_grid(caplog):
+    """Two same-size frames with no WCS and fewer than 3 stars (an alert stamp, a sparse field) are taken as one
+    pixel grid, as HOTPANTS takes its inputs, with a warning that says so; frames of different sizes cannot be,
+    and the error names both."""
+    stars = [(20.0, 30.0, 4000.0), (60.0, 45.0, 6000.0)]
+    science, template = _stamp(80, stars, 1), _stamp(80, stars, 2)
+    with caplog.at_level("WARNING"):
+        out, metrics = prepare_template(science, template)
+    assert not metrics["warped"] and metrics["registration"].startswith("none") and metrics["coverage"] == 1.0
+    np.testing.assert_array_equal(out.arrays()[0], template.arrays()[0])
+    assert "taken as one pixel grid" in caplog.text
+    with pytest.raises(InputError, match=r"cannot register template .* on science .*: no WCS and too few stars"):
+        prepare_template(science, _stamp(96, stars, 3))
 
 
 # ------------------------------------------------------------------------------------ wrong WCS
