@@ -300,3 +300,21 @@ def test_quality_metrics_flag_bad_subtraction():
     bad = subtract_exposures(broad, template, config=bad_cfg)
     q = bad.metrics["quality"]
     assert q["footprint_residual_ratio_mean"] > good.metrics["quality"]["footprint_residual_ratio_mean"]
+
+
+def test_a_variance_far_from_the_noise_is_named_by_where_it_came_from():
+    """A variance 20× below the pixel noise stops the run; the message names the file's VARIANCE plane, or the
+    variance the reader built from the image (a coadd's sky and noise give no photon gain), and the factor."""
+    from diffim_dag.errors import InputError
+    from diffim_dag.stages.inputs import input_variance_scale
+
+    rng = np.random.default_rng(2)
+    img = rng.normal(0.0, 10.0, (200, 200)).astype(np.float32)
+    exp = Exposure.from_arrays(img, np.full(img.shape, 5.0, np.float32), None,
+                               info=ExposureInfo(filename="ref.fits"))
+    with pytest.raises(InputError, match=r"template \(ref.fits\): VARIANCE plane disagrees .* factor (19|20)\.\d"):
+        input_variance_scale(exp.with_info(variance_source="VARIANCE plane"), PipelineConfig(), "template")
+    built = exp.with_info(variance_source="measured_sky+effective_gain (g=33.6)")
+    with pytest.raises(InputError, match=r"its variance \(built from measured_sky\+effective_gain \(g=33.6\)\) "
+                                         r"disagrees with the measured noise by a factor (19|20)\.\d"):
+        input_variance_scale(built, PipelineConfig(), "template")

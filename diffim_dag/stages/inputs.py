@@ -102,9 +102,11 @@ def input_variance_scale(exposure: Exposure, config: PipelineConfig, role: str) 
     :class:`~diffim_dag.errors.InputError` when it is beyond ``subtract.max_variance_scale``."""
     img, var, msk = exposure.arrays()
     bad = has_bits(msk, exposure.mask_planes.bitmask(["NO_DATA", "BAD", "SAT"]))
-    return st.measure_variance_scale(
-        img, var, bad, source=f"{role} ({exposure.info.filename or 'in memory'})", max_scale=config.subtract.max_variance_scale
-    )
+    how = exposure.info.variance_source
+    # a plane the file did not carry is the one built from the image's own noise: the message says which
+    plane = "VARIANCE plane" if how in (None, "VARIANCE plane") else f"its variance (built from {how})"
+    return st.measure_variance_scale(img, var, bad, source=f"{role} ({exposure.info.filename or 'in memory'})",
+                                     max_scale=config.subtract.max_variance_scale, plane=plane)
 
 
 def _variance_scaled(exposure: Exposure, config: PipelineConfig, role: str, metrics: dict,

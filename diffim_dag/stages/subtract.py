@@ -120,7 +120,7 @@ def _source_free_chi(image, variance, good) -> np.ndarray:
 
 
 def measure_variance_scale(image: np.ndarray, variance: np.ndarray, bad: np.ndarray, *, source: str,
-                           max_scale: float = 10.0, workers: int = 1) -> float:
+                           max_scale: float = 10.0, workers: int = 1, plane: str = "VARIANCE plane") -> float:
     r"""Ratio of the measured pixel noise to the declared variance, outside sources.
 
     ``factor = σ_clipped[(I − B) / √V]²`` over good pixels, with B the mesh
@@ -128,7 +128,7 @@ def measure_variance_scale(image: np.ndarray, variance: np.ndarray, bad: np.ndar
     as LSST's ScaleVarianceTask excludes DETECTED pixels.  Large images are measured on
     16 windows of 512² spread over the frame (4M pixels pin the factor to < 0.1%).
     A factor above ``max_scale`` (or below 1/max_scale) means the variance plane is not
-    usable: :class:`InputError`.  ``workers`` threads measure the windows (their backgrounds and whole-window
+    usable: :class:`InputError` (``plane`` names it there).  ``workers`` threads measure the windows (their backgrounds and whole-window
     NumPy passes release the GIL); the values, joined in window order, are the same whatever their number.
     """
 
@@ -144,7 +144,7 @@ def measure_variance_scale(image: np.ndarray, variance: np.ndarray, bad: np.ndar
     factor = float(std**2)
     if not np.isfinite(factor) or factor > max_scale or factor < 1.0 / max_scale:
         raise InputError(
-            f"{source}: VARIANCE plane disagrees with the measured noise by a factor {factor:.3g} "
+            f"{source}: {plane} disagrees with the measured noise by a factor {factor:.3g} "
             f"(limit {max_scale:g}); refusing to rescale it"
         )
     return factor
