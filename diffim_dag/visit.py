@@ -451,6 +451,13 @@ def _quality_task(result, config, after=()):
     return quality_stage(result, config)
 
 
+def _input_noise_task(prepared, index: int, after=()):
+    """The ``input-noise`` task (``after``: tasks it waits for, unused)."""
+    from .stages.al import input_noise_stage
+
+    return input_noise_stage(prepared, index)
+
+
 def _kernel_sources_task(prepared, config, sources, detection=None):
     from .stages.al import kernel_sources_stage
 
@@ -563,8 +570,10 @@ def _al_tasks(g: _Builder, config, grid: VisitGrid, inputs, *, sources=None, in_
     g.task("kernel-sources", (), _kernel_sources_task, prepared, config, sources, detection)
     for i in range(grid.cells):
         g.task("fit-cell", (i,), _fit_cells_task, g.key("kernel-sources"), i, grid.cells)
-    # the inputs' noise needs no kernel: measured beside the source selection and the cell fits
-    noise = [g.task("input-noise", (i,), al.input_noise_stage, prepared, i) for i in range(2)]
+    # the inputs' noise needs no kernel: measured beside the source selection and the cell fits (in process, once
+    # the science's source detection is done: beside it, the three tasks on two cores slowed the kernel fit's way)
+    after = [detection] if detection is not None else []
+    noise = [g.task("input-noise", (i,), _input_noise_task, prepared, i, after) for i in range(2)]
     kernel = g.task("spatial-solve", (), al.spatial_solve_stage, prepared, g.key("kernel-sources"),
                     [g.key("fit-cell", i) for i in range(grid.cells)], config, noise)
     pair = prepared
