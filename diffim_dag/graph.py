@@ -246,8 +246,9 @@ def lazy_parquet(path):
     return dd.read_parquet(str(path))
 
 
-def compute(*collections, client=None):
-    """Compute on ``client`` when given, else with the threaded scheduler.
+def compute(*collections, client=None, threads: int | None = None):
+    """Compute on ``client`` when given, else with the threaded scheduler (``threads``: its threads, one per core
+    by default).
 
     Without a client, arrays are stored tile by tile into preallocated numpy arrays
     (``da.store``), so no output is ever held twice (chunk list + concatenation).
@@ -257,11 +258,12 @@ def compute(*collections, client=None):
     if client is not None:
         futures = client.compute(list(collections))
         return tuple(client.gather(futures))
+    n = int(threads) if threads else _cores()
     if all(isinstance(c, da.Array) for c in collections):
         targets = [np.empty(c.shape, dtype=c.dtype) for c in collections]
-        da.store(list(collections), targets, lock=False, scheduler=_THREADS, num_workers=_cores())
+        da.store(list(collections), targets, lock=False, scheduler=_THREADS, num_workers=n)
         return tuple(targets)
-    return dask.compute(*collections, scheduler=_THREADS, num_workers=_cores())
+    return dask.compute(*collections, scheduler=_THREADS, num_workers=n)
 
 
 def tile_mapper(client=None, *, prefix: str = "detect-measure"):
@@ -280,12 +282,16 @@ def tile_mapper(client=None, *, prefix: str = "detect-measure"):
 
 class TileRunner:
     """The :mod:`diffim_dag.stages.runner` interface on Dask: each tile or cell one task, on ``client`` (the
-    threaded scheduler in this process when None).  The orchestration builds it and hands it to a stage as
-    ``runner=``; the stage never sees the client."""
+    threaded scheduler in this process when None, on ``threads`` threads: one per core by default).  The
+    orchestration builds it and hands it to a stage as ``runner=``; the stage never sees the client.
 
-    def __init__(self, client=None, *, tile_size: int | tuple[int, int]):
+    A task on a cluster's worker gets one with ``threads`` its worker's: the same tiles, so the same bits as the
+    command line's run (one thread: the tiles in turn, the cells in turn without a graph)."""
+
+    def __init__(self, client=None, *, tile_size: int | tuple[int, int], threads: int | None = None):
         self.client = client
         self.tile_size = tile_size
+        self._threads = int(threads) if threads and client is None else None
 
     @property
     def distributed(self) -> bool:
@@ -293,6 +299,8 @@ class TileRunner:
 
     @property
     def threads(self) -> int:
+        if self._threads:
+            return self._threads
         if self.client is not None:
             try:
                 return int(sum(self.client.nthreads().values())) or 1
@@ -302,14 +310,17 @@ class TileRunner:
 
     @property
     def fft_workers(self) -> int:
-        return 1 if self.client is not None else (os.cpu_count() or 1)
+        return 1 if self.client is not None else (os.cpu_count() or 1)  # (as InTurn's: the same on a worker)
 
     def map(self, function, tasks, *, prefix: str = "task"):
+        if self._threads == 1:
+            return [function(t) for t in tasks]
         return tile_mapper(self.client, prefix=prefix)(function, tasks)
 
     def filter(self, image, kernel, *, xy0):
         d = planes_to_dask(image, image, image, self.tile_size)[0]
-        (out,) = compute(filter_tiles(d, kernel, half_width=kernel.shape[0] // 2, xy0=xy0), client=self.client)
+        (out,) = compute(filter_tiles(d, kernel, half_width=kernel.shape[0] // 2, xy0=xy0), client=self.client,
+                         threads=self._threads)
         return np.asarray(out, dtype=np.float32)
 
     def convolve_difference(self, science, template, solution, *, kernel_sum, xy0, skip_bits: int, **common):
@@ -317,7 +328,7 @@ class TileRunner:
         s_d = planes_to_dask(*science, self.tile_size)
         conv = convolve_tiles(*t_d, solution, half_width=solution.half_width, xy0=xy0, skip_bits=skip_bits)
         diff_d = difference_tiles(s_d, conv, kernel_sum=kernel_sum, background_solution=solution, xy0=xy0, **common)
-        return compute(*diff_d, client=self.client)
+        return compute(*diff_d, client=self.client, threads=self._threads)
 
 
 # --------------------------------------------------------------------------- the graph of one (visit, detector)

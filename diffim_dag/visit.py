@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import PipelineConfig
-from .graph import (Fused, run_fused, run_in_turn, run_stage, run_stage_keeping_freed, run_stage_keeping_freed_below,
-                    task_key, write_key)
+from .graph import (Fused, TileRunner, run_fused, run_in_turn, run_stage, run_stage_keeping_freed,
+                    run_stage_keeping_freed_below, task_key, write_key)
 from .io.outputs import temporary_name
 from .manifest import VisitSpec
 from .visit_outputs import verify_outputs, write_planes_stage, write_set_task, write_stage
@@ -768,6 +768,10 @@ def visit_graph(source, config, out_dir=None, *, visit: int | None = None, detec
                               warp=warp, workers=workers, psfs=psfs, template_store=template_store)
         g.dsk[inputs] = (run_fused, Fused(sub.dsk, inputs))
     # in process, the graph's own input stages (not exposures handed in, which are the caller's) feed one task
+    if runner is None and not in_process and config.method != "al":
+        # on a worker the score methods' tiles and cells run on its threads, cut as the command line's run cuts
+        # them: the same bits (the whole-image filters of a runner-less stage differ in FFT rounding)
+        runner = TileRunner(None, tile_size=config.subtract.tile_size, threads=config.cluster.threads_per_worker)
     pair, result = _method_tasks(g, config, grid, inputs, runner=runner, sources=sources, in_process=in_process,
                                  consume=in_process and prepared is None)
     catalog = injection = None
