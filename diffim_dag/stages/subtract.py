@@ -128,8 +128,9 @@ def measure_variance_scale(image: np.ndarray, variance: np.ndarray, bad: np.ndar
     as LSST's ScaleVarianceTask excludes DETECTED pixels.  Large images are measured on
     16 windows of 512² spread over the frame (4M pixels pin the factor to < 0.1%).
     A factor above ``max_scale`` (or below 1/max_scale) means the variance plane is not
-    usable: :class:`InputError` (``plane`` names it there).  ``workers`` threads measure the windows (their backgrounds and whole-window
-    NumPy passes release the GIL); the values, joined in window order, are the same whatever their number.
+    usable: :class:`InputError` (``plane`` names it there).  ``workers`` threads measure the windows (their
+    backgrounds and whole-window NumPy passes release the GIL); the values, joined in window order, are the same
+    whatever their number.
     """
 
     def window_chi(w):
