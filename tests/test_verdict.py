@@ -82,6 +82,9 @@ def test_sky_sources_are_judged_against_the_room_the_image_has():
     assert q["verdict"] == "ok" and q["checks"]["sky_sources"]["limit"] == 20.5, q["verdict_reasons"]
     q = _judge(room, _catalog([30], 12))
     assert q["verdict"] == "bad_subtraction" and "only 12 of 41 sky sources" in q["verdict_reasons"][0]
+    none = dict(GOOD, dia_sources={"sky_source_room": 0})  # a stamp with no room for one: not judged
+    assert _judge(none, _catalog([], 0))["verdict"] == "ok"
+    assert _judge(GOOD, _catalog([], 0))["verdict"] == "bad_subtraction"
 
 
 def test_a_small_clean_subtraction_is_not_judged_bad_for_its_size():
