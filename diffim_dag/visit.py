@@ -444,18 +444,16 @@ def _alone_threads(alone: bool) -> int:
     return (os.cpu_count() or 1) if alone else 1
 
 
-def _quality_task(result, config, after=()):
-    """The ``quality`` task (``after``: tasks it waits for, unused)."""
+def _quality_task(result, config):
     from .stages.al import quality_stage
 
     return quality_stage(result, config)
 
 
-def _input_noise_task(prepared, index: int, after=()):
-    """The ``input-noise`` task (``after``: tasks it waits for, unused)."""
-    from .stages.al import input_noise_stage
-
-    return input_noise_stage(prepared, index)
+def _after(waited: list, function, *args):
+    """``function(*args)`` once the tasks ``waited`` for are done (their results are not used): a task placed
+    where a core is idle (:meth:`_Builder.task`'s ``after``)."""
+    return function(*args)
 
 
 def _kernel_sources_task(prepared, config, sources, detection=None):
@@ -505,9 +503,12 @@ class _Builder:
     def key(self, stage, *index):
         return task_key(stage, self.v, self.d, *index, run_id=self.run_id)
 
-    def task(self, stage, index, function, *args):
+    def task(self, stage, index, function, *args, after=()):
         """Add task ``(stage, *index)``: its body keeps the memory it frees (a :attr:`keep_freed` stage), hands it
-        back above the resident size :attr:`keep_below`, or (:func:`~diffim_dag.graph.run_stage`) hands it back."""
+        back above the resident size :attr:`keep_below`, or (:func:`~diffim_dag.graph.run_stage`) hands it back.
+        ``after``: keys of tasks it waits for without using their results."""
+        if after:
+            function, args = _after, (list(after), function, *args)
         if stage in self.keep_freed:
             runner = (run_stage_keeping_freed,)
         elif self.keep_below is not None:
@@ -573,7 +574,7 @@ def _al_tasks(g: _Builder, config, grid: VisitGrid, inputs, *, sources=None, in_
     # the inputs' noise needs no kernel: measured beside the source selection and the cell fits (in process, once
     # the science's source detection is done: beside it, the three tasks on two cores slowed the kernel fit's way)
     after = [detection] if detection is not None else []
-    noise = [g.task("input-noise", (i,), _input_noise_task, prepared, i, after) for i in range(2)]
+    noise = [g.task("input-noise", (i,), al.input_noise_stage, prepared, i, after=after) for i in range(2)]
     kernel = g.task("spatial-solve", (), al.spatial_solve_stage, prepared, g.key("kernel-sources"),
                     [g.key("fit-cell", i) for i in range(grid.cells)], config, noise)
     pair = prepared
@@ -786,8 +787,9 @@ def visit_graph(source, config, out_dir=None, *, visit: int | None = None, detec
     # the AL methods' residual metrics: beside detection (the verdict needs them, detection does not); in process
     # after the matched filter, which has every core, beside the per-source fits that leave one idle (4096²: faster
     # in 7 of 10 interleaved pairs, median 0.11 s; the same outputs)
-    quality = None if config.method == "zogy" else g.task("quality", (), _quality_task, g.key("difference"), config,
-                                                          [g.key("detect-prepare")] if detect and in_process else [])
+    quality = None if config.method == "zogy" else g.task(
+        "quality", (), _quality_task, g.key("difference"), config,
+        after=[g.key("detect-prepare")] if detect and in_process else ())
     final = g.task("result", (), result_stage, result, catalog, injection, config, quality)
     if out is not None and output == "visit":
         g.dsk[write_key(v, d, run_id)] = (write_stage, spec, config, out, run_id, final)

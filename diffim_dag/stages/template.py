@@ -460,16 +460,16 @@ def _stars_in(img, bad, sat, saturation, *, max_stars: int, min_snr: float, binn
 
 
 def register_exposures(science: Exposure, template: Exposure, *, guess: AffineMapping | None = None,
-                       kind: str = "affine", match_radius: float = 2.0) -> StarMatch:
-    """Fit the affine mapping science parent pixel → template parent pixel from matched star lists.
+                       kind: str = "affine", match_radius: float = 2.0, stars=None) -> StarMatch:
+    """Fit the affine mapping science parent pixel → template parent pixel from matched star lists (``stars``:
+    the two lists of :func:`_stars`, when the caller has them).
 
     Raises
     ------
     InputError
         If too few stars match (the message says how many).
     """
-    s = _stars(science)
-    t = _stars(template)
+    s, t = stars if stars is not None else (_stars(science), _stars(template))
     return match_star_lists(s, t, kind=kind, guess=guess, match_radius=match_radius)
 
 
@@ -736,7 +736,7 @@ def prepare_template(
             raise InputError(f"cannot register {names}: no WCS and too few stars ({len(s_stars)} and "
                              f"{len(t_stars)}, need 3 each); give both frames a WCS, or the same size and --no-warp")
         try:
-            reg = match_star_lists(s_stars, t_stars, kind="affine", match_radius=2.0)
+            reg = register_exposures(science, template, stars=(s_stars, t_stars))
         except InputError as exc:
             raise InputError(f"cannot register {names} by their stars (no WCS): {exc}") from None
         metrics.update(registration="stars", registration_rms_px=reg.rms, registration_n_matched=reg.n_matched,
