@@ -127,8 +127,9 @@ def main(argv=None) -> int:
             running = sorted({stage for stage, a, b, *_ in tasks if a < tb and b > ta})
             print(f"{ta:>6.1f} {(cb - ca) / (tb - ta):>5.2f} {rb:>5.2f}  {' '.join(running)}")
         in_tasks = sum(u + s for _, _, _, u, s, _ in tasks)
-        print(f"\nwall {wall:.2f} s, CPU {cpu:.2f} s ({cpu / wall:.2f} cores of {cores}); idle {cores * wall - cpu:.2f} "
-              f"core-s; CPU in the tasks' own threads {in_tasks:.2f} s, outside them {cpu - in_tasks:.2f} s; "
+        print(f"\nwall {wall:.2f} s, CPU {cpu:.2f} s ({cpu / wall:.2f} cores of {cores}); "
+              f"idle {cores * wall - cpu:.2f} core-s; "
+              f"CPU in the tasks' own threads {in_tasks:.2f} s, outside them {cpu - in_tasks:.2f} s; "
               f"peak resident {max((s[2] for s in samples), default=0.0):.2f} GiB")
         sys.stdout.flush()
 
