@@ -1,6 +1,6 @@
 """Memory and threads of the process: freed memory handed back to the system, OpenBLAS's idle threads put to
-sleep, the command line's allocator settings and garbage-collector freeze, and the one helper that maps work
-over threads in order (pure Python; no Dask, no NumPy)."""
+sleep, the command line's allocator settings and garbage-collector freeze, and the helpers that map work over
+threads in order or start it beside the caller's (pure Python; no Dask, no NumPy)."""
 from __future__ import annotations
 
 import contextlib
@@ -9,7 +9,7 @@ import os
 import sys
 
 __all__ = ["release_freed_memory", "resident_bytes", "reuse_freed_memory", "small_pages_for_arrays",
-           "quiet_idle_blas_threads", "imported_out_of_collection", "map_on_threads"]
+           "quiet_idle_blas_threads", "imported_out_of_collection", "map_on_threads", "started_on_thread"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -169,3 +169,18 @@ def map_on_threads(function, items, workers: int = 1):
 
     with ThreadPoolExecutor(max_workers=min(int(workers), len(items)), thread_name_prefix="diffim-map") as pool:
         yield from pool.map(function, items)
+
+
+def started_on_thread(function, start: bool = True):
+    """``function()`` begun on a thread of its own, for work that can go on beside the caller's: returns a callable
+    that waits for it and gives its result (or raises its exception).  ``start=False``: run here and now (an
+    exception is raised here), for a caller with one core to itself."""
+    if not start:
+        result = function()
+        return lambda: result
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffim-beside")
+    future = pool.submit(function)
+    pool.shutdown(wait=False)  # (its one thread ends with the function)
+    return future.result

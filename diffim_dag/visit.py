@@ -414,10 +414,10 @@ def _window_task(prepared, kernel, config, ty: int, tx: int, nty: int, ntx: int)
     return window_stage(prepared, kernel, list(cores))
 
 
-def _subtract_task(window, kernel, config, workers: int = 1):
+def _subtract_task(window, kernel, config, workers: int = 1, planes=None):
     from .stages.al import subtract_tiles_stage
 
-    return subtract_tiles_stage(window, kernel, config, workers=workers)
+    return subtract_tiles_stage(window, kernel, config, workers=workers, planes=planes)
 
 
 def _merge(dicts) -> dict:
@@ -427,10 +427,18 @@ def _merge(dicts) -> dict:
     return out
 
 
-def _decorrelate_task(window, kernel, neighbours: list):
+def _decorrelate_task(window, kernel, neighbours: list, planes=None):
     from .stages.al import decorrelate_tiles_stage
 
-    return decorrelate_tiles_stage(window, kernel, _merge(neighbours))
+    return decorrelate_tiles_stage(window, kernel, _merge(neighbours), planes)
+
+
+def _tile_planes_task(prepared):
+    """The ``tile-planes`` task of the in-process run: the difference's whole planes, which its tile tasks write
+    their cores into (:class:`~diffim_dag.stages.subtract.TilePlanes`)."""
+    from .stages.subtract import TilePlanes
+
+    return TilePlanes(prepared.science.bbox)
 
 
 def _difference_task(prepared, kernel, config, tiles: list, consume: bool, workers: int = 1):
@@ -585,12 +593,16 @@ def _al_tasks(g: _Builder, config, grid: VisitGrid, inputs, *, sources=None, in_
     # in process, a single tile task (an image of one tile) has the machine to itself: its image's and variance's
     # convolutions run at once
     workers = _alone_threads(in_process and len(tiles) == 1)
+    tiled_decorrelation = config.decorrelation.enabled and not config.decorrelation.spatially_varying
+    # in process the tile tasks write their cores into the difference's whole planes, which the difference task
+    # then takes as they are (on a cluster each tile travels to it as its own arrays, to be copied there)
+    planes = g.task("tile-planes", (), _tile_planes_task, pair) if in_process and tiled_decorrelation else None
     for ty, tx in tiles:
         # each tile task reads its window (core + the kernel's half-width), cut where the pair is
         window = g.task("window", (ty, tx), _window_task, pair, kernel, config, ty, tx, nty, ntx)
-        g.task("subtract", (ty, tx), _subtract_task, window, kernel, config, workers)
+        g.task("subtract", (ty, tx), _subtract_task, window, kernel, config, workers, planes)
     last = "subtract"
-    if config.decorrelation.enabled and not config.decorrelation.spatially_varying:
+    if tiled_decorrelation:
         for ty, tx in tiles:
             # the tasks owning the tiles next to this one: the adjacent tasks, or, when the task grid
             # was not derived from the image shape (coarser than the tiles), the adjacent ones modulo it
@@ -598,7 +610,7 @@ def _al_tasks(g: _Builder, config, grid: VisitGrid, inputs, *, sources=None, in_
                            for dy in (-1, 0, 1) for dx in (-1, 0, 1)
                            if grid.shape is None or (0 <= ty + dy < nty and 0 <= tx + dx < ntx)})
             g.task("decorrelate", (ty, tx), _decorrelate_task, g.key("window", ty, tx), kernel,
-                   [g.key("subtract", *n) for n in near])
+                   [g.key("subtract", *n) for n in near], planes)
         last = "decorrelate"
     # in process the difference task runs alone (it waits for every tile): the tiles are copied on every core
     return pair, g.task("difference", (), _difference_task, pair, kernel, config, [g.key(last, *t) for t in tiles],
@@ -674,10 +686,13 @@ def visit_graph(source, config, out_dir=None, *, visit: int | None = None, detec
     ``("spatial-solve", V, D)``                   clipping, refits, spatial solve, decorrelation kernel
     ``("inject", V, D)``                          with ``fakes``: fake sources added (``al``: after the spatial
                                                   solve; the score methods: before their subtraction)
+    ``("tile-planes", V, D)``                     in process: the difference's whole planes, which the tile tasks
+                                                  write their cores into
     ``("window", V, D, ty, tx)``                  the pair's planes on tile ``(ty, tx)`` and its halo
     ``("subtract", V, D, ty, tx)``                convolve and subtract tile ``(ty, tx)`` (reads its window)
     ``("decorrelate", V, D, ty, tx)``             decorrelate the tile (reads the neighbouring tiles' edges)
-    ``("difference", V, D)``                      assemble the planes, scale the variance to the noise
+    ``("difference", V, D)``                      assemble the planes (in process: take them), scale the variance
+                                                  to the noise
     ``("quality", V, D)``                         the AL methods: residuals on the kernel stars, background left
     ``("preconvolve", V, D)``                     ``al-preconvolve``: the pre-convolution score of the pair (its own
                                                   kernel fit), beside the AL stages

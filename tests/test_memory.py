@@ -153,3 +153,20 @@ def test_map_on_threads_keeps_the_order_and_uses_the_threads():
     assert {name for _, name in one} == {threading.current_thread().name}
     assert all(name.startswith("diffim-map") for _, name in many)
     assert [name for _, name in map_on_threads(slow_square, [2], 4)] == [threading.current_thread().name]
+
+
+def test_work_started_beside_the_caller_gives_its_result_or_its_error():
+    import threading
+
+    from diffim_dag.memory import started_on_thread
+
+    for start in (True, False):
+        ran_on = []
+        done = started_on_thread(lambda: ran_on.append(threading.get_ident()) or 42, start)
+        assert done() == 42 and done() == 42
+        assert (ran_on == [threading.get_ident()]) is (not start)
+    failed = started_on_thread(lambda: 1 / 0, True)
+    with pytest.raises(ZeroDivisionError):
+        failed()
+    with pytest.raises(ZeroDivisionError):
+        started_on_thread(lambda: 1 / 0, False)

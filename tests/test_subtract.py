@@ -241,6 +241,39 @@ def test_assemble_tiles_consumes_and_refuses_a_second_try():
         np.testing.assert_array_equal(threaded[name], kept[name])
 
 
+def test_tiles_written_into_whole_planes_are_taken_as_they_are():
+    """In process the tile tasks write their cores into the difference's whole planes (``TilePlanes``): the
+    assembly returns those very planes, copies in only what the tiles did not write, and gives the planes that
+    copying every tile gives; planes of another box are not taken."""
+    import dataclasses
+
+    from diffim_dag.stages.subtract import TILE_PLANES, TilePlanes, assemble_tiles
+
+    box = (100, 230, -40, 60)  # ragged tiles, non-zero origin
+    tiles = _tiles(box, 48, seed=3)
+    expected, _ = assemble_tiles(tiles, box)
+    written_names = ("mask", "convolved_image", "convolved_variance", "convolved_mask")
+
+    def written(planes):
+        return {core: dataclasses.replace(tile, planes=planes,
+                                          **{n: planes.place(core, n, getattr(tile, n)) for n in written_names})
+                for core, tile in tiles.items()}
+
+    sink = TilePlanes(box)
+    pieces = written(sink)
+    some = next(iter(pieces.values()))
+    assert some.__sizeof__() == 256 + some.image.nbytes + some.variance.nbytes  # (what it holds of its own)
+    assembled, _ = assemble_tiles([{c: t} for c, t in pieces.items()], box, consume=True)
+    for name, dtype in TILE_PLANES:
+        assert assembled[name] is sink.planes[name] and assembled[name].dtype == dtype
+        np.testing.assert_array_equal(assembled[name], expected[name])
+    elsewhere = TilePlanes((0, 300, -100, 100))
+    copied, _ = assemble_tiles(written(elsewhere), box)
+    for name, _ in TILE_PLANES:
+        assert not np.shares_memory(copied[name], elsewhere.plane(name))
+        np.testing.assert_array_equal(copied[name], expected[name])
+
+
 def test_masks_edge_and_template_rules():
     science, template = make_pair(seed=11)
     tmask = template.mask.values.copy()

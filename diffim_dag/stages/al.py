@@ -21,6 +21,7 @@ from ..errors import DiffimError, NoWorkFound
 from ..exposure import Exposure
 from ..kernels.solution import CONVOLVE_SCIENCE, CONVOLVE_TEMPLATE
 from ..masks import MaskPlanes
+from ..memory import started_on_thread
 from . import subtract as st
 from .inputs import SubtractionResult, Timings, _nbytes, prepare_inputs
 from .verdict import background_left
@@ -360,29 +361,33 @@ def window_stage(prepared: PreparedPair, kernel: KernelStage, cores) -> PairWind
 
 
 def subtract_tiles_stage(window: PairWindow, kernel: KernelStage, config: PipelineConfig, *,
-                         workers: int = 1) -> dict:
+                         workers: int = 1, planes: st.TilePlanes | None = None) -> dict:
     """Stage 5: convolve and subtract the tiles of ``window`` (:func:`~diffim_dag.stages.subtract.subtract_tile`,
     reading the kernel half-width around each).  Returns ``{core: DifferenceTile}``.  ``workers``: threads of
-    each tile's convolutions (the same values)."""
-    planes = window.planes
+    each tile's convolutions (the same values).  ``planes``: the whole planes the convolved planes and the mask
+    are written into (:class:`~diffim_dag.stages.subtract.TilePlanes`, shared by the tasks of one process)."""
+    mask_planes = window.planes
     solution = kernel.fit.solution
     params = dict(
         xy0=window.xy0, shape=window.shape, mode=window.mode, kernel_sum=kernel.kernel_sum,
-        mask_planes=planes.as_dict(), kept=tuple(config.subtract.template_mask_planes_kept),
-        skip_bits=planes.bitmask([p for p in ("INJECTED", "INJECTED_TEMPLATE") if p in planes]),
-        subtract_background=config.subtract.subtract_background, edge_bit=planes["EDGE"],
-        planes_xy0=window.origin, workers=workers,
+        mask_planes=mask_planes.as_dict(), kept=tuple(config.subtract.template_mask_planes_kept),
+        skip_bits=mask_planes.bitmask([p for p in ("INJECTED", "INJECTED_TEMPLATE") if p in mask_planes]),
+        subtract_background=config.subtract.subtract_background, edge_bit=mask_planes["EDGE"],
+        planes_xy0=window.origin, workers=workers, planes=planes,
     )
     return {c: st.subtract_tile(window.science, window.template, solution, core=c, halo=solution.half_width,
                                 **params)
             for c in window.cores}
 
 
-def decorrelate_tiles_stage(window: PairWindow, kernel: KernelStage, tiles) -> dict:
+def decorrelate_tiles_stage(window: PairWindow, kernel: KernelStage, tiles,
+                            planes: st.TilePlanes | None = None) -> dict:
     """Stage 6: decorrelate the tiles of ``window`` (:func:`~diffim_dag.stages.subtract.decorrelate_tile`).
 
     ``tiles`` maps cores to :class:`~diffim_dag.stages.subtract.DifferenceTile` and holds each core
     and its neighbours.  Without a (spatially constant) decorrelation kernel the tiles pass unchanged.
+    ``planes``: the whole planes the decorrelated image and variance are written into (as
+    :func:`subtract_tiles_stage`'s).
     """
     if kernel.decorrelation_kernel is None:
         return {c: tiles[c] for c in window.cores}
@@ -390,7 +395,7 @@ def decorrelate_tiles_stage(window: PairWindow, kernel: KernelStage, tiles) -> d
     keep_bits = window.planes.bitmask(["NO_DATA", "EDGE"])
     return {c: st.decorrelate_tile(tiles, c, bbox=window.bbox, kernel=kernel.decorrelation_kernel,
                                    variance_unconvolved=vu, variance_convolved=vc, xy0=window.origin,
-                                   kappa=kernel.kappa, keep_bits=keep_bits)
+                                   kappa=kernel.kappa, keep_bits=keep_bits, planes=planes)
             for c in window.cores}
 
 
@@ -470,20 +475,29 @@ def difference_stage(prepared: PreparedPair, kernel: KernelStage, config: Pipeli
     with timings.stage("metrics"):
         cx, cy = science.center
         noise_bits = planes.bitmask([p for p in ("NO_DATA", "BAD", "SAT", "EDGE", "CR") if p in planes])
+        used = _used_stars(fit)
+
+        def limit(exp):
+            return st.exposure_limit(exp, (cx, cy), zero_point=None if exp.info.photo_calib is None
+                                     else exp.info.photo_calib.zero_point)
+
+        # the inputs' metrics (whole-frame NumPy passes) on a thread beside the difference's noise, whose windows
+        # take the other threads: in turn, they left a core idle while every tile waited on this task
+        inputs_metrics = started_on_thread(
+            lambda: (_photometric_scale(science, template, used, kernel_sum, mode), limit(science), limit(template)),
+            workers > 1)
         d_var, scaled = st.scale_difference_variance(d_img, d_var, has_bits(d_msk, noise_bits),
                                                      enabled=config.subtract.scale_difference_variance,
                                                      workers=workers)
         difference = difference.with_planes(variance=d_var)
-        used = _used_stars(fit)
         metrics["quality"] = dict(scaled)
         if quality:
             metrics["quality"] = _with_residuals(metrics["quality"], _residual_metrics(
                 difference, matched_science, unconvolved.psf, used, config))
-        metrics["photometric_scale"] = _photometric_scale(science, template, used, kernel_sum, mode)
-        metrics["limiting_magnitude"] = {
-            role: st.exposure_limit(exp, (cx, cy), zero_point=None if exp.info.photo_calib is None
-                                    else exp.info.photo_calib.zero_point)
-            for role, exp in (("science", science), ("template", template), ("difference", difference))}
+        photometric_scale, science_limit, template_limit = inputs_metrics()
+        metrics["photometric_scale"] = photometric_scale
+        metrics["limiting_magnitude"] = {"science": science_limit, "template": template_limit,
+                                         "difference": limit(difference)}
     metrics["timings_s"] = dict(timings)
     return SubtractionResult(
         difference=difference, matched_template=matched_template, matched_science=matched_science, mode=mode,

@@ -45,6 +45,7 @@ from ..kernels.dipole import DIPOLE_COLUMNS, empty_dipole, fit_dipoles
 from ..kernels.maskops import bits_of, has_bits, lacks_bits
 from ..kernels.measure import DEFAULT_EXCLUDED_PLANES, forced_psf_flux, measure_sources
 from ..masks import DEFAULT_MASK_PLANES
+from ..memory import map_on_threads
 from ..psf import Psf
 from .dia_schema import DIA_SOURCE_COLUMNS, _conform, empty_dia_sources, read_dia_sources, write_dia_sources
 from .sky_sources import _sky_to_radec, place_sky_sources
@@ -616,8 +617,18 @@ def prepare_detection(
         # ν = S / sqrt(s² V_S + ε² M_S²): residuals that scale with the static source.  The template is filtered
         # first and its bright static peaks found, so that its variance is gone before the difference's planes are
         # made (a 4096² image: 0.13 GB less at the peak)
-        static = _static_sources(tmp, msk, planes, no_data, nodata, psf_image, config) if systematic_term else None
-        smoothed, svar = det.matched_filter(img, var, psf_image, bad=nodata, workers=config.fft_workers)
+        if systematic_term and config.fft_workers > 1:
+            # the template's filter and the difference's at once, a thread each: each alone left a core idle in
+            # its whole-frame NumPy passes between the FFT strips (the same values: the strips do not depend on the
+            # threads)
+            solo = dataclasses.replace(config, fft_workers=1)
+            static, (smoothed, svar) = map_on_threads(
+                lambda f: f(), [lambda: _static_sources(tmp, msk, planes, no_data, nodata, psf_image, solo),
+                                lambda: det.matched_filter(img, var, psf_image, bad=nodata, workers=1)],
+                config.fft_workers)
+        else:
+            static = _static_sources(tmp, msk, planes, no_data, nodata, psf_image, config) if systematic_term else None
+            smoothed, svar = det.matched_filter(img, var, psf_image, bad=nodata, workers=config.fft_workers)
         score = det.significance_image(smoothed, svar, workers=config.fft_workers)
         if config.threshold_type == "pixel_stdev":
             flat_svar = svar.reshape(-1)
