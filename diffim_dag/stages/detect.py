@@ -614,13 +614,13 @@ def prepare_detection(
         no_data = list(config.no_data_mask_planes) + (["CR"] if config.mask_cosmic_rays else [])
         nodata = has_bits(msk, bits_of(planes, no_data))
         systematic_term = tmp is not None and config.systematic_fraction != 0
-        # ν = S / sqrt(s² V_S + ε² M_S²): residuals that scale with the static source.  The template is filtered
-        # first and its bright static peaks found, so that its variance is gone before the difference's planes are
-        # made (a 4096² image: 0.13 GB less at the peak)
+        # ν = S / sqrt(s² V_S + ε² M_S²): residuals that scale with the static source.  In turn, the template is
+        # filtered first and its bright static peaks found, so that its variance is gone before the difference's
+        # planes are made (a 4096² image: 0.13 GB less at this step)
         if systematic_term and config.fft_workers > 1:
-            # the template's filter and the difference's at once, a thread each: each alone left a core idle in
-            # its whole-frame NumPy passes between the FFT strips (the same values: the strips do not depend on the
-            # threads)
+            # with the machine's cores: the template's filter and the difference's at once, a thread each (each
+            # alone left a core idle in its whole-frame NumPy passes between the FFT strips; the same values, which
+            # the strips' threads do not change; the in-process 4096² run's peak, elsewhere, the same)
             solo = dataclasses.replace(config, fft_workers=1)
             static, (smoothed, svar) = map_on_threads(
                 lambda f: f(), [lambda: _static_sources(tmp, msk, planes, no_data, nodata, psf_image, solo),
