@@ -631,12 +631,9 @@ class DifferenceTile:
     seconds: dict
     planes: TilePlanes | None = None  # the whole planes that hold some of these already (views of them)
 
-    def __sizeof__(self) -> int:  # what Dask's memory accounting sees
-        return 256 + sum(a.nbytes for name, a in self._own_arrays())
-
-    def _own_arrays(self):
-        return [(name, getattr(self, name)) for name, _ in TILE_PLANES
-                if self.planes is None or not self.planes.placed(self.core, name)]
+    def __sizeof__(self) -> int:  # what Dask's memory accounting sees: the arrays that are the tile's own
+        return 256 + sum(getattr(self, name).nbytes for name, _ in TILE_PLANES
+                         if self.planes is None or not self.planes.placed(self.core, name))
 
 
 def subtract_tile(science, template, solution, *, core: Box, halo: int, xy0, shape, mode: str, kernel_sum: float,
