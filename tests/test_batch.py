@@ -581,3 +581,44 @@ def test_local_cluster_workers_log_a_failed_heartbeat_without_its_traceback(tmp_
     lines = stream.getvalue().splitlines()
     assert lines[0] == "Failed to communicate with scheduler during heartbeat."
     assert lines[1] == "Unexpected exception" and "Traceback" in lines[2]  # other records keep theirs
+
+
+@pytest.mark.parametrize("status, skips_teardown", [("closed", True), ("running", False)])
+def test_a_closed_worker_process_ends_without_the_interpreter_teardown(tmp_path, status, skips_teardown):
+    """The exit handler the workers' start-up hook registers ends a closed worker's process at once (exit status 0):
+    the exit handlers registered before it (the libraries') and the module teardown are skipped.  A worker that did
+    not close (its process is ending on an error) exits as usual, with its own status."""
+    marker = tmp_path / "earlier_handler_ran"
+    script = (
+        "import atexit, sys\n"
+        "from distributed.core import Status\n"
+        "from diffim_dag.cluster import end_closed_worker_process\n"
+        f"atexit.register(lambda: open({str(marker)!r}, 'w').close())\n"
+        "class Worker:\n"
+        f"    status = Status.{status}\n"
+        "atexit.register(end_closed_worker_process, Worker())\n"
+        "print('done', flush=True)\n"
+        "sys.exit(3)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.stdout.strip() == "done", run.stderr
+    assert run.returncode == (0 if skips_teardown else 3)
+    assert marker.exists() != skips_teardown
+
+
+def test_local_cluster_workers_import_the_task_modules_at_start():
+    """A new LocalCluster worker loads the stages in the background as it starts, before any task asks for them."""
+    client, cluster = cluster_setup.make_client(None, n_workers=1)
+    wanted = ("diffim_dag.visit", "diffim_dag.stages.al", "diffim_dag.stages.detect", "diffim_dag.psf.estimate",
+              "diffim_dag.kernels.warp", "diffim_dag.io.fits")
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            loaded = list(client.run(lambda: [m for m in wanted if m in sys.modules]).values())[0]
+            if len(loaded) == len(wanted) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    finally:
+        client.close()
+        cluster.close()
+    assert loaded == list(wanted)
