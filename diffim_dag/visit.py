@@ -372,8 +372,9 @@ def visit_grid(shape: tuple[int, int] | None, config, *, in_process: bool = Fals
     ``in_process`` (a single visit on this process's threads): a ``fit-cell`` task per core, each fitting every
     n-th cell (the cells' candidates are fitted in batches whose FFTs and solves release the GIL: a 4096²
     pair's 0.33 s of fits took 0.18–0.20 s on two tasks, 2 cores; the same kernels), and one ``detect`` task
-    with every core on its FFTs (the per-source fits hold the GIL: a second detect task gained nothing, 1.01×
-    over 6 interleaved 4096² runs); the tile tasks of the convolution run at once.
+    with every core on its FFTs and its tiles (a second detect task gained nothing, 1.01× over 6 interleaved
+    4096² runs; the one task's tiles on two threads, 0.97× over 14, as the planes' writing and the quality
+    metrics ending beside it leave a core to the tiles); the tile tasks of the convolution run at once.
     """
     from .stages.subtract import tile_grid
 
@@ -489,13 +490,18 @@ def _fakes_of(prepared):
     return prepared.fakes
 
 
-def _detect_task(inputs, ty: int, tx: int, nty: int, ntx: int):
+def _detect_task(inputs, ty: int, tx: int, nty: int, ntx: int, workers: int = 1):
+    """A ``detect`` task: its tiles of the detection ``inputs``, on ``workers`` threads (in turn for 1)."""
+    from .memory import map_on_threads
     from .stages.catalog import detect_tiles_stage
     from .stages.subtract import tile_grid
 
     n_y, n_x = tile_grid(inputs.bbox, inputs.config.tile_size)
     own = [iy * n_x + ix for iy in range(n_y) for ix in range(n_x) if (iy % nty, ix % ntx) == (ty, tx)]
-    return detect_tiles_stage(inputs, own)
+    if workers <= 1:
+        return detect_tiles_stage(inputs, own)
+    return detect_tiles_stage(inputs, own, map_tiles=lambda function, kwargs: map_on_threads(function, kwargs,
+                                                                                              workers))
 
 
 class _Builder:
@@ -651,7 +657,7 @@ def _detect_tasks(g: _Builder, config, grid: VisitGrid, result, *, fft_workers: 
     tiles = [(ty, tx) for ty in range(nty) for tx in range(ntx)]
     g.task("detect-prepare", (), _detect_prepare_task, result, config, fft_workers)
     for ty, tx in tiles:
-        g.task("detect", (ty, tx), _detect_task, g.key("detect-prepare"), ty, tx, nty, ntx)
+        g.task("detect", (ty, tx), _detect_task, g.key("detect-prepare"), ty, tx, nty, ntx, fft_workers)
     return g.task("catalog", (), catalog_stage, g.key("detect-prepare"), [g.key("detect", *t) for t in tiles])
 
 
