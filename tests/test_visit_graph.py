@@ -298,11 +298,12 @@ def test_a_permanent_error_becomes_a_value_that_reaches_the_write_task(spec, tmp
 def test_kernel_phase_tasks_keep_the_memory_they_free(tmp_path, monkeypatch):
     """In process, the tasks from the input stages to the spatial solve keep what they free for the tile tasks (no
     trim after them); every other task hands it back once the resident size is above the graph's limit, what the
-    process held when the graph was built plus KEEP_PLANES planes of the image (on a cluster every task runs
+    process held when the graph was built plus KEEP_PLANES planes of the image, the tile tasks above that plus
+    TILE_KEEP_PLANES planes of a tile (on a cluster every task runs
     :func:`run_stage`, which a worker's own limit governs: the next test); the runners treat failures alike."""
     import diffim_dag.memory as memory
     from diffim_dag.graph import run_stage_keeping_freed, run_stage_keeping_freed_below
-    from diffim_dag.visit import KEEP_PLANES, KERNEL_PHASE
+    from diffim_dag.visit import KEEP_PLANES, KERNEL_PHASE, TILE_KEEP_PLANES, TILE_PHASE
 
     trims = []
     monkeypatch.setattr(memory, "release_freed_memory", lambda: trims.append(1) or True)
@@ -328,9 +329,14 @@ def test_kernel_phase_tasks_keep_the_memory_they_free(tmp_path, monkeypatch):
     runners = {stage_of(k): task[0] for k, task in local.items() if isinstance(task, tuple) and callable(task[0])
                and task[0] in bodies}
     assert {s for s, r in runners.items() if r is run_stage_keeping_freed} == set(KERNEL_PHASE)
-    limits = {task[1] for task in local.values()
+    limits = {stage_of(k): task[1] for k, task in local.items()
               if isinstance(task, tuple) and task[0] is run_stage_keeping_freed_below}
-    assert limits == {5000 + KEEP_PLANES * 4 * 512 * 512}
+    base = 5000 + KEEP_PLANES * 4 * 512 * 512
+    # the tile tasks' own headroom for the transforms and temporaries one tile frees and the next allocates again
+    tiles = base + TILE_KEEP_PLANES * 4 * config.subtract.tile_size ** 2
+    assert {s for s, limit in limits.items() if limit == tiles} == set(TILE_PHASE) == {"window", "subtract",
+                                                                                         "decorrelate"}
+    assert {limit for s, limit in limits.items() if s not in TILE_PHASE} == {base}
     from diffim_dag.visit import KEEP_MAX_BYTES, _keep_below
 
     assert _keep_below((8192, 8192)) == 5000 + KEEP_MAX_BYTES < 5000 + KEEP_PLANES * 4 * 8192 * 8192  # (capped)
