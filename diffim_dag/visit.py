@@ -359,9 +359,10 @@ KEEP_PLANES = 16
 #: this 3.95–3.97 GiB, in as much time (32.2–34.2 s against 32.2–33.7 s, 2 interleaved pairs).
 KEEP_MAX_BYTES = 1 << 30
 
-#: The tile tasks of the convolution.  In process they hand back what they free only above the limit of the others
-#: (:data:`KEEP_PLANES`) plus :data:`TILE_KEEP_PLANES` planes of a tile: the tiles' transforms and temporaries, freed
-#: by one tile and allocated again by the next, sit on top of what the phase holds.  At 4096² the phase ran at
+#: The stages of the convolution's tile tasks (ZOGY's whole-image ``subtract`` task is none).  In process these
+#: hand back what they free only above the limit of the others (:data:`KEEP_PLANES`) plus :data:`TILE_KEEP_PLANES`
+#: planes of a tile: the tiles' transforms and temporaries, freed by one tile and allocated again by the next, sit
+#: on top of what the phase holds.  At 4096² the phase ran at
 #: 1.1–1.22 GiB, across the 1.14 GiB limit: the run handed back 2.1 GiB in 49 calls, most of it in that phase, and
 #: its tile tasks touched 318 thousand fresh pages (about 1 s of system time).  With 32 tile planes (128 MiB at
 #: tiles of 1024) it handed back 1.6 GiB in 29 calls and took 0.98× the time (14 interleaved pairs; system time
@@ -532,15 +533,15 @@ class _Builder:
 
     def task(self, stage, index, function, *args, after=()):
         """Add task ``(stage, *index)``: its body keeps the memory it frees (a :attr:`keep_freed` stage), hands it
-        back above the resident size :attr:`keep_below` (a :data:`TILE_PHASE` stage: plus :attr:`tile_headroom`), or
-        (:func:`~diffim_dag.graph.run_stage`) hands it back.
+        back above the resident size :attr:`keep_below` (a tile task of a :data:`TILE_PHASE` stage: plus
+        :attr:`tile_headroom`), or (:func:`~diffim_dag.graph.run_stage`) hands it back.
         ``after``: keys of tasks it waits for without using their results."""
         if after:
             function, args = _after, (list(after), function, *args)
         if stage in self.keep_freed:
             runner = (run_stage_keeping_freed,)
         elif self.keep_below is not None:
-            limit = self.keep_below + (self.tile_headroom if stage in TILE_PHASE else 0)
+            limit = self.keep_below + (self.tile_headroom if stage in TILE_PHASE and index else 0)
             runner = (run_stage_keeping_freed_below, limit)
         else:
             runner = (run_stage,)
