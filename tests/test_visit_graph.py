@@ -337,6 +337,10 @@ def test_kernel_phase_tasks_keep_the_memory_they_free(tmp_path, monkeypatch):
     assert {s for s, limit in limits.items() if limit == tiles} == set(TILE_PHASE) == {"window", "subtract",
                                                                                          "decorrelate"}
     assert {limit for s, limit in limits.items() if s not in TILE_PHASE} == {base}
+    zogy = visit_graph(spec, load_config(overrides=["method=zogy"]), tmp_path, in_process=True,
+                       grid=VisitGrid(tiles=(2, 2), cells=2, shape=(512, 512), detect=(1, 1)))
+    whole = [task[1] for k, task in zogy.items() if stage_of(k) == "subtract"]
+    assert whole == [base]  # (ZOGY's one subtract task is the whole image's, no tile's)
     from diffim_dag.visit import KEEP_MAX_BYTES, _keep_below
 
     assert _keep_below((8192, 8192)) == 5000 + KEEP_MAX_BYTES < 5000 + KEEP_PLANES * 4 * 8192 * 8192  # (capped)
