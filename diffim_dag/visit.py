@@ -362,12 +362,12 @@ KEEP_MAX_BYTES = 1 << 30
 #: The stages of the convolution's tile tasks (ZOGY's whole-image ``subtract`` task is none).  In process these
 #: hand back what they free only above the limit of the others (:data:`KEEP_PLANES`) plus :data:`TILE_KEEP_PLANES`
 #: planes of a tile: the tiles' transforms and temporaries, freed by one tile and allocated again by the next, sit
-#: on top of what the phase holds.  At 4096² the phase ran at
-#: 1.1–1.22 GiB, across the 1.14 GiB limit: the run handed back 2.1 GiB in 49 calls, most of it in that phase, and
-#: its tile tasks touched 318 thousand fresh pages (about 1 s of system time).  With 32 tile planes (128 MiB at
-#: tiles of 1024) it handed back 1.6 GiB in 29 calls and took 0.98× the time (14 interleaved pairs; system time
-#: 2.4 s against 2.8 s) with the same peak (1.27–1.29 GiB against 1.24–1.31).  Sixteen 4096² planes more for every
-#: task (1.26 GiB) gave 0.97× but a peak 40 MiB higher; 48 tile planes let the phase's heap grow to 1.32 GiB.
+#: on top of what the phase holds.  At 4096² the phase ran at 1.1–1.22 GiB, across the 1.14 GiB limit: the run
+#: handed back 2.1 GiB in 49 calls, most of it in that phase, and its tile tasks touched 318 thousand fresh pages
+#: (about 1 s of system time).  With 32 tile planes (128 MiB at tiles of 1024) it handed back 1.6 GiB in 29 calls,
+#: its tile tasks touched 98 thousand pages, and it took 0.98× the time (14 interleaved pairs; system time 2.4 s
+#: against 2.8 s) with the same peak (1.27–1.29 GiB against 1.24–1.31).  Sixteen 4096² planes more for every task
+#: (1.26 GiB) gave 0.97× but a peak 40 MiB higher; 48 tile planes let the phase's heap grow to 1.32 GiB.
 TILE_PHASE = frozenset({"window", "subtract", "decorrelate"})
 TILE_KEEP_PLANES = 32
 
