@@ -756,7 +756,9 @@ def decorrelate_tile(tiles, core: Box, *, bbox: Box, kernel: np.ndarray, varianc
     # float32 transforms: the difference is float32, and their round-off (~1e-7 of its RMS) is far below its noise
     image = apply_small_kernel(block, kernel, dtype=np.float32)
     if h:
-        image = np.ascontiguousarray(image[h:-h, h:-h])
+        image = image[h:-h, h:-h]
+        if planes is None:  # (into the whole planes it is copied below: no copy of its own first)
+            image = np.ascontiguousarray(image)
     variance = decorrelated_variance(tile.variance, tile.mask, cut_box(variance_unconvolved, xy0, core),
                                      cut_box(variance_convolved, xy0, core), kappa=kappa, keep_bits=keep_bits)
     if planes is not None:
