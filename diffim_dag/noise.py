@@ -445,8 +445,11 @@ def build_variance(
         The sky term is always the sky noise measured from adjacent-pixel differences
         (:func:`sky_noise_map`), which a galaxy's gradient does not inflate.
     """
-    # the mesh's maps row by row (as the strips below need them): no level or rms plane is made
-    level, mesh_rms, _, _ = background_mesh(image, bad, box=box)
+    # the rms map row by row (the source mask below needs its rows once); the level as one plane, made in one call
+    # (its rows are read three times: the source mask, the model's medians and the sources' excess)
+    level_map, mesh_rms, _, _ = background_mesh(image, bad, box=box)
+    level = level_map.rows(slice(0, level_map.shape[0]))
+    del level_map
     img = np.asarray(image, dtype=np.float32)
     grid, box = sky_noise_grid(image, bad, box=box, level=level, rms=mesh_rms)
     del mesh_rms
@@ -463,7 +466,7 @@ def build_variance(
     divisor = None  # the gain (e⁻ per count) that turns the sources' excess into its Poisson variance (None: none)
     if gain is not None and gain > 0:
         rn_counts2 = (read_noise / gain) ** 2 if read_noise is not None and read_noise > 0 else 0.0
-        header_4 = np.maximum(level.sampled(4), np.float32(0.0)) / np.float32(gain) + np.float32(rn_counts2)
+        header_4 = np.maximum(level[::4, ::4], np.float32(0.0)) / np.float32(gain) + np.float32(rn_counts2)
         # The header model only holds if the image still carries its sky.  Sky-subtracted
         # images (level ≈ 0) would get only the read noise: check against the measurement.
         ratio = smooth_median(header_4) / max(smooth_median(sky_var_4), 1e-30)
@@ -480,7 +483,7 @@ def build_variance(
                 ratio,
             )
     else:
-        level_med = smooth_median(level.sampled(4))
+        level_med = smooth_median(level[::4, ::4])
         sky_var = smooth_median(sky_var_4)
         g_eff = level_med / sky_var if sky_var > 0 else 0.0
         # a sky of many σ (a raw frame) fixes an effective gain; a sky-subtracted frame (level ≈ 0) cannot
@@ -495,7 +498,7 @@ def build_variance(
     for s in row_strips(img.shape[0]):
         out = var[s]
         if header is not None:
-            np.maximum(level.rows(s), np.float32(0.0), out=out)
+            np.maximum(level[s], np.float32(0.0), out=out)
             out /= header[0]
             out += header[1]
         else:
