@@ -331,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         reuse_freed_memory()  # (before NumPy starts OpenBLAS's threads, and before any task thread starts)
         small_pages_for_arrays()  # (read when NumPy loads)
     _setup_logging(args.verbose)
+    if working and args.command == "subtract" and not args.scheduler:
+        _touch_ahead(args)
     if working:
         import importlib
 
@@ -347,6 +349,20 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the command line, not an in-process call
         _end_process(code)
     return code
+
+
+def _touch_ahead(args) -> None:
+    """The single subtraction runs on this process's threads: while the rest of its modules load (one core busy),
+    have the memory its first stages will allocate touched on the other (:func:`~diffim_dag.memory.touch_heap_ahead`:
+    :data:`~diffim_dag.memory.TOUCH_AHEAD_PLANES` planes of the science image, from its header)."""
+    from .manifest import VisitSpec, input_shape
+    from .memory import TOUCH_AHEAD_PLANES, touch_heap_ahead
+
+    hdu = getattr(args, "science_hdu", None)
+    shape = input_shape(VisitSpec(visit=0, detector=0, science=str(args.science),
+                                  science_options=(("hdu", str(hdu)),) if hdu is not None else ()))
+    if shape is not None:
+        touch_heap_ahead(TOUCH_AHEAD_PLANES * 4 * shape[0] * shape[1])
 
 
 def _end_process(code) -> None:

@@ -3,6 +3,7 @@ and optional PSF, variance, noise, weight and mask files are — read into :clas
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from typing import Iterable
 
 from .errors import InputError
 
-__all__ = ["VisitSpec", "read_manifest", "write_manifest", "visit_key", "visit_dir"]
+__all__ = ["VisitSpec", "read_manifest", "write_manifest", "visit_key", "visit_dir", "input_shape"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,49 @@ def visit_key(visit: int, detector: int) -> str:
 def visit_dir(out_dir: str | os.PathLike, visit: int, detector: int) -> Path:
     """``out_dir/visit=V/detector=D`` (Hive-style, like the DiaSource dataset)."""
     return Path(out_dir) / f"visit={visit}" / f"detector={detector}"
+
+
+def input_shape(spec: VisitSpec) -> tuple[int, int] | None:
+    """``(ny, nx)`` of the visit's science image from its header alone, or None when it cannot be read.
+
+    FITS: the ``NAXIS1``/``NAXIS2`` cards of the image HDU (``IMAGE`` of an LSST-layout file, the
+    ``hdu`` option, or the only image HDU); zarr: the image array's metadata.  No pixel is read;
+    the batch graph uses the shape for its tile and cell task counts (:func:`diffim_dag.visit.visit_grid`), the
+    command line for the memory it touches ahead (:func:`diffim_dag.memory.touch_heap_ahead`).
+    The template is brought onto the science grid, so the science shape is the visit's.
+    """
+    path = Path(spec.science)
+    try:
+        if path.is_dir():
+            for name in ("image/.zarray", "image/zarr.json"):
+                meta = path / name
+                if meta.is_file():
+                    shape = json.loads(meta.read_text()).get("shape")
+                    return (int(shape[0]), int(shape[1])) if shape and len(shape) == 2 else None
+            return None
+        import warnings
+
+        from astropy.io import fits
+
+        hdu = dict(spec.science_options).get("hdu")
+        with warnings.catch_warnings(), fits.open(path, memmap=True, lazy_load_hdus=True) as hdul:
+            warnings.simplefilter("ignore")  # a damaged file is the workers' to report
+            if hdu is not None:
+                header = hdul[int(hdu) if str(hdu).isdigit() else hdu].header
+            else:
+                names = [h.name.upper() for h in hdul]
+                if "IMAGE" in names:
+                    header = hdul["IMAGE"].header
+                else:
+                    images = [h.header for h in hdul if h.header.get("NAXIS", 0) >= 2]
+                    if len(images) != 1:
+                        return None
+                    header = images[0]
+            dims = [int(header.get(f"NAXIS{i}", 0)) for i in range(1, int(header.get("NAXIS", 0)) + 1)]
+        dims = [n for n in dims if n != 1]
+        return (dims[1], dims[0]) if len(dims) == 2 and min(dims) > 0 else None
+    except Exception:  # unreadable here (missing, corrupt, another filesystem): the workers will say why
+        return None
 
 
 def _int_field(value: str, column: str, where: str) -> int:

@@ -1,6 +1,6 @@
 """Memory and threads of the process: freed memory handed back to the system, OpenBLAS's idle threads put to
-sleep, the command line's allocator settings and garbage-collector freeze, and the helpers that map work over
-threads in order or start it beside the caller's (pure Python; no Dask, no NumPy)."""
+sleep, the command line's allocator settings, memory touched ahead and garbage-collector freeze, and the helpers that
+map work over threads in order or start it beside the caller's (pure Python; no Dask, no NumPy)."""
 from __future__ import annotations
 
 import contextlib
@@ -9,7 +9,8 @@ import os
 import sys
 
 __all__ = ["release_freed_memory", "resident_bytes", "reuse_freed_memory", "small_pages_for_arrays",
-           "quiet_idle_blas_threads", "imported_out_of_collection", "map_on_threads", "started_on_thread"]
+           "touch_heap_ahead", "heap_touched_ahead", "quiet_idle_blas_threads", "imported_out_of_collection",
+           "map_on_threads", "started_on_thread"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -20,12 +21,15 @@ def _glibc(name: str):
     polls the command's process tree, saw it as a 0.5 GB child of a 2048² run: the vfork shares the parent's memory)."""
     import ctypes
 
-    signatures = {"malloc_trim": [ctypes.c_size_t], "mallopt": [ctypes.c_int, ctypes.c_int]}
+    signatures = {"malloc_trim": ([ctypes.c_size_t], ctypes.c_int),
+                  "mallopt": ([ctypes.c_int, ctypes.c_int], ctypes.c_int),
+                  "malloc": ([ctypes.c_size_t], ctypes.c_void_p), "free": ([ctypes.c_void_p], None),
+                  "memset": ([ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t], ctypes.c_void_p)}
     try:
         function = getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError, TypeError):  # (TypeError: Windows' ctypes loads no library by None)
         return None
-    function.argtypes, function.restype = signatures[name], ctypes.c_int
+    function.argtypes, function.restype = signatures[name]
     return function
 
 
@@ -67,6 +71,7 @@ def reuse_freed_memory() -> bool:
     threads used the OpenBLAS threads' arenas until then.)
     A setting that the environment already makes (``MALLOC_ARENA_MAX`` …) is kept.  Returns whether the settings
     were applied (False where the C library is not glibc)."""
+    global _reusing
     mallopt = _glibc("mallopt")
     if mallopt is None:
         return False
@@ -74,7 +79,62 @@ def reuse_freed_memory() -> bool:
     for param, name, value in _ALLOCATOR:
         if name not in os.environ:
             ok = bool(mallopt(param, value)) and ok
+    _reusing = ok and not any(name in os.environ for _, name, _ in _ALLOCATOR)
     return ok
+
+
+#: Whether :func:`reuse_freed_memory` set all of its settings itself (none came from the environment).
+_reusing = False
+#: Float32 planes of the science image's size that the command line has :func:`touch_heap_ahead` touch, and at most
+#: this many bytes (below the 1 GiB thresholds of :func:`reuse_freed_memory`, so that the block comes from the heap and
+#: stays there once freed).  A run keeps what it frees up to 16 planes, at most 1 GiB, above what it held when its graph
+#: was built (:data:`diffim_dag.visit.KEEP_PLANES`): the memory touched ahead is part of that, not more.
+TOUCH_AHEAD_PLANES = 12
+TOUCH_AHEAD_MAX_BYTES = 768 << 20
+_touched_ahead = 0
+
+
+def touch_heap_ahead(nbytes: int):
+    """Touch ``nbytes`` of the C heap on a thread of its own and free them again, where :func:`reuse_freed_memory`'s
+    settings hold (the block then comes from the heap, and the heap keeps it once freed): the arrays allocated next
+    reuse those pages instead of touching fresh ones.
+
+    For the command line's single subtraction, whose start-up (about 0.6 s of imports) leaves a core idle: the
+    kernel's work of backing and zeroing the pages (on the virtual machines this tool is measured on, the slowest
+    part of a page's first touch) is done there instead of inside the reads and the stages after them.  The block is
+    filled by ``memset`` calls of 32 MB, each with the interpreter lock free.  Returns the thread (None when
+    nothing was started: no glibc, settings from the environment, or nothing to touch); :func:`heap_touched_ahead`
+    gives the bytes, which the in-process graph's memory limit leaves out of the resident size it starts from."""
+    nbytes = min(int(nbytes), TOUCH_AHEAD_MAX_BYTES)
+    malloc, memset, free = _glibc("malloc"), _glibc("memset"), _glibc("free")
+    if nbytes <= 0 or not _reusing or None in (malloc, memset, free):
+        return None
+    import threading
+
+    def touch():
+        global _touched_ahead
+        block = malloc(nbytes)
+        if not block:
+            return
+        for start in range(0, nbytes, _TOUCH_CHUNK_BYTES):
+            size = min(_TOUCH_CHUNK_BYTES, nbytes - start)
+            memset(block + start, 0, size)
+            _touched_ahead += size
+        free(block)
+
+    thread = threading.Thread(target=touch, name="diffim-touch-ahead", daemon=True)
+    thread.start()
+    return thread
+
+
+#: Bytes per ``memset`` call of :func:`touch_heap_ahead` (its progress is counted between calls).
+_TOUCH_CHUNK_BYTES = 32 << 20
+
+
+def heap_touched_ahead() -> int:
+    """The bytes :func:`touch_heap_ahead` has touched so far in this process (0 if none): resident memory that the
+    allocator holds for the next arrays, not data."""
+    return _touched_ahead
 
 
 def small_pages_for_arrays() -> bool:

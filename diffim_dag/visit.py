@@ -12,7 +12,6 @@ score, and assemble the result; the AL stages, detection and fakes come from :mo
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -23,7 +22,7 @@ from .config import PipelineConfig
 from .graph import (Fused, TileRunner, run_fused, run_in_turn, run_stage, run_stage_keeping_freed,
                     run_stage_keeping_freed_below, task_key, write_key)
 from .io.outputs import temporary_name
-from .manifest import VisitSpec
+from .manifest import VisitSpec, input_shape
 from .visit_outputs import verify_outputs, write_planes_stage, write_set_task, write_stage
 
 log = logging.getLogger(__name__)
@@ -38,48 +37,6 @@ def _read_input(path: str, options: dict):
     if Path(path).is_dir():
         return read_zarr(path).load()
     return read_exposure(path, **options)
-
-
-def input_shape(spec: VisitSpec) -> tuple[int, int] | None:
-    """``(ny, nx)`` of the visit's science image from its header alone, or None when it cannot be read.
-
-    FITS: the ``NAXIS1``/``NAXIS2`` cards of the image HDU (``IMAGE`` of an LSST-layout file, the
-    ``hdu`` option, or the only image HDU); zarr: the image array's metadata.  No pixel is read;
-    the batch graph uses the shape for its tile and cell task counts (:func:`diffim_dag.graph.visit_grid`).
-    The template is brought onto the science grid, so the science shape is the visit's.
-    """
-    path = Path(spec.science)
-    try:
-        if path.is_dir():
-            for name in ("image/.zarray", "image/zarr.json"):
-                meta = path / name
-                if meta.is_file():
-                    shape = json.loads(meta.read_text()).get("shape")
-                    return (int(shape[0]), int(shape[1])) if shape and len(shape) == 2 else None
-            return None
-        import warnings
-
-        from astropy.io import fits
-
-        hdu = dict(spec.science_options).get("hdu")
-        with warnings.catch_warnings(), fits.open(path, memmap=True, lazy_load_hdus=True) as hdul:
-            warnings.simplefilter("ignore")  # a damaged file is the workers' to report
-            if hdu is not None:
-                header = hdul[int(hdu) if str(hdu).isdigit() else hdu].header
-            else:
-                names = [h.name.upper() for h in hdul]
-                if "IMAGE" in names:
-                    header = hdul["IMAGE"].header
-                else:
-                    images = [h.header for h in hdul if h.header.get("NAXIS", 0) >= 2]
-                    if len(images) != 1:
-                        return None
-                    header = images[0]
-            dims = [int(header.get(f"NAXIS{i}", 0)) for i in range(1, int(header.get("NAXIS", 0)) + 1)]
-        dims = [n for n in dims if n != 1]
-        return (dims[1], dims[0]) if len(dims) == 2 and min(dims) > 0 else None
-    except Exception:  # unreadable here (missing, corrupt, another filesystem): the workers will say why
-        return None
 
 
 def read_input(spec: VisitSpec, role: str):
@@ -404,12 +361,14 @@ def visit_grid(shape: tuple[int, int] | None, config, *, in_process: bool = Fals
 def _keep_below(shape: tuple[int, int] | None) -> int | None:
     """The resident size above which an in-process task hands back what it freed: now's plus :data:`KEEP_PLANES`
     float32 planes of ``shape``, at most :data:`KEEP_MAX_BYTES` (None, every task hands it back: no shape, or no
-    resident size to compare)."""
-    from .memory import resident_bytes
+    resident size to compare).  Memory the command line touched ahead (:func:`~diffim_dag.memory.touch_heap_ahead`)
+    is free memory the tasks will reuse, not held: it is part of the planes kept, not added to them."""
+    from .memory import heap_touched_ahead, resident_bytes
 
     resident = resident_bytes()
     if shape is None or resident is None:
         return None
+    resident = max(resident - heap_touched_ahead(), 0)
     return resident + min(KEEP_PLANES * 4 * int(shape[0]) * int(shape[1]), KEEP_MAX_BYTES)
 
 

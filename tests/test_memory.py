@@ -46,6 +46,63 @@ def test_a_freed_plane_is_reused_without_new_page_faults():
     assert tuned < 32 and 4 * tuned < default
 
 
+_TOUCH_CHILD = """
+import resource, sys
+import diffim_dag.cli  # as the command line starts
+from diffim_dag import memory
+assert memory.reuse_freed_memory() and memory.small_pages_for_arrays()  # (4 kB pages, as the command line's)
+size = 256 << 20
+if sys.argv[1] == "ahead":
+    memory.touch_heap_ahead(size).join()
+    assert memory.heap_touched_ahead() == size
+import numpy as np
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+a = np.ones(size // 4 - (16 << 20), np.float32)  # (numpy's own start may have taken some of the block)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_memory_touched_ahead_is_reused_by_the_next_arrays():
+    """``touch_heap_ahead`` faults its block on a thread and frees it into the heap: a 192 MB array made next fills
+    those pages (a few faults, not one per 4 kB page)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+
+    def faults(mode):
+        out = subprocess.run([sys.executable, "-c", _TOUCH_CHILD, mode], capture_output=True, text=True, env=env,
+                             check=True)
+        return int(out.stdout.split()[-1])
+
+    fresh, ahead = faults("fresh"), faults("ahead")
+    assert fresh > 40000  # (192 MB in 4 kB pages: 49152)
+    assert ahead < fresh // 20
+
+
+def test_nothing_is_touched_ahead_without_the_allocator_settings(monkeypatch):
+    from diffim_dag import memory
+
+    monkeypatch.setattr(memory, "_reusing", False)  # (a MALLOC_* variable of the user's, or not the command line)
+    assert memory.touch_heap_ahead(1 << 20) is None and memory.heap_touched_ahead() == 0
+    assert memory.TOUCH_AHEAD_MAX_BYTES < 1 << 30  # (below reuse_freed_memory's thresholds: from the heap, kept there)
+
+
+def test_the_command_line_touches_ahead_twelve_planes_of_the_science_image(tmp_path, monkeypatch):
+    import numpy as np
+    from astropy.io import fits
+
+    from diffim_dag import cli, memory
+
+    fits.PrimaryHDU(np.zeros((30, 40), np.float32)).writeto(tmp_path / "s.fits")
+    asked = []
+    monkeypatch.setattr(memory, "touch_heap_ahead", asked.append)
+    args = cli.build_parser().parse_args(["subtract", str(tmp_path / "s.fits"), str(tmp_path / "s.fits"),
+                                          "--out", str(tmp_path / "out")])
+    cli._touch_ahead(args)
+    assert asked == [memory.TOUCH_AHEAD_PLANES * 4 * 30 * 40]
+    cli._touch_ahead(cli.build_parser().parse_args(["subtract", str(tmp_path / "missing.fits"), "t.fits",
+                                                    "--out", str(tmp_path / "out")]))
+    assert len(asked) == 1  # (an unreadable header: nothing touched; the read task says what is wrong)
+
+
 def test_settings_the_environment_makes_are_kept(monkeypatch):
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)

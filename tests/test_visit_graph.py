@@ -345,6 +345,10 @@ def test_kernel_phase_tasks_keep_the_memory_they_free(tmp_path, monkeypatch):
 
     assert _keep_below((8192, 8192)) == 5000 + KEEP_MAX_BYTES < 5000 + KEEP_PLANES * 4 * 8192 * 8192  # (capped)
     assert _keep_below(None) is None
+    # memory the command line touched ahead is free memory inside the resident size, not held: part of the planes kept
+    monkeypatch.setattr(memory, "_touched_ahead", 3000)
+    assert _keep_below((512, 512)) == base - 3000
+    monkeypatch.setattr(memory, "_touched_ahead", 0)
     assert {runners[s] for s in ("read", "subtract", "detect", "catalog")} == {run_stage_keeping_freed_below}
     spread = visit_graph(spec, config, tmp_path, grid=VisitGrid(tiles=(2, 2), cells=2, shape=(512, 512)))
     assert not any(isinstance(t, tuple) and t and t[0] in bodies[1:] for t in spread.values())
