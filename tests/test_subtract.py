@@ -351,3 +351,21 @@ def test_a_variance_far_from_the_noise_is_named_by_where_it_came_from():
     with pytest.raises(InputError, match=r"its variance \(built from measured_sky\+effective_gain \(g=33.6\)\) "
                                          r"disagrees with the measured noise by a factor (19|20)\.\d"):
         input_variance_scale(built, PipelineConfig(), "template")
+
+
+def test_difference_variance_is_scaled_to_its_noise_in_place_or_into_a_new_plane():
+    """``scale_difference_variance``: a variance plane declared 2× too small is scaled by the measured factor
+    (≈ 2); ``in_place`` scales the caller's own float32 plane where it is, to the same values."""
+    from diffim_dag.stages.subtract import scale_difference_variance
+
+    rng = np.random.default_rng(7)
+    image = rng.normal(0.0, 2.0, (1024, 1024)).astype(np.float32)  # σ² = 4
+    declared = np.full(image.shape, 2.0, np.float32)
+    bad = np.zeros(image.shape, bool)
+    new, report = scale_difference_variance(image, declared, bad)
+    assert new is not declared and np.all(declared == 2.0)
+    assert report["variance_scale"] == pytest.approx(2.0, rel=0.02)
+    own = declared.copy()
+    same, report_in_place = scale_difference_variance(image, own, bad, in_place=True)
+    assert same is own and report_in_place == report
+    assert np.array_equal(same, new)

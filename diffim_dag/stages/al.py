@@ -438,8 +438,12 @@ def difference_stage(prepared: PreparedPair, kernel: KernelStage, config: Pipeli
 
     if kernel.variance_factor != 1.0:
         # resampled inputs: their correlated noise makes the difference's per-pixel variance differ from
-        # the white-noise propagation (the factor is 1 for white inputs)
-        d_var = (d_var * np.float32(kernel.variance_factor)).astype(np.float32, copy=False)
+        # the white-noise propagation (the factor is 1 for white inputs); a plane this task took (``consume``) is
+        # its own and scaled where it is, the same values without a second plane
+        if consume:
+            d_var *= np.float32(kernel.variance_factor)
+        else:
+            d_var = (d_var * np.float32(kernel.variance_factor)).astype(np.float32, copy=False)
     decorr_kernel = kernel.decorrelation_kernel
     unconvolved = science if mode == CONVOLVE_TEMPLATE else template
     difference_psf = science.psf
@@ -488,7 +492,7 @@ def difference_stage(prepared: PreparedPair, kernel: KernelStage, config: Pipeli
             workers > 1)
         d_var, scaled = st.scale_difference_variance(d_img, d_var, has_bits(d_msk, noise_bits),
                                                      enabled=config.subtract.scale_difference_variance,
-                                                     workers=workers)
+                                                     workers=workers, in_place=consume)
         difference = difference.with_planes(variance=d_var)
         metrics["quality"] = dict(scaled)
         if quality:

@@ -152,12 +152,14 @@ def measure_variance_scale(image: np.ndarray, variance: np.ndarray, bad: np.ndar
 
 
 def scale_difference_variance(image: np.ndarray, variance: np.ndarray, bad: np.ndarray, *,
-                              enabled: bool = True, workers: int = 1) -> tuple[np.ndarray, dict]:
+                              enabled: bool = True, workers: int = 1,
+                              in_place: bool = False) -> tuple[np.ndarray, dict]:
     r"""The difference's variance plane scaled to its measured sky noise (LSST's ``doScaleDiffimVariance``).
 
     The factor is :func:`measure_variance_scale` on the difference (the clipped σ² of
     :math:`D/\sqrt V` away from sources; ``workers``: its threads).  Returns the (possibly) scaled plane and
-    ``{"sky_ratio_propagated": σ ratio before scaling, "variance_scale": factor applied}``.
+    ``{"sky_ratio_propagated": σ ratio before scaling, "variance_scale": factor applied}``.  ``in_place``: a
+    float32 ``variance`` that is the caller's own is scaled where it is (the same values, no second plane).
     """
     try:
         factor = measure_variance_scale(image, variance, bad, source="difference", max_scale=1e6, workers=workers)
@@ -166,7 +168,10 @@ def scale_difference_variance(image: np.ndarray, variance: np.ndarray, bad: np.n
     report = {"sky_ratio_propagated": float(math.sqrt(factor)) if factor > 0 else None,
               "variance_scale": float(factor) if enabled and factor > 0 else 1.0}
     if enabled and np.isfinite(factor) and factor > 0 and abs(factor - 1.0) > 1e-3:
-        variance = (variance * np.float32(factor)).astype(np.float32, copy=False)
+        if in_place and variance.dtype == np.float32 and variance.flags.writeable:
+            variance *= np.float32(factor)
+        else:
+            variance = (variance * np.float32(factor)).astype(np.float32, copy=False)
     return variance, report
 
 
