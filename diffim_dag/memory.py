@@ -118,8 +118,8 @@ def touch_heap_ahead(nbytes: int):
             return
         for start in range(0, nbytes, _TOUCH_CHUNK_BYTES):
             size = min(_TOUCH_CHUNK_BYTES, nbytes - start)
+            _touched_ahead += size  # (counted first: a limit taken meanwhile errs low, by a chunk at most)
             memset(block + start, 0, size)
-            _touched_ahead += size
         free(block)
 
     thread = threading.Thread(target=touch, name="diffim-touch-ahead", daemon=True)
@@ -127,13 +127,13 @@ def touch_heap_ahead(nbytes: int):
     return thread
 
 
-#: Bytes per ``memset`` call of :func:`touch_heap_ahead` (its progress is counted between calls).
+#: Bytes per ``memset`` call of :func:`touch_heap_ahead` (its progress is counted call by call).
 _TOUCH_CHUNK_BYTES = 32 << 20
 
 
 def heap_touched_ahead() -> int:
-    """The bytes :func:`touch_heap_ahead` has touched so far in this process (0 if none): resident memory that the
-    allocator holds for the next arrays, not data."""
+    """The bytes :func:`touch_heap_ahead` has touched so far in this process, the chunk under way included (0 if
+    none): resident memory that the allocator holds for the next arrays, not data."""
     return _touched_ahead
 
 
