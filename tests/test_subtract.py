@@ -369,3 +369,41 @@ def test_difference_variance_is_scaled_to_its_noise_in_place_or_into_a_new_plane
     same, report_in_place = scale_difference_variance(image, own, bad, in_place=True)
     assert same is own and report_in_place == report
     assert np.array_equal(same, new)
+
+
+def test_footprint_residual_ratio_of_each_star_as_measured_alone():
+    """``quality_metrics`` measures every kernel star at once: each star's ratio is the one its own stamp gives
+    (circle sums less the noise floor over the science's), and a difference that keeps 10 % of every star gives
+    ≈ 0.1."""
+    import math
+
+    from diffim_dag.masks import MaskPlanes
+    from diffim_dag.stages.subtract import quality_metrics
+
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:256, 0:256]
+    stars = np.array([[40.3, 50.6], [128.0, 128.5], [200.7, 90.2], [60.1, 210.9], [250.0, 10.0]])  # (last: edge)
+    science = np.zeros((256, 256))
+    for x, y in stars:
+        science += 5e4 * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 1.5**2))
+    science = (science + rng.normal(0, 5.0, science.shape)).astype(np.float32)
+    difference = (0.1 * science + rng.normal(0, 5.0, science.shape)).astype(np.float32)
+    variance = np.full(science.shape, 25.0, np.float32)
+    out = quality_metrics(science=science, difference=difference, difference_variance=variance,
+                          difference_mask=np.zeros(science.shape, np.int32), planes=MaskPlanes(), star_xy=stars,
+                          fwhm=3.5, min_stars=1)
+    r_in = 7.0
+    half = int(math.ceil(r_in + 8.0)) + 1
+    g = np.hypot(*np.mgrid[-half:half + 1, -half:half + 1])
+    inner, ann = g <= r_in, (g >= r_in + 3.0) & (g <= r_in + 8.0)
+    alone = []
+    for x, y in stars[:4]:
+        cx, cy = int(round(x)), int(round(y))
+        sl = (slice(cy - half, cy + half + 1), slice(cx - half, cx + half + 1))
+        s, d = science[sl].astype(np.float64), difference[sl].astype(np.float64)
+        floor = np.sqrt(2.0 / np.pi) * np.sqrt(variance[sl][inner]).sum()
+        alone.append(max(np.abs(d[inner] - np.median(d[ann])).sum() - floor, 0.0)
+                     / np.abs(s[inner] - np.median(s[ann])).sum())
+    assert out["footprint_residual_n_stars"] == 4  # (the star at the edge has no whole stamp)
+    assert out["footprint_residual_ratio_mean"] == pytest.approx(np.mean(alone), rel=1e-12)
+    assert out["footprint_residual_ratio_mean"] == pytest.approx(0.1, abs=0.02)
