@@ -221,10 +221,14 @@ def _stamp_checks(exp: Exposure, ix, iy, half, bad_bits):
     inside = (ix - half >= x0) & (ix + half < x1) & (iy - half >= y0) & (iy + half < y1)
     clean = np.zeros(len(ix), dtype=bool)
     peak = np.full(len(ix), np.nan)
-    for k in np.flatnonzero(inside):
-        sl = (slice(iy[k] - y0 - half, iy[k] - y0 + half + 1), slice(ix[k] - x0 - half, ix[k] - x0 + half + 1))
-        clean[k] = not np.any(msk[sl] & bad_bits)
-        peak[k] = float(np.max(img[sl]))
+    grid = np.arange(-half, half + 1)
+    found = np.flatnonzero(inside)
+    for start in range(0, len(found), MEASURE_BATCH):  # the stamps of a batch at once
+        k = found[start:start + MEASURE_BATCH]
+        rows = (np.asarray(iy)[k] - y0)[:, None, None] + grid[None, :, None]
+        cols = (np.asarray(ix)[k] - x0)[:, None, None] + grid[None, None, :]
+        clean[k] = ~np.any(msk[rows, cols] & bad_bits, axis=(1, 2))
+        peak[k] = np.max(img[rows, cols], axis=(1, 2))
     return inside, clean, peak
 
 
