@@ -300,10 +300,10 @@ class VisitGrid:
 #: kernel is fitted, are what the tile tasks allocate again a second later, and on a virtual machine memory handed
 #: back is reclaimed by the host within 1–2 s and costs up to 8 s per GB to touch again.  A 4096² pair, each run
 #: after 6 s of rest: 10.6–11.5 s against 11.0–13.2 s (4 pairs; system time 5.8–7.0 s against 6.4–9.1 s), and
-#: 0.95× in 6 back-to-back pairs; the same peak (1.27–1.30 GiB).  ``tile-planes``, which only makes the planes the tile
-#: tasks fill, is of the phase too: as the first task after it to compare the resident size with the limit, it handed
-#: back everything freed (0.4 GB at 4096², above the limit by 8 MB with the memory touched ahead still in the heap),
-#: which the tile tasks then touched again (157 thousand pages instead of 56).
+#: 0.95× in 6 back-to-back pairs; the same peak (1.27–1.30 GiB).  ``tile-planes``, which only makes the planes the
+#: tile tasks fill, is of the phase too: as the first task after it to compare the resident size with the limit, it
+#: handed back everything freed (0.4 GB at 4096², above the limit by 8 MB with the memory touched ahead still in the
+#: heap), which the tile tasks then touched again (157 thousand pages instead of 56).
 KERNEL_PHASE = frozenset({"exposure", "inputs", "prepare", "kernel-detect", "input-noise", "kernel-sources",
                           "fit-cell", "spatial-solve", "tile-planes"})
 
