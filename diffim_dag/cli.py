@@ -331,8 +331,6 @@ def main(argv: list[str] | None = None) -> int:
         reuse_freed_memory()  # (before NumPy starts OpenBLAS's threads, and before any task thread starts)
         small_pages_for_arrays()  # (read when NumPy loads)
     _setup_logging(args.verbose)
-    if working and args.command == "subtract" and not args.scheduler:
-        _touch_ahead(args)
     if working:
         import importlib
 
@@ -340,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
 
         _install_stop_handlers(args.command)
         with imported_out_of_collection():
+            if args.command == "subtract" and not args.scheduler:
+                _touch_ahead(args)  # (after the stop handlers: its header read is the first file the command opens)
             importlib.import_module(".batch" if args.command == "run" else ".pipeline", __package__)
     try:
         code = handlers[args.command](args)
