@@ -355,12 +355,10 @@ def _touch_ahead(args) -> None:
     """The single subtraction runs on this process's threads: while the rest of its modules load (one core busy),
     have the memory its first stages will allocate touched on the other (:func:`~diffim_dag.memory.touch_heap_ahead`:
     :data:`~diffim_dag.memory.TOUCH_AHEAD_PLANES` planes of the science image, from its header)."""
-    from .manifest import VisitSpec, input_shape
+    from .manifest import image_shape
     from .memory import TOUCH_AHEAD_PLANES, touch_heap_ahead
 
-    hdu = getattr(args, "science_hdu", None)
-    shape = input_shape(VisitSpec(visit=0, detector=0, science=str(args.science),
-                                  science_options=(("hdu", str(hdu)),) if hdu is not None else ()))
+    shape = image_shape(args.science, args.science_hdu)
     if shape is not None:
         touch_heap_ahead(TOUCH_AHEAD_PLANES * 4 * shape[0] * shape[1])
 

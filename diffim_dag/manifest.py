@@ -12,7 +12,7 @@ from typing import Iterable
 
 from .errors import InputError
 
-__all__ = ["VisitSpec", "read_manifest", "write_manifest", "visit_key", "visit_dir", "input_shape"]
+__all__ = ["VisitSpec", "read_manifest", "write_manifest", "visit_key", "visit_dir", "input_shape", "image_shape"]
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +51,20 @@ def visit_dir(out_dir: str | os.PathLike, visit: int, detector: int) -> Path:
 
 
 def input_shape(spec: VisitSpec) -> tuple[int, int] | None:
-    """``(ny, nx)`` of the visit's science image from its header alone, or None when it cannot be read.
+    """``(ny, nx)`` of the visit's science image from its header alone (:func:`image_shape` with its ``hdu`` option):
+    the batch graph's tile and cell task counts (:func:`diffim_dag.visit.visit_grid`).  The template is brought
+    onto the science grid, so the science shape is the visit's."""
+    return image_shape(spec.science, dict(spec.science_options).get("hdu"))
 
-    FITS: the ``NAXIS1``/``NAXIS2`` cards of the image HDU (``IMAGE`` of an LSST-layout file, the
-    ``hdu`` option, or the only image HDU); zarr: the image array's metadata.  No pixel is read;
-    the batch graph uses the shape for its tile and cell task counts (:func:`diffim_dag.visit.visit_grid`), the
-    command line for the memory it touches ahead (:func:`diffim_dag.memory.touch_heap_ahead`).
-    The template is brought onto the science grid, so the science shape is the visit's.
+
+def image_shape(path: str | os.PathLike, hdu: str | int | None = None) -> tuple[int, int] | None:
+    """``(ny, nx)`` of an image from its header alone, or None when it cannot be read.
+
+    FITS: the ``NAXIS1``/``NAXIS2`` cards of the image HDU (``hdu``, else ``IMAGE`` of an LSST-layout file, else
+    the only image HDU); zarr: the image array's metadata.  No pixel is read (the command line sizes the memory it
+    touches ahead with it: :func:`diffim_dag.memory.touch_heap_ahead`).
     """
-    path = Path(spec.science)
+    path = Path(path)
     try:
         if path.is_dir():
             for name in ("image/.zarray", "image/zarr.json"):
@@ -72,7 +77,6 @@ def input_shape(spec: VisitSpec) -> tuple[int, int] | None:
 
         from astropy.io import fits
 
-        hdu = dict(spec.science_options).get("hdu")
         with warnings.catch_warnings(), fits.open(path, memmap=True, lazy_load_hdus=True) as hdul:
             warnings.simplefilter("ignore")  # a damaged file is the workers' to report
             if hdu is not None:

@@ -288,7 +288,7 @@ def quality_metrics(
     exceeds ``ratio_std_limit`` (the full verdict is :func:`~diffim_dag.stages.verdict.judge`).
     The sky ratio is the robust std of D/√V over good pixels (≈ 1 for a correct variance plane).
     """
-    bad = has_bits(difference_mask, planes.bitmask(["NO_DATA", "BAD", "SAT", "EDGE"]))
+    bad_bits = planes.bitmask(["NO_DATA", "BAD", "SAT", "EDGE"])  # (tested on the stamps and the sky's sample only)
     ny, nx = difference.shape
     r_in = max(2.0 * fwhm, 3.0)
     r_sky0, r_sky1 = r_in + 3.0, r_in + 8.0
@@ -306,7 +306,7 @@ def quality_metrics(
     def at(plane, where):  # (stars, pixels of ``where``) of a plane's stamps
         return plane[iy[:, None] + yy[where][None, :], ix[:, None] + xx[where][None, :]]
 
-    clean = ~at(bad, inner).any(axis=1)
+    clean = ~has_bits(at(difference_mask, inner), bad_bits).any(axis=1)
     ix, iy = ix[clean], iy[clean]
     s_in, s_ann = at(science, inner).astype(np.float64), at(science, ann).astype(np.float64)
     denom = np.abs(s_in - np.median(s_ann, axis=1)[:, None]).sum(axis=1)
@@ -322,7 +322,8 @@ def quality_metrics(
     bright = snrs >= min_star_snr
     ratios = all_ratios[bright] if int(bright.sum()) >= min_stars else all_ratios
     step = max(1, int(np.sqrt(difference.size / 2**20)))  # ~1M samples for the sky ratio
-    d_s, v_s, b_s = difference[::step, ::step], difference_variance[::step, ::step], bad[::step, ::step]
+    d_s, v_s = difference[::step, ::step], difference_variance[::step, ::step]
+    b_s = has_bits(difference_mask[::step, ::step], bad_bits)
     good = ~b_s & (v_s > 0)
     sky_ratio = robust_std((d_s / np.sqrt(np.where(good, v_s, 1.0)))[good]) if good.any() else None
     mean_ratio = float(ratios.mean()) if ratios.size else None
