@@ -188,3 +188,23 @@ def test_all_finite_from_one_sum():
     image, _, mask = exp.arrays()
     np.testing.assert_array_equal(image, huge)
     assert not mask.any()
+
+
+def test_good_pixels_where_indexed_equal_the_whole_plane():
+    """``GoodPixels(mask, bits)[index]`` is ``lacks_bits(mask, bits)[index]`` for the indexes the measurements use:
+    slices (dipole stamps), broadcast stamp index arrays (forced photometry) and a single row."""
+    from diffim_dag.kernels.maskops import GoodPixels, lacks_bits
+
+    rng = np.random.default_rng(5)
+    mask = rng.integers(0, 1 << 6, size=(70, 90)).astype(np.int32) * (rng.random((70, 90)) < 0.3)
+    bits = 0b100110
+    whole = lacks_bits(mask, bits)
+    good = GoodPixels(mask, bits)
+    assert good.shape == mask.shape
+    rows = rng.integers(0, 70, size=(5, 7))[:, :, None]
+    cols = rng.integers(0, 90, size=(5, 7))[:, None, :]
+    for index in ((slice(3, 40), slice(10, 77)), (rows, cols), (12,)):
+        got = good[index]
+        assert got.dtype == bool
+        np.testing.assert_array_equal(got, whole[index])
+    assert not good[(slice(None), slice(None))].all() and good[(slice(None), slice(None))].any()

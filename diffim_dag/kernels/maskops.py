@@ -28,7 +28,7 @@ import numpy as np
 from ..masks import MASK_DTYPE
 
 __all__ = ["all_finite", "dilate_mask", "grow_square", "template_mask_for_difference", "edge_mask", "bits_of",
-           "has_bits", "lacks_bits", "nonzero_2d"]
+           "has_bits", "lacks_bits", "GoodPixels", "nonzero_2d"]
 
 #: Template planes kept as they are in the difference (LSST ``preserveTemplateMask``).
 DEFAULT_KEPT_TEMPLATE_PLANES: tuple[str, ...] = ("NO_DATA", "BAD", "HIGH_VARIANCE")
@@ -87,6 +87,27 @@ def has_bits(mask, bits: int) -> np.ndarray:
 def lacks_bits(mask, bits: int) -> np.ndarray:
     """Boolean image, True where ``mask`` has none of ``bits``: ``(mask & bits) == 0``, in blocks (:func:`has_bits`)."""
     return _bit_test(mask, bits, np.equal)
+
+
+class GoodPixels:
+    """The pixels of ``mask`` with none of ``bits`` set, tested where they are read: ``GoodPixels(mask, bits)[i]``
+    is ``lacks_bits(mask, bits)[i]`` for any index ``i`` (slices, index arrays), bitwise.
+
+    For measurements that read stamps of a plane (forced photometry, dipole fits): the whole boolean plane is a
+    pass over the mask and a new plane (16 MB at 4096²) for a few hundred stamps' pixels."""
+
+    __slots__ = ("mask", "bits")
+
+    def __init__(self, mask, bits: int):
+        self.mask = np.asarray(mask)
+        self.bits = int(bits)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.mask.shape
+
+    def __getitem__(self, index) -> np.ndarray:
+        return lacks_bits(self.mask[index], self.bits)
 
 
 def all_finite(a) -> bool:

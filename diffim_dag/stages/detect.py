@@ -42,7 +42,7 @@ from ..errors import ConfigError
 from ..exposure import Exposure
 from ..kernels import detection as det
 from ..kernels.dipole import DIPOLE_COLUMNS, empty_dipole, fit_dipoles
-from ..kernels.maskops import bits_of, has_bits, lacks_bits
+from ..kernels.maskops import GoodPixels, bits_of, has_bits, lacks_bits
 from ..kernels.measure import DEFAULT_EXCLUDED_PLANES, forced_psf_flux, measure_sources
 from ..masks import DEFAULT_MASK_PLANES
 from ..memory import map_on_threads
@@ -316,11 +316,12 @@ def detect_measure_tile(
     meas = measure_sources(image, variance, mask, psf, x=xs, y=ys, footprints=footprints, origin=origin,
                            mask_planes=planes, aperture_radius=config.aperture_radius, excluded_planes=excluded,
                            good=good)
+    # the direct images' good pixels at the stamps the dipole fits and forced photometry read, not as whole planes
     sci_g = tmp_g = None
     if science is not None:
-        sci_g = _planes_good(np.asarray(science[2]), planes, DEFAULT_EXCLUDED_PLANES)
+        sci_g = GoodPixels(science[2], bits_of(planes, DEFAULT_EXCLUDED_PLANES))
     if template is not None:
-        tmp_g = _planes_good(np.asarray(template[2]), planes, DEFAULT_EXCLUDED_PLANES)
+        tmp_g = GoodPixels(template[2], bits_of(planes, DEFAULT_EXCLUDED_PLANES))
     joint = science is not None and template is not None
     rows = [empty_dipole() for _ in footprints]
     fit = [i for i, fp in enumerate(footprints) if fp.has_both_polarities and fp.area <= config.max_dipole_area]
@@ -801,9 +802,11 @@ def finish_catalog(inputs: DetectionInputs, results: Sequence[TileResult]) -> pd
                 sky[c] = np.rint(xy[:, 0 if c == "peak_x" else 1]).astype(np.int64)
             for k, v in empty_dipole().items():
                 sky[k] = v
-            good_all = lambda m: _planes_good(m, planes, DEFAULT_EXCLUDED_PLANES)  # noqa: E731
-            _forced(sky, (x0, y0), sci, inputs.science_psf, None if sci is None else good_all(sci[2]), "science")
-            _forced(sky, (x0, y0), tmp, inputs.template_psf, None if tmp is None else good_all(tmp[2]), "template")
+            excluded = bits_of(planes, DEFAULT_EXCLUDED_PLANES)
+            _forced(sky, (x0, y0), sci, inputs.science_psf, None if sci is None else GoodPixels(sci[2], excluded),
+                    "science")
+            _forced(sky, (x0, y0), tmp, inputs.template_psf, None if tmp is None else GoodPixels(tmp[2], excluded),
+                    "template")
             sky["sky_source"] = True
             parts.append(sky)
     out = _conform(pd.concat(parts, ignore_index=True)) if parts else empty_dia_sources()
