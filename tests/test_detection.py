@@ -566,3 +566,25 @@ def test_cosmic_ray_threshold_is_exact_at_n_sigma():
     assert hits[10, 10] and hits[30, 10] and not hits[10, 30] and not hits[30, 30]
     pos = det.find_cosmic_rays(img, var, psf, nsigma=6.0, grow=0, positive=True)
     assert pos[10, 10] and not pos[10, 30] and not pos[30, 10] and not pos[30, 30]
+
+
+def test_label_objects_is_ndimage_label_and_find_objects():
+    """The squeezed labelling gives ``ndimage.label``'s labels (same numbering, dtype) and ``find_objects``' boxes:
+    sparse and dense regions, objects on the array's edges, runs of empty rows and columns, an empty region."""
+    import scipy.ndimage as ndi
+
+    from diffim_dag.kernels.detection import label_objects
+
+    rng = np.random.default_rng(11)
+    for trial in range(60):
+        shape = tuple(int(v) for v in rng.integers(1, 90, 2))
+        region = rng.random(shape) < [0.002, 0.02, 0.2, 0.6][trial % 4]
+        if trial % 9 == 0:
+            region[:] = False
+        if trial % 5 == 0:
+            region[-1, :] = True
+        labels, n = ndi.label(region)
+        got, got_n, got_slices = label_objects(region)
+        assert got.dtype == labels.dtype and got_n == n
+        np.testing.assert_array_equal(got, labels)
+        assert got_slices == ndi.find_objects(labels)
