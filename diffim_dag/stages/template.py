@@ -43,7 +43,7 @@ from ..kernels.warp import (
     warp_tile,
 )
 from ..masks import MaskPlanes
-from ..memory import map_on_threads
+from ..memory import map_on_threads, started_on_thread
 from ..psf import GridPsf, Psf, measure_fwhm
 from ..kernels.maskops import has_bits, lacks_bits
 
@@ -695,11 +695,14 @@ def prepare_template(
                 f"template {template.info.filename or '(in memory)'} covers {100 * overlap:.1f}% of science "
                 f"{science.info.filename or '(in memory)'} by their WCSs (minimum {100 * min_coverage:.1f}%)",
                 coverage=overlap)
+        # the science's stars for the alignment check need no warp: found beside it (``workers`` > 1)
+        science_stars = started_on_thread(lambda: _stars(science, windows=alignment_windows(science.bbox))) \
+            if refine and workers > 1 else None
         warped = do_warp(mapping)
         metrics.update(warped=True, registration="wcs")
         if refine:
             try:
-                match, rms0, sstars = _alignment(science, warped)
+                match, rms0, sstars = _alignment(science, warped, science_stars() if science_stars else None)
             except InputError as exc:
                 metrics.update(refined=False, refine_error=str(exc))
             else:
@@ -722,7 +725,7 @@ def prepare_template(
     else:
         names = (f"template {template.info.filename or '(in memory)'} on science "
                  f"{science.info.filename or '(in memory)'}")
-        s_stars, t_stars = _stars(science), _stars(template)
+        s_stars, t_stars = map_on_threads(_stars, [science, template], workers)
         if min(len(s_stars), len(t_stars)) < 3:
             if warp is None and template.bbox == science.bbox:
                 # no WCS and too few stars to register by (a small stamp, a sparse field): two frames of one size
