@@ -191,9 +191,10 @@ def test_all_finite_from_one_sum():
 
 
 def test_good_pixels_where_indexed_equal_the_whole_plane():
-    """``GoodPixels(mask, bits)[index]`` is ``lacks_bits(mask, bits)[index]`` for the indexes the measurements use:
-    slices (dipole stamps), broadcast stamp index arrays (forced photometry) and a single row."""
-    from diffim_dag.kernels.maskops import GoodPixels, lacks_bits
+    """``GoodPixels(mask, bits)[index]`` is ``lacks_bits(mask, bits)[index]`` (``FlaggedPixels``: ``has_bits``) for the
+    indexes the measurements use: slices (dipole stamps, noise windows), broadcast stamp index arrays (forced
+    photometry) and a single row."""
+    from diffim_dag.kernels.maskops import FlaggedPixels, GoodPixels, has_bits, lacks_bits
 
     rng = np.random.default_rng(5)
     mask = rng.integers(0, 1 << 6, size=(70, 90)).astype(np.int32) * (rng.random((70, 90)) < 0.3)
@@ -208,3 +209,6 @@ def test_good_pixels_where_indexed_equal_the_whole_plane():
         assert got.dtype == bool
         np.testing.assert_array_equal(got, whole[index])
     assert not good[(slice(None), slice(None))].all() and good[(slice(None), slice(None))].any()
+    flagged = FlaggedPixels(mask, bits)
+    for index in ((slice(3, 40), slice(10, 77)), (rows, cols), (slice(None), slice(None))):
+        np.testing.assert_array_equal(flagged[index], has_bits(mask, bits)[index])

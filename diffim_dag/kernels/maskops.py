@@ -28,7 +28,7 @@ import numpy as np
 from ..masks import MASK_DTYPE
 
 __all__ = ["all_finite", "dilate_mask", "grow_square", "template_mask_for_difference", "edge_mask", "bits_of",
-           "has_bits", "lacks_bits", "GoodPixels", "nonzero_2d"]
+           "has_bits", "lacks_bits", "GoodPixels", "FlaggedPixels", "nonzero_2d"]
 
 #: Template planes kept as they are in the difference (LSST ``preserveTemplateMask``).
 DEFAULT_KEPT_TEMPLATE_PLANES: tuple[str, ...] = ("NO_DATA", "BAD", "HIGH_VARIANCE")
@@ -108,6 +108,17 @@ class GoodPixels:
 
     def __getitem__(self, index) -> np.ndarray:
         return lacks_bits(self.mask[index], self.bits)
+
+
+class FlaggedPixels(GoodPixels):
+    """The pixels of ``mask`` with any of ``bits`` set, tested where they are read: ``FlaggedPixels(mask, bits)[i]``
+    is ``has_bits(mask, bits)[i]`` (:class:`GoodPixels`' complement; for the noise measurements' windows, a quarter
+    of a large frame)."""
+
+    __slots__ = ()
+
+    def __getitem__(self, index) -> np.ndarray:
+        return has_bits(self.mask[index], self.bits)
 
 
 def all_finite(a) -> bool:

@@ -25,7 +25,7 @@ from ..memory import started_on_thread
 from . import subtract as st
 from .inputs import SubtractionResult, Timings, _nbytes, prepare_inputs
 from .verdict import background_left
-from ..kernels.maskops import has_bits
+from ..kernels.maskops import FlaggedPixels, has_bits
 
 __all__ = ["PreparedPair", "prepare_subtraction", "kernel_sources_stage", "CellFits", "fit_cells_stage",
            "KernelStage", "InputNoise", "input_noise_stage", "spatial_solve_stage", "PairWindow", "window_stage", "subtract_tiles_stage", "decorrelate_tiles_stage",
@@ -490,7 +490,7 @@ def difference_stage(prepared: PreparedPair, kernel: KernelStage, config: Pipeli
         inputs_metrics = started_on_thread(
             lambda: (_photometric_scale(science, template, used, kernel_sum, mode), limit(science), limit(template)),
             workers > 1)
-        d_var, scaled = st.scale_difference_variance(d_img, d_var, has_bits(d_msk, noise_bits),
+        d_var, scaled = st.scale_difference_variance(d_img, d_var, FlaggedPixels(d_msk, noise_bits),
                                                      enabled=config.subtract.scale_difference_variance,
                                                      workers=workers, in_place=consume)
         difference = difference.with_planes(variance=d_var)

@@ -17,7 +17,7 @@ from ..errors import DiffimError
 from ..exposure import Exposure
 from ..kernels.solution import KernelSolution
 from . import subtract as st
-from ..kernels.maskops import has_bits
+from ..kernels.maskops import FlaggedPixels
 
 __all__ = ["Timings", "SubtractionResult", "input_variance_scale", "prepare_inputs", "eager_convolve"]
 
@@ -101,7 +101,7 @@ def input_variance_scale(exposure: Exposure, config: PipelineConfig, role: str) 
     (:func:`~diffim_dag.stages.subtract.measure_variance_scale`, off its NO_DATA, BAD and SAT pixels);
     :class:`~diffim_dag.errors.InputError` when it is beyond ``subtract.max_variance_scale``."""
     img, var, msk = exposure.arrays()
-    bad = has_bits(msk, exposure.mask_planes.bitmask(["NO_DATA", "BAD", "SAT"]))
+    bad = FlaggedPixels(msk, exposure.mask_planes.bitmask(["NO_DATA", "BAD", "SAT"]))  # (read in its windows)
     how = exposure.info.variance_source
     # a plane the file did not carry is the one built from the image's own noise: the message says which
     plane = "VARIANCE plane" if how in (None, "VARIANCE plane") else f"its variance (built from {how})"

@@ -47,7 +47,8 @@ from ..errors import DiffimError
 from ..exposure import Exposure
 from ..kernels import zogy as zk
 from ..kernels.decorrelate import clipped_mean_variance
-from ..kernels.maskops import dilate_mask, edge_mask, has_bits, lacks_bits, template_mask_for_difference
+from ..kernels.maskops import (FlaggedPixels, dilate_mask, edge_mask, has_bits, lacks_bits,
+                              template_mask_for_difference)
 from ..memory import map_on_threads, release_freed_memory
 from ..noise import MAX_STAT_SAMPLES, clipped_stats, row_strips
 from .photometry import aperture_flux_ratio
@@ -474,7 +475,7 @@ def subtract_zogy(
 
     with timings.stage("metrics"):
         noise_bits = planes.bitmask([p for p in ("NO_DATA", "BAD", "SAT", "EDGE", "CR") if p in planes])
-        d_var, scaled = st.scale_difference_variance(d_img, d_var, has_bits(mask, noise_bits),
+        d_var, scaled = st.scale_difference_variance(d_img, d_var, FlaggedPixels(mask, noise_bits),
                                                      enabled=config.subtract.scale_difference_variance)
         difference = difference.with_planes(variance=d_var)
         star_xy = (np.column_stack([stars.loc[stars["used"], "x"] - science.xy0[0],
