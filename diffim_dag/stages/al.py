@@ -528,8 +528,9 @@ def _residual_metrics(difference: Exposure, matched_science: Exposure, psf, used
         ratio_mean_limit=config.subtract.bad_subtraction_ratio_mean,
         ratio_std_limit=config.subtract.bad_subtraction_ratio_std,
     )
-    good_bits = planes.bitmask(["NO_DATA", "BAD", "SAT", "EDGE"])
-    q["background_left"] = background_left(d_img, d_var, has_bits(d_msk, good_bits), difference.psf.kernel_image(cx, cy))
+    bad_bits = planes.bitmask(["NO_DATA", "BAD", "SAT", "EDGE"])  # (tested on the sample it reads)
+    q["background_left"] = background_left(d_img, d_var, FlaggedPixels(d_msk, bad_bits),
+                                           difference.psf.kernel_image(cx, cy))
     return q
 
 
