@@ -315,9 +315,13 @@ KERNEL_PHASE = frozenset({"exposure", "inputs", "prepare", "kernel-detect", "inp
 #: 0.7 million pages; system time 3.5 s against 4.3 s) with the same peak (1.29–1.31 GB against 1.28–1.31 GB);
 #: 18 planes, 0.89× with a peak of 1.32–1.35 GB; never handing back, 0.92× in another set but a peak of 1.74–1.79 GB.
 KEEP_PLANES = 16
-#: ... and at most this many bytes (a 4096² image's 16 planes): with 4 GiB at 8192² runs peaked at 4.38–4.72 GiB, with
-#: this 3.95–3.97 GiB, in as much time (32.2–34.2 s against 32.2–33.7 s, 2 interleaved pairs).
-KEEP_MAX_BYTES = 1 << 30
+#: ... and at most this many bytes (an 8192² image's 16 planes; 16 planes of a 4096² image are 1 GiB).  Capped at
+#: 1 GiB, an 8192² run's live planes alone passed the limit, and each of its 64 tile tasks handed back what it had
+#: freed, which the next touched again (3.8–4.0 million pages a run); with 4 GiB it took 0.88× the time (4
+#: interleaved pairs: 26.6–28.6 s against 30.0–32.8 s; 1.4–1.6 million pages, system time 11.5–13.8 s against
+#: 14.6–21.8 s) with the same peak (4.30–4.37 GB against 4.26–4.38 GB) and outputs.  (With 4 GiB an earlier stop
+#: saw peaks of 4.38–4.72 GiB against 3.95–3.97 GiB, and no gain; the phase that sets the peak has changed since.)
+KEEP_MAX_BYTES = 4 << 30
 
 #: The stages of the convolution's tile tasks (ZOGY's whole-image ``subtract`` task is none).  In process these
 #: hand back what they free only above the limit of the others (:data:`KEEP_PLANES`) plus :data:`TILE_KEEP_PLANES`

@@ -343,7 +343,8 @@ def test_kernel_phase_tasks_keep_the_memory_they_free(tmp_path, monkeypatch):
     assert whole == [base]  # (ZOGY's one subtract task is the whole image's, no tile's)
     from diffim_dag.visit import KEEP_MAX_BYTES, _keep_below
 
-    assert _keep_below((8192, 8192)) == 5000 + KEEP_MAX_BYTES < 5000 + KEEP_PLANES * 4 * 8192 * 8192  # (capped)
+    assert _keep_below((8192, 8192)) == 5000 + KEEP_PLANES * 4 * 8192 * 8192  # (16 planes of 8192², 4 GiB)
+    assert _keep_below((16384, 16384)) == 5000 + KEEP_MAX_BYTES < 5000 + KEEP_PLANES * 4 * 16384 * 16384  # (capped)
     assert _keep_below(None) is None
     # memory the command line touched ahead is free memory inside the resident size, not held: part of the planes kept
     monkeypatch.setattr(memory, "_touched_ahead", 3000)
