@@ -308,10 +308,6 @@ class TileRunner:
                 pass
         return os.cpu_count() or 1
 
-    @property
-    def fft_workers(self) -> int:
-        return 1 if self.client is not None else (os.cpu_count() or 1)  # (as InTurn's: the same on a worker)
-
     def map(self, function, tasks, *, prefix: str = "task"):
         if self._threads == 1:
             return [function(t) for t in tasks]

@@ -21,7 +21,6 @@ untiled is tested at the kernel level and for each method).
 """
 from __future__ import annotations
 
-import os
 
 import numpy as np
 
@@ -36,10 +35,6 @@ class InTurn:
 
     distributed = False
     threads = 1
-
-    @property
-    def fft_workers(self) -> int:
-        return os.cpu_count() or 1
 
     def map(self, function, tasks, *, prefix: str = "task"):
         return [function(t) for t in tasks]
