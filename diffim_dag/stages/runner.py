@@ -21,7 +21,6 @@ untiled is tested at the kernel level and for each method).
 """
 from __future__ import annotations
 
-
 import numpy as np
 
 from . import subtract as st
