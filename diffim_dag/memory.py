@@ -87,8 +87,9 @@ def reuse_freed_memory() -> bool:
 _reusing = False
 #: Float32 planes of the science image's size that the command line has :func:`touch_heap_ahead` touch, and at most
 #: this many bytes (below the 1 GiB thresholds of :func:`reuse_freed_memory`, so that the block comes from the heap and
-#: stays there once freed).  A run keeps what it frees up to 16 planes, at most 1 GiB, above what it held when its graph
-#: was built (:data:`diffim_dag.visit.KEEP_PLANES`): the memory touched ahead is part of that, not more.
+#: stays there once freed).  A run keeps what it frees up to 16 planes above what it held when its graph was built
+#: (:data:`diffim_dag.visit.KEEP_PLANES`, at most :data:`~diffim_dag.visit.KEEP_MAX_BYTES`): the memory touched ahead
+#: is part of that, not more.
 TOUCH_AHEAD_PLANES = 12
 TOUCH_AHEAD_MAX_BYTES = 768 << 20
 _touched_ahead = 0

@@ -89,12 +89,10 @@ def lacks_bits(mask, bits: int) -> np.ndarray:
     return _bit_test(mask, bits, np.equal)
 
 
-class GoodPixels:
-    """The pixels of ``mask`` with none of ``bits`` set, tested where they are read: ``GoodPixels(mask, bits)[i]``
-    is ``lacks_bits(mask, bits)[i]`` for any index ``i`` (slices, index arrays), bitwise.
-
-    For measurements that read stamps of a plane (forced photometry, dipole fits): the whole boolean plane is a
-    pass over the mask and a new plane (16 MB at 4096²) for a few hundred stamps' pixels."""
+class _BitsWhereRead:
+    """A mask bit test evaluated where it is indexed: ``self[i]`` is the whole plane's test at ``i`` (slices, index
+    arrays), bitwise, from ``mask[i]`` alone.  For measurements that read stamps or samples of a plane: the whole
+    boolean plane is a pass over the mask and a new plane (16 MB at 4096²) for the few pixels they read."""
 
     __slots__ = ("mask", "bits")
 
@@ -107,13 +105,22 @@ class GoodPixels:
         return self.mask.shape
 
     def __getitem__(self, index) -> np.ndarray:
+        raise NotImplementedError
+
+
+class GoodPixels(_BitsWhereRead):
+    """The pixels of ``mask`` with none of ``bits`` set: ``GoodPixels(mask, bits)[i]`` is
+    ``lacks_bits(mask, bits)[i]`` (the stamps of forced photometry and dipole fits)."""
+
+    __slots__ = ()
+
+    def __getitem__(self, index) -> np.ndarray:
         return lacks_bits(self.mask[index], self.bits)
 
 
-class FlaggedPixels(GoodPixels):
-    """The pixels of ``mask`` with any of ``bits`` set, tested where they are read: ``FlaggedPixels(mask, bits)[i]``
-    is ``has_bits(mask, bits)[i]`` (:class:`GoodPixels`' complement; for the noise measurements' windows, a quarter
-    of a large frame)."""
+class FlaggedPixels(_BitsWhereRead):
+    """The pixels of ``mask`` with any of ``bits`` set: ``FlaggedPixels(mask, bits)[i]`` is
+    ``has_bits(mask, bits)[i]`` (the noise measurements' windows, a quarter of a large frame; a sampled grid)."""
 
     __slots__ = ()
 
