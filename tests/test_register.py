@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from diffim_dag.exposure import Exposure
-from diffim_dag.kernels.register import fit_transform, match_star_lists, triangle_invariants
+from diffim_dag.kernels.register import fit_transform, match_star_lists, prefer_translation, triangle_invariants
 from diffim_dag.kernels.warp import AffineMapping
 from diffim_dag.psf import GaussianPsf
 from diffim_dag.sim import add_sources, simulate_pair
@@ -42,14 +42,41 @@ def test_match_star_lists_recovers_similarity_with_outliers_and_dropouts():
     assert inl.all() and rms < 1e-9 and np.allclose(m.matrix, truth.matrix)
 
 
-def _render_pair(seed=4, n=512):
-    """Science and template of one star field; template pixel = R(2°)(science - c) + c + (37.3, -12.8)."""
+def test_prefer_translation_keeps_the_affine_only_where_its_linear_terms_are_significant():
+    rng = np.random.default_rng(5)
+    src = rng.uniform(0, 2000, (60, 2))
+    noise = rng.normal(0, 0.05, (60, 2))
+    shift = AffineMapping.shift(0.3, -81.2)
+    dst = np.column_stack(shift(src[:, 0], src[:, 1])) + noise
+    match = match_star_lists(src, dst, guess=AffineMapping.shift(0.0, -81.0))
+    assert not np.array_equal(match.mapping.matrix, np.eye(2))  # the affine fit takes up some of the noise
+    chosen, p = prefer_translation(src, dst, match)
+    assert p > 1e-3 and np.array_equal(chosen.mapping.matrix, np.eye(2))
+    d = dst[match.dst_index] - src[match.src_index]
+    np.testing.assert_allclose(chosen.mapping.offset, d.mean(axis=0), rtol=0, atol=1e-12)
+    assert chosen.rms == pytest.approx(np.sqrt(np.mean(np.sum((d - d.mean(axis=0)) ** 2, axis=1))))
+    assert chosen.n_matched == match.n_matched and np.array_equal(chosen.src_index, match.src_index)
+    assert np.hypot(*(chosen.mapping.offset - shift.offset)) < 0.03
+    # a rotation of 0.01° moves the corners by 0.35 px, seven times the noise: the affine stays
+    rotated = AffineMapping.similarity(rotation=np.deg2rad(0.01), shift=(0.3, -81.2), center=(1000, 1000))
+    dst = np.column_stack(rotated(src[:, 0], src[:, 1])) + noise
+    match = match_star_lists(src, dst, guess=AffineMapping.shift(0.0, -81.0))
+    chosen, p = prefer_translation(src, dst, match)
+    assert p < 1e-6 and chosen is match
+    # too few pairs to test: as matched
+    few = match_star_lists(src[:5], dst[:5], guess=AffineMapping.shift(0.0, -81.0))
+    chosen, p = prefer_translation(src[:5], dst[:5], few)
+    assert chosen is few and np.isnan(p)
+
+
+def _render_pair(seed=4, n=512, rotation=2.0):
+    """Science and template of one star field; template pixel = R(``rotation``°)(science - c) + c + (37.3, -12.8)."""
     rng = np.random.default_rng(seed)
     nstar = 220
     x = rng.uniform(-80, n + 80, nstar)
     y = rng.uniform(-80, n + 80, nstar)
     f = 10 ** rng.uniform(3.3, 5.3, nstar)
-    truth = AffineMapping.similarity(rotation=np.deg2rad(2.0), shift=(37.3, -12.8), center=(n / 2, n / 2))
+    truth = AffineMapping.similarity(rotation=np.deg2rad(rotation), shift=(37.3, -12.8), center=(n / 2, n / 2))
     tx, ty = truth(x, y)
     images = []
     for xs, ys, sigma, noise, seed2 in ((x, y, 1.9, 5.0, 1), (tx, ty, 1.6, 3.0, 2)):
@@ -65,6 +92,7 @@ def test_register_offset_rotated_pair_without_wcs():
     science, template, truth = _render_pair()
     warped, metrics = prepare_template(science, template)
     assert metrics["registration"] == "stars" and metrics["warped"]
+    assert metrics["registration_model"] == "affine" and metrics["registration_linear_terms_p"] < 1e-6
     fit = AffineMapping(metrics["registration_transform"]["matrix"], metrics["registration_transform"]["offset"])
     g = np.mgrid[0:512:16, 0:512:16].reshape(2, -1).astype(float)
     u1, v1 = fit(g[1], g[0])
@@ -76,6 +104,18 @@ def test_register_offset_rotated_pair_without_wcs():
     assert 0.8 < metrics["coverage"] < 0.97  # the shifted template leaves a strip uncovered
     # the warped template's PSF is the template PSF rotated by 2° (a circular Gaussian stays itself)
     assert warped.psf.fwhm(300, 300) == pytest.approx(template.psf.fwhm(), rel=0.02)
+
+
+def test_a_shifted_pair_without_wcs_is_registered_as_a_shift():
+    """No rotation made up from the centroids' noise: the translation of the matched stars (which the warp then
+    applies with its separable path; tests/test_warp.py holds that path to the general one)."""
+    science, template, truth = _render_pair(rotation=0.0)
+    _, metrics = prepare_template(science, template)
+    assert metrics["registration_model"] == "shift" and metrics["registration_linear_terms_p"] > 1e-3
+    fit = metrics["registration_transform"]
+    assert np.array_equal(fit["matrix"], np.eye(2))
+    assert np.hypot(*(np.array(fit["offset"]) - truth.offset)) < 0.05
+    assert metrics["alignment_rms_after_px"] < 0.1
 
 
 def test_refinement_fixes_a_science_wcs_wrong_by_6px():

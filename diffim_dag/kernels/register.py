@@ -24,6 +24,9 @@ Fits
 for an affine :math:`(A, \mathbf b)` (6 parameters) or a similarity
 :math:`A = \begin{pmatrix} p & -q \\ q & p \end{pmatrix}` (4 parameters) by linear least squares, rejecting
 matches whose residual exceeds ``clip`` × the RMS (and at least ``min_residual``) until nothing changes.
+:func:`prefer_translation` keeps the affine fit only where its four linear terms reduce the residuals
+significantly (an F test against a shift fitted to the same stars): two frames that differ by a shift are not
+given a rotation and scale fitted to their centroids' noise, and are resampled as a pure translation.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ __all__ = [
     "fit_transform",
     "match_nearest",
     "match_star_lists",
+    "prefer_translation",
     "StarMatch",
 ]
 
@@ -309,3 +313,37 @@ def match_star_lists(
         mapping, inl, rms = fit_transform(src[i], dst[j], kind=fit_kind)
         radius = max(min(radius, 5 * rms), 0.5)
     return StarMatch(mapping=mapping, src_index=i[inl], dst_index=j[inl], rms=rms, n_matched=int(inl.sum()))
+
+
+def prefer_translation(src: np.ndarray, dst: np.ndarray, match: StarMatch, *,
+                       p_value: float = 1e-3) -> tuple[StarMatch, float]:
+    """``match`` (from :func:`match_star_lists` on ``src`` and ``dst``), or the translation fitted to its pairs when
+    the mapping's linear part does not fit them significantly better than that translation, and the test's p-value.
+
+    The test is Fisher's F for nested least squares: the residual sums of squares of the translation (2 parameters)
+    and of ``match.mapping`` (6: the matrix's 4 terms more) over the ``n`` matched pairs' 2n coordinates,
+    :math:`F = \\frac{(S_t - S_a)/4}{S_a/(2n - 6)}`; the translation is kept where ``P(F' ≥ F) > p_value``.
+    Below 6 pairs, or with no residual left, ``match`` is returned as it is (p-value NaN).  The translation is the
+    mean offset of the pairs (its least squares); its ``rms`` is that of their residual vectors' lengths.
+    """
+    from scipy.special import fdtrc
+
+    s = np.asarray(src, dtype=np.float64)[match.src_index, :2]
+    d = np.asarray(dst, dtype=np.float64)[match.dst_index, :2]
+    n = len(s)
+    if n < 6:
+        return match, float("nan")
+    u, v = match.mapping(s[:, 0], s[:, 1])
+    fitted = float(np.sum((u - d[:, 0]) ** 2 + (v - d[:, 1]) ** 2))
+    offset = np.mean(d - s, axis=0)
+    r = s + offset - d
+    shifted = float(np.sum(r * r))
+    if not fitted > 0:
+        return match, float("nan")
+    f = max(shifted - fitted, 0.0) / 4.0 / (fitted / (2 * n - 6))
+    p = float(fdtrc(4, 2 * n - 6, f))
+    if p <= p_value:
+        return match, p
+    rms = float(np.sqrt(np.mean(np.sum(r * r, axis=1))))
+    return StarMatch(mapping=AffineMapping.shift(float(offset[0]), float(offset[1])), src_index=match.src_index,
+                     dst_index=match.dst_index, rms=rms, n_matched=match.n_matched), p

@@ -12,7 +12,9 @@ pixels on every side), with variance, mask and a PSF transformed by the local Ja
   (:func:`warp_tasks` gives the tiles and the source box each needs, the lead's graph runs them).
   Counts are conserved (pixel values × |det J|); see the kernel module for the convention.
 * Registration without a (good) WCS: stars matched by triangles, an affine fit with clipping
-  (:func:`register_exposures`); the matched-star residual RMS goes to the metrics.
+  (:func:`register_exposures`), or the translation of the same stars where the affine's linear terms are not
+  significant (:func:`~diffim_dag.kernels.register.prefer_translation`); the matched-star residual RMS goes to
+  the metrics.
 * Astrometric refinement: after a WCS-based warp, stars are matched between science and warped template;
   if their residual exceeds ``refine_threshold`` (0.1 px RMS), an affine correction :math:`C` is fitted and
   the template warped again with :math:`T' = T \circ C`; both residuals are reported.
@@ -32,7 +34,7 @@ import numpy as np
 
 from ..errors import InputError, NoWorkFound
 from ..exposure import Exposure
-from ..kernels.register import StarMatch, match_star_lists
+from ..kernels.register import StarMatch, match_star_lists, prefer_translation
 from ..kernels.warp import (
     AffineMapping,
     ComposedMapping,
@@ -642,7 +644,9 @@ def prepare_template(
     template : Exposure
     metrics : dict
         ``warped``, ``grid_disagreement_px``, ``coverage``, and, where measured,
-        ``registration_rms_px`` / ``registration_n_matched`` (star-list fit without WCS),
+        ``registration_rms_px`` / ``registration_n_matched`` (star-list fit without WCS; ``registration_model``
+        ``"affine"``, or ``"shift"`` where the affine's linear terms were not significant:
+        ``registration_linear_terms_p``, :func:`~diffim_dag.kernels.register.prefer_translation`),
         ``alignment_rms_before_px`` / ``alignment_rms_after_px`` (matched-star residual after the first and
         the final warp), ``refined``.
     """
@@ -742,7 +746,13 @@ def prepare_template(
             reg = register_exposures(science, template, stars=(s_stars, t_stars))
         except InputError as exc:
             raise InputError(f"cannot register {names} by their stars (no WCS): {exc}") from None
-        metrics.update(registration="stars", registration_rms_px=reg.rms, registration_n_matched=reg.n_matched,
+        # a shift where the affine's linear terms fit only the centroids' noise: no rotation or scale made up,
+        # and the warp's separable path (a 4096² pair shifted by a fraction of a pixel: its linear terms ~1e-6)
+        reg, p_linear = prefer_translation(s_stars, t_stars, reg)
+        model = "shift" if np.array_equal(reg.mapping.matrix, np.eye(2)) else "affine"
+        metrics.update(registration="stars", registration_model=model,
+                       registration_linear_terms_p=None if math.isnan(p_linear) else p_linear,
+                       registration_rms_px=reg.rms, registration_n_matched=reg.n_matched,
                        registration_transform={"matrix": reg.mapping.matrix.tolist(),
                                                "offset": reg.mapping.offset.tolist()})
         x0, x1, y0, y1 = science.bbox
