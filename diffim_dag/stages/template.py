@@ -765,8 +765,10 @@ def prepare_template(
         mapping = reg.mapping
         warped = do_warp(mapping)
         metrics.update(warped=True)
+        # a frame checked whole (no windows) has its stars already: the registration's, the same search
+        same_search = alignment_windows(science.bbox) == [tuple(science.bbox)]
         try:
-            match, rms1, _ = _alignment(science, warped)
+            match, rms1, _ = _alignment(science, warped, s_stars if same_search else None)
             metrics.update(alignment_rms_after_px=rms1, alignment_n_matched_after=match.n_matched)
         except InputError as exc:
             metrics["alignment_rms_after_px"] = None
