@@ -273,6 +273,27 @@ def test_translated_tile_equals_the_general_gather(monkeypatch, mapping):
     np.testing.assert_allclose(fast[1], general[1], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 7, 200])
+def test_translated_tile_strips_do_not_change_the_bits(monkeypatch, rows):
+    """The translated tile's passes and mask ORs run in strips of rows: any strip height gives the same bits
+    (one row, strips that do not divide the tile, one strip for the whole tile)."""
+    import diffim_dag.kernels.warp as warp
+
+    rng = np.random.default_rng(12)
+    shape = (90, 70)
+    img = rng.normal(100.0, 10.0, shape).astype(np.float32)
+    var = rng.uniform(1.0, 3.0, shape).astype(np.float32)
+    msk = np.zeros(shape, np.int32)
+    msk[rng.integers(0, shape[0], 40), rng.integers(0, shape[1], 40)] = rng.choice([BAD, SAT, ND], 40)
+    out = dict(out_origin=(-2, 3), out_shape=(85, 75), src_origin=(0, 0))
+    mapping = AffineMapping.shift(0.37, -0.61)
+    reference = warp_tile(img, var, msk, mapping, **out)
+    monkeypatch.setattr(warp, "TRANSLATED_STRIP_ROWS", rows)
+    for a, b in zip(reference, warp_tile(img, var, msk, mapping, **out)):
+        assert a.tobytes() == b.tobytes()
+    assert (reference[2] & SAT).any() and (reference[2] & ND).any()
+
+
 def test_rotation_is_not_taken_for_a_translation():
     import diffim_dag.kernels.warp as warp
 

@@ -442,6 +442,11 @@ def _translation(mapping, out_origin, out_shape, samples: int = 9) -> tuple[floa
     return mu, mv
 
 
+#: Output rows per strip of :func:`_warp_translated`'s passes: a strip's x pass, its halo and the buffers of a
+#: 1024-pixel-wide tile (~0.3 MB each) stay in a core's cache.
+TRANSLATED_STRIP_ROWS = 64
+
+
 def _axis_weights(start: float, n_out: int, n_src: int, a: int, mask_threshold: float):
     """One axis of a translated warp: output pixel k reads source pixels ``c + k + t`` (taps ``t = -a+1 … a``).
 
@@ -490,16 +495,30 @@ def _warp_translated(img, var, msk, shift, *, a, out_origin, out_shape, src_orig
         out[a:a + sny, a:a + snx] = plane
         return out
 
+    strips = [slice(y, min(y + TRANSLATED_STRIP_ROWS, nky)) for y in range(0, nky, TRANSLATED_STRIP_ROWS)]
+    halo = 2 * a - 1  # rows of the x pass that a strip's y pass reads beyond its own
+
     def separable(plane, w_x, w_y):
+        # strip by strip (the x pass of a strip's rows and its halo, then its y pass), into buffers reused from strip
+        # to strip: the passes' operands stay in the core's cache (1.6x faster than whole-tile passes for a 1024²
+        # tile), and each output pixel is the same sum of the same products in the same order
         p = padded(plane, np.float32)
-        rows = slice(cv + ky0 + 1, cv + ky1 + 2 * a)  # padded rows the y pass reads
-        along_x = np.zeros((rows.stop - rows.start, nkx), dtype=np.float32)
-        for j in range(2 * a):  # tap t = j - a + 1 sits at padded column c + k + t + a = c + k + j + 1
-            s = cu + kx0 + j + 1
-            along_x += p[rows, s:s + nkx] * w_x[:, j]
-        out = np.zeros((nky, nkx), dtype=np.float32)
-        for i in range(2 * a):
-            out += along_x[i:i + nky] * w_y[:, i:i + 1]
+        r0 = cv + ky0 + 1  # the padded row the y pass reads first
+        out = np.empty((nky, nkx), dtype=np.float32)
+        along_x = np.empty((TRANSLATED_STRIP_ROWS + halo, nkx), dtype=np.float32)
+        product = np.empty_like(along_x)
+        for st in strips:
+            h = st.stop - st.start
+            ax, tmp = along_x[:h + halo], product[:h + halo]
+            ax.fill(0.0)
+            rows = slice(r0 + st.start, r0 + st.stop + halo)
+            for j in range(2 * a):  # tap t = j - a + 1 sits at padded column c + k + t + a = c + k + j + 1
+                s = cu + kx0 + j + 1
+                ax += np.multiply(p[rows, s:s + nkx], w_x[:, j], out=tmp)
+            o, tmp = out[st], product[:h]
+            o.fill(0.0)
+            for i in range(2 * a):
+                o += np.multiply(ax[i:i + h], w_y[st, i:i + 1], out=tmp)
         return out
 
     res_i = separable(img, wx, wy)
@@ -514,15 +533,47 @@ def _warp_translated(img, var, msk, shift, *, a, out_origin, out_shape, src_orig
         # fmax skips NaN (a pixel with every tap outside, never needed); min keeps it (not needed everywhere).
         hi_x, hi_y = np.fmax.reduce(ax, axis=0), np.fmax.reduce(ay, axis=0)
         lo_x, lo_y = ax.min(axis=0), ay.min(axis=0)
-        for i in range(2 * a):
-            for j in range(2 * a):
-                if not (hi_y[i:i + 1] * hi_x[j:j + 1] > mask_threshold)[0]:
+        taps = range(2 * a)
+        needed = [[bool((hi_y[i:i + 1] * hi_x[j:j + 1] > mask_threshold)[0]) for j in taps] for i in taps]
+        everywhere = [[needed[i][j] and bool((lo_y[i:i + 1] * lo_x[j:j + 1] > mask_threshold)[0]) for j in taps]
+                      for i in taps]
+        # The taps needed everywhere, separably: the y taps i that need the same x taps J share one OR along x of
+        # the columns J, which each then ORs in at its row offset (for Lanczos-3, ~14 ORs of the tile instead of
+        # ~29), strip by strip as the sums
+        rows_of_set: dict[tuple, list] = {}
+        for i in taps:
+            cols = tuple(j for j in taps if everywhere[i][j])
+            if cols:
+                rows_of_set.setdefault(cols, []).append(i)
+        sets = sorted(rows_of_set, key=len)
+        along = {cols: np.empty((TRANSLATED_STRIP_ROWS + halo, nkx), dtype=np.int32) for cols in sets}
+        r0 = cv + ky0 + 1
+        for st in strips:
+            h = st.stop - st.start
+            src = pm[r0 + st.start:r0 + st.stop + halo]
+            done: list = []  # (columns, their OR) of this strip
+            for cols in sets:
+                x = along[cols][:h + halo]
+                base = next(((c, v) for c, v in reversed(done) if set(c) <= set(cols)), None)
+                todo = list(cols)
+                if base is not None:
+                    np.copyto(x, base[1])
+                    todo = [j for j in cols if j not in base[0]]
+                else:
+                    np.copyto(x, src[:, cu + kx0 + todo[0] + 1:cu + kx0 + todo[0] + 1 + nkx])
+                    todo = todo[1:]
+                for j in todo:
+                    x |= src[:, cu + kx0 + j + 1:cu + kx0 + j + 1 + nkx]
+                done.append((cols, x))
+                for i in rows_of_set[cols]:
+                    m[st] |= x[i:i + h]
+        # the taps needed at some pixels only (an edge's renormalized weights): the whole tile at once
+        for i in taps:
+            for j in taps:
+                if not needed[i][j] or everywhere[i][j]:
                     continue
                 r, s = cv + ky0 + i + 1, cu + kx0 + j + 1
                 vals = pm[r:r + nky, s:s + nkx]
-                if (lo_y[i:i + 1] * lo_x[j:j + 1] > mask_threshold)[0]:
-                    m |= vals
-                    continue
                 take = ay[:, i:i + 1] * ax[None, :, j] > mask_threshold
                 if take.any():
                     m |= vals if take.all() else np.where(take, vals, 0)
