@@ -245,6 +245,17 @@ def test_warp_exposure_on_threads_equals_in_turn():
         np.testing.assert_allclose(b, a, atol=2e-3 * float(np.abs(a).max()))
 
 
+def _flagged_tile(seed: int, shape: tuple[int, int], n_flagged: int):
+    """A source tile: image ~ N(100, 10), variance in [1, 3], ``n_flagged`` random pixels BAD, SAT or NO_DATA."""
+    rng = np.random.default_rng(seed)
+    img = rng.normal(100.0, 10.0, shape).astype(np.float32)
+    var = rng.uniform(1.0, 3.0, shape).astype(np.float32)
+    msk = np.zeros(shape, np.int32)
+    msk[rng.integers(0, shape[0], n_flagged), rng.integers(0, shape[1], n_flagged)] = rng.choice([BAD, SAT, ND],
+                                                                                                 n_flagged)
+    return img, var, msk
+
+
 @pytest.mark.parametrize("mapping", [
     AffineMapping.shift(0.3, -0.2),
     AffineMapping.shift(-4.0, 3.0),  # a whole-pixel shift
@@ -255,12 +266,7 @@ def test_translated_tile_equals_the_general_gather(monkeypatch, mapping):
     float32 rounding) and exactly its mask, NO_DATA edges and renormalized edge taps included."""
     import diffim_dag.kernels.warp as warp
 
-    rng = np.random.default_rng(11)
-    shape = (120, 140)
-    img = rng.normal(100.0, 10.0, shape).astype(np.float32)
-    var = rng.uniform(1.0, 3.0, shape).astype(np.float32)
-    msk = np.zeros(shape, np.int32)
-    msk[rng.integers(0, shape[0], 30), rng.integers(0, shape[1], 30)] = rng.choice([BAD, SAT, ND], 30)
+    img, var, msk = _flagged_tile(11, (120, 140), 30)
     img[5, 7] = np.nan  # a missing source pixel: NO_DATA around it
     out = dict(out_origin=(-3, 2), out_shape=(110, 150), src_origin=(0, 0))
     assert warp._translation(mapping, out["out_origin"], out["out_shape"]) is not None
@@ -279,12 +285,7 @@ def test_translated_tile_strips_do_not_change_the_bits(monkeypatch, rows):
     (one row, strips that do not divide the tile, one strip for the whole tile)."""
     import diffim_dag.kernels.warp as warp
 
-    rng = np.random.default_rng(12)
-    shape = (90, 70)
-    img = rng.normal(100.0, 10.0, shape).astype(np.float32)
-    var = rng.uniform(1.0, 3.0, shape).astype(np.float32)
-    msk = np.zeros(shape, np.int32)
-    msk[rng.integers(0, shape[0], 40), rng.integers(0, shape[1], 40)] = rng.choice([BAD, SAT, ND], 40)
+    img, var, msk = _flagged_tile(12, (90, 70), 40)
     out = dict(out_origin=(-2, 3), out_shape=(85, 75), src_origin=(0, 0))
     mapping = AffineMapping.shift(0.37, -0.61)
     reference = warp_tile(img, var, msk, mapping, **out)
