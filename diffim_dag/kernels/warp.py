@@ -538,8 +538,8 @@ def _warp_translated(img, var, msk, shift, *, a, out_origin, out_shape, src_orig
         everywhere = [[needed[i][j] and bool((lo_y[i:i + 1] * lo_x[j:j + 1] > mask_threshold)[0]) for j in taps]
                       for i in taps]
         # The taps needed everywhere, separably: the y taps i that need the same x taps J share one OR along x of
-        # the columns J, which each then ORs in at its row offset (for Lanczos-3, ~14 ORs of the tile instead of
-        # ~29), strip by strip as the sums
+        # the columns J, which each then ORs in at its row offset (for Lanczos-3, ~15 passes over the tile instead
+        # of ~29 ORs), strip by strip as the sums
         rows_of_set: dict[tuple, list] = {}
         for i in taps:
             cols = tuple(j for j in taps if everywhere[i][j])
