@@ -545,26 +545,27 @@ def _warp_translated(img, var, msk, shift, *, a, out_origin, out_shape, src_orig
             cols = tuple(j for j in taps if everywhere[i][j])
             if cols:
                 rows_of_set.setdefault(cols, []).append(i)
+        # each set's OR starts from the largest smaller set it contains (None: from its first column), then ORs in
+        # the rest of its columns: the plan is the same for every strip
         sets = sorted(rows_of_set, key=len)
+        plan = []  # (columns, the set it starts from or None, the columns it ORs in)
+        for k, cols in enumerate(sets):
+            base = next((c for c in reversed(sets[:k]) if set(c) <= set(cols)), None)
+            plan.append((cols, base, [j for j in cols if base is None or j not in base]))
         along = {cols: np.empty((TRANSLATED_STRIP_ROWS + halo, nkx), dtype=np.int32) for cols in sets}
         r0 = cv + ky0 + 1
         for st in strips:
             h = st.stop - st.start
             src = pm[r0 + st.start:r0 + st.stop + halo]
-            done: list = []  # (columns, their OR) of this strip
-            for cols in sets:
+            for cols, base, todo in plan:
                 x = along[cols][:h + halo]
-                base = next(((c, v) for c, v in reversed(done) if set(c) <= set(cols)), None)
-                todo = list(cols)
                 if base is not None:
-                    np.copyto(x, base[1])
-                    todo = [j for j in cols if j not in base[0]]
+                    np.copyto(x, along[base][:h + halo])
                 else:
                     np.copyto(x, src[:, cu + kx0 + todo[0] + 1:cu + kx0 + todo[0] + 1 + nkx])
                     todo = todo[1:]
                 for j in todo:
                     x |= src[:, cu + kx0 + j + 1:cu + kx0 + j + 1 + nkx]
-                done.append((cols, x))
                 for i in rows_of_set[cols]:
                     m[st] |= x[i:i + h]
         # the taps needed at some pixels only (an edge's renormalized weights): the whole tile at once
