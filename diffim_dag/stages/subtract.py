@@ -588,7 +588,8 @@ def assemble_tiles(tiles, box: Box, *, consume: bool = False, workers: int = 1) 
         if pool is not None:
             pool.shutdown()
     for name, dtype in TILE_PLANES:
-        planes.setdefault(name, np.zeros((by1 - by0, bx1 - bx0), dtype=dtype))
+        if name not in planes:  # (not setdefault: its zero plane, 64 MB at 4096², would be made and zeroed anyway)
+            planes[name] = np.zeros((by1 - by0, bx1 - bx0), dtype=dtype)
     return planes, seconds
 
 
