@@ -293,6 +293,31 @@ def test_masks_edge_and_template_rules():
     assert not (msk & planes.bitmask("CR")).any()
 
 
+def test_difference_tile_in_float32_is_the_float64_formula_and_edge_lines_are_the_bits(rng):
+    """A convolveTemplate tile's difference and variance, taken in float32, are the float64 formula rounded to
+    float32 bit for bit (huge, tiny, non-finite values too); the EDGE bits ORed on the border lines are the
+    whole-tile plane of :func:`edge_bits_for_tile`."""
+    from diffim_dag.stages.subtract import combine_tile, difference_tile, edge_bits_for_tile
+
+    shape = (40, 50)
+    si, ti, sv, tv = (rng.normal(0.0, 1.0, shape).astype(np.float32) * np.float32(10.0) ** rng.integers(-40, 38, shape)
+                      .astype(np.float32) for _ in range(4))
+    si[0, :4] = [np.nan, np.inf, -np.inf, 3.0e38]
+    ti[0, :4] = [1.0, np.inf, 2.0, -3.0e38]
+    sm, tm = (rng.integers(0, 8, shape).astype(np.int32) for _ in range(2))
+    with np.errstate(over="ignore", invalid="ignore"):  # (3e38 − (−3e38) is inf either way)
+        d, v, m = difference_tile(si, sv, sm, ti, tv, tm, mode="convolveTemplate", kernel_sum=1.0)
+        np.testing.assert_array_equal(d, (si.astype(np.float64) - ti).astype(np.float32))
+        np.testing.assert_array_equal(v, (sv.astype(np.float64) + tv).astype(np.float32))
+        assert d.dtype == v.dtype == np.float32 and np.isinf(d[0, 3]) and np.isnan(d[0, 1])
+        np.testing.assert_array_equal(m, sm | tm)
+        for origin in ((0, 0), (30, 25), (60, 62)):  # a corner tile, an inner one, one on the far edges
+            _, _, got = combine_tile(si, sv, sm, ti, tv, tm, None, 1.0, mode="convolveTemplate",
+                                     subtract_background=False, origin=origin, xy0=(0, 0), shape=(102, 110),
+                                     half_width=8, edge_bit=5)
+            np.testing.assert_array_equal(got, sm | tm | edge_bits_for_tile(shape, origin, (0, 0), (102, 110), 8, 5))
+
+
 def test_variance_scale_recorded_and_refused():
     from diffim_dag.errors import InputError
 

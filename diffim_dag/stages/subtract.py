@@ -227,10 +227,10 @@ def difference_tile(
     the fitted differential background on the tile, subtracted as the mode says; in
     ``convolveScience`` the whole difference is divided by ``kernel_sum`` (module docstring).
     """
-    planes = (science_image, template_image, science_variance, template_variance)
-    if mode == CONVOLVE_TEMPLATE and background is None and all(np.asarray(a).dtype == np.float32 for a in planes):
+    floats = (science_image, template_image, science_variance, template_variance)
+    if mode == CONVOLVE_TEMPLATE and background is None and all(np.asarray(a).dtype == np.float32 for a in floats):
         # one float32 operation each: IEEE rounds it as the float64 result rounded to float32 would be, bit for bit,
-        # without the four float64 temporaries of a tile (16 tiles of a 4096² image: 0.23 s → 0.07 s)
+        # without the four float64 temporaries of a tile (16 tiles of 1040²: 0.23 s → 0.07 s of CPU)
         diff = np.subtract(science_image, template_image, dtype=np.float32)
         var = np.add(science_variance, template_variance, dtype=np.float32)
     elif mode == CONVOLVE_TEMPLATE:
