@@ -335,6 +335,8 @@ def test_variance_scale_does_not_depend_on_its_threads(rng):
     from diffim_dag.stages.subtract import _windows, measure_variance_scale
 
     assert len(_windows((2100, 2100))) == 16
+    thin = _windows((200, 8000))  # one window across the short side, four along the long one: none repeated
+    assert len(thin) == 4 and len({(w[0].start, w[1].start) for w in thin}) == 4
     img = rng.normal(0.0, 3.0, (2100, 2100)).astype(np.float32)
     img[500:505, 500:505] += 400.0  # a source, left out
     var = np.full(img.shape, 4.0, np.float32)  # declared σ 2, measured 3: factor ≈ 2.25

@@ -98,12 +98,13 @@ NOISE_WINDOW = 256
 
 
 def _windows(shape: tuple[int, int], size: int = NOISE_WINDOW, per_axis: int = 4):
-    """Up to ``per_axis²`` windows of ``size²`` spread evenly over an image (the whole image if small)."""
+    """Up to ``per_axis²`` windows of ``size²`` spread evenly over an image (the whole image if small); along a side
+    not longer than ``size`` one window spans it (a long thin image's windows are not repeated)."""
     ny, nx = shape
     if ny * nx <= (size * per_axis) ** 2:
         return [(slice(0, ny), slice(0, nx))]
-    ys = np.linspace(0, max(ny - size, 0), per_axis).astype(int)
-    xs = np.linspace(0, max(nx - size, 0), per_axis).astype(int)
+    ys = np.unique(np.linspace(0, max(ny - size, 0), per_axis).astype(int))
+    xs = np.unique(np.linspace(0, max(nx - size, 0), per_axis).astype(int))
     return [(slice(y, y + size), slice(x, x + size)) for y in ys for x in xs]
 
 
