@@ -102,6 +102,53 @@ def test_detection_finds_stars_with_parent_coordinates():
     assert np.median(snr / expected) == pytest.approx(1.0, abs=0.1)
 
 
+def test_binned_detection_finds_the_stars_unbinned_detection_finds(monkeypatch):
+    from diffim_dag.stages import kernel_sources as ks
+
+    sci, _, truth = make_pair(n_stars=49, seed=5, snr_range=(12.0, 400.0))
+    config = KernelSourceConfig()
+    monkeypatch.setattr(ks, "DETECT_BIN_PIXELS", 10**12)
+    full = ks.detect_sources(sci, config)
+    monkeypatch.setattr(ks, "DETECT_BIN_PIXELS", 0)  # every image binned 2×2
+    binned = ks.detect_sources(sci, config)
+
+    def nearest(found):
+        return np.hypot(truth["x"].to_numpy()[:, None] - found["x"].to_numpy()[None],
+                        truth["y"].to_numpy()[:, None] - found["y"].to_numpy()[None]).min(axis=1)
+
+    # the stars the full-resolution filter finds, the binned one finds too, at their positions to a fraction of a
+    # pixel (S/N 12 … 400), and with no offset on average (a binned pixel's centre mapped back half a pixel off
+    # would show as one)
+    seen = nearest(full) < 1.0
+    assert seen.sum() >= 45
+    d = nearest(binned)
+    assert np.all(d[seen] < 1.0) and np.median(d[seen]) < 0.2
+    k = np.argmin(np.hypot(truth["x"].to_numpy()[:, None] - binned["x"].to_numpy()[None],
+                           truth["y"].to_numpy()[:, None] - binned["y"].to_numpy()[None]), axis=1)
+    for axis in ("x", "y"):
+        offset = binned[axis].to_numpy()[k] - truth[axis].to_numpy()
+        assert abs(np.mean(offset[seen])) < 0.1
+    assert len(binned) <= len(full) + 2  # (no crop of spurious detections from the binning)
+
+
+def test_binned_psf_is_the_odd_centred_matched_filter_of_a_binned_star():
+    from diffim_dag.stages.kernel_sources import binned_psf
+
+    for size, sigma in ((15, 1.5), (17, 2.0), (37, 4.0)):
+        psf = GaussianPsf(sigma).kernel_image(0.0, 0.0, size=size)
+        b = binned_psf(psf)
+        assert b.shape[0] == b.shape[1] and b.shape[0] % 2 == 1
+        np.testing.assert_allclose(b, b[::-1, ::-1], rtol=1e-12, atol=1e-15)  # centred, symmetric
+        np.testing.assert_allclose(b, b.T, rtol=1e-12, atol=1e-15)
+        c = b.shape[0] // 2
+        assert np.unravel_index(np.argmax(b), b.shape) == (c, c)
+        # a Gaussian star binned 2×2 is a Gaussian of about half the width: the filter's second moment says so
+        g = np.arange(b.shape[0]) - c
+        var = (b.sum(axis=0) * g**2).sum() / b.sum()
+        expected = (sigma**2 + 0.5) / 4.0  # (the ½, 1, ½ weights add ½ px² before the sampling)
+        assert var == pytest.approx(expected, rel=0.05)
+
+
 def test_cuts_edge_mask_isolation_snr_and_max_sources():
     shape = (400, 400)
     pos = [(200, 200), (10, 200), (300, 100), (100, 300), (112, 300), (300, 300), (150, 100), (200, 330), (250, 250)]

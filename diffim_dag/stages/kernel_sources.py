@@ -113,8 +113,16 @@ def correlate_in_strips(image: np.ndarray, kernel: np.ndarray, *, strip: int = 1
     return fft_convolve_strips(image, flipped, strip=strip).astype(image.dtype, copy=False)
 
 
+#: Sources detected on more than this many pixels are detected on the science binned 2×2 (the threshold in units of
+#: the binned image's noise, matched-filtered with the PSF binned alike): a star stays a star, and the filter's
+#: transforms and the extraction cost a quarter (the PSF star finder bins alike, :data:`~diffim_dag.psf.estimate.
+#: BIN_PIXELS`)
+DETECT_BIN_PIXELS = 2048 * 2048
+
+
 def detect_sources(science: Exposure, config: KernelSourceConfig, background=None) -> pd.DataFrame:
-    """Detect on the background-subtracted science image smoothed with its PSF (matched filter).
+    """Detect on the background-subtracted science image smoothed with its PSF (matched filter); an image of
+    :data:`DETECT_BIN_PIXELS` or more binned 2×2 first (:func:`binned_psf`).
 
     Returns a table with ``x``, ``y`` (parent pixels).
     """
@@ -127,21 +135,52 @@ def detect_sources(science: Exposure, config: KernelSourceConfig, background=Non
     np.copyto(data, np.float32(0), where=bad)
     cx, cy = science.center
     psf = science.psf.kernel_image(cx, cy)
+    b = 2 if data.size >= DETECT_BIN_PIXELS else 1
+    if b > 1:
+        ny, nx = (data.shape[0] // b) * b, (data.shape[1] // b) * b
+        data = _block_sums(data[:ny, :nx], b)
+        bad = _block_sums(bad[:ny, :nx].view(np.uint8), b) == b * b  # (blocks with no good pixel)
+        psf = binned_psf(psf)
     # Matched filter by FFT (sep's direct filtering is ~15x slower on 4k² images): the smoothed
-    # image S = I ⊗ P has noise σ_S = rms √(Σ P²) for white sky noise, so thresholding S at
-    # detection_threshold × σ_S is the "N σ after smoothing with the PSF" criterion.
+    # image S = I ⊗ P has noise σ_S = rms √(Σ P²) for white sky noise (b × rms in a b × b block's sum), so
+    # thresholding S at detection_threshold × σ_S is the "N σ after smoothing with the PSF" criterion.
     # Thresholding the significance S/σ_S at detection_threshold (sep with no err) is the same
     # criterion and needs no second full-frame map.
     significance = correlate_in_strips(data, psf)
     del data
-    norm = np.float32(math.sqrt(float((psf**2).sum())))
+    norm = np.float32(b * math.sqrt(float((psf**2).sum())))
     with np.errstate(divide="ignore", invalid="ignore"):
         for s in row_strips(significance.shape[0]):
-            significance[s] /= rows_of(bkg.rms, s) * norm
+            rms = rows_of(bkg.rms, s) if b == 1 else rows_of(bkg.rms, slice(s.start * b, s.stop * b, b))[:, ::b]
+            significance[s] /= rms[:, : significance.shape[1]] * norm
     significance[bad | ~np.isfinite(significance)] = 0.0
-    objects = sep_extract(significance, float(config.detection_threshold), None, bad, filter_kernel=None)
+    # (a source's pixels above the threshold: b² times fewer binned)
+    objects = sep_extract(significance, float(config.detection_threshold), None, bad, filter_kernel=None,
+                          minarea=-(-5 // (b * b)))
     x0, y0 = science.xy0
-    return pd.DataFrame({"x": objects["x"] + x0, "y": objects["y"] + y0})
+    shift = 0.5 * (b - 1)  # (a binned pixel's centre in the pixels it sums)
+    return pd.DataFrame({"x": objects["x"] * b + shift + x0, "y": objects["y"] * b + shift + y0})
+
+
+def _block_sums(a: np.ndarray, b: int) -> np.ndarray:
+    """Sums of the ``b × b`` blocks of ``a`` (whose sides are multiples of ``b``), in ``a``'s dtype."""
+    out = a[::b, ::b].copy()
+    for j in range(b):
+        for i in range(b):
+            if i or j:
+                out += a[j::b, i::b]
+    return out
+
+
+def binned_psf(psf: np.ndarray) -> np.ndarray:
+    """The matched filter of an image binned 2×2 for a PSF image ``psf`` (odd side, centred): a star centred on a
+    binned pixel spreads over the full pixels at offsets 2k ± ½ of each block's centre, which the PSF's own pixels
+    at 2k − 1, 2k, 2k + 1 weighted ½, 1, ½ stand for; sampled every 2nd pixel about the centre (odd side)."""
+    p = np.pad(np.asarray(psf, dtype=np.float64), 1)
+    p = 0.5 * p[:-2] + p[1:-1] + 0.5 * p[2:]
+    p = 0.5 * p[:, :-2] + p[:, 1:-1] + 0.5 * p[:, 2:]
+    c = psf.shape[0] // 2
+    return np.ascontiguousarray(p[c % 2::2, c % 2::2])
 
 
 def _weighted_traces(stamps: np.ndarray, xc: np.ndarray, yc: np.ndarray, sigma_w: np.ndarray) -> np.ndarray:
