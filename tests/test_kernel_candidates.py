@@ -31,6 +31,34 @@ def test_convolve_stamps_matches_scipy():
     np.testing.assert_allclose(out[1, 4], ref, atol=1e-12)
 
 
+@pytest.mark.parametrize("size, sigmas, degrees", [(11, (0.8, 1.6), (2, 1)), (17, (1.2, 2.4, 4.8), (4, 2, 2)),
+                                                   (21, (1.0, 2.0, 4.0), (6, 4, 2))])
+def test_separable_convolution_is_the_fft_one_and_each_stamps_own(size, sigmas, degrees):
+    """The Alard–Lupton basis by 1-D passes (its separable factors and the renormalization's combinations): the
+    same interior as the FFT convolution to round-off, and a stamp's values whatever stamps it is stacked with."""
+    basis = KernelBasis(images=alard_lupton_basis(size, sigmas, degrees), kind="alard-lupton", sigmas=sigmas,
+                        degrees=degrees)
+    factors = basis.separable
+    assert factors is not None and factors.transform.shape == (basis.n, basis.n)
+    rng = np.random.default_rng(3)
+    stamps = rng.normal(100.0, 10.0, size=(9, 2 * size + 1, 2 * size + 1))
+    stamps[2, 5, 7] += 5.0e4  # (a bright pixel: round-off relative to the largest values)
+    fft = convolve_stamps(stamps, basis.images)
+    direct = convolve_stamps(stamps, basis.images, factors)
+    assert direct.shape == fft.shape
+    np.testing.assert_allclose(direct, fft, rtol=0, atol=1e-12 * np.abs(fft).max())
+    for part in (slice(0, 1), slice(2, 5), slice(8, 9)):
+        assert np.array_equal(convolve_stamps(stamps[part], basis.images, factors), direct[part])
+
+
+def test_only_the_alard_lupton_basis_is_taken_as_separable():
+    assert KernelBasis(images=delta_function_basis(7), kind="delta-function").separable is None
+    # widths that do not give the images back: no factors (the FFT convolution is used)
+    images = alard_lupton_basis(11, (0.8, 1.6), (2, 1))
+    assert KernelBasis(images=images, kind="alard-lupton", sigmas=(0.9, 1.6), degrees=(2, 1)).separable is None
+    assert KernelBasis(images=images, kind="alard-lupton", sigmas=(0.8, 1.6), degrees=(2, 1)).separable is not None
+
+
 def test_delta_function_stamps_scale_and_background():
     """White-noise reference (every pixel a delta): science = 2.7 × template; then + 11.3."""
     rng = np.random.default_rng(1)

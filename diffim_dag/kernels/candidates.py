@@ -53,7 +53,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.fft
 
-from .basis import KernelBasis, regularize
+from .basis import KernelBasis, SeparableBasis, regularize
 
 __all__ = [
     "CellStamps",
@@ -210,12 +210,17 @@ def _basis_fft(basis_images: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return hit
 
 
-def convolve_stamps(stamps: np.ndarray, basis_images: np.ndarray) -> np.ndarray:
+def convolve_stamps(stamps: np.ndarray, basis_images: np.ndarray, separable: SeparableBasis | None = None) -> np.ndarray:
     """``stamps ⊗ B_i`` on the valid interior, shape ``(N, n, S - 2h, S - 2h)``.
 
-    True convolution; the interior pixel ``[j, i]`` is stamp pixel ``[j + h, i + h]``.
+    True convolution; the interior pixel ``[j, i]`` is stamp pixel ``[j + h, i + h]``.  With ``separable`` (the
+    factors of ``basis_images``, :attr:`~diffim_dag.kernels.basis.KernelBasis.separable`) by 1-D passes
+    (:func:`_convolve_separable`: the same values to round-off, ~6× faster for the Alard–Lupton basis); else by
+    FFT.
     """
     stamps = np.asarray(stamps, dtype=np.float64)
+    if separable is not None:
+        return _convolve_separable(stamps, separable)
     n_s, s, _ = stamps.shape
     k = basis_images.shape[-1]
     # A circular convolution of length L ≥ s equals the linear one on the valid interior
@@ -225,6 +230,33 @@ def convolve_stamps(stamps: np.ndarray, basis_images: np.ndarray) -> np.ndarray:
     fs = scipy.fft.rfft2(stamps, s=shape, axes=(-2, -1), workers=1)
     out = scipy.fft.irfft2(fs[:, None] * fb[None], s=shape, axes=(-2, -1), workers=1)
     return out[:, :, k - 1 : s, k - 1 : s]
+
+
+def _convolve_separable(stamps: np.ndarray, basis: SeparableBasis) -> np.ndarray:
+    """:func:`convolve_stamps` by the basis's separable factors: each stamp's rows convolved with every 1-D profile
+    (one matrix product for all stamps and profiles), then the columns of each with the profiles it is paired
+    with, and the renormalization's combinations of those."""
+    n_s, s, _ = stamps.shape
+    k = basis.filters.shape[1]
+    h = k // 2
+    p = s - 2 * h
+    # T[f, x, i] = f[i + 2h − x]: the valid interior of a true convolution along one axis, as a matrix product
+    tap = np.arange(p)[None, :] + 2 * h - np.arange(s)[:, None]
+    inside = (tap >= 0) & (tap < k)
+    toeplitz = np.where(inside[None], basis.filters[:, np.clip(tap, 0, k - 1)], 0.0)  # (m, s, p)
+    m = toeplitz.shape[0]
+    # one product per stamp, of the same shapes whatever the number of stamps: each stamp's values do not depend
+    # on the stamps stacked with it (fit_cells fits a candidate bitwise as fit_cell does)
+    rows = stamps @ toeplitz.transpose(1, 0, 2).reshape(s, m * p)  # (N, s, m·p): every row ⊗ every profile
+    raw = np.empty((n_s, basis.transform.shape[1], p, p))
+    for f in range(m):
+        js = np.flatnonzero(basis.along_x == f)
+        if not js.size:
+            continue
+        columns = toeplitz[basis.along_y[js]].transpose(0, 2, 1).reshape(js.size * p, s)
+        raw[:, js] = (columns @ rows[:, :, f * p:(f + 1) * p]).reshape(n_s, js.size, p, p)
+    out = basis.transform @ raw.reshape(n_s, raw.shape[1], p * p)
+    return out.reshape(n_s, -1, p, p)
 
 
 # ------------------------------------------------------------------------ fits
@@ -238,6 +270,7 @@ def candidate_normal_equations(
     *,
     fit_background: bool = True,
     constant_weighting: bool = False,
+    separable: SeparableBasis | None = None,
 ) -> NormalEquations:
     """Weighted normal equations of the kernel (+ background) fit for a stack of stamps.
 
@@ -246,6 +279,8 @@ def candidate_normal_equations(
     reference, target, variance : ndarray, shape (N, S, S)
         ``variance`` is ``V_T + V_R``; pixels with ``variance ≤ 0`` get zero weight.
     basis_images : ndarray, shape (n, k, k)
+    separable : SeparableBasis, optional
+        ``basis_images``' separable factors: the stamps are convolved by 1-D passes (:func:`convolve_stamps`).
     constant_weighting : bool
         Weigh the fit with one variance per stamp, the median of its good pixels (LSST's
         ``constantVarianceWeighting``): with per-pixel weights a bright star's core, whose own
@@ -258,7 +293,7 @@ def candidate_normal_equations(
         reference, target, variance = reference[None], np.asarray(target)[None], np.asarray(variance)[None]
     h = basis_images.shape[-1] // 2
     s = reference.shape[-1]
-    conv = convolve_stamps(reference, basis_images)  # (N, n, P, P)
+    conv = convolve_stamps(reference, basis_images, separable)  # (N, n, P, P)
     n_c, n_b = conv.shape[:2]
     t = np.asarray(target, dtype=np.float64)[:, h : s - h, h : s - h].reshape(n_c, -1)
     var = np.asarray(variance, dtype=np.float64)[:, h : s - h, h : s - h].reshape(n_c, -1)
@@ -378,7 +413,7 @@ def fit_candidates(
     (``status`` ``"used"`` or ``"rejected"``).
     """
     eq = candidate_normal_equations(reference, target, variance, basis.images, fit_background=fit_background,
-                                    constant_weighting=constant_weighting)
+                                    constant_weighting=constant_weighting, separable=basis.separable)
     matrix = eq.matrix
     if basis.regularization is not None and basis.regularization_lambda > 0:
         matrix = regularize(matrix, basis.regularization, basis.regularization_lambda)
