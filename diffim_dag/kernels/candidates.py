@@ -210,7 +210,8 @@ def _basis_fft(basis_images: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return hit
 
 
-def convolve_stamps(stamps: np.ndarray, basis_images: np.ndarray, separable: SeparableBasis | None = None) -> np.ndarray:
+def convolve_stamps(stamps: np.ndarray, basis_images: np.ndarray,
+                    separable: SeparableBasis | None = None) -> np.ndarray:
     """``stamps ⊗ B_i`` on the valid interior, shape ``(N, n, S - 2h, S - 2h)``.
 
     True convolution; the interior pixel ``[j, i]`` is stamp pixel ``[j + h, i + h]``.  With ``separable`` (the
