@@ -235,7 +235,7 @@ def convolve_stamps(stamps: np.ndarray, basis_images: np.ndarray,
 
 def _convolve_separable(stamps: np.ndarray, basis: SeparableBasis) -> np.ndarray:
     """:func:`convolve_stamps` by the basis's separable factors: each stamp's rows convolved with every 1-D profile
-    (one matrix product for all stamps and profiles), then the columns of each with the profiles it is paired
+    (one matrix product a stamp, for all the profiles), then the columns of each with the profiles it is paired
     with, and the renormalization's combinations of those."""
     n_s, s, _ = stamps.shape
     k = basis.filters.shape[1]

@@ -114,10 +114,10 @@ def correlate_in_strips(image: np.ndarray, kernel: np.ndarray, *, strip: int = 1
     return fft_convolve_strips(image, flipped, strip=strip).astype(image.dtype, copy=False)
 
 
-#: Sources detected on more than this many pixels are detected on the science binned 2×2 (the threshold in units of
-#: the binned image's noise, matched-filtered with the PSF binned alike): a star stays a star, and the filter's
-#: transforms and the extraction cost a quarter (the PSF star finder bins alike, :data:`~diffim_dag.psf.estimate.
-#: BIN_PIXELS`)
+#: A science image of this many pixels or more has its sources detected binned 2×2 (matched-filtered with the PSF
+#: binned alike, the threshold in units of the binned image's noise): a star stays a star, and the filter's
+#: transforms and the extraction cost a quarter (the PSF star finder bins alike, from
+#: :data:`~diffim_dag.psf.estimate.BIN_PIXELS`)
 DETECT_BIN_PIXELS = 2048 * 2048
 
 
@@ -152,6 +152,7 @@ def detect_sources(science: Exposure, config: KernelSourceConfig, background=Non
     norm = np.float32(b * math.sqrt(float((psf**2).sum())))
     with np.errstate(divide="ignore", invalid="ignore"):
         for s in row_strips(significance.shape[0]):
+            # (binned: the smooth mesh σ at each block's first pixel)
             rms = rows_of(bkg.rms, s) if b == 1 else rows_of(bkg.rms, slice(s.start * b, s.stop * b, b))[:, ::b]
             significance[s] /= rms[:, : significance.shape[1]] * norm
     significance[bad | ~np.isfinite(significance)] = 0.0
