@@ -103,13 +103,14 @@ def test_detection_finds_stars_with_parent_coordinates():
 
 
 def test_binned_detection_finds_the_stars_unbinned_detection_finds(monkeypatch):
+    import diffim_dag.psf.estimate as est
     from diffim_dag.stages import kernel_sources as ks
 
     sci, _, truth = make_pair(n_stars=49, seed=5, snr_range=(12.0, 400.0))
     config = KernelSourceConfig()
-    monkeypatch.setattr(ks, "DETECT_BIN_PIXELS", 10**12)
+    monkeypatch.setattr(est, "BIN_PIXELS", 10**12)
     full = ks.detect_sources(sci, config)
-    monkeypatch.setattr(ks, "DETECT_BIN_PIXELS", 0)  # every image binned 2×2
+    monkeypatch.setattr(est, "BIN_PIXELS", 0)  # every image binned 2×2
     binned = ks.detect_sources(sci, config)
 
     def nearest(found):

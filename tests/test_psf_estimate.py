@@ -130,7 +130,7 @@ def test_fourier_shift_moves_content_by_the_offset():
 def test_binned_detection_image_skips_bad_pixels(rng):
     """Each 2×2 (3×3) block is the sum of its good pixels scaled to the block's size, whether a few pixels are
     bad (the blocks that hold them summed again) or much of the frame is (a masked copy); no good pixel: empty."""
-    from diffim_dag.psf.estimate import _bin
+    from diffim_dag.psf.estimate import bin_blocks
 
     for _ in range(100):
         shape = tuple(int(v) for v in rng.integers(3, 40, 2))
@@ -138,7 +138,7 @@ def test_binned_detection_image_skips_bad_pixels(rng):
         img[rng.random(shape) < 0.02] = np.nan
         bad = (rng.random(shape) < rng.choice([0.0, 0.01, 0.3, 1.0])) | ~np.isfinite(img)
         for b in (2, 3):
-            total, empty = _bin(img, bad, b)
+            total, empty = bin_blocks(img, bad, b)
             ny, nx = shape[0] // b, shape[1] // b
             blocks = img[: ny * b, : nx * b].reshape(ny, b, nx, b).astype(np.float64)
             good = ~bad[: ny * b, : nx * b].reshape(ny, b, nx, b)

@@ -158,10 +158,9 @@ class SeparableBasis:
             first = len(filters)
             g = np.exp(-0.5 * t * t / sigma**2)
             filters.extend(g * (t / h) ** p for p in range(degree + 1))
-            for d in range(degree + 1):  # (alard_lupton_basis's order: by total degree, decreasing power of u)
-                for j in range(d + 1):
-                    along_x.append(first + d - j)
-                    along_y.append(first + j)
+            for p, q in _powers(degree):  # (alard_lupton_basis's order)
+                along_x.append(first + p)
+                along_y.append(first + q)
         filters = np.array(filters)
         raw = filters[along_y][:, :, None] * filters[along_x][:, None, :]
         if raw.shape != images.shape:
@@ -268,10 +267,14 @@ def alard_lupton_basis(size: int, sigmas, degrees) -> np.ndarray:
     images = []
     for sigma, degree in zip(sigmas, degrees):
         g = np.exp(-0.5 * (u * u + v * v) / sigma**2)
-        for d in range(degree + 1):
-            for j in range(d + 1):
-                images.append(g * uh ** (d - j) * vh**j)
+        images.extend(g * uh**p * vh**q for p, q in _powers(degree))
     return renormalize_basis(np.stack(images))
+
+
+def _powers(degree: int) -> list[tuple[int, int]]:
+    """The ``(p, q)`` powers of :math:`\hat u^p \hat v^q` of one Gaussian, in the basis's order: by total degree,
+    then by decreasing power of ``u``."""
+    return [(d - j, j) for d in range(degree + 1) for j in range(d + 1)]
 
 
 def delta_function_basis(size: int) -> np.ndarray:

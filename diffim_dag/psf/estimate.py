@@ -67,6 +67,7 @@ __all__ = [
     "STAR_CUTS",
     "PsfEstimate",
     "find_psf_stars",
+    "bin_blocks",
     "build_epsf",
     "fit_moffat",
     "estimate_psf",
@@ -128,7 +129,7 @@ def _locus(log_r: np.ndarray, half_width: float = 0.07) -> float:
     return float(np.median(v[i : hi[i]]))
 
 
-def _bin(image: np.ndarray, bad: np.ndarray, b: int) -> tuple[np.ndarray, np.ndarray]:
+def bin_blocks(image: np.ndarray, bad: np.ndarray, b: int) -> tuple[np.ndarray, np.ndarray]:
     """Sums of ``b × b`` blocks (a block's bad pixels replaced by the mean of its good ones) and the
     blocks without any good pixel."""
     if b == 1:
@@ -241,7 +242,7 @@ def find_psf_stars(image: np.ndarray, bad: np.ndarray | None = None, *, saturate
         bad = bad | ~np.isfinite(img)
     sat = np.zeros(img.shape, bool) if saturated is None else np.asarray(saturated, bool)
     b = (2 if ny * nx >= BIN_PIXELS else 1) if binning is None else int(binning)
-    binned, bad_b = _bin(img, bad | sat, b)
+    binned, bad_b = bin_blocks(img, bad | sat, b)
     bkg = measure_background(binned, bad_b, box=max(64 // b, 16))
     data_b = np.ascontiguousarray(np.where(bad_b, np.float32(0), binned - bkg.level), dtype=np.float32)
     rms_b = np.ascontiguousarray(np.maximum(bkg.rms, np.float32(1e-30)), dtype=np.float32)

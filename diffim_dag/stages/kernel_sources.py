@@ -3,8 +3,8 @@ r"""Selection of the stars that constrain the PSF-matching kernel.
 Given a catalog (columns ``x``, ``y`` in parent pixels) or, when none is given,
 detections on the science image (``sep.extract`` with the PSF as matched filter,
 threshold ``detection_threshold`` σ of the filtered background noise; an image of 4 Mpix or more binned 2×2
-first, :data:`DETECT_BIN_PIXELS`), every source is measured and cut, in this order (the count each cut removes is
-recorded):
+first, as the PSF star finder bins it), every source is measured and cut, in this order (the count each cut removes
+is recorded):
 
 ``outside``
     the stamp (side ``2 × kernel_size + 1``) leaves either image;
@@ -114,20 +114,15 @@ def correlate_in_strips(image: np.ndarray, kernel: np.ndarray, *, strip: int = 1
     return fft_convolve_strips(image, flipped, strip=strip).astype(image.dtype, copy=False)
 
 
-#: A science image of this many pixels or more has its sources detected binned 2×2 (matched-filtered with the PSF
-#: binned alike, the threshold in units of the binned image's noise): a star stays a star, and the filter's
-#: transforms and the extraction cost a quarter (the PSF star finder bins alike, from
-#: :data:`~diffim_dag.psf.estimate.BIN_PIXELS`)
-DETECT_BIN_PIXELS = 2048 * 2048
-
-
 def detect_sources(science: Exposure, config: KernelSourceConfig, background=None) -> pd.DataFrame:
     """Detect on the background-subtracted science image smoothed with its PSF (matched filter); an image of
-    :data:`DETECT_BIN_PIXELS` or more binned 2×2 first (:func:`binned_psf`).
+    :data:`~diffim_dag.psf.estimate.BIN_PIXELS` or more binned 2×2 first, as the PSF star finder bins it
+    (:func:`~diffim_dag.psf.estimate.bin_blocks`), and filtered with the PSF binned alike (:func:`binned_psf`): a
+    star stays a star, and the transforms and the extraction cost a quarter.
 
     Returns a table with ``x``, ``y`` (parent pixels).
     """
-    from ..psf.estimate import sep_extract
+    from ..psf.estimate import BIN_PIXELS, bin_blocks, sep_extract
 
     img, var, msk = science.arrays()
     bad = has_bits(msk, _bad_bits(science, config))
@@ -136,11 +131,9 @@ def detect_sources(science: Exposure, config: KernelSourceConfig, background=Non
     np.copyto(data, np.float32(0), where=bad)
     cx, cy = science.center
     psf = science.psf.kernel_image(cx, cy)
-    b = 2 if data.size >= DETECT_BIN_PIXELS else 1
-    if b > 1:
-        ny, nx = (data.shape[0] // b) * b, (data.shape[1] // b) * b
-        data = _block_sums(data[:ny, :nx], b)
-        bad = _block_sums(bad[:ny, :nx].view(np.uint8), b) == b * b  # (blocks with no good pixel)
+    b = 2 if data.size >= BIN_PIXELS else 1
+    if b > 1:  # (a block's bad pixels count as the mean of its good ones; a block without any is bad)
+        data, bad = bin_blocks(data, bad, b)
         psf = binned_psf(psf)
     # Matched filter by FFT (sep's direct filtering is ~15x slower on 4k² images): the smoothed
     # image S = I ⊗ P has noise σ_S = rms √(Σ P²) for white sky noise (b × rms in a b × b block's sum), so
@@ -162,16 +155,6 @@ def detect_sources(science: Exposure, config: KernelSourceConfig, background=Non
     x0, y0 = science.xy0
     shift = 0.5 * (b - 1)  # (a binned pixel's centre in the pixels it sums)
     return pd.DataFrame({"x": objects["x"] * b + shift + x0, "y": objects["y"] * b + shift + y0})
-
-
-def _block_sums(a: np.ndarray, b: int) -> np.ndarray:
-    """Sums of the ``b × b`` blocks of ``a`` (whose sides are multiples of ``b``), in ``a``'s dtype."""
-    out = a[::b, ::b].copy()
-    for j in range(b):
-        for i in range(b):
-            if i or j:
-                out += a[j::b, i::b]
-    return out
 
 
 def binned_psf(psf: np.ndarray) -> np.ndarray:
