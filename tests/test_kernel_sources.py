@@ -132,6 +132,35 @@ def test_binned_detection_finds_the_stars_unbinned_detection_finds(monkeypatch):
     assert len(binned) <= len(full) + 2  # (no crop of spurious detections from the binning)
 
 
+def test_binned_background_is_the_full_resolution_one_at_a_quarter_of_the_pixels(monkeypatch):
+    import diffim_dag.psf.estimate as est
+    from diffim_dag.stages import kernel_sources as ks
+
+    # what is left of a sky after its subtraction (a slope and a broad bump of 10 counts) under stars, noise σ 5
+    sci, _, _ = make_pair(shape=(512, 512), n_stars=49, seed=7, snr_range=(12.0, 400.0))
+    yy, xx = np.mgrid[0:512, 0:512]
+    sky = 0.01 * xx - 0.005 * yy + 10.0 * np.exp(-((xx - 300.0) ** 2 + (yy - 200.0) ** 2) / (2 * 150.0**2))
+    img, var, msk = sci.arrays()
+    sci = Exposure.from_arrays(img + sky.astype(np.float32), var, msk, xy0=sci.xy0, psf=sci.psf, info=sci.info)
+    config = KernelSourceConfig()
+    monkeypatch.setattr(est, "BIN_PIXELS", 10**12)
+    full = ks.science_background(sci, config)
+    monkeypatch.setattr(est, "BIN_PIXELS", 0)  # binned 2×2
+    b, binned, _ = ks.binned_science(sci, config)
+    block = ks.science_background(sci, config)
+    assert b == 2 and binned.shape == (256, 256) and isinstance(block.level, ks.BlockLevel)
+    assert block.level.nbytes == 256 * 256 * 4
+    # the level of every pixel, from its block: the full-resolution mesh's to a small fraction of the noise
+    rows, cols = np.mgrid[16:496:3, 16:496:3]
+    assert np.abs(block.level[rows, cols] - full.level[rows, cols]).max() < 0.2 * 5.0
+    assert np.median(np.abs(block.level[rows, cols] - sky[rows, cols])) < 0.05 * 5.0
+    # a block's own value, repeated over its pixels (the last row and column of an odd side: the last block's)
+    assert block.level[np.array([6, 7]), np.array([9, 8])].tolist() == [block.level.binned[3, 4] / 4] * 2
+    # the rms: a sum of 4 pixels' noise, twice a pixel's
+    ratio = block.rms.sampled(8) / full.rms.sampled(16)[: 32, : 32]
+    assert np.median(ratio) == pytest.approx(2.0, rel=0.05)
+
+
 def test_binned_psf_is_the_odd_centred_matched_filter_of_a_binned_star():
     from diffim_dag.stages.kernel_sources import binned_psf
 

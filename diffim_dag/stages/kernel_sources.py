@@ -72,14 +72,54 @@ def _bad_bits(exposure: Exposure, config: KernelSourceConfig) -> int:
     return exposure.bitmask([p for p in config.bad_mask_planes if p in exposure.mask_planes])
 
 
-def science_background(science: Exposure, config: KernelSourceConfig):
-    """The mesh background of the science image (bad planes excluded), shared by detection and measurement: the
-    level as a plane (the measurement takes it at its stamps), the rms as a :class:`~diffim_dag.noise.MeshMap`
-    (the detection takes it strip by strip: no second 64 MB plane for a 4096² frame)."""
+class BlockLevel:
+    """The level map of a mesh measured on an image binned ``b × b`` (block sums), indexed like the plane of the
+    full-resolution image (``level[rows, cols]``, integer index arrays): each pixel takes its block's level over
+    ``b²`` (the last block where the binning left a row or column out).  The map is smooth on the mesh's scale
+    (boxes of 32 blocks): within a block it varies far below the noise."""
+
+    def __init__(self, binned: np.ndarray, b: int):
+        self.binned, self.b = binned, int(b)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.binned.nbytes)
+
+    def __getitem__(self, index):
+        rows, cols = index
+        ny, nx = self.binned.shape
+        iy = np.minimum(np.asarray(rows) // self.b, ny - 1)
+        ix = np.minimum(np.asarray(cols) // self.b, nx - 1)
+        return self.binned[iy, ix] * np.float32(1.0 / (self.b * self.b))
+
+
+def binned_science(science: Exposure, config: KernelSourceConfig) -> tuple[int, np.ndarray, np.ndarray]:
+    """``(b, image, bad)``: the science image its kernel sources are detected on, and its bad pixels: the image
+    itself (``b`` = 1) or, from :data:`~diffim_dag.psf.estimate.BIN_PIXELS`, its 2×2 block sums as the PSF star
+    finder bins it (:func:`~diffim_dag.psf.estimate.bin_blocks`: a block's bad pixels count as the mean of its
+    good ones; a block without any is bad)."""
+    from ..psf.estimate import BIN_PIXELS, bin_blocks
+
     img, _, msk = science.arrays()
     bad = has_bits(msk, _bad_bits(science, config))
-    level, rms, global_level, global_rms = background_mesh(img, bad, box=BACKGROUND_BOX)
-    return BackgroundModel(level=level.rows(slice(0, img.shape[0])), rms=rms, global_level=global_level,
+    if img.size < BIN_PIXELS:
+        return 1, img, bad
+    return (2, *bin_blocks(img, bad, 2))
+
+
+def science_background(science: Exposure, config: KernelSourceConfig, binned=None):
+    """The mesh background of the science image (bad planes excluded), shared by detection and measurement: the
+    level as a plane (the measurement takes it at its stamps), the rms as a :class:`~diffim_dag.noise.MeshMap`
+    (the detection takes it strip by strip: no second 64 MB plane for a 4096² frame).
+
+    Measured on the image the sources are detected on (``binned``: :func:`binned_science`, made here when None):
+    a binned one with boxes of ``BACKGROUND_BOX / b`` blocks, the same boxes on the sky with a quarter of the
+    pixels to sort, as the PSF star finder measures its own.  Its rms is then that of a block's sum, and its level
+    a :class:`BlockLevel`."""
+    b, data, bad = binned if binned is not None else binned_science(science, config)
+    level, rms, global_level, global_rms = background_mesh(data, bad, box=BACKGROUND_BOX // b)
+    level = level.rows(slice(0, data.shape[0]))
+    return BackgroundModel(level=level if b == 1 else BlockLevel(level, b), rms=rms, global_level=global_level,
                            global_rms=global_rms)
 
 
@@ -99,8 +139,9 @@ def detect_kernel_sources(science: Exposure, config: KernelSourceConfig, *, dete
     """The science's background (:func:`science_background`) and, with ``detect``, its sources
     (:func:`detect_sources`): the part of the selection that needs neither the template nor the variance
     scaling, so that it can run as soon as the science's input stages are done."""
-    background = science_background(science, config)
-    table = detect_sources(science, config, background) if detect else None
+    binned = binned_science(science, config)
+    background = science_background(science, config, binned)
+    table = detect_sources(science, config, background, binned) if detect else None
     return SourceDetection(dataclasses.replace(background, rms=None), table)
 
 
@@ -114,40 +155,36 @@ def correlate_in_strips(image: np.ndarray, kernel: np.ndarray, *, strip: int = 1
     return fft_convolve_strips(image, flipped, strip=strip).astype(image.dtype, copy=False)
 
 
-def detect_sources(science: Exposure, config: KernelSourceConfig, background=None) -> pd.DataFrame:
+def detect_sources(science: Exposure, config: KernelSourceConfig, background=None, binned=None) -> pd.DataFrame:
     """Detect on the background-subtracted science image smoothed with its PSF (matched filter); an image of
-    :data:`~diffim_dag.psf.estimate.BIN_PIXELS` or more binned 2×2 first, as the PSF star finder bins it
-    (:func:`~diffim_dag.psf.estimate.bin_blocks`), and filtered with the PSF binned alike (:func:`binned_psf`): a
-    star stays a star, and the transforms and the extraction cost a quarter.
+    :data:`~diffim_dag.psf.estimate.BIN_PIXELS` or more binned 2×2 first (``binned``: :func:`binned_science`, made
+    here when None), its background measured on the binned image (:func:`science_background`), and filtered with
+    the PSF binned alike (:func:`binned_psf`): a star stays a star, and the mesh, the transforms and the extraction
+    cost a quarter.
 
     Returns a table with ``x``, ``y`` (parent pixels).
     """
-    from ..psf.estimate import BIN_PIXELS, bin_blocks, sep_extract
+    from ..psf.estimate import sep_extract
 
-    img, var, msk = science.arrays()
-    bad = has_bits(msk, _bad_bits(science, config))
-    bkg = background if background is not None else science_background(science, config)
-    data = np.subtract(img, bkg.level, dtype=np.float32)  # (one plane: the bad pixels zeroed in it)
-    np.copyto(data, np.float32(0), where=bad)
+    b, data, bad = binned if binned is not None else binned_science(science, config)
+    bkg = background if background is not None else science_background(science, config, (b, data, bad))
+    data = np.subtract(data, bkg.level if b == 1 else bkg.level.binned, dtype=np.float32)
+    np.copyto(data, np.float32(0), where=bad)  # (one plane: the bad pixels zeroed in it)
     cx, cy = science.center
     psf = science.psf.kernel_image(cx, cy)
-    b = 2 if data.size >= BIN_PIXELS else 1
-    if b > 1:  # (a block's bad pixels count as the mean of its good ones; a block without any is bad)
-        data, bad = bin_blocks(data, bad, b)
+    if b > 1:
         psf = binned_psf(psf)
     # Matched filter by FFT (sep's direct filtering is ~15x slower on 4k² images): the smoothed
-    # image S = I ⊗ P has noise σ_S = rms √(Σ P²) for white sky noise (b × rms in a b × b block's sum), so
+    # image S = I ⊗ P has noise σ_S = rms √(Σ P²) for white sky noise (rms: a pixel's, or a block's sum's), so
     # thresholding S at detection_threshold × σ_S is the "N σ after smoothing with the PSF" criterion.
     # Thresholding the significance S/σ_S at detection_threshold (sep with no err) is the same
     # criterion and needs no second full-frame map.
     significance = correlate_in_strips(data, psf)
     del data
-    norm = np.float32(b * math.sqrt(float((psf**2).sum())))
+    norm = np.float32(math.sqrt(float((psf**2).sum())))
     with np.errstate(divide="ignore", invalid="ignore"):
         for s in row_strips(significance.shape[0]):
-            # (binned: the smooth mesh σ at each block's first pixel)
-            rms = rows_of(bkg.rms, s) if b == 1 else rows_of(bkg.rms, slice(s.start * b, s.stop * b, b))[:, ::b]
-            significance[s] /= rms[:, : significance.shape[1]] * norm
+            significance[s] /= rows_of(bkg.rms, s) * norm
     significance[bad | ~np.isfinite(significance)] = 0.0
     # (a source's pixels above the threshold: b² times fewer binned)
     objects = sep_extract(significance, float(config.detection_threshold), None, bad, filter_kernel=None,
