@@ -3,8 +3,8 @@ r"""Selection of the stars that constrain the PSF-matching kernel.
 Given a catalog (columns ``x``, ``y`` in parent pixels) or, when none is given,
 detections on the science image (``sep.extract`` with the PSF as matched filter,
 threshold ``detection_threshold`` σ of the filtered background noise; an image of 4 Mpix or more binned 2×2
-first, as the PSF star finder bins it), every source is measured and cut, in this order (the count each cut removes
-is recorded):
+first, and its mesh background measured on the binned image, as the PSF star finder does), every source is measured
+and cut, in this order (the count each cut removes is recorded):
 
 ``outside``
     the stamp (side ``2 × kernel_size + 1``) leaves either image;
