@@ -127,6 +127,22 @@ def test_fourier_shift_moves_content_by_the_offset():
     assert window_centroid(moved, 1.3) == pytest.approx((0.4, -0.3), abs=1e-3)
 
 
+def test_spatial_model_least_squares_are_lstsq_by_normal_equations_or_svd(rng):
+    """The PSF's spatial solve: lstsq's solution from the normal equations of a well-conditioned design (to
+    round-off), and lstsq's own (minimum-norm) solution for a rank-deficient one."""
+    import diffim_dag.psf.estimate as est
+
+    u, v = rng.uniform(-1, 1, 300), rng.uniform(-1, 1, 300)
+    design = est._chebyshev(u, v, 2)  # 6 Chebyshev terms over stars spread across the frame
+    b = rng.normal(size=(300, 1369))
+    x = est._least_squares(design, b)
+    assert np.linalg.cond(design.T @ design) < est.NORMAL_EQUATIONS_MAX_CONDITION
+    np.testing.assert_allclose(x, np.linalg.lstsq(design, b, rcond=None)[0], rtol=0, atol=1e-12)
+    collinear = np.column_stack([design[:, :3], design[:, 1]])  # a repeated column: no unique solution
+    np.testing.assert_array_equal(est._least_squares(collinear, b), np.linalg.lstsq(collinear, b, rcond=None)[0])
+    assert est._least_squares(np.zeros((300, 0)), b).shape == (0, 1369)
+
+
 def test_binned_detection_image_skips_bad_pixels(rng):
     """Each 2×2 (3×3) block is the sum of its good pixels scaled to the block's size, whether a few pixels are
     bad (the blocks that hold them summed again) or much of the frame is (a masked copy); no good pixel: empty."""

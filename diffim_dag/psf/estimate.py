@@ -446,6 +446,23 @@ def fit_stars(stamps: np.ndarray, weights: np.ndarray, model: np.ndarray, dx: np
     return flux, dx, dy
 
 
+#: :func:`_least_squares` solves the normal equations of a design whose condition number (that of AᵀA) is below this:
+#: their solution then agrees with the SVD's to ~1e-10 of its size (the double-precision round-off times it).
+NORMAL_EQUATIONS_MAX_CONDITION = 1e6
+
+
+def _least_squares(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``np.linalg.lstsq(a, b)[0]`` for a tall design ``a`` (few columns) and many right-hand sides ``b``: by the
+    normal equations ``(AᵀA) x = Aᵀb`` where ``AᵀA`` is well conditioned (:data:`NORMAL_EQUATIONS_MAX_CONDITION`),
+    by the SVD otherwise (a rank-deficient design gets lstsq's minimum-norm solution).  The PSF's spatial model
+    solves a Chebyshev design of ≤ 6 terms over ~300 stars for every pixel of the stamp (1369 columns at 37²), in
+    its cross-validation folds too: lstsq took ~2 ms a solve, the normal equations ~0.2 ms."""
+    ata = a.T @ a
+    if ata.size and np.linalg.cond(ata) < NORMAL_EQUATIONS_MAX_CONDITION:
+        return np.linalg.solve(ata, a.T @ b)
+    return np.linalg.lstsq(a, b, rcond=None)[0]
+
+
 def _chebyshev(u: np.ndarray, v: np.ndarray, order: int) -> np.ndarray:
     """Terms T_i(u) T_j(v), i + j ≤ order, as columns (u, v in [-1, 1])."""
     from numpy.polynomial import chebyshev as C
@@ -518,7 +535,7 @@ def spatial_model(stamps: np.ndarray, weights: np.ndarray, base: np.ndarray, x: 
         a = design(u[sel], v[sel], order) * sw[sel][:, None]
         if a.shape[1] == 0:
             return np.zeros((0, resid.shape[1]))
-        return np.linalg.lstsq(a, resid[sel] * sw[sel][:, None], rcond=None)[0]
+        return _least_squares(a, resid[sel] * sw[sel][:, None])
 
     def cv_error(order, sel):
         idx = np.flatnonzero(sel)
