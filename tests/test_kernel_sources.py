@@ -154,8 +154,11 @@ def test_binned_background_is_the_full_resolution_one_at_a_quarter_of_the_pixels
     rows, cols = np.mgrid[16:496:3, 16:496:3]
     assert np.abs(block.level[rows, cols] - full.level[rows, cols]).max() < 0.2 * 5.0
     assert np.median(np.abs(block.level[rows, cols] - sky[rows, cols])) < 0.05 * 5.0
-    # a block's own value, repeated over its pixels (the last row and column of an odd side: the last block's)
+    # a block's own value, repeated over its pixels
     assert block.level[np.array([6, 7]), np.array([9, 8])].tolist() == [block.level.binned[3, 4] / 4] * 2
+    # an odd side's last row and column, which the binning left out, take the last block's
+    odd = ks.BlockLevel(np.arange(6, dtype=np.float32).reshape(2, 3), 2)  # a 5 × 7 image's blocks
+    assert odd[np.array([4, 4, 3]), np.array([6, 5, 1])].tolist() == [5 / 4, 5 / 4, 3 / 4]
     # the rms: a sum of 4 pixels' noise, twice a pixel's
     ratio = block.rms.sampled(8) / full.rms.sampled(16)[: 32, : 32]
     assert np.median(ratio) == pytest.approx(2.0, rel=0.05)
