@@ -31,6 +31,17 @@ def test_alard_lupton_count_and_normalization(degrees):
     assert np.linalg.matrix_rank(b.reshape(len(b), -1)) == len(b)
 
 
+def test_renormalization_transform_gives_the_renormalized_images(rng):
+    from diffim_dag.kernels.basis import renormalize_basis
+
+    raw = rng.normal(size=(6, 11, 11))
+    raw[0] += 1.0  # (basis 0 must not sum to 0)
+    images, transform = renormalize_basis(raw, with_transform=True)
+    np.testing.assert_array_equal(images, renormalize_basis(raw))  # the same arithmetic on the images
+    np.testing.assert_allclose(np.tensordot(transform, raw, axes=1), images, rtol=0, atol=1e-14)
+    assert images[0].sum() == pytest.approx(1.0) and np.allclose(images[1:].sum(axis=(1, 2)), 0.0, atol=1e-12)
+
+
 def test_default_basis_has_27_functions_and_odd_symmetry():
     basis = basis_from_config(KernelConfig(), 2.0 * FWHM_PER_SIGMA, 3.0 * FWHM_PER_SIGMA)
     assert basis.n == 27 and basis.kind == "alard-lupton"

@@ -165,15 +165,7 @@ class SeparableBasis:
         raw = filters[along_y][:, :, None] * filters[along_x][:, None, :]
         if raw.shape != images.shape:
             return None
-        # renormalize_basis's steps on the coefficients: basis 0 to unit sum, the others less their sum × basis 0,
-        # then to unit norm
-        n = raw.shape[0]
-        sums = raw.sum(axis=(1, 2))
-        transform = np.eye(n)
-        transform[0, 0] = 1.0 / sums[0]
-        for k in range(1, n):
-            transform[k, 0] = -sums[k] / sums[0]
-            transform[k] /= math.sqrt(float((np.tensordot(transform[k], raw, axes=1) ** 2).sum()))
+        _, transform = renormalize_basis(raw, with_transform=True)  # (the renormalization's coefficients)
         rebuilt = np.tensordot(transform, raw, axes=1)
         if not np.allclose(rebuilt, images, rtol=0.0, atol=1e-12 * float(np.abs(images).max())):
             return None
@@ -231,8 +223,11 @@ def kernel_size_for_widths(sigmas, *, factor: float = 6.0, min_size: int = 21, m
     return int(min(max(_odd(factor * max(sigmas)), min_size), max_size))
 
 
-def renormalize_basis(images: np.ndarray) -> np.ndarray:
+def renormalize_basis(images: np.ndarray, *, with_transform: bool = False):
     r"""Basis 0 → unit sum; others → :math:`B_k - (\sum B_k) B_0`, then unit L2 norm.
+
+    ``with_transform``: also the matrix :math:`T` of those steps, ``result = tensordot(T, images, 1)`` to
+    round-off (the coefficients of each renormalized image on the ``images`` given: :class:`SeparableBasis`).
 
     Raises
     ------
@@ -240,17 +235,22 @@ def renormalize_basis(images: np.ndarray) -> np.ndarray:
         If basis 0 sums to zero or a basis vanishes after the subtraction.
     """
     out = np.array(images, dtype=np.float64)
+    transform = np.eye(out.shape[0])
     s0 = out[0].sum()
     if s0 == 0:
         raise ValueError("basis 0 sums to 0 and cannot carry the kernel sum")
     out[0] /= s0
+    transform[0] /= s0
     for k in range(1, out.shape[0]):
-        out[k] -= out[k].sum() * out[0]
+        total = out[k].sum()
+        out[k] -= total * out[0]
+        transform[k] -= total * transform[0]
         norm = math.sqrt(float((out[k] ** 2).sum()))
         if norm == 0:
             raise ValueError(f"basis {k} vanishes after removing its sum")
         out[k] /= norm
-    return out
+        transform[k] /= norm
+    return (out, transform) if with_transform else out
 
 
 def alard_lupton_basis(size: int, sigmas, degrees) -> np.ndarray:
@@ -272,7 +272,7 @@ def alard_lupton_basis(size: int, sigmas, degrees) -> np.ndarray:
 
 
 def _powers(degree: int) -> list[tuple[int, int]]:
-    """The ``(p, q)`` powers of :math:`\hat u^p \hat v^q` of one Gaussian, in the basis's order: by total degree,
+    r"""The ``(p, q)`` powers of :math:`\hat u^p \hat v^q` of one Gaussian, in the basis's order: by total degree,
     then by decreasing power of ``u``."""
     return [(d - j, j) for d in range(degree + 1) for j in range(d + 1)]
 
