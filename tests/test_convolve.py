@@ -291,22 +291,32 @@ def test_fft_convolve_equals_scipy_signal_bit_for_bit(dtype, mode):
         np.testing.assert_array_equal(got, expected)
 
 
-def test_fft_convolve_in_strips_equals_the_whole_frame():
-    from diffim_dag.kernels.convolve import fft_convolve, fft_convolve_strips
+def test_fft_convolve_in_blocks_equals_the_whole_frame():
+    from diffim_dag.kernels.convolve import fft_convolve, fft_convolve_blocks
 
     rng = np.random.default_rng(4)
     a = rng.normal(size=(333, 210))
-    k = rng.uniform(size=(15, 15))
-    np.testing.assert_allclose(fft_convolve_strips(a, k, strip=64), fft_convolve(a, k), rtol=0, atol=1e-12)
-    np.testing.assert_array_equal(fft_convolve_strips(a, k, strip=400), fft_convolve(a, k))  # one strip
-    # strips on two threads, cast and masked as the matched filter asks: the values of the strips in turn, and of
-    # each strip convolved on its own (the kernel's transform made once per strip shape changes nothing)
+    k = rng.uniform(size=(15, 13))
+    whole = fft_convolve(a, k)
+    # blocks of rows only, of both, ragged at the far edges, and an even kernel side
+    for rows, columns in ((64, None), (64, 50), (100, 211), (333, 7)):
+        np.testing.assert_allclose(fft_convolve_blocks(a, k, rows=rows, columns=columns), whole, rtol=0, atol=1e-12)
+    even = rng.uniform(size=(8, 6))
+    np.testing.assert_allclose(fft_convolve_blocks(a, even, rows=40, columns=30), fft_convolve(a, even), rtol=0,
+                               atol=1e-12)
+    np.testing.assert_array_equal(fft_convolve_blocks(a, k, rows=400, columns=None), whole)  # one block
+    # blocks on two threads, cast and masked as the matched filter asks: the values of the blocks in turn, and of
+    # each block convolved on its own (the kernel's transform made once per block shape changes nothing)
     zero = rng.uniform(size=a.shape) < 0.02
-    in_turn = fft_convolve_strips(a, k, strip=64, zero=zero, dtype=np.float32)
-    np.testing.assert_array_equal(fft_convolve_strips(a, k, strip=64, zero=zero, dtype=np.float32, workers=2), in_turn)
+    in_turn = fft_convolve_blocks(a, k, rows=64, columns=50, zero=zero, dtype=np.float32)
+    np.testing.assert_array_equal(
+        fft_convolve_blocks(a, k, rows=64, columns=50, zero=zero, dtype=np.float32, workers=2), in_turn)
     masked = np.where(zero, 0.0, a).astype(np.float32)
-    h = k.shape[0] // 2
-    np.testing.assert_array_equal(in_turn[128:192], fft_convolve(masked[128 - h:192 + h], k)[h:-h])
+    hy, hx = k.shape[0] // 2, k.shape[1] // 2
+    np.testing.assert_array_equal(in_turn[128:192, 50:100],
+                                  fft_convolve(masked[128 - hy:192 + hy, 50 - hx:100 + hx], k)[hy:-hy, hx:-hx])
+    with pytest.raises(ValueError, match="2-D"):
+        fft_convolve_blocks(a[0], k[0])
 
 
 @pytest.mark.parametrize("order", [0, 1, 2, 3])

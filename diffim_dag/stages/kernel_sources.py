@@ -40,7 +40,7 @@ import pandas as pd
 from ..config import KernelSourceConfig
 from ..errors import InsufficientKernelSourcesError
 from ..exposure import Exposure
-from ..kernels.convolve import fft_convolve_strips
+from ..kernels.convolve import fft_convolve_blocks
 from ..noise import BackgroundModel, background_mesh, measure_background, row_strips, rows_of
 from ..kernels.maskops import has_bits
 
@@ -145,14 +145,15 @@ def detect_kernel_sources(science: Exposure, config: KernelSourceConfig, *, dete
     return SourceDetection(dataclasses.replace(background, rms=None), table)
 
 
-def correlate_in_strips(image: np.ndarray, kernel: np.ndarray, *, strip: int = 1024) -> np.ndarray:
-    """``image ⋆ kernel`` (cross-correlation, zero padding) by FFT in row strips with a halo.
+def correlate_in_blocks(image: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """``image ⋆ kernel`` (cross-correlation, zero padding) by FFT in blocks with a halo.
 
-    Equal to ``fftconvolve(image, kernel[::-1, ::-1], mode="same")`` but with the FFT buffers of
-    one strip at a time (a 4096² frame at once needs ~4.5× its size).
+    Equal to ``fftconvolve(image, kernel[::-1, ::-1], mode="same")`` to FFT rounding, with the FFT buffers of one
+    block at a time (:func:`~diffim_dag.kernels.convolve.fft_convolve_blocks`; a 4096² frame at once needs ~4.5× its
+    size).
     """
     flipped = np.ascontiguousarray(kernel[::-1, ::-1], dtype=image.dtype)
-    return fft_convolve_strips(image, flipped, strip=strip).astype(image.dtype, copy=False)
+    return fft_convolve_blocks(image, flipped).astype(image.dtype, copy=False)
 
 
 def detect_sources(science: Exposure, config: KernelSourceConfig, background=None, binned=None) -> pd.DataFrame:
@@ -179,7 +180,7 @@ def detect_sources(science: Exposure, config: KernelSourceConfig, background=Non
     # thresholding S at detection_threshold × σ_S is the "N σ after smoothing with the PSF" criterion.
     # Thresholding the significance S/σ_S at detection_threshold (sep with no err) is the same
     # criterion and needs no second full-frame map.
-    significance = correlate_in_strips(data, psf)
+    significance = correlate_in_blocks(data, psf)
     del data
     norm = np.float32(math.sqrt(float((psf**2).sum())))
     with np.errstate(divide="ignore", invalid="ignore"):
