@@ -306,15 +306,19 @@ def test_fft_convolve_in_blocks_equals_the_whole_frame():
                                atol=1e-12)
     np.testing.assert_array_equal(fft_convolve_blocks(a, k, rows=400, columns=None), whole)  # one block
     # blocks on two threads, cast and masked as the matched filter asks: the values of the blocks in turn, and of
-    # each block convolved on its own (the kernel's transform made once per block shape changes nothing)
-    zero = rng.uniform(size=a.shape) < 0.02
-    in_turn = fft_convolve_blocks(a, k, rows=64, columns=50, zero=zero, dtype=np.float32)
-    np.testing.assert_array_equal(
-        fft_convolve_blocks(a, k, rows=64, columns=50, zero=zero, dtype=np.float32, workers=2), in_turn)
-    masked = np.where(zero, 0.0, a).astype(np.float32)
+    # each block convolved on its own (the kernel's transform made once per block shape changes nothing).  Rows and
+    # columns are the transforms' sizes: cores of 64 × 50 here, less the kernel's side and its halo each way
     hy, hx = k.shape[0] // 2, k.shape[1] // 2
+    rows, columns = 64 + 4 * hy, 50 + 4 * hx
+    zero = rng.uniform(size=a.shape) < 0.02
+    in_turn = fft_convolve_blocks(a, k, rows=rows, columns=columns, zero=zero, dtype=np.float32)
+    np.testing.assert_array_equal(
+        fft_convolve_blocks(a, k, rows=rows, columns=columns, zero=zero, dtype=np.float32, workers=2), in_turn)
+    masked = np.where(zero, 0.0, a).astype(np.float32)
     np.testing.assert_array_equal(in_turn[128:192, 50:100],
                                   fft_convolve(masked[128 - hy:192 + hy, 50 - hx:100 + hx], k)[hy:-hy, hx:-hx])
+    assert not np.array_equal(in_turn[128:192, 46:96],
+                              fft_convolve(masked[128 - hy:192 + hy, 46 - hx:96 + hx], k)[hy:-hy, hx:-hx])
     with pytest.raises(ValueError, match="2-D"):
         fft_convolve_blocks(a[0], k[0])
 

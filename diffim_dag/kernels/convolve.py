@@ -111,13 +111,16 @@ def _fft_convolve(a: np.ndarray, k: np.ndarray, mode: str = "same", kernel_fts: 
 
 def fft_convolve_blocks(a: np.ndarray, k: np.ndarray, *, rows: int = 512, columns: int | None = 1024,
                         zero: np.ndarray | None = None, dtype=None, workers: int = 1) -> np.ndarray:
-    """:func:`fft_convolve` ``(a, k, "same")`` of a 2-D array, computed in blocks of ``rows`` × ``columns`` (None:
-    the whole width) with the kernel's half-sides of halo: the FFT buffers are those of one block (a 4096² frame at
-    once needs ~4.5× its size in transforms), the values those of the whole-frame transform to FFT rounding.
+    """:func:`fft_convolve` ``(a, k, "same")`` of a 2-D array, computed in blocks whose transforms are ``rows`` ×
+    ``columns`` (None: the whole width) — each block's core that less the kernel's side and its halo, the
+    kernel's half-side each way — so that the FFT buffers are those of one block (a 4096² frame at once needs
+    ~4.5× its size in transforms), the values those of the whole-frame transform to FFT rounding.
 
-    Blocks of 512 × 1024 (transforms of ~560 × 1080) took 0.71× the time of strips of 512 rows across a 4096² frame
-    (transforms of ~560 × 4125), the same sums: 0.25 s against 0.36 s for a 25² kernel, one thread; 0.06 s against
-    0.10 s for a 2048² frame and a 13² kernel (strips of 1024 rows).
+    Transforms of 512 × 1024 took 0.72–0.78× the CPU of strips of 512 rows across a 4096² frame (~560 × 4125
+    transforms), the same sums: 0.25–0.30 s against 0.32–0.36 s for a 25² kernel, one thread, in three
+    interleaved rounds (cores of 512 × 1024, ~560 × 1080 transforms: 0.27–0.32 s); 0.05 s against 0.10 s for a
+    2048² frame and a 13² kernel (strips of 1024 rows).  A core of less than half the transform takes half of it
+    instead (larger transforms).
 
     ``zero`` (boolean, ``a``'s shape) and ``dtype``: convolve ``a`` cast to ``dtype`` with 0 where ``zero`` is
     set, block by block, without making that whole-frame copy (the same values as convolving the copy).
@@ -130,7 +133,13 @@ def fft_convolve_blocks(a: np.ndarray, k: np.ndarray, *, rows: int = 512, column
         raise ValueError(f"fft_convolve_blocks: 2-D arrays only, got {a.ndim} and {np.ndim(k)} dimensions")
     hy, hx = k.shape[0] // 2, k.shape[1] // 2
     ny, nx = a.shape
-    rows, columns = max(int(rows), 1), nx if columns is None else max(int(columns), 1)
+
+    def core(n_fft, side, half):  # a block's core whose "full" convolution with the halo is n_fft long
+        n_fft = max(int(n_fft), 2)
+        return max(n_fft - (side - 1) - 2 * half, n_fft // 2)
+
+    rows = core(rows, k.shape[0], hy)
+    columns = nx if columns is None else core(columns, k.shape[1], hx)
     workers = (os.cpu_count() or 1) if workers < 0 else max(int(workers), 1)
 
     def piece(ys: slice, xs: slice):
