@@ -618,23 +618,33 @@ def prepare_detection(
         # ν = S / sqrt(s² V_S + ε² M_S²): residuals that scale with the static source.  In turn, the template is
         # filtered first and its bright static peaks found, so that its variance is gone before the difference's
         # planes are made (a 4096² image: 0.13 GB less at this step)
+        stdev_bits = bits_of(planes, list(config.bad_peak_mask_planes) + no_data)
+
+        def own_significance(workers: int):
+            """The difference's matched filter, its significance and, for ``pixel_stdev``, the clipped σ of that
+            significance: none of them needs the template."""
+            smoothed, svar = det.matched_filter(img, var, psf_image, bad=nodata, workers=workers)
+            score = det.significance_image(smoothed, svar, workers=workers)
+            sigma = None
+            if config.threshold_type == "pixel_stdev":
+                flat_svar = svar.reshape(-1)
+                sigma = _significance_stdev(score, msk, stdev_bits, lambda s: flat_svar[s] > 0)
+            return smoothed, svar, score, sigma
+
         if systematic_term and config.fft_workers > 1:
             # with the machine's cores: the template's filter and the difference's at once, a thread each (each
-            # alone left a core idle in its whole-frame NumPy passes between the FFT strips; the same values, which
-            # the strips' threads do not change; the in-process 4096² run's peak, elsewhere, the same)
+            # alone left a core idle in its whole-frame NumPy passes between the FFT blocks; the same values, which
+            # the blocks' threads do not change; the in-process 4096² run's peak, elsewhere, the same).  The
+            # difference's thread also makes the significance and its σ, while the other finds the template's
+            # static peaks: they had waited for those, on one core
             solo = dataclasses.replace(config, fft_workers=1)
-            static, (smoothed, svar) = map_on_threads(
+            static, (smoothed, svar, score, significance_stdev) = map_on_threads(
                 lambda f: f(), [lambda: _static_sources(tmp, msk, planes, no_data, nodata, psf_image, solo),
-                                lambda: det.matched_filter(img, var, psf_image, bad=nodata, workers=1)],
+                                lambda: own_significance(1)],
                 config.fft_workers)
         else:
             static = _static_sources(tmp, msk, planes, no_data, nodata, psf_image, config) if systematic_term else None
-            smoothed, svar = det.matched_filter(img, var, psf_image, bad=nodata, workers=config.fft_workers)
-        score = det.significance_image(smoothed, svar, workers=config.fft_workers)
-        if config.threshold_type == "pixel_stdev":
-            flat_svar = svar.reshape(-1)
-            significance_stdev = _significance_stdev(score, msk, bits_of(planes, list(config.bad_peak_mask_planes)
-                                                                         + no_data), lambda s: flat_svar[s] > 0)
+            smoothed, svar, score, significance_stdev = own_significance(config.fft_workers)
         factor = significance_stdev or 1.0
         if static is not None:
             m_s, systematic = _systematic_term(static, smoothed, svar, factor, config)
