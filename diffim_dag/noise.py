@@ -394,13 +394,20 @@ def _source_excess(image: np.ndarray, level: np.ndarray, rms) -> np.ndarray:
     return out
 
 
-def _excess_rows(image, level, rms, s: slice) -> np.ndarray:
-    """Rows ``s`` of :func:`_source_excess` (float32), from those rows and two on each side."""
-    ny = image.shape[0]
-    lo, hi = max(s.start - 2, 0), min(s.stop + 2, ny)
-    ex = np.subtract(np.asarray(image[lo:hi], dtype=np.float32), rows_of(level, slice(lo, hi)), dtype=np.float32)
+def _halo_rows(s: slice, n_rows: int) -> slice:
+    """Rows ``s`` and two on each side (within ``n_rows``): what :func:`_excess_rows` reads."""
+    return slice(max(s.start - 2, 0), min(s.stop + 2, n_rows))
+
+
+def _excess_rows(image, level, rms, s: slice, sigma: np.ndarray | None = None) -> np.ndarray:
+    """Rows ``s`` of :func:`_source_excess` (float32), from those rows and two on each side (``sigma``: the rows
+    :func:`_halo_rows` of ``rms``, when the caller has them)."""
+    halo = _halo_rows(s, image.shape[0])
+    lo = halo.start
+    ex = np.subtract(np.asarray(image[halo], dtype=np.float32), rows_of(level, halo), dtype=np.float32)
     np.nan_to_num(ex, copy=False)
-    sigma = rows_of(rms, slice(lo, hi))
+    if sigma is None:
+        sigma = rows_of(rms, halo)
     above = box_mean3(ex, mode="nearest") > sigma
     significant = grow_cross(above)[s.start - lo:s.stop - lo]
     strip = np.maximum(ex[s.start - lo:s.stop - lo], np.float32(0.0))
@@ -497,15 +504,21 @@ def build_variance(
     var = np.empty(img.shape, dtype=np.float32)
     for s in row_strips(img.shape[0]):
         out = var[s]
+        # the σ rows once: the sky term's and the source test's (which reads two rows more each side)
+        halo = _halo_rows(s, img.shape[0])
+        sigma = noise.rows(halo) if divisor is not None else None
         if header is not None:
             np.maximum(level[s], np.float32(0.0), out=out)
             out /= header[0]
             out += header[1]
+        elif sigma is not None:
+            own = sigma[s.start - halo.start:s.stop - halo.start]
+            np.multiply(own, own, out=out)
         else:
             noise.rows(s, out=out)
             out *= out
         if divisor is not None:
-            src = _excess_rows(img, level, noise, s)
+            src = _excess_rows(img, level, noise, s, sigma)
             src /= np.float32(divisor)
             out += src
     log.info("%s: variance plane built from %s", source, how)
