@@ -292,7 +292,7 @@ def test_fft_convolve_equals_scipy_signal_bit_for_bit(dtype, mode):
 
 
 def test_fft_convolve_in_blocks_equals_the_whole_frame():
-    from diffim_dag.kernels.convolve import fft_convolve, fft_convolve_blocks
+    from diffim_dag.kernels.convolve import _block_edges, fft_convolve, fft_convolve_blocks
 
     rng = np.random.default_rng(4)
     a = rng.normal(size=(333, 210))
@@ -306,8 +306,7 @@ def test_fft_convolve_in_blocks_equals_the_whole_frame():
                                atol=1e-12)
     np.testing.assert_array_equal(fft_convolve_blocks(a, k, rows=400, columns=None), whole)  # one block
     # blocks on two threads, cast and masked as the matched filter asks: the values of the blocks in turn, and of
-    # each block convolved on its own (the kernel's transform made once per block shape changes nothing).  Rows and
-    # columns are the transforms' sizes: cores of 64 × 50 here, less the kernel's side and its halo each way
+    # each block convolved on its own (the kernel's transform made once per block shape changes nothing)
     hy, hx = k.shape[0] // 2, k.shape[1] // 2
     rows, columns = 64 + 4 * hy, 50 + 4 * hx
     zero = rng.uniform(size=a.shape) < 0.02
@@ -315,12 +314,30 @@ def test_fft_convolve_in_blocks_equals_the_whole_frame():
     np.testing.assert_array_equal(
         fft_convolve_blocks(a, k, rows=rows, columns=columns, zero=zero, dtype=np.float32, workers=2), in_turn)
     masked = np.where(zero, 0.0, a).astype(np.float32)
-    np.testing.assert_array_equal(in_turn[128:192, 50:100],
-                                  fft_convolve(masked[128 - hy:192 + hy, 50 - hx:100 + hx], k)[hy:-hy, hx:-hx])
-    assert not np.array_equal(in_turn[128:192, 46:96],
-                              fft_convolve(masked[128 - hy:192 + hy, 46 - hx:96 + hx], k)[hy:-hy, hx:-hx])
+    (y0, y1), (x0, x1) = _block_edges(a.shape[0], k.shape[0], rows)[2], _block_edges(a.shape[1], k.shape[1], columns)[1]
+    np.testing.assert_array_equal(in_turn[y0:y1, x0:x1],
+                                  fft_convolve(masked[y0 - hy:y1 + hy, x0 - hx:x1 + hx], k)[hy:-hy, hx:-hx])
+    assert not np.array_equal(in_turn[y0:y1, x0 - 4:x1 - 4],
+                              fft_convolve(masked[y0 - hy:y1 + hy, x0 - 4 - hx:x1 - 4 + hx], k)[hy:-hy, hx:-hx])
     with pytest.raises(ValueError, match="2-D"):
         fft_convolve_blocks(a[0], k[0])
+
+
+def test_block_edges_cover_the_axis_with_the_least_estimated_work():
+    """Each axis is cut into blocks that cover it once, in order; of the layouts tried, the one of least work: a
+    4096² frame and a 25² kernel in cores of 464 × 976 (transforms of 512 × 1024, the ragged blocks last), a 1024²
+    frame in two blocks of 512 rows and one of all its columns (no ragged blocks of 96 and 48)."""
+    from diffim_dag.kernels.convolve import _block_edges
+
+    for n, side, n_fft in [(4096, 25, 512), (4096, 25, 1024), (1024, 25, 512), (1024, 25, 1024), (333, 15, 92),
+                           (100, 3, 512), (7, 13, 512)]:
+        edges = _block_edges(n, side, n_fft)
+        assert edges[0][0] == 0 and edges[-1][1] == n
+        assert all(b > a for a, b in edges) and all(e[1] == f[0] for e, f in zip(edges, edges[1:]))
+    assert [b - a for a, b in _block_edges(4096, 25, 512)] == [464] * 8 + [384]
+    assert [b - a for a, b in _block_edges(4096, 25, 1024)] == [976] * 4 + [192]
+    assert [b - a for a, b in _block_edges(1024, 25, 512)] == [512, 512]
+    assert _block_edges(1024, 25, 1024) == [(0, 1024)]
 
 
 @pytest.mark.parametrize("order", [0, 1, 2, 3])
