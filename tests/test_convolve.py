@@ -321,6 +321,7 @@ def test_fft_convolve_in_blocks_equals_the_whole_frame():
                               fft_convolve(masked[y0 - hy:y1 + hy, x0 - 4 - hx:x1 - 4 + hx], k)[hy:-hy, hx:-hx])
     with pytest.raises(ValueError, match="2-D"):
         fft_convolve_blocks(a[0], k[0])
+    assert fft_convolve_blocks(np.zeros((0, 5)), k).size == 0  # (an empty image: the whole-frame call's answer)
 
 
 def test_block_edges_cover_the_axis_with_the_least_estimated_work():

@@ -174,7 +174,7 @@ def fft_convolve_blocks(a: np.ndarray, k: np.ndarray, *, rows: int = 512, column
             np.copyto(part, 0, where=zero[ys, xs])
         return part
 
-    if len(row_edges) == 1 and len(column_edges) == 1:
+    if len(row_edges) <= 1 and len(column_edges) <= 1:  # (one block, or an empty image)
         with scipy.fft.set_workers(workers):
             return fft_convolve(piece(slice(None), slice(None)), k, "same")
     kernel_fts: dict = {}  # (two threads meeting a new block shape at once both make its transform: the same)
