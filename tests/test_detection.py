@@ -91,7 +91,9 @@ def test_matched_filter_significance_is_unit_normal_on_noise(rng):
 def test_matched_filter_does_not_depend_on_its_threads(rng):
     """In process the matched filter's blocks run on every core, on a cluster on one: the same blocks, so the
     same values (a subtraction and a batch of one write the same bits), on a frame of several blocks each way."""
-    rows, columns = det.MATCHED_FILTER_BLOCK
+    from diffim_dag.kernels.convolve import BLOCK_TRANSFORM
+
+    rows, columns = BLOCK_TRANSFORM
     img = rng.normal(0, 3.0, (rows * 2 + 77, columns + 90)).astype(np.float32)
     var = np.full(img.shape, 9.0, np.float32)
     bad = rng.uniform(size=img.shape) < 0.01

@@ -109,6 +109,10 @@ def _fft_convolve(a: np.ndarray, k: np.ndarray, mode: str = "same", kernel_fts: 
     return out.copy()
 
 
+#: The transforms' sides, rows × columns, that :func:`fft_convolve_blocks` cuts an image for by default (the matched
+#: filter's and the kernel-source correlation's).
+BLOCK_TRANSFORM = (512, 1024)
+
 #: :func:`_block_edges`' estimate of a layout's work: each transform's length, times this for a length that is not a
 #: power of two, plus this length per block (its calls, copies and cut).
 NOT_POWER_OF_TWO, BLOCK_COST = 1.1, 100
@@ -138,7 +142,8 @@ def _block_edges(n: int, side: int, n_fft: int) -> list[tuple[int, int]]:
     return min(layouts, key=work)
 
 
-def fft_convolve_blocks(a: np.ndarray, k: np.ndarray, *, rows: int = 512, columns: int | None = 1024,
+def fft_convolve_blocks(a: np.ndarray, k: np.ndarray, *, rows: int = BLOCK_TRANSFORM[0],
+                        columns: int | None = BLOCK_TRANSFORM[1],
                         zero: np.ndarray | None = None, dtype=None, workers: int = 1) -> np.ndarray:
     """:func:`fft_convolve` ``(a, k, "same")`` of a 2-D array, computed in blocks with the kernel's half-sides of
     halo, whose transforms are about ``rows`` × ``columns`` (None: the whole width; :func:`_block_edges` cuts each

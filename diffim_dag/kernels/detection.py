@@ -143,17 +143,13 @@ class Footprint:
 # --------------------------------------------------------------------------- matched filter
 
 
-#: The matched filter's block transforms, rows × columns (:func:`~diffim_dag.kernels.convolve.fft_convolve_blocks`).
-MATCHED_FILTER_BLOCK = (512, 1024)
-
-
 def _fftconvolve(a: np.ndarray, k: np.ndarray, workers: int = 1, *, zero: np.ndarray | None = None) -> np.ndarray:
     from .convolve import fft_convolve_blocks
 
-    # transforms of 512 × 1024, ``workers`` of them at once: a 4096² frame's need the buffers of ~1/32 of it on 1 core
-    # (1/16 on 2); the blocks, and so the values, are the same whatever the cores (in process or a batch)
-    rows, columns = MATCHED_FILTER_BLOCK
-    return fft_convolve_blocks(a, k, zero=zero, dtype=np.float32, workers=workers, rows=rows, columns=columns)
+    # transforms of 512 × 1024 (BLOCK_TRANSFORM), ``workers`` of them at once: a 4096² frame's need the buffers of
+    # ~1/32 of it on 1 core (1/16 on 2); the blocks, and so the values, are the same whatever the cores (in process or
+    # a batch)
+    return fft_convolve_blocks(a, k, zero=zero, dtype=np.float32, workers=workers)
 
 
 def matched_filter(
