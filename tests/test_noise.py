@@ -318,8 +318,13 @@ def test_source_excess_in_strips_equals_the_whole_frame():
     for y in (0, STRIP_ROWS - 2, STRIP_ROWS - 1, STRIP_ROWS, STRIP_ROWS + 1, 2 * STRIP_ROWS, ny - 1):
         img += (400 * np.exp(-((yy - y) ** 2 + (xx - rng.uniform(5, nx - 5)) ** 2) / 4.0)).astype(np.float32)
     img[STRIP_ROWS, 17] = np.nan
+    img[2 * STRIP_ROWS + 3, 40] = np.inf  # (another strip's: each strip's own non-finite pixels are made finite)
     ex = np.nan_to_num(img - level)
-    significant = ndimage.binary_dilation(ndimage.uniform_filter(ex, size=3, mode="nearest") > rms)
+    # the 3×3 mean from float64 sums of the edge-padded excess (ndimage's running sums lose the pixels after a
+    # huge value: they subtract it again)
+    p = np.pad(ex.astype(np.float64), 1, mode="edge")
+    mean = sum(p[dy:dy + ny, dx:dx + nx] for dy in range(3) for dx in range(3)) / 9.0
+    significant = ndimage.binary_dilation(mean.astype(np.float32) > rms)
     expected = np.where(significant, np.maximum(ex, 0), 0).astype(np.float32)
     got = _source_excess(img, level, rms)
     assert got.dtype == np.float32 and np.count_nonzero(got) > 100
@@ -343,12 +348,19 @@ def test_grown_rows_are_those_of_the_grown_mask(rng):
 def test_box_mean3_is_the_uniform_filter(rng, mode, dtype):
     from diffim_dag.noise import box_mean3
 
-    for shape in [(1, 1), (2, 5), (37, 23), (128, 300)]:
+    for shape in [(1, 1), (1, 4), (3, 1), (2, 2), (2, 5), (37, 23), (128, 300)]:
         a = rng.normal(50.0, 10.0, shape).astype(dtype)
         out = box_mean3(a, mode)
         assert out.dtype == dtype and out.shape == a.shape
         np.testing.assert_allclose(out, ndimage.uniform_filter(a, 3, mode=mode),
                                    rtol=1e-6 if dtype == np.float32 else 1e-13)
+        # bitwise the sums of the edge-padded float64 copy, in their order (rows, then columns)
+        p = np.pad(a.astype(np.float64), 1, mode="edge")
+        rows = p[:-2] + p[1:-1] + p[2:]
+        expected = ((rows[:, :-2] + rows[:, 1:-1] + rows[:, 2:]) * (1.0 / 9.0)).astype(dtype)
+        assert np.array_equal(out.view(np.uint8), expected.view(np.uint8))
+    with pytest.raises(ValueError, match="mode"):
+        box_mean3(np.ones((3, 3)), "wrap")
     # the largest float32 values (a frame's inf made finite) do not overflow
     top = np.full((4, 4), np.finfo(np.float32).max, np.float32)
     with np.errstate(over="raise"):
