@@ -125,6 +125,25 @@ def test_fourier_shift_moves_content_by_the_offset():
     img = MoffatPsf(fwhm_pixels=3.0).kernel_image(size=31)
     moved = fourier_shift(img[None], np.array([0.4]), np.array([-0.3]))[0]
     assert window_centroid(moved, 1.3) == pytest.approx((0.4, -0.3), abs=1e-3)
+    # in single precision: float32, the same image to float32's round-off of its peak
+    single = fourier_shift(img[None], np.array([0.4]), np.array([-0.3]), single=True)[0]
+    assert single.dtype == np.float32 and moved.dtype == np.float64
+    assert 0 < np.abs(single - moved).max() < 1e-6 * img.max()
+
+
+def test_fit_stars_finds_each_stars_flux_and_offset(rng):
+    """The Gauss–Newton fit of the PSF model to each star stamp (single-precision transforms, double sums) gives
+    each star's flux and sub-pixel offset, from a start at the stamp's centre."""
+    from diffim_dag.psf.estimate import fit_stars
+
+    model = MoffatPsf(fwhm_pixels=3.5).kernel_image(size=37)
+    dx, dy = rng.uniform(-0.5, 0.5, 40), rng.uniform(-0.5, 0.5, 40)
+    flux = rng.uniform(1e3, 1e5, 40)
+    stamps = flux[:, None, None] * fourier_shift(np.repeat(model[None], 40, axis=0), dx, dy)
+    got_flux, got_dx, got_dy = fit_stars(stamps, np.ones_like(stamps), model, np.zeros(40), np.zeros(40))
+    np.testing.assert_allclose(got_flux, flux, rtol=1e-5)
+    np.testing.assert_allclose(got_dx, dx, atol=1e-5)
+    np.testing.assert_allclose(got_dy, dy, atol=1e-5)
 
 
 def test_spatial_model_least_squares_are_lstsq_by_normal_equations_or_svd(rng):
