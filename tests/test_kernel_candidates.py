@@ -183,3 +183,27 @@ def test_kernel_sum_clipping_rejects_only_the_outlier():
     # identical (noise-free) sums are all kept
     keep, _, _ = clip_kernel_sums(np.ones(9) + 1e-13 * np.arange(9))
     assert keep.all()
+
+
+def test_stacked_solves_and_medians_are_each_systems_own(rng):
+    """A stack of normal equations is solved at once, bitwise as each system alone (equilibration, LU), and a
+    singular system among them gets the one-by-one fallback (the pseudo-inverse), not the others' failure; the
+    constant weighting's per-stamp medians of the good variances are np.median's."""
+    from diffim_dag.kernels.candidates import _good_medians, _solve_one, solve_normal_equations
+
+    a = rng.normal(size=(6, 9, 9))
+    matrix = a @ a.transpose(0, 2, 1) + 1e-3 * np.eye(9)
+    matrix[2] = np.outer(np.arange(1.0, 10.0), np.arange(1.0, 10.0))  # rank one: singular
+    vector = rng.normal(size=(6, 9))
+    got = solve_normal_equations(matrix, vector)
+    for i in range(6):
+        assert np.array_equal(got[i], _solve_one(matrix[i], vector[i]))
+    assert np.all(np.isfinite(got[2])) and not np.allclose(matrix[2] @ got[2], vector[2])  # (least squares)
+
+    values = rng.uniform(1.0, 2.0, (5, 40))
+    good = rng.random((5, 40)) < 0.7
+    good[3] = False  # no good value: 1.0
+    good[4, :] = False
+    good[4, :7] = True  # an odd count
+    expected = [np.median(v[g]) if g.any() else 1.0 for v, g in zip(values, good)]
+    assert np.array_equal(_good_medians(values, good), np.array(expected))
