@@ -179,6 +179,21 @@ def test_psf_errors_are_one_line():
         assert "\n" not in str(exc.value)
 
 
+def test_widths_at_many_positions_are_each_positions_own(rng):
+    """fwhm_many / sigma_many give fwhm / sigma of each position bitwise: a grid's at once (nodes, between them,
+    outside the grid, a grid of one column), every other model's one by one."""
+    psf, imgs = _grid()
+    one_column = GridPsf(imgs[:, :1], x_nodes=[40.0], y_nodes=[-50.0, 50.0])
+    xs = np.concatenate([[0.0, 100.0, -500.0, 25.0], rng.uniform(-50, 150, 40)])
+    ys = np.concatenate([[-50.0, 50.0, 900.0, 0.0], rng.uniform(-100, 100, 40)])
+    for model in (psf, one_column, GaussianPsf(sigma_x=1.7), MoffatPsf(fwhm_pixels=3.1)):
+        fwhm = model.fwhm_many(xs, ys)
+        assert fwhm.dtype == np.float64 and fwhm.shape == xs.shape
+        assert np.array_equal(fwhm, [model.fwhm(x, y) for x, y in zip(xs, ys)])
+        assert np.array_equal(model.sigma_many(xs, ys), [model.sigma(x, y) for x, y in zip(xs, ys)])
+    assert np.unique(psf.fwhm_many(xs, ys)).size > 10  # (the grid's width does vary)
+
+
 def test_grid_psf_cache_never_returns_another_positions_image():
     """The per-thread last-position cache: alternating positions, many threads and a pickle round trip
     give exactly what a fresh model gives."""

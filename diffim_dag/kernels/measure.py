@@ -651,7 +651,7 @@ def measure_sources(
     xs, ys, fl = out["x"], out["y"], out["psf_flux"]
     with np.errstate(invalid="ignore"):
         signs = np.where(np.isfinite(fl) & (fl < 0), -1.0, 1.0)
-    sigma0 = np.array([psf.sigma(xs[i], ys[i]) for i in range(n)])
+    sigma0 = psf.sigma_many(xs, ys)
     halves = np.array([max(psf.default_size(xs[i], ys[i]) // 2, 6) for i in range(n)], dtype=np.int64)
     for h in np.unique(halves):  # the sources of one stamp size together
         idx = np.flatnonzero(halves == h)
@@ -665,7 +665,7 @@ def measure_sources(
         image, variance, good, xs, ys, aperture_radius, origin=origin
     )
     out["ap2fwhm_flux"], out["ap2fwhm_flux_err"], out["ap2fwhm_flag"] = aperture_fluxes(
-        image, variance, good, xs, ys, [2.0 * psf.fwhm(xs[i], ys[i]) for i in range(n)], origin=origin
+        image, variance, good, xs, ys, 2.0 * psf.fwhm_many(xs, ys), origin=origin
     )
     # pixel flags
     x0, y0 = origin

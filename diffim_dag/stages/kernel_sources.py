@@ -268,7 +268,7 @@ def measure_sources(
         f = (p * stamp * w).sum(axis=(1, 2)) / np.where(pos, ppw, 1.0)
         flux[b] = np.where(pos, f, np.nan)
         snr[b] = np.where(pos, f * np.sqrt(np.where(pos, ppw, 0.0)), np.nan)
-        sigma_w = np.array([psf.sigma(a, c) for a, c in zip(xs, ys)])
+        sigma_w = psf.sigma_many(xs, ys)
         t_data = _weighted_traces(stamp, half + off_x, half + off_y, sigma_w)
         t_psf = _weighted_traces(p, half + off_x, half + off_y, sigma_w)
         with np.errstate(invalid="ignore", divide="ignore"):
