@@ -405,3 +405,36 @@ def test_variance_built_in_strips_is_the_whole_plane_model(rng, sky, kw, how):
         expected = sigma * sigma + src / np.float32(g)
     assert np.count_nonzero(src) > 100
     np.testing.assert_array_equal(var, expected.astype(np.float32))
+
+
+def test_sky_stage_removes_the_mesh_level_and_reports_it_over_the_kept_pixels(rng):
+    """subtract_sky: the image less the mesh level (row by row), no-data pixels as they were, and the report's
+    minimum and maximum of the level over the pixels the measurement keeps (strips with saturated or no-data
+    pixels among them and strips without)."""
+    from diffim_dag.config import SkyConfig
+    from diffim_dag.exposure import Exposure
+    from diffim_dag.masks import MaskPlanes
+    from diffim_dag.noise import STRIP_ROWS, background_mesh, row_strips
+    from diffim_dag.stages.sky import subtract_sky
+
+    ny, nx = 2 * STRIP_ROWS + 90, 400
+    yy, xx = np.mgrid[:ny, :nx]
+    img = (1000.0 + 0.5 * xx + 0.3 * yy + rng.normal(0, 5.0, (ny, nx))).astype(np.float32)
+    planes = MaskPlanes()
+    mask = np.zeros((ny, nx), np.int32)
+    mask[STRIP_ROWS + 10: STRIP_ROWS + 14, 380:] |= planes.bitmask("SAT")  # the level's largest columns
+    mask[-6:, -40:] |= planes.bitmask("NO_DATA")  # the frame's corner of highest level
+    img[-6:, -40:] = 7.0
+    exp = Exposure.from_arrays(img, np.full((ny, nx), 25.0, np.float32), mask, mask_planes=planes)
+    config = SkyConfig(box=64)
+    out = subtract_sky(exp, config)
+    bad = mask != 0
+    level, _, _, _ = background_mesh(img, bad, box=64, filter_size=config.filter_size)
+    plane = np.concatenate([level.rows(s) for s in row_strips(ny)])
+    got = out.exposure.arrays()[0]
+    np.testing.assert_array_equal(got[~bad | (mask == planes.bitmask("SAT"))],
+                                  (img - plane)[~bad | (mask == planes.bitmask("SAT"))])
+    np.testing.assert_array_equal(got[-6:, -40:], 7.0)
+    assert out.report["subtracted"] and out.report["box"] == 64
+    assert out.report["level_min"] == float(plane[~bad].min())
+    assert out.report["level_max"] == float(plane[~bad].max()) < float(plane.max())
