@@ -14,6 +14,7 @@ from diffim_dag.kernels.warp import (
     source_bbox,
     warp_tile,
 )
+from diffim_dag.errors import InputError
 from diffim_dag.psf import GaussianPsf, ImagePsf, image_moments
 from diffim_dag.sim import add_sources
 
@@ -293,6 +294,29 @@ def test_translated_tile_strips_do_not_change_the_bits(monkeypatch, rows):
     for a, b in zip(reference, warp_tile(img, var, msk, mapping, **out)):
         assert a.tobytes() == b.tobytes()
     assert (reference[2] & SAT).any() and (reference[2] & ND).any()
+
+
+@pytest.mark.parametrize("mapping, origin", [
+    (AffineMapping.shift(0.37, -0.61), (-2, 3)),  # one offset: summed in the given planes; NO_DATA edges
+    (AffineMapping.shift(0.37, -0.61), (500, 500)),  # no source pixel reaches the tile
+    (AffineMapping.similarity(rotation=0.05, shift=(1.3, -0.4), center=(40, 40)), (-2, 3)),  # the gather
+])
+def test_tile_written_into_given_planes_is_the_tile(mapping, origin):
+    """warp_tile(out=...) writes every pixel of the given planes (strided views of a larger frame, filled with
+    garbage first) with the values of the tile it returns without them, bitwise, and returns those planes."""
+    img, var, msk = _flagged_tile(12, (90, 70), 40)
+    kw = dict(out_origin=origin, out_shape=(85, 75), src_origin=(0, 0))
+    reference = warp_tile(img, var, msk, mapping, **kw)
+    frame = [np.full((100, 90), np.nan, np.float32), np.full((100, 90), -1.0, np.float32),
+             np.full((100, 90), -1, np.int32)]
+    views = tuple(f[10:95, 7:82] for f in frame)
+    got = warp_tile(img, var, msk, mapping, out=views, **kw)
+    assert all(g is v for g, v in zip(got, views))
+    for a, b in zip(reference, views):
+        assert a.tobytes() == np.ascontiguousarray(b).tobytes()
+    assert np.isnan(frame[0][:10]).all() and (frame[2][95:] == -1).all()  # nothing written outside the views
+    with pytest.raises(InputError, match="out must be"):
+        warp_tile(img, var, msk, mapping, out=(views[0], views[1], views[1]), **kw)
 
 
 def test_rotation_is_not_taken_for_a_translation():

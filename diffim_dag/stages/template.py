@@ -141,15 +141,16 @@ def warp_tasks(
 
 def run_warp_task(task: WarpTileTask, source_planes, source_xy0, mapping, *, kernel="lanczos3", conserve="flux",
                   no_data_bit: int, invalid_variance_bit: int, variance_fill: float | None = None,
-                  interp_length: int = 16):
-    """Run one :class:`WarpTileTask` on the source planes ``(image, variance, mask)`` (numpy, whole source)."""
+                  interp_length: int = 16, out=None):
+    """Run one :class:`WarpTileTask` on the source planes ``(image, variance, mask)`` (numpy, whole source);
+    ``out``: the tile's planes to write it into (:func:`~diffim_dag.kernels.warp.warp_tile`)."""
     img, var, msk = source_planes
     bx0, bx1, by0, by1 = task.src_bbox
     sl = (slice(by0 - source_xy0[1], by1 - source_xy0[1]), slice(bx0 - source_xy0[0], bx1 - source_xy0[0]))
     return warp_tile(img[sl], var[sl], msk[sl], mapping, out_origin=task.out_origin, out_shape=task.out_shape,
                      src_origin=(bx0, by0), kernel=kernel, conserve=conserve, no_data_bit=no_data_bit,
                      invalid_variance_bit=invalid_variance_bit, variance_fill=variance_fill,
-                     interp_length=interp_length)
+                     interp_length=interp_length, out=out)
 
 
 def _variance_fill(var: np.ndarray) -> float | None:
@@ -194,18 +195,15 @@ def warp_exposure(
     bad = planes.bitmask("BAD") if "BAD" in planes else nd
     tasks = warp_tasks(source.bbox, mapping, out_bbox, kernel=kernel, tile=tile)
 
-    def run(task):
-        return run_warp_task(task, (img, var, msk), source.xy0, mapping, kernel=kernel, conserve=conserve,
-                             no_data_bit=nd, invalid_variance_bit=bad, variance_fill=fill,
-                             interp_length=interp_length)
+    def run(task):  # each tile written into its part of the output planes (the tiles do not overlap)
+        x, y = task.out_origin
+        sl = (slice(y - oy0, y - oy0 + task.out_shape[0]), slice(x - ox0, x - ox0 + task.out_shape[1]))
+        run_warp_task(task, (img, var, msk), source.xy0, mapping, kernel=kernel, conserve=conserve,
+                      no_data_bit=nd, invalid_variance_bit=bad, variance_fill=fill, interp_length=interp_length,
+                      out=(out_i[sl], out_v[sl], out_m[sl]))
 
-    def place(results):  # each tile is written, then dropped (never all of them at once)
-        for (i, v, m), task in zip(results, tasks):
-            x, y = task.out_origin
-            sl = (slice(y - oy0, y - oy0 + i.shape[0]), slice(x - ox0, x - ox0 + i.shape[1]))
-            out_i[sl], out_v[sl], out_m[sl] = i, v, m
-
-    place(map_on_threads(run, tasks, workers))
+    for _ in map_on_threads(run, tasks, workers):
+        pass
     psf = None if source.psf is None else WarpedPsf(source.psf, mapping, out_bbox)
     return Exposure.from_arrays(out_i, out_v, out_m, xy0=(ox0, oy0), mask_planes=planes, wcs=wcs, psf=psf,
                                 info=source.info, source="warped template", validate=False, copy=False)
