@@ -89,8 +89,10 @@ def box_mean3(a: np.ndarray, mode: str = "reflect") -> np.ndarray:
     if mode not in ("reflect", "nearest"):
         raise ValueError(f"box_mean3: mode must be 'reflect' or 'nearest', not {mode!r}")
     a = np.asarray(a)
+    if a.ndim != 2:
+        raise ValueError(f"box_mean3: a 2-D array is needed, not one of shape {a.shape}")
     f8 = np.float64
-    if a.ndim != 2 or min(a.shape) < 2:  # (no interior to sum apart from the edges)
+    if min(a.shape) < 2:  # (no interior to sum apart from the edges)
         p = np.pad(np.asarray(a, dtype=f8), 1, mode="edge")
         rows = p[:-2] + p[1:-1]
         rows += p[2:]

@@ -361,6 +361,8 @@ def test_box_mean3_is_the_uniform_filter(rng, mode, dtype):
         assert np.array_equal(out.view(np.uint8), expected.view(np.uint8))
     with pytest.raises(ValueError, match="mode"):
         box_mean3(np.ones((3, 3)), "wrap")
+    with pytest.raises(ValueError, match="2-D"):
+        box_mean3(np.ones(5), mode)
     # the largest float32 values (a frame's inf made finite) do not overflow
     top = np.full((4, 4), np.finfo(np.float32).max, np.float32)
     with np.errstate(over="raise"):

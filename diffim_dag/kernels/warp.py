@@ -685,7 +685,8 @@ def warp_tile(
         out_msk = np.zeros((ny, nx), dtype=np.int32)
     else:
         out_img, out_var, out_msk = out
-        if any(np.shape(o) != (ny, nx) or np.dtype(o.dtype) != t for o, t in zip(out, (np.float32, np.float32, np.int32))):
+        dtypes = (np.float32, np.float32, np.int32)
+        if any(np.shape(o) != (ny, nx) or np.dtype(o.dtype) != t for o, t in zip(out, dtypes)):
             raise InputError(f"warp_tile: out must be float32, float32 and int32 planes of shape {(ny, nx)}")
     sny, snx = img.shape
     if ny == 0 or nx == 0:

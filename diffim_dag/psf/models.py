@@ -672,6 +672,18 @@ class GridPsf(Psf):
         t = (v - float(nodes[i])) / (float(nodes[i + 1]) - float(nodes[i]))
         return [(i, 1.0 - t), (i + 1, t)]
 
+    @staticmethod
+    def _weights_many(nodes, v):
+        """:meth:`_weights` of each of the positions ``v`` (arrays of node indices and weights; the same
+        arithmetic)."""
+        v = np.asarray(v, dtype=np.float64)
+        if len(nodes) == 1:
+            return [(np.full(v.shape, len(nodes) // 2), np.ones(v.shape))]
+        v = np.minimum(np.maximum(v, nodes[0]), nodes[-1])
+        i = np.clip(np.searchsorted(nodes, v, side="left") - 1, 0, len(nodes) - 2)
+        t = (v - nodes[i]) / (nodes[i + 1] - nodes[i])
+        return [(i, 1.0 - t), (i + 1, t)]
+
     def _image(self, x, y) -> np.ndarray:
         """The bilinear interpolation of the node images at ``(x, y)``, unit sum.
 
@@ -715,19 +727,9 @@ class GridPsf(Psf):
                 c, h = self.images.shape[2] // 2, size // 2
                 nodes = self._cuts[size] = np.ascontiguousarray(self.images[:, :, c - h:c + h + 1, c - h:c + h + 1])
 
-        def weights(nodes, v):
-            v = np.asarray(v, dtype=np.float64)
-            if len(nodes) == 1:
-                i = np.full(v.shape, len(nodes) // 2)
-                return [(i, np.ones(v.shape))]
-            v = np.minimum(np.maximum(v, nodes[0]), nodes[-1])
-            i = np.clip(np.searchsorted(nodes, v, side="left") - 1, 0, len(nodes) - 2)
-            t = (v - nodes[i]) / (nodes[i + 1] - nodes[i])
-            return [(i, 1.0 - t), (i + 1, t)]
-
         out = np.zeros((len(xs),) + nodes.shape[2:], dtype=np.float64)
-        for j, wy in weights(self.y_nodes, ys):
-            for i, wx in weights(self.x_nodes, xs):
+        for j, wy in self._weights_many(self.y_nodes, ys):
+            for i, wx in self._weights_many(self.x_nodes, xs):
                 out += (wx * wy)[:, None, None] * nodes[j, i]
         if size is None:
             out /= out.sum(axis=(1, 2))[:, None, None]
@@ -757,18 +759,6 @@ class GridPsf(Psf):
         f = self.node_fwhm
         return float(sum(wx * wy * f[j, i] for j, wy in self._weights(self.y_nodes, y)
                          for i, wx in self._weights(self.x_nodes, x)))
-
-    @staticmethod
-    def _weights_many(nodes, v):
-        """:meth:`_weights` of each of the positions ``v`` (arrays of node indices and weights; the same
-        arithmetic)."""
-        v = np.asarray(v, dtype=np.float64)
-        if len(nodes) == 1:
-            return [(np.full(v.shape, len(nodes) // 2), np.ones(v.shape))]
-        v = np.minimum(np.maximum(v, nodes[0]), nodes[-1])
-        i = np.clip(np.searchsorted(nodes, v, side="left") - 1, 0, len(nodes) - 2)
-        t = (v - nodes[i]) / (nodes[i + 1] - nodes[i])
-        return [(i, 1.0 - t), (i + 1, t)]
 
     def fwhm_many(self, xs, ys) -> np.ndarray:
         """:meth:`fwhm` at each position, for all of them at once: the same four terms summed in the same order
