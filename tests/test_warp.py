@@ -280,10 +280,12 @@ def test_translated_tile_equals_the_general_gather(monkeypatch, mapping):
     np.testing.assert_allclose(fast[1], general[1], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [1, 7, 200])
-def test_translated_tile_strips_do_not_change_the_bits(monkeypatch, rows):
-    """The translated tile's passes and mask ORs run in strips of rows: any strip height gives the same bits
-    (one row, strips that do not divide the tile, one strip for the whole tile)."""
+@pytest.mark.parametrize("rows, block, band_rows, columns", [(1, 32, 16, 512), (7, 5, 3, 7), (200, 1, 1, 1)])
+def test_translated_tile_strips_and_blocks(monkeypatch, rows, block, band_rows, columns):
+    """The translated tile's mask ORs run in strips of rows: any strip height gives the same mask bits (one row,
+    strips that do not divide the tile, one strip for the whole tile).  Its sums run in strips and blocks of matrix
+    products: any sizes give the same sums to float32 rounding (BLAS's kernels may add a product's terms in another
+    order for another shape; one column: a matrix-vector product)."""
     import diffim_dag.kernels.warp as warp
 
     img, var, msk = _flagged_tile(12, (90, 70), 40)
@@ -291,9 +293,36 @@ def test_translated_tile_strips_do_not_change_the_bits(monkeypatch, rows):
     mapping = AffineMapping.shift(0.37, -0.61)
     reference = warp_tile(img, var, msk, mapping, **out)
     monkeypatch.setattr(warp, "TRANSLATED_STRIP_ROWS", rows)
-    for a, b in zip(reference, warp_tile(img, var, msk, mapping, **out)):
-        assert a.tobytes() == b.tobytes()
+    monkeypatch.setattr(warp, "BAND_STRIP_ROWS", rows)
+    monkeypatch.setattr(warp, "BAND_COLUMNS", block)
+    monkeypatch.setattr(warp, "BAND_ROWS", band_rows)
+    monkeypatch.setattr(warp, "BAND_ROW_COLUMNS", columns)
+    got = warp_tile(img, var, msk, mapping, **out)
+    assert got[2].tobytes() == reference[2].tobytes()
+    for a, b in zip(reference[:2], got[:2]):
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=0)
     assert (reference[2] & SAT).any() and (reference[2] & ND).any()
+
+
+def test_band_passes_are_the_tap_sums():
+    """The banded matrix products give each output's sum of its taps (float64 reference, to float32 rounding),
+    with blocks that do not divide the outputs and a zero or a negative weight among the taps."""
+    from diffim_dag.kernels.warp import _band_blocks, _band_pass_x, _band_pass_y
+
+    rng = np.random.default_rng(5)
+    src = rng.normal(0.0, 50.0, (23, 41)).astype(np.float32)
+    w = rng.normal(0.0, 1.0, (36, 6)).astype(np.float32)
+    w[3, 2] = 0.0
+    along_x = _band_pass_x(src, _band_blocks(w, 7), np.full((23, 36), np.nan, np.float32))
+    expect = sum(w[:, j].astype(np.float64)[None, :] * src[:, j:j + 36] for j in range(6))
+    scale = sum(np.abs(w[:, j].astype(np.float64))[None, :] * np.abs(src[:, j:j + 36]) for j in range(6))
+    assert np.all(np.abs(along_x - expect) <= 1e-6 * scale)
+    wy = rng.normal(0.0, 1.0, (18, 6)).astype(np.float32)
+    along_y = _band_pass_y(along_x, wy, np.full((18, 36), np.nan, np.float32))
+    ax = along_x.astype(np.float64)
+    expect = sum(wy[:, i].astype(np.float64)[:, None] * ax[i:i + 18] for i in range(6))
+    scale = sum(np.abs(wy[:, i].astype(np.float64))[:, None] * np.abs(ax[i:i + 18]) for i in range(6))
+    assert np.all(np.abs(along_y - expect) <= 1e-6 * scale)
 
 
 @pytest.mark.parametrize("mapping, origin", [
