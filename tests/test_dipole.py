@@ -235,6 +235,40 @@ def test_batched_dipole_fits_reach_the_least_squares_minimum(rng, joint):
                 assert alone[key] == value or (np.isnan(alone[key]) and np.isnan(value)), key
 
 
+@pytest.mark.parametrize("joint", [True, False])
+def test_trial_chi2_is_the_normal_equations_chi2(rng, joint):
+    """The fit judges a trial step by its χ² alone (two renders); that χ² is bitwise the one the normal equations
+    (ten renders, made for the accepted steps only) give at the same parameters, in a batch or for a subset."""
+    from diffim_dag.kernels.dipole import _Stamps, _chi2, _normal_equations
+
+    diff, dvar, good, fps, xy0, kw = _many_dipoles(rng, joint=joint)
+    group = [_Stamps(diff, dvar, good, PSF, fp, xy0, kw.get("science"), kw.get("template"), 0.5, 6) for fp in fps]
+    size = group[0].size
+    assert all(g.size == size for g in group)
+    m = len(group)
+    shape = (max(g.bbox[3] - g.bbox[2] for g in group), max(g.bbox[1] - g.bbox[0] for g in group))
+    blocks = len(group[0].blocks)
+
+    def padded(arrays):
+        out = np.zeros((m,) + shape)
+        for o, a in zip(out, arrays):
+            o[: a.shape[0], : a.shape[1]] = a
+        return out
+
+    data = [padded([g.blocks[b][0] for g in group]) for b in range(blocks)]
+    roots = [padded([g.blocks[b][1] for g in group]) for b in range(blocks)]
+    boxes = np.array([g.bbox for g in group], dtype=np.float64)
+    params = np.column_stack([np.array([g.peaks for g in group]) + rng.uniform(-0.4, 0.4, (m, 4)),
+                              rng.uniform(1000.0, 8000.0, (m, 2))])
+    chi2 = _chi2(PSF, group, params, boxes, shape, size, data, roots, joint)
+    full, _, _ = _normal_equations(PSF, group, params, boxes, shape, size, data, roots, joint)
+    assert chi2.tobytes() == full.tobytes()
+    some = np.arange(1, m, 2)
+    part, _, _ = _normal_equations(PSF, [group[i] for i in some], params[some], boxes[some], shape, size,
+                                   [x[some] for x in data], [x[some] for x in roots], joint)
+    assert part.tobytes() == chi2[some].tobytes()
+
+
 def test_footprint_without_both_signs_is_not_fitted(rng):
     diff, dvar, good, fps, xy0, kw = _many_dipoles(rng, n=3)
     single = det.detect_tile(np.where(diff > 0, diff, 0.0), dvar, np.zeros(diff.shape, np.int32),

@@ -263,6 +263,22 @@ def _normal_equations(psf, group, params, boxes, shape, size, data, roots, joint
     return chi2, ata, atr
 
 
+def _chi2(psf, group, params, boxes, shape, size, data, roots, joint):
+    """χ² of each footprint's fit at ``params``, as :func:`_normal_equations` gives it (the same renders of the two
+    lobes and the same sums, bitwise), from those two renders alone: a trial step is judged by its χ², and only
+    an accepted one needs the Jacobian's eight other renders."""
+    r = _lobe_renders(psf, group, params, boxes, shape, size, _CENTRE)
+    m = len(group)
+    pos, neg = r[:, 0], r[:, 1]
+    f1, f2 = params[:, 4, None, None], params[:, 5, None, None]
+    models = [f1 * pos - f2 * neg] + ([f1 * pos, f2 * neg] if joint else [])
+    chi2 = np.zeros(m)
+    for model, d, root in zip(models, data, roots):
+        res = ((d - model) * root).reshape(m, -1)
+        chi2 += np.einsum("mp,mp->m", res, res)
+    return chi2
+
+
 def _solve_damped(ata, atr, lam):
     """Levenberg–Marquardt steps ``−(JᵀJ + λ diag JᵀJ)⁻¹ Jᵀr`` (NaN where the system is singular)."""
     diag = np.einsum("mii->mi", ata)
@@ -331,9 +347,8 @@ def _fit_batch(psf, group: list, size: int) -> list[dict]:
             if not ia.size:
                 break
         trial = np.clip(p[ia] + step, lo[ia] + 1e-6, hi[ia] - 1e-6)
-        sub = [group[i] for i in ia]
-        c2, a2, r2 = _normal_equations(psf, sub, trial, boxes[ia], shape, size, [x[ia] for x in data],
-                                       [x[ia] for x in roots], joint)
+        c2 = _chi2(psf, [group[i] for i in ia], trial, boxes[ia], shape, size, [x[ia] for x in data],
+                   [x[ia] for x in roots], joint)
         better = np.isfinite(c2) & (c2 <= chi2[ia])
         # converged: a step (taken or not) below XTOL of the parameters, or χ² that no longer changes beyond
         # FTOL (at the minimum a step can be refused for a rounding-level increase: no use damping further)
@@ -341,7 +356,10 @@ def _fit_batch(psf, group: list, size: int) -> list[dict]:
         small_step = moved <= XTOL * (XTOL + np.linalg.norm(p[ia], axis=1))
         small_gain = np.isfinite(c2) & (np.abs(chi2[ia] - c2) <= FTOL * chi2[ia])
         acc = ia[better]
-        p[acc], chi2[acc], ata[acc], atr[acc] = trial[better], c2[better], a2[better], r2[better]
+        if acc.size:  # the accepted steps' normal equations (a refused step needs none: its λ grows, p stays)
+            _, ata[acc], atr[acc] = _normal_equations(psf, [group[i] for i in acc], trial[better], boxes[acc], shape,
+                                                      size, [x[acc] for x in data], [x[acc] for x in roots], joint)
+        p[acc], chi2[acc] = trial[better], c2[better]
         lam[acc] = np.maximum(lam[acc] / 10.0, 1e-12)
         rej = ia[~better]
         lam[rej] *= 10.0
