@@ -177,17 +177,25 @@ def clipped_stats(
     center = np.median(start)
     scale = robust_std(start)
     keep = v
+    stats = None  # the mean and σ of ``keep``, once made: each pass over the values is made once
     for _ in range(iterations):
         if not scale > 0:
             break
-        keep = v[np.abs(v - center) <= nsigma * scale]
+        distance = np.subtract(v, center)
+        keep = v[np.abs(distance, out=distance) <= nsigma * scale]
+        del distance
+        stats = None
         if keep.size < 2:
             break
-        new_center, new_scale = keep.mean(), keep.std(ddof=1)
-        if new_center == center and new_scale == scale:
+        # the σ from the mean just made (NumPy's own sums, bitwise ``keep.std(ddof=1)``, without a second mean)
+        new_center = keep.mean()
+        stats = new_center, keep.std(ddof=1, mean=np.reshape(new_center, (1,)))
+        if stats == (center, scale):
             break
-        center, scale = new_center, new_scale
-    return float(keep.mean()), float(keep.std(ddof=1)) if keep.size > 1 else float("nan"), int(keep.size)
+        center, scale = stats
+    if stats is None:
+        stats = keep.mean(), (keep.std(ddof=1) if keep.size > 1 else float("nan"))
+    return float(stats[0]), float(stats[1]), int(keep.size)
 
 
 @dataclass(frozen=True)

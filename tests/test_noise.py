@@ -37,6 +37,46 @@ def test_robust_std_and_clipped_stats(rng):
     assert np.isnan(robust_std(np.array([np.nan])))
 
 
+def _clipped_stats_reference(values, nsigma=3.0, iterations=5):
+    """The clipping loop as written out plainly (each mean and σ made from scratch), on all the finite values,
+    started from the median and MAD of a strided subsample of them (:data:`~diffim_dag.noise.START_SAMPLES`)."""
+    from diffim_dag.noise import START_SAMPLES, strided_sample
+
+    v = np.asarray(values, dtype=np.float64).ravel()
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return float("nan"), float("nan"), 0
+    start = strided_sample(v, START_SAMPLES)
+    center, scale = np.median(start), robust_std(start, max_samples=None)
+    keep = v
+    for _ in range(iterations):
+        if not scale > 0:
+            break
+        keep = v[np.abs(v - center) <= nsigma * scale]
+        if keep.size < 2:
+            break
+        new_center, new_scale = keep.mean(), keep.std(ddof=1)
+        if new_center == center and new_scale == scale:
+            break
+        center, scale = new_center, new_scale
+    return float(keep.mean()), float(keep.std(ddof=1)) if keep.size > 1 else float("nan"), int(keep.size)
+
+
+@pytest.mark.parametrize("case", ["outliers", "two_groups", "constant", "one", "non_finite", "cauchy", "float32"])
+def test_clipped_stats_is_the_plain_loop_bitwise(rng, case):
+    """clipped_stats makes each mean and σ once (the σ from the mean just made; the last ones kept): bitwise the
+    plain loop's results, whatever ends it (convergence, the iteration count, too few values kept, σ = 0)."""
+    v = {"outliers": np.r_[rng.normal(3.0, 2.0, 20_000), np.full(200, 1e4)],
+         "two_groups": np.r_[rng.normal(0.0, 1.0, 5000), rng.normal(50.0, 1.0, 300)],
+         "constant": np.full(100, 3.0), "one": np.array([1.0]),
+         "non_finite": np.array([np.nan, 1.0, 2.0, np.inf, 3.0, 2.5, -np.inf]),
+         "cauchy": rng.standard_cauchy(50_000), "float32": rng.normal(0.0, 1.0, (300, 400)).astype(np.float32)}[case]
+    for kw in ({}, {"nsigma": 2.0, "iterations": 10}):
+        got = clipped_stats(v, max_samples=None, **kw)
+        want = _clipped_stats_reference(v, **kw)
+        assert np.array(got, dtype=float).tobytes() == np.array(want, dtype=float).tobytes(), (got, want)
+
+
 def _write(tmp_path, data, name, **cards):
     hdr = fits.Header()
     for k, v in cards.items():
