@@ -157,6 +157,15 @@ def robust_std(values: np.ndarray, *, max_samples: int | None = MAX_STAT_SAMPLES
     return float(MAD_TO_SIGMA * np.median(np.abs(v - np.median(v))))
 
 
+def _std_about(values: np.ndarray, mean) -> float:
+    """``values.std(ddof=1)`` (1-D float64, two values or more) about its mean already made: NumPy's own steps (the
+    deviations from the mean, squared in place, summed, divided by n − 1, the root), bitwise its σ, without the
+    second pass that makes the mean again (NumPy ≥ 2's ``std(mean=...)``, for any NumPy)."""
+    deviations = np.subtract(values, mean)
+    np.multiply(deviations, deviations, out=deviations)
+    return np.sqrt(np.add.reduce(deviations) / (values.size - 1))
+
+
 def clipped_stats(
     values: np.ndarray, *, nsigma: float = 3.0, iterations: int = 5, max_samples: int | None = MAX_STAT_SAMPLES
 ) -> tuple[float, float, int]:
@@ -187,9 +196,8 @@ def clipped_stats(
         stats = None
         if keep.size < 2:
             break
-        # the σ from the mean just made (NumPy's own sums, bitwise ``keep.std(ddof=1)``, without a second mean)
         new_center = keep.mean()
-        stats = new_center, keep.std(ddof=1, mean=np.reshape(new_center, (1,)))
+        stats = new_center, _std_about(keep, new_center)
         if stats == (center, scale):
             break
         center, scale = stats

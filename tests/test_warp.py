@@ -282,10 +282,10 @@ def test_translated_tile_equals_the_general_gather(monkeypatch, mapping):
 
 @pytest.mark.parametrize("rows, block, band_rows, columns", [(1, 32, 16, 512), (7, 5, 3, 7), (200, 1, 1, 1)])
 def test_translated_tile_strips_and_blocks(monkeypatch, rows, block, band_rows, columns):
-    """The translated tile's mask ORs run in strips of rows: any strip height gives the same mask bits (one row,
-    strips that do not divide the tile, one strip for the whole tile).  Its sums run in strips and blocks of matrix
+    """The translated tile's mask ORs run in strips of rows: any strip height gives the same bits (one row, strips
+    that do not divide the tile, one strip for the whole tile).  Its sums run in strips and blocks of matrix
     products: any sizes give the same sums to float32 rounding (BLAS's kernels may add a product's terms in another
-    order for another shape; one column: a matrix-vector product)."""
+    order for another shape; one column: a matrix-vector product) and the same mask bits."""
     import diffim_dag.kernels.warp as warp
 
     img, var, msk = _flagged_tile(12, (90, 70), 40)
@@ -293,6 +293,8 @@ def test_translated_tile_strips_and_blocks(monkeypatch, rows, block, band_rows, 
     mapping = AffineMapping.shift(0.37, -0.61)
     reference = warp_tile(img, var, msk, mapping, **out)
     monkeypatch.setattr(warp, "TRANSLATED_STRIP_ROWS", rows)
+    for a, b in zip(reference, warp_tile(img, var, msk, mapping, **out)):
+        assert a.tobytes() == b.tobytes()
     monkeypatch.setattr(warp, "BAND_STRIP_ROWS", rows)
     monkeypatch.setattr(warp, "BAND_COLUMNS", block)
     monkeypatch.setattr(warp, "BAND_ROWS", band_rows)

@@ -448,8 +448,8 @@ TRANSLATED_STRIP_ROWS = 64
 #: The translated tile's sums (:func:`_band_pass_x`, :func:`_band_pass_y`): output rows per strip (the x pass of a
 #: strip's rows and its halo, then its y pass, in a buffer that stays in a core's cache), columns per block of the
 #: x pass, rows per block of the y pass and columns per y product.  Each product is a matrix product with a banded
-#: block of the tap weights (SciPy's BLAS: 2–3 times as fast as six multiply-adds over the strip, the zeros outside
-#: the band included), small enough that OpenBLAS runs it on the calling thread alone (m·n·k ≤ 2¹⁸): the warp's
+#: block of the tap weights (NumPy's BLAS: 2–3 times as fast as six multiply-adds over the strip, the zeros outside
+#: the band included), of at most 2¹⁸ multiply-adds, which OpenBLAS runs on the calling thread alone: the warp's
 #: tiles already have a thread each, and the other core has the science's stages.
 BAND_STRIP_ROWS, BAND_COLUMNS, BAND_ROWS, BAND_ROW_COLUMNS = 64, 32, 16, 512
 
