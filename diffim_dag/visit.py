@@ -305,7 +305,7 @@ class VisitGrid:
 #: handed back everything freed (0.4 GB at 4096², above the limit by 8 MB with the memory touched ahead still in the
 #: heap), which the tile tasks then touched again (157 thousand pages instead of 56).
 KERNEL_PHASE = frozenset({"exposure", "inputs", "prepare", "kernel-detect", "input-noise", "kernel-sources",
-                          "fit-cell", "spatial-solve", "tile-planes"})
+                          "fit-cell", "spatial-solve", "decorrelation-kernel", "tile-planes"})
 
 #: In process, the other tasks hand the memory they free back only while the process's resident size is above
 #: what it held when the graph was built plus this many planes (float32) of the visit's image
@@ -390,7 +390,8 @@ def _window_task(prepared, kernel, config, ty: int, tx: int, nty: int, ntx: int)
     from .stages.subtract import cores_of_task
 
     cores = cores_of_task(prepared.science.bbox, config.subtract.tile_size, (ty, tx), (nty, ntx)).values()
-    return window_stage(prepared, kernel, list(cores))
+    decorr = config.decorrelation
+    return window_stage(prepared, kernel, list(cores), decorrelated=decorr.enabled and not decorr.spatially_varying)
 
 
 def _subtract_task(window, kernel, config, workers: int = 1, planes=None):
@@ -549,7 +550,8 @@ def _input_tasks(g: _Builder, config, source, *, out_dir, run_id, warp, workers,
 
 def _al_tasks(g: _Builder, config, grid: VisitGrid, inputs, *, sources=None, in_process: bool = False) -> tuple:
     """The AL stages: prepare → kernel-sources → fit-cell × n (and input-noise × 2) → spatial-solve → (inject) →
-    subtract per tile → (decorrelate per tile) → difference.  Returns ``(prepare key, prepared-pair key, difference key)``.
+    subtract per tile → (decorrelation-kernel →) decorrelate per tile → difference.  Returns ``(prepare key,
+    prepared-pair key, difference key)``.
 
     ``in_process``: the ``difference`` task frees the tiles as it assembles them (it is their only user; a
     4096² image's tiles and planes are 0.4 GB each).  Not on a cluster: there a retried ``difference`` task
@@ -571,13 +573,16 @@ def _al_tasks(g: _Builder, config, grid: VisitGrid, inputs, *, sources=None, in_
     # the science's source detection is done: beside it, the three tasks on two cores slowed the kernel fit's way)
     after = [detection] if detection is not None else []
     noise = [g.task("input-noise", (i,), al.input_noise_stage, prepared, i, after=after) for i in range(2)]
-    kernel = g.task("spatial-solve", (), al.spatial_solve_stage, prepared, g.key("kernel-sources"),
-                    [g.key("fit-cell", i) for i in range(grid.cells)], config, noise)
+    solved = g.task("spatial-solve", (), al.kernel_solve_stage, prepared, g.key("kernel-sources"),
+                    [g.key("fit-cell", i) for i in range(grid.cells)], config)
+    # the decorrelation kernel needs the inputs' noise, the tiles' convolutions only the solve: they start at once
+    # (a 1024² frame's one tile beside the second input-noise task, which had held the solve back)
+    kernel = g.task("decorrelation-kernel", (), al.decorrelation_kernel_stage, prepared, solved, config, noise)
     pair = prepared
     if config.fakes.enabled:  # after the kernel fit (on the images without fakes), before the convolution
         from .stages.prepare import inject_stage
 
-        pair = g.task("inject", (), inject_stage, prepared, config, kernel)
+        pair = g.task("inject", (), inject_stage, prepared, config, solved)
     # in process, a single tile task (an image of one tile) has the machine to itself: its image's and variance's
     # convolutions run at once
     workers = _alone_threads(in_process and len(tiles) == 1)
@@ -587,8 +592,8 @@ def _al_tasks(g: _Builder, config, grid: VisitGrid, inputs, *, sources=None, in_
     planes = g.task("tile-planes", (), _tile_planes_task, pair) if in_process and tiled_decorrelation else None
     for ty, tx in tiles:
         # each tile task reads its window (core + the kernel's half-width), cut where the pair is
-        window = g.task("window", (ty, tx), _window_task, pair, kernel, config, ty, tx, nty, ntx)
-        g.task("subtract", (ty, tx), _subtract_task, window, kernel, config, workers, planes)
+        window = g.task("window", (ty, tx), _window_task, pair, solved, config, ty, tx, nty, ntx)
+        g.task("subtract", (ty, tx), _subtract_task, window, solved, config, workers, planes)
     last = "subtract"
     if tiled_decorrelation:
         for ty, tx in tiles:
@@ -671,7 +676,8 @@ def visit_graph(source, config, out_dir=None, *, visit: int | None = None, detec
     ``("fit-cell", V, D, i)``                     first fit of cell ``i`` (``i`` < ``grid.cells``)
     ``("input-noise", V, D, i)``                  the science's (0) / template's (1) clipped mean variance and
                                                   noise correlation
-    ``("spatial-solve", V, D)``                   clipping, refits, spatial solve, decorrelation kernel
+    ``("spatial-solve", V, D)``                   clipping, refits, spatial solve
+    ``("decorrelation-kernel", V, D)``            the decorrelation kernel, from the solve and the inputs' noise
     ``("inject", V, D)``                          with ``fakes``: fake sources added (``al``: after the spatial
                                                   solve; the score methods: before their subtraction)
     ``("tile-planes", V, D)``                     in process: the difference's whole planes, which the tile tasks

@@ -184,7 +184,8 @@ def test_batch_graph_of_100_visits_is_small_and_has_no_pixels(inputs40, tmp_path
     assert sorted(per_visit[(7000, 0)]) == sorted([
         ("inputs", 7000, 0), ("prepare", 7000, 0),
         ("kernel-sources", 7000, 0), ("fit-cell", 7000, 0, 0), ("input-noise", 7000, 0, 0), ("input-noise", 7000, 0, 1),
-        ("spatial-solve", 7000, 0), ("window", 7000, 0, 0, 0), ("subtract", 7000, 0, 0, 0), ("decorrelate", 7000, 0, 0, 0),
+        ("spatial-solve", 7000, 0), ("decorrelation-kernel", 7000, 0),
+        ("window", 7000, 0, 0, 0), ("subtract", 7000, 0, 0, 0), ("decorrelate", 7000, 0, 0, 0),
         ("difference", 7000, 0), ("quality", 7000, 0), ("detect-prepare", 7000, 0), ("detect", 7000, 0, 0, 0), ("catalog", 7000, 0),
         ("result", 7000, 0), ("write", 7000, 0)])
     # stable keys within a run; another run over the same visits shares none (nor their results on a

@@ -78,16 +78,23 @@ def test_keys_name_stage_visit_detector_and_tile(spec, tmp_path):
     for ty, tx in tiles:
         args = dsk[task_key("subtract", v, d, ty, tx, run_id="a")]
         assert [stage_of(a) for a in args if isinstance(a, tuple)] == ["window", "spatial-solve"]
-    for stage in ("inputs", "prepare", "kernel-sources", "spatial-solve", "difference", "detect-prepare",
-                  "catalog", "result", "write"):
+    for stage in ("inputs", "prepare", "kernel-sources", "spatial-solve", "decorrelation-kernel", "difference",
+                  "detect-prepare", "catalog", "result", "write"):
         assert _keys(dsk, stage) == [(stage, v, d)]
-    # each input's noise needs no kernel: two tasks beside the source selection and cell fits, read by the solve
+    # each input's noise needs no kernel: two tasks beside the source selection and cell fits, read by the
+    # decorrelation kernel's task; the solve (which the tiles' convolutions wait for) does not wait for them
     assert _keys(dsk, "input-noise") == [("input-noise", v, d, 0), ("input-noise", v, d, 1)]
     solve = dsk[task_key("spatial-solve", v, d, run_id="a")]
-    assert [stage_of(k) for k in solve[-1]] == ["input-noise", "input-noise"]
+    assert not any(stage_of(k) == "input-noise" for a in solve if isinstance(a, list) for k in a)
+    decorrelation = dsk[task_key("decorrelation-kernel", v, d, run_id="a")]
+    assert [stage_of(k) for k in decorrelation[-1]] == ["input-noise", "input-noise"]
+    assert task_key("spatial-solve", v, d, run_id="a") in decorrelation
+    for ty, tx in tiles:
+        args = dsk[task_key("decorrelate", v, d, ty, tx, run_id="a")]
+        assert [stage_of(a) for a in args if isinstance(a, tuple)] == ["window", "decorrelation-kernel"]
     # the residual metrics: a task beside detection, which the result task (the verdict) reads
     assert task_key("quality", v, d, run_id="a") in dsk[task_key("result", v, d, run_id="a")]
-    assert len(dsk) == 9 + 1 + 4 * 9 + 2 + 1
+    assert len(dsk) == 10 + 1 + 4 * 9 + 2 + 1
     # fewer cells to a task: the cells are dealt out over several fit-cell tasks
     import diffim_dag.visit as visit_module
 
@@ -535,7 +542,7 @@ def test_residual_metrics_beside_detection_equal_the_difference_stage_computing_
     config = _config()
     dsk = visit_graph(inputs, config, warp="none", detect=False)
     tiles = sorted(k for k in dsk if stage_of(k) == "decorrelate")
-    keys = [task_key(s, 0, 0) for s in ("prepare", "spatial-solve", "difference", "quality")] + tiles
+    keys = [task_key(s, 0, 0) for s in ("prepare", "decorrelation-kernel", "difference", "quality")] + tiles
     prepared, kernel, difference, quality, *decorrelated = dask.get(dsk, keys)
     assert set(difference.metrics["quality"]) == {"sky_ratio_propagated", "variance_scale"}
     whole = difference_stage(prepared, kernel, config, decorrelated, quality=True)

@@ -1,9 +1,10 @@
 """The Alard–Lupton stages of a visit, each a task of its graph (:mod:`diffim_dag.visit`):
 
 prepare (:func:`prepare_subtraction`) → kernel sources (:func:`kernel_sources_stage`) → first cell fits
-(:func:`fit_cells_stage`), beside them each input's noise (:func:`input_noise_stage`) → spatial solve and
-decorrelation kernel (:func:`spatial_solve_stage`) →
-each task's window of the pair (:func:`window_stage`) → convolve/subtract tiles (:func:`subtract_tiles_stage`) → decorrelate tiles (:func:`decorrelate_tiles_stage`)
+(:func:`fit_cells_stage`), beside them each input's noise (:func:`input_noise_stage`) → spatial solve
+(:func:`kernel_solve_stage`) → each task's window of the pair (:func:`window_stage`) → convolve/subtract tiles
+(:func:`subtract_tiles_stage`); the decorrelation kernel (:func:`decorrelation_kernel_stage`, from the solve and
+the inputs' noise) → decorrelate tiles (:func:`decorrelate_tiles_stage`)
 → the difference, its PSF and quality metrics (:func:`difference_stage`).
 
 Every stage returns a new object and never modifies its inputs (a task's result may feed several tasks, or
@@ -11,6 +12,7 @@ be recomputed after a worker is lost).
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -28,8 +30,10 @@ from .verdict import background_left
 from ..kernels.maskops import FlaggedPixels, has_bits
 
 __all__ = ["PreparedPair", "prepare_subtraction", "kernel_sources_stage", "CellFits", "fit_cells_stage",
-           "KernelStage", "InputNoise", "input_noise_stage", "spatial_solve_stage", "PairWindow", "window_stage", "subtract_tiles_stage", "decorrelate_tiles_stage",
-           "difference_stage", "QualityStage", "quality_stage", "with_quality", "decorrelated_psf"]
+           "KernelStage", "InputNoise", "input_noise_stage", "spatial_solve_stage", "kernel_solve_stage",
+           "decorrelation_kernel_stage", "PairWindow", "window_stage", "subtract_tiles_stage",
+           "decorrelate_tiles_stage", "difference_stage", "QualityStage", "quality_stage", "with_quality",
+           "decorrelated_psf"]
 
 
 @dataclass(frozen=True)
@@ -206,8 +210,18 @@ class KernelStage:
 
 def spatial_solve_stage(prepared: PreparedPair, cells, cell_fits, config: PipelineConfig, noise=None, *,
                         map_cells=None) -> KernelStage:
-    """Stage 4: clipping, refits, spatial solve (:func:`~diffim_dag.stages.kernel_fit.solve_kernel` started
-    from ``cell_fits``), the differential-background check and the decorrelation kernel.
+    """Stage 4: the spatial solve (:func:`kernel_solve_stage`) and the decorrelation kernel
+    (:func:`decorrelation_kernel_stage`), one after the other.  The visit graph runs them as two tasks, so that
+    the tiles' convolutions, which need the solve only, do not wait for the inputs' noise (``input-noise``)."""
+    return decorrelation_kernel_stage(prepared, kernel_solve_stage(prepared, cells, cell_fits, config,
+                                                                   map_cells=map_cells), config, noise)
+
+
+def kernel_solve_stage(prepared: PreparedPair, cells, cell_fits, config: PipelineConfig, *,
+                       map_cells=None) -> KernelStage:
+    """Stage 4a: clipping, refits, spatial solve (:func:`~diffim_dag.stages.kernel_fit.solve_kernel` started
+    from ``cell_fits``) and the differential-background check: a :class:`KernelStage` without its decorrelation
+    (:func:`decorrelation_kernel_stage` adds it).
 
     Parameters
     ----------
@@ -216,8 +230,6 @@ def spatial_solve_stage(prepared: PreparedPair, cells, cell_fits, config: Pipeli
     cell_fits : sequence of CellFits
         Together the first fit of every cell of ``cells``.
     config : PipelineConfig
-    noise : (InputNoise, InputNoise), optional
-        The science's and the template's (:func:`input_noise_stage`); measured here when None.
     map_cells : callable, optional
         How the refits run (in turn when None).
 
@@ -225,7 +237,6 @@ def spatial_solve_stage(prepared: PreparedPair, cells, cell_fits, config: Pipeli
     ------
     NoKernelCandidatesError, or NoWorkFound when the template coverage is low.
     """
-    from ..kernels.decorrelate import decorrelation_kernel_image
     from .kernel_fit import kernel_fit_result, solve_kernel
 
     timings = Timings(prepared.timings)
@@ -253,7 +264,21 @@ def spatial_solve_stage(prepared: PreparedPair, cells, cell_fits, config: Pipeli
                                                    float((k0.sum(1) * kg).sum() / k0.sum())]
     science, template = prepared.science, prepared.template
     _check_differential_background(solution, science, template, config, metrics)
+    return KernelStage(fit=fit, kernel_sum=kernel_sum, decorrelation_kernel=None, sigma_unconvolved2=None,
+                       sigma_convolved2=None, kappa=None, metrics=metrics, timings=timings)
 
+
+def decorrelation_kernel_stage(prepared: PreparedPair, solved: KernelStage, config: PipelineConfig,
+                               noise=None) -> KernelStage:
+    """Stage 4b: the decorrelation kernel of :func:`kernel_solve_stage`'s solution, from the inputs' noise
+    (``noise``: the science's and the template's :class:`InputNoise`, :func:`input_noise_stage`; measured here
+    when None), and the factor the inputs' noise correlations put on the difference's variance: ``solved``
+    with those added."""
+    from ..kernels.decorrelate import decorrelation_kernel_image
+
+    timings = Timings(solved.timings)
+    metrics = dict(solved.metrics)
+    solution = solved.fit.solution
     decorr = config.decorrelation
     decorr_kernel = psf_phi = None
     with timings.stage("decorrelation_kernel"):
@@ -271,9 +296,9 @@ def spatial_solve_stage(prepared: PreparedPair, cells, cell_fits, config: Pipeli
                 decorr_kernel = psf_phi
         else:
             su2 = sc2 = kappa = None
-    return KernelStage(fit=fit, kernel_sum=kernel_sum, decorrelation_kernel=decorr_kernel, sigma_unconvolved2=su2,
-                       sigma_convolved2=sc2, kappa=kappa, metrics=metrics, timings=timings, variance_factor=factor,
-                       psf_decorrelation_kernel=psf_phi)
+    return dataclasses.replace(solved, decorrelation_kernel=decorr_kernel, sigma_unconvolved2=su2,
+                               sigma_convolved2=sc2, kappa=kappa, metrics=metrics, timings=timings,
+                               variance_factor=factor, psf_decorrelation_kernel=psf_phi)
 
 
 def _correlated_noise_factor(mode, kernel, su2, sc2, kappa, rho_s, rho_t, *, decorrelated: bool):
@@ -339,9 +364,12 @@ class PairWindow:
         return 1024 + sum(int(a.nbytes) for a in arrays)
 
 
-def window_stage(prepared: PreparedPair, kernel: KernelStage, cores) -> PairWindow:
+def window_stage(prepared: PreparedPair, kernel: KernelStage, cores, *, decorrelated: bool | None = None) -> PairWindow:
     """The window of ``cores`` (tiles of the image): the pair's planes on the cores' bounding box grown by the
-    matching kernel's half-width, computed once from the kernel's shape (:class:`PairWindow`)."""
+    matching kernel's half-width, computed once from the kernel's shape (:class:`PairWindow`).  ``decorrelated``:
+    whether the tiles are to be decorrelated (the window then holds the input variances the decorrelation needs);
+    None: whether ``kernel`` has a (spatially constant) decorrelation kernel (a :func:`kernel_solve_stage` result
+    has none yet: its caller says)."""
     h = kernel.fit.solution.half_width
     cores = [tuple(int(v) for v in c) for c in cores]
     box = (min(c[0] for c in cores) - h, max(c[1] for c in cores) + h,
@@ -353,7 +381,7 @@ def window_stage(prepared: PreparedPair, kernel: KernelStage, cores) -> PairWind
 
     science, template = cut(prepared.science.arrays()), cut(prepared.template.arrays())
     variances = None
-    if kernel.decorrelation_kernel is not None:
+    if kernel.decorrelation_kernel is not None if decorrelated is None else decorrelated:
         variances = _scaled_variances(prepared.mode, science[1], template[1], kernel.kernel_sum)
     return PairWindow(cores=cores, origin=(box[0], box[2]), science=science, template=template, variances=variances,
                       xy0=tuple(xy0), shape=tuple(prepared.science.shape), bbox=tuple(prepared.science.bbox),
