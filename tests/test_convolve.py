@@ -291,6 +291,24 @@ def test_fft_convolve_equals_scipy_signal_bit_for_bit(dtype, mode):
         np.testing.assert_array_equal(got, expected)
 
 
+def test_fft_convolve_keeps_the_kernel_transform_per_shape_bit_for_bit():
+    """``kernel_fts`` keeps the kernel's transform per padded shape and dtype: calls that reuse it (a frame's
+    decorrelated tiles) equal those that transform it themselves, bit for bit, and each shape gets its own."""
+    from diffim_dag.kernels.convolve import fft_convolve
+
+    rng = np.random.default_rng(3)
+    k = rng.normal(size=(9, 9))
+    memo: dict = {}
+    for shape, dtype in [((60, 70), np.float32), ((60, 70), np.float32), ((90, 70), np.float32),
+                         ((60, 70), np.float64), ((61, 70), np.float32)]:  # (61 pads as 60 does)
+        a = rng.normal(size=shape).astype(dtype)
+        got = fft_convolve(a, k.astype(dtype), kernel_fts=memo)
+        expected = fft_convolve(a, k.astype(dtype))
+        assert got.dtype == expected.dtype
+        np.testing.assert_array_equal(got, expected)
+    assert len(memo) == 3  # (two float32 padded shapes, one float64)
+
+
 def test_fft_convolve_in_blocks_equals_the_whole_frame():
     from diffim_dag.kernels.convolve import _block_edges, fft_convolve, fft_convolve_blocks
 

@@ -70,14 +70,16 @@ __all__ = [
     "squared_kernel_terms",
 ]
 
-def fft_convolve(a: np.ndarray, k: np.ndarray, mode: str = "same") -> np.ndarray:
+def fft_convolve(a: np.ndarray, k: np.ndarray, mode: str = "same", *, kernel_fts: dict | None = None) -> np.ndarray:
     """Linear convolution of two real arrays through ``scipy.fft`` (FFT lengths padded to fast sizes).
 
     The same transforms, product and cut as ``scipy.signal.fftconvolve`` (equal bit for bit, tested), without
     importing ``scipy.signal``, which pulls in ``scipy.stats``: 0.6 s of every command's start-up.  ``mode``:
     ``"same"`` (the centre, ``a``'s shape) or ``"full"``.  FFT threads follow ``scipy.fft.set_workers``.
+    ``kernel_fts``: a dict that keeps ``k``'s transform per padded shape and dtype, for calls with the same ``k``
+    (the same values as transforming it each time).
     """
-    return _fft_convolve(a, k, mode)
+    return _fft_convolve(a, k, mode, kernel_fts)
 
 
 def _fft_convolve(a: np.ndarray, k: np.ndarray, mode: str = "same", kernel_fts: dict | None = None) -> np.ndarray:

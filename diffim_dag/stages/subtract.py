@@ -394,12 +394,15 @@ def combine_tile(si, sv, sm, ti, tv, tm, solution, kernel_sum, *, mode, subtract
     return d, v, m
 
 
-def apply_small_kernel(image: np.ndarray, kernel: np.ndarray, *, dtype=np.float64) -> np.ndarray:
+def apply_small_kernel(image: np.ndarray, kernel: np.ndarray, *, dtype=np.float64,
+                       kernel_fts: dict | None = None) -> np.ndarray:
     """``image ⊗ kernel`` (same shape, zero padding) by FFT; kernel odd-sized and centred.  ``dtype``: the
-    transforms' precision (float32: half the time, round-off ~1e-7 of the image's RMS)."""
-    from ..kernels.convolve import fft_convolve as fftconvolve
+    transforms' precision (float32: half the time, round-off ~1e-7 of the image's RMS).  ``kernel_fts``: a dict
+    that keeps ``kernel``'s transform per padded shape for the next call with the same kernel (a frame's tiles:
+    the same values as transforming it each time)."""
+    from ..kernels.convolve import fft_convolve
 
-    return fftconvolve(np.asarray(image, dtype=dtype), np.asarray(kernel, dtype=dtype), mode="same")
+    return fft_convolve(np.asarray(image, dtype=dtype), np.asarray(kernel, dtype=dtype), kernel_fts=kernel_fts)
 
 
 def apply_small_kernel_padded(image: np.ndarray, kernel: np.ndarray) -> np.ndarray:
@@ -748,7 +751,7 @@ def subtract_tile(science, template, solution, *, core: Box, halo: int, xy0, sha
 
 def decorrelate_tile(tiles, core: Box, *, bbox: Box, kernel: np.ndarray, variance_unconvolved: np.ndarray,
                      variance_convolved: np.ndarray, xy0, kappa: float, keep_bits: int,
-                     planes: TilePlanes | None = None) -> DifferenceTile:
+                     planes: TilePlanes | None = None, kernel_fts: dict | None = None) -> DifferenceTile:
     """Decorrelate the difference tile ``core``: ``D ⊗ φ`` with a mirrored border, and its white variance.
 
     Parameters
@@ -768,6 +771,8 @@ def decorrelate_tile(tiles, core: Box, *, bbox: Box, kernel: np.ndarray, varianc
         As :func:`decorrelated_variance`.
     planes : TilePlanes, optional
         The whole planes to write the decorrelated image and variance into (the tile's are then views of them).
+    kernel_fts : dict, optional
+        ``kernel``'s transforms per padded tile shape, shared by the tiles (:func:`apply_small_kernel`).
 
     Returns
     -------
@@ -792,7 +797,7 @@ def decorrelate_tile(tiles, core: Box, *, bbox: Box, kernel: np.ndarray, varianc
     pads = ((h - (y0 - grown[2]), h - (grown[3] - y1)), (h - (x0 - grown[0]), h - (grown[1] - x1)))
     block = np.pad(region, pads, mode="symmetric") if any(p for pair in pads for p in pair) else region
     # float32 transforms: the difference is float32, and their round-off (~1e-7 of its RMS) is far below its noise
-    image = apply_small_kernel(block, kernel, dtype=np.float32)
+    image = apply_small_kernel(block, kernel, dtype=np.float32, kernel_fts=kernel_fts)
     if h:
         image = image[h:-h, h:-h]
         if planes is None:  # (into the whole planes it is copied below: no copy of its own first)
