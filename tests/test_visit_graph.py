@@ -224,10 +224,21 @@ def test_a_batch_visit_equals_the_python_api(spec, inputs, tmp_path):
 
     # the window of tile (1, 1) (a 128² core in the middle): the core grown by the kernel's half-width only
     dsk = visit_graph(spec, config, tmp_path / "w", run_id="r3")
-    window = dask.get(dsk, task_key("window", spec.visit, spec.detector, 1, 1, run_id="r3"))
-    h = dask.get(dsk, task_key("spatial-solve", spec.visit, spec.detector, run_id="r3")).fit.solution.half_width
+    window, solved, kernel = dask.get(dsk, [task_key(s, spec.visit, spec.detector, *t, run_id="r3") for s, t in
+                                            (("window", (1, 1)), ("spatial-solve", ()), ("decorrelation-kernel", ()))])
+    h = solved.fit.solution.half_width
     assert window.cores == [(128, 256, 128, 256)] and window.origin == (128 - h, 128 - h)
     assert all(a.shape == (128 + 2 * h, 128 + 2 * h) for a in (*window.science, *window.template))
+    # the window is cut from the solve, before the decorrelation kernel exists: it holds the input variances the
+    # tiles' decorrelation reads, as a window cut from the whole kernel stage does
+    from diffim_dag.stages import al
+
+    assert solved.decorrelation_kernel is None and kernel.decorrelation_kernel is not None
+    prepared = dask.get(dsk, task_key("prepare", spec.visit, spec.detector, run_id="r3"))
+    whole = al.window_stage(prepared, kernel, window.cores)
+    assert window.variances is not None and al.window_stage(prepared, solved, window.cores).variances is None
+    for a, b in zip(window.variances, whole.variances):
+        np.testing.assert_array_equal(a, b)
 
     # a rerun of the write task of the same run does not install again (exactly once)
     before = (folder / "_outputs.json").stat().st_mtime_ns

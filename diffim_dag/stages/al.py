@@ -382,8 +382,10 @@ def window_stage(prepared: PreparedPair, kernel: KernelStage, cores, *, decorrel
         return tuple(st.cut_box(np.asarray(a), xy0, box) for a in planes)
 
     science, template = cut(prepared.science.arrays()), cut(prepared.template.arrays())
+    if decorrelated is None:
+        decorrelated = kernel.decorrelation_kernel is not None
     variances = None
-    if kernel.decorrelation_kernel is not None if decorrelated is None else decorrelated:
+    if decorrelated:
         variances = _scaled_variances(prepared.mode, science[1], template[1], kernel.kernel_sum)
     return PairWindow(cores=cores, origin=(box[0], box[2]), science=science, template=template, variances=variances,
                       xy0=tuple(xy0), shape=tuple(prepared.science.shape), bbox=tuple(prepared.science.bbox),
