@@ -68,6 +68,7 @@ __all__ = [
     "convolve_many",
     "choose_method",
     "squared_kernel_terms",
+    "transforms_memo",
 ]
 
 def fft_convolve(a: np.ndarray, k: np.ndarray, mode: str = "same", *, kernel_fts: dict | None = None) -> np.ndarray:
@@ -380,18 +381,20 @@ def _accumulate(out: np.ndarray, conv: np.ndarray, fx, fy, t: int, t2: int | Non
     out += conv
 
 
-#: Per kernel solution, the transforms of its term kernels (and of the squared ones) at each padded tile shape it
-#: met: every tile of one shape uses the same ones (15 of 16 of a 4096² frame's), and they go with the solution.
+#: Per owner of kernels (a kernel solution; the AL stage's result, for its decorrelation kernel), their transforms at
+#: each padded tile shape met: every tile of one shape uses the same ones (15 of 16 of a 4096² frame's), and they go
+#: with their owner.
 _KERNEL_FTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _KERNEL_FTS_LOCK = threading.Lock()
 
 
-def _solution_memo(solution: KernelSolution) -> dict:
-    """The dict of kernel transforms that lives as long as ``solution`` (see :data:`_KERNEL_FTS`)."""
+def transforms_memo(owner) -> dict:
+    """The dict of kernel transforms that lives as long as ``owner`` (any object a weak reference can name and a
+    dict can key by identity; see :data:`_KERNEL_FTS`), for the ``memo`` / ``kernel_fts`` arguments here."""
     with _KERNEL_FTS_LOCK:
-        memo = _KERNEL_FTS.get(solution)
+        memo = _KERNEL_FTS.get(owner)
         if memo is None:
-            memo = _KERNEL_FTS[solution] = {}
+            memo = _KERNEL_FTS[owner] = {}
     return memo
 
 
@@ -489,7 +492,7 @@ def convolve_spatial(
     img = _finite_float(image, "image", precision)
     fx, fy = _spatial_factors(solution, origin, img.shape)
     out = _convolve_terms(img, solution.term_kernels(), fx, fy, method=method, workers=workers,
-                          precision=precision, memo=_solution_memo(solution), name="image")
+                          precision=precision, memo=transforms_memo(solution), name="image")
     return out.astype(np.float32)
 
 
@@ -529,7 +532,7 @@ def convolve_variance_spatial(
     squared, order = squared_kernel_terms(solution.term_kernels(), solution.spatial_order)
     fx, fy = _spatial_factors(solution, origin, var.shape, order=order)
     out = _convolve_terms(var, squared, fx, fy, method=method, workers=workers, precision=precision,
-                          memo=_solution_memo(solution), name="variance")
+                          memo=transforms_memo(solution), name="variance")
     # Round-off can leave tiny negative values where the variance is ~0.
     np.maximum(out, 0.0, out=out)
     return out.astype(np.float32)

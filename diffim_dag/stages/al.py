@@ -13,9 +13,7 @@ be recomputed after a worker is lost).
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
-import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -421,27 +419,18 @@ def decorrelate_tiles_stage(window: PairWindow, kernel: KernelStage, tiles,
     ``planes``: the whole planes the decorrelated image and variance are written into (as
     :func:`subtract_tiles_stage`'s).
     """
+    from ..kernels.convolve import transforms_memo
+
     if kernel.decorrelation_kernel is None:
         return {c: tiles[c] for c in window.cores}
     vu, vc = window.variances
     keep_bits = window.planes.bitmask(["NO_DATA", "EDGE"])
-    fts = _decorrelation_fts(kernel)
+    fts = transforms_memo(kernel)  # (one transform per padded tile shape, kept as long as ``kernel``)
     return {c: st.decorrelate_tile(tiles, c, bbox=window.bbox, kernel=kernel.decorrelation_kernel,
                                    variance_unconvolved=vu, variance_convolved=vc, xy0=window.origin,
                                    kappa=kernel.kappa, keep_bits=keep_bits, planes=planes, kernel_fts=fts)
             for c in window.cores}
 
-
-#: Per :class:`KernelStage`, its decorrelation kernel's transforms at each padded tile shape: the tiles of one shape
-#: (all of a frame whose side the tile size divides) share one, and it goes with the stage's result.
-_DECORRELATION_FTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_DECORRELATION_FTS_LOCK = threading.Lock()
-
-
-def _decorrelation_fts(kernel: KernelStage) -> dict:
-    """The dict of ``kernel``'s decorrelation-kernel transforms (see :data:`_DECORRELATION_FTS`)."""
-    with _DECORRELATION_FTS_LOCK:
-        return _DECORRELATION_FTS.setdefault(kernel, {})
 
 
 def difference_stage(prepared: PreparedPair, kernel: KernelStage, config: PipelineConfig, tiles, *,
