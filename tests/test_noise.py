@@ -476,7 +476,7 @@ def test_variance_built_in_strips_is_the_whole_plane_model(rng, sky, kw, how):
     bad[:, 30:32] = True
     var, got = build_variance(img, bad=bad, **kw)
     assert got.startswith(how) and var.dtype == np.float32
-    bkg = measure_background(img, bad, box=64)
+    bkg = measure_background(img, bad, box=128)
     sigma = sky_noise_map(img, bad, box=64, level=bkg.level, rms=bkg.rms)
     src = _source_excess(img, bkg.level, sigma)
     gain = kw.get("gain")
