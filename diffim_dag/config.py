@@ -574,8 +574,10 @@ def _coerce(value: Any, tp, where: str):
             raise ConfigError(f"{where}: expected a mapping of fields, got {value!r}")
         return _build(tp, value, where)
     if origin is tuple:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, str):  # "1,2", or "(1, 2)" as a tuple is written in Python (YAML reads it as text)
+            text = value.strip()
+            text = text[1:-1] if text[:1] + text[-1:] == "()" else text
+            value = [v.strip() for v in text.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         inner = args[0] if args else Any
@@ -585,6 +587,11 @@ def _coerce(value: Any, tp, where: str):
             return value
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
     if tp is int:
+        if isinstance(value, str):  # an item of a comma-separated list ("4,2") is text
+            try:
+                return int(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)

@@ -89,6 +89,9 @@ def test_overrides_parse_types():
     assert c.subtract.template_mask_planes_kept == ("NO_DATA", "BAD")
     assert c.cluster.scheduler == "tcp://10.0.0.1:8786" and c.cluster.n_workers is None
     assert c.kernel.width_multipliers == (1.0, 3.0)
+    for written in ("(1, 3)", "1,3", "[1, 3]"):  # a Python tuple, a bare pair, a YAML list
+        c = load_config(overrides=[f"kernel.width_multipliers={written}", "kernel.gaussian_degrees=4,2"])
+        assert c.kernel.width_multipliers == (1.0, 3.0)
     with pytest.raises(ConfigError) as exc:
         load_config(overrides=["kernel.spatial_kernel_order"])
     assert "key=value" in _one_line(exc)
