@@ -477,6 +477,7 @@ def test_kubernetes_scheduler_needs_dask_kubernetes(inputs40, tmp_path, monkeypa
                                      PipelineConfig().cluster)
     assert made["name"] == "survey" and made["n_workers"] == 3 and made["image"] == "reg/diffim:1"
     assert made["resources"]["limits"] == {"memory": "8Gi"}
+    assert made["env"]["DASK_DISTRIBUTED__SCHEDULER__WORK_STEALING"] == "False"  # (its scheduler pod's config)
     # a DaskJob sets DASK_SCHEDULER_ADDRESS for its client pod: the run connects there
     monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", "tcp://10.0.0.1:8786")
     assert cluster_setup.scheduler_for(None, PipelineConfig().cluster) == "tcp://10.0.0.1:8786"
@@ -511,18 +512,20 @@ def test_a_local_cluster_serves_a_dashboard_only_when_asked_and_run_prints_its_l
         except urllib.error.HTTPError as err:
             return err.code
 
-    started, profiled = {}, {}
+    started, profiled, stealing = {}, {}, {}
     for asked in (None, "127.0.0.1:0"):
         client, cluster = make_client(None, n_workers=1, dashboard_address=asked)
         try:  # the scheduler's HTTP server answers either way; the dashboard's page only when asked for
             started[asked] = status_page(dashboard_link(client))
             # the workers' statistical profiler (the dashboard's Profile page) runs only with a dashboard
             profiled[asked] = client.run(lambda dask_worker: "profile" in dask_worker.periodic_callbacks)
+            stealing[asked] = client.run_on_scheduler(lambda dask_scheduler: "stealing" in dask_scheduler.extensions)
         finally:
             client.close()
             cluster.close()
     assert started == {None: 404, "127.0.0.1:0": 200}
     assert [list(p.values()) for p in profiled.values()] == [[False], [True]]
+    assert stealing == {None: False, "127.0.0.1:0": False}  # (cluster.work_stealing)
     stream = io.StringIO()
     config = PipelineConfig(cluster=ClusterConfig(n_workers=1, dashboard="127.0.0.1:0"))
     report = run_batch(read_manifest(inputs40)[:1], config, tmp_path / "out", stream=stream)
@@ -543,6 +546,19 @@ def test_worker_profiling_follows_the_dashboard_unless_the_users_dask_config_say
     for stated, expected in (("True", True), ("False", False)):  # the user's environment (or config files)
         monkeypatch.setenv("DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED", stated)
         assert (worker_profiling(None), worker_profiling("127.0.0.1:0")) == (expected, expected)
+
+
+def test_work_stealing_is_off_unless_the_users_dask_config_says(monkeypatch):
+    """A new LocalCluster's scheduler does not steal (a stolen task takes its visit's planes along), unless the
+    user's environment or config files turn it on."""
+    from diffim_dag.cluster import WORK_STEALING, work_stealing
+
+    monkeypatch.delenv("DASK_DISTRIBUTED__SCHEDULER__WORK_STEALING", raising=False)
+    assert WORK_STEALING == "distributed.scheduler.work-stealing"
+    assert work_stealing() is False
+    for stated, expected in (("True", True), ("False", False), ("true", True), ("off", False)):
+        monkeypatch.setenv("DASK_DISTRIBUTED__SCHEDULER__WORK_STEALING", stated)
+        assert work_stealing() is expected, stated
 
 
 def test_local_cluster_workers_log_a_failed_heartbeat_without_its_traceback(tmp_path):

@@ -474,6 +474,8 @@ def test_read_only_root_with_scratch_and_tls_everywhere(kind):
                 assert env[f"DASK_DISTRIBUTED__COMM__TLS__{part}__KEY"] == f"{TLS_DIR}/tls.key", role
             # set here so that the operator does not add its tcp:// address
             assert env["DASK_SCHEDULER_ADDRESS"] == f"tls://{name}-scheduler:8786", role
+            # the scheduler moves no task of a visit to another worker (diffim_dag.cluster.work_stealing)
+            assert env["DASK_DISTRIBUTED__SCHEDULER__WORK_STEALING"] == "False", role
             if role in ("scheduler", "worker"):
                 args = c["args"]
                 assert args[args.index("--protocol") + 1] == "tls", role
