@@ -169,7 +169,11 @@ def _print_info(path: str, desc: dict) -> None:
     fr = planes["mask"]["fractions"]
     print("  mask      : " + (", ".join(f"{k} {100 * v:.2f}%" for k, v in fr.items()) if fr else "no pixel flagged"))
     n = desc["noise"]
-    print(f"  noise     : measured sky std {n['measured_sky_std']:.4g}, median sqrt(variance) {n['median_sqrt_variance']:.4g}")
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.4g}"
+
+    print(f"  noise     : measured sky noise {fmt(n['measured_sky_noise'])} (between the sources), "
+          f"median sqrt(variance) {fmt(n['median_sqrt_variance'])}")
     w = desc["wcs"]
     if w:
         print(f"  WCS       : {'/'.join(w['ctype'])}, centre RA {w['center_ra_dec'][0]:.6f} Dec {w['center_ra_dec'][1]:.6f}, "

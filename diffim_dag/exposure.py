@@ -320,7 +320,7 @@ class Exposure:
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able summary: planes, WCS, PSF, noise, saturation (used by ``diffim-dag info``)."""
-        from .noise import robust_std
+        from .noise import sky_noise
 
         img, var, msk = self.arrays()
         planes = self.mask_planes
@@ -339,7 +339,8 @@ class Exposure:
             },
             "mask_planes": planes.as_dict(),
             "noise": {
-                "measured_sky_std": float(robust_std(img[good])) if good.any() else None,
+                # (not the σ of the pixel values: a raw frame's sky gradient and vignetting are in that)
+                "measured_sky_noise": float(sky_noise(img, good)) if good.any() else None,
                 "median_sqrt_variance": float(np.sqrt(np.median(var[good]))) if good.any() else None,
             },
             "info": self.info.to_dict(),

@@ -28,6 +28,7 @@ __all__ = [
     "rows_of",
     "sky_noise_map",
     "sky_noise_grid",
+    "sky_noise",
     "BoxGridMap",
     "build_variance",
     "grow_cross",
@@ -392,6 +393,22 @@ def sky_noise_grid(image: np.ndarray, bad: np.ndarray | None = None, *, box: int
     if grid.shape == (1, 1):
         return np.full((1, 1), np.float32(grid[0, 0])), box
     return np.asarray(grid, dtype=np.float32), box
+
+
+def sky_noise(image: np.ndarray, good: np.ndarray | None = None, *, box: int = 64, mesh_box: int = 128) -> float:
+    """The sky's pixel noise σ of a whole image, without a model: the median over the image of
+    :func:`sky_noise_map` (the σ of adjacent differences between the sources, box by box, scaled for correlated
+    noise by differences :data:`CORRELATION_LAG` px apart; sources found above a ``mesh_box`` mesh background), as
+    :func:`build_variance` measures it.  Not the σ of the pixel values, which a raw frame's sky gradient and
+    vignetting and its sources are in.  ``good``: the pixels to use (all finite ones by default); NaN with none."""
+    img = np.asarray(image, dtype=np.float32)
+    bad = ~np.isfinite(img) if good is None else ~(np.asarray(good, bool) & np.isfinite(img))
+    if bad.all():
+        return float("nan")
+    level_map, rms, _, _ = background_mesh(img, bad, box=mesh_box)
+    level = level_map.rows(slice(0, img.shape[0]))
+    grid, _ = sky_noise_grid(img, bad, box=box, level=level, rms=rms)
+    return float(np.median(grid))
 
 
 class BoxGridMap:

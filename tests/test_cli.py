@@ -86,7 +86,7 @@ def test_info_on_each_real_file(shared_data, capsys):
             assert word in out, (args, word)
     assert main(["info", cases[0][0], "--json"]) == 0
     desc = json.loads(capsys.readouterr().out)
-    assert desc["wcs"] is not None and desc["noise"]["measured_sky_std"] > 0
+    assert desc["wcs"] is not None and desc["noise"]["measured_sky_noise"] > 0
 
 
 def test_console_script_entry_point():

@@ -184,6 +184,33 @@ def test_sky_noise_under_a_steep_sky_gradient(rng, correlated):
         assert np.sqrt(np.median(var[quadrant])) == pytest.approx(sigma, rel=0.03)
 
 
+@pytest.mark.parametrize("correlated", [False, True])
+def test_sky_noise_of_a_raw_vignetted_frame(rng, correlated):
+    """``diffim-dag info``'s measured noise: a raw frame's sky noise, white or correlated over a few pixels, within
+    3 %, under a sky gradient and vignetted corners that make the σ of its pixel values several times larger, with
+    bright stars on 17 % of it."""
+    from diffim_dag.noise import sky_noise
+
+    ny, nx = 512, 512
+    yy, xx = np.mgrid[0:ny, 0:nx] / float(nx)
+    sky = 8000.0 + 2000.0 * (1.0 + 0.5 * (xx - 0.5)) * (1.0 - 0.6 * ((xx - 0.5) ** 2 + (yy - 0.5) ** 2))
+    noise = rng.normal(0.0, 30.0, (ny, nx))
+    sigma = 30.0
+    if correlated:
+        taps = np.array([0.25, 0.5, 0.25])
+        noise = ndimage.correlate1d(ndimage.correlate1d(noise, taps, axis=0, mode="wrap"), taps, axis=1, mode="wrap")
+        sigma = 30.0 * float(np.sum(taps**2))
+    stars = np.block([[_stars(rng), _stars(rng)], [_stars(rng), _stars(rng)]])
+    img = (sky + noise + stars).astype(np.float32)
+    assert robust_std(img) > 3 * sigma  # what the pixel values' σ says
+    assert sky_noise(img) == pytest.approx(sigma, rel=0.03)
+    good = np.ones((ny, nx), bool)
+    good[:, :40] = False
+    img[:, :40] = 1e6  # bad columns left out
+    assert sky_noise(img, good) == pytest.approx(sigma, rel=0.03)
+    assert np.isnan(sky_noise(img, np.zeros((ny, nx), bool)))
+
+
 def test_plain_fits_with_a_steep_sky_gradient_gets_the_true_variance(tmp_path):
     """The user's path: a simulated pair with a 60 %/40 % sky gradient, written as plain FITS (no variance, no GAIN),
     read back: each frame's built variance is its true variance (the simulator's) on the empty sky, within 3 %,
