@@ -169,6 +169,7 @@ def _print_info(path: str, desc: dict) -> None:
     fr = planes["mask"]["fractions"]
     print("  mask      : " + (", ".join(f"{k} {100 * v:.2f}%" for k, v in fr.items()) if fr else "no pixel flagged"))
     n = desc["noise"]
+
     def fmt(v):
         return "n/a" if v is None else f"{v:.4g}"
 
