@@ -361,8 +361,12 @@ def sky_noise_grid(image: np.ndarray, bad: np.ndarray | None = None, *, box: int
     img = np.asarray(image, dtype=np.float32)
     ny, nx = img.shape
     box = int(max(8, min(box, ny, nx)))
-    # every ``step``-th row: ~1000 differences per box pin its σ to ~3 %; what is skipped is needed on those rows only
+    # every ``step``-th row: ~1000 differences per box pin its σ to ~3 %; what is skipped is needed on those rows only.
+    # A divisor of the box, so that each box's rows are its own (a 100 px box sampled every 9th row had given box k
+    # rows from 8k px further down)
     step = max(1, box * box // 1024)
+    while box % step:
+        step -= 1
     rows = np.arange(0, ny, step)
     skip = ~np.isfinite(img[rows])
     if bad is not None:
