@@ -137,15 +137,22 @@ def work_stealing() -> bool:
     to the worker that holds its inputs or is idle.  (A scheduler of the user's keeps its own setting: the Kubernetes
     manifests and :func:`kubernetes_cluster` set it off in the scheduler's environment.)
     """
+    stated = _users_setting(WORK_STEALING)
+    return False if stated is None else stated
+
+
+def _users_setting(key: str) -> bool | None:
+    """A true/false Dask setting as the user's config files and ``DASK_*`` environment state it (not this process's
+    defaults or overrides); None where they do not."""
     import dask
 
     try:
-        stated = dask.config.get(WORK_STEALING, config=dask.config.collect())  # the user's files and environment only
+        stated = dask.config.get(key, config=dask.config.collect())
     except KeyError:
-        stated = None
+        return None
     if isinstance(stated, str):  # (an environment variable that is not a Python literal: "false", "yes")
         return stated.strip().lower() in ("true", "1", "yes", "on")
-    return False if stated is None else bool(stated)
+    return None if stated is None else bool(stated)
 
 
 def worker_profiling(dashboard_address: str | None) -> bool:
@@ -159,12 +166,9 @@ def worker_profiling(dashboard_address: str | None) -> bool:
     import dask
 
     key = "distributed.worker.profile.enabled"
-    try:
-        stated = dask.config.get(key, config=dask.config.collect())  # the user's files and environment only
-    except KeyError:
-        stated = None
+    stated = _users_setting(key)
     if stated is not None:
-        return bool(stated)
+        return stated
     return bool(dashboard_address) and bool(dask.config.get(key, default=True))
 
 

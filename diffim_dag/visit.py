@@ -385,13 +385,12 @@ def _fit_cells_task(cells, index: int, n_tasks: int):
     return fit_cells_stage(cells, [c.cell for c in cells.cells if c.cell % n_tasks == index])
 
 
-def _window_task(prepared, kernel, config, ty: int, tx: int, nty: int, ntx: int):
+def _window_task(prepared, kernel, config, ty: int, tx: int, nty: int, ntx: int, decorrelated: bool):
     from .stages.al import window_stage
     from .stages.subtract import cores_of_task
 
     cores = cores_of_task(prepared.science.bbox, config.subtract.tile_size, (ty, tx), (nty, ntx)).values()
-    decorr = config.decorrelation
-    return window_stage(prepared, kernel, list(cores), decorrelated=decorr.enabled and not decorr.spatially_varying)
+    return window_stage(prepared, kernel, list(cores), decorrelated=decorrelated)
 
 
 def _subtract_task(window, kernel, config, workers: int = 1, planes=None):
@@ -592,7 +591,7 @@ def _al_tasks(g: _Builder, config, grid: VisitGrid, inputs, *, sources=None, in_
     planes = g.task("tile-planes", (), _tile_planes_task, pair) if in_process and tiled_decorrelation else None
     for ty, tx in tiles:
         # each tile task reads its window (core + the kernel's half-width), cut where the pair is
-        window = g.task("window", (ty, tx), _window_task, pair, solved, config, ty, tx, nty, ntx)
+        window = g.task("window", (ty, tx), _window_task, pair, solved, config, ty, tx, nty, ntx, tiled_decorrelation)
         g.task("subtract", (ty, tx), _subtract_task, window, solved, config, workers, planes)
     last = "subtract"
     if tiled_decorrelation:

@@ -432,7 +432,6 @@ def decorrelate_tiles_stage(window: PairWindow, kernel: KernelStage, tiles,
             for c in window.cores}
 
 
-
 def difference_stage(prepared: PreparedPair, kernel: KernelStage, config: PipelineConfig, tiles, *,
                      consume: bool = False, quality: bool = True, workers: int = 1) -> SubtractionResult:
     """Stage 7: the difference, matched template and matched science from their tiles; spatially varying
