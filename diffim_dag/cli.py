@@ -293,6 +293,7 @@ def _stop(command: str, message: str, code: int) -> None:
     for child in multiprocessing.active_children():  # a LocalCluster's workers (and their nannies' processes)
         with contextlib.suppress(Exception):
             child.kill()
+    _unlink_semaphores()
     with contextlib.suppress(Exception):  # the spawn context's helper, which would report the workers' semaphores
         from multiprocessing import resource_tracker
 
@@ -305,6 +306,20 @@ def _stop(command: str, message: str, code: int) -> None:
         sys.stderr.flush()
     finally:
         os._exit(code)
+
+
+def _unlink_semaphores() -> None:
+    """Unlink the named semaphores this process made for its worker processes (a LocalCluster's nannies' queues
+    and locks, in ``/dev/shm``): :func:`os._exit` skips the finalizers that unlink them at a normal exit, and the
+    resource tracker that would unlink them instead is killed (it would print a warning as it did).  Without this,
+    each interrupted ``diffim-dag run`` on two workers left 12 of them until the machine restarted."""
+    import multiprocessing.util
+    from multiprocessing.synchronize import SemLock
+
+    for finalizer in list(multiprocessing.util._finalizer_registry.values()):
+        if getattr(finalizer, "_callback", None) is SemLock._cleanup:
+            with contextlib.suppress(Exception):
+                finalizer()  # (sem_unlink, and the tracker told: it is still alive here)
 
 
 def _install_stop_handlers(command: str) -> None:

@@ -262,7 +262,8 @@ def _status(p: psutil.Process) -> str:
 def _stop_after(cmd: list, wait_s: float, signum: int, ready=None):
     """Start ``cmd``, send ``signum`` after ``wait_s`` s (or once ``ready()``), and return
     (returncode, output, seconds from the signal to the process's exit); fails if a child process is still
-    running 2 s after the signal."""
+    running 2 s after the signal, or if it left named semaphores behind (``/dev/shm``, where there is one)."""
+    semaphores_before = _semaphores()
     proc = subprocess.Popen([*CLI, *map(str, cmd)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     t0 = time.monotonic()
     while time.monotonic() - t0 < wait_s and proc.poll() is None and not (ready and ready()):
@@ -283,7 +284,14 @@ def _stop_after(cmd: list, wait_s: float, signum: int, ready=None):
     for p in running:  # (a zombie has exited; it waits for whoever adopted it to reap it)
         p.kill()
     assert not running, f"{len(running)} child process(es) outlived the run"
+    left = _semaphores() - semaphores_before
+    assert not left, f"the stopped run left {len(left)} named semaphore(s) in /dev/shm: {sorted(left)[:4]}"
     return proc.returncode, proc.stdout.read(), gone
+
+
+def _semaphores() -> set[str]:
+    """The named semaphores of Python's multiprocessing on this machine (Linux: files ``/dev/shm/sem.mp-*``)."""
+    return {p.name for p in Path("/dev/shm").glob("sem.mp-*")}
 
 
 def _writing(parent: Path):
