@@ -88,6 +88,9 @@ class PsfEstimationConfig:
     saturation_fraction: float = 0.8  # peaks above this × saturation are non-linear
     isolation_flux_ratio: float = 0.02  # neighbours brighter than this × the star spoil its stamp
     locus_width: float = 0.15  # |ln r50 − ln r50_locus| for point sources
+    # the stellar locus: the densest sizes when they stand this far above their flanks, else the smallest sizes that
+    # do (with none, the densest, warned: a field of galaxies; 0: the densest always)
+    locus_min_contrast: float = 3.5
 
     def __post_init__(self):
         n = type(self).__name__
@@ -106,6 +109,7 @@ class PsfEstimationConfig:
         _check(0 < self.saturation_fraction <= 1, n, "saturation_fraction", "must be in (0, 1]")
         _check(0 <= self.isolation_flux_ratio < 1, n, "isolation_flux_ratio", "must be in [0, 1)")
         _check(0 < self.locus_width < 1, n, "locus_width", "must be in (0, 1)")
+        _check(self.locus_min_contrast >= 0, n, "locus_min_contrast", "must be ≥ 0 (0: the densest sizes always)")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -181,3 +181,73 @@ def test_binned_detection_image_skips_bad_pixels(rng):
             expect = np.where(good, blocks, 0.0).sum(axis=(1, 3)) * b * b / np.maximum(n, 1)
             np.testing.assert_allclose(total, expect, rtol=1e-5, atol=1e-3)
             np.testing.assert_array_equal(empty, n == 0)
+
+
+def _galaxy_field(**kw):
+    """512², raw sky, Moffat PSFs (3.5 and 2.8 px), the default ~60 stars (most of them faint) and exponential discs
+    (2–6 px half-light radii, 5e3–1e5 counts): the bright sources are mostly galaxies."""
+    return simulate_pair(SimConfig(size=512, psf_profile="moffat", **kw))
+
+
+def test_stellar_locus_of_a_field_of_galaxies_is_the_stars():
+    """75 galaxies outnumber the bright stars: the densest sizes (the old rule, ``locus_min_contrast=0``) were a
+    galaxy's, FWHM 7.95 and 5.82 px for PSFs of 3.5 and 2.8; the smallest sizes that stand out as a peak are the
+    stars'."""
+    pair = _galaxy_field(seed=5, n_galaxies=75)
+    for exposure in (pair.science, pair.template):
+        true = exposure.psf.fwhm(*exposure.center)
+        est = _estimate(exposure)
+        assert est.report["locus_from"] == "smallest peak"
+        assert est.report["fwhm_center"] == pytest.approx(true, rel=0.05)
+        assert "warning" not in est.report or "stellar locus" not in est.report["warning"]
+        densest = _estimate(exposure, locus_min_contrast=0.0)
+        assert densest.report["locus_from"] == "densest"
+        assert densest.report["fwhm_center"] > 1.4 * true
+
+
+def test_no_stellar_locus_is_warned(caplog):
+    """Compact galaxies (1–3 px) as many as the stars and as bright: no size stands out; the densest are taken, with
+    a warning that names the image and asks for a PSF file."""
+    pair = _galaxy_field(seed=4, n_stars=75, n_galaxies=150, galaxy_radius=(1.0, 3.0))
+    img = pair.template.arrays()[0]
+    with caplog.at_level(logging.WARNING, logger="diffim_dag"):
+        est = estimate_psf(img, source="deep.fits")
+    assert est.report["locus_from"] == "densest (doubtful)"
+    assert est.report["locus_contrast"] < PsfEstimationConfig().locus_min_contrast
+    assert "deep.fits" in caplog.text and "no stellar locus" in caplog.text and "give a PSF file" in caplog.text
+    assert "no stellar locus" in est.report["warning"]
+
+
+def test_star_field_keeps_the_densest_sizes(caplog):
+    pair = simulate_pair(SimConfig(size=512, seed=4, psf_profile="moffat"))
+    with caplog.at_level(logging.WARNING, logger="diffim_dag"):
+        est = _estimate(pair.science)
+    assert est.report["locus_from"] == "densest" and est.report["locus_contrast"] > 5.0
+    assert "stellar locus" not in caplog.text
+    assert est.report["fwhm_center"] == pytest.approx(pair.science.psf.fwhm(*pair.science.center), rel=0.05)
+
+
+def test_command_line_on_a_plain_fits_field_of_galaxies(tmp_path):
+    """The user's path: plain FITS (no PSF, no GAIN), raw sky, more bright galaxies than stars, no flags: each PSF
+    from its stars (the densest sizes gave FWHM 7.95 and 5.82 px here), the subtraction ok, the transients found."""
+    import json
+
+    import pandas as pd
+
+    from acceptance import run_cli
+    from diffim_dag.sim import write_pair
+
+    pair = _galaxy_field(seed=5, n_galaxies=75, n_transients=12, transient_flux=(1.0e4, 3.0e4))
+    write_pair(pair, tmp_path, layout="plain", keywords=False)
+    out = tmp_path / "out"
+    proc = run_cli("subtract", tmp_path / "science.fits", tmp_path / "template.fits", "--out", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    for role, exposure in (("science", pair.science), ("template", pair.template)):
+        assert metrics["psf"][role]["fwhm_center"] == pytest.approx(exposure.psf.fwhm(*exposure.center), rel=0.07)
+    assert metrics["quality"]["verdict"] == "ok", metrics["quality"].get("verdict_reasons")
+    cat = pd.read_parquet(out / "dia_sources.parquet")
+    cat = cat[~cat["sky_source"]]
+    transients = pair.truth[pair.truth["kind"] == "transient"]
+    found = [np.hypot(cat["x"] - t.x, cat["y"] - t.y).min() <= 2.0 for t in transients.itertuples()]
+    assert np.mean(found) >= 0.9, f"{sum(found)} of {len(found)}"
