@@ -284,7 +284,7 @@ def _stop_after(cmd: list, wait_s: float, signum: int, ready=None):
     for p in running:  # (a zombie has exited; it waits for whoever adopted it to reap it)
         p.kill()
     assert not running, f"{len(running)} child process(es) outlived the run"
-    left = _semaphores() - semaphores_before
+    left = _left_semaphores(semaphores_before)
     assert not left, f"the stopped run left {len(left)} named semaphore(s) in /dev/shm: {sorted(left)[:4]}"
     return proc.returncode, proc.stdout.read(), gone
 
@@ -292,6 +292,35 @@ def _stop_after(cmd: list, wait_s: float, signum: int, ready=None):
 def _semaphores() -> set[str]:
     """The named semaphores of Python's multiprocessing on this machine (Linux: files ``/dev/shm/sem.mp-*``)."""
     return {p.name for p in Path("/dev/shm").glob("sem.mp-*")}
+
+
+def _left_semaphores(before: set[str]) -> set[str]:
+    """The semaphores made since ``before`` that no live process holds open: those the stopped run left.  Another
+    test's run on the other xdist worker may make its own meanwhile; it holds them open (mapped: glibc maps the file
+    it made under a temporary name, so the mapping is matched by inode) and unlinks them as it ends."""
+    def orphans() -> set[str]:
+        new = {}
+        for name in _semaphores() - before:
+            try:
+                new[name] = (Path("/dev/shm") / name).stat().st_ino
+            except OSError:  # (unlinked meanwhile)
+                continue
+        if not new:
+            return set()
+        held = set()
+        for maps in Path("/proc").glob("[0-9]*/maps"):
+            try:
+                held.update(int(fields[4]) for fields in (line.split() for line in maps.read_text().splitlines()
+                                                          if "/dev/shm/" in line) if len(fields) > 4)
+            except (OSError, ValueError):  # (a process that ended meanwhile, or one not ours to read)
+                continue
+        return {name for name, inode in new.items() if inode not in held}
+
+    left = orphans()
+    if left:  # (one that another run made the instant before it held it, or unlinks the instant after it ends)
+        time.sleep(0.5)
+        left &= orphans()
+    return left
 
 
 def _writing(parent: Path):
