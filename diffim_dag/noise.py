@@ -409,10 +409,19 @@ def sky_noise(image: np.ndarray, good: np.ndarray | None = None, *, box: int = 6
     bad = ~np.isfinite(img) if good is None else ~(np.asarray(good, bool) & np.isfinite(img))
     if bad.all():
         return float("nan")
-    level_map, rms, _, _ = background_mesh(img, bad, box=mesh_box)
-    level = level_map.rows(slice(0, img.shape[0]))
-    grid, _ = sky_noise_grid(img, bad, box=box, level=level, rms=rms)
+    _, grid, _ = _level_and_sky_grid(img, bad, box=box, mesh_box=mesh_box)
     return float(np.median(grid))
+
+
+def _level_and_sky_grid(image, bad, *, box: int, mesh_box: int):
+    """``(level, grid, box)``: the ``mesh_box`` mesh background's level as one plane and :func:`sky_noise_grid`
+    between the sources it finds (with its rms, freed here) — the one measurement of :func:`build_variance` and
+    :func:`sky_noise`."""
+    level_map, mesh_rms, _, _ = background_mesh(image, bad, box=mesh_box)  # (box 128: half the time of 64's)
+    level = level_map.rows(slice(0, level_map.shape[0]))
+    del level_map
+    grid, box = sky_noise_grid(image, bad, box=box, level=level, rms=mesh_rms)
+    return level, grid, box
 
 
 class BoxGridMap:
@@ -550,14 +559,10 @@ def build_variance(
         The sky term is always the sky noise measured from adjacent-pixel differences
         (:func:`sky_noise_map`), which a galaxy's gradient does not inflate.
     """
-    # the rms map row by row (the source mask below needs its rows once); the level as one plane, made in one call
-    # (its rows are read three times: the source mask, the model's medians and the sources' excess)
-    level_map, mesh_rms, _, _ = background_mesh(image, bad, box=mesh_box)  # (box 128: half the time of 64's)
-    level = level_map.rows(slice(0, level_map.shape[0]))
-    del level_map
+    # the level as one plane, made in one call (its rows are read three times: the source mask, the model's medians
+    # and the sources' excess)
+    level, grid, box = _level_and_sky_grid(image, bad, box=box, mesh_box=mesh_box)
     img = np.asarray(image, dtype=np.float32)
-    grid, box = sky_noise_grid(image, bad, box=box, level=level, rms=mesh_rms)
-    del mesh_rms
     noise = BoxGridMap(grid, box, img.shape)  # the sky σ, interpolated strip by strip: no σ plane is made
     # the choice of model needs the maps' medians only: they are smooth on the mesh scale, and every 4th pixel
     # each way pins them
