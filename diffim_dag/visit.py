@@ -91,25 +91,63 @@ class Warped:
     metrics: dict
     seconds: float
     read_seconds: float = 0.0  # both inputs' reads (the raw exposures themselves are not kept)
+    check: object = None  # the alignment check after the warp, for the inputs task (holds the raw template)
 
     def __sizeof__(self) -> int:
         from .stages.inputs import _nbytes
 
-        return 1024 + _nbytes(self.exposure)
+        return 1024 + _nbytes(self.exposure) + (self.check.__sizeof__() if self.check is not None else 0)
 
 
 def template_stage(science: Read, template: Read, config: PipelineConfig, store=None, warp: bool | None = None,
                    workers: int = 1):
     """The ``("template", V, D)`` task: the template (or the ``store``'s patches) brought onto the science grid
     (:func:`~diffim_dag.stages.template.prepare_template`: warp, or registration when the grids already agree).
-    ``warp=False`` declares one grid; ``workers``: the warp's threads."""
+    ``warp=False`` declares one grid; ``workers``: the warp's threads.  The alignment check after a warp is the
+    ``inputs`` task's (:func:`settle_alignment`): the ``exposure`` tasks find the two images' stars for their PSFs,
+    and it matches those."""
     from .stages.template import prepare_template
 
     t0 = time.perf_counter()
-    exposure, metrics = prepare_template(science.exposure, template.exposure, store=store, warp=warp,
-                                         min_coverage=config.subtract.min_template_coverage,
-                                         tile=config.subtract.tile_size, workers=workers)
-    return Warped(exposure, metrics, time.perf_counter() - t0, science.seconds + template.seconds)
+    exposure, metrics, check = prepare_template(science.exposure, template.exposure, store=store, warp=warp,
+                                                min_coverage=config.subtract.min_template_coverage,
+                                                tile=config.subtract.tile_size, workers=workers, check_later=True)
+    return Warped(exposure, metrics, time.perf_counter() - t0, science.seconds + template.seconds, check)
+
+
+def settle_alignment(science, template, warped: Warped, config: PipelineConfig, template_psf=None, workers: int = 1):
+    """The alignment check that the ``template`` task left (``warped.check``), with the ``exposure`` tasks' results
+    ``science`` and ``template``: returns ``(template's exposure-task result, the warp's metrics)``.
+
+    The stars are those the exposure tasks centroided for their PSFs (the brightest of the whole image); an image
+    whose PSF was supplied has its own searched here (in the alignment windows when neither image's came with
+    its PSF).  A warp by the WCSs whose residual is above the threshold is refined: the raw template is warped
+    again and its exposure task's stages run again on it (``template_psf``: the PSF it was given)
+    (:func:`~diffim_dag.stages.template.settle_alignment`)."""
+    from .memory import map_on_threads
+    from .stages.prepare import prepare_exposure
+    from .stages.template import _stars, alignment_windows, check_coverage
+    from .stages.template import settle_alignment as settle
+
+    check = warped.check
+    metrics = dict(warped.metrics)
+    sci = science[0]
+    s, t = science[1].get("alignment_stars"), template[1].get("alignment_stars")
+    windows = alignment_windows(sci.bbox) if s is None and t is None else None  # (None: the whole images)
+    if s is None or t is None:
+        s, t = map_on_threads(lambda e: e[1] if e[1] is not None else _stars(e[0], windows=windows),
+                              [(sci, s), (template[0], t)], workers)
+    planes = check.template.mask_planes if check.template is not None else sci.mask_planes
+
+    def warp_again(mapping):
+        exposure = check.warp(mapping)
+        check_coverage(sci, exposure, metrics, check.out_bbox, planes.bitmask("NO_DATA"), check.min_coverage)
+        again = prepare_exposure(exposure, config, "template", psf=template_psf, scale="variance_scale" in template[1])
+        stars = again[1].get("alignment_stars")
+        return again, stars if stars is not None else _stars(again[0], windows=windows)
+
+    again = settle(check, metrics, s, t, warp_again)
+    return (again if again is not None else template), metrics
 
 
 def exposure_stage(source, config: PipelineConfig, role: str, psf=None, scale: bool = True):
@@ -122,14 +160,21 @@ def exposure_stage(source, config: PipelineConfig, role: str, psf=None, scale: b
     return prepare_exposure(source.exposure, config, role, psf=psf, scale=scale)
 
 
-def inputs_stage(science, template, warped: Warped, config: PipelineConfig | None = None, workers: int = 1):
+def inputs_stage(science, template, warped: Warped, config: PipelineConfig | None = None, workers: int = 1,
+                 template_psf=None):
     """The ``("inputs", V, D)`` task: both prepared exposures as one
     :class:`~diffim_dag.stages.prepare.PreparedExposures`, with the reads', the warp's and the input stages'
-    reports and wall times; the variance factors that the exposure tasks did not measure measured here
-    (``config``; ``workers`` > 1: the two at once, their meshes and NumPy passes releasing the GIL)."""
+    reports and wall times; the warp's alignment check (:func:`settle_alignment`, with ``template_psf``); the
+    variance factors that the exposure tasks did not measure measured here (``config``; ``workers`` > 1: the two
+    at once, their meshes and NumPy passes releasing the GIL)."""
     from .memory import map_on_threads
     from .stages.prepare import combine_prepared, variance_scale_stage
 
+    metrics, check_seconds = warped.metrics, 0.0
+    if warped.check is not None and config is not None:
+        t0 = time.perf_counter()
+        template, metrics = settle_alignment(science, template, warped, config, template_psf, workers)
+        check_seconds = time.perf_counter() - t0
     done = {"science": science, "template": template}
     if config is not None:
         def measured(item):
@@ -141,9 +186,11 @@ def inputs_stage(science, template, warped: Warped, config: PipelineConfig | Non
     first = {}
     if warped.read_seconds:  # (exposures in hand were not read here)
         first["read"] = warped.read_seconds
-    if warped.metrics:  # (the Python API's pair has no template task)
-        prepared.metrics = {"template": warped.metrics, **prepared.metrics}
+    if metrics:  # (the Python API's pair has no template task)
+        prepared.metrics = {"template": metrics, **prepared.metrics}
         first["template_warp"] = warped.seconds
+    if check_seconds:
+        first["alignment_check"] = check_seconds
     prepared.timings = {**first, **prepared.timings}
     return prepared
 
@@ -544,7 +591,8 @@ def _input_tasks(g: _Builder, config, source, *, out_dir, run_id, warp, workers,
                    (psfs or {}).get(role), not in_process)
             for i, role in enumerate(PSF_ROLES)]
     # the raw template goes once warped, the raw science once both its tasks are done
-    return g.task("inputs", (), inputs_stage, *done, g.key("template"), config, _alone_threads(in_process))
+    return g.task("inputs", (), inputs_stage, *done, g.key("template"), config, _alone_threads(in_process),
+                  (psfs or {}).get("template"))
 
 
 def _al_tasks(g: _Builder, config, grid: VisitGrid, inputs, *, sources=None, in_process: bool = False) -> tuple:

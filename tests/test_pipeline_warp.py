@@ -254,3 +254,30 @@ def test_alignment_windows_searched_at_the_whole_images_binning():
     assert len(binned) >= 0.9 * len(unbinned) > 20
     d, _ = cKDTree(unbinned[:, :2]).query(binned[:, :2])
     assert np.mean(d < 0.01) > 0.9
+
+
+@pytest.mark.parametrize("given", ["none", "both", "science"])
+def test_the_graph_checks_the_warp_on_its_psf_stages_stars_and_refines_a_wrong_wcs(pair, given):
+    """The visit graph's alignment check is its inputs task's: it matches the stars the exposure tasks centroided
+    for their PSFs (``given="none"``), or searches the images whose PSF was supplied (both: in the alignment
+    windows; one: the whole image, as the other's PSF stars).  A science WCS wrong by 6 px is refined there: the
+    raw template warped again and its input stages run again on it, and the subtraction is as good as the aligned
+    one."""
+    from diffim_dag.config import PipelineConfig
+    from diffim_dag.pipeline import run_subtraction
+
+    wrong = pair.science.wcs.deepcopy()
+    wrong.wcs.crpix = wrong.wcs.crpix + np.array([6.0, 0.0])
+    wrong.wcs.set()
+    science = pair.science.with_attrs(wcs=wrong, psf=pair.science.psf if given in ("both", "science") else None)
+    template = pair.template.with_attrs(psf=pair.template.psf if given == "both" else None)
+    result = run_subtraction(science, template, config=PipelineConfig(), out_dir=None)
+    m = result.metrics["template"]
+    assert m["registration"] == "wcs" and m["refined"] is True, m
+    assert m["alignment_rms_before_px"] > 5.0 and m["alignment_rms_after_px"] < 0.1
+    assert m["alignment_n_matched_after"] >= 5 and 0.9 < m["coverage"] <= 1.0  # (a sparse field: 12 bright stars)
+    origins = {role: result.metrics["psf"][role]["origin"] for role in ("science", "template")}
+    assert origins == {"science": "estimated" if given == "none" else "supplied",
+                       "template": "supplied" if given == "both" else "estimated"}
+    assert "alignment_check" in result.metrics["timings_s"]
+    assert result.metrics["quality"]["verdict"] == "ok", result.metrics["quality"]

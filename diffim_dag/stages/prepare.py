@@ -108,8 +108,10 @@ def prepare_exposure(exposure: Exposure, config: PipelineConfig, role: str, *, p
     apply it), measured here so that the science's and the template's run at once (``scale=False``: not
     measured; the caller measures it with :func:`variance_scale_stage`).
 
-    Returns ``(exposure, {"psf": report, "sky": report, "cosmic_rays": report, "variance_scale": factor},
-    timings)`` (no ``variance_scale`` without ``scale``).
+    Returns ``(exposure, {"psf": report, "sky": report, "cosmic_rays": report, "variance_scale": factor,
+    "alignment_stars": stars}, timings)`` (no ``variance_scale`` without ``scale``; ``alignment_stars``, with an
+    estimated PSF only: its brightest stars at their centroids, parent ``x, y`` and flux,
+    :func:`~diffim_dag.stages.template.centroided_stars`, which an alignment check after a warp matches).
     """
     from .cosmic_rays import repair_cosmic_rays
     from .psf import measure_psf
@@ -122,6 +124,13 @@ def prepare_exposure(exposure: Exposure, config: PipelineConfig, role: str, *, p
         result = psf if psf is not None else measure_psf(exposure, config.psf, role=role)
     if psf is not None:
         timings["psf"] = timings.get("psf", 0.0) + getattr(psf, "seconds", 0.0)
+    stars = None
+    if getattr(result, "stars", None) is not None:
+        from .template import centroided_stars
+
+        with timings.stage("psf"):  # (on the pixels the table was measured on: before the sky stage)
+            stars = centroided_stars(exposure.arrays()[0], result.stars, result.fwhm_guess)
+            stars[:, :2] += exposure.xy0
     exposure = exposure.with_attrs(psf=result.psf)
     with timings.stage("sky"):
         sky = subtract_sky(exposure, config.sky)
@@ -130,6 +139,8 @@ def prepare_exposure(exposure: Exposure, config: PipelineConfig, role: str, *, p
         own = not np.may_share_memory(sky.exposure.arrays()[0], exposure.arrays()[0])
         cr = repair_cosmic_rays(sky.exposure, config.cosmic_rays, own_image=own)
     reports = {"psf": result.report, "sky": sky.report, "cosmic_rays": cr.report}
+    if stars is not None:
+        reports["alignment_stars"] = stars
     if scale:
         with timings.stage("variance_scaling"):
             reports["variance_scale"] = input_variance_scale(cr.exposure, config, role)
@@ -171,7 +182,7 @@ def combine_prepared(done: dict) -> PreparedExposures:
         for name, report in reports.items():
             if name == "variance_scale":
                 scales[role] = report
-            else:
+            elif name != "alignment_stars":  # (the inputs stage's, not a metric)
                 metrics[name][role] = report
         for name, seconds in t.items():
             timings[name] = timings.get(name, 0.0) + seconds

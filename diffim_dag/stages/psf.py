@@ -31,12 +31,16 @@ PSF_BAD_PLANES = ("NO_DATA", "BAD", "EDGE", "CR", "SUSPECT")
 
 @dataclass(eq=False)
 class PsfResult:
-    """The exposure with its PSF model, the model, how it was obtained (``report``, JSON-able) and the wall time."""
+    """The exposure with its PSF model, the model, how it was obtained (``report``, JSON-able) and the wall time;
+    for an estimated model, the star finder's table (``stars``: :func:`~diffim_dag.psf.estimate.find_psf_stars`,
+    array pixels of the exposure) and its FWHM guess, which the alignment check takes its stars from."""
 
     exposure: Exposure | None
     psf: object  # Psf
     report: dict
     seconds: float = 0.0
+    stars: object = None  # DataFrame
+    fwhm_guess: float | None = None
 
     def __sizeof__(self) -> int:  # what Dask's memory accounting sees (a batch task holds the model only)
         return 65536
@@ -57,4 +61,6 @@ def measure_psf(exposure: Exposure, config: PsfEstimationConfig = PsfEstimationC
     sat = has_bits(msk, planes.bitmask("SAT")) if "SAT" in planes else np.zeros(img.shape, bool)
     est = estimate_psf(img, bad=bad, saturated=sat, saturation=exposure.info.saturation, xy0=exposure.xy0,
                        config=config, source=f"{role} {name}")
-    return PsfResult(exposure.with_attrs(psf=est.psf), est.psf, est.report)
+    r50 = est.report.get("r50_locus")
+    return PsfResult(exposure.with_attrs(psf=est.psf), est.psf, est.report, stars=est.stars,
+                     fwhm_guess=2.0 * r50 if r50 is not None else None)

@@ -61,6 +61,10 @@ __all__ = [
     "merge_warped",
     "register_exposures",
     "measure_alignment",
+    "AlignmentCheck",
+    "settle_alignment",
+    "check_coverage",
+    "centroided_stars",
     "prepare_template",
 ]
 
@@ -385,6 +389,8 @@ class PatchworkPsf(Psf):
 # ---------------------------------------------------------------------------------------------
 #: Side (px) of the windows an alignment check finds its stars in, on images too large to search whole.
 ALIGNMENT_WINDOW = 1024
+#: Stars (the highest S/N) a registration or an alignment check matches per image.
+ALIGNMENT_STARS = 150
 
 
 def alignment_windows(bbox, side: int = ALIGNMENT_WINDOW, *, max_fraction: float = 0.4):
@@ -403,7 +409,7 @@ def alignment_windows(bbox, side: int = ALIGNMENT_WINDOW, *, max_fraction: float
     return [(a, a + side, b, b + side) for a, b in corners]
 
 
-def _stars(exposure: Exposure, *, max_stars: int = 150, min_snr: float = 30.0, windows=None) -> np.ndarray:
+def _stars(exposure: Exposure, *, max_stars: int = ALIGNMENT_STARS, min_snr: float = 30.0, windows=None) -> np.ndarray:
     """Bright point sources of an exposure, brightest first: ``(n, 3)`` of parent ``x, y`` and flux.
 
     The PSF star finder (:func:`~diffim_dag.psf.estimate.find_psf_stars`: stellar locus of the
@@ -436,27 +442,36 @@ def _stars(exposure: Exposure, *, max_stars: int = 150, min_snr: float = 30.0, w
 def _stars_in(img, bad, sat, saturation, *, max_stars: int, min_snr: float, binning: int | None = None) -> np.ndarray:
     """:func:`_stars` of one array: ``(n, 3)`` of ``x, y`` (array pixels) and flux, brightest first."""
     from ..config import PsfEstimationConfig
-    from ..kernels.centroid import window_centroid
     from ..psf.estimate import find_psf_stars
 
     cfg = PsfEstimationConfig(min_snr=min_snr, max_stars=max_stars)
     stars, info = find_psf_stars(img, bad, saturated=sat, saturation=saturation, config=cfg, binning=binning)
+    return centroided_stars(img, stars, info["fwhm_guess"], max_stars=max_stars)
+
+
+def centroided_stars(img, stars, fwhm_guess, *, max_stars: int = ALIGNMENT_STARS) -> np.ndarray:
+    """The ``max_stars`` highest-S/N point sources of a :func:`~diffim_dag.psf.estimate.find_psf_stars` table
+    (those it kept, and those cut for their number only), at their Gaussian-windowed centroids on the
+    full-resolution pixels of ``img`` (the array the table was measured on, its ``background`` taken off):
+    ``(n, 3)`` of ``x, y`` (array pixels) and flux, brightest first.  A centroid more than 1.5 px from the
+    detection's pixel (a blend, a cosmic ray's neighbour) drops the source."""
+    from ..kernels.centroid import window_centroids
+    from ..psf.estimate import _stamps
+
     use = stars[stars["reason"].isin(["", "max_stars"])].head(max_stars)
-    if not len(use) or info["fwhm_guess"] is None or not np.isfinite(info["fwhm_guess"]):
+    if not len(use) or fwhm_guess is None or not np.isfinite(fwhm_guess):
         return np.empty((0, 3))
-    sigma = max(info["fwhm_guess"] / 2.3548, 0.5)
+    sigma = max(fwhm_guess / 2.3548, 0.5)
     h = int(np.ceil(4 * sigma)) + 1
     ny, nx = img.shape
-    out = []
-    for row in use.itertuples():
-        ix, iy = int(round(row.x)), int(round(row.y))
-        if ix - h < 0 or iy - h < 0 or ix + h >= nx or iy + h >= ny:
-            continue
-        stamp = img[iy - h: iy + h + 1, ix - h: ix + h + 1].astype(np.float64) - row.background
-        dx, dy = window_centroid(stamp, sigma)
-        if abs(dx) < 1.5 and abs(dy) < 1.5:
-            out.append((ix + dx, iy + dy, row.flux))
-    return np.asarray(out, dtype=np.float64).reshape(-1, 3)
+    ix, iy = np.round(use["x"].to_numpy()).astype(int), np.round(use["y"].to_numpy()).astype(int)
+    inside = (ix - h >= 0) & (iy - h >= 0) & (ix + h < nx) & (iy + h < ny)
+    ix, iy = ix[inside], iy[inside]
+    stamps = _stamps(img, ix, iy, h).astype(np.float64) - use["background"].to_numpy()[inside, None, None]
+    d = window_centroids(stamps, sigma)
+    keep = (np.abs(d[:, 0]) < 1.5) & (np.abs(d[:, 1]) < 1.5)
+    out = np.column_stack([ix + d[:, 0], iy + d[:, 1], use["flux"].to_numpy()[inside]])
+    return np.asarray(out[keep], dtype=np.float64).reshape(-1, 3)
 
 
 def register_exposures(science: Exposure, template: Exposure, *, guess: AffineMapping | None = None,
@@ -489,12 +504,87 @@ def _raw_rms(science_stars: np.ndarray, warped_stars: np.ndarray, match: StarMat
     return float(np.sqrt(np.mean(np.sum(d * d, axis=1)))) if len(d) else math.nan
 
 
-def _alignment(science: Exposure, warped: Exposure, science_stars=None):
-    windows = alignment_windows(science.bbox)
-    s = _stars(science, windows=windows) if science_stars is None else science_stars
-    t = _stars(warped, windows=windows)
-    match = match_star_lists(s, t, kind="affine", guess=AffineMapping.identity(), match_radius=2.0)
-    return match, _raw_rms(s, t, match), s
+@dataclass(eq=False)
+class AlignmentCheck:
+    """The alignment check after a warp, for the caller that has both images' stars (:func:`settle_alignment`):
+    the raw template and how it was warped (``mapping`` onto ``out_bbox``, with the science's ``wcs``), which a
+    refinement warps again.  ``refine``: the warp followed the WCSs, and a matched-star residual above
+    ``threshold`` (px RMS) refines it; else (a registration by stars) the residual is only reported."""
+
+    template: Exposure
+    mapping: object
+    out_bbox: tuple
+    wcs: object
+    kernel: str = "lanczos3"
+    tile: int | None = None
+    workers: int = 1
+    interp_length: int = 16
+    refine: bool = True
+    threshold: float = 0.1
+    min_coverage: float = 0.1
+
+    def warp(self, mapping) -> Exposure:
+        """The raw template warped by ``mapping`` onto the output box."""
+        return warp_exposure(self.template, mapping, self.out_bbox, kernel=self.kernel, wcs=self.wcs,
+                             tile=self.tile, workers=self.workers, interp_length=self.interp_length)
+
+    def __sizeof__(self) -> int:
+        from .inputs import _nbytes
+
+        return 1024 + _nbytes(self.template)
+
+
+def settle_alignment(check: AlignmentCheck, metrics: dict, science_stars: np.ndarray, warped_stars: np.ndarray,
+                     warp_again):
+    """Match the science's stars and the warped template's (parent ``x, y``, flux: :func:`_stars`, or
+    :func:`centroided_stars` of the PSF stages' stars) and write the residual into ``metrics``.
+
+    A registration by stars (``check.refine`` False) reports ``alignment_rms_after_px`` and
+    ``alignment_n_matched_after``.  After a warp by the WCSs: ``alignment_rms_before_px``,
+    ``alignment_n_matched``, ``refined``; above ``check.threshold`` an affine correction :math:`C` is fitted to the
+    matches and ``warp_again(T ∘ C)`` gives ``(its result, its stars)``, matched again for
+    ``alignment_rms_after_px`` (``refine_correction``: :math:`C`).  Returns that result, or None when the first warp
+    stands.  Too few matches leave ``refine_error`` (and the residual None), never an exception."""
+    try:
+        match = match_star_lists(science_stars, warped_stars, kind="affine", guess=AffineMapping.identity(),
+                                 match_radius=2.0)
+    except InputError as exc:
+        if check.refine:
+            metrics.update(refined=False, refine_error=str(exc))
+        else:
+            metrics.update(alignment_rms_after_px=None, refine_error=str(exc))
+        return None
+    rms = _raw_rms(science_stars, warped_stars, match)
+    if not check.refine:
+        metrics.update(alignment_rms_after_px=rms, alignment_n_matched_after=match.n_matched)
+        return None
+    metrics.update(alignment_rms_before_px=rms, alignment_n_matched=match.n_matched, refined=False)
+    if not rms > check.threshold:
+        metrics["alignment_rms_after_px"] = rms
+        return None
+    # warped(x) = T(x); stars sit at warped ≈ C(science): new T' = T ∘ C
+    again, stars = warp_again(ComposedMapping(match.mapping, check.mapping))
+    metrics["refined"] = True
+    metrics["refine_correction"] = {"matrix": match.mapping.matrix.tolist(), "offset": match.mapping.offset.tolist()}
+    try:
+        match2 = match_star_lists(science_stars, stars, kind="affine", guess=AffineMapping.identity(),
+                                  match_radius=2.0)
+        metrics.update(alignment_rms_after_px=_raw_rms(science_stars, stars, match2),
+                       alignment_n_matched_after=match2.n_matched)
+    except InputError as exc:
+        metrics["alignment_rms_after_px"] = None
+        metrics["refine_error"] = str(exc)
+    return again
+
+
+def check_coverage(science: Exposure, warped: Exposure, metrics: dict, out_bbox, no_data_bit: int,
+                   min_coverage: float) -> None:
+    """The fraction of the science's pixels the warped template covers, into ``metrics["coverage"]``; too little
+    raises :class:`~diffim_dag.errors.NoWorkFound`."""
+    _, _, msk = warped.arrays()
+    cov = _coverage(science, msk, out_bbox, no_data_bit)
+    metrics["coverage"] = cov
+    _check_coverage(cov, min_coverage, "the warped template")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -610,7 +700,8 @@ def prepare_template(
     interp_length: int = 16,
     tile: int | None = None,
     workers: int = 1,
-) -> tuple[Exposure, dict]:
+    check_later: bool = False,
+) -> tuple[Exposure, dict] | tuple[Exposure, dict, AlignmentCheck | None]:
     """The template on the science pixel grid grown by ``border`` pixels, and metrics.
 
     Parameters
@@ -636,6 +727,11 @@ def prepare_template(
         Fewer covered science pixels than this fraction raise :class:`NoWorkFound`.
     tile, workers : int
         The warp runs in tiles of ``tile`` px (default: one piece) on ``workers`` threads.
+    check_later : bool
+        Warp, and leave the alignment check after it (and a refinement's second warp) to the caller, who will
+        have both images' stars (:class:`AlignmentCheck`, :func:`settle_alignment`): the visit graph's
+        ``exposure`` tasks find them for their PSFs.  Returns ``(template, metrics, check)`` then (``check`` None
+        when there is none to make).
 
     Returns
     -------
@@ -654,8 +750,9 @@ def prepare_template(
     if (template is None) == (store is None):
         raise InputError("prepare_template: give exactly one of template= and store=")
     if template is None:
-        return _from_store(science, store, border=border, kernel=kernel, min_coverage=min_coverage,
-                           interp_length=interp_length, tile=tile)
+        out, m = _from_store(science, store, border=border, kernel=kernel, min_coverage=min_coverage,
+                             interp_length=interp_length, tile=tile)
+        return (out, m, None) if check_later else (out, m)
 
     out_bbox = _grown_bbox(science, border)
     planes = template.mask_planes
@@ -679,15 +776,33 @@ def prepare_template(
                    f"{disagreement:.3f} px; using the template's WCS")
             log.warning(msg)
             warnings.warn(msg, UserWarning, stacklevel=2)
-        return unwarped(template.wcs if template.wcs is not None else science.wcs)
+        out, m = unwarped(template.wcs if template.wcs is not None else science.wcs)
+        return (out, m, None) if check_later else (out, m)
     have_wcs = science.wcs is not None and template.wcs is not None
     if warp is None and have_wcs and disagreement <= SAME_GRID_TOLERANCE:
-        return unwarped(template.wcs)
+        out, m = unwarped(template.wcs)
+        return (out, m, None) if check_later else (out, m)
 
-    def do_warp(mapping) -> Exposure:
-        return warp_exposure(template, mapping, out_bbox, kernel=kernel, wcs=science.wcs, tile=tile, workers=workers,
-                             interp_length=interp_length)
+    def checked(check: AlignmentCheck, science_stars=None):
+        """The warp's alignment check: made here (with the science's stars, when found beside the warp), or
+        handed to the caller."""
+        nonlocal warped
+        if not check.refine:
+            check.template = None  # (nothing to warp again: a registration's residual is only reported)
+        if check_later:
+            return check
+        windows = alignment_windows(science.bbox)
+        s = science_stars() if science_stars is not None else _stars(science, windows=windows)
 
+        def warp_again(mapping):
+            again = check.warp(mapping)
+            return again, _stars(again, windows=windows)
+
+        again = settle_alignment(check, metrics, s, _stars(warped, windows=windows), warp_again)
+        warped = again if again is not None else warped
+        return None
+
+    check = None
     if have_wcs:
         mapping = WcsMapping(science.wcs, template.wcs)
         overlap = _wcs_overlap(science, template, mapping)
@@ -699,31 +814,13 @@ def prepare_template(
                 coverage=overlap)
         # the science's stars for the alignment check need no warp: found beside it (``workers`` > 1)
         science_stars = started_on_thread(lambda: _stars(science, windows=alignment_windows(science.bbox))) \
-            if refine and workers > 1 else None
-        warped = do_warp(mapping)
+            if refine and workers > 1 and not check_later else None
+        check = AlignmentCheck(template, mapping, out_bbox, science.wcs, kernel=kernel, tile=tile, workers=workers,
+                               interp_length=interp_length, refine=True, threshold=refine_threshold,
+                               min_coverage=min_coverage)
+        warped = check.warp(mapping)
         metrics.update(warped=True, registration="wcs")
-        if refine:
-            try:
-                match, rms0, sstars = _alignment(science, warped, science_stars() if science_stars else None)
-            except InputError as exc:
-                metrics.update(refined=False, refine_error=str(exc))
-            else:
-                metrics.update(alignment_rms_before_px=rms0, alignment_n_matched=match.n_matched, refined=False)
-                if rms0 > refine_threshold:
-                    # warped(x) = T(x); stars sit at warped ≈ C(science): new T' = T ∘ C
-                    mapping = ComposedMapping(match.mapping, mapping)
-                    warped = do_warp(mapping)
-                    metrics["refined"] = True
-                    metrics["refine_correction"] = {"matrix": match.mapping.matrix.tolist(),
-                                                    "offset": match.mapping.offset.tolist()}
-                    try:
-                        match2, rms1, _ = _alignment(science, warped, sstars)
-                        metrics.update(alignment_rms_after_px=rms1, alignment_n_matched_after=match2.n_matched)
-                    except InputError as exc:
-                        metrics["alignment_rms_after_px"] = None
-                        metrics["refine_error"] = str(exc)
-                else:
-                    metrics["alignment_rms_after_px"] = rms0
+        check = checked(check, science_stars) if refine else None
     else:
         names = (f"template {template.info.filename or '(in memory)'} on science "
                  f"{science.info.filename or '(in memory)'}")
@@ -737,7 +834,7 @@ def prepare_template(
                 log.warning(msg)
                 out, m = unwarped(None)
                 m.update(registration="none (too few stars; one grid assumed)", grid_disagreement_px=None)
-                return out, m
+                return (out, m, None) if check_later else (out, m)
             raise InputError(f"cannot register {names}: no WCS and too few stars ({len(s_stars)} and "
                              f"{len(t_stars)}, need 3 each); give both frames a WCS, or the same size and --no-warp")
         try:
@@ -759,20 +856,15 @@ def prepare_template(
         shift = float(np.max(np.hypot(u - gx, v - gy)))
         metrics["grid_disagreement_px"] = shift
         if warp is None and shift <= SAME_GRID_TOLERANCE:
-            return unwarped(science.wcs)
-        mapping = reg.mapping
-        warped = do_warp(mapping)
+            out, m = unwarped(science.wcs)
+            return (out, m, None) if check_later else (out, m)
+        check = AlignmentCheck(template, reg.mapping, out_bbox, science.wcs, kernel=kernel, tile=tile,
+                               workers=workers, interp_length=interp_length, refine=False,
+                               threshold=refine_threshold, min_coverage=min_coverage)
+        warped = check.warp(reg.mapping)
         metrics.update(warped=True)
         # a frame checked whole (no windows) has its stars already: the registration's, the same search
         same_search = alignment_windows(science.bbox) == [tuple(science.bbox)]
-        try:
-            match, rms1, _ = _alignment(science, warped, s_stars if same_search else None)
-            metrics.update(alignment_rms_after_px=rms1, alignment_n_matched_after=match.n_matched)
-        except InputError as exc:
-            metrics["alignment_rms_after_px"] = None
-            metrics["refine_error"] = str(exc)
-    _, _, msk = warped.arrays()
-    cov = _coverage(science, msk, out_bbox, nd)
-    metrics["coverage"] = cov
-    _check_coverage(cov, min_coverage, "the warped template")
-    return warped, metrics
+        check = checked(check, (lambda: s_stars) if same_search else None)
+    check_coverage(science, warped, metrics, out_bbox, nd, min_coverage)
+    return (warped, metrics, check) if check_later else (warped, metrics)
