@@ -12,6 +12,7 @@ score, and assemble the result; the AL stages, detection and fakes come from :mo
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -100,18 +101,20 @@ class Warped:
 
 
 def template_stage(science: Read, template: Read, config: PipelineConfig, store=None, warp: bool | None = None,
-                   workers: int = 1):
+                   workers: int = 1, read_again=None):
     """The ``("template", V, D)`` task: the template (or the ``store``'s patches) brought onto the science grid
     (:func:`~diffim_dag.stages.template.prepare_template`: warp, or registration when the grids already agree).
     ``warp=False`` declares one grid; ``workers``: the warp's threads.  The alignment check after a warp is the
     ``inputs`` task's (:func:`settle_alignment`): the ``exposure`` tasks find the two images' stars for their PSFs,
-    and it matches those."""
+    and it matches those (``read_again``: reads the raw template again for a refinement, which the check then
+    does not hold)."""
     from .stages.template import prepare_template
 
     t0 = time.perf_counter()
     exposure, metrics, check = prepare_template(science.exposure, template.exposure, store=store, warp=warp,
                                                 min_coverage=config.subtract.min_template_coverage,
-                                                tile=config.subtract.tile_size, workers=workers, check_later=True)
+                                                tile=config.subtract.tile_size, workers=workers, check_later=True,
+                                                read_again=read_again)
     return Warped(exposure, metrics, time.perf_counter() - t0, science.seconds + template.seconds, check)
 
 
@@ -137,11 +140,11 @@ def settle_alignment(science, template, warped: Warped, config: PipelineConfig, 
     if s is None or t is None:
         s, t = map_on_threads(lambda e: e[1] if e[1] is not None else _stars(e[0], windows=windows),
                               [(sci, s), (template[0], t)], workers)
-    planes = check.template.mask_planes if check.template is not None else sci.mask_planes
+    no_data = template[0].mask_planes.bitmask("NO_DATA")
 
     def warp_again(mapping):
         exposure = check.warp(mapping)
-        check_coverage(sci, exposure, metrics, check.out_bbox, planes.bitmask("NO_DATA"), check.min_coverage)
+        check_coverage(sci, exposure, metrics, check.out_bbox, no_data, check.min_coverage)
         again = prepare_exposure(exposure, config, "template", psf=template_psf, scale="variance_scale" in template[1])
         stars = again[1].get("alignment_stars")
         return again, stars if stars is not None else _stars(again[0], windows=windows)
@@ -583,7 +586,9 @@ def _input_tasks(g: _Builder, config, source, *, out_dir, run_id, warp, workers,
     if warp == "none":  # the Python API's pair: one pixel grid, the template taken as it is
         g.value("template", (), Warped(source[1], {}, 0.0))
     else:
-        g.task("template", (), template_stage, reads[0], reads[1], config, store, warp, workers)
+        # a refinement reads the template file again: the check made after the exposure tasks does not hold it
+        again = functools.partial(read_input, source, "template") if isinstance(source, VisitSpec) else None
+        g.task("template", (), template_stage, reads[0], reads[1], config, store, warp, workers, again)
     # in process, the inputs task measures both variance factors, at once on every core (0.16 s instead of 0.31 s
     # at 4096²): the science's source detection (kernel-detect, which needs no variance) starts as soon as its
     # exposure task is done, and the factors take the other core

@@ -5,6 +5,7 @@ it with the correctly aligned subtraction of the same data.
 """
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -281,3 +282,26 @@ def test_the_graph_checks_the_warp_on_its_psf_stages_stars_and_refines_a_wrong_w
                        "template": "supplied" if given == "both" else "estimated"}
     assert "alignment_check" in result.metrics["timings_s"]
     assert result.metrics["quality"]["verdict"] == "ok", result.metrics["quality"]
+
+
+def test_a_refinement_of_files_reads_the_template_again(pair, tmp_path):
+    """From files (the command line's path) the check does not hold the raw template: a refinement reads it again.
+    A science WCS wrong by 6 px, both PSFs estimated: refined, and the same warp as with the exposures in hand."""
+    from diffim_dag.config import PipelineConfig
+    from diffim_dag.io import write_exposure
+    from diffim_dag.pipeline import run_subtraction, subtract_files
+
+    wrong = pair.science.wcs.deepcopy()
+    wrong.wcs.crpix = wrong.wcs.crpix + np.array([6.0, 0.0])
+    wrong.wcs.set()
+    science = pair.science.with_attrs(wcs=wrong, psf=None)
+    template = pair.template.with_attrs(psf=None)
+    write_exposure(science, tmp_path / "science.fits")
+    write_exposure(template, tmp_path / "template.fits")
+    subtract_files(str(tmp_path / "science.fits"), str(tmp_path / "template.fits"), config=PipelineConfig(),
+                   out_dir=tmp_path / "out")
+    m = json.loads((tmp_path / "out" / "metrics.json").read_text())["template"]
+    assert m["refined"] is True and m["alignment_rms_before_px"] > 5.0 and m["alignment_rms_after_px"] < 0.1
+    in_hand = run_subtraction(science, template, config=PipelineConfig(), out_dir=None).metrics["template"]
+    assert m["refine_correction"] == in_hand["refine_correction"]
+    assert m["alignment_rms_after_px"] == pytest.approx(in_hand["alignment_rms_after_px"], abs=1e-9)

@@ -507,11 +507,12 @@ def _raw_rms(science_stars: np.ndarray, warped_stars: np.ndarray, match: StarMat
 @dataclass(eq=False)
 class AlignmentCheck:
     """The alignment check after a warp, for the caller that has both images' stars (:func:`settle_alignment`):
-    the raw template and how it was warped (``mapping`` onto ``out_bbox``, with the science's ``wcs``), which a
-    refinement warps again.  ``refine``: the warp followed the WCSs, and a matched-star residual above
-    ``threshold`` (px RMS) refines it; else (a registration by stars) the residual is only reported."""
+    the raw template (or ``read_again``, which reads it again) and how it was warped (``mapping`` onto
+    ``out_bbox``, with the science's ``wcs``), which a refinement warps again.  ``refine``: the warp followed the
+    WCSs, and a matched-star residual above ``threshold`` (px RMS) refines it; else (a registration by stars) the
+    residual is only reported."""
 
-    template: Exposure
+    template: Exposure | None
     mapping: object
     out_bbox: tuple
     wcs: object
@@ -522,10 +523,12 @@ class AlignmentCheck:
     refine: bool = True
     threshold: float = 0.1
     min_coverage: float = 0.1
+    read_again: object = None  # () -> Exposure
 
     def warp(self, mapping) -> Exposure:
         """The raw template warped by ``mapping`` onto the output box."""
-        return warp_exposure(self.template, mapping, self.out_bbox, kernel=self.kernel, wcs=self.wcs,
+        template = self.template if self.template is not None else self.read_again()
+        return warp_exposure(template, mapping, self.out_bbox, kernel=self.kernel, wcs=self.wcs,
                              tile=self.tile, workers=self.workers, interp_length=self.interp_length)
 
     def __sizeof__(self) -> int:
@@ -701,6 +704,7 @@ def prepare_template(
     tile: int | None = None,
     workers: int = 1,
     check_later: bool = False,
+    read_again=None,
 ) -> tuple[Exposure, dict] | tuple[Exposure, dict, AlignmentCheck | None]:
     """The template on the science pixel grid grown by ``border`` pixels, and metrics.
 
@@ -732,6 +736,10 @@ def prepare_template(
         have both images' stars (:class:`AlignmentCheck`, :func:`settle_alignment`): the visit graph's
         ``exposure`` tasks find them for their PSFs.  Returns ``(template, metrics, check)`` then (``check`` None
         when there is none to make).
+    read_again : callable, optional
+        With ``check_later``: reads the raw template again, for a refinement's second warp, so that the check does
+        not hold it (a 4096² run that held it until its inputs task had its heap grown past what it keeps, and its
+        tile tasks touched 0.5 GB of pages again).
 
     Returns
     -------
@@ -790,6 +798,8 @@ def prepare_template(
         if not check.refine:
             check.template = None  # (nothing to warp again: a registration's residual is only reported)
         if check_later:
+            if read_again is not None:
+                check.template, check.read_again = None, read_again
             return check
         windows = alignment_windows(science.bbox)
         s = science_stars() if science_stars is not None else _stars(science, windows=windows)
