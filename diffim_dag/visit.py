@@ -92,7 +92,7 @@ class Warped:
     metrics: dict
     seconds: float
     read_seconds: float = 0.0  # both inputs' reads (the raw exposures themselves are not kept)
-    check: object = None  # the alignment check after the warp, for the inputs task (holds the raw template)
+    check: object = None  # the alignment check after the warp, for the inputs task (the raw template, or its reader)
 
     def __sizeof__(self) -> int:
         from .stages.inputs import _nbytes
@@ -123,10 +123,10 @@ def settle_alignment(science, template, warped: Warped, config: PipelineConfig, 
     ``science`` and ``template``: returns ``(template's exposure-task result, the warp's metrics)``.
 
     The stars are those the exposure tasks centroided for their PSFs (the brightest of the whole image); an image
-    whose PSF was supplied has its own searched here (in the alignment windows when neither image's came with
-    its PSF).  A warp by the WCSs whose residual is above the threshold is refined: the raw template is warped
-    again and its exposure task's stages run again on it (``template_psf``: the PSF it was given)
-    (:func:`~diffim_dag.stages.template.settle_alignment`)."""
+    whose PSF was supplied has its own searched here (in the alignment windows when both PSFs were supplied; in
+    the whole image, as the other's PSF stars, when one was).  A warp by the WCSs whose residual is above the
+    threshold is refined: the raw template is warped again and its exposure task's stages run again on it
+    (``template_psf``: the PSF it was given) (:func:`~diffim_dag.stages.template.settle_alignment`)."""
     from .memory import map_on_threads
     from .stages.prepare import prepare_exposure
     from .stages.template import _stars, alignment_windows, check_coverage
@@ -145,7 +145,8 @@ def settle_alignment(science, template, warped: Warped, config: PipelineConfig, 
     def warp_again(mapping):
         exposure = check.warp(mapping)
         check_coverage(sci, exposure, metrics, check.out_bbox, no_data, check.min_coverage)
-        again = prepare_exposure(exposure, config, "template", psf=template_psf, scale="variance_scale" in template[1])
+        again = prepare_exposure(exposure, config, "template", psf=template_psf,
+                                 scale="variance_scale" in template[1])
         stars = again[1].get("alignment_stars")
         return again, stars if stars is not None else _stars(again[0], windows=windows)
 

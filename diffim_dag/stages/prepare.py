@@ -109,8 +109,8 @@ def prepare_exposure(exposure: Exposure, config: PipelineConfig, role: str, *, p
     measured; the caller measures it with :func:`variance_scale_stage`).
 
     Returns ``(exposure, {"psf": report, "sky": report, "cosmic_rays": report, "variance_scale": factor,
-    "alignment_stars": stars}, timings)`` (no ``variance_scale`` without ``scale``; ``alignment_stars``, with an
-    estimated PSF only: its brightest stars at their centroids, parent ``x, y`` and flux,
+    "alignment_stars": stars}, timings)`` (no ``variance_scale`` without ``scale``; ``alignment_stars``, with a PSF
+    estimated here only: its brightest stars at their centroids, parent ``x, y`` and flux,
     :func:`~diffim_dag.stages.template.centroided_stars`, which an alignment check after a warp matches).
     """
     from .cosmic_rays import repair_cosmic_rays
@@ -125,7 +125,7 @@ def prepare_exposure(exposure: Exposure, config: PipelineConfig, role: str, *, p
     if psf is not None:
         timings["psf"] = timings.get("psf", 0.0) + getattr(psf, "seconds", 0.0)
     stars = None
-    if getattr(result, "stars", None) is not None:
+    if psf is None and result.stars is not None:  # (a PsfResult handed in may be of other pixels)
         from .template import centroided_stars
 
         with timings.stage("psf"):  # (on the pixels the table was measured on: before the sky stage)

@@ -534,7 +534,7 @@ class AlignmentCheck:
     def __sizeof__(self) -> int:
         from .inputs import _nbytes
 
-        return 1024 + _nbytes(self.template)
+        return 1024 + (_nbytes(self.template) if self.template is not None else 0)
 
 
 def settle_alignment(check: AlignmentCheck, metrics: dict, science_stars: np.ndarray, warped_stars: np.ndarray,
@@ -757,10 +757,14 @@ def prepare_template(
     kernel_order(kernel)
     if (template is None) == (store is None):
         raise InputError("prepare_template: give exactly one of template= and store=")
+
+    def result(out, m, check=None):
+        return (out, m, check) if check_later else (out, m)
+
     if template is None:
         out, m = _from_store(science, store, border=border, kernel=kernel, min_coverage=min_coverage,
                              interp_length=interp_length, tile=tile)
-        return (out, m, None) if check_later else (out, m)
+        return result(out, m)
 
     out_bbox = _grown_bbox(science, border)
     planes = template.mask_planes
@@ -785,11 +789,11 @@ def prepare_template(
             log.warning(msg)
             warnings.warn(msg, UserWarning, stacklevel=2)
         out, m = unwarped(template.wcs if template.wcs is not None else science.wcs)
-        return (out, m, None) if check_later else (out, m)
+        return result(out, m)
     have_wcs = science.wcs is not None and template.wcs is not None
     if warp is None and have_wcs and disagreement <= SAME_GRID_TOLERANCE:
         out, m = unwarped(template.wcs)
-        return (out, m, None) if check_later else (out, m)
+        return result(out, m)
 
     def checked(check: AlignmentCheck, science_stars=None):
         """The warp's alignment check: made here (with the science's stars, when found beside the warp), or
@@ -798,7 +802,7 @@ def prepare_template(
         if not check.refine:
             check.template = None  # (nothing to warp again: a registration's residual is only reported)
         if check_later:
-            if read_again is not None:
+            if read_again is not None and check.refine:
                 check.template, check.read_again = None, read_again
             return check
         windows = alignment_windows(science.bbox)
@@ -844,7 +848,7 @@ def prepare_template(
                 log.warning(msg)
                 out, m = unwarped(None)
                 m.update(registration="none (too few stars; one grid assumed)", grid_disagreement_px=None)
-                return (out, m, None) if check_later else (out, m)
+                return result(out, m)
             raise InputError(f"cannot register {names}: no WCS and too few stars ({len(s_stars)} and "
                              f"{len(t_stars)}, need 3 each); give both frames a WCS, or the same size and --no-warp")
         try:
@@ -867,7 +871,7 @@ def prepare_template(
         metrics["grid_disagreement_px"] = shift
         if warp is None and shift <= SAME_GRID_TOLERANCE:
             out, m = unwarped(science.wcs)
-            return (out, m, None) if check_later else (out, m)
+            return result(out, m)
         check = AlignmentCheck(template, reg.mapping, out_bbox, science.wcs, kernel=kernel, tile=tile,
                                workers=workers, interp_length=interp_length, refine=False,
                                threshold=refine_threshold, min_coverage=min_coverage)
@@ -877,4 +881,4 @@ def prepare_template(
         same_search = alignment_windows(science.bbox) == [tuple(science.bbox)]
         check = checked(check, (lambda: s_stars) if same_search else None)
     check_coverage(science, warped, metrics, out_bbox, nd, min_coverage)
-    return (warped, metrics, check) if check_later else (warped, metrics)
+    return result(warped, metrics, check)
