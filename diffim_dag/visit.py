@@ -413,7 +413,9 @@ def visit_grid(shape: tuple[int, int] | None, config, *, in_process: bool = Fals
     n_cells = max(1, -(-nx // cell)) * max(1, -(-ny // cell))
     if in_process:
         return VisitGrid(tiles=tiles, cells=min(os.cpu_count() or 1, n_cells), shape=(ny, nx), detect=(1, 1))
-    return VisitGrid(tiles=tiles, cells=max(1, n_cells // CELLS_PER_TASK), shape=(ny, nx))
+    detect = tile_grid((0, nx, 0, ny), config.detection.tile_size or max(nx, ny))  # (a task per detection tile)
+    return VisitGrid(tiles=tiles, cells=max(1, n_cells // CELLS_PER_TASK), shape=(ny, nx),
+                     detect=None if detect == tiles else detect)
 
 
 def _keep_below(shape: tuple[int, int] | None) -> int | None:

@@ -1,8 +1,8 @@
 """The task graph of one (visit, detector) (``diffim_dag.visit.visit_graph``): keys, failures, and results
 equal to the in-process subtraction.
 
-One simulated 300² pair with tiles of 128 px (3 × 3 tiles, the last row and column ragged) and kernel cells
-of 64 px (5 × 5 cells), so that every tile stage has neighbours and the cell fits are spread over tasks.
+One simulated 300² pair with tiles of 128 px, detection's too (3 × 3 tiles, the last row and column ragged), and
+kernel cells of 64 px (5 × 5 cells), so that every tile stage has neighbours and the cell fits are spread over tasks.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def _config(method: str = "al", **decorrelation):
         subtract=dataclasses.replace(config.subtract, tile_size=TILE),
         kernel=dataclasses.replace(config.kernel, cell_size=CELL),
         decorrelation=dataclasses.replace(config.decorrelation, **decorrelation),
-        detection=dataclasses.replace(config.detection, n_sky_sources=20),
+        detection=dataclasses.replace(config.detection, n_sky_sources=20, tile_size=TILE),
     )
 
 
@@ -115,6 +115,11 @@ def test_keys_name_stage_visit_detector_and_tile(spec, tmp_path):
         assert _keys(one, stage) == [(stage, v, d, 0), (stage, v, d, 1)]
     assert _keys(one, "template") == [("template", v, d)]
     assert len(_keys(one, "fit-cell")) == cores and len(_keys(one, "detect")) == 1 and len(_keys(one, "subtract")) == 9
+    # detection has tiles of its own size: on a cluster a detect task per detection tile
+    coarse = dataclasses.replace(config, detection=dataclasses.replace(config.detection, tile_size=2 * TILE))
+    assert visit_grid(input_shape(spec), coarse) == VisitGrid(tiles=(3, 3), cells=1, shape=(SIZE, SIZE), detect=(2, 2))
+    assert _keys(visit_graph(spec, coarse, tmp_path), "detect") == [("detect", v, d, ty, tx) for ty in range(2)
+                                                                    for tx in range(2)]
     # a decorrelate tile reads its neighbours' edges
     def deps(graph, *index, run_id="a"):
         task = graph[task_key("decorrelate", v, d, *index, run_id=run_id)]

@@ -37,8 +37,8 @@ def detection_config(config: PipelineConfig, result=None, *, fft_workers: int = 
     kernel_size = None
     if result is not None:
         kernel_size = (getattr(result, "metrics", None) or {}).get("kernel", {}).get("kernel_size")
-    return DetectMeasureConfig.from_detection_config(config.detection, tile_size=config.subtract.tile_size,
-                                                     kernel_size=kernel_size, fft_workers=int(fft_workers))
+    return DetectMeasureConfig.from_detection_config(config.detection, kernel_size=kernel_size,
+                                                     fft_workers=int(fft_workers))
 
 
 def prepare_detection_stage(result: SubtractionResult, config: PipelineConfig, *, fft_workers: int = 1):

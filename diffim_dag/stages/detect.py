@@ -140,7 +140,7 @@ class DetectMeasureConfig(DetectionConfig):
         small) are weighed against the source's core.  0 (the default): :math:`M_S` at the pixel.
     """
 
-    tile_size: int | None = None
+    tile_size: int | None = None  # (here one tile by default; the pipeline's is :class:`DetectionConfig`'s)
     halo: int | None = None
     fft_workers: int = 1
 
@@ -154,7 +154,6 @@ class DetectMeasureConfig(DetectionConfig):
 
         check(not isinstance(self.systematic_radius, str), "systematic_radius",
               "must be resolved to pixels here (DetectMeasureConfig.from_detection_config)")
-        check(self.tile_size is None or self.tile_size >= 16, "tile_size", "must be None or ≥ 16")
         check(self.halo is None or self.halo >= 0, "halo", "must be None or ≥ 0")
         check(self.fft_workers == -1 or self.fft_workers >= 1, "fft_workers", "must be -1 or ≥ 1")
 
