@@ -156,9 +156,9 @@ def settle_alignment(science, template, warped: Warped, config: PipelineConfig, 
 
 def exposure_stage(source, config: PipelineConfig, role: str, psf=None, scale: bool = True):
     """The ``("exposure", V, D, i)`` task: the input stages of the science (0) or the warped template (1):
-    its PSF (supplied, ``psf``, or estimated from its stars), sky and cosmic rays, and (``scale``) the factor its
-    variance plane is to be scaled by (:func:`~diffim_dag.stages.prepare.prepare_exposure`).  Returns
-    ``(exposure, reports, timings)``."""
+    its PSF (supplied, ``psf``, or estimated from its stars, whose brightest the reports carry for the alignment
+    check), sky and cosmic rays, and (``scale``) the factor its variance plane is to be scaled by
+    (:func:`~diffim_dag.stages.prepare.prepare_exposure`).  Returns ``(exposure, reports, timings)``."""
     from .stages.prepare import prepare_exposure
 
     return prepare_exposure(source.exposure, config, role, psf=psf, scale=scale)
@@ -722,8 +722,9 @@ def visit_graph(source, config, out_dir=None, *, visit: int | None = None, detec
     ``("exposure", V, D, i)``                     PSF (supplied, or estimated from its stars), sky, cosmic rays and
                                                   (on a cluster) variance factor of the science (0) / the warped
                                                   template (1)
-    ``("inputs", V, D)``                          the prepared pair and its reports (in process, with both
-                                                  variance factors measured here)
+    ``("inputs", V, D)``                          the warp's alignment check (on the exposure tasks' PSF stars;
+                                                  a refinement warps again), the prepared pair and its reports
+                                                  (in process, with both variance factors measured here)
     ``("prepare", V, D)``                         ``al``: coverage, variance scaled (by the measured factors), mode
     ``("kernel-detect", V, D)``                   in process: the science's background and sources, once its
                                                   ``exposure`` task is done
