@@ -291,6 +291,34 @@ def test_apertures_on_stamps_equal_the_whole_tile(monkeypatch, rng, dtype):
     assert np.isfinite(whole[0]).sum() > 40 and whole[2][np.isfinite(whole[0])].any()
 
 
+def test_measurement_with_good_pixels_tested_where_read_equals_the_plane(monkeypatch, rng):
+    """A few positions on a large image (the sky sources on the whole difference) are measured with their stamps'
+    good pixels tested where they are read, not from a whole-image plane: the same table, bit for bit, with excluded
+    pixels, edges and both aperture paths."""
+    import diffim_dag.kernels.measure as measure
+    from diffim_dag.kernels.maskops import GoodPixels, bits_of, lacks_bits
+
+    shape, origin = (400, 380), (100, 50)
+    img = rng.normal(5.0, 3.0, shape).astype(np.float32)
+    var = rng.uniform(4.0, 16.0, shape).astype(np.float32)
+    planes = dict(DEFAULT_MASK_PLANES)
+    msk = np.where(rng.random(shape) < 0.03, np.int32(1 << planes["BAD"]), np.int32(0))
+    msk[::7, ::5] |= np.int32(1 << planes["DETECTED"])  # a plane the measurement does not exclude
+    x = np.concatenate([rng.uniform(10, shape[1] - 10, 12), [2.0, shape[1] - 1.5]]) + origin[0]
+    y = np.concatenate([rng.uniform(10, shape[0] - 10, 12), [shape[0] / 2, 3.0]]) + origin[1]
+    plane = lacks_bits(msk, bits_of(planes, measure.DEFAULT_EXCLUDED_PLANES))
+    for stamp_pixels in (0, 10**9):  # apertures on stamps, and on the whole image
+        monkeypatch.setattr(measure, "APERTURE_STAMP_PIXELS", stamp_pixels)
+        kw = dict(origin=origin, mask_planes=planes, fit_centroid=False)
+        lazy = measure.measure_sources(img, var, msk, PSF, x=x, y=y,
+                                       good=GoodPixels(msk, bits_of(planes, measure.DEFAULT_EXCLUDED_PLANES)), **kw)
+        whole = measure.measure_sources(img, var, msk, PSF, x=x, y=y, good=plane, **kw)
+        pd.testing.assert_frame_equal(lazy, whole)
+        assert np.isfinite(whole["psf_flux"]).all() and whole["ap12_flag"].any()
+    # the default: 14 positions on 152 thousand pixels are few enough to have their pixels tested where read
+    monkeypatch.setattr(measure, "APERTURE_STAMP_PIXELS", 4096)
+    pd.testing.assert_frame_equal(measure.measure_sources(img, var, msk, PSF, x=x, y=y, **kw), whole)
+
 @pytest.mark.parametrize("model", ["grid", "varying"])
 def test_psf_fits_of_a_batch_equal_each_source_alone(model):
     """The batched fits (all sources' Gauss–Newton iterations at once, grouped by kernel size) give what each

@@ -53,7 +53,7 @@ import pandas as pd
 from ..masks import DEFAULT_MASK_PLANES
 from ..psf import Psf
 from .detection import Footprint
-from .maskops import bits_of, lacks_bits
+from .maskops import GoodPixels, bits_of, lacks_bits
 
 __all__ = [
     "FLAG_PLANES",
@@ -438,7 +438,8 @@ def aperture_fluxes(
     ok &= (np.floor(yl + r + 0.5) >= 0) & (np.floor(yl - r + 0.5) < ny)
     if not ok.any():
         return flux, err, flag
-    good = np.asarray(good, dtype=bool)
+    if not isinstance(good, GoodPixels):  # (the good pixels as a plane, or tested where they are read)
+        good = np.asarray(good, dtype=bool)
     xo, yo, ro = xl[ok], yl[ok], r[ok]
     if xo.size * APERTURE_STAMP_PIXELS < ny * nx:
         # a few apertures on a large tile: each on a stamp holding its circle's pixels (2 px to spare) instead
@@ -452,7 +453,7 @@ def aperture_fluxes(
             f[i:i + 1], e[i:i + 1], excluded[i:i + 1] = _circle_sums(
                 image[win], variance[win], good[win], xo[i:i + 1] - xa, yo[i:i + 1] - ya, ro[i:i + 1])
     else:
-        f, e, excluded = _circle_sums(image, variance, good, xo, yo, ro)
+        f, e, excluded = _circle_sums(image, variance, good[...], xo, yo, ro)
     cut = (xo - ro < -0.5) | (xo + ro > nx - 0.5) | (yo - ro < -0.5) | (yo + ro > ny - 0.5)
     flux[ok], err[ok], flag[ok] = f, e, cut | (excluded > 0)
     return flux, err, flag
@@ -637,9 +638,12 @@ def measure_sources(
     image = np.asarray(image)
     variance = np.asarray(variance)
     mask = np.asarray(mask)
-    if good is None:
-        good = lacks_bits(mask, bits_of(planes, excluded_planes))
     n = len(x)
+    if good is None:
+        bits = bits_of(planes, excluded_planes)
+        # a few sources on a large image (the sky sources on the whole difference): the good pixels of their stamps,
+        # tested where they are read, instead of a whole-image plane (a pass over a 4096² mask for 100 positions)
+        good = GoodPixels(mask, bits) if n * APERTURE_STAMP_PIXELS < mask.size else lacks_bits(mask, bits)
     cols = measurement_columns(flag_planes)
     out: dict[str, np.ndarray] = {k: np.zeros(n, dtype=v) if v != "float64" else np.full(n, np.nan) for k, v in cols.items()}
     ny, nx = image.shape
