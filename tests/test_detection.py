@@ -570,13 +570,18 @@ def test_cosmic_ray_threshold_is_exact_at_n_sigma():
     assert pos[10, 10] and not pos[10, 30] and not pos[30, 10] and not pos[30, 30]
 
 
-def test_label_objects_is_ndimage_label_and_find_objects():
-    """The squeezed labelling gives ``ndimage.label``'s labels (same numbering, dtype) and ``find_objects``' boxes:
-    sparse and dense regions, objects on the array's edges, runs of empty rows and columns, an empty region."""
+@pytest.mark.parametrize("squeeze_max", [0.0, 1.0, None])
+def test_label_objects_is_ndimage_label_and_find_objects(monkeypatch, squeeze_max):
+    """The labelling gives ``ndimage.label``'s labels (same numbering, dtype) and ``find_objects``' boxes, squeezed
+    (``SQUEEZE_MAX_FRACTION`` 1), whole (0) or as the default chooses: sparse and dense regions, objects on the
+    array's edges, runs of empty rows and columns, an empty region."""
     import scipy.ndimage as ndi
 
+    from diffim_dag.kernels import detection
     from diffim_dag.kernels.detection import label_objects
 
+    if squeeze_max is not None:
+        monkeypatch.setattr(detection, "SQUEEZE_MAX_FRACTION", squeeze_max)
     rng = np.random.default_rng(11)
     for trial in range(60):
         shape = tuple(int(v) for v in rng.integers(1, 90, 2))

@@ -485,21 +485,32 @@ def _squeezed(occupied: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     return kept, at, int(at[-1]) + 1
 
 
+#: :func:`label_objects` squeezes out the empty rows and columns only when what is left is at most this fraction of the
+#: array: a 2100² detection tile's thresholded pixels (18 % left) were labelled in 13–20 ms squeezed against 21 ms
+#: whole, its grown footprints (69 % left) in 55 ms against 21 ms.
+SQUEEZE_MAX_FRACTION = 0.25
+
+
 def label_objects(region: np.ndarray) -> tuple[np.ndarray, int, list]:
     """``(labels, n, slices)``: ``scipy.ndimage.label(region)`` (4-connected) and ``find_objects`` of it, bitwise.
 
     Labelled with the empty rows and columns squeezed out (each run of them kept as one, which no object can cross):
     a tile's thresholded pixels fill a few hundred of its rows and columns, so the labelling, which holds the
-    interpreter lock, reads a tenth of the pixels.  The numbering (raster order of each object's first pixel) and
-    the boxes are those of the whole array, since the squeeze keeps the order of rows and of columns."""
+    interpreter lock, reads a tenth of the pixels (where they fill most of them, the array is labelled as it is).
+    The numbering (raster order of each object's first pixel) and the boxes are those of the whole array, since the
+    squeeze keeps the order of rows and of columns."""
     region = np.asarray(region, dtype=bool)
     labels = np.zeros(region.shape, dtype=np.int32)
     if region.ndim != 2 or not region.any():
         return labels, 0, []
     rows, at_r, h = _squeezed(region.any(axis=1))
     cols, at_c, w = _squeezed(region.any(axis=0))
+    if h * w > SQUEEZE_MAX_FRACTION * region.size:
+        # grown footprints fill most rows and columns: the squeeze's copies cost more than the pixels it saves
+        n = ndi.label(region, output=labels)
+        return labels, int(n), ndi.find_objects(labels)
     small = np.zeros((h, w), dtype=bool)
-    small[np.ix_(at_r, at_c)] = region[np.ix_(rows, cols)]
+    small[np.ix_(at_r, at_c)] = region.take(rows, axis=0).take(cols, axis=1)
     small_labels, n = ndi.label(small)
     labels[np.ix_(rows, cols)] = small_labels[np.ix_(at_r, at_c)]
     row_of = np.full(h, -1, dtype=np.int64)
