@@ -35,8 +35,10 @@ differential-background term.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,7 +51,7 @@ from ..kernels import zogy as zk
 from ..kernels.decorrelate import clipped_mean_variance
 from ..kernels.maskops import (FlaggedPixels, dilate_mask, edge_mask, has_bits, lacks_bits,
                               template_mask_for_difference)
-from ..memory import map_on_threads, release_freed_memory
+from ..memory import map_on_threads, release_freed_memory, started_on_thread
 from ..noise import MAX_STAT_SAMPLES, clipped_stats, row_strips
 from .photometry import aperture_flux_ratio
 from .verdict import background_left
@@ -297,7 +299,18 @@ def _psf_size(science: Exposure, template: Exposure, fwhm_factor: float) -> int:
     return int(size + 1 - size % 2)
 
 
-def _cell_tasks(science, template, smask, tmask, *, kappa, config: ZogyConfig, psf_size: int, bad_bits: int):
+def _cell_noise(task: dict) -> tuple[float, float]:
+    """The σ-clipped mean variances of the science and the template over one cell's core (their good pixels)."""
+    bad_bits = task["bad_bits"]
+    return (clipped_mean_variance(task["new_variance"], has_bits(task["new_mask"], bad_bits)),
+            clipped_mean_variance(task["reference_variance"], has_bits(task["reference_mask"], bad_bits)))
+
+
+def _cell_tasks(science, template, smask, tmask, *, kappa, config: ZogyConfig, psf_size: int, bad_bits: int,
+                runner=None):
+    """The cell tasks of the grid and its description.  Each cell's noise variances (:func:`_cell_noise`, a
+    clipped mean over a million pixels of each image) are measured by ``runner`` (in turn when None; on its
+    threads in process: at 4096² they took about a second on one)."""
     si, sv, _ = science.arrays()
     ti, tv, _ = template.arrays()
     ny, nx = science.shape
@@ -310,6 +323,11 @@ def _cell_tasks(science, template, smask, tmask, *, kappa, config: ZogyConfig, p
     wx, bx = zk.blend_weights(nx, gx, overlap if gx > 1 else 0)
     ey, ex = zk.cell_cores(ny, gy), zk.cell_cores(nx, gx)
     margin = overlap
+    cores = [(slice(ey[i], ey[i + 1]), slice(ex[j], ex[j + 1])) for i in range(gy) for j in range(gx)]
+    noise = (IN_TURN if runner is None else runner).map(_cell_noise, [
+        {"new_variance": sv[core], "new_mask": smask[core], "reference_variance": tv[core],
+         "reference_mask": tmask[core], "bad_bits": bad_bits, "origin": (core[1].start, core[0].start)}
+        for core in cores], prefix="zogy-cell-noise")
     tasks, centres = [], []
     for i in range(gy):
         for j in range(gx):
@@ -325,9 +343,7 @@ def _cell_tasks(science, template, smask, tmask, *, kappa, config: ZogyConfig, p
             pr = template.psf.kernel_image(px, py, size=psf_size)
             zk.check_psf_centroids(pn, pr, max_offset=config.max_centroid_offset,
                                    where=f" at ({px:.0f}, {py:.0f})")
-            core = (slice(ey[i], ey[i + 1]), slice(ex[j], ex[j + 1]))
-            sn2 = clipped_mean_variance(sv[core], has_bits(smask[core], bad_bits))
-            sr2 = clipped_mean_variance(tv[core], has_bits(tmask[core], bad_bits))
+            sn2, sr2 = noise[i * gx + j]
             if not (np.isfinite(sn2) and sn2 > 0):
                 sn2 = clipped_mean_variance(sv, has_bits(smask, bad_bits))
             if not (np.isfinite(sr2) and sr2 > 0):
@@ -429,9 +445,22 @@ def subtract_zogy(
     psf_size = _psf_size(science, template, zogy_config.psf_size_fwhm)
     shape = science.shape
 
+    skip_bits = planes.bitmask([p for p in ("INJECTED", "INJECTED_TEMPLATE") if p in planes])
+
+    def difference_mask(science_mask, template_mask):
+        t0 = time.perf_counter()
+        mask = _difference_mask(science_mask, template_mask, planes.as_dict(), size=psf_size, skip_bits=skip_bits,
+                                kept=config.subtract.template_mask_planes_kept)
+        mask |= edge_mask(shape, psf_size // 2, planes["EDGE"])
+        return mask, time.perf_counter() - t0
+
     with timings.stage("zogy_cells"):
         tasks, grid = _cell_tasks(science, template, smask, tmask, kappa=kappa, config=zogy_config,
-                                  psf_size=psf_size, bad_bits=bad_bits)
+                                  psf_size=psf_size, bad_bits=bad_bits, runner=runner)
+        # the difference's mask on a thread beside the cells: its dilations are passes over memory, the cells' work
+        # transforms (a 4096² pair's mask took 0.37 s on one core after the cells, the other idle; no faster in
+        # bands on two threads)
+        mask_made = started_on_thread(functools.partial(difference_mask, smask, tmask), start=int(runner.threads) > 1)
         blended, pd_list, fd_list = _run_cells(tasks, shape, runner=runner)
         release_freed_memory()
         d_img, d_var, s_img, s_var = (blended[k] for k in _CELL_PLANES)
@@ -446,12 +475,8 @@ def subtract_zogy(
         })
         del tasks  # views of the input planes and masks
 
-    with timings.stage("masks"):
-        skip_bits = planes.bitmask([p for p in ("INJECTED", "INJECTED_TEMPLATE") if p in planes])
-        mask = _difference_mask(smask, tmask, planes.as_dict(), size=psf_size, skip_bits=skip_bits,
-                                kept=config.subtract.template_mask_planes_kept)
-        del smask, tmask
-        mask |= edge_mask(shape, psf_size // 2, planes["EDGE"])
+    mask, timings["masks"] = mask_made()  # (its own time, beside the cells)
+    del smask, tmask
 
     psf_d = CellPsf(pd_images, grid["x_nodes"], grid["y_nodes"])
     # D_N and S share the one mask plane (from_arrays flags non-finite pixels in place, so a
