@@ -48,7 +48,7 @@ def test_two_bits_dilate_independently_and_clip_at_border():
     assert cr[10:12, 5:8].all() and cr[5:8, 5:8].all()
 
 
-@pytest.mark.parametrize("k", [1, 3, 7, 9, 23])
+@pytest.mark.parametrize("k", [1, 3, 7, 9, 17, 23, 31, 45])
 def test_matches_brute_force_random(k):
     rng = np.random.default_rng(7)
     mask = np.zeros((31, 37), dtype=np.int32)

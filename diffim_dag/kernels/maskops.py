@@ -144,36 +144,34 @@ def _or_window_1d(a: np.ndarray, size: int, axis: int) -> np.ndarray:
 
     Uses doubling: ``W_{2w} = W_w | shift(W_w, w)``; because OR is idempotent,
     a width ``k`` with ``2^m ≤ k < 2^{m+1}`` is ``W_{2^m} | shift(W_{2^m}, k − 2^m)``.
-    Cost: ``2⌈log2 k⌉`` vectorised passes for all bits at once.
+    Cost: ``⌈log2 k⌉`` vectorised passes for all bits at once, each one ``bitwise_or`` into a new array only as
+    long as the passes after it read (the output's length at the last).
     """
     h = size // 2
-    n = a.shape[axis]
-    # Left-anchored windows: w[i] = OR a[i : i + width] (zero beyond the end).
+    # Left-anchored windows: w[i] = OR padded[i : i + width]; output pixel i (original index) covers original
+    # i - h .. i + h = padded i .. i + 2h.
     pad_width = [(0, 0)] * a.ndim
     pad_width[axis] = (h, h)
-    padded = np.pad(a, pad_width, mode="constant", constant_values=0)
-    m = padded.shape[axis]
-
-    def shifted_or(arr: np.ndarray, shift: int) -> np.ndarray:
-        out = arr.copy()
-        dst = [slice(None)] * arr.ndim
-        src = [slice(None)] * arr.ndim
-        dst[axis] = slice(0, m - shift)
-        src[axis] = slice(shift, m)
-        out[tuple(dst)] |= arr[tuple(src)]
-        return out
-
-    width = 1
-    w = padded
+    w = np.pad(a, pad_width, mode="constant", constant_values=0)
+    shifts, width = [], 1
     while 2 * width <= size:
-        w = shifted_or(w, width)
+        shifts.append(width)
         width *= 2
     if width < size:
-        w = shifted_or(w, size - width)
-    # Output pixel i (original index) covers original i-h .. i+h = padded i .. i+2h.
-    sl = [slice(None)] * a.ndim
-    sl[axis] = slice(0, n)
-    return w[tuple(sl)]
+        shifts.append(size - width)
+    length = w.shape[axis]  # n + 2h; the shifts add up to 2h
+
+    def cut(start: int, stop: int) -> tuple:
+        sl = [slice(None)] * a.ndim
+        sl[axis] = slice(start, stop)
+        return tuple(sl)
+
+    for shift in shifts:
+        length -= shift
+        shape = list(w.shape)
+        shape[axis] = length
+        w = np.bitwise_or(w[cut(0, length)], w[cut(shift, shift + length)], out=np.empty(shape, dtype=w.dtype))
+    return w
 
 
 def nonzero_2d(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
