@@ -327,7 +327,7 @@ def _cell_tasks(science, template, smask, tmask, *, kappa, config: ZogyConfig, p
     noise = (IN_TURN if runner is None else runner).map(_cell_noise, [
         {"new_variance": sv[core], "new_mask": smask[core], "reference_variance": tv[core],
          "reference_mask": tmask[core], "bad_bits": bad_bits, "origin": (core[1].start, core[0].start)}
-        for core in cores], prefix="zogy-cell-noise")
+        for core in cores], prefix="zogy-cell-noise")  # ("origin": the task's name among its Dask keys)
     tasks, centres = [], []
     for i in range(gy):
         for j in range(gx):
