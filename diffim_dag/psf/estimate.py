@@ -92,11 +92,13 @@ STAR_CUTS = ("edge", "masked", "saturated", "flagged", "snr_low", "not_point_lik
 
 @dataclass(eq=False)
 class PsfEstimate:
-    """A PSF model and how it was obtained (``report``, JSON-able); ``stars`` lists every candidate."""
+    """A PSF model and how it was obtained (``report``, JSON-able); ``stars`` lists every candidate, and
+    ``fwhm_guess`` is the star finder's FWHM from their stellar locus (:func:`find_psf_stars`)."""
 
     psf: Psf
     report: dict
     stars: pd.DataFrame = field(default_factory=pd.DataFrame)
+    fwhm_guess: float | None = None
 
 
 #: Images of this many pixels or more are searched for stars binned 2×2 (:func:`find_psf_stars`).
@@ -913,5 +915,5 @@ def estimate_psf(image: np.ndarray, *, bad: np.ndarray | None = None, saturated:
     top = min(len(used), 200)
     report["fit_residual_ratio"] = _residual_ratio(stamps[:top], weights[:top], used.iloc[:top], psf, xy0,
                                                    report["fwhm_center"])
-    return PsfEstimate(psf=psf, report=report, stars=stars)
+    return PsfEstimate(psf=psf, report=report, stars=stars, fwhm_guess=info["fwhm_guess"])
 

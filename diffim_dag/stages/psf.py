@@ -61,6 +61,5 @@ def measure_psf(exposure: Exposure, config: PsfEstimationConfig = PsfEstimationC
     sat = has_bits(msk, planes.bitmask("SAT")) if "SAT" in planes else np.zeros(img.shape, bool)
     est = estimate_psf(img, bad=bad, saturated=sat, saturation=exposure.info.saturation, xy0=exposure.xy0,
                        config=config, source=f"{role} {name}")
-    r50 = est.report.get("r50_locus")
     return PsfResult(exposure.with_attrs(psf=est.psf), est.psf, est.report, stars=est.stars,
-                     fwhm_guess=2.0 * r50 if r50 is not None else None)
+                     fwhm_guess=est.fwhm_guess)
