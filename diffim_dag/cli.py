@@ -357,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         from .memory import imported_out_of_collection
 
         _install_stop_handlers(args.command)
+        if args.command == "run":
+            _prepare_workers(args)
         with imported_out_of_collection():
             if args.command == "subtract" and not args.scheduler:
                 _touch_ahead(args)  # (after the stop handlers: its header read is the first file the command opens)
@@ -369,6 +371,21 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the command line, not an in-process call
         _end_process(code)
     return code
+
+
+def _prepare_workers(args) -> None:
+    """``run`` on a new LocalCluster: the server its workers are forked from starts now
+    (:func:`~diffim_dag.cluster.prepare_local_workers`), importing the task modules on the other core while this
+    process loads its own; a pipeline that cannot be read is left for the command to report."""
+    from .cluster import prepare_local_workers, scheduler_for
+    from .config import load_config
+
+    try:
+        config = load_config(args.pipeline, _overrides(args))
+    except Exception:  # noqa: BLE001 - the command reports it
+        return
+    if scheduler_for(args.scheduler, config.cluster) is None:
+        prepare_local_workers()
 
 
 def _touch_ahead(args) -> None:
