@@ -169,8 +169,9 @@ def worker_start_method() -> str:
     (:func:`import_task_modules`, 0.7 s) before and during its first tasks: a second of CPU per worker, taken
     from the tasks while the cores are busy.  Forked from a server process that imported them once, the workers
     start with everything loaded (a LocalCluster's start-up 0.3–0.55 s instead of 0.95–1.2 s), and share those
-    modules' memory.  6 visits of 2048², ``run_batch`` in a new process, interleaved pairs: 0.926× the wall time on
-    2 workers (8 pairs), 0.939× on 1 (6 pairs).
+    modules' memory.  ``diffim-dag run`` on 6 visits of 2048², interleaved with spawned workers: 0.960× the wall
+    time on 2 workers (6 pairs), 0.976× on 1 (5 pairs).  (A worker that its nanny restarts later is spawned: the
+    method is chosen by the config in force when a worker starts.)
     """
     import multiprocessing
 
