@@ -187,8 +187,8 @@ def start_worker_server() -> None:
 
     The server takes this process's environment as it starts (:func:`make_client` sets the workers' thread and
     allocator variables first; the C library and NumPy read them then, and forked workers inherit what they set)
-    and ends with this process.  Importing a module the server cannot load is skipped there (the worker imports it
-    when a task needs it, and says why it fails)."""
+    and ends with this process.  A module whose import raises ImportError there is skipped (a task that needs it
+    imports it on its worker, and says why it fails)."""
     import multiprocessing
     from multiprocessing import forkserver
 
