@@ -192,7 +192,7 @@ def start_worker_server() -> None:
     import multiprocessing
     from multiprocessing import forkserver
 
-    # (distributed's own preload list, which it sets when it first starts a worker, then has no server to go to)
+    # (distributed sets a preload list of its own as it starts its first worker: by then this server is running)
     multiprocessing.get_context("forkserver").set_forkserver_preload(["distributed", __name__, *task_module_names()])
     forkserver.ensure_running()
 

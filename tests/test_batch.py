@@ -561,6 +561,47 @@ def test_work_stealing_is_off_unless_the_users_dask_config_says(monkeypatch):
         assert work_stealing() is expected, stated
 
 
+def test_local_cluster_workers_are_forked_with_the_task_modules_loaded_unless_the_users_config_says(monkeypatch):
+    """A new LocalCluster's workers are forked from a server that imported distributed and every task module once
+    (not spawned as new interpreters that import them again): a worker starts with them loaded, in the workers'
+    environment, and then freezes its objects out of the garbage collector's passes.  The user's Dask config can
+    name another start method."""
+    import multiprocessing
+
+    from diffim_dag.cluster import START_METHOD, make_client, task_module_names, worker_start_method
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork server on this platform")
+    monkeypatch.delenv("DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD", raising=False)
+    assert START_METHOD == "distributed.worker.multiprocessing-method"
+    assert worker_start_method() == "forkserver"
+    names = task_module_names()
+    assert {"diffim_dag.stages.al", "diffim_dag.kernels.convolve", "diffim_dag.io.fits"} <= set(names)
+
+    def probe():
+        import gc
+        import time
+
+        missing = [name for name in names if name not in sys.modules]  # (before the start-up hook's thread imports)
+        deadline = time.monotonic() + 30
+        while not gc.get_freeze_count() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return os.getppid(), missing, os.environ.get("OMP_NUM_THREADS"), gc.get_freeze_count()
+
+    client, cluster = make_client(None, n_workers=1)
+    try:
+        [(parent, missing, threads, frozen)] = client.run(probe).values()
+    finally:
+        client.close()
+        cluster.close()
+    assert parent != os.getpid()  # (a spawned worker's parent is this process, its nanny's)
+    assert missing == []
+    assert threads == "1"
+    assert frozen > 10_000
+    monkeypatch.setenv("DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD", "spawn")
+    assert worker_start_method() == "spawn"
+
+
 def test_local_cluster_workers_log_a_failed_heartbeat_without_its_traceback(tmp_path):
     """A restarted worker whose heartbeat meets the closing scheduler logs one line, not a traceback (the workers'
     start-up hook installs the filter, after the preloads the user's Dask config names)."""
