@@ -250,11 +250,16 @@ class HeartbeatWithoutTraceback(logging.Filter):
 
 def dask_setup(worker) -> None:
     """Run by each LocalCluster worker process of :func:`make_client` as it starts (Dask's ``preload``): the
-    heartbeat log filter, the quick end of the closed worker's process (:func:`end_closed_worker_process`), and the
-    task modules' import in the background (:func:`import_task_modules`)."""
+    heartbeat log filter, the quick end of the closed worker's process (:func:`end_closed_worker_process`), the
+    packages that task threads must not be the first to import (:func:`~diffim_dag.graph.import_shared_packages`:
+    before the worker joins, so before its first task; a forked worker has them), and the task modules' import in
+    the background (:func:`import_task_modules`)."""
     import atexit
     import threading
 
+    from .graph import import_shared_packages
+
+    import_shared_packages()
     logger = logging.getLogger("distributed.worker")
     if not any(isinstance(f, HeartbeatWithoutTraceback) for f in logger.filters):
         logger.addFilter(HeartbeatWithoutTraceback())

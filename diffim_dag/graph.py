@@ -194,11 +194,30 @@ def _cores() -> int:
     return os.cpu_count() or 1
 
 
+#: Packages imported before a graph's threads start (:func:`import_shared_packages`): their first import must not
+#: happen on two threads at once.  SciPy's: a thread initialising ``scipy`` while another imports a subpackage
+#: (whose ``__init__`` imports ``scipy._lib._testutils``, which waits for ``scipy``) is an import cycle across
+#: threads, which Python breaks by handing one thread a partially initialised module: the task then fails with
+#: "cannot import name 'PytestTester' from partially initialized module" (seen once: the two ``exposure`` tasks of
+#: a 384² subtraction, during a parallel test run).  The package alone: 5 ms once NumPy is loaded; the
+#: subpackages, imported on the threads that need them, then find it whole.
+SHARED_IMPORTS = ("scipy",)
+
+
+def import_shared_packages() -> None:
+    """Import :data:`SHARED_IMPORTS` here, before any task thread could start importing them."""
+    import importlib
+
+    for name in SHARED_IMPORTS:
+        importlib.import_module(name)
+
+
 def _THREADS(*args, **kwargs):
     """Dask's threaded scheduler, passed as a function: dask then does not import distributed to look for a
-    client (0.25 s of every single-visit run's start-up)."""
+    client (0.25 s of every single-visit run's start-up).  :data:`SHARED_IMPORTS` first, before its threads."""
     from dask.threaded import get
 
+    import_shared_packages()
     return get(*args, **kwargs)
 
 

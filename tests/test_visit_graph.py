@@ -629,3 +629,16 @@ def test_a_retried_write_task_installs_the_whole_set(inputs, tmp_path, monkeypat
         read_manifest(out)["files"])
     np.testing.assert_array_equal(read_exposure(paths["difference"]).arrays()[0], result.difference.arrays()[0])
     assert [p.name for p in tmp_path.iterdir()] == ["set"]
+
+
+def test_the_executor_imports_scipy_before_its_threads_can():
+    """SciPy's first import must not happen on two task threads at once (one initialising ``scipy``, another a
+    subpackage: a cycle across threads that fails one task with a partially initialised module): the executor
+    imports the package before its threads start (``graph.SHARED_IMPORTS``), in a fresh interpreter that has not."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from diffim_dag.graph import execute; before = 'scipy' in sys.modules; "
+            "print(before, execute({'a': (lambda: 'scipy' in sys.modules,)}, 'a'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "True"]
