@@ -152,7 +152,11 @@ def prepare_local_workers() -> str:
         os.environ.setdefault(k, v)
     method = worker_start_method()
     if method == "forkserver":
-        start_worker_server()
+        try:
+            start_worker_server()
+        except OSError as exc:  # (no socket for the server: a read-only or full temporary folder) spawn them
+            log.warning("could not start the workers' fork server (%s); starting each worker on its own", exc)
+            method = "spawn"
     return method
 
 

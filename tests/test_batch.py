@@ -568,6 +568,7 @@ def test_local_cluster_workers_are_forked_with_the_task_modules_loaded_unless_th
     name another start method."""
     import multiprocessing
 
+    from diffim_dag import cluster as cluster_module
     from diffim_dag.cluster import START_METHOD, make_client, task_module_names, worker_start_method
 
     if "forkserver" not in multiprocessing.get_all_start_methods():
@@ -600,6 +601,13 @@ def test_local_cluster_workers_are_forked_with_the_task_modules_loaded_unless_th
     assert frozen > 10_000
     monkeypatch.setenv("DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD", "spawn")
     assert worker_start_method() == "spawn"
+    monkeypatch.delenv("DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD")
+
+    def no_socket():
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(cluster_module, "start_worker_server", no_socket)  # the workers are then spawned
+    assert cluster_module.prepare_local_workers() == "spawn"
 
 
 def test_local_cluster_workers_log_a_failed_heartbeat_without_its_traceback(tmp_path):
