@@ -307,10 +307,10 @@ def _cell_noise(task: dict) -> tuple[float, float]:
 
 
 def _cell_tasks(science, template, smask, tmask, *, kappa, config: ZogyConfig, psf_size: int, bad_bits: int,
-                runner=None):
+                runner):
     """The cell tasks of the grid and its description.  Each cell's noise variances (:func:`_cell_noise`, a
-    clipped mean over a million pixels of each image) are measured by ``runner`` (in turn when None; on its
-    threads in process: at 4096² they took about a second on one)."""
+    clipped mean over a million pixels of each image) are measured by ``runner`` (on its threads in process: at
+    4096² they took about a second on one)."""
     si, sv, _ = science.arrays()
     ti, tv, _ = template.arrays()
     ny, nx = science.shape
@@ -324,7 +324,7 @@ def _cell_tasks(science, template, smask, tmask, *, kappa, config: ZogyConfig, p
     ey, ex = zk.cell_cores(ny, gy), zk.cell_cores(nx, gx)
     margin = overlap
     cores = [(slice(ey[i], ey[i + 1]), slice(ex[j], ex[j + 1])) for i in range(gy) for j in range(gx)]
-    noise = (IN_TURN if runner is None else runner).map(_cell_noise, [
+    noise = runner.map(_cell_noise, [
         {"new_variance": sv[core], "new_mask": smask[core], "reference_variance": tv[core],
          "reference_mask": tmask[core], "bad_bits": bad_bits, "origin": (core[1].start, core[0].start)}
         for core in cores], prefix="zogy-cell-noise")  # ("origin": the task's name among its Dask keys)
