@@ -610,6 +610,36 @@ def test_local_cluster_workers_are_forked_with_the_task_modules_loaded_unless_th
     assert cluster_module.prepare_local_workers() == "spawn"
 
 
+def test_the_workers_fork_server_ends_without_the_interpreters_teardown(tmp_path):
+    """The fork server (which holds the command's standard streams) exits at once when the command has ended:
+    imported among its preloads, the cluster module makes its exit ``os._exit``, so the exit handlers registered
+    before it and the teardown never run.  Without the cluster module among the preloads, they do (the check can
+    fail); imported anywhere else, the module changes nothing."""
+    import multiprocessing
+
+    from diffim_dag import cluster as cluster_module
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork server on this platform")
+    assert cluster_module._exit_fork_server_at_once() is False  # (this process is no fork server)
+    (tmp_path / "teardown_marker.py").write_text(
+        "import atexit, os\n"
+        "atexit.register(lambda path=os.environ['TEARDOWN_MARKER']: open(path, 'w').close())\n")
+    script = ("import multiprocessing, sys\n"
+              "from multiprocessing import forkserver\n"
+              "multiprocessing.get_context('forkserver').set_forkserver_preload(sys.argv[1:])\n"
+              "forkserver.ensure_running()\n"
+              "forkserver._forkserver._stop()\n")  # (closes the pipe the server watches, and waits for its end)
+    for preload, torn_down in ((["teardown_marker"], True), (["teardown_marker", "diffim_dag.cluster"], False)):
+        marker = tmp_path / f"torn_down_{len(preload)}"
+        env = {**os.environ, "TEARDOWN_MARKER": str(marker),
+               "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+        proc = subprocess.run([sys.executable, "-c", script, *preload], env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert marker.exists() is torn_down, preload
+
+
 def test_local_cluster_workers_log_a_failed_heartbeat_without_its_traceback(tmp_path):
     """A restarted worker whose heartbeat meets the closing scheduler logs one line, not a traceback (the workers'
     start-up hook installs the filter, after the preloads the user's Dask config names)."""
