@@ -287,6 +287,7 @@ def _cmd_run(args) -> int:
 def _stop(command: str, message: str, code: int) -> None:
     """End the command now: temporary outputs removed, Dask's worker processes killed, one line, ``code``."""
     import multiprocessing
+    import shutil
 
     from .io.outputs import remove_temporaries
 
@@ -294,6 +295,11 @@ def _stop(command: str, message: str, code: int) -> None:
         with contextlib.suppress(Exception):
             child.kill()
     _unlink_semaphores()
+    with contextlib.suppress(Exception):  # multiprocessing's temporary folder (the workers' fork server's socket),
+        # which its finalizer removes at a normal exit
+        tempdir = multiprocessing.current_process()._config.get("tempdir")
+        if tempdir:
+            shutil.rmtree(tempdir, ignore_errors=True)
     with contextlib.suppress(Exception):  # the spawn context's helper, which would report the workers' semaphores
         from multiprocessing import resource_tracker
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -262,9 +264,14 @@ def _status(p: psutil.Process) -> str:
 def _stop_after(cmd: list, wait_s: float, signum: int, ready=None):
     """Start ``cmd``, send ``signum`` after ``wait_s`` s (or once ``ready()``), and return
     (returncode, output, seconds from the signal to the process's exit); fails if a child process is still
-    running 2 s after the signal, or if it left named semaphores behind (``/dev/shm``, where there is one)."""
+    running 2 s after the signal, or if it left named semaphores behind (``/dev/shm``, where there is one) or
+    multiprocessing's temporary folder (``pymp-*``, with the workers' fork server's socket: the command runs with a
+    temporary folder of its own)."""
     semaphores_before = _semaphores()
-    proc = subprocess.Popen([*CLI, *map(str, cmd)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    own_tmp = Path(tempfile.mkdtemp(prefix="stop_after_"))
+    env = {**os.environ, "TMPDIR": str(own_tmp)}
+    proc = subprocess.Popen([*CLI, *map(str, cmd)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
     t0 = time.monotonic()
     while time.monotonic() - t0 < wait_s and proc.poll() is None and not (ready and ready()):
         time.sleep(0.01 if ready else 0.1)
@@ -286,6 +293,9 @@ def _stop_after(cmd: list, wait_s: float, signum: int, ready=None):
     assert not running, f"{len(running)} child process(es) outlived the run"
     left = _left_semaphores(semaphores_before)
     assert not left, f"the stopped run left {len(left)} named semaphore(s) in /dev/shm: {sorted(left)[:4]}"
+    left = sorted(p.name for p in own_tmp.glob("pymp-*"))
+    shutil.rmtree(own_tmp, ignore_errors=True)
+    assert not left, f"the stopped run left multiprocessing's temporary folder: {left}"
     return proc.returncode, proc.stdout.read(), gone
 
 
