@@ -110,7 +110,7 @@ def make_client(scheduler: str | None = None, *, n_workers: int | None = None, t
     preload = [*([configured] if isinstance(configured, str) else configured), __name__]
     # (each Nanny hands the workers it starts, a restarted one too, the Dask config it was made under)
     with dask.config.set({"distributed.worker.profile.enabled": worker_profiling(dashboard_address),
-                          WORK_STEALING: work_stealing(), START_METHOD: method}):
+                          WORK_STEALING: work_stealing(), TICK_INTERVAL: event_loop_tick(), START_METHOD: method}):
         cluster = LocalCluster(n_workers=n, threads_per_worker=threads_per_worker, processes=True,
                                memory_limit=memory_limit, dashboard_address=dashboard_address, preload=preload)
     return Client(cluster), cluster
@@ -250,6 +250,24 @@ def _users_setting(key: str) -> bool | None:
     if isinstance(stated, str):  # (an environment variable that is not a Python literal: "false", "yes")
         return stated.strip().lower() in ("true", "1", "yes", "on")
     return None if stated is None else bool(stated)
+
+
+#: The config key of how often a Dask server's event loop wakes to measure its own responsiveness.
+TICK_INTERVAL = "distributed.admin.tick.interval"
+
+
+def event_loop_tick() -> str:
+    """How often the event loops of a new LocalCluster's scheduler, nannies and workers wake to measure their own
+    responsiveness (``distributed.admin.tick.interval``): every 500 ms instead of Dask's 20 ms, unless the user's
+    Dask config files or ``DASK_*`` environment state it.
+
+    Each wake-up takes the interpreter lock from a worker's task thread (as the statistical profiler does,
+    :func:`worker_profiling`), fifty times a second; the tick only feeds a health metric and the "event loop was
+    unresponsive" message (after 3 s, which a 500 ms tick still reports).  An idle worker's event loop used 1.6–1.9 %
+    of a core with it, 0.7–0.8 % without.  ``diffim-dag run`` on 6 visits of 2048², interleaved: 0.951× and 0.946×
+    the wall time on 2 workers (medians of 8 and 6 pairs), 0.990× on 1 (4 pairs)."""
+    stated = _users_value(TICK_INTERVAL)
+    return str(stated) if stated else "500ms"
 
 
 def worker_profiling(dashboard_address: str | None) -> bool:

@@ -520,6 +520,11 @@ def test_a_local_cluster_serves_a_dashboard_only_when_asked_and_run_prints_its_l
             # the workers' statistical profiler (the dashboard's Profile page) runs only with a dashboard
             profiled[asked] = client.run(lambda dask_worker: "profile" in dask_worker.periodic_callbacks)
             stealing[asked] = client.run_on_scheduler(lambda dask_scheduler: "stealing" in dask_scheduler.extensions)
+            # every server's event loop ticks every 500 ms, not Dask's 20 ms (cluster.event_loop_tick)
+            ticks = {*client.run(lambda dask_worker: dask_worker._tick_interval).values(),
+                     client.run_on_scheduler(lambda dask_scheduler: dask_scheduler._tick_interval),
+                     *(nanny._tick_interval for nanny in cluster.workers.values())}
+            assert ticks == {0.5}, ticks
         finally:
             client.close()
             cluster.close()
@@ -559,6 +564,16 @@ def test_work_stealing_is_off_unless_the_users_dask_config_says(monkeypatch):
     for stated, expected in (("True", True), ("False", False), ("true", True), ("off", False)):
         monkeypatch.setenv("DASK_DISTRIBUTED__SCHEDULER__WORK_STEALING", stated)
         assert work_stealing() is expected, stated
+
+
+def test_event_loops_tick_every_500_ms_unless_the_users_dask_config_says(monkeypatch):
+    from diffim_dag.cluster import TICK_INTERVAL, event_loop_tick
+
+    monkeypatch.delenv("DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL", raising=False)
+    assert TICK_INTERVAL == "distributed.admin.tick.interval"
+    assert event_loop_tick() == "500ms"
+    monkeypatch.setenv("DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL", "20ms")
+    assert event_loop_tick() == "20ms"
 
 
 def test_local_cluster_workers_are_forked_with_the_task_modules_loaded_unless_the_users_config_says(monkeypatch):
