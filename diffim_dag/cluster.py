@@ -256,10 +256,10 @@ def _users_setting(key: str) -> bool | None:
 TICK_INTERVAL = "distributed.admin.tick.interval"
 
 
-def event_loop_tick() -> str:
+def event_loop_tick():
     """How often the event loops of a new LocalCluster's scheduler, nannies and workers wake to measure their own
     responsiveness (``distributed.admin.tick.interval``): every 500 ms instead of Dask's 20 ms, unless the user's
-    Dask config files or ``DASK_*`` environment state it.
+    Dask config files or ``DASK_*`` environment state it (their value, as they give it).
 
     Each wake-up takes the interpreter lock from a worker's task thread (as the statistical profiler does,
     :func:`worker_profiling`), fifty times a second; the tick only feeds a health metric and the "event loop was
@@ -267,7 +267,7 @@ def event_loop_tick() -> str:
     of a core with it, 0.7–0.8 % without.  ``diffim-dag run`` on 6 visits of 2048², interleaved: 0.951× and 0.946×
     the wall time on 2 workers (medians of 8 and 6 pairs), 0.990× on 1 (4 pairs)."""
     stated = _users_value(TICK_INTERVAL)
-    return str(stated) if stated else "500ms"
+    return "500ms" if stated is None else stated
 
 
 def worker_profiling(dashboard_address: str | None) -> bool:
