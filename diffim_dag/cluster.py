@@ -189,8 +189,8 @@ def start_worker_server() -> None:
     """Start this process's multiprocessing fork server, which the workers of a LocalCluster are forked from, with
     distributed and the task modules imported (:func:`task_module_names`); a server already running is kept.
 
-    The server takes this process's environment as it starts (:func:`make_client` sets the workers' thread and
-    allocator variables first; the C library and NumPy read them then, and forked workers inherit what they set)
+    The server takes this process's environment as it starts (:func:`prepare_local_workers` sets the workers' thread
+    and allocator variables first; the C library and NumPy read them then, and forked workers inherit what they set)
     and ends with this process.  A module whose import raises ImportError there is skipped (a task that needs it
     imports it on its worker, and says why it fails)."""
     import multiprocessing
