@@ -1,6 +1,6 @@
 """Batch throughput of `diffim-dag run` (visits per minute) with 1 and 2 LocalCluster workers.
 
-Simulates ``--visits`` (visit, detector) pairs (default 12) of ``--size``² pixels (default 2048², the issue's size),
+Simulates ``--visits`` (visit, detector) pairs (default 24) of ``--size``² pixels (default 2048², the issue's size),
 then runs the user's command on that manifest, ``diffim-dag run PIPELINE --manifest … --workers N`` as a new process,
 with a LocalCluster of 1 and of 2 single-threaded workers (each into a fresh output folder, so nothing is skipped).
 Throughput = visits done / the command's wall time, end to end (the interpreter's start, imports, cluster start and
@@ -12,7 +12,9 @@ The command's start (the interpreter, its imports, the cluster's start: ~2 s) an
 with 1 and 2 workers and cannot run in parallel, so the end-to-end ratio of a short batch stays below the workers'
 own: 6 visits of 2048² are ~16 s of work on one worker, and 2.3 s of start and end cap their ratio at
 (2.3 + 16) / (2.3 + 8) = 1.78× even if two workers did the visits in exactly half the time (measured: 1.63–1.68×).
-A survey's batch has hundreds of visits; the default of 12 (~35 s on one worker) is still a short one.
+A survey's batch has hundreds of visits; the default of 24 (~70 s on one worker, the start and end 3 % of it) is
+still a short one.  On 2026-12-07 (2 cores, 2048²): 6 visits 1.54–1.69× (rounds), 12 visits 1.63–1.90× (median of
+10 rounds 1.72×), 24 visits 1.70–1.88× (1.76×); ``run_batch`` alone, 1.72–1.90× at 24 visits.
 The batch is one task graph (per visit: one task per stage, kernel cell and tile); its size and build time on the
 client are printed first.
 
@@ -21,7 +23,7 @@ a machine whose speed drifts by ±20 % within minutes (a shared virtual machine)
 ratio by which configuration ran in its faster phase.  The table gives every run, the median wall time
 per worker count and the median of the speed-ups of each round (one run of each count, back to back).
 
-    python benchmarks/bench_batch.py [--size 2048] [--visits 12] [--workers 1 2] [--repeats 3] [--keep DIR]
+    python benchmarks/bench_batch.py [--size 2048] [--visits 24] [--workers 1 2] [--repeats 3] [--keep DIR]
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ from pathlib import Path
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=2048)
-    ap.add_argument("--visits", type=int, default=12)
+    ap.add_argument("--visits", type=int, default=24)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--pipeline", default=str(Path(__file__).resolve().parents[1] / "pipelines" / "al.yaml"))
     ap.add_argument("--repeats", type=int, default=3, help="rounds of every worker count, in turn")
