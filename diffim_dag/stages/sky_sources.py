@@ -12,6 +12,10 @@ from ..kernels import detection as det
 
 log = logging.getLogger(__name__)
 
+#: :func:`place_sky_sources` maps the centres a footprint or bad pixel rules out once its draws have read this many
+#: times the frame's pixels in their windows (the map's distance transform costs a few such reads per pixel).
+EXACT_MAP_READS = 8
+
 
 def place_sky_sources(
     n: int,
@@ -35,7 +39,9 @@ def place_sky_sources(
 
     Two phases draw from the same distribution. Rejection sampling tests uniform draws
     against the ``(2r+1)²`` window around each one (cost independent of the image size:
-    blank sky is most of a difference image). When fewer than ``n`` were accepted after
+    blank sky is most of a difference image), or, once the draws have read the frame's pixels
+    :data:`EXACT_MAP_READS` times over, looks them up in the exact map of the centres a masked
+    pixel rules out (the same answers). When fewer than ``n`` were accepted after
     ``max_tries·n`` draws, or the sampling acceptance is below 1 %, the exact map of allowed
     centres is built (distance transform) and draws continue from it only. Fewer than ``n``
     positions come back, with a warning (``warn``), when the image has no more room.
@@ -67,24 +73,44 @@ def place_sky_sources(
         return d * d > (r + 1) ** 2 + 1e-9
 
     def accept(iy: np.ndarray, ix: np.ndarray) -> None:
-        for py, px in zip(iy.tolist(), ix.tolist()):
-            if len(placed) == n:
+        """Take the candidates in their order, each one farther than ``2r`` from every one placed before it.  The
+        candidates that a placement rules out are struck all at once: one pass over them per placement, instead of
+        a distance per candidate and placed source in Python (phase 2 hands over up to ``max_tries·n`` at once)."""
+        iy, ix = np.asarray(iy, dtype=np.int64), np.asarray(ix, dtype=np.int64)
+        free = np.ones(iy.size, dtype=bool)
+        for qy, qx in placed:
+            free &= (iy - qy) ** 2 + (ix - qx) ** 2 > min_sep2
+        pos = 0
+        while len(placed) < n:
+            nxt = np.flatnonzero(free[pos:])
+            if not nxt.size:
                 return
-            if placed and min((qx - px) ** 2 + (qy - py) ** 2 for qy, qx in placed) <= min_sep2:
-                continue
+            j = pos + int(nxt[0])
+            py, px = int(iy[j]), int(ix[j])
             placed.append((py, px))
+            free &= (iy - py) ** 2 + (ix - px) ** 2 > min_sep2
+            pos = j + 1
 
     # phase 1: rejection sampling inside the margins [r, n - r)
     budget = max_tries * n
     drawn = accepted = 0
     batch = max(64, 4 * n)
+    # once the draws' windows have read the masks' pixels EXACT_MAP_READS times over (a crowded frame, whose blank
+    # sky takes many draws), the exact map of the centres with a masked pixel in their disc is cheaper: a lookup per
+    # draw, the same answers; phase 2 starts from it
+    blocked = None
     while len(placed) < n and drawn < budget:
         k = min(batch, budget - drawn)
         iy = rng.integers(r, ny - r, size=k)
         ix = rng.integers(r, nx - r, size=k)
+        if blocked is None and drawn * disc_y.size >= EXACT_MAP_READS * ny * nx:
+            blocked = det.dilate_disc(maps[0] | maps[1], r)
         drawn += k
-        wy, wx = iy[:, None] + disc_y, ix[:, None] + disc_x
-        ok = ~(maps[0][wy, wx].any(axis=1) | maps[1][wy, wx].any(axis=1))
+        if blocked is None:
+            wy, wx = iy[:, None] + disc_y, ix[:, None] + disc_x
+            ok = ~(maps[0][wy, wx].any(axis=1) | maps[1][wy, wx].any(axis=1))
+        else:
+            ok = ~blocked[iy, ix]
         ok &= free_of_sources(iy, ix)
         accepted += int(ok.sum())
         accept(iy[ok], ix[ok])
@@ -92,7 +118,7 @@ def place_sky_sources(
             break  # crowded: the exact map is cheaper than more blind draws
     if len(placed) < n:
         # phase 2: the exact map of allowed centres (no index array of every allowed pixel)
-        allowed = ~det.dilate_disc(maps[0] | maps[1], r)
+        allowed = ~(blocked if blocked is not None else det.dilate_disc(maps[0] | maps[1], r))
         allowed[:r] = allowed[ny - r :] = False
         allowed[:, :r] = allowed[:, nx - r :] = False
         if tree is not None:
@@ -108,12 +134,14 @@ def place_sky_sources(
         n_candidates = int(row_start[-1])
         if n_candidates:
             order = rng.choice(n_candidates, size=min(n_candidates, max_tries * n), replace=False)
-            for k in order.tolist():
-                iy = int(np.searchsorted(row_start, k, side="right")) - 1
-                ix = int(np.flatnonzero(allowed[iy])[k - row_start[iy]])
-                accept(np.array([iy]), np.array([ix]))
-                if len(placed) == n:
-                    break
+            # the k-th allowed centre (row-major) of each draw, row by row (no index array of every allowed pixel)
+            iy = np.searchsorted(row_start, order, side="right") - 1
+            ix = np.empty_like(order)
+            by_row = np.argsort(iy, kind="stable")
+            rows, starts = np.unique(iy[by_row], return_index=True)
+            for row, sel in zip(rows.tolist(), np.split(by_row, starts[1:])):
+                ix[sel] = np.flatnonzero(allowed[row])[order[sel] - row_start[row]]
+            accept(iy, ix)
     if len(placed) < n and warn:
         log.warning("placed only %d of %d sky sources (no more blank sky)", len(placed), n)
     out = np.asarray([(px + origin[0], py + origin[1]) for py, px in placed], dtype=np.float64)
