@@ -13,8 +13,8 @@ with 1 and 2 workers and cannot run in parallel, so the end-to-end ratio of a sh
 own: 6 visits of 2048² are ~16 s of work on one worker, and 2.3 s of start and end cap their ratio at
 (2.3 + 16) / (2.3 + 8) = 1.78× even if two workers did the visits in exactly half the time (measured: 1.63–1.68×).
 A survey's batch has hundreds of visits; the default of 24 (~70 s on one worker, the start and end 3 % of it) is
-still a short one.  On 2026-12-07 (2 cores, 2048²): 6 visits 1.54–1.69× (rounds), 12 visits 1.63–1.90× (median of
-10 rounds 1.72×), 24 visits 1.70–1.88× (1.76×); ``run_batch`` alone, 1.72–1.90× at 24 visits.
+still a short one.  On 2026-12-07 (2 cores, 2048²; rounds): 6 visits 1.54–1.72× (medians 1.63× and 1.68× in two
+calls), 12 visits 1.63–1.90× (median of 10 rounds 1.72×), 24 visits 1.70–1.91× (1.76× and 1.90×).
 The batch is one task graph (per visit: one task per stage, kernel cell and tile); its size and build time on the
 client are printed first.
 
