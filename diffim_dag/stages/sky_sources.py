@@ -80,16 +80,11 @@ def place_sky_sources(
         free = np.ones(iy.size, dtype=bool)
         for qy, qx in placed:
             free &= (iy - qy) ** 2 + (ix - qx) ** 2 > min_sep2
-        pos = 0
-        while len(placed) < n:
-            nxt = np.flatnonzero(free[pos:])
-            if not nxt.size:
-                return
-            j = pos + int(nxt[0])
+        while len(placed) < n and free.any():
+            j = int(free.argmax())  # (the first still free: those before it are placed or struck)
             py, px = int(iy[j]), int(ix[j])
             placed.append((py, px))
             free &= (iy - py) ** 2 + (ix - px) ** 2 > min_sep2
-            pos = j + 1
 
     # phase 1: rejection sampling inside the margins [r, n - r)
     budget = max_tries * n
